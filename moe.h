@@ -1,0 +1,3834 @@
+/* moe.h - Mixture-of-Experts networks in one C header: build, train, run, save.
+   (manual: see below)
+*/
+#ifndef MOE_H_INCLUDED
+#define MOE_H_INCLUDED
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define MOE_VERSION_MAJOR 0
+#define MOE_VERSION_MINOR 1
+#define MOE_VERSION_PATCH 0
+#define MOE_VERSION_STRING "0.1.0"
+/* one number that grows with every release: 10000*major + 100*minor + patch */
+#define MOE_VERSION (MOE_VERSION_MAJOR * 10000 + MOE_VERSION_MINOR * 100 + MOE_VERSION_PATCH)
+/* version of the "moe.config" JSON stored in model files (README "Model files") */
+#define MOE_FORMAT_VERSION 1
+
+#if defined(__GNUC__) || defined(__clang__)
+#define MOE__MAYBE_UNUSED __attribute__((unused))
+#else
+#define MOE__MAYBE_UNUSED
+#endif
+
+#ifndef MOEDEF
+#ifdef MOE_STATIC
+#define MOEDEF static MOE__MAYBE_UNUSED
+#else
+#define MOEDEF extern
+#endif
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// >>result ------------------------------------------------------------------
+/* Every fallible call returns one of these; details are in moe_ctx_error(). */
+#define MOE_RESULT_LIST(X) \
+    X(MOE_OK,                    0, "ok") \
+    X(MOE_ERR_INVALID_ARGUMENT, -1, "invalid argument") \
+    X(MOE_ERR_SHAPE,            -2, "shape or size mismatch") \
+    X(MOE_ERR_OUT_OF_MEMORY,    -3, "out of memory") \
+    X(MOE_ERR_IO,               -4, "file could not be read or written") \
+    X(MOE_ERR_FORMAT,           -5, "malformed or unsupported file") \
+    X(MOE_ERR_UNSUPPORTED,      -6, "unsupported configuration") \
+    X(MOE_ERR_NONFINITE,        -7, "non-finite value") \
+    X(MOE_ERR_TOO_MANY_TOKENS,  -8, "more tokens than max_tokens") \
+    X(MOE_ERR_STATE,            -9, "call out of order")
+
+typedef enum moe_result {
+#define MOE__RESULT_ENUM(name, value, text) name = value,
+    MOE_RESULT_LIST(MOE__RESULT_ENUM)
+#undef MOE__RESULT_ENUM
+    MOE_RESULT_MIN = -9
+} moe_result;
+
+/* Fixed text for a result code ("unknown result" for values not in the list). */
+MOEDEF const char *moe_result_string(moe_result result);
+/* "0.1.0" */
+MOEDEF const char *moe_version(void);
+
+// >>enums -------------------------------------------------------------------
+/* Value 0 of every enum means "the default"; the defaults are listed in the manual. */
+typedef enum moe_flag {
+    MOE_FLAG_DEFAULT = 0,
+    MOE_FLAG_ON,
+    MOE_FLAG_OFF,
+    MOE_FLAG_COUNT
+} moe_flag;
+
+typedef enum moe_layer_kind {
+    MOE_LAYER_DEFAULT = 0,  /* dense */
+    MOE_LAYER_DENSE,        /* y = act(x W^T + b) */
+    MOE_LAYER_MOE,          /* mixture of experts */
+    MOE_LAYER_RMSNORM,      /* y = x / sqrt(mean(x^2) + eps) * w */
+    MOE_LAYER_LAYERNORM,    /* y = (x - mean) / sqrt(var + eps) * w + b */
+    MOE_LAYER_COUNT
+} moe_layer_kind;
+
+typedef enum moe_activation {
+    MOE_ACT_DEFAULT = 0,    /* identity for dense layers, relu for MLP experts */
+    MOE_ACT_IDENTITY,
+    MOE_ACT_RELU,
+    MOE_ACT_GELU,           /* exact: x * Phi(x) with erf */
+    MOE_ACT_SILU,           /* x * sigmoid(x) */
+    MOE_ACT_TANH,
+    MOE_ACT_SIGMOID,
+    MOE_ACT_COUNT
+} moe_activation;
+
+typedef enum moe_router {
+    MOE_ROUTER_DEFAULT = 0, /* top-k */
+    MOE_ROUTER_TOPK,        /* softmax, keep k, optional renormalise; k = E is the dense soft mixture */
+    MOE_ROUTER_NOISY_TOPK,  /* Shazeer 2017: trainable softplus noise while training */
+    MOE_ROUTER_SWITCH,      /* top-1 with a capacity factor; overflow tokens are dropped */
+    MOE_ROUTER_COUNT
+} moe_router;
+
+typedef enum moe_expert {
+    MOE_EXPERT_DEFAULT = 0, /* MLP */
+    MOE_EXPERT_LINEAR,      /* x W^T + b */
+    MOE_EXPERT_MLP,         /* linear -> act (-> linear -> act)* -> linear */
+    MOE_EXPERT_SWIGLU,      /* w2(silu(w1 x) * (w3 x)) */
+    MOE_EXPERT_COUNT
+} moe_expert;
+
+typedef enum moe_loss {
+    MOE_LOSS_DEFAULT = 0,   /* cross-entropy */
+    MOE_LOSS_CROSS_ENTROPY, /* softmax cross-entropy on int32 class labels, mean over tokens */
+    MOE_LOSS_MSE,           /* mean over all elements of (y - target)^2 */
+    MOE_LOSS_BCE,           /* binary cross-entropy on logits, mean over all elements */
+    MOE_LOSS_COUNT
+} moe_loss;
+
+typedef enum moe_optimizer_kind {
+    MOE_OPTIMIZER_DEFAULT = 0, /* AdamW */
+    MOE_OPTIMIZER_SGD,         /* with optional momentum */
+    MOE_OPTIMIZER_ADAM,        /* weight decay, if any, is added to the gradient */
+    MOE_OPTIMIZER_ADAMW,       /* decoupled weight decay */
+    MOE_OPTIMIZER_COUNT
+} moe_optimizer_kind;
+
+typedef enum moe_kernels {
+    MOE_KERNELS_DEFAULT = 0,   /* the fastest kernels this CPU runs */
+    MOE_KERNELS_REFERENCE,     /* plain loops: slow, obviously correct; for tests */
+    MOE_KERNELS_COUNT
+} moe_kernels;
+
+typedef enum moe_log_level {
+    MOE_LOG_ERROR = 1,
+    MOE_LOG_WARNING,
+    MOE_LOG_INFO
+} moe_log_level;
+
+// >>ctx ---------------------------------------------------------------------
+/* Run-time allocator. alloc returns memory aligned for any C type (or NULL);
+   moe.h aligns its own buffers to 64 bytes on top of that. */
+typedef struct moe_allocator {
+    void *(*alloc)(size_t size, void *user);
+    void (*free)(void *ptr, void *user);
+    void *user;
+} moe_allocator;
+
+typedef void (*moe_log_fn)(moe_log_level level, const char *message, void *user);
+
+typedef struct moe_ctx_desc {
+    int n_threads;             /* 0: all OpenMP threads (1 without OpenMP); results never depend on it */
+    uint64_t seed;             /* initialisation and noise are pure functions of this seed */
+    moe_allocator allocator;   /* both functions NULL: MOE_MALLOC / MOE_FREE */
+    moe_log_fn log;            /* NULL: silent */
+    void *log_user;
+    moe_kernels kernels;       /* MOE_KERNELS_REFERENCE selects the plain twins of every kernel */
+} moe_ctx_desc;
+
+/* Lives wherever the caller puts it (stack, static, heap); no allocation of its own.
+   The fields are filled by moe_ctx_init; treat them as read-only. */
+typedef struct moe_ctx {
+    int n_threads;
+    uint64_t seed;
+    moe_allocator allocator;
+    moe_log_fn log;
+    void *log_user;
+    moe_kernels kernels;
+    char error[256];           /* last error text: read it with moe_ctx_error() */
+} moe_ctx;
+
+MOEDEF moe_result moe_ctx_init(moe_ctx *ctx, const moe_ctx_desc *desc /* NULL: defaults */);
+MOEDEF const char *moe_ctx_error(const moe_ctx *ctx);
+
+// >>layer -------------------------------------------------------------------
+/* A layer. All-zero fields mean defaults (listed in the manual, "Defaults"). */
+typedef struct moe_layer_desc {
+    moe_layer_kind kind;
+    int64_t d_in;              /* input width; 0 inside a model: the previous layer's output width */
+    int64_t d_out;             /* output width; 0: d_in (norm layers always keep d_in) */
+    moe_activation activation; /* dense: on the output; MLP experts: on every hidden layer */
+    moe_flag bias;             /* biases of dense and expert linears (default on; SwiGLU: off) */
+    int residual;              /* nonzero: y = x + layer(x); needs d_out == d_in */
+    float eps;                 /* norm layers: added to the variance (default 1e-5) */
+
+    /* MoE layers */
+    int n_experts;             /* E (default 4) */
+    int top_k;                 /* k, 1..E (default 2, or E if E < 2; switch: 1) */
+    moe_router router;
+    moe_expert expert;
+    int64_t d_hidden;          /* expert hidden width (default d_in) */
+    int n_hidden_layers;       /* MLP experts: hidden layers (default 1) */
+    int n_shared_experts;      /* always-on experts added with weight 1 (default 0) */
+    int64_t d_shared_hidden;   /* their hidden width (default d_hidden) */
+    moe_flag renormalize;      /* top-k gates sum to 1 (default on; switch: off) */
+    moe_flag router_bias;      /* router linear has a bias (default off) */
+    float capacity_factor;     /* > 0: each expert takes at most ceil(cf*T*k/E) tokens
+                                  (default 1.25 for switch, 0 = unlimited otherwise) */
+    float jitter;              /* training only: router input times U(1-jitter, 1+jitter) */
+    float balance_loss;        /* coefficient of the Switch/GShard load-balancing loss */
+    float z_loss;              /* coefficient of the router z-loss */
+    float importance_loss;     /* noisy top-k: coefficient of CV^2(importance) */
+    float load_loss;           /* noisy top-k: coefficient of CV^2(load) */
+} moe_layer_desc;
+
+typedef struct moe_layer moe_layer;
+
+/* Options of one forward call; NULL means all defaults (inference). */
+typedef struct moe_forward_opts {
+    int training;              /* nonzero: router noise and jitter are on */
+    /* Noisy top-k layers only, while training: the standard-normal noise to use,
+       indexed [layer][T * E] (model) or [0][T * E] (single layer); a NULL array or
+       entry draws it from the context's seed instead. */
+    const float *const *router_noise;
+} moe_forward_opts;
+
+/* Flags of moe_layer_backward / moe_model_backward */
+#define MOE_BACKWARD_AUX 1     /* add the gradients of the layers' auxiliary losses */
+
+/* Routing statistics of the last forward of a MoE layer. */
+typedef struct moe_stats {
+    int n_experts;
+    int top_k;
+    int64_t n_tokens;
+    const int64_t *tokens_per_expert; /* [n_experts] kept assignments; valid until the next forward */
+    float load_cv;             /* std / mean of tokens_per_expert */
+    int64_t dropped_assignments; /* (token, expert) choices over capacity */
+    int64_t dropped_tokens;    /* tokens with no expert left: they pass through */
+    float router_entropy;      /* mean over tokens of -sum p log p of the router softmax */
+    float balance_loss;        /* each aux loss times its coefficient */
+    float z_loss;
+    float importance_loss;
+    float load_loss;
+    float aux_loss;            /* sum of the four above */
+} moe_stats;
+
+/* Tensor of a layer or model: a view into the parameter blob. */
+typedef struct moe_tensor {
+    const char *name;          /* "layers.0.experts.w1.weight" (model), "experts.w1.weight" (layer) */
+    int ndim;
+    int64_t shape[4];
+    int64_t offset;            /* in floats, into the parameter blob */
+    int64_t size;              /* elements */
+    float *data;
+    float *grad;
+} moe_tensor;
+
+MOEDEF moe_result moe_layer_create(moe_ctx *ctx, const moe_layer_desc *desc, int64_t max_tokens, moe_layer **out);
+MOEDEF void moe_layer_destroy(moe_layer *layer);
+/* x [T, d_in] -> y [T, d_out]. x and y must stay untouched until the matching backward. */
+MOEDEF moe_result moe_layer_forward(moe_layer *layer, const float *x, int64_t n_tokens, float *y, const moe_forward_opts *opts);
+/* dy [T, d_out] -> dx [T, d_in] (overwritten; NULL: not wanted). Parameter gradients accumulate. */
+MOEDEF moe_result moe_layer_backward(moe_layer *layer, const float *dy, float *dx, int flags);
+MOEDEF moe_result moe_layer_stats(const moe_layer *layer, moe_stats *stats);
+MOEDEF const moe_layer_desc *moe_layer_get_desc(const moe_layer *layer); /* defaults filled in */
+MOEDEF float *moe_layer_params(moe_layer *layer, int64_t *n_params);
+MOEDEF float *moe_layer_grads(moe_layer *layer, int64_t *n_params);
+MOEDEF int moe_layer_tensor_count(const moe_layer *layer);
+MOEDEF moe_result moe_layer_tensor(moe_layer *layer, int index, moe_tensor *tensor);
+
+// >>optimizer ---------------------------------------------------------------
+typedef struct moe_optimizer_desc {
+    moe_optimizer_kind kind;
+    float lr;                  /* peak learning rate (default 1e-3) */
+    float beta1, beta2;        /* Adam(W) (defaults 0.9, 0.999) */
+    float eps;                 /* Adam(W) (default 1e-8) */
+    float weight_decay;        /* default 0 */
+    float momentum;            /* SGD (default 0) */
+    float clip_norm;           /* > 0: clip gradients to this global L2 norm */
+    int64_t warmup_steps;      /* linear warm-up from lr/warmup_steps to lr */
+    int64_t total_steps;       /* > 0: cosine decay from lr to min_lr over the steps after warm-up */
+    float min_lr;
+} moe_optimizer_desc;
+
+/* Optimizer state over a flat blob of n parameters. */
+typedef struct moe_optimizer moe_optimizer;
+
+typedef struct moe_step_info {
+    float loss;                /* task loss (without auxiliary losses) */
+    float aux_loss;            /* sum over layers of their auxiliary losses */
+    float grad_norm;           /* global L2 norm before clipping */
+    float lr;                  /* learning rate used by this step */
+    int64_t step;              /* steps taken so far, this one included */
+} moe_step_info;
+
+MOEDEF moe_result moe_optimizer_create(moe_ctx *ctx, const moe_optimizer_desc *desc, int64_t n_params, moe_optimizer **out);
+MOEDEF void moe_optimizer_destroy(moe_optimizer *opt);
+/* The learning rate the schedule gives for a step (0-based). */
+MOEDEF float moe_optimizer_lr(const moe_optimizer *opt, int64_t step);
+/* Clip (if asked), then update params from grads. grads are scaled in place by clipping. */
+MOEDEF moe_result moe_optimizer_step(moe_optimizer *opt, float *params, float *grads, moe_step_info *info);
+MOEDEF int64_t moe_optimizer_steps(const moe_optimizer *opt);
+
+// >>model -------------------------------------------------------------------
+typedef struct moe_model_desc {
+    int64_t d_in;              /* input width */
+    int n_layers;
+    const moe_layer_desc *layers;
+    moe_loss loss;
+    int64_t max_tokens;        /* most rows per call (default 256); sizes the activation arena */
+    moe_optimizer_desc optimizer;
+} moe_model_desc;
+
+typedef struct moe_model moe_model;
+
+/* Training targets: labels for cross-entropy, values [T, d_out] for MSE and BCE. */
+typedef struct moe_target {
+    const int32_t *labels;
+    const float *values;
+} moe_target;
+
+MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe_model **out);
+MOEDEF void moe_model_destroy(moe_model *model);
+MOEDEF const moe_model_desc *moe_model_get_desc(const moe_model *model); /* defaults filled in */
+MOEDEF int64_t moe_model_d_out(const moe_model *model);
+
+/* x [T, d_in] -> y [T, d_out] (y may be NULL: read the output with moe_model_output). */
+MOEDEF moe_result moe_model_forward(moe_model *model, const float *x, int64_t n_tokens, float *y, const moe_forward_opts *opts);
+MOEDEF const float *moe_model_output(const moe_model *model);
+/* After a forward: the task loss against target, and its gradient dL/dy into dy (NULL: not wanted). */
+MOEDEF moe_result moe_model_loss(moe_model *model, const moe_target *target, float *loss, float *dy);
+/* After a forward: back-propagate dy [T, d_out]; dx [T, d_in] may be NULL. Gradients accumulate. */
+MOEDEF moe_result moe_model_backward(moe_model *model, const float *dy, float *dx, int flags);
+MOEDEF void moe_model_zero_grad(moe_model *model);
+/* Clip and update with the model's optimizer. */
+MOEDEF moe_result moe_model_optimizer_step(moe_model *model, moe_step_info *info);
+/* forward (training) + loss + aux losses + backward + update. info may be NULL. */
+MOEDEF moe_result moe_model_train_step(moe_model *model, const float *x, const moe_target *target, int64_t n_tokens, moe_step_info *info);
+/* Argmax class per row (cross-entropy models) or per-row argmax of the outputs. */
+MOEDEF moe_result moe_model_predict(moe_model *model, const float *x, int64_t n_tokens, int32_t *classes);
+/* Routing statistics of MoE layer `layer` from the last forward. */
+MOEDEF moe_result moe_model_stats(const moe_model *model, int layer, moe_stats *stats);
+
+MOEDEF float *moe_model_params(moe_model *model, int64_t *n_params);
+MOEDEF float *moe_model_grads(moe_model *model, int64_t *n_params);
+MOEDEF int moe_model_tensor_count(const moe_model *model);
+MOEDEF moe_result moe_model_tensor(moe_model *model, int index, moe_tensor *tensor);
+MOEDEF moe_result moe_model_find_tensor(moe_model *model, const char *name, moe_tensor *tensor);
+
+/* Model files: safetensors with the configuration in __metadata__["moe.config"].
+   Saving writes a temporary file next to `path`, then renames it over `path`. */
+MOEDEF moe_result moe_model_save(moe_model *model, const char *path);
+/* max_tokens 0: the value stored in the file. */
+MOEDEF moe_result moe_model_load(moe_ctx *ctx, const char *path, int64_t max_tokens, moe_model **out);
+MOEDEF moe_result moe_model_load_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe_model **out);
+
+// >>safetensors -------------------------------------------------------------
+/* A safetensors file in memory, for reading inputs and writing outputs of any kind. */
+typedef enum moe_dtype {
+    MOE_DTYPE_F32 = 0,
+    MOE_DTYPE_F64,
+    MOE_DTYPE_F16,
+    MOE_DTYPE_BF16,
+    MOE_DTYPE_I64,
+    MOE_DTYPE_I32,
+    MOE_DTYPE_U8,
+    MOE_DTYPE_I8,
+    MOE_DTYPE_COUNT
+} moe_dtype;
+
+typedef struct moe_file_tensor {
+    char name[128];
+    moe_dtype dtype;
+    int ndim;
+    int64_t shape[8];
+    const void *data;          /* points into the file's bytes (unaligned in general) */
+    size_t nbytes;
+} moe_file_tensor;
+
+typedef struct moe_tensor_file moe_tensor_file;
+
+MOEDEF moe_result moe_tensor_file_read(moe_ctx *ctx, const char *path, moe_tensor_file **out);
+/* data must outlive the file object; it is not copied. */
+MOEDEF moe_result moe_tensor_file_parse(moe_ctx *ctx, const void *data, size_t size, moe_tensor_file **out);
+MOEDEF void moe_tensor_file_close(moe_tensor_file *file);
+MOEDEF int moe_tensor_file_count(const moe_tensor_file *file);
+MOEDEF const moe_file_tensor *moe_tensor_file_get(const moe_tensor_file *file, int index);
+MOEDEF const moe_file_tensor *moe_tensor_file_find(const moe_tensor_file *file, const char *name);
+/* The value of a __metadata__ key, or NULL. */
+MOEDEF const char *moe_tensor_file_metadata(const moe_tensor_file *file, const char *key);
+/* Copy a tensor's elements as float (any float dtype, I32, I64, U8, I8); count must equal its size. */
+MOEDEF moe_result moe_file_tensor_to_f32(moe_ctx *ctx, const moe_file_tensor *tensor, float *out, int64_t count);
+MOEDEF moe_result moe_file_tensor_to_i32(moe_ctx *ctx, const moe_file_tensor *tensor, int32_t *out, int64_t count);
+
+/* Writer: add tensors (their data is referenced, not copied, until moe_tensor_writer_save). */
+typedef struct moe_tensor_writer moe_tensor_writer;
+MOEDEF moe_result moe_tensor_writer_create(moe_ctx *ctx, moe_tensor_writer **out);
+MOEDEF moe_result moe_tensor_writer_add(moe_tensor_writer *writer, const char *name, moe_dtype dtype, int ndim, const int64_t *shape, const void *data);
+MOEDEF moe_result moe_tensor_writer_metadata(moe_tensor_writer *writer, const char *key, const char *value);
+/* Atomic: temporary file, then rename. */
+MOEDEF moe_result moe_tensor_writer_save(moe_tensor_writer *writer, const char *path);
+MOEDEF void moe_tensor_writer_destroy(moe_tensor_writer *writer);
+
+// >>rng ---------------------------------------------------------------------
+/* Counter-based random numbers: pure functions of (seed, stream, counter). */
+MOEDEF uint64_t moe_rng_u64(uint64_t seed, uint64_t stream, uint64_t counter);
+MOEDEF float moe_rng_uniform(uint64_t seed, uint64_t stream, uint64_t counter);  /* [0, 1) */
+MOEDEF float moe_rng_normal(uint64_t seed, uint64_t stream, uint64_t counter);   /* N(0, 1) */
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MOE_H_INCLUDED */
+
+/* ========================================================================== */
+/*                              IMPLEMENTATION                                */
+/* ========================================================================== */
+#ifdef MOE_IMPLEMENTATION
+#ifndef MOE_IMPLEMENTATION_INCLUDED
+#define MOE_IMPLEMENTATION_INCLUDED
+
+// >>config ------------------------------------------------------------------
+#include <float.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(MOE_MALLOC) && defined(MOE_FREE)
+#elif !defined(MOE_MALLOC) && !defined(MOE_FREE)
+#define MOE_MALLOC(size, user) ((void)(user), malloc(size))
+#define MOE_FREE(ptr, user) ((void)(user), free(ptr))
+#else
+#error "moe.h: define both MOE_MALLOC and MOE_FREE, or neither"
+#endif
+
+#ifndef MOE_ASSERT
+#ifdef NDEBUG
+#define MOE_ASSERT(c) ((void)0)
+#else
+#include <assert.h>
+#define MOE_ASSERT(c) assert(c)
+#endif
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define MOE__RESTRICT __restrict__
+#else
+#define MOE__RESTRICT
+#endif
+
+#ifdef _OPENMP
+#define MOE__PRAGMA(x) _Pragma(#x)
+/* Threads split the loop by what they write; each iteration's result never depends on the split. */
+#define MOE__PARALLEL_FOR(nt, n) MOE__PRAGMA(omp parallel for num_threads(nt) schedule(static) if((n) > 1 && (nt) > 1))
+#define MOE__PARALLEL_FOR_DYNAMIC(nt, n) MOE__PRAGMA(omp parallel for num_threads(nt) schedule(dynamic, 1) if((n) > 1 && (nt) > 1))
+#define MOE__THREAD_ID() omp_get_thread_num()
+#else
+#define MOE__PARALLEL_FOR(nt, n) (void)(nt);
+#define MOE__PARALLEL_FOR_DYNAMIC(nt, n) (void)(nt);
+#define MOE__THREAD_ID() 0
+#endif
+
+#define MOE__ALIGN 64
+#define MOE__MAX_LINEARS 9          /* MLP experts: up to 8 hidden layers */
+#define MOE__MAX_TENSORS 24         /* per layer */
+#define MOE__NAME_MAX 64
+
+static size_t moe__strlcpy(char *dst, const char *src, size_t cap) {
+    size_t n = strlen(src);
+    if (cap) {
+        size_t m = n < cap - 1 ? n : cap - 1;
+        memcpy(dst, src, m);
+        dst[m] = 0;
+    }
+    return n;
+}
+
+// >>result ------------------------------------------------------------------
+MOEDEF const char *moe_result_string(moe_result result) {
+    switch (result) {
+#define MOE__RESULT_CASE(name, value, text) case name: return text;
+    MOE_RESULT_LIST(MOE__RESULT_CASE)
+#undef MOE__RESULT_CASE
+    default: return "unknown result";
+    }
+}
+
+MOEDEF const char *moe_version(void) { return MOE_VERSION_STRING; }
+
+static const char *moe__result_name(moe_result result) {
+    switch (result) {
+#define MOE__RESULT_NAME(name, value, text) case name: return #name;
+    MOE_RESULT_LIST(MOE__RESULT_NAME)
+#undef MOE__RESULT_NAME
+    default: return "MOE_ERR_?";
+    }
+}
+
+/* Record an error in the context (text + log callback) and return its code. */
+static moe_result moe__fail(moe_ctx *ctx, moe_result code, const char *fmt, ...) {
+    if (ctx) {
+        va_list ap;
+        int n = snprintf(ctx->error, sizeof ctx->error, "%s: ", moe__result_name(code));
+        if (n < 0 || n >= (int)sizeof ctx->error) n = 0;
+        va_start(ap, fmt);
+        vsnprintf(ctx->error + n, sizeof ctx->error - (size_t)n, fmt, ap);
+        va_end(ap);
+        if (ctx->log) ctx->log(MOE_LOG_ERROR, ctx->error, ctx->log_user);
+    }
+    return code;
+}
+
+/* Re-raise the context's last error with "prefix: " in front of its text (e.g. a file name). */
+static moe_result moe__fail_prefix(moe_ctx *ctx, moe_result code, const char *prefix) {
+    char msg[sizeof ctx->error];
+    const char *rest = strstr(ctx->error, ": ");
+    moe__strlcpy(msg, rest ? rest + 2 : ctx->error, sizeof msg);
+    return moe__fail(ctx, code, "%s: %s", prefix, msg);
+}
+
+#define MOE__TRY(expr) do { moe_result moe__r = (expr); if (moe__r != MOE_OK) return moe__r; } while (0)
+
+// >>ctx ---------------------------------------------------------------------
+MOEDEF moe_result moe_ctx_init(moe_ctx *ctx, const moe_ctx_desc *desc) {
+    moe_ctx_desc d;
+    if (!ctx) return MOE_ERR_INVALID_ARGUMENT;
+    memset(&d, 0, sizeof d);
+    if (desc) d = *desc;
+    memset(ctx, 0, sizeof *ctx);
+    if ((d.allocator.alloc == NULL) != (d.allocator.free == NULL))
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "allocator needs both alloc and free, or neither");
+    if (d.n_threads < 0) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "n_threads is %d", d.n_threads);
+    if ((int)d.kernels < 0 || d.kernels >= MOE_KERNELS_COUNT)
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "unknown kernels %d", (int)d.kernels);
+#ifdef _OPENMP
+    ctx->n_threads = d.n_threads ? d.n_threads : omp_get_max_threads();
+#else
+    ctx->n_threads = 1;
+#endif
+    if (ctx->n_threads < 1) ctx->n_threads = 1;
+    ctx->seed = d.seed;
+    ctx->allocator = d.allocator;
+    ctx->log = d.log;
+    ctx->log_user = d.log_user;
+    ctx->kernels = d.kernels;
+    return MOE_OK;
+}
+
+MOEDEF const char *moe_ctx_error(const moe_ctx *ctx) { return ctx ? ctx->error : ""; }
+
+// >>memory ------------------------------------------------------------------
+/* 64-byte aligned allocation through the context's allocator; the raw pointer sits just below. */
+static void *moe__malloc(moe_ctx *ctx, size_t size) {
+    size_t total;
+    void *raw;
+    uintptr_t p;
+    if (size > SIZE_MAX - MOE__ALIGN - sizeof(void *)) return NULL;
+    total = size + MOE__ALIGN + sizeof(void *);
+    raw = ctx->allocator.alloc ? ctx->allocator.alloc(total, ctx->allocator.user)
+                               : MOE_MALLOC(total, ctx->allocator.user);
+    if (!raw) return NULL;
+    p = ((uintptr_t)raw + sizeof(void *) + MOE__ALIGN - 1) & ~(uintptr_t)(MOE__ALIGN - 1);
+    ((void **)p)[-1] = raw;
+    return (void *)p;
+}
+
+static void moe__free(moe_ctx *ctx, void *ptr) {
+    void *raw;
+    if (!ptr) return;
+    raw = ((void **)ptr)[-1];
+    if (ctx->allocator.free) ctx->allocator.free(raw, ctx->allocator.user);
+    else MOE_FREE(raw, ctx->allocator.user);
+}
+
+static void *moe__calloc(moe_ctx *ctx, size_t size) {
+    void *p = moe__malloc(ctx, size);
+    if (p) memset(p, 0, size);
+    return p;
+}
+
+/* Bump carving of one block: a sizing pass with base == NULL, then the real pass. */
+typedef struct moe__carver {
+    char *base;
+    size_t used;
+    int overflow;
+} moe__carver;
+
+static void *moe__carve(moe__carver *c, size_t count, size_t elem) {
+    size_t bytes, at;
+    if (elem && count > (SIZE_MAX / 2) / elem) { c->overflow = 1; return NULL; }
+    bytes = (count * elem + MOE__ALIGN - 1) & ~(size_t)(MOE__ALIGN - 1);
+    at = c->used;
+    if (bytes > SIZE_MAX / 2 - at) { c->overflow = 1; return NULL; }
+    c->used += bytes;
+    return c->base ? c->base + at : NULL;
+}
+
+#define MOE__CARVE(c, type, count) ((type *)moe__carve((c), (size_t)(count), sizeof(type)))
+
+// >>rng ---------------------------------------------------------------------
+static uint64_t moe__mix64(uint64_t z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+MOEDEF uint64_t moe_rng_u64(uint64_t seed, uint64_t stream, uint64_t counter) {
+    return moe__mix64(moe__mix64(moe__mix64(seed) ^ stream) ^ counter);
+}
+
+MOEDEF float moe_rng_uniform(uint64_t seed, uint64_t stream, uint64_t counter) {
+    return (float)(moe_rng_u64(seed, stream, counter) >> 40) * (1.0f / 16777216.0f);
+}
+
+/* Box-Muller on two 24-bit uniforms taken from one 64-bit draw. */
+MOEDEF float moe_rng_normal(uint64_t seed, uint64_t stream, uint64_t counter) {
+    uint64_t r = moe_rng_u64(seed, stream, counter);
+    double u1 = ((double)(r >> 40) + 1.0) * (1.0 / 16777216.0);  /* (0, 1] */
+    double u2 = (double)((r >> 16) & 0xFFFFFF) * (1.0 / 16777216.0);
+    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+/* Stream ids: what the numbers are for, which layer, which step. */
+enum { MOE__STREAM_INIT = 1, MOE__STREAM_NOISE = 2, MOE__STREAM_JITTER = 3 };
+static uint64_t moe__stream(int purpose, int64_t index, int64_t step) {
+    return ((uint64_t)purpose << 56) ^ ((uint64_t)index << 40) ^ (uint64_t)step;
+}
+
+// >>util --------------------------------------------------------------------
+static int64_t moe__min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static int64_t moe__max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+static int moe__finite(float v) { return v == v && v - v == 0.0f; }
+
+static int moe__all_finite(const float *x, int64_t n) {
+    int64_t i;
+    float acc = 0.0f;
+    for (i = 0; i < n; i++) acc += x[i] * 0.0f;  /* NaN or Inf anywhere makes acc NaN */
+    return acc == 0.0f;
+}
+
+
+// >>gemm --------------------------------------------------------------------
+/* The one matrix-multiply entry point. Three layouts cover every product of the
+   MoE layer (W is [out, in] as in torch.nn.Linear):
+     MOE__NT  C[i,j] = sum_k A(i,k) B(j,k)   forward          y  = x  W^T
+     MOE__NN  C[i,j] = sum_k A(i,k) B(k,j)   input gradient   dx = dy W
+     MOE__TN  C[i,j] = sum_k A(k,i) B(k,j)   weight gradient  dW = dy^T x
+   Any operand row may be read through an index (rows != NULL), so experts read
+   their tokens through the routing permutation without a gathered copy.
+   Each C element is summed over k in blocks of MOE__KC in increasing k, whatever
+   the tiling or thread count: results are bitwise reproducible. */
+typedef enum moe__gemm_op { MOE__NT, MOE__NN, MOE__TN } moe__gemm_op;
+
+typedef struct moe__mat {
+    const float *data;
+    int64_t ld;                 /* floats between rows */
+    const int32_t *rows;        /* NULL: row r is data + r*ld; else data + rows[r]*ld */
+} moe__mat;
+
+typedef struct moe__gemm {
+    moe__gemm_op op;
+    int64_t M, N, K;
+    moe__mat A, B;
+    float *C;
+    int64_t ldc;
+    int accumulate;             /* C += product; else C = product */
+    const float *bias;          /* [N] added to every row, or NULL */
+} moe__gemm;
+
+/* Execution resources: threads and per-thread packing scratch. */
+typedef struct moe__exec {
+    moe_ctx *ctx;
+    int n_threads;
+    float *scratch;             /* n_threads * MOE__GEMM_SCRATCH floats */
+} moe__exec;
+
+#define MOE__KC 256
+#define MOE__MC 64
+#define MOE__NC 256
+#define MOE__MR 4
+#define MOE__NR 16
+#define MOE__GEMM_SCRATCH (MOE__KC * (MOE__MC + MOE__NC))
+
+static moe__mat moe__mat_of(const float *data, int64_t ld) {
+    moe__mat m;
+    m.data = data; m.ld = ld; m.rows = NULL;
+    return m;
+}
+
+static moe__mat moe__mat_rows(const float *data, int64_t ld, const int32_t *rows) {
+    moe__mat m;
+    m.data = data; m.ld = ld; m.rows = rows;
+    return m;
+}
+
+static const float *moe__row(const moe__mat *m, int64_t r) {
+    return m->data + (m->rows ? (int64_t)m->rows[r] : r) * m->ld;
+}
+
+/* Plain twin: obviously correct, used by MOE_KERNELS_REFERENCE and the tests. */
+static void moe__gemm_block_reference(const moe__gemm *g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    int64_t i, j, k;
+    for (i = m0; i < m1; i++) {
+        for (j = n0; j < n1; j++) {
+            float s = 0.0f;
+            for (k = 0; k < g->K; k++) {
+                float a = g->op == MOE__TN ? moe__row(&g->A, k)[i] : moe__row(&g->A, i)[k];
+                float b = g->op == MOE__NT ? moe__row(&g->B, j)[k] : moe__row(&g->B, k)[j];
+                s += a * b;
+            }
+            if (g->accumulate) s += g->C[i * g->ldc + j];
+            if (g->bias) s += g->bias[j];
+            g->C[i * g->ldc + j] = s;
+        }
+    }
+}
+
+/* Pack A(m0.., kb..) into MR-row panels: panel p holds kc rows of MR values. */
+static void moe__pack_a(const moe__gemm *g, int64_t m0, int64_t mc, int64_t kb, int64_t kc, float *MOE__RESTRICT ap) {
+    int64_t p, i, k;
+    for (p = 0; p < mc; p += MOE__MR) {
+        int64_t mr = moe__min64(MOE__MR, mc - p);
+        float *dst = ap + p * kc;
+        if (g->op == MOE__TN) {
+            for (k = 0; k < kc; k++) {
+                const float *src = moe__row(&g->A, kb + k) + m0 + p;
+                for (i = 0; i < mr; i++) dst[k * MOE__MR + i] = src[i];
+                for (; i < MOE__MR; i++) dst[k * MOE__MR + i] = 0.0f;
+            }
+        } else {
+            for (i = 0; i < MOE__MR; i++) {
+                if (i < mr) {
+                    const float *src = moe__row(&g->A, m0 + p + i) + kb;
+                    for (k = 0; k < kc; k++) dst[k * MOE__MR + i] = src[k];
+                } else {
+                    for (k = 0; k < kc; k++) dst[k * MOE__MR + i] = 0.0f;
+                }
+            }
+        }
+    }
+}
+
+/* Pack B(kb.., n0..) into NR-column panels of kc rows. */
+static void moe__pack_b(const moe__gemm *g, int64_t n0, int64_t nc, int64_t kb, int64_t kc, float *MOE__RESTRICT bp) {
+    int64_t p, j, k;
+    for (p = 0; p < nc; p += MOE__NR) {
+        int64_t nr = moe__min64(MOE__NR, nc - p);
+        float *dst = bp + p * kc;
+        if (g->op == MOE__NT) {
+            for (j = 0; j < MOE__NR; j++) {
+                if (j < nr) {
+                    const float *src = moe__row(&g->B, n0 + p + j) + kb;
+                    for (k = 0; k < kc; k++) dst[k * MOE__NR + j] = src[k];
+                } else {
+                    for (k = 0; k < kc; k++) dst[k * MOE__NR + j] = 0.0f;
+                }
+            }
+        } else {
+            for (k = 0; k < kc; k++) {
+                const float *src = moe__row(&g->B, kb + k) + n0 + p;
+                for (j = 0; j < nr; j++) dst[k * MOE__NR + j] = src[j];
+                for (; j < MOE__NR; j++) dst[k * MOE__NR + j] = 0.0f;
+            }
+        }
+    }
+}
+
+/* Micro-kernel: acc[MR][NR] = sum over kc of A panel x B panel. */
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(MOE_NO_VECTOR_EXTENSIONS)
+typedef float moe__v8 __attribute__((vector_size(32)));
+#define MOE__MICRO_BODY                                                           \
+    moe__v8 c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0};                           \
+    moe__v8 c20 = {0}, c21 = {0}, c30 = {0}, c31 = {0};                           \
+    int64_t k;                                                                    \
+    for (k = 0; k < kc; k++) {                                                    \
+        moe__v8 b0, b1;                                                           \
+        const float *a = A + k * MOE__MR;                                         \
+        memcpy(&b0, B + k * MOE__NR, sizeof b0);                                  \
+        memcpy(&b1, B + k * MOE__NR + 8, sizeof b1);                              \
+        c00 += a[0] * b0; c01 += a[0] * b1;                                       \
+        c10 += a[1] * b0; c11 += a[1] * b1;                                       \
+        c20 += a[2] * b0; c21 += a[2] * b1;                                       \
+        c30 += a[3] * b0; c31 += a[3] * b1;                                       \
+    }                                                                             \
+    memcpy(acc + 0, &c00, 32); memcpy(acc + 8, &c01, 32);                         \
+    memcpy(acc + 16, &c10, 32); memcpy(acc + 24, &c11, 32);                       \
+    memcpy(acc + 32, &c20, 32); memcpy(acc + 40, &c21, 32);                       \
+    memcpy(acc + 48, &c30, 32); memcpy(acc + 56, &c31, 32);
+#else
+#define MOE__MICRO_BODY                                                           \
+    int64_t k, i, j;                                                              \
+    for (i = 0; i < MOE__MR * MOE__NR; i++) acc[i] = 0.0f;                        \
+    for (k = 0; k < kc; k++)                                                      \
+        for (i = 0; i < MOE__MR; i++)                                             \
+            for (j = 0; j < MOE__NR; j++)                                         \
+                acc[i * MOE__NR + j] += A[k * MOE__MR + i] * B[k * MOE__NR + j];
+#endif
+
+static void moe__micro_generic(int64_t kc, const float *MOE__RESTRICT A, const float *MOE__RESTRICT B, float *MOE__RESTRICT acc) {
+    MOE__MICRO_BODY
+}
+
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__)) && !defined(MOE_NO_VECTOR_EXTENSIONS)
+#define MOE__HAVE_X86_DISPATCH 1
+__attribute__((target("avx2,fma")))
+static void moe__micro_avx2(int64_t kc, const float *MOE__RESTRICT A, const float *MOE__RESTRICT B, float *MOE__RESTRICT acc) {
+    MOE__MICRO_BODY
+}
+#endif
+
+typedef void (*moe__micro_fn)(int64_t, const float *, const float *, float *);
+
+static moe__micro_fn moe__micro_select(void) {
+#ifdef MOE__HAVE_X86_DISPATCH
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return moe__micro_avx2;
+#endif
+    return moe__micro_generic;
+}
+
+static void moe__gemm_block_fast(const moe__gemm *g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float *scratch) {
+    float *bp = scratch;
+    float *ap = scratch + MOE__KC * MOE__NC;
+    moe__micro_fn micro = moe__micro_select();
+    int64_t nb, kb, mb, ip, jp, ii, jj;
+    float acc[MOE__MR * MOE__NR];
+    if (g->K == 0) {
+        for (ii = m0; ii < m1; ii++)
+            for (jj = n0; jj < n1; jj++) {
+                float *c = g->C + ii * g->ldc + jj;
+                *c = (g->accumulate ? *c : 0.0f) + (g->bias ? g->bias[jj] : 0.0f);
+            }
+        return;
+    }
+    for (nb = n0; nb < n1; nb += MOE__NC) {
+        int64_t nc = moe__min64(MOE__NC, n1 - nb);
+        for (kb = 0; kb < g->K; kb += MOE__KC) {
+            int64_t kc = moe__min64(MOE__KC, g->K - kb);
+            int first = kb == 0, last = kb + kc >= g->K;
+            moe__pack_b(g, nb, nc, kb, kc, bp);
+            for (mb = m0; mb < m1; mb += MOE__MC) {
+                int64_t mc = moe__min64(MOE__MC, m1 - mb);
+                moe__pack_a(g, mb, mc, kb, kc, ap);
+                for (ip = 0; ip < mc; ip += MOE__MR) {
+                    int64_t mr = moe__min64(MOE__MR, mc - ip);
+                    for (jp = 0; jp < nc; jp += MOE__NR) {
+                        int64_t nr = moe__min64(MOE__NR, nc - jp);
+                        micro(kc, ap + ip * kc, bp + jp * kc, acc);
+                        for (ii = 0; ii < mr; ii++) {
+                            float *c = g->C + (mb + ip + ii) * g->ldc + nb + jp;
+                            const float *a = acc + ii * MOE__NR;
+                            for (jj = 0; jj < nr; jj++) {
+                                float v = (first && !g->accumulate) ? a[jj] : c[jj] + a[jj];
+                                if (last && g->bias) v += g->bias[nb + jp + jj];
+                                c[jj] = v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* One tile of C on the calling thread. */
+static void moe__gemm_block(const moe__exec *ex, const moe__gemm *g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    if (m1 <= m0 || n1 <= n0) return;
+    if (ex->ctx->kernels == MOE_KERNELS_REFERENCE)
+        moe__gemm_block_reference(g, m0, m1, n0, n1);
+    else
+        moe__gemm_block_fast(g, m0, m1, n0, n1, ex->scratch + (size_t)MOE__THREAD_ID() * MOE__GEMM_SCRATCH);
+}
+
+/* A whole product, tiled over the threads. */
+static void moe__gemm_run(const moe__exec *ex, const moe__gemm *g) {
+    int64_t tm = (g->M + MOE__MC - 1) / MOE__MC, tn = (g->N + MOE__NC - 1) / MOE__NC;
+    int64_t n = tm * tn, t;
+    if (g->M <= 0 || g->N <= 0) return;
+    MOE__PARALLEL_FOR_DYNAMIC(ex->n_threads, n)
+    for (t = 0; t < n; t++) {
+        int64_t m0 = (t / tn) * MOE__MC, n0 = (t % tn) * MOE__NC;
+        moe__gemm_block(ex, g, m0, moe__min64(m0 + MOE__MC, g->M), n0, moe__min64(n0 + MOE__NC, g->N));
+    }
+}
+
+static moe__gemm moe__gemm_make(moe__gemm_op op, int64_t M, int64_t N, int64_t K, moe__mat A, moe__mat B,
+                                float *C, int64_t ldc, int accumulate, const float *bias) {
+    moe__gemm g;
+    g.op = op; g.M = M; g.N = N; g.K = K; g.A = A; g.B = B;
+    g.C = C; g.ldc = ldc; g.accumulate = accumulate; g.bias = bias;
+    return g;
+}
+
+// >>ops ---------------------------------------------------------------------
+static float moe__sigmoid(float z) {
+    if (z >= 0.0f) return 1.0f / (1.0f + expf(-z));
+    {
+        float e = expf(z);
+        return e / (1.0f + e);
+    }
+}
+
+static float moe__softplus(float z) { return z > 20.0f ? z : log1pf(expf(z)); }
+
+static float moe__act(moe_activation act, float z) {
+    switch (act) {
+    case MOE_ACT_RELU: return z > 0.0f ? z : 0.0f;
+    case MOE_ACT_GELU: return 0.5f * z * (1.0f + erff(z * 0.70710678118654752f));
+    case MOE_ACT_SILU: return z * moe__sigmoid(z);
+    case MOE_ACT_TANH: return tanhf(z);
+    case MOE_ACT_SIGMOID: return moe__sigmoid(z);
+    default: return z;
+    }
+}
+
+/* d act / dz at z */
+static float moe__act_grad(moe_activation act, float z) {
+    switch (act) {
+    case MOE_ACT_RELU: return z > 0.0f ? 1.0f : 0.0f;
+    case MOE_ACT_GELU:
+        return 0.5f * (1.0f + erff(z * 0.70710678118654752f)) + z * 0.39894228040143268f * expf(-0.5f * z * z);
+    case MOE_ACT_SILU: {
+        float s = moe__sigmoid(z);
+        return s * (1.0f + z * (1.0f - s));
+    }
+    case MOE_ACT_TANH: {
+        float t = tanhf(z);
+        return 1.0f - t * t;
+    }
+    case MOE_ACT_SIGMOID: {
+        float s = moe__sigmoid(z);
+        return s * (1.0f - s);
+    }
+    default: return 1.0f;
+    }
+}
+
+/* y[i] = act(z[i]) for rows r0..r1 of width n */
+static void moe__act_rows(moe_activation act, const float *z, float *y, int64_t n) {
+    int64_t i;
+    if (act == MOE_ACT_IDENTITY) {
+        if (y != z) memcpy(y, z, (size_t)n * sizeof(float));
+        return;
+    }
+    for (i = 0; i < n; i++) y[i] = moe__act(act, z[i]);
+}
+
+/* In place: softmax of one row; returns logsumexp. */
+static float moe__softmax_row(const float *x, float *p, int64_t n) {
+    float m = -FLT_MAX, s = 0.0f;
+    int64_t i;
+    for (i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
+    for (i = 0; i < n; i++) { p[i] = expf(x[i] - m); s += p[i]; }
+    for (i = 0; i < n; i++) p[i] /= s;
+    return m + logf(s);
+}
+
+/* Standard normal CDF and density. */
+static float moe__phi_cdf(float z) { return 0.5f * erfcf(-z * 0.70710678118654752f); }
+static float moe__phi_pdf(float z) { return 0.39894228040143268f * expf(-0.5f * z * z); }
+
+/* Column sums: out[j] += sum_r m[r, j] for r in 0..rows, in row order; split by columns. */
+static void moe__colsum_acc(const moe__exec *ex, const float *m, int64_t rows, int64_t cols, int64_t ld, float *out) {
+    int64_t nb = (cols + 63) / 64, b;
+    MOE__PARALLEL_FOR(ex->n_threads, nb)
+    for (b = 0; b < nb; b++) {
+        int64_t j0 = b * 64, j1 = moe__min64(j0 + 64, cols), r, j;
+        for (r = 0; r < rows; r++) {
+            const float *row = m + r * ld;
+            for (j = j0; j < j1; j++) out[j] += row[j];
+        }
+    }
+}
+
+// >>layer -------------------------------------------------------------------
+enum { MOE__INIT_UNIFORM, MOE__INIT_ONES, MOE__INIT_ZEROS };
+
+typedef struct moe__tdef {
+    char name[MOE__NAME_MAX];   /* relative to the layer: "experts.w1.weight" */
+    int ndim;
+    int64_t shape[4];
+    int64_t offset, size;       /* floats, within the layer's parameters */
+    int init;
+    float bound;                /* MOE__INIT_UNIFORM: U(-bound, bound) */
+} moe__tdef;
+
+/* A linear map, stacked over the experts of a bank: W [n, out, in], b [n, out]. */
+typedef struct moe__linear {
+    int64_t in, out;
+    int64_t w, b;               /* offsets into the layer's parameters; b < 0: no bias */
+    int input;                  /* -1: the layer input (gathered rows); else index of the activation it reads */
+} moe__linear;
+
+/* A set of experts of one kind: the routed experts, or the shared experts. */
+typedef struct moe__bank {
+    int n;
+    moe_expert kind;
+    moe_activation act;
+    int n_linears;              /* mlp: hidden_layers + 1 (fc0..fcL); swiglu: 3 (w1, w3, w2) */
+    moe__linear lin[MOE__MAX_LINEARS];
+    int64_t d_in, d_hidden, d_out, max_rows;
+    /* forward: saved for backward */
+    int64_t *offsets;           /* [n + 1]: rows offsets[e]..offsets[e+1] belong to expert e */
+    int32_t *row_token;         /* [max_rows]: the input row each sorted row reads */
+    float *z[MOE__MAX_LINEARS]; /* [max_rows, d_hidden] pre-activations of the hidden linears */
+    float *a[MOE__MAX_LINEARS]; /* [max_rows, d_hidden] activations fed to the next linear */
+    float *out;                 /* [max_rows, d_out] expert outputs, ungated */
+    /* backward scratch */
+    float *dz[MOE__MAX_LINEARS];/* [max_rows, out_j] gradient at each linear's output */
+    float *da;                  /* [max_rows, d_hidden] swiglu: gradient at the gated product */
+    float *dxr;                 /* [max_rows, d_in] gradient at the gathered inputs */
+} moe__bank;
+
+/* A unit of grouped work: rows r0..r1 of expert e of bank b (forward, input gradients),
+   or output rows r0..r1 of linear j of expert e (weight gradients). */
+typedef struct moe__tile {
+    int32_t bank, expert, linear;
+    int32_t pad;
+    int64_t r0, r1;
+} moe__tile;
+
+#define MOE__TILE_ROWS 64
+
+struct moe_layer {
+    moe_ctx *ctx;
+    moe_layer_desc d;           /* defaults resolved */
+    int index;                  /* position in the model: random streams, noise slot */
+    int64_t max_tokens;
+    float *params, *grads;      /* this layer's slice */
+    int64_t n_params;
+    int n_tensors;
+    moe__tdef tensors[MOE__MAX_TENSORS];
+    moe__exec ex;
+
+    moe__linear lin;            /* dense */
+    int64_t norm_w, norm_b;     /* norms (b < 0: rmsnorm) */
+
+    moe__linear router, noise;  /* MoE router [E, D] (+ bias) and noise weights [E, D] */
+    moe__bank bank[2];          /* routed experts, shared experts */
+    int n_banks;
+    int64_t capacity;           /* 0: unlimited */
+
+    /* forward state */
+    const float *x;
+    float *y;
+    int64_t T;
+    int training, has_forward;
+    int64_t noise_step;         /* training forwards so far: selects the noise */
+    int64_t forward_step;       /* noise_step of the last forward (its jitter is redrawn in backward) */
+    const float *u;             /* router input of the last forward: x, or xr with jitter */
+
+    /* saved buffers */
+    float *z;                   /* dense: [T, d_out] pre-activation */
+    float *mean, *rstd;         /* norms: [T] */
+    float *xr;                  /* [T, D] jittered router input (NULL without jitter) */
+    float *clean, *raw, *noise_n, *h, *p; /* [T, E] */
+    float *lse, *entropy;       /* [T] */
+    int32_t *sel, *pos;         /* [T*k]: chosen expert, sorted row (-1: dropped) */
+    float *gate;                /* [T*k] */
+    int32_t *thr_in, *thr_out;  /* [T] expert holding the (k+1)-th / k-th largest h */
+    int32_t *passthrough;       /* [T] */
+    int64_t *chosen, *kept;     /* [E] before / after capacity */
+    int64_t *chosen_cursor;     /* [E] counting-sort cursor */
+    float *importance, *load;   /* [E] */
+    moe__tile *tiles;           /* forward row tiles */
+    int64_t n_tiles, max_tiles;
+    moe__tile *wtiles;          /* weight-gradient tiles (fixed) */
+    int64_t n_wtiles;
+    moe_stats stats;
+
+    /* backward scratch */
+    float *dz_dense;            /* [T, d_out] */
+    float *dgate;               /* [T*k] */
+    float *dh, *dclean, *dstd;  /* [T, E] */
+    float *dxu;                 /* [T, D] */
+    float *dimportance, *dload; /* [E] dCV^2 of importance and load */
+
+    void *own;                  /* standalone layer: the one block it allocated */
+};
+
+static int moe__flag(moe_flag f, int def) { return f == MOE_FLAG_DEFAULT ? def : f == MOE_FLAG_ON; }
+
+static int moe__dims_ok(int64_t a) { return a > 0 && a <= ((int64_t)1 << 31); }
+
+/* Fill defaults and validate. prev_width: the previous layer's output (0 if none). */
+static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int64_t prev_width, int where, moe_layer_desc *out) {
+    moe_layer_desc d = *in;
+    if ((int)d.kind < 0 || d.kind >= MOE_LAYER_COUNT)
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: unknown kind %d", where, (int)d.kind);
+    if (d.kind == MOE_LAYER_DEFAULT) d.kind = MOE_LAYER_DENSE;
+    if (d.d_in == 0) d.d_in = prev_width;
+    if (prev_width && d.d_in != prev_width)
+        return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: d_in %lld but the previous width is %lld", where, (long long)d.d_in, (long long)prev_width);
+    if (!moe__dims_ok(d.d_in))
+        return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: d_in %lld out of range", where, (long long)d.d_in);
+    if (d.kind == MOE_LAYER_RMSNORM || d.kind == MOE_LAYER_LAYERNORM) {
+        if (d.d_out && d.d_out != d.d_in)
+            return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: a norm layer keeps its width (d_out %lld, d_in %lld)", where, (long long)d.d_out, (long long)d.d_in);
+        if (d.eps == 0.0f) d.eps = 1e-5f;
+        if (!(d.eps > 0.0f) || !moe__finite(d.eps))
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: eps must be > 0", where);
+    }
+    if (d.d_out == 0) d.d_out = d.d_in;
+    if (!moe__dims_ok(d.d_out))
+        return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: d_out %lld out of range", where, (long long)d.d_out);
+    if (d.residual && d.d_out != d.d_in)
+        return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: residual needs d_out == d_in (%lld, %lld)", where, (long long)d.d_out, (long long)d.d_in);
+    d.residual = d.residual ? 1 : 0;
+    if ((int)d.activation < 0 || d.activation >= MOE_ACT_COUNT)
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: unknown activation %d", where, (int)d.activation);
+    if ((int)d.bias < 0 || d.bias >= MOE_FLAG_COUNT || (int)d.renormalize < 0 || d.renormalize >= MOE_FLAG_COUNT ||
+        (int)d.router_bias < 0 || d.router_bias >= MOE_FLAG_COUNT)
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: a moe_flag field is out of range", where);
+    if (d.kind == MOE_LAYER_DENSE) {
+        if (d.activation == MOE_ACT_DEFAULT) d.activation = MOE_ACT_IDENTITY;
+        d.bias = moe__flag(d.bias, 1) ? MOE_FLAG_ON : MOE_FLAG_OFF;
+    }
+    if (d.kind == MOE_LAYER_MOE) {
+        if ((int)d.router < 0 || d.router >= MOE_ROUTER_COUNT)
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: unknown router %d", where, (int)d.router);
+        if ((int)d.expert < 0 || d.expert >= MOE_EXPERT_COUNT)
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: unknown expert kind %d", where, (int)d.expert);
+        if (d.router == MOE_ROUTER_DEFAULT) d.router = MOE_ROUTER_TOPK;
+        if (d.expert == MOE_EXPERT_DEFAULT) d.expert = MOE_EXPERT_MLP;
+        if (d.n_experts == 0) d.n_experts = 4;
+        if (d.n_experts < 1 || d.n_experts > 65536)
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: n_experts %d out of range 1..65536", where, d.n_experts);
+        if (d.router == MOE_ROUTER_SWITCH) {
+            if (d.top_k != 0 && d.top_k != 1)
+                return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: the switch router has top_k 1 (got %d)", where, d.top_k);
+            d.top_k = 1;
+        }
+        if (d.top_k == 0) d.top_k = d.n_experts < 2 ? d.n_experts : 2;
+        if (d.top_k < 1 || d.top_k > d.n_experts)
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: top_k %d must be in 1..n_experts (%d)", where, d.top_k, d.n_experts);
+        if (d.d_hidden == 0) d.d_hidden = d.d_in;
+        if (!moe__dims_ok(d.d_hidden))
+            return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: d_hidden %lld out of range", where, (long long)d.d_hidden);
+        if (d.expert == MOE_EXPERT_LINEAR) d.n_hidden_layers = 0;
+        else if (d.expert == MOE_EXPERT_SWIGLU) d.n_hidden_layers = 1;
+        else if (d.n_hidden_layers == 0) d.n_hidden_layers = 1;
+        if (d.n_hidden_layers < 0 || d.n_hidden_layers > MOE__MAX_LINEARS - 1)
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: n_hidden_layers %d out of range 1..%d", where, d.n_hidden_layers, MOE__MAX_LINEARS - 1);
+        if (d.activation == MOE_ACT_DEFAULT) d.activation = d.expert == MOE_EXPERT_SWIGLU ? MOE_ACT_SILU : MOE_ACT_RELU;
+        if (d.expert == MOE_EXPERT_SWIGLU && d.activation != MOE_ACT_SILU)
+            return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "layer %d: SwiGLU experts use silu", where);
+        if (d.expert == MOE_EXPERT_LINEAR) d.activation = MOE_ACT_IDENTITY;
+        d.bias = moe__flag(d.bias, d.expert != MOE_EXPERT_SWIGLU) ? MOE_FLAG_ON : MOE_FLAG_OFF;
+        if (d.n_shared_experts < 0 || d.n_shared_experts > 64)
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: n_shared_experts %d out of range 0..64", where, d.n_shared_experts);
+        if (d.d_shared_hidden == 0) d.d_shared_hidden = d.d_hidden;
+        if (!moe__dims_ok(d.d_shared_hidden))
+            return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: d_shared_hidden out of range", where);
+        d.renormalize = moe__flag(d.renormalize, d.router != MOE_ROUTER_SWITCH) ? MOE_FLAG_ON : MOE_FLAG_OFF;
+        d.router_bias = moe__flag(d.router_bias, 0) ? MOE_FLAG_ON : MOE_FLAG_OFF;
+        if (d.capacity_factor == 0.0f && d.router == MOE_ROUTER_SWITCH) d.capacity_factor = 1.25f;
+        if (!(d.capacity_factor >= 0.0f) || !moe__finite(d.capacity_factor))
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: capacity_factor must be >= 0", where);
+        if (!(d.jitter >= 0.0f && d.jitter < 1.0f))
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: jitter must be in [0, 1)", where);
+        if (!(d.balance_loss >= 0.0f) || !(d.z_loss >= 0.0f) || !(d.importance_loss >= 0.0f) || !(d.load_loss >= 0.0f) ||
+            !moe__finite(d.balance_loss) || !moe__finite(d.z_loss) || !moe__finite(d.importance_loss) || !moe__finite(d.load_loss))
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: auxiliary loss coefficients must be finite and >= 0", where);
+        if (d.load_loss > 0.0f && d.router != MOE_ROUTER_NOISY_TOPK)
+            return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "layer %d: load_loss needs the noisy_topk router", where);
+    } else {
+        /* fields of other kinds are not part of this layer */
+        d.n_experts = 0; d.top_k = 0; d.router = MOE_ROUTER_DEFAULT; d.expert = MOE_EXPERT_DEFAULT;
+        d.d_hidden = 0; d.n_hidden_layers = 0; d.n_shared_experts = 0; d.d_shared_hidden = 0;
+        d.renormalize = MOE_FLAG_DEFAULT; d.router_bias = MOE_FLAG_DEFAULT; d.capacity_factor = 0.0f;
+        d.jitter = 0.0f; d.balance_loss = d.z_loss = d.importance_loss = d.load_loss = 0.0f;
+        if (d.kind != MOE_LAYER_DENSE) { d.activation = MOE_ACT_DEFAULT; d.bias = MOE_FLAG_DEFAULT; }
+    }
+    if (d.kind != MOE_LAYER_RMSNORM && d.kind != MOE_LAYER_LAYERNORM) d.eps = 0.0f;
+    *out = d;
+    return MOE_OK;
+}
+
+static int64_t moe__add_tensor(moe_layer *l, const char *name, int ndim, int64_t s0, int64_t s1, int64_t s2, int init, float bound) {
+    moe__tdef *t = &l->tensors[l->n_tensors++];
+    MOE_ASSERT(l->n_tensors <= MOE__MAX_TENSORS);
+    moe__strlcpy(t->name, name, sizeof t->name);
+    t->ndim = ndim;
+    t->shape[0] = s0; t->shape[1] = s1; t->shape[2] = s2; t->shape[3] = 1;
+    t->size = s0 * (ndim > 1 ? s1 : 1) * (ndim > 2 ? s2 : 1);
+    t->offset = l->n_params;
+    t->init = init;
+    t->bound = bound;
+    l->n_params += (t->size + 15) & ~(int64_t)15;  /* every tensor starts 64-byte aligned */
+    return t->offset;
+}
+
+/* Register a (stacked) linear: "<prefix>.weight" [n, out, in] and "<prefix>.bias" [n, out].
+   n == 0: a plain linear [out, in]. */
+static moe__linear moe__add_linear(moe_layer *l, const char *prefix, int n, int64_t in, int64_t out, int bias, int init_bias) {
+    char name[MOE__NAME_MAX];
+    float bound = 1.0f / sqrtf((float)in);
+    moe__linear lin;
+    lin.in = in; lin.out = out; lin.input = -1;
+    snprintf(name, sizeof name, "%s%sweight", prefix, prefix[0] ? "." : "");
+    lin.w = n ? moe__add_tensor(l, name, 3, n, out, in, MOE__INIT_UNIFORM, bound)
+              : moe__add_tensor(l, name, 2, out, in, 0, MOE__INIT_UNIFORM, bound);
+    lin.b = -1;
+    if (bias) {
+        snprintf(name, sizeof name, "%s%sbias", prefix, prefix[0] ? "." : "");
+        lin.b = n ? moe__add_tensor(l, name, 2, n, out, 0, init_bias, bound)
+                  : moe__add_tensor(l, name, 1, out, 0, 0, init_bias, bound);
+    }
+    return lin;
+}
+
+static void moe__bank_plan(moe_layer *l, moe__bank *b, const char *prefix, int n, int64_t hidden, int64_t max_rows) {
+    const moe_layer_desc *d = &l->d;
+    char name[MOE__NAME_MAX];
+    int j, bias = d->bias == MOE_FLAG_ON;
+    memset(b, 0, sizeof *b);
+    b->n = n;
+    b->kind = d->expert;
+    b->act = d->activation;
+    b->d_in = d->d_in;
+    b->d_hidden = hidden;
+    b->d_out = d->d_out;
+    b->max_rows = max_rows;
+    if (d->expert == MOE_EXPERT_SWIGLU) {
+        b->n_linears = 3;
+        snprintf(name, sizeof name, "%s.w1", prefix);
+        b->lin[0] = moe__add_linear(l, name, n, d->d_in, hidden, bias, MOE__INIT_UNIFORM);
+        snprintf(name, sizeof name, "%s.w3", prefix);
+        b->lin[1] = moe__add_linear(l, name, n, d->d_in, hidden, bias, MOE__INIT_UNIFORM);
+        snprintf(name, sizeof name, "%s.w2", prefix);
+        b->lin[2] = moe__add_linear(l, name, n, hidden, d->d_out, bias, MOE__INIT_UNIFORM);
+        b->lin[2].input = 0;
+    } else {
+        int L = d->n_hidden_layers;
+        b->n_linears = L + 1;
+        for (j = 0; j <= L; j++) {
+            int64_t in = j == 0 ? d->d_in : hidden, out = j == L ? d->d_out : hidden;
+            snprintf(name, sizeof name, "%s.fc%d", prefix, j);
+            b->lin[j] = moe__add_linear(l, name, n, in, out, bias, MOE__INIT_UNIFORM);
+            b->lin[j].input = j - 1;
+        }
+    }
+}
+
+/* Tensors, parameter count and weight-gradient tiles; called once the desc is resolved. */
+static void moe__layer_plan(moe_layer *l) {
+    const moe_layer_desc *d = &l->d;
+    l->n_tensors = 0;
+    l->n_params = 0;
+    l->n_banks = 0;
+    switch (d->kind) {
+    case MOE_LAYER_DENSE:
+        l->lin = moe__add_linear(l, "", 0, d->d_in, d->d_out, d->bias == MOE_FLAG_ON, MOE__INIT_UNIFORM);
+        break;
+    case MOE_LAYER_RMSNORM:
+    case MOE_LAYER_LAYERNORM:
+        l->norm_w = moe__add_tensor(l, "weight", 1, d->d_in, 0, 0, MOE__INIT_ONES, 0.0f);
+        l->norm_b = d->kind == MOE_LAYER_LAYERNORM ? moe__add_tensor(l, "bias", 1, d->d_in, 0, 0, MOE__INIT_ZEROS, 0.0f) : -1;
+        break;
+    case MOE_LAYER_MOE: {
+        int64_t T = l->max_tokens;
+        l->router = moe__add_linear(l, "router", 0, d->d_in, d->n_experts, d->router_bias == MOE_FLAG_ON, MOE__INIT_ZEROS);
+        if (d->router == MOE_ROUTER_NOISY_TOPK) {
+            l->noise.in = d->d_in; l->noise.out = d->n_experts; l->noise.b = -1; l->noise.input = -1;
+            l->noise.w = moe__add_tensor(l, "router.noise_weight", 2, d->n_experts, d->d_in, 0, MOE__INIT_ZEROS, 0.0f);
+        }
+        moe__bank_plan(l, &l->bank[0], "experts", d->n_experts, d->d_hidden, T * d->top_k);
+        l->n_banks = 1;
+        if (d->n_shared_experts > 0) {
+            moe__bank_plan(l, &l->bank[1], "shared", d->n_shared_experts, d->d_shared_hidden, T * d->n_shared_experts);
+            l->n_banks = 2;
+        }
+        break;
+    }
+    default: break;
+    }
+}
+
+/* Assign every activation buffer for max_tokens. Called with NULL bases to size. */
+static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scratch) {
+    const moe_layer_desc *d = &l->d;
+    int64_t T = l->max_tokens;
+    int b, j;
+    switch (d->kind) {
+    case MOE_LAYER_DENSE:
+        l->z = MOE__CARVE(saved, float, T * d->d_out);
+        l->dz_dense = MOE__CARVE(scratch, float, T * d->d_out);
+        break;
+    case MOE_LAYER_RMSNORM:
+    case MOE_LAYER_LAYERNORM:
+        l->mean = MOE__CARVE(saved, float, T);
+        l->rstd = MOE__CARVE(saved, float, T);
+        break;
+    case MOE_LAYER_MOE: {
+        int64_t E = d->n_experts, K = d->top_k, D = d->d_in;
+        int noisy = d->router == MOE_ROUTER_NOISY_TOPK;
+        l->xr = d->jitter > 0.0f ? MOE__CARVE(saved, float, T * D) : NULL;
+        l->clean = MOE__CARVE(saved, float, T * E);
+        l->raw = noisy ? MOE__CARVE(saved, float, T * E) : NULL;
+        l->noise_n = noisy ? MOE__CARVE(saved, float, T * E) : NULL;
+        l->h = noisy ? MOE__CARVE(saved, float, T * E) : l->clean;
+        l->p = MOE__CARVE(saved, float, T * E);
+        l->lse = MOE__CARVE(saved, float, T);
+        l->entropy = MOE__CARVE(saved, float, T);
+        l->sel = MOE__CARVE(saved, int32_t, T * K);
+        l->pos = MOE__CARVE(saved, int32_t, T * K);
+        l->gate = MOE__CARVE(saved, float, T * K);
+        l->thr_in = MOE__CARVE(saved, int32_t, T);
+        l->thr_out = MOE__CARVE(saved, int32_t, T);
+        l->passthrough = MOE__CARVE(saved, int32_t, T);
+        l->chosen = MOE__CARVE(saved, int64_t, E);
+        l->kept = MOE__CARVE(saved, int64_t, E);
+        l->chosen_cursor = MOE__CARVE(saved, int64_t, E);
+        l->importance = MOE__CARVE(saved, float, E);
+        l->load = MOE__CARVE(saved, float, E);
+        l->max_tiles = E + 1;
+        for (b = 0; b < l->n_banks; b++) l->max_tiles += l->bank[b].max_rows / MOE__TILE_ROWS + l->bank[b].n;
+        l->tiles = MOE__CARVE(saved, moe__tile, l->max_tiles);
+        l->n_wtiles = 0;
+        for (b = 0; b < l->n_banks; b++)
+            for (j = 0; j < l->bank[b].n_linears; j++)
+                l->n_wtiles += l->bank[b].n * ((l->bank[b].lin[j].out + MOE__TILE_ROWS - 1) / MOE__TILE_ROWS);
+        l->wtiles = MOE__CARVE(saved, moe__tile, l->n_wtiles);
+        for (b = 0; b < l->n_banks; b++) {
+            moe__bank *k = &l->bank[b];
+            int64_t R = k->max_rows;
+            k->offsets = MOE__CARVE(saved, int64_t, k->n + 1);
+            k->row_token = MOE__CARVE(saved, int32_t, R);
+            if (k->kind == MOE_EXPERT_SWIGLU) {
+                k->z[0] = MOE__CARVE(saved, float, R * k->d_hidden);   /* x W1^T + b1 */
+                k->z[1] = MOE__CARVE(saved, float, R * k->d_hidden);   /* x W3^T + b3 */
+                k->a[0] = MOE__CARVE(saved, float, R * k->d_hidden);   /* silu(z0) * z1 */
+            } else {
+                for (j = 0; j + 1 < k->n_linears; j++) {
+                    k->z[j] = MOE__CARVE(saved, float, R * k->d_hidden);
+                    k->a[j] = MOE__CARVE(saved, float, R * k->d_hidden);
+                }
+            }
+            k->out = MOE__CARVE(saved, float, R * k->d_out);
+            for (j = 0; j < k->n_linears; j++) k->dz[j] = MOE__CARVE(scratch, float, R * k->lin[j].out);
+            k->da = k->kind == MOE_EXPERT_SWIGLU ? MOE__CARVE(scratch, float, R * k->d_hidden) : NULL;
+            k->dxr = MOE__CARVE(scratch, float, R * k->d_in);
+        }
+        l->dgate = MOE__CARVE(scratch, float, T * K);
+        l->dh = MOE__CARVE(scratch, float, T * E);
+        l->dclean = noisy ? MOE__CARVE(scratch, float, T * E) : l->dh;
+        l->dstd = noisy ? MOE__CARVE(scratch, float, T * E) : NULL;
+        l->dxu = MOE__CARVE(scratch, float, T * D);
+        l->dimportance = MOE__CARVE(scratch, float, E);
+        l->dload = MOE__CARVE(scratch, float, E);
+        break;
+    }
+    default: break;
+    }
+}
+
+/* The weight-gradient tiles depend only on the shapes: build them once. */
+static void moe__layer_build_wtiles(moe_layer *l) {
+    int64_t n = 0, r;
+    int b, e, j;
+    if (l->d.kind != MOE_LAYER_MOE) return;
+    for (b = 0; b < l->n_banks; b++)
+        for (e = 0; e < l->bank[b].n; e++)
+            for (j = 0; j < l->bank[b].n_linears; j++)
+                for (r = 0; r < l->bank[b].lin[j].out; r += MOE__TILE_ROWS) {
+                    moe__tile *t = &l->wtiles[n++];
+                    t->bank = b; t->expert = e; t->linear = j; t->pad = 0;
+                    t->r0 = r; t->r1 = moe__min64(r + MOE__TILE_ROWS, l->bank[b].lin[j].out);
+                }
+    MOE_ASSERT(n == l->n_wtiles);
+}
+
+/* Deterministic initialisation: element i of tensor `stream` draws from (seed, stream, i). */
+static void moe__layer_init_params(moe_layer *l, int64_t stream_base) {
+    int t;
+    for (t = 0; t < l->n_tensors; t++) {
+        const moe__tdef *td = &l->tensors[t];
+        float *p = l->params + td->offset;
+        uint64_t stream = moe__stream(MOE__STREAM_INIT, 0, stream_base + t);
+        int64_t i;
+        for (i = 0; i < td->size; i++) {
+            if (td->init == MOE__INIT_ONES) p[i] = 1.0f;
+            else if (td->init == MOE__INIT_ZEROS) p[i] = 0.0f;
+            else p[i] = (2.0f * moe_rng_uniform(l->ctx->seed, stream, (uint64_t)i) - 1.0f) * td->bound;
+        }
+    }
+}
+
+static float *moe__w(const moe_layer *l, int64_t off) { return l->params + off; }
+static float *moe__g(const moe_layer *l, int64_t off) { return l->grads + off; }
+
+// >>dense -------------------------------------------------------------------
+/* x [T, d_in] -> y [T, d_out]; saves z = x W^T + b. */
+static void moe__dense_forward(moe_layer *l, const float *x, int64_t T, float *y) {
+    const moe_layer_desc *d = &l->d;
+    int64_t O = d->d_out, D = d->d_in, t;
+    moe__gemm g = moe__gemm_make(MOE__NT, T, O, D, moe__mat_of(x, D), moe__mat_of(moe__w(l, l->lin.w), D),
+                                 l->z, O, 0, l->lin.b >= 0 ? moe__w(l, l->lin.b) : NULL);
+    moe__gemm_run(&l->ex, &g);
+    MOE__PARALLEL_FOR(l->ex.n_threads, T)
+    for (t = 0; t < T; t++) {
+        int64_t j;
+        moe__act_rows(d->activation, l->z + t * O, y + t * O, O);
+        if (d->residual) for (j = 0; j < O; j++) y[t * O + j] += x[t * D + j];
+    }
+}
+
+static void moe__dense_backward(moe_layer *l, const float *dy, float *dx) {
+    const moe_layer_desc *d = &l->d;
+    int64_t O = d->d_out, D = d->d_in, T = l->T, t;
+    const float *dz = dy;
+    moe__gemm g;
+    if (d->activation != MOE_ACT_IDENTITY) {
+        MOE__PARALLEL_FOR(l->ex.n_threads, T)
+        for (t = 0; t < T; t++) {
+            int64_t j;
+            for (j = 0; j < O; j++) l->dz_dense[t * O + j] = dy[t * O + j] * moe__act_grad(d->activation, l->z[t * O + j]);
+        }
+        dz = l->dz_dense;
+    }
+    g = moe__gemm_make(MOE__TN, O, D, T, moe__mat_of(dz, O), moe__mat_of(l->x, D), moe__g(l, l->lin.w), D, 1, NULL);
+    moe__gemm_run(&l->ex, &g);
+    if (l->lin.b >= 0) moe__colsum_acc(&l->ex, dz, T, O, O, moe__g(l, l->lin.b));
+    if (dx) {
+        g = moe__gemm_make(MOE__NN, T, D, O, moe__mat_of(dz, O), moe__mat_of(moe__w(l, l->lin.w), D), dx, D, 0, NULL);
+        moe__gemm_run(&l->ex, &g);
+        if (d->residual) {
+            MOE__PARALLEL_FOR(l->ex.n_threads, T)
+            for (t = 0; t < T; t++) {
+                int64_t j;
+                for (j = 0; j < D; j++) dx[t * D + j] += dy[t * O + j];
+            }
+        }
+    }
+}
+
+// >>norm --------------------------------------------------------------------
+static void moe__norm_forward(moe_layer *l, const float *x, int64_t T, float *y) {
+    const moe_layer_desc *d = &l->d;
+    int64_t D = d->d_in, t;
+    int layer_norm = d->kind == MOE_LAYER_LAYERNORM;
+    const float *w = moe__w(l, l->norm_w), *bias = layer_norm ? moe__w(l, l->norm_b) : NULL;
+    MOE__PARALLEL_FOR(l->ex.n_threads, T)
+    for (t = 0; t < T; t++) {
+        const float *xt = x + t * D;
+        float *yt = y + t * D;
+        double mean = 0.0, var = 0.0;
+        float m, r;
+        int64_t j;
+        if (layer_norm) {
+            for (j = 0; j < D; j++) mean += xt[j];
+            mean /= (double)D;
+        }
+        for (j = 0; j < D; j++) var += ((double)xt[j] - mean) * ((double)xt[j] - mean);
+        var /= (double)D;
+        m = (float)mean;
+        r = (float)(1.0 / sqrt(var + (double)d->eps));
+        l->mean[t] = m;
+        l->rstd[t] = r;
+        for (j = 0; j < D; j++) {
+            float v = (xt[j] - m) * r * w[j];
+            if (bias) v += bias[j];
+            yt[j] = d->residual ? xt[j] + v : v;
+        }
+    }
+}
+
+static void moe__norm_backward(moe_layer *l, const float *dy, float *dx) {
+    const moe_layer_desc *d = &l->d;
+    int64_t D = d->d_in, T = l->T, t, cb, nb = (D + 63) / 64;
+    int layer_norm = d->kind == MOE_LAYER_LAYERNORM;
+    const float *w = moe__w(l, l->norm_w), *x = l->x;
+    float *dw = moe__g(l, l->norm_w), *db = layer_norm ? moe__g(l, l->norm_b) : NULL;
+    /* parameter gradients: split by column, tokens in order */
+    MOE__PARALLEL_FOR(l->ex.n_threads, nb)
+    for (cb = 0; cb < nb; cb++) {
+        int64_t j0 = cb * 64, j1 = moe__min64(j0 + 64, D), s, j;
+        for (s = 0; s < T; s++)
+            for (j = j0; j < j1; j++) {
+                float xhat = (x[s * D + j] - l->mean[s]) * l->rstd[s];
+                dw[j] += dy[s * D + j] * xhat;
+                if (db) db[j] += dy[s * D + j];
+            }
+    }
+    if (!dx) return;
+    MOE__PARALLEL_FOR(l->ex.n_threads, T)
+    for (t = 0; t < T; t++) {
+        const float *xt = x + t * D, *gt = dy + t * D;
+        float m = l->mean[t], r = l->rstd[t];
+        double sum_g = 0.0, sum_gx = 0.0;
+        float mg, mgx;
+        int64_t j;
+        for (j = 0; j < D; j++) {
+            float gw = gt[j] * w[j];
+            sum_g += gw;
+            sum_gx += (double)gw * (double)((xt[j] - m) * r);
+        }
+        mg = layer_norm ? (float)(sum_g / (double)D) : 0.0f;
+        mgx = (float)(sum_gx / (double)D);
+        for (j = 0; j < D; j++) {
+            float xhat = (xt[j] - m) * r;
+            float v = r * (gt[j] * w[j] - mg - xhat * mgx);
+            dx[t * D + j] = d->residual ? v + gt[j] : v;
+        }
+    }
+}
+
+// >>routing -----------------------------------------------------------------
+/* Order of experts for selection: larger h first, ties to the lower index; NaN sorts last. */
+static int moe__before(const float *h, int32_t a, int32_t b) {
+    float ha = h[a] == h[a] ? h[a] : -FLT_MAX, hb = h[b] == h[b] ? h[b] : -FLT_MAX;
+    return ha > hb || (ha == hb && a < b);
+}
+
+/* idx[0..n) = the first n experts in that order. O(n E), no scratch. */
+static void moe__top_n(const float *h, int64_t E, int n, int32_t *idx) {
+    int s;
+    int32_t e;
+    for (s = 0; s < n; s++) {
+        int32_t best = -1;
+        for (e = 0; e < (int32_t)E; e++) {
+            if (s > 0 && !moe__before(h, idx[s - 1], e)) continue;
+            if (best < 0 || moe__before(h, e, best)) best = e;
+        }
+        idx[s] = best;
+    }
+}
+
+/* Softmax, entropy, the k chosen experts and their gates, for token t. */
+static void moe__route_token(moe_layer *l, int64_t t) {
+    const moe_layer_desc *d = &l->d;
+    int64_t E = d->n_experts, e;
+    int K = d->top_k, s;
+    const float *h = l->h + t * E;
+    float *p = l->p + t * E, *gate = l->gate + t * K;
+    int32_t *sel = l->sel + t * K;
+    float ent = 0.0f;
+    l->lse[t] = moe__softmax_row(h, p, E);
+    for (e = 0; e < E; e++)
+        if (p[e] > 0.0f) ent -= p[e] * logf(p[e]);
+    l->entropy[t] = ent;
+    moe__top_n(h, E, K, sel);
+    if (d->router == MOE_ROUTER_NOISY_TOPK && K < E) {
+        int32_t next = -1;
+        for (e = 0; e < E; e++)
+            if (moe__before(h, sel[K - 1], (int32_t)e) && (next < 0 || moe__before(h, (int32_t)e, next))) next = (int32_t)e;
+        l->thr_out[t] = sel[K - 1];
+        l->thr_in[t] = next;
+    }
+    if (d->renormalize == MOE_FLAG_ON) {
+        float m = h[sel[0]], sum = 0.0f;
+        for (s = 0; s < K; s++) { gate[s] = expf(h[sel[s]] - m); sum += gate[s]; }
+        for (s = 0; s < K; s++) gate[s] /= sum;
+    } else {
+        for (s = 0; s < K; s++) gate[s] = p[sel[s]];
+    }
+}
+
+/* Capacity, then a stable counting sort of the kept (token, expert) pairs by expert. */
+static void moe__dispatch(moe_layer *l, int64_t T) {
+    const moe_layer_desc *d = &l->d;
+    int64_t E = d->n_experts, K = d->top_k, a, t, s, e;
+    moe__bank *b = &l->bank[0];
+    int64_t cap = 0;
+    if (d->capacity_factor > 0.0f) {
+        double c = ceil((double)d->capacity_factor * (double)T * (double)K / (double)E);
+        cap = c < 1.0 ? 1 : (int64_t)c;
+    }
+    l->capacity = cap;
+    for (e = 0; e < E; e++) { l->chosen[e] = 0; l->kept[e] = 0; }
+    for (a = 0; a < T * K; a++) l->chosen[l->sel[a]]++;
+    for (s = 0; s < K; s++)
+        for (t = 0; t < T; t++) {
+            a = t * K + s;
+            e = l->sel[a];
+            if (cap && l->kept[e] >= cap) l->pos[a] = -1;
+            else { l->kept[e]++; l->pos[a] = 0; }
+        }
+    b->offsets[0] = 0;
+    for (e = 0; e < E; e++) b->offsets[e + 1] = b->offsets[e] + l->kept[e];
+    for (e = 0; e < E; e++) l->chosen_cursor[e] = b->offsets[e];
+    for (t = 0; t < T; t++) {
+        int any = 0;
+        for (s = 0; s < K; s++) {
+            a = t * K + s;
+            if (l->pos[a] < 0) continue;
+            e = l->sel[a];
+            l->pos[a] = (int32_t)l->chosen_cursor[e]++;
+            b->row_token[l->pos[a]] = (int32_t)t;
+            any = 1;
+        }
+        l->passthrough[t] = !any;
+    }
+    if (l->n_banks > 1) {
+        moe__bank *sh = &l->bank[1];
+        int64_t j;
+        for (j = 0; j <= sh->n; j++) sh->offsets[j] = j * T;
+        for (a = 0; a < sh->n * T; a++) sh->row_token[a] = (int32_t)(a % T);
+    }
+}
+
+/* Row tiles over every expert of every bank: the grouped schedule. */
+static void moe__build_tiles(moe_layer *l) {
+    int64_t n = 0, r;
+    int b, e;
+    for (b = 0; b < l->n_banks; b++) {
+        const moe__bank *k = &l->bank[b];
+        for (e = 0; e < k->n; e++)
+            for (r = k->offsets[e]; r < k->offsets[e + 1]; r += MOE__TILE_ROWS) {
+                moe__tile *t = &l->tiles[n++];
+                t->bank = b; t->expert = e; t->linear = 0; t->pad = 0;
+                t->r0 = r; t->r1 = moe__min64(r + MOE__TILE_ROWS, k->offsets[e + 1]);
+            }
+    }
+    MOE_ASSERT(n <= l->max_tiles);
+    l->n_tiles = n;
+}
+
+/* CV^2 = var / (mean^2 + 1e-10) with the population variance; grad (may be NULL) gets dCV^2/dv. */
+static double moe__cv2(const float *v, int64_t n, float *grad) {
+    double mean = 0.0, var = 0.0, den, cv2;
+    int64_t i;
+    for (i = 0; i < n; i++) mean += v[i];
+    mean /= (double)n;
+    for (i = 0; i < n; i++) var += ((double)v[i] - mean) * ((double)v[i] - mean);
+    var /= (double)n;
+    den = mean * mean + 1e-10;
+    cv2 = var / den;
+    if (grad)
+        for (i = 0; i < n; i++)
+            grad[i] = (float)(((2.0 / (double)n) * ((double)v[i] - mean) * den - var * 2.0 * mean / (double)n) / (den * den));
+    return cv2;
+}
+
+/* Which threshold applies to (t, e) for the load loss, and the normalised margin. */
+static int32_t moe__load_threshold(const moe_layer *l, int64_t t, int64_t e) {
+    const float *h = l->h + t * l->d.n_experts;
+    return h[e] > h[l->thr_in[t]] ? l->thr_in[t] : l->thr_out[t];
+}
+
+/* Auxiliary losses and routing statistics; sums run in a fixed order. */
+static void moe__aux_forward(moe_layer *l, int64_t T) {
+    const moe_layer_desc *d = &l->d;
+    int64_t E = d->n_experts, K = d->top_k, t, e, a;
+    moe_stats *st = &l->stats;
+    double sum, mean, var;
+    memset(st, 0, sizeof *st);
+    st->n_experts = (int)E;
+    st->top_k = (int)K;
+    st->n_tokens = T;
+    st->tokens_per_expert = l->kept;
+    if (d->balance_loss > 0.0f) {
+        sum = 0.0;
+        for (e = 0; e < E; e++) {
+            double P = 0.0;
+            for (t = 0; t < T; t++) P += l->p[t * E + e];
+            sum += ((double)l->chosen[e] / (double)(T * K)) * (P / (double)T);
+        }
+        st->balance_loss = (float)((double)d->balance_loss * (double)E * sum);
+    }
+    if (d->z_loss > 0.0f) {
+        sum = 0.0;
+        for (t = 0; t < T; t++) sum += (double)l->lse[t] * (double)l->lse[t];
+        st->z_loss = (float)((double)d->z_loss * sum / (double)T);
+    }
+    if (d->importance_loss > 0.0f) {
+        for (e = 0; e < E; e++) l->importance[e] = 0.0f;
+        for (a = 0; a < T * K; a++) l->importance[l->sel[a]] += l->gate[a];
+        st->importance_loss = (float)((double)d->importance_loss * moe__cv2(l->importance, E, NULL));
+    }
+    if (d->load_loss > 0.0f && K < E) {
+        for (e = 0; e < E; e++) l->load[e] = 0.0f;
+        for (t = 0; t < T; t++)
+            for (e = 0; e < E; e++) {
+                int32_t j = moe__load_threshold(l, t, e);
+                float sd = moe__softplus(l->raw[t * E + e]);
+                l->load[e] += moe__phi_cdf((l->clean[t * E + e] - l->h[t * E + j]) / sd);
+            }
+        st->load_loss = (float)((double)d->load_loss * moe__cv2(l->load, E, NULL));
+    }
+    st->aux_loss = st->balance_loss + st->z_loss + st->importance_loss + st->load_loss;
+    sum = 0.0;
+    for (t = 0; t < T; t++) sum += l->entropy[t];
+    st->router_entropy = (float)(sum / (double)T);
+    mean = 0.0;
+    for (e = 0; e < E; e++) mean += (double)l->kept[e];
+    mean /= (double)E;
+    var = 0.0;
+    for (e = 0; e < E; e++) var += ((double)l->kept[e] - mean) * ((double)l->kept[e] - mean);
+    var /= (double)E;
+    st->load_cv = mean > 0.0 ? (float)(sqrt(var) / mean) : 0.0f;
+    for (e = 0; e < E; e++) st->dropped_assignments += l->chosen[e] - l->kept[e];
+    for (t = 0; t < T; t++) st->dropped_tokens += l->passthrough[t];
+}
+
+// >>moe_forward -------------------------------------------------------------
+static const float *moe__bank_input(const moe__bank *b, const moe__linear *lin, int64_t r0) {
+    return b->a[lin->input] + r0 * b->d_hidden;
+}
+
+/* Rows r0..r1 (all of expert e) through the expert network; writes z, a and out. */
+static void moe__bank_forward_tile(const moe_layer *l, const moe__bank *b, int e, int64_t r0, int64_t r1, const float *x) {
+    int64_t m = r1 - r0, H = b->d_hidden, i;
+    int j;
+    for (j = 0; j < b->n_linears; j++) {
+        const moe__linear *lin = &b->lin[j];
+        int last = j == b->n_linears - 1;
+        moe__mat in = lin->input < 0 ? moe__mat_rows(x, b->d_in, b->row_token + r0) : moe__mat_of(moe__bank_input(b, lin, r0), H);
+        float *out = last ? b->out + r0 * b->d_out : b->z[j] + r0 * H;
+        moe__gemm g = moe__gemm_make(MOE__NT, m, lin->out, lin->in, in,
+                                     moe__mat_of(moe__w(l, lin->w) + (int64_t)e * lin->out * lin->in, lin->in),
+                                     out, lin->out, 0, lin->b >= 0 ? moe__w(l, lin->b) + (int64_t)e * lin->out : NULL);
+        moe__gemm_block(&l->ex, &g, 0, m, 0, lin->out);
+        if (last) break;
+        if (b->kind == MOE_EXPERT_SWIGLU) {
+            if (j == 1) {
+                const float *z0 = b->z[0] + r0 * H, *z1 = b->z[1] + r0 * H;
+                float *a0 = b->a[0] + r0 * H;
+                for (i = 0; i < m * H; i++) a0[i] = z0[i] * moe__sigmoid(z0[i]) * z1[i];
+            }
+        } else {
+            moe__act_rows(b->act, b->z[j] + r0 * H, b->a[j] + r0 * H, m * H);
+        }
+    }
+}
+
+static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, const float *noise) {
+    const moe_layer_desc *d = &l->d;
+    int64_t E = d->n_experts, K = d->top_k, D = d->d_in, O = d->d_out, t, i;
+    int noisy = d->router == MOE_ROUTER_NOISY_TOPK;
+    const float *u = x;
+    moe__gemm g;
+    /* 1. router logits */
+    if (l->xr) {
+        if (l->training) {
+            uint64_t stream = moe__stream(MOE__STREAM_JITTER, l->index, l->noise_step);
+            MOE__PARALLEL_FOR(l->ex.n_threads, T)
+            for (t = 0; t < T; t++) {
+                int64_t j;
+                for (j = 0; j < D; j++)
+                    l->xr[t * D + j] = x[t * D + j] * (1.0f - d->jitter + 2.0f * d->jitter * moe_rng_uniform(l->ctx->seed, stream, (uint64_t)(t * D + j)));
+            }
+            u = l->xr;
+        }
+    }
+    g = moe__gemm_make(MOE__NT, T, E, D, moe__mat_of(u, D), moe__mat_of(moe__w(l, l->router.w), D), l->clean, E, 0,
+                       l->router.b >= 0 ? moe__w(l, l->router.b) : NULL);
+    moe__gemm_run(&l->ex, &g);
+    if (noisy) {
+        uint64_t stream = moe__stream(MOE__STREAM_NOISE, l->index, l->noise_step);
+        g = moe__gemm_make(MOE__NT, T, E, D, moe__mat_of(u, D), moe__mat_of(moe__w(l, l->noise.w), D), l->raw, E, 0, NULL);
+        moe__gemm_run(&l->ex, &g);
+        for (i = 0; i < T * E; i++) {
+            float n = !l->training ? 0.0f : noise ? noise[i] : moe_rng_normal(l->ctx->seed, stream, (uint64_t)i);
+            l->noise_n[i] = n;
+            l->h[i] = l->clean[i] + n * moe__softplus(l->raw[i]);
+        }
+    }
+    l->u = u;
+    /* 2-3. softmax, top-k, gates */
+    MOE__PARALLEL_FOR(l->ex.n_threads, T)
+    for (t = 0; t < T; t++) moe__route_token(l, t);
+    /* 4. capacity and the permutation */
+    moe__dispatch(l, T);
+    moe__aux_forward(l, T);
+    /* 5. every expert's rows, in tiles over all experts */
+    moe__build_tiles(l);
+    MOE__PARALLEL_FOR_DYNAMIC(l->ex.n_threads, l->n_tiles)
+    for (i = 0; i < l->n_tiles; i++) {
+        const moe__tile *tl = &l->tiles[i];
+        moe__bank_forward_tile(l, &l->bank[tl->bank], tl->expert, tl->r0, tl->r1, x);
+    }
+    /* 6. combine in slot order, then shared experts */
+    MOE__PARALLEL_FOR(l->ex.n_threads, T)
+    for (t = 0; t < T; t++) {
+        float *yt = y + t * O;
+        const float *xt = x + t * D;
+        int64_t s, j, q;
+        int pass = l->passthrough[t] && !d->residual && O == D;
+        for (j = 0; j < O; j++) yt[j] = (d->residual || pass) ? xt[j] : 0.0f;
+        for (s = 0; s < K; s++) {
+            int32_t r = l->pos[t * K + s];
+            float gw = l->gate[t * K + s];
+            const float *o;
+            if (r < 0) continue;
+            o = l->bank[0].out + (int64_t)r * O;
+            for (j = 0; j < O; j++) yt[j] += gw * o[j];
+        }
+        if (l->n_banks > 1)
+            for (q = 0; q < l->bank[1].n; q++) {
+                const float *o = l->bank[1].out + (q * T + t) * O;
+                for (j = 0; j < O; j++) yt[j] += o[j];
+            }
+    }
+}
+
+// >>moe_backward ------------------------------------------------------------
+/* Rows r0..r1 of expert e: from dz[last] (gradient at the output) back to dxr. */
+static void moe__bank_backward_tile(const moe_layer *l, const moe__bank *b, int e, int64_t r0, int64_t r1, int want_dx) {
+    int64_t m = r1 - r0, H = b->d_hidden, D = b->d_in, i;
+    int last = b->n_linears - 1, j;
+    moe__gemm g;
+    if (b->kind == MOE_EXPERT_SWIGLU) {
+        const moe__linear *w1 = &b->lin[0], *w3 = &b->lin[1], *w2 = &b->lin[2];
+        const float *z0 = b->z[0] + r0 * H, *z1 = b->z[1] + r0 * H;
+        float *da = b->da + r0 * H, *dz0 = b->dz[0] + r0 * H, *dz1 = b->dz[1] + r0 * H;
+        g = moe__gemm_make(MOE__NN, m, H, w2->out, moe__mat_of(b->dz[2] + r0 * w2->out, w2->out),
+                           moe__mat_of(moe__w(l, w2->w) + (int64_t)e * w2->out * H, H), da, H, 0, NULL);
+        moe__gemm_block(&l->ex, &g, 0, m, 0, H);
+        for (i = 0; i < m * H; i++) {
+            float s = moe__sigmoid(z0[i]);
+            dz0[i] = da[i] * z1[i] * s * (1.0f + z0[i] * (1.0f - s));
+            dz1[i] = da[i] * z0[i] * s;
+        }
+        if (want_dx) {
+            g = moe__gemm_make(MOE__NN, m, D, H, moe__mat_of(dz0, H), moe__mat_of(moe__w(l, w1->w) + (int64_t)e * H * D, D),
+                               b->dxr + r0 * D, D, 0, NULL);
+            moe__gemm_block(&l->ex, &g, 0, m, 0, D);
+            g = moe__gemm_make(MOE__NN, m, D, H, moe__mat_of(dz1, H), moe__mat_of(moe__w(l, w3->w) + (int64_t)e * H * D, D),
+                               b->dxr + r0 * D, D, 1, NULL);
+            moe__gemm_block(&l->ex, &g, 0, m, 0, D);
+        }
+        return;
+    }
+    for (j = last; j >= 0; j--) {
+        const moe__linear *lin = &b->lin[j];
+        float *dst;
+        if (j == 0 && !want_dx) break;
+        dst = j > 0 ? b->dz[j - 1] + r0 * H : b->dxr + r0 * D;
+        g = moe__gemm_make(MOE__NN, m, lin->in, lin->out, moe__mat_of(b->dz[j] + r0 * lin->out, lin->out),
+                           moe__mat_of(moe__w(l, lin->w) + (int64_t)e * lin->out * lin->in, lin->in), dst, lin->in, 0, NULL);
+        moe__gemm_block(&l->ex, &g, 0, m, 0, lin->in);
+        if (j > 0) {
+            const float *z = b->z[j - 1] + r0 * H;
+            for (i = 0; i < m * H; i++) dst[i] *= moe__act_grad(b->act, z[i]);
+        }
+    }
+}
+
+/* Output rows r0..r1 of linear j of expert e: dW += dz^T in, db += column sums of dz. */
+static void moe__bank_weight_tile(const moe_layer *l, const moe__bank *b, const moe__tile *t, const float *x) {
+    const moe__linear *lin = &b->lin[t->linear];
+    int64_t e = t->expert, r0 = b->offsets[e], n = b->offsets[e + 1] - r0, o, r;
+    moe__mat in;
+    moe__gemm g;
+    if (n == 0) return;
+    in = lin->input < 0 ? moe__mat_rows(x, b->d_in, b->row_token + r0) : moe__mat_of(moe__bank_input(b, lin, r0), b->d_hidden);
+    g = moe__gemm_make(MOE__TN, t->r1 - t->r0, lin->in, n, moe__mat_of(b->dz[t->linear] + r0 * lin->out + t->r0, lin->out), in,
+                       moe__g(l, lin->w) + (e * lin->out + t->r0) * lin->in, lin->in, 1, NULL);
+    moe__gemm_block(&l->ex, &g, 0, t->r1 - t->r0, 0, lin->in);
+    if (lin->b >= 0) {
+        float *gb = moe__g(l, lin->b) + e * lin->out;
+        for (o = t->r0; o < t->r1; o++) {
+            float s = 0.0f;
+            for (r = 0; r < n; r++) s += b->dz[t->linear][(r0 + r) * lin->out + o];
+            gb[o] += s;
+        }
+    }
+}
+
+/* dh for token t: through the gates, the softmax and (with aux) the auxiliary losses. */
+static void moe__router_backward_token(moe_layer *l, int64_t t, int aux, float bal_scale) {
+    const moe_layer_desc *d = &l->d;
+    int64_t E = d->n_experts, K = d->top_k, e, s;
+    const float *p = l->p + t * E;
+    const float *gate = l->gate + t * K, *dg = l->dgate + t * K;
+    const int32_t *sel = l->sel + t * K;
+    float *dh = l->dh + t * E;
+    float dot = 0.0f;
+    for (e = 0; e < E; e++) dh[e] = 0.0f;
+    if (d->renormalize != MOE_FLAG_ON)
+        for (s = 0; s < K; s++) dh[sel[s]] += dg[s];
+    if (aux && d->balance_loss > 0.0f)
+        for (e = 0; e < E; e++) dh[e] += bal_scale * (float)l->chosen[e];
+    for (e = 0; e < E; e++) dot += p[e] * dh[e];
+    for (e = 0; e < E; e++) dh[e] = p[e] * (dh[e] - dot);
+    if (d->renormalize == MOE_FLAG_ON) {
+        float gs = 0.0f;
+        for (s = 0; s < K; s++) gs += gate[s] * dg[s];
+        for (s = 0; s < K; s++) dh[sel[s]] += gate[s] * (dg[s] - gs);
+    }
+    if (aux && d->z_loss > 0.0f) {
+        float c = 2.0f * d->z_loss * l->lse[t] / (float)l->T;
+        for (e = 0; e < E; e++) dh[e] += c * p[e];
+    }
+    if (d->router == MOE_ROUTER_NOISY_TOPK) {
+        float *dc = l->dclean + t * E, *ds = l->dstd + t * E;
+        const float *n = l->noise_n + t * E, *raw = l->raw + t * E, *clean = l->clean + t * E, *h = l->h + t * E;
+        for (e = 0; e < E; e++) { dc[e] = dh[e]; ds[e] = dh[e] * n[e]; }
+        if (aux && d->load_loss > 0.0f && K < E) {
+            for (e = 0; e < E; e++) {
+                int32_t j = moe__load_threshold(l, t, e);
+                float sd = moe__softplus(raw[e]), zv = (clean[e] - h[j]) / sd;
+                float c = l->dload[e] * moe__phi_pdf(zv) / sd;
+                dc[e] += c;
+                ds[e] -= c * zv;
+                dc[j] -= c;
+                ds[j] -= c * n[j];
+            }
+        }
+        for (e = 0; e < E; e++) ds[e] *= moe__sigmoid(raw[e]);  /* softplus' = sigmoid */
+    }
+}
+
+static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flags) {
+    const moe_layer_desc *d = &l->d;
+    int64_t T = l->T, E = d->n_experts, K = d->top_k, D = d->d_in, O = d->d_out, t, i;
+    int aux = (flags & MOE_BACKWARD_AUX) != 0, noisy = d->router == MOE_ROUTER_NOISY_TOPK;
+    moe__bank *rb = &l->bank[0];
+    float bal_scale = d->balance_loss * (float)E / ((float)(T * K) * (float)T);
+    moe__gemm g;
+    /* gradients at the gates and at the expert outputs */
+    MOE__PARALLEL_FOR(l->ex.n_threads, T)
+    for (t = 0; t < T; t++) {
+        const float *dyt = dy + t * O;
+        int64_t s, j, q;
+        for (s = 0; s < K; s++) {
+            int32_t r = l->pos[t * K + s];
+            float acc = 0.0f, gw = l->gate[t * K + s];
+            float *dout;
+            const float *o;
+            if (r < 0) { l->dgate[t * K + s] = 0.0f; continue; }
+            o = rb->out + (int64_t)r * O;
+            dout = rb->dz[rb->n_linears - 1] + (int64_t)r * O;
+            for (j = 0; j < O; j++) { acc += dyt[j] * o[j]; dout[j] = gw * dyt[j]; }
+            l->dgate[t * K + s] = acc;
+        }
+        if (l->n_banks > 1)
+            for (q = 0; q < l->bank[1].n; q++)
+                memcpy(l->bank[1].dz[l->bank[1].n_linears - 1] + (q * T + t) * O, dyt, (size_t)O * sizeof(float));
+    }
+    if (aux && d->importance_loss > 0.0f) {
+        moe__cv2(l->importance, E, l->dimportance);
+        for (i = 0; i < T * K; i++) l->dgate[i] += d->importance_loss * l->dimportance[l->sel[i]];
+    }
+    if (aux && d->load_loss > 0.0f && K < E) {
+        moe__cv2(l->load, E, l->dload);
+        for (i = 0; i < E; i++) l->dload[i] *= d->load_loss;
+    }
+    /* experts: input-side gradients per row tile, then weight gradients per output tile */
+    MOE__PARALLEL_FOR_DYNAMIC(l->ex.n_threads, l->n_tiles)
+    for (i = 0; i < l->n_tiles; i++) {
+        const moe__tile *tl = &l->tiles[i];
+        moe__bank_backward_tile(l, &l->bank[tl->bank], tl->expert, tl->r0, tl->r1, dx != NULL);
+    }
+    MOE__PARALLEL_FOR_DYNAMIC(l->ex.n_threads, l->n_wtiles)
+    for (i = 0; i < l->n_wtiles; i++) {
+        const moe__tile *tl = &l->wtiles[i];
+        moe__bank_weight_tile(l, &l->bank[tl->bank], tl, l->x);
+    }
+    /* router */
+    MOE__PARALLEL_FOR(l->ex.n_threads, T)
+    for (t = 0; t < T; t++) moe__router_backward_token(l, t, aux, bal_scale);
+    g = moe__gemm_make(MOE__TN, E, D, T, moe__mat_of(l->dclean, E), moe__mat_of(l->u, D), moe__g(l, l->router.w), D, 1, NULL);
+    moe__gemm_run(&l->ex, &g);
+    if (l->router.b >= 0) moe__colsum_acc(&l->ex, l->dclean, T, E, E, moe__g(l, l->router.b));
+    if (noisy) {
+        g = moe__gemm_make(MOE__TN, E, D, T, moe__mat_of(l->dstd, E), moe__mat_of(l->u, D), moe__g(l, l->noise.w), D, 1, NULL);
+        moe__gemm_run(&l->ex, &g);
+    }
+    if (!dx) return;
+    g = moe__gemm_make(MOE__NN, T, D, E, moe__mat_of(l->dclean, E), moe__mat_of(moe__w(l, l->router.w), D), l->dxu, D, 0, NULL);
+    moe__gemm_run(&l->ex, &g);
+    if (noisy) {
+        g = moe__gemm_make(MOE__NN, T, D, E, moe__mat_of(l->dstd, E), moe__mat_of(moe__w(l, l->noise.w), D), l->dxu, D, 1, NULL);
+        moe__gemm_run(&l->ex, &g);
+    }
+    {
+        uint64_t stream = moe__stream(MOE__STREAM_JITTER, l->index, l->forward_step);
+        int jitter = l->u != l->x;
+        MOE__PARALLEL_FOR(l->ex.n_threads, T)
+        for (t = 0; t < T; t++) {
+            float *dxt = dx + t * D;
+            const float *dyt = dy + t * O;
+            int64_t s, j, q;
+            int pass = l->passthrough[t] && !d->residual && O == D;
+            for (j = 0; j < D; j++) dxt[j] = (d->residual || pass) ? dyt[j] : 0.0f;
+            for (s = 0; s < K; s++) {
+                int32_t r = l->pos[t * K + s];
+                const float *v;
+                if (r < 0) continue;
+                v = rb->dxr + (int64_t)r * D;
+                for (j = 0; j < D; j++) dxt[j] += v[j];
+            }
+            if (l->n_banks > 1)
+                for (q = 0; q < l->bank[1].n; q++) {
+                    const float *v = l->bank[1].dxr + (q * T + t) * D;
+                    for (j = 0; j < D; j++) dxt[j] += v[j];
+                }
+            for (j = 0; j < D; j++) {
+                float v = l->dxu[t * D + j];
+                if (jitter) v *= 1.0f - d->jitter + 2.0f * d->jitter * moe_rng_uniform(l->ctx->seed, stream, (uint64_t)(t * D + j));
+                dxt[j] += v;
+            }
+        }
+    }
+}
+
+// >>layer_api ---------------------------------------------------------------
+static void moe__layer_forward_impl(moe_layer *l, const float *x, int64_t T, float *y, int training, const float *noise) {
+    l->x = x;
+    l->y = y;
+    l->T = T;
+    l->training = training;
+    l->forward_step = l->noise_step;
+    l->u = x;
+    switch (l->d.kind) {
+    case MOE_LAYER_DENSE: moe__dense_forward(l, x, T, y); break;
+    case MOE_LAYER_RMSNORM:
+    case MOE_LAYER_LAYERNORM: moe__norm_forward(l, x, T, y); break;
+    case MOE_LAYER_MOE: moe__moe_forward(l, x, T, y, noise); break;
+    default: break;
+    }
+    if (training) l->noise_step++;
+    l->has_forward = 1;
+}
+
+static void moe__layer_backward_impl(moe_layer *l, const float *dy, float *dx, int flags) {
+    switch (l->d.kind) {
+    case MOE_LAYER_DENSE: moe__dense_backward(l, dy, dx); break;
+    case MOE_LAYER_RMSNORM:
+    case MOE_LAYER_LAYERNORM: moe__norm_backward(l, dy, dx); break;
+    case MOE_LAYER_MOE: moe__moe_backward(l, dy, dx, flags); break;
+    default: break;
+    }
+}
+
+static moe_result moe__check_tokens(moe_ctx *ctx, int64_t T, int64_t max_tokens) {
+    if (T < 1) return moe__fail(ctx, MOE_ERR_SHAPE, "n_tokens is %lld; it must be at least 1", (long long)T);
+    if (T > max_tokens)
+        return moe__fail(ctx, MOE_ERR_TOO_MANY_TOKENS, "n_tokens %lld exceeds max_tokens %lld", (long long)T, (long long)max_tokens);
+    return MOE_OK;
+}
+
+/* Sizes of one layer's memory for its resolved desc and max_tokens. */
+static moe_result moe__layer_sizes(moe_layer *l, size_t *saved, size_t *scratch) {
+    moe__carver a = {NULL, 0, 0}, b = {NULL, 0, 0};
+    moe__layer_carve(l, &a, &b);
+    if (a.overflow || b.overflow)
+        return moe__fail(l->ctx, MOE_ERR_OUT_OF_MEMORY, "layer %d: activation memory for max_tokens %lld overflows", l->index, (long long)l->max_tokens);
+    *saved = a.used;
+    *scratch = b.used;
+    return MOE_OK;
+}
+
+static moe_result moe__check_max_tokens(moe_ctx *ctx, int64_t *max_tokens) {
+    if (*max_tokens == 0) *max_tokens = 256;
+    if (*max_tokens < 1 || *max_tokens > ((int64_t)1 << 28))
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "max_tokens %lld out of range 1..2^28", (long long)*max_tokens);
+    return MOE_OK;
+}
+
+MOEDEF moe_result moe_layer_create(moe_ctx *ctx, const moe_layer_desc *desc, int64_t max_tokens, moe_layer **out) {
+    moe_layer *l;
+    moe_layer_desc d;
+    size_t saved, scratch, pbytes, total;
+    moe__carver a, b;
+    char *block;
+    if (!ctx || !out) return MOE_ERR_INVALID_ARGUMENT;
+    *out = NULL;
+    if (!desc) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "desc is NULL");
+    MOE__TRY(moe__check_max_tokens(ctx, &max_tokens));
+    MOE__TRY(moe__layer_resolve(ctx, desc, 0, 0, &d));
+    l = (moe_layer *)moe__calloc(ctx, sizeof *l);
+    if (!l) return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "layer struct");
+    l->ctx = ctx;
+    l->d = d;
+    l->max_tokens = max_tokens;
+    moe__layer_plan(l);
+    if (moe__layer_sizes(l, &saved, &scratch) != MOE_OK) { moe__free(ctx, l); return MOE_ERR_OUT_OF_MEMORY; }
+    pbytes = (size_t)l->n_params * sizeof(float);
+    total = 2 * pbytes + saved + scratch + (size_t)ctx->n_threads * MOE__GEMM_SCRATCH * sizeof(float);
+    block = (char *)moe__malloc(ctx, total);
+    if (!block) { moe__free(ctx, l); return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "layer memory (%zu bytes)", total); }
+    l->own = block;
+    l->params = (float *)block;
+    l->grads = (float *)(block + pbytes);
+    a.base = block + 2 * pbytes; a.used = 0; a.overflow = 0;
+    b.base = block + 2 * pbytes + saved; b.used = 0; b.overflow = 0;
+    moe__layer_carve(l, &a, &b);
+    l->ex.ctx = ctx;
+    l->ex.n_threads = ctx->n_threads;
+    l->ex.scratch = (float *)(block + 2 * pbytes + saved + scratch);
+    moe__layer_build_wtiles(l);
+    moe__layer_init_params(l, 0);
+    memset(l->grads, 0, pbytes);
+    *out = l;
+    return MOE_OK;
+}
+
+MOEDEF void moe_layer_destroy(moe_layer *layer) {
+    if (!layer) return;
+    moe__free(layer->ctx, layer->own);
+    moe__free(layer->ctx, layer);
+}
+
+MOEDEF moe_result moe_layer_forward(moe_layer *l, const float *x, int64_t n_tokens, float *y, const moe_forward_opts *opts) {
+    if (!l) return MOE_ERR_INVALID_ARGUMENT;
+    if (!x || !y) return moe__fail(l->ctx, MOE_ERR_INVALID_ARGUMENT, "x and y must not be NULL");
+    MOE__TRY(moe__check_tokens(l->ctx, n_tokens, l->max_tokens));
+    if (!moe__all_finite(x, n_tokens * l->d.d_in)) return moe__fail(l->ctx, MOE_ERR_NONFINITE, "x holds NaN or Inf");
+    moe__layer_forward_impl(l, x, n_tokens, y, opts && opts->training,
+                            opts && opts->router_noise ? opts->router_noise[0] : NULL);
+    return MOE_OK;
+}
+
+MOEDEF moe_result moe_layer_backward(moe_layer *l, const float *dy, float *dx, int flags) {
+    if (!l) return MOE_ERR_INVALID_ARGUMENT;
+    if (!l->has_forward) return moe__fail(l->ctx, MOE_ERR_STATE, "backward before any forward");
+    if (!dy) return moe__fail(l->ctx, MOE_ERR_INVALID_ARGUMENT, "dy is NULL");
+    moe__layer_backward_impl(l, dy, dx, flags);
+    return MOE_OK;
+}
+
+static moe_result moe__stats_of(const moe_layer *l, moe_stats *stats) {
+    if (l->d.kind != MOE_LAYER_MOE) return moe__fail(l->ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d is not a MoE layer", l->index);
+    if (!l->has_forward) return moe__fail(l->ctx, MOE_ERR_STATE, "no forward yet");
+    *stats = l->stats;
+    return MOE_OK;
+}
+
+MOEDEF moe_result moe_layer_stats(const moe_layer *layer, moe_stats *stats) {
+    if (!layer || !stats) return MOE_ERR_INVALID_ARGUMENT;
+    return moe__stats_of(layer, stats);
+}
+
+MOEDEF const moe_layer_desc *moe_layer_get_desc(const moe_layer *layer) { return layer ? &layer->d : NULL; }
+
+MOEDEF float *moe_layer_params(moe_layer *layer, int64_t *n_params) {
+    if (n_params) *n_params = layer ? layer->n_params : 0;
+    return layer ? layer->params : NULL;
+}
+
+MOEDEF float *moe_layer_grads(moe_layer *layer, int64_t *n_params) {
+    if (n_params) *n_params = layer ? layer->n_params : 0;
+    return layer ? layer->grads : NULL;
+}
+
+MOEDEF int moe_layer_tensor_count(const moe_layer *layer) { return layer ? layer->n_tensors : 0; }
+
+static void moe__tensor_view(moe_layer *l, int i, const char *name, moe_tensor *t) {
+    const moe__tdef *td = &l->tensors[i];
+    int k;
+    t->name = name;
+    t->ndim = td->ndim;
+    for (k = 0; k < 4; k++) t->shape[k] = k < td->ndim ? td->shape[k] : 1;
+    t->offset = td->offset;
+    t->size = td->size;
+    t->data = l->params + td->offset;
+    t->grad = l->grads + td->offset;
+}
+
+MOEDEF moe_result moe_layer_tensor(moe_layer *layer, int index, moe_tensor *tensor) {
+    if (!layer || !tensor) return MOE_ERR_INVALID_ARGUMENT;
+    if (index < 0 || index >= layer->n_tensors) return moe__fail(layer->ctx, MOE_ERR_INVALID_ARGUMENT, "tensor index %d out of range", index);
+    moe__tensor_view(layer, index, layer->tensors[index].name, tensor);
+    return MOE_OK;
+}
+
+// >>loss --------------------------------------------------------------------
+/* Task loss of y [T, C] against target; dy (may be NULL) gets dLoss/dy. Per-token losses go
+   to tok[T] and are summed in order. */
+static moe_result moe__loss(moe_ctx *ctx, const moe__exec *ex, moe_loss kind, const float *y, int64_t T, int64_t C,
+                            const moe_target *target, float *tok, float *dy, float *loss) {
+    int64_t t;
+    double sum = 0.0;
+    if (!target) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "target is NULL");
+    if (kind == MOE_LOSS_CROSS_ENTROPY) {
+        if (!target->labels) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "cross-entropy needs target->labels");
+        for (t = 0; t < T; t++)
+            if (target->labels[t] < 0 || target->labels[t] >= C)
+                return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "label %d of row %lld is outside 0..%lld", (int)target->labels[t], (long long)t, (long long)(C - 1));
+    } else if (!target->values) {
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "this loss needs target->values");
+    }
+    MOE__PARALLEL_FOR(ex->n_threads, T)
+    for (t = 0; t < T; t++) {
+        const float *yt = y + t * C;
+        float *dyt = dy ? dy + t * C : NULL;
+        double lt = 0.0;
+        int64_t c;
+        if (kind == MOE_LOSS_CROSS_ENTROPY) {
+            float m = -FLT_MAX, s = 0.0f, lse;
+            int32_t label = target->labels[t];
+            for (c = 0; c < C; c++) m = yt[c] > m ? yt[c] : m;
+            for (c = 0; c < C; c++) s += expf(yt[c] - m);
+            lse = m + logf(s);
+            lt = (double)lse - (double)yt[label];
+            if (dyt)
+                for (c = 0; c < C; c++) dyt[c] = (expf(yt[c] - lse) - (c == label ? 1.0f : 0.0f)) / (float)T;
+        } else {
+            const float *tv = target->values + t * C;
+            float scale = 1.0f / ((float)T * (float)C);
+            for (c = 0; c < C; c++) {
+                float v = yt[c], q = tv[c];
+                if (kind == MOE_LOSS_MSE) {
+                    lt += (double)(v - q) * (double)(v - q);
+                    if (dyt) dyt[c] = 2.0f * (v - q) * scale;
+                } else {
+                    lt += (double)(moe__softplus(v) - q * v);
+                    if (dyt) dyt[c] = (moe__sigmoid(v) - q) * scale;
+                }
+            }
+            lt /= (double)C;
+        }
+        tok[t] = (float)lt;
+    }
+    for (t = 0; t < T; t++) sum += tok[t];
+    *loss = (float)(sum / (double)T);
+    return MOE_OK;
+}
+
+// >>optimizer ---------------------------------------------------------------
+struct moe_optimizer {
+    moe_ctx *ctx;
+    moe_optimizer_desc d;
+    int64_t n;
+    float *m, *v;               /* same layout as the parameters */
+    double *partial;            /* per-chunk sums of squares */
+    int64_t n_chunks;
+    int64_t step;
+};
+
+#define MOE__CHUNK 8192
+
+static moe_result moe__optimizer_resolve(moe_ctx *ctx, const moe_optimizer_desc *in, moe_optimizer_desc *out) {
+    moe_optimizer_desc d = *in;
+    if ((int)d.kind < 0 || d.kind >= MOE_OPTIMIZER_COUNT) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "unknown optimizer %d", (int)d.kind);
+    if (d.kind == MOE_OPTIMIZER_DEFAULT) d.kind = MOE_OPTIMIZER_ADAMW;
+    if (d.lr == 0.0f) d.lr = 1e-3f;
+    if (d.beta1 == 0.0f) d.beta1 = 0.9f;
+    if (d.beta2 == 0.0f) d.beta2 = 0.999f;
+    if (d.eps == 0.0f) d.eps = 1e-8f;
+    if (!(d.lr > 0.0f) || !moe__finite(d.lr) || !(d.beta1 > 0.0f && d.beta1 < 1.0f) || !(d.beta2 > 0.0f && d.beta2 < 1.0f) ||
+        !(d.eps > 0.0f) || !(d.weight_decay >= 0.0f) || !(d.momentum >= 0.0f && d.momentum < 1.0f) || !(d.clip_norm >= 0.0f) ||
+        d.warmup_steps < 0 || d.total_steps < 0 || !(d.min_lr >= 0.0f) || !moe__finite(d.weight_decay) || !moe__finite(d.clip_norm) ||
+        !moe__finite(d.min_lr))
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "optimizer settings out of range");
+    *out = d;
+    return MOE_OK;
+}
+
+MOEDEF moe_result moe_optimizer_create(moe_ctx *ctx, const moe_optimizer_desc *desc, int64_t n_params, moe_optimizer **out) {
+    moe_optimizer *o;
+    moe_optimizer_desc d, zero;
+    size_t state;
+    if (!ctx || !out) return MOE_ERR_INVALID_ARGUMENT;
+    *out = NULL;
+    memset(&zero, 0, sizeof zero);
+    MOE__TRY(moe__optimizer_resolve(ctx, desc ? desc : &zero, &d));
+    if (n_params < 0) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "n_params < 0");
+    o = (moe_optimizer *)moe__calloc(ctx, sizeof *o);
+    if (!o) return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "optimizer");
+    o->ctx = ctx;
+    o->d = d;
+    o->n = n_params;
+    o->n_chunks = (n_params + MOE__CHUNK - 1) / MOE__CHUNK;
+    state = d.kind == MOE_OPTIMIZER_SGD ? (d.momentum > 0.0f ? 1 : 0) : 2;
+    o->partial = (double *)moe__calloc(ctx, (size_t)(o->n_chunks + 1) * sizeof(double));
+    o->m = state >= 1 ? (float *)moe__calloc(ctx, (size_t)(n_params + 1) * sizeof(float)) : NULL;
+    o->v = state >= 2 ? (float *)moe__calloc(ctx, (size_t)(n_params + 1) * sizeof(float)) : NULL;
+    if (!o->partial || (state >= 1 && !o->m) || (state >= 2 && !o->v)) {
+        moe_optimizer_destroy(o);
+        return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "optimizer state for %lld parameters", (long long)n_params);
+    }
+    *out = o;
+    return MOE_OK;
+}
+
+MOEDEF void moe_optimizer_destroy(moe_optimizer *o) {
+    if (!o) return;
+    moe__free(o->ctx, o->m);
+    moe__free(o->ctx, o->v);
+    moe__free(o->ctx, o->partial);
+    moe__free(o->ctx, o);
+}
+
+MOEDEF float moe_optimizer_lr(const moe_optimizer *o, int64_t i) {
+    const moe_optimizer_desc *d;
+    if (!o) return 0.0f;
+    d = &o->d;
+    if (d->warmup_steps > 0 && i < d->warmup_steps) return d->lr * (float)(i + 1) / (float)d->warmup_steps;
+    if (d->total_steps > 0) {
+        double q = (double)(i - d->warmup_steps) / (double)moe__max64(1, d->total_steps - d->warmup_steps);
+        if (q > 1.0) q = 1.0;
+        if (q < 0.0) q = 0.0;
+        return (float)((double)d->min_lr + 0.5 * ((double)d->lr - (double)d->min_lr) * (1.0 + cos(3.14159265358979323846 * q)));
+    }
+    return d->lr;
+}
+
+MOEDEF int64_t moe_optimizer_steps(const moe_optimizer *o) { return o ? o->step : 0; }
+
+MOEDEF moe_result moe_optimizer_step(moe_optimizer *o, float *params, float *grads, moe_step_info *info) {
+    const moe_optimizer_desc *d;
+    int64_t c, n;
+    double sq = 0.0;
+    float norm, scale = 1.0f, lr, b1c, b2c_sqrt, wd;
+    int kind;
+    if (!o) return MOE_ERR_INVALID_ARGUMENT;
+    if (!params || !grads) return moe__fail(o->ctx, MOE_ERR_INVALID_ARGUMENT, "params and grads must not be NULL");
+    d = &o->d;
+    n = o->n;
+    /* global norm: fixed chunks summed in order, whatever the thread count */
+    MOE__PARALLEL_FOR(o->ctx->n_threads, o->n_chunks)
+    for (c = 0; c < o->n_chunks; c++) {
+        int64_t i, i1 = moe__min64((c + 1) * MOE__CHUNK, n);
+        double s = 0.0;
+        for (i = c * MOE__CHUNK; i < i1; i++) s += (double)grads[i] * (double)grads[i];
+        o->partial[c] = s;
+    }
+    for (c = 0; c < o->n_chunks; c++) sq += o->partial[c];
+    norm = (float)sqrt(sq);
+    if (!moe__finite(norm)) return moe__fail(o->ctx, MOE_ERR_NONFINITE, "gradient norm is not finite; parameters unchanged");
+    if (d->clip_norm > 0.0f && norm > d->clip_norm) scale = d->clip_norm / (norm + 1e-6f);
+    lr = moe_optimizer_lr(o, o->step);
+    o->step++;
+    b1c = 1.0f - (float)pow((double)d->beta1, (double)o->step);
+    b2c_sqrt = (float)sqrt(1.0 - pow((double)d->beta2, (double)o->step));
+    wd = d->weight_decay;
+    kind = (int)d->kind;
+    MOE__PARALLEL_FOR(o->ctx->n_threads, o->n_chunks)
+    for (c = 0; c < o->n_chunks; c++) {
+        int64_t i, i1 = moe__min64((c + 1) * MOE__CHUNK, n);
+        for (i = c * MOE__CHUNK; i < i1; i++) {
+            float g = grads[i], p = params[i];
+            if (scale != 1.0f) { g *= scale; grads[i] = g; }
+            if (kind == MOE_OPTIMIZER_SGD) {
+                g += wd * p;
+                if (o->m) { o->m[i] = d->momentum * o->m[i] + g; g = o->m[i]; }
+                params[i] = p - lr * g;
+            } else {
+                float m, v;
+                if (kind == MOE_OPTIMIZER_ADAMW) p *= 1.0f - lr * wd;
+                else g += wd * p;
+                m = o->m[i] = d->beta1 * o->m[i] + (1.0f - d->beta1) * g;
+                v = o->v[i] = d->beta2 * o->v[i] + (1.0f - d->beta2) * g * g;
+                params[i] = p - (lr / b1c) * m / (sqrtf(v) / b2c_sqrt + d->eps);
+            }
+        }
+    }
+    if (info) {
+        info->grad_norm = norm;
+        info->lr = lr;
+        info->step = o->step;
+    }
+    return MOE_OK;
+}
+
+// >>model -------------------------------------------------------------------
+typedef struct moe__model_tensor {
+    char name[MOE__NAME_MAX + 16];
+    int layer, index;
+} moe__model_tensor;
+
+struct moe_model {
+    moe_ctx *ctx;
+    moe_model_desc desc;        /* resolved; desc.layers points at layer_descs */
+    moe_layer_desc *layer_descs;
+    moe_layer *layers;
+    int n_layers;
+    float *params, *grads;
+    int64_t n_params;
+    moe_optimizer *opt;
+    moe__model_tensor *tensors;
+    int n_tensors;
+    void *arena;
+    float **outs;               /* [n_layers] each [max_tokens, d_out of the layer] */
+    float *dbuf[2];             /* backward ping-pong, [max_tokens, widest] */
+    float *dloss;               /* [max_tokens, d_out] */
+    float *tok;                 /* [max_tokens] per-token losses */
+    moe__exec ex;
+    const float *x;
+    int64_t T;
+    int has_forward;
+};
+
+MOEDEF void moe_model_destroy(moe_model *m) {
+    moe_ctx *ctx;
+    if (!m) return;
+    ctx = m->ctx;
+    moe_optimizer_destroy(m->opt);
+    moe__free(ctx, m->arena);
+    moe__free(ctx, m->params);
+    moe__free(ctx, m->tensors);
+    moe__free(ctx, m->outs);
+    moe__free(ctx, m->layers);
+    moe__free(ctx, m->layer_descs);
+    moe__free(ctx, m);
+}
+
+static moe_result moe__model_resolve(moe_ctx *ctx, const moe_model_desc *in, moe_model_desc *out) {
+    moe_model_desc d = *in;
+    if (d.n_layers < 1 || d.n_layers > 4096 || !d.layers)
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "a model needs 1..4096 layers (n_layers %d)", d.n_layers);
+    if (!moe__dims_ok(d.d_in)) return moe__fail(ctx, MOE_ERR_SHAPE, "d_in %lld out of range", (long long)d.d_in);
+    if ((int)d.loss < 0 || d.loss >= MOE_LOSS_COUNT) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "unknown loss %d", (int)d.loss);
+    if (d.loss == MOE_LOSS_DEFAULT) d.loss = MOE_LOSS_CROSS_ENTROPY;
+    MOE__TRY(moe__check_max_tokens(ctx, &d.max_tokens));
+    MOE__TRY(moe__optimizer_resolve(ctx, &d.optimizer, &d.optimizer));
+    *out = d;
+    return MOE_OK;
+}
+
+MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe_model **out) {
+    moe_model *m;
+    moe_model_desc d;
+    int i, t, nt = 0;
+    int64_t prev, widest, T, stream = 0;
+    size_t saved = 0, scratch = 0, total;
+    moe__carver sv, sc;
+    char *block;
+    moe_result r;
+    if (!ctx || !out) return MOE_ERR_INVALID_ARGUMENT;
+    *out = NULL;
+    if (!desc) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "desc is NULL");
+    MOE__TRY(moe__model_resolve(ctx, desc, &d));
+    m = (moe_model *)moe__calloc(ctx, sizeof *m);
+    if (!m) return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "model struct");
+    m->ctx = ctx;
+    m->n_layers = d.n_layers;
+    m->layer_descs = (moe_layer_desc *)moe__calloc(ctx, sizeof(moe_layer_desc) * (size_t)d.n_layers);
+    m->layers = (moe_layer *)moe__calloc(ctx, sizeof(moe_layer) * (size_t)d.n_layers);
+    m->outs = (float **)moe__calloc(ctx, sizeof(float *) * (size_t)d.n_layers);
+    if (!m->layer_descs || !m->layers || !m->outs) { r = moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "model tables"); goto fail; }
+    T = d.max_tokens;
+    prev = d.d_in;
+    widest = d.d_in;
+    for (i = 0; i < d.n_layers; i++) {
+        moe_layer *l = &m->layers[i];
+        size_t a, b;
+        r = moe__layer_resolve(ctx, &d.layers[i], prev, i, &m->layer_descs[i]);
+        if (r != MOE_OK) goto fail;
+        l->ctx = ctx;
+        l->d = m->layer_descs[i];
+        l->index = i;
+        l->max_tokens = T;
+        moe__layer_plan(l);
+        r = moe__layer_sizes(l, &a, &b);
+        if (r != MOE_OK) goto fail;
+        saved += a;
+        scratch = b > scratch ? b : scratch;
+        m->n_params += l->n_params;
+        nt += l->n_tensors;
+        prev = l->d.d_out;
+        widest = moe__max64(widest, prev);
+    }
+    d.layers = m->layer_descs;
+    m->desc = d;
+    /* parameters and gradients: one blob of 2 * n_params floats */
+    m->params = (float *)moe__calloc(ctx, (size_t)m->n_params * 2 * sizeof(float) + MOE__ALIGN);
+    m->tensors = (moe__model_tensor *)moe__calloc(ctx, sizeof(moe__model_tensor) * (size_t)(nt + 1));
+    if (!m->params || !m->tensors) { r = moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "parameters (%lld floats)", (long long)m->n_params); goto fail; }
+    m->grads = m->params + m->n_params;
+    /* the activation arena: saved activations | shared scratch | outputs and model buffers */
+    {
+        moe__carver rest;
+        int pass;
+        block = NULL;
+        for (pass = 0; pass < 2; pass++) {
+            rest.base = block ? block + saved + scratch : NULL; rest.used = 0; rest.overflow = 0;
+            for (i = 0; i < d.n_layers; i++) m->outs[i] = MOE__CARVE(&rest, float, T * m->layers[i].d.d_out);
+            m->dbuf[0] = MOE__CARVE(&rest, float, T * widest);
+            m->dbuf[1] = MOE__CARVE(&rest, float, T * widest);
+            m->dloss = MOE__CARVE(&rest, float, T * prev);
+            m->tok = MOE__CARVE(&rest, float, T);
+            m->ex.scratch = MOE__CARVE(&rest, float, (size_t)ctx->n_threads * MOE__GEMM_SCRATCH);
+            if (pass == 0) {
+                total = saved + scratch + rest.used;
+                if (rest.overflow || total < rest.used) { r = moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "activation arena size overflows"); goto fail; }
+                block = (char *)moe__malloc(ctx, total);
+                if (!block) { r = moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "activation arena (%zu bytes)", total); goto fail; }
+                m->arena = block;
+            }
+        }
+    }
+    sv.base = block; sv.used = 0; sv.overflow = 0;
+    sc.base = block + saved; sc.used = 0; sc.overflow = 0;
+    m->ex.ctx = ctx;
+    m->ex.n_threads = ctx->n_threads;
+    {
+        int64_t off = 0;
+        for (i = 0; i < d.n_layers; i++) {
+            moe_layer *l = &m->layers[i];
+            moe__carver lsc = sc;  /* every layer's scratch starts at the same place */
+            l->params = m->params + off;
+            l->grads = m->grads + off;
+            l->ex = m->ex;
+            moe__layer_carve(l, &sv, &lsc);
+            moe__layer_build_wtiles(l);
+            moe__layer_init_params(l, stream);
+            stream += l->n_tensors;
+            for (t = 0; t < l->n_tensors; t++) {
+                moe__model_tensor *mt = &m->tensors[m->n_tensors++];
+                snprintf(mt->name, sizeof mt->name, "layers.%d.%s", i, l->tensors[t].name);
+                mt->layer = i;
+                mt->index = t;
+            }
+            off += l->n_params;
+        }
+    }
+    r = moe_optimizer_create(ctx, &d.optimizer, m->n_params, &m->opt);
+    if (r != MOE_OK) goto fail;
+    *out = m;
+    return MOE_OK;
+fail:
+    moe_model_destroy(m);
+    return r;
+}
+
+MOEDEF const moe_model_desc *moe_model_get_desc(const moe_model *model) { return model ? &model->desc : NULL; }
+
+MOEDEF int64_t moe_model_d_out(const moe_model *model) {
+    return model ? model->layers[model->n_layers - 1].d.d_out : 0;
+}
+
+static moe_result moe__model_forward(moe_model *m, const float *x, int64_t T, const moe_forward_opts *opts) {
+    const float *in = x;
+    int i;
+    MOE__TRY(moe__check_tokens(m->ctx, T, m->desc.max_tokens));
+    if (!x) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "x is NULL");
+    if (!moe__all_finite(x, T * m->desc.d_in)) return moe__fail(m->ctx, MOE_ERR_NONFINITE, "x holds NaN or Inf");
+    m->has_forward = 0;
+    for (i = 0; i < m->n_layers; i++) {
+        const float *noise = opts && opts->router_noise ? opts->router_noise[i] : NULL;
+        moe__layer_forward_impl(&m->layers[i], in, T, m->outs[i], opts && opts->training, noise);
+        in = m->outs[i];
+    }
+    m->x = x;
+    m->T = T;
+    m->has_forward = 1;
+    return MOE_OK;
+}
+
+MOEDEF moe_result moe_model_forward(moe_model *m, const float *x, int64_t n_tokens, float *y, const moe_forward_opts *opts) {
+    if (!m) return MOE_ERR_INVALID_ARGUMENT;
+    MOE__TRY(moe__model_forward(m, x, n_tokens, opts));
+    if (y) memcpy(y, m->outs[m->n_layers - 1], (size_t)(n_tokens * moe_model_d_out(m)) * sizeof(float));
+    return MOE_OK;
+}
+
+MOEDEF const float *moe_model_output(const moe_model *m) {
+    return m && m->has_forward ? m->outs[m->n_layers - 1] : NULL;
+}
+
+MOEDEF moe_result moe_model_loss(moe_model *m, const moe_target *target, float *loss, float *dy) {
+    float l;
+    if (!m) return MOE_ERR_INVALID_ARGUMENT;
+    if (!m->has_forward) return moe__fail(m->ctx, MOE_ERR_STATE, "loss before any forward");
+    MOE__TRY(moe__loss(m->ctx, &m->ex, m->desc.loss, m->outs[m->n_layers - 1], m->T, moe_model_d_out(m), target, m->tok, dy, &l));
+    if (loss) *loss = l;
+    return MOE_OK;
+}
+
+MOEDEF moe_result moe_model_backward(moe_model *m, const float *dy, float *dx, int flags) {
+    int i;
+    if (!m) return MOE_ERR_INVALID_ARGUMENT;
+    if (!m->has_forward) return moe__fail(m->ctx, MOE_ERR_STATE, "backward before any forward");
+    if (!dy) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "dy is NULL");
+    for (i = m->n_layers - 1; i >= 0; i--) {
+        float *dst = i > 0 ? m->dbuf[i & 1] : dx;
+        moe__layer_backward_impl(&m->layers[i], dy, dst, flags);
+        dy = dst;
+    }
+    return MOE_OK;
+}
+
+MOEDEF void moe_model_zero_grad(moe_model *m) {
+    if (m) memset(m->grads, 0, (size_t)m->n_params * sizeof(float));
+}
+
+MOEDEF moe_result moe_model_optimizer_step(moe_model *m, moe_step_info *info) {
+    if (!m) return MOE_ERR_INVALID_ARGUMENT;
+    return moe_optimizer_step(m->opt, m->params, m->grads, info);
+}
+
+static float moe__model_aux(const moe_model *m) {
+    float aux = 0.0f;
+    int i;
+    for (i = 0; i < m->n_layers; i++)
+        if (m->layers[i].d.kind == MOE_LAYER_MOE) aux += m->layers[i].stats.aux_loss;
+    return aux;
+}
+
+MOEDEF moe_result moe_model_train_step(moe_model *m, const float *x, const moe_target *target, int64_t n_tokens, moe_step_info *info) {
+    moe_forward_opts opts;
+    moe_step_info si;
+    float loss, aux;
+    if (!m) return MOE_ERR_INVALID_ARGUMENT;
+    memset(&opts, 0, sizeof opts);
+    memset(&si, 0, sizeof si);
+    opts.training = 1;
+    MOE__TRY(moe__model_forward(m, x, n_tokens, &opts));
+    MOE__TRY(moe_model_loss(m, target, &loss, m->dloss));
+    aux = moe__model_aux(m);
+    si.loss = loss;
+    si.aux_loss = aux;
+    si.step = moe_optimizer_steps(m->opt);
+    if (!moe__finite(loss) || !moe__finite(aux)) {
+        if (info) *info = si;
+        return moe__fail(m->ctx, MOE_ERR_NONFINITE, "loss is not finite (loss %g, aux %g); parameters unchanged", (double)loss, (double)aux);
+    }
+    moe_model_zero_grad(m);
+    MOE__TRY(moe_model_backward(m, m->dloss, NULL, MOE_BACKWARD_AUX));
+    {
+        moe_result r = moe_optimizer_step(m->opt, m->params, m->grads, &si);
+        si.loss = loss;
+        si.aux_loss = aux;
+        if (info) *info = si;
+        return r;
+    }
+}
+
+MOEDEF moe_result moe_model_predict(moe_model *m, const float *x, int64_t n_tokens, int32_t *classes) {
+    int64_t t, C;
+    const float *y;
+    if (!m) return MOE_ERR_INVALID_ARGUMENT;
+    if (!classes) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "classes is NULL");
+    MOE__TRY(moe__model_forward(m, x, n_tokens, NULL));
+    y = m->outs[m->n_layers - 1];
+    C = moe_model_d_out(m);
+    for (t = 0; t < n_tokens; t++) {
+        int64_t c, best = 0;
+        for (c = 1; c < C; c++)
+            if (y[t * C + c] > y[t * C + best]) best = c;
+        classes[t] = (int32_t)best;
+    }
+    return MOE_OK;
+}
+
+MOEDEF moe_result moe_model_stats(const moe_model *m, int layer, moe_stats *stats) {
+    if (!m || !stats) return MOE_ERR_INVALID_ARGUMENT;
+    if (layer < 0 || layer >= m->n_layers) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d out of range", layer);
+    return moe__stats_of(&m->layers[layer], stats);
+}
+
+MOEDEF float *moe_model_params(moe_model *m, int64_t *n_params) {
+    if (n_params) *n_params = m ? m->n_params : 0;
+    return m ? m->params : NULL;
+}
+
+MOEDEF float *moe_model_grads(moe_model *m, int64_t *n_params) {
+    if (n_params) *n_params = m ? m->n_params : 0;
+    return m ? m->grads : NULL;
+}
+
+MOEDEF int moe_model_tensor_count(const moe_model *m) { return m ? m->n_tensors : 0; }
+
+MOEDEF moe_result moe_model_tensor(moe_model *m, int index, moe_tensor *tensor) {
+    const moe__model_tensor *mt;
+    moe_layer *l;
+    if (!m || !tensor) return MOE_ERR_INVALID_ARGUMENT;
+    if (index < 0 || index >= m->n_tensors) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "tensor index %d out of range", index);
+    mt = &m->tensors[index];
+    l = &m->layers[mt->layer];
+    moe__tensor_view(l, mt->index, mt->name, tensor);
+    tensor->offset = (l->params - m->params) + l->tensors[mt->index].offset;
+    return MOE_OK;
+}
+
+MOEDEF moe_result moe_model_find_tensor(moe_model *m, const char *name, moe_tensor *tensor) {
+    int i;
+    if (!m || !name || !tensor) return MOE_ERR_INVALID_ARGUMENT;
+    for (i = 0; i < m->n_tensors; i++)
+        if (strcmp(m->tensors[i].name, name) == 0) return moe_model_tensor(m, i, tensor);
+    return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "no tensor named \"%s\"", name);
+}
+
+// >>json --------------------------------------------------------------------
+/* A strict JSON parser into a flat token array (no allocation beyond one array
+   whose size is bounded by the text's length) and a string builder for writing. */
+enum { MOE__J_OBJECT, MOE__J_ARRAY, MOE__J_STRING, MOE__J_NUMBER, MOE__J_TRUE, MOE__J_FALSE, MOE__J_NULL };
+
+typedef struct moe__jtok {
+    int type;
+    int32_t count;              /* object: members; array: elements */
+    size_t start, end;          /* string: the raw bytes between the quotes; others: the text */
+    int32_t next;               /* index of the first token after this value */
+} moe__jtok;
+
+typedef struct moe__json {
+    const char *s;
+    size_t len, at;
+    moe__jtok *tok;
+    int32_t n, cap;
+    int depth;
+    const char *err;
+} moe__json;
+
+#define MOE__JSON_MAX_DEPTH 32
+
+static void moe__json_ws(moe__json *j) {
+    while (j->at < j->len && (j->s[j->at] == ' ' || j->s[j->at] == '\t' || j->s[j->at] == '\n' || j->s[j->at] == '\r')) j->at++;
+}
+
+static int32_t moe__json_new(moe__json *j, int type, size_t start) {
+    moe__jtok *t;
+    if (j->n >= j->cap) { j->err = "too many values"; return -1; }
+    t = &j->tok[j->n];
+    t->type = type; t->count = 0; t->start = start; t->end = start; t->next = j->n + 1;
+    return j->n++;
+}
+
+static int moe__hex(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+static int moe__json_string_tok(moe__json *j) {
+    int32_t t;
+    j->at++;  /* opening quote */
+    t = moe__json_new(j, MOE__J_STRING, j->at);
+    if (t < 0) return 0;
+    while (j->at < j->len) {
+        unsigned char c = (unsigned char)j->s[j->at];
+        if (c == '"') { j->tok[t].end = j->at++; return 1; }
+        if (c < 0x20) { j->err = "control character in string"; return 0; }
+        if (c == '\\') {
+            char e;
+            if (++j->at >= j->len) break;
+            e = j->s[j->at];
+            if (e == 'u') {
+                int k;
+                for (k = 1; k <= 4; k++)
+                    if (j->at + (size_t)k >= j->len || moe__hex(j->s[j->at + (size_t)k]) < 0) { j->err = "bad \\u escape"; return 0; }
+                j->at += 4;
+            } else if (!strchr("\"\\/bfnrt", e) || e == 0) {
+                j->err = "bad escape"; return 0;
+            }
+        }
+        j->at++;
+    }
+    j->err = "unterminated string";
+    return 0;
+}
+
+static int moe__json_value(moe__json *j);
+
+static int moe__json_number_tok(moe__json *j) {
+    size_t p = j->at;
+    int32_t t;
+    if (p < j->len && j->s[p] == '-') p++;
+    if (p >= j->len || !(j->s[p] >= '0' && j->s[p] <= '9')) { j->err = "bad number"; return 0; }
+    if (j->s[p] == '0') p++;
+    else while (p < j->len && j->s[p] >= '0' && j->s[p] <= '9') p++;
+    if (p < j->len && j->s[p] == '.') {
+        p++;
+        if (p >= j->len || !(j->s[p] >= '0' && j->s[p] <= '9')) { j->err = "bad number"; return 0; }
+        while (p < j->len && j->s[p] >= '0' && j->s[p] <= '9') p++;
+    }
+    if (p < j->len && (j->s[p] == 'e' || j->s[p] == 'E')) {
+        p++;
+        if (p < j->len && (j->s[p] == '+' || j->s[p] == '-')) p++;
+        if (p >= j->len || !(j->s[p] >= '0' && j->s[p] <= '9')) { j->err = "bad number"; return 0; }
+        while (p < j->len && j->s[p] >= '0' && j->s[p] <= '9') p++;
+    }
+    t = moe__json_new(j, MOE__J_NUMBER, j->at);
+    if (t < 0) return 0;
+    j->tok[t].end = p;
+    j->at = p;
+    return 1;
+}
+
+static int moe__json_container(moe__json *j, int object) {
+    int32_t t = moe__json_new(j, object ? MOE__J_OBJECT : MOE__J_ARRAY, j->at);
+    char close = object ? '}' : ']';
+    if (t < 0) return 0;
+    if (++j->depth > MOE__JSON_MAX_DEPTH) { j->err = "nested too deeply"; return 0; }
+    j->at++;
+    moe__json_ws(j);
+    if (j->at < j->len && j->s[j->at] == close) {
+        j->at++;
+    } else {
+        for (;;) {
+            moe__json_ws(j);
+            if (object) {
+                if (j->at >= j->len || j->s[j->at] != '"') { j->err = "expected a key"; return 0; }
+                if (!moe__json_string_tok(j)) return 0;
+                moe__json_ws(j);
+                if (j->at >= j->len || j->s[j->at] != ':') { j->err = "expected ':'"; return 0; }
+                j->at++;
+            }
+            if (!moe__json_value(j)) return 0;
+            j->tok[t].count++;
+            moe__json_ws(j);
+            if (j->at < j->len && j->s[j->at] == ',') { j->at++; continue; }
+            if (j->at < j->len && j->s[j->at] == close) { j->at++; break; }
+            j->err = object ? "expected ',' or '}'" : "expected ',' or ']'";
+            return 0;
+        }
+    }
+    j->depth--;
+    j->tok[t].end = j->at;
+    j->tok[t].next = j->n;
+    return 1;
+}
+
+static int moe__json_literal(moe__json *j, const char *word, int type) {
+    size_t n = strlen(word);
+    int32_t t;
+    if (j->len - j->at < n || memcmp(j->s + j->at, word, n) != 0) { j->err = "unexpected character"; return 0; }
+    t = moe__json_new(j, type, j->at);
+    if (t < 0) return 0;
+    j->at += n;
+    j->tok[t].end = j->at;
+    return 1;
+}
+
+static int moe__json_value(moe__json *j) {
+    char c;
+    moe__json_ws(j);
+    if (j->at >= j->len) { j->err = "unexpected end"; return 0; }
+    c = j->s[j->at];
+    if (c == '{') return moe__json_container(j, 1);
+    if (c == '[') return moe__json_container(j, 0);
+    if (c == '"') return moe__json_string_tok(j);
+    if (c == 't') return moe__json_literal(j, "true", MOE__J_TRUE);
+    if (c == 'f') return moe__json_literal(j, "false", MOE__J_FALSE);
+    if (c == 'n') return moe__json_literal(j, "null", MOE__J_NULL);
+    return moe__json_number_tok(j);
+}
+
+/* Parse text[0..len) completely; tokens are allocated from ctx and freed by moe__json_free. */
+static moe_result moe__json_parse(moe_ctx *ctx, const char *text, size_t len, moe__json *j, const char *what) {
+    memset(j, 0, sizeof *j);
+    j->s = text;
+    j->len = len;
+    if (len > (size_t)INT32_MAX / 2) return moe__fail(ctx, MOE_ERR_FORMAT, "%s: JSON text too long", what);
+    j->cap = (int32_t)(len / 2 + 2);  /* every value takes at least one character and one separator */
+    j->tok = (moe__jtok *)moe__malloc(ctx, sizeof(moe__jtok) * (size_t)j->cap);
+    if (!j->tok) return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "%s: JSON tokens", what);
+    if (moe__json_value(j)) {
+        moe__json_ws(j);
+        if (j->at == j->len) return MOE_OK;
+        j->err = "trailing characters";
+    }
+    {
+        moe_result r = moe__fail(ctx, MOE_ERR_FORMAT, "%s: invalid JSON at byte %zu: %s", what, j->at, j->err ? j->err : "?");
+        moe__free(ctx, j->tok);
+        j->tok = NULL;
+        return r;
+    }
+}
+
+static void moe__json_free(moe_ctx *ctx, moe__json *j) { moe__free(ctx, j->tok); j->tok = NULL; }
+
+static void moe__put_utf8(char *out, size_t *n, uint32_t cp) {
+    if (cp < 0x80) out[(*n)++] = (char)cp;
+    else if (cp < 0x800) { out[(*n)++] = (char)(0xC0 | (cp >> 6)); out[(*n)++] = (char)(0x80 | (cp & 0x3F)); }
+    else if (cp < 0x10000) { out[(*n)++] = (char)(0xE0 | (cp >> 12)); out[(*n)++] = (char)(0x80 | ((cp >> 6) & 0x3F)); out[(*n)++] = (char)(0x80 | (cp & 0x3F)); }
+    else { out[(*n)++] = (char)(0xF0 | (cp >> 18)); out[(*n)++] = (char)(0x80 | ((cp >> 12) & 0x3F)); out[(*n)++] = (char)(0x80 | ((cp >> 6) & 0x3F)); out[(*n)++] = (char)(0x80 | (cp & 0x3F)); }
+}
+
+/* Decode a string token into out (cap bytes incl. NUL). Returns its length, or -1 if it does not fit
+   or holds a NUL. The decoded text is never longer than the raw text. */
+static int64_t moe__json_str(const moe__json *j, int32_t t, char *out, size_t cap) {
+    const moe__jtok *k = &j->tok[t];
+    size_t i = k->start, n = 0;
+    if (k->type != MOE__J_STRING) return -1;
+    while (i < k->end) {
+        char c = j->s[i++];
+        if (n + 5 > cap) return -1;
+        if (c != '\\') { out[n++] = c; continue; }
+        c = j->s[i++];
+        switch (c) {
+        case 'b': out[n++] = '\b'; break;
+        case 'f': out[n++] = '\f'; break;
+        case 'n': out[n++] = '\n'; break;
+        case 'r': out[n++] = '\r'; break;
+        case 't': out[n++] = '\t'; break;
+        case 'u': {
+            uint32_t cp = 0;
+            int q;
+            for (q = 0; q < 4; q++) cp = cp * 16 + (uint32_t)moe__hex(j->s[i++]);
+            if (cp >= 0xD800 && cp < 0xDC00 && i + 6 <= k->end && j->s[i] == '\\' && j->s[i + 1] == 'u') {
+                uint32_t lo = 0;
+                for (q = 0; q < 4; q++) lo = lo * 16 + (uint32_t)moe__hex(j->s[i + 2 + (size_t)q]);
+                if (lo >= 0xDC00 && lo < 0xE000) { cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00); i += 6; }
+            }
+            if (cp == 0) return -1;
+            moe__put_utf8(out, &n, cp);
+            break;
+        }
+        default: out[n++] = c; break;
+        }
+    }
+    if (n >= cap) return -1;
+    out[n] = 0;
+    return (int64_t)n;
+}
+
+static int moe__json_eq(const moe__json *j, int32_t t, const char *lit) {
+    const moe__jtok *k = &j->tok[t];
+    size_t n = strlen(lit);
+    return k->type == MOE__J_STRING && k->end - k->start == n && memcmp(j->s + k->start, lit, n) == 0;
+}
+
+/* A JSON number as double, without the C locale's help (strtod honours LC_NUMERIC). */
+static int moe__json_double(const moe__json *j, int32_t t, double *out) {
+    const moe__jtok *k = &j->tok[t];
+    size_t i = k->start;
+    double mant = 0.0;
+    int neg = 0, eneg = 0, digits = 0;
+    long exp10 = 0, e = 0;
+    if (k->type != MOE__J_NUMBER) return 0;
+    if (j->s[i] == '-') { neg = 1; i++; }
+    for (; i < k->end && j->s[i] >= '0' && j->s[i] <= '9'; i++) {
+        if (digits < 19) { mant = mant * 10.0 + (j->s[i] - '0'); if (mant > 0.0) digits++; }
+        else exp10++;
+    }
+    if (i < k->end && j->s[i] == '.')
+        for (i++; i < k->end && j->s[i] >= '0' && j->s[i] <= '9'; i++)
+            if (digits < 19) { mant = mant * 10.0 + (j->s[i] - '0'); exp10--; if (mant > 0.0) digits++; }
+    if (i < k->end && (j->s[i] == 'e' || j->s[i] == 'E')) {
+        i++;
+        if (j->s[i] == '+' || j->s[i] == '-') eneg = j->s[i++] == '-';
+        for (; i < k->end; i++) if (e < 100000) e = e * 10 + (j->s[i] - '0');
+    }
+    exp10 += eneg ? -e : e;
+    if (mant == 0.0) *out = 0.0;
+    else if (exp10 > 400) *out = HUGE_VAL;
+    else if (exp10 < -400) *out = 0.0;
+    else if (exp10 < 0) *out = mant / pow(10.0, (double)-exp10);
+    else *out = mant * pow(10.0, (double)exp10);
+    if (neg) *out = -*out;
+    return 1;
+}
+
+static int moe__json_int(const moe__json *j, int32_t t, int64_t *out) {
+    const moe__jtok *k = &j->tok[t];
+    size_t i = k->start;
+    int neg = 0;
+    uint64_t v = 0;
+    if (k->type != MOE__J_NUMBER) return 0;
+    if (j->s[i] == '-') { neg = 1; i++; }
+    for (; i < k->end; i++) {
+        char c = j->s[i];
+        if (c < '0' || c > '9') return 0;  /* fraction or exponent */
+        if (v > (uint64_t)INT64_MAX / 10) return 0;
+        v = v * 10 + (uint64_t)(c - '0');
+        if (v > (uint64_t)INT64_MAX) return 0;
+    }
+    *out = neg ? -(int64_t)v : (int64_t)v;
+    return 1;
+}
+
+/* Growing text buffer for writing JSON. */
+typedef struct moe__sb {
+    moe_ctx *ctx;
+    char *buf;
+    size_t len, cap;
+    int oom;
+} moe__sb;
+
+static void moe__sb_put(moe__sb *b, const char *s, size_t n) {
+    if (b->oom) return;
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 256;
+        char *nb;
+        while (cap < b->len + n + 1) cap *= 2;
+        nb = (char *)moe__malloc(b->ctx, cap);
+        if (!nb) { b->oom = 1; return; }
+        if (b->buf) { memcpy(nb, b->buf, b->len); moe__free(b->ctx, b->buf); }
+        b->buf = nb;
+        b->cap = cap;
+    }
+    memcpy(b->buf + b->len, s, n);
+    b->len += n;
+    b->buf[b->len] = 0;
+}
+
+static void moe__sb_str(moe__sb *b, const char *s) { moe__sb_put(b, s, strlen(s)); }
+
+static void moe__sb_printf(moe__sb *b, const char *fmt, ...) {
+    char tmp[128];
+    int n;
+    va_list ap;
+    va_start(ap, fmt);
+    n = vsnprintf(tmp, sizeof tmp, fmt, ap);
+    va_end(ap);
+    if (n > 0) moe__sb_put(b, tmp, (size_t)(n < (int)sizeof tmp ? n : (int)sizeof tmp - 1));
+}
+
+/* Shortest-safe float text: 9 significant digits round-trip every float; the decimal point is
+   forced to '.' whatever LC_NUMERIC says. */
+static void moe__sb_float(moe__sb *b, float v) {
+    char tmp[48];
+    int i;
+    if (!moe__finite(v)) { moe__sb_str(b, "0"); return; }
+    snprintf(tmp, sizeof tmp, "%.9g", (double)v);
+    for (i = 0; tmp[i]; i++)
+        if (!((tmp[i] >= '0' && tmp[i] <= '9') || tmp[i] == '-' || tmp[i] == '+' || tmp[i] == 'e')) tmp[i] = '.';
+    moe__sb_str(b, tmp);
+}
+
+static void moe__sb_json_string(moe__sb *b, const char *s) {
+    moe__sb_put(b, "\"", 1);
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\') { char e[2]; e[0] = '\\'; e[1] = (char)c; moe__sb_put(b, e, 2); }
+        else if (c < 0x20) moe__sb_printf(b, "\\u%04x", c);
+        else moe__sb_put(b, s, 1);
+    }
+    moe__sb_put(b, "\"", 1);
+}
+
+// >>safetensors -------------------------------------------------------------
+static const char *const moe__dtype_names[MOE_DTYPE_COUNT] = {"F32", "F64", "F16", "BF16", "I64", "I32", "U8", "I8"};
+static const size_t moe__dtype_sizes[MOE_DTYPE_COUNT] = {4, 8, 2, 2, 8, 4, 1, 1};
+
+typedef struct moe__meta { char *key, *value; } moe__meta;
+
+struct moe_tensor_file {
+    moe_ctx *ctx;
+    const unsigned char *bytes;
+    size_t size;
+    void *owned;                /* the file's bytes when read from disk */
+    moe_file_tensor *tensors;
+    int count;
+    moe__meta *meta;
+    int n_meta;
+    char *pool;                 /* decoded metadata strings */
+};
+
+static uint64_t moe__le64(const unsigned char *p) {
+    uint64_t v = 0;
+    int i;
+    for (i = 7; i >= 0; i--) v = (v << 8) | p[i];
+    return v;
+}
+
+MOEDEF void moe_tensor_file_close(moe_tensor_file *f) {
+    moe_ctx *ctx;
+    if (!f) return;
+    ctx = f->ctx;
+    moe__free(ctx, f->tensors);
+    moe__free(ctx, f->meta);
+    moe__free(ctx, f->pool);
+    moe__free(ctx, f->owned);
+    moe__free(ctx, f);
+}
+
+/* One tensor entry {"dtype":..,"shape":[..],"data_offsets":[b,e]}. */
+static moe_result moe__st_entry(moe_ctx *ctx, const moe__json *j, int32_t v, size_t data_size, moe_file_tensor *t, size_t *begin_out) {
+    int32_t k = v + 1, m;
+    int have_dtype = 0, have_shape = 0, have_off = 0;
+    int64_t begin = 0, end = 0;
+    uint64_t elems = 1;
+    if (j->tok[v].type != MOE__J_OBJECT) return moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\": entry is not an object", t->name);
+    for (m = 0; m < j->tok[v].count; m++) {
+        int32_t val = k + 1;
+        if (moe__json_eq(j, k, "dtype")) {
+            int q;
+            char name[16];
+            if (moe__json_str(j, val, name, sizeof name) < 0) return moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\": bad dtype", t->name);
+            for (q = 0; q < MOE_DTYPE_COUNT; q++) if (strcmp(name, moe__dtype_names[q]) == 0) break;
+            if (q == MOE_DTYPE_COUNT) return moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\": unsupported dtype %s", t->name, name);
+            t->dtype = (moe_dtype)q;
+            have_dtype = 1;
+        } else if (moe__json_eq(j, k, "shape")) {
+            int32_t e = val + 1, q;
+            if (j->tok[val].type != MOE__J_ARRAY || j->tok[val].count > 8)
+                return moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\": shape must be an array of at most 8 sizes", t->name);
+            t->ndim = j->tok[val].count;
+            for (q = 0; q < t->ndim; q++, e = j->tok[e].next) {
+                int64_t s;
+                if (!moe__json_int(j, e, &s) || s < 0 || s > ((int64_t)1 << 40))
+                    return moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\": bad size in shape", t->name);
+                t->shape[q] = s;
+                if (s && elems > ((uint64_t)1 << 62) / (uint64_t)s) return moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\": shape too large", t->name);
+                elems *= (uint64_t)s;
+            }
+            have_shape = 1;
+        } else if (moe__json_eq(j, k, "data_offsets")) {
+            int32_t e = val + 1;
+            if (j->tok[val].type != MOE__J_ARRAY || j->tok[val].count != 2 || !moe__json_int(j, e, &begin) ||
+                !moe__json_int(j, j->tok[e].next, &end))
+                return moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\": data_offsets must be [begin, end]", t->name);
+            have_off = 1;
+        }
+        k = j->tok[val].next;
+    }
+    if (!have_dtype || !have_shape || !have_off) return moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\": needs dtype, shape and data_offsets", t->name);
+    if (begin < 0 || end < begin || (uint64_t)end > (uint64_t)data_size)
+        return moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\": data_offsets [%lld, %lld] outside the %zu data bytes", t->name, (long long)begin, (long long)end, data_size);
+    if (elems > ((uint64_t)1 << 62) / moe__dtype_sizes[t->dtype] || (uint64_t)(end - begin) != elems * moe__dtype_sizes[t->dtype])
+        return moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\": %lld bytes do not match its shape and dtype", t->name, (long long)(end - begin));
+    t->nbytes = (size_t)(end - begin);
+    *begin_out = (size_t)begin;
+    return MOE_OK;
+}
+
+MOEDEF moe_result moe_tensor_file_parse(moe_ctx *ctx, const void *data, size_t size, moe_tensor_file **out) {
+    const unsigned char *b = (const unsigned char *)data;
+    moe_tensor_file *f;
+    moe__json j;
+    uint64_t hlen;
+    size_t data_size, pool_used = 0, begin = 0;
+    int32_t k;
+    int m, q;
+    moe_result r;
+    if (!ctx || !out) return MOE_ERR_INVALID_ARGUMENT;
+    *out = NULL;
+    if (!data && size) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "data is NULL");
+    if (size < 8) return moe__fail(ctx, MOE_ERR_FORMAT, "%zu bytes: a safetensors file has at least 8", size);
+    hlen = moe__le64(b);
+    if (hlen > size - 8) return moe__fail(ctx, MOE_ERR_FORMAT, "header length %llu exceeds the %zu bytes that follow", (unsigned long long)hlen, size - 8);
+    if (hlen < 2 || hlen > 100000000u) return moe__fail(ctx, MOE_ERR_FORMAT, "header length %llu out of range", (unsigned long long)hlen);
+    data_size = size - 8 - (size_t)hlen;
+    MOE__TRY(moe__json_parse(ctx, (const char *)b + 8, (size_t)hlen, &j, "safetensors header"));
+    if (j.tok[0].type != MOE__J_OBJECT) { moe__json_free(ctx, &j); return moe__fail(ctx, MOE_ERR_FORMAT, "safetensors header is not a JSON object"); }
+    f = (moe_tensor_file *)moe__calloc(ctx, sizeof *f);
+    if (!f) { moe__json_free(ctx, &j); return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "tensor file"); }
+    f->ctx = ctx;
+    f->bytes = b;
+    f->size = size;
+    f->tensors = (moe_file_tensor *)moe__calloc(ctx, sizeof(moe_file_tensor) * (size_t)(j.tok[0].count + 1));
+    f->pool = (char *)moe__malloc(ctx, (size_t)hlen + 1);
+    if (!f->tensors || !f->pool) { r = moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "tensor table"); goto fail; }
+    k = 1;
+    for (m = 0; m < j.tok[0].count; m++) {
+        int32_t val = k + 1;
+        if (moe__json_eq(&j, k, "__metadata__")) {
+            int32_t e = val + 1;
+            int c;
+            if (j.tok[val].type != MOE__J_OBJECT || f->meta) { r = moe__fail(ctx, MOE_ERR_FORMAT, "__metadata__ must be one object of strings"); goto fail; }
+            f->meta = (moe__meta *)moe__calloc(ctx, sizeof(moe__meta) * (size_t)(j.tok[val].count + 1));
+            if (!f->meta) { r = moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "metadata"); goto fail; }
+            for (c = 0; c < j.tok[val].count; c++) {
+                int64_t n1, n2;
+                if (j.tok[e + 1].type != MOE__J_STRING) { r = moe__fail(ctx, MOE_ERR_FORMAT, "__metadata__ values must be strings"); goto fail; }
+                n1 = moe__json_str(&j, e, f->pool + pool_used, (size_t)hlen + 1 - pool_used);
+                if (n1 < 0) { r = moe__fail(ctx, MOE_ERR_FORMAT, "bad metadata key"); goto fail; }
+                f->meta[c].key = f->pool + pool_used;
+                pool_used += (size_t)n1 + 1;
+                n2 = moe__json_str(&j, e + 1, f->pool + pool_used, (size_t)hlen + 1 - pool_used);
+                if (n2 < 0) { r = moe__fail(ctx, MOE_ERR_FORMAT, "bad metadata value"); goto fail; }
+                f->meta[c].value = f->pool + pool_used;
+                pool_used += (size_t)n2 + 1;
+                e = j.tok[e + 1].next;
+            }
+            f->n_meta = j.tok[val].count;
+        } else {
+            moe_file_tensor *t = &f->tensors[f->count];
+            if (moe__json_str(&j, k, t->name, sizeof t->name) <= 0) { r = moe__fail(ctx, MOE_ERR_FORMAT, "tensor name empty or longer than %d bytes", (int)sizeof t->name - 1); goto fail; }
+            for (q = 0; q < f->count; q++)
+                if (strcmp(f->tensors[q].name, t->name) == 0) { r = moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\" appears twice", t->name); goto fail; }
+            r = moe__st_entry(ctx, &j, val, data_size, t, &begin);
+            if (r != MOE_OK) goto fail;
+            t->data = b + 8 + (size_t)hlen + begin;
+            f->count++;
+        }
+        k = j.tok[val].next;
+    }
+    moe__json_free(ctx, &j);
+    *out = f;
+    return MOE_OK;
+fail:
+    moe__json_free(ctx, &j);
+    moe_tensor_file_close(f);
+    return r;
+}
+
+MOEDEF moe_result moe_tensor_file_read(moe_ctx *ctx, const char *path, moe_tensor_file **out) {
+    FILE *fp;
+    long len;
+    void *buf;
+    moe_result r;
+    if (!ctx || !out) return MOE_ERR_INVALID_ARGUMENT;
+    *out = NULL;
+    if (!path) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "path is NULL");
+    fp = fopen(path, "rb");
+    if (!fp) return moe__fail(ctx, MOE_ERR_IO, "cannot open %s", path);
+    if (fseek(fp, 0, SEEK_END) != 0 || (len = ftell(fp)) < 0 || fseek(fp, 0, SEEK_SET) != 0) {
+        fclose(fp);
+        return moe__fail(ctx, MOE_ERR_IO, "cannot size %s", path);
+    }
+    buf = moe__malloc(ctx, (size_t)len + 1);
+    if (!buf) { fclose(fp); return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "%s: %ld bytes", path, len); }
+    if (len > 0 && fread(buf, 1, (size_t)len, fp) != (size_t)len) {
+        fclose(fp);
+        moe__free(ctx, buf);
+        return moe__fail(ctx, MOE_ERR_IO, "cannot read %s", path);
+    }
+    fclose(fp);
+    r = moe_tensor_file_parse(ctx, buf, (size_t)len, out);
+    if (r != MOE_OK) {
+        moe__free(ctx, buf);
+        return moe__fail_prefix(ctx, r, path);
+    }
+    (*out)->owned = buf;
+    return MOE_OK;
+}
+
+MOEDEF int moe_tensor_file_count(const moe_tensor_file *f) { return f ? f->count : 0; }
+
+MOEDEF const moe_file_tensor *moe_tensor_file_get(const moe_tensor_file *f, int index) {
+    return f && index >= 0 && index < f->count ? &f->tensors[index] : NULL;
+}
+
+MOEDEF const moe_file_tensor *moe_tensor_file_find(const moe_tensor_file *f, const char *name) {
+    int i;
+    if (!f || !name) return NULL;
+    for (i = 0; i < f->count; i++)
+        if (strcmp(f->tensors[i].name, name) == 0) return &f->tensors[i];
+    return NULL;
+}
+
+MOEDEF const char *moe_tensor_file_metadata(const moe_tensor_file *f, const char *key) {
+    int i;
+    if (!f || !key) return NULL;
+    for (i = 0; i < f->n_meta; i++)
+        if (strcmp(f->meta[i].key, key) == 0) return f->meta[i].value;
+    return NULL;
+}
+
+static int64_t moe__tensor_elems(const moe_file_tensor *t) {
+    int64_t n = 1;
+    int i;
+    for (i = 0; i < t->ndim; i++) n *= t->shape[i];
+    return n;
+}
+
+static float moe__half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 0x1F, m = h & 0x3FF, bits;
+    float f;
+    if (e == 0) {
+        f = ldexpf((float)m, -24);
+        return sign ? -f : f;
+    }
+    if (e == 31) bits = sign | 0x7F800000u | (m << 13);
+    else bits = sign | ((e + 112) << 23) | (m << 13);
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Element i of a little-endian tensor of any dtype, as double. */
+static double moe__file_elem(const moe_file_tensor *t, int64_t i) {
+    const unsigned char *p = (const unsigned char *)t->data + (size_t)i * moe__dtype_sizes[t->dtype];
+    uint64_t v = 0;
+    size_t n = moe__dtype_sizes[t->dtype], q;
+    for (q = n; q > 0; q--) v = (v << 8) | p[q - 1];
+    switch (t->dtype) {
+    case MOE_DTYPE_F32: { uint32_t u = (uint32_t)v; float f; memcpy(&f, &u, 4); return f; }
+    case MOE_DTYPE_F64: { double d; memcpy(&d, &v, 8); return d; }
+    case MOE_DTYPE_F16: return moe__half_to_float((uint16_t)v);
+    case MOE_DTYPE_BF16: { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
+    case MOE_DTYPE_I64: return (double)(int64_t)v;
+    case MOE_DTYPE_I32: return (double)(int32_t)(uint32_t)v;
+    case MOE_DTYPE_U8: return (double)(uint8_t)v;
+    case MOE_DTYPE_I8: return (double)(int8_t)(uint8_t)v;
+    default: return 0.0;
+    }
+}
+
+MOEDEF moe_result moe_file_tensor_to_f32(moe_ctx *ctx, const moe_file_tensor *t, float *out, int64_t count) {
+    int64_t i;
+    if (!ctx || !t || (!out && count)) return MOE_ERR_INVALID_ARGUMENT;
+    if (moe__tensor_elems(t) != count)
+        return moe__fail(ctx, MOE_ERR_SHAPE, "tensor \"%s\" has %lld elements, expected %lld", t->name, (long long)moe__tensor_elems(t), (long long)count);
+    for (i = 0; i < count; i++) out[i] = (float)moe__file_elem(t, i);
+    return MOE_OK;
+}
+
+MOEDEF moe_result moe_file_tensor_to_i32(moe_ctx *ctx, const moe_file_tensor *t, int32_t *out, int64_t count) {
+    int64_t i;
+    if (!ctx || !t || (!out && count)) return MOE_ERR_INVALID_ARGUMENT;
+    if (t->dtype != MOE_DTYPE_I32 && t->dtype != MOE_DTYPE_I64 && t->dtype != MOE_DTYPE_U8 && t->dtype != MOE_DTYPE_I8)
+        return moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\" is %s, not an integer type", t->name, moe__dtype_names[t->dtype]);
+    if (moe__tensor_elems(t) != count)
+        return moe__fail(ctx, MOE_ERR_SHAPE, "tensor \"%s\" has %lld elements, expected %lld", t->name, (long long)moe__tensor_elems(t), (long long)count);
+    for (i = 0; i < count; i++) {
+        double v = moe__file_elem(t, i);
+        if (v < -2147483648.0 || v > 2147483647.0) return moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\": value out of int32 range", t->name);
+        out[i] = (int32_t)v;
+    }
+    return MOE_OK;
+}
+
+/* ---- writer ---- */
+typedef struct moe__wentry {
+    char name[128];
+    moe_dtype dtype;
+    int ndim;
+    int64_t shape[8];
+    const void *data;
+    size_t nbytes;
+} moe__wentry;
+
+struct moe_tensor_writer {
+    moe_ctx *ctx;
+    moe__wentry *entries;
+    int count, cap;
+    moe__sb meta;               /* the members of "__metadata__", already JSON */
+};
+
+MOEDEF moe_result moe_tensor_writer_create(moe_ctx *ctx, moe_tensor_writer **out) {
+    moe_tensor_writer *w;
+    if (!ctx || !out) return MOE_ERR_INVALID_ARGUMENT;
+    w = (moe_tensor_writer *)moe__calloc(ctx, sizeof *w);
+    if (!w) return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "tensor writer");
+    w->ctx = ctx;
+    w->meta.ctx = ctx;
+    *out = w;
+    return MOE_OK;
+}
+
+MOEDEF void moe_tensor_writer_destroy(moe_tensor_writer *w) {
+    if (!w) return;
+    moe__free(w->ctx, w->entries);
+    moe__free(w->ctx, w->meta.buf);
+    moe__free(w->ctx, w);
+}
+
+MOEDEF moe_result moe_tensor_writer_add(moe_tensor_writer *w, const char *name, moe_dtype dtype, int ndim, const int64_t *shape, const void *data) {
+    moe__wentry *e;
+    uint64_t n = 1;
+    int i;
+    if (!w) return MOE_ERR_INVALID_ARGUMENT;
+    if (!name || !name[0] || strlen(name) >= sizeof e->name || strcmp(name, "__metadata__") == 0)
+        return moe__fail(w->ctx, MOE_ERR_INVALID_ARGUMENT, "tensor name must have 1..127 bytes and not be __metadata__");
+    if ((int)dtype < 0 || dtype >= MOE_DTYPE_COUNT || ndim < 0 || ndim > 8 || (ndim && !shape))
+        return moe__fail(w->ctx, MOE_ERR_INVALID_ARGUMENT, "tensor \"%s\": bad dtype or shape", name);
+    for (i = 0; i < ndim; i++) {
+        if (shape[i] < 0 || (shape[i] && n > ((uint64_t)1 << 50) / (uint64_t)shape[i]))
+            return moe__fail(w->ctx, MOE_ERR_INVALID_ARGUMENT, "tensor \"%s\": bad shape", name);
+        n *= (uint64_t)shape[i];
+    }
+    if (n && !data) return moe__fail(w->ctx, MOE_ERR_INVALID_ARGUMENT, "tensor \"%s\": data is NULL", name);
+    for (i = 0; i < w->count; i++)
+        if (strcmp(w->entries[i].name, name) == 0) return moe__fail(w->ctx, MOE_ERR_INVALID_ARGUMENT, "tensor \"%s\" added twice", name);
+    if (w->count == w->cap) {
+        int cap = w->cap ? w->cap * 2 : 16;
+        moe__wentry *ne = (moe__wentry *)moe__malloc(w->ctx, sizeof(moe__wentry) * (size_t)cap);
+        if (!ne) return moe__fail(w->ctx, MOE_ERR_OUT_OF_MEMORY, "tensor writer entries");
+        if (w->entries) { memcpy(ne, w->entries, sizeof(moe__wentry) * (size_t)w->count); moe__free(w->ctx, w->entries); }
+        w->entries = ne;
+        w->cap = cap;
+    }
+    e = &w->entries[w->count++];
+    memset(e, 0, sizeof *e);
+    moe__strlcpy(e->name, name, sizeof e->name);
+    e->dtype = dtype;
+    e->ndim = ndim;
+    for (i = 0; i < ndim; i++) e->shape[i] = shape[i];
+    e->data = data;
+    e->nbytes = (size_t)n * moe__dtype_sizes[dtype];
+    return MOE_OK;
+}
+
+MOEDEF moe_result moe_tensor_writer_metadata(moe_tensor_writer *w, const char *key, const char *value) {
+    if (!w) return MOE_ERR_INVALID_ARGUMENT;
+    if (!key || !value) return moe__fail(w->ctx, MOE_ERR_INVALID_ARGUMENT, "metadata key and value must not be NULL");
+    if (w->meta.len) moe__sb_str(&w->meta, ",");
+    moe__sb_json_string(&w->meta, key);
+    moe__sb_str(&w->meta, ":");
+    moe__sb_json_string(&w->meta, value);
+    if (w->meta.oom) return moe__fail(w->ctx, MOE_ERR_OUT_OF_MEMORY, "metadata");
+    return MOE_OK;
+}
+
+#if defined(_WIN32)
+#ifndef WIN32_LEAN_AND_MEAN
+#define WIN32_LEAN_AND_MEAN
+#endif
+#include <windows.h>
+static int moe__replace_file(const char *from, const char *to) { return MoveFileExA(from, to, MOVEFILE_REPLACE_EXISTING | MOVEFILE_WRITE_THROUGH) ? 0 : -1; }
+static int moe__sync_file(FILE *fp) { (void)fp; return 0; }
+#else
+static int moe__replace_file(const char *from, const char *to) { return rename(from, to); }
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#endif
+#if defined(__APPLE__) || (defined(_POSIX_C_SOURCE) && _POSIX_C_SOURCE >= 200112L) || defined(_DEFAULT_SOURCE) || defined(_GNU_SOURCE) || defined(_BSD_SOURCE)
+/* flush the data to the device before the rename makes it the file */
+static int moe__sync_file(FILE *fp) { return fsync(fileno(fp)); }
+#else
+static int moe__sync_file(FILE *fp) { (void)fp; return 0; }
+#endif
+#endif
+
+/* Write a little-endian copy of n elements of size sz. */
+static int moe__write_le(FILE *fp, const void *data, size_t nbytes, size_t sz) {
+    const uint16_t one = 1;
+    unsigned char little;
+    memcpy(&little, &one, 1);
+    if (little || sz == 1) return fwrite(data, 1, nbytes, fp) == nbytes;
+    {
+        unsigned char buf[4096];
+        const unsigned char *p = (const unsigned char *)data;
+        size_t done = 0;
+        while (done < nbytes) {
+            size_t n = nbytes - done < sizeof buf ? nbytes - done : sizeof buf, i, q;
+            for (i = 0; i < n; i += sz)
+                for (q = 0; q < sz; q++) buf[i + q] = p[done + i + sz - 1 - q];
+            if (fwrite(buf, 1, n, fp) != n) return 0;
+            done += n;
+        }
+        return 1;
+    }
+}
+
+MOEDEF moe_result moe_tensor_writer_save(moe_tensor_writer *w, const char *path) {
+    moe__sb h;
+    char tmp[4096];
+    unsigned char len8[8];
+    size_t off = 0, pad;
+    uint64_t hl;
+    FILE *fp;
+    int i, ok;
+    if (!w) return MOE_ERR_INVALID_ARGUMENT;
+    if (!path || strlen(path) + 5 > sizeof tmp) return moe__fail(w->ctx, MOE_ERR_INVALID_ARGUMENT, "path is NULL or too long");
+    memset(&h, 0, sizeof h);
+    h.ctx = w->ctx;
+    moe__sb_str(&h, "{");
+    if (w->meta.len) {
+        moe__sb_str(&h, "\"__metadata__\":{");
+        moe__sb_put(&h, w->meta.buf, w->meta.len);
+        moe__sb_str(&h, "}");
+    }
+    for (i = 0; i < w->count; i++) {
+        const moe__wentry *e = &w->entries[i];
+        int q;
+        if (i || w->meta.len) moe__sb_str(&h, ",");
+        moe__sb_json_string(&h, e->name);
+        moe__sb_printf(&h, ":{\"dtype\":\"%s\",\"shape\":[", moe__dtype_names[e->dtype]);
+        for (q = 0; q < e->ndim; q++) moe__sb_printf(&h, "%s%lld", q ? "," : "", (long long)e->shape[q]);
+        moe__sb_printf(&h, "],\"data_offsets\":[%llu,%llu]}", (unsigned long long)off, (unsigned long long)(off + e->nbytes));
+        off += e->nbytes;
+    }
+    moe__sb_str(&h, "}");
+    pad = (8 - h.len % 8) % 8;
+    while (pad--) moe__sb_str(&h, " ");
+    if (h.oom) { moe__free(w->ctx, h.buf); return moe__fail(w->ctx, MOE_ERR_OUT_OF_MEMORY, "safetensors header"); }
+    hl = h.len;
+    for (i = 0; i < 8; i++) len8[i] = (unsigned char)(hl >> (8 * i));
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    fp = fopen(tmp, "wb");
+    if (!fp) { moe__free(w->ctx, h.buf); return moe__fail(w->ctx, MOE_ERR_IO, "cannot create %s", tmp); }
+    ok = fwrite(len8, 1, 8, fp) == 8 && fwrite(h.buf, 1, h.len, fp) == h.len;
+    for (i = 0; ok && i < w->count; i++)
+        ok = moe__write_le(fp, w->entries[i].data, w->entries[i].nbytes, moe__dtype_sizes[w->entries[i].dtype]);
+    ok = ok && fflush(fp) == 0 && moe__sync_file(fp) == 0;
+    ok = (fclose(fp) == 0) && ok;
+    moe__free(w->ctx, h.buf);
+    if (!ok) {
+        remove(tmp);
+        return moe__fail(w->ctx, MOE_ERR_IO, "writing %s failed; %s is unchanged", tmp, path);
+    }
+    if (moe__replace_file(tmp, path) != 0) {
+        remove(tmp);
+        return moe__fail(w->ctx, MOE_ERR_IO, "cannot rename %s to %s; %s is unchanged", tmp, path, path);
+    }
+    return MOE_OK;
+}
+
+// >>config ------------------------------------------------------------------
+static const char *const moe__kind_names[] = {"", "dense", "moe", "rmsnorm", "layernorm"};
+static const char *const moe__act_names[] = {"", "identity", "relu", "gelu", "silu", "tanh", "sigmoid"};
+static const char *const moe__router_names[] = {"", "topk", "noisy_topk", "switch"};
+static const char *const moe__expert_names[] = {"", "linear", "mlp", "swiglu"};
+static const char *const moe__loss_names[] = {"", "cross_entropy", "mse", "bce"};
+static const char *const moe__opt_names[] = {"", "sgd", "adam", "adamw"};
+
+static void moe__config_write(const moe_model *m, moe__sb *b) {
+    const moe_model_desc *d = &m->desc;
+    const moe_optimizer_desc *o = &d->optimizer;
+    int i;
+    moe__sb_printf(b, "{\"format\":\"moe.h\",\"version\":%d,\"d_in\":%lld,\"loss\":\"%s\",\"max_tokens\":%lld,\"layers\":[",
+                   MOE_FORMAT_VERSION, (long long)d->d_in, moe__loss_names[d->loss], (long long)d->max_tokens);
+    for (i = 0; i < d->n_layers; i++) {
+        const moe_layer_desc *l = &d->layers[i];
+        moe__sb_printf(b, "%s{\"kind\":\"%s\",\"d_in\":%lld,\"d_out\":%lld,\"residual\":%s", i ? "," : "", moe__kind_names[l->kind],
+                       (long long)l->d_in, (long long)l->d_out, l->residual ? "true" : "false");
+        if (l->kind == MOE_LAYER_DENSE)
+            moe__sb_printf(b, ",\"activation\":\"%s\",\"bias\":%s", moe__act_names[l->activation], l->bias == MOE_FLAG_ON ? "true" : "false");
+        if (l->kind == MOE_LAYER_RMSNORM || l->kind == MOE_LAYER_LAYERNORM) {
+            moe__sb_str(b, ",\"eps\":");
+            moe__sb_float(b, l->eps);
+        }
+        if (l->kind == MOE_LAYER_MOE) {
+            moe__sb_printf(b, ",\"router\":\"%s\",\"experts\":%d,\"top_k\":%d,\"renormalize\":%s,\"router_bias\":%s",
+                           moe__router_names[l->router], l->n_experts, l->top_k, l->renormalize == MOE_FLAG_ON ? "true" : "false",
+                           l->router_bias == MOE_FLAG_ON ? "true" : "false");
+            moe__sb_printf(b, ",\"expert\":\"%s\",\"d_hidden\":%lld,\"hidden_layers\":%d,\"activation\":\"%s\",\"bias\":%s",
+                           moe__expert_names[l->expert], (long long)l->d_hidden, l->n_hidden_layers, moe__act_names[l->activation],
+                           l->bias == MOE_FLAG_ON ? "true" : "false");
+            moe__sb_printf(b, ",\"shared_experts\":%d,\"d_shared_hidden\":%lld", l->n_shared_experts, (long long)l->d_shared_hidden);
+            moe__sb_str(b, ",\"capacity_factor\":"); moe__sb_float(b, l->capacity_factor);
+            moe__sb_str(b, ",\"jitter\":"); moe__sb_float(b, l->jitter);
+            moe__sb_str(b, ",\"balance_loss\":"); moe__sb_float(b, l->balance_loss);
+            moe__sb_str(b, ",\"z_loss\":"); moe__sb_float(b, l->z_loss);
+            moe__sb_str(b, ",\"importance_loss\":"); moe__sb_float(b, l->importance_loss);
+            moe__sb_str(b, ",\"load_loss\":"); moe__sb_float(b, l->load_loss);
+        }
+        moe__sb_str(b, "}");
+    }
+    moe__sb_printf(b, "],\"optimizer\":{\"kind\":\"%s\",\"lr\":", moe__opt_names[o->kind]);
+    moe__sb_float(b, o->lr);
+    moe__sb_str(b, ",\"beta1\":"); moe__sb_float(b, o->beta1);
+    moe__sb_str(b, ",\"beta2\":"); moe__sb_float(b, o->beta2);
+    moe__sb_str(b, ",\"eps\":"); moe__sb_float(b, o->eps);
+    moe__sb_str(b, ",\"weight_decay\":"); moe__sb_float(b, o->weight_decay);
+    moe__sb_str(b, ",\"momentum\":"); moe__sb_float(b, o->momentum);
+    moe__sb_str(b, ",\"clip_norm\":"); moe__sb_float(b, o->clip_norm);
+    moe__sb_printf(b, ",\"warmup_steps\":%lld,\"total_steps\":%lld,\"min_lr\":", (long long)o->warmup_steps, (long long)o->total_steps);
+    moe__sb_float(b, o->min_lr);
+    moe__sb_str(b, "}}");
+}
+
+/* Reading the configuration: each field names its slot in the desc. */
+enum { MOE__F_INT, MOE__F_I64, MOE__F_FLOAT, MOE__F_BOOL, MOE__F_FLAG, MOE__F_ENUM };
+
+typedef struct moe__field {
+    const char *name;
+    int type;
+    size_t offset;
+    const char *const *names;   /* MOE__F_ENUM */
+    int n_names;
+    unsigned kinds;             /* layer kinds it belongs to: bit (1 << kind) */
+} moe__field;
+
+#define MOE__K_ALL 0x1E
+#define MOE__K_DENSE (1u << MOE_LAYER_DENSE)
+#define MOE__K_MOE (1u << MOE_LAYER_MOE)
+#define MOE__K_NORM ((1u << MOE_LAYER_RMSNORM) | (1u << MOE_LAYER_LAYERNORM))
+#define MOE__LF(name, type, field, names, n, kinds) {name, type, offsetof(moe_layer_desc, field), names, n, kinds}
+
+static const moe__field moe__layer_fields[] = {
+    MOE__LF("d_in", MOE__F_I64, d_in, NULL, 0, MOE__K_ALL),
+    MOE__LF("d_out", MOE__F_I64, d_out, NULL, 0, MOE__K_ALL),
+    MOE__LF("residual", MOE__F_BOOL, residual, NULL, 0, MOE__K_ALL),
+    MOE__LF("activation", MOE__F_ENUM, activation, moe__act_names, MOE_ACT_COUNT, MOE__K_DENSE | MOE__K_MOE),
+    MOE__LF("bias", MOE__F_FLAG, bias, NULL, 0, MOE__K_DENSE | MOE__K_MOE),
+    MOE__LF("eps", MOE__F_FLOAT, eps, NULL, 0, MOE__K_NORM),
+    MOE__LF("router", MOE__F_ENUM, router, moe__router_names, MOE_ROUTER_COUNT, MOE__K_MOE),
+    MOE__LF("experts", MOE__F_INT, n_experts, NULL, 0, MOE__K_MOE),
+    MOE__LF("top_k", MOE__F_INT, top_k, NULL, 0, MOE__K_MOE),
+    MOE__LF("renormalize", MOE__F_FLAG, renormalize, NULL, 0, MOE__K_MOE),
+    MOE__LF("router_bias", MOE__F_FLAG, router_bias, NULL, 0, MOE__K_MOE),
+    MOE__LF("expert", MOE__F_ENUM, expert, moe__expert_names, MOE_EXPERT_COUNT, MOE__K_MOE),
+    MOE__LF("d_hidden", MOE__F_I64, d_hidden, NULL, 0, MOE__K_MOE),
+    MOE__LF("hidden_layers", MOE__F_INT, n_hidden_layers, NULL, 0, MOE__K_MOE),
+    MOE__LF("shared_experts", MOE__F_INT, n_shared_experts, NULL, 0, MOE__K_MOE),
+    MOE__LF("d_shared_hidden", MOE__F_I64, d_shared_hidden, NULL, 0, MOE__K_MOE),
+    MOE__LF("capacity_factor", MOE__F_FLOAT, capacity_factor, NULL, 0, MOE__K_MOE),
+    MOE__LF("jitter", MOE__F_FLOAT, jitter, NULL, 0, MOE__K_MOE),
+    MOE__LF("balance_loss", MOE__F_FLOAT, balance_loss, NULL, 0, MOE__K_MOE),
+    MOE__LF("z_loss", MOE__F_FLOAT, z_loss, NULL, 0, MOE__K_MOE),
+    MOE__LF("importance_loss", MOE__F_FLOAT, importance_loss, NULL, 0, MOE__K_MOE),
+    MOE__LF("load_loss", MOE__F_FLOAT, load_loss, NULL, 0, MOE__K_MOE),
+};
+
+#define MOE__OF(name, type, field, names, n) {name, type, offsetof(moe_optimizer_desc, field), names, n, 0}
+static const moe__field moe__opt_fields[] = {
+    MOE__OF("kind", MOE__F_ENUM, kind, moe__opt_names, MOE_OPTIMIZER_COUNT),
+    MOE__OF("lr", MOE__F_FLOAT, lr, NULL, 0),
+    MOE__OF("beta1", MOE__F_FLOAT, beta1, NULL, 0),
+    MOE__OF("beta2", MOE__F_FLOAT, beta2, NULL, 0),
+    MOE__OF("eps", MOE__F_FLOAT, eps, NULL, 0),
+    MOE__OF("weight_decay", MOE__F_FLOAT, weight_decay, NULL, 0),
+    MOE__OF("momentum", MOE__F_FLOAT, momentum, NULL, 0),
+    MOE__OF("clip_norm", MOE__F_FLOAT, clip_norm, NULL, 0),
+    MOE__OF("warmup_steps", MOE__F_I64, warmup_steps, NULL, 0),
+    MOE__OF("total_steps", MOE__F_I64, total_steps, NULL, 0),
+    MOE__OF("min_lr", MOE__F_FLOAT, min_lr, NULL, 0),
+};
+
+/* Store the value token v into the field f of the struct at base. */
+static moe_result moe__field_set(moe_ctx *ctx, const moe__json *j, int32_t v, const moe__field *f, void *base, const char *where) {
+    char *p = (char *)base + f->offset;
+    int64_t iv;
+    double dv;
+    switch (f->type) {
+    case MOE__F_INT:
+        if (!moe__json_int(j, v, &iv) || iv < INT_MIN || iv > INT_MAX) break;
+        *(int *)(void *)p = (int)iv;
+        return MOE_OK;
+    case MOE__F_I64:
+        if (!moe__json_int(j, v, &iv)) break;
+        *(int64_t *)(void *)p = iv;
+        return MOE_OK;
+    case MOE__F_FLOAT:
+        if (!moe__json_double(j, v, &dv) || !(dv >= -FLT_MAX && dv <= FLT_MAX)) break;
+        *(float *)(void *)p = (float)dv;
+        return MOE_OK;
+    case MOE__F_BOOL:
+    case MOE__F_FLAG:
+        if (j->tok[v].type != MOE__J_TRUE && j->tok[v].type != MOE__J_FALSE) break;
+        if (f->type == MOE__F_BOOL) *(int *)(void *)p = j->tok[v].type == MOE__J_TRUE;
+        else *(moe_flag *)(void *)p = j->tok[v].type == MOE__J_TRUE ? MOE_FLAG_ON : MOE_FLAG_OFF;
+        return MOE_OK;
+    case MOE__F_ENUM: {
+        int q;
+        for (q = 1; q < f->n_names; q++)
+            if (moe__json_eq(j, v, f->names[q])) { *(int *)(void *)p = q; return MOE_OK; }
+        break;
+    }
+    default: break;
+    }
+    return moe__fail(ctx, MOE_ERR_FORMAT, "moe.config: %s: bad value for \"%s\"", where, f->name);
+}
+
+static moe_result moe__fields_read(moe_ctx *ctx, const moe__json *j, int32_t obj, const moe__field *fields, int n_fields,
+                                   unsigned kind_bit, void *base, const char *where, int skip_kind) {
+    int32_t k = obj + 1;
+    int m, q;
+    char key[64];
+    for (m = 0; m < j->tok[obj].count; m++) {
+        int32_t v = k + 1;
+        if (moe__json_str(j, k, key, sizeof key) < 0) return moe__fail(ctx, MOE_ERR_FORMAT, "moe.config: %s: bad key", where);
+        if (!(skip_kind && strcmp(key, "kind") == 0)) {
+            for (q = 0; q < n_fields; q++)
+                if (strcmp(key, fields[q].name) == 0 && (!kind_bit || (fields[q].kinds & kind_bit))) break;
+            if (q == n_fields) return moe__fail(ctx, MOE_ERR_FORMAT, "moe.config: %s: unknown field \"%s\"", where, key);
+            MOE__TRY(moe__field_set(ctx, j, v, &fields[q], base, where));
+        }
+        k = j->tok[v].next;
+    }
+    return MOE_OK;
+}
+
+static int32_t moe__json_member(const moe__json *j, int32_t obj, const char *key) {
+    int32_t k = obj + 1;
+    int m;
+    if (j->tok[obj].type != MOE__J_OBJECT) return -1;
+    for (m = 0; m < j->tok[obj].count; m++) {
+        if (moe__json_eq(j, k, key)) return k + 1;
+        k = j->tok[k + 1].next;
+    }
+    return -1;
+}
+
+/* Parse moe.config into desc; layers are allocated and returned in *layers_out. */
+static moe_result moe__config_read(moe_ctx *ctx, const char *text, moe_model_desc *desc, moe_layer_desc **layers_out) {
+    moe__json j;
+    int32_t v, arr, e;
+    int64_t iv;
+    int i;
+    moe_layer_desc *layers = NULL;
+    moe_result r;
+    char where[32];
+    *layers_out = NULL;
+    memset(desc, 0, sizeof *desc);
+    MOE__TRY(moe__json_parse(ctx, text, strlen(text), &j, "moe.config"));
+    r = MOE_ERR_FORMAT;
+    if (j.tok[0].type != MOE__J_OBJECT) { moe__fail(ctx, r, "moe.config is not a JSON object"); goto done; }
+    v = moe__json_member(&j, 0, "format");
+    if (v < 0 || !moe__json_eq(&j, v, "moe.h")) { moe__fail(ctx, r, "moe.config: \"format\" must be \"moe.h\""); goto done; }
+    v = moe__json_member(&j, 0, "version");
+    if (v < 0 || !moe__json_int(&j, v, &iv) || iv < 1) { moe__fail(ctx, r, "moe.config: missing or bad \"version\""); goto done; }
+    if (iv > MOE_FORMAT_VERSION) {
+        r = moe__fail(ctx, MOE_ERR_UNSUPPORTED, "moe.config version %lld is newer than this moe.h reads (%d)", (long long)iv, MOE_FORMAT_VERSION);
+        goto done;
+    }
+    v = moe__json_member(&j, 0, "d_in");
+    if (v < 0 || !moe__json_int(&j, v, &desc->d_in)) { moe__fail(ctx, r, "moe.config: missing or bad \"d_in\""); goto done; }
+    arr = moe__json_member(&j, 0, "layers");
+    if (arr < 0 || j.tok[arr].type != MOE__J_ARRAY || j.tok[arr].count < 1 || j.tok[arr].count > 4096) {
+        moe__fail(ctx, r, "moe.config: \"layers\" must be an array of 1..4096 layers"); goto done;
+    }
+    layers = (moe_layer_desc *)moe__calloc(ctx, sizeof(moe_layer_desc) * (size_t)j.tok[arr].count);
+    if (!layers) { r = moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "moe.config layers"); goto done; }
+    e = arr + 1;
+    for (i = 0; i < j.tok[arr].count; i++, e = j.tok[e].next) {
+        int32_t kv = moe__json_member(&j, e, "kind");
+        int q;
+        snprintf(where, sizeof where, "layer %d", i);
+        if (kv < 0) { moe__fail(ctx, r, "moe.config: %s: needs a \"kind\"", where); goto done; }
+        for (q = 1; q < MOE_LAYER_COUNT; q++) if (moe__json_eq(&j, kv, moe__kind_names[q])) break;
+        if (q == MOE_LAYER_COUNT) { moe__fail(ctx, r, "moe.config: %s: unknown kind", where); goto done; }
+        layers[i].kind = (moe_layer_kind)q;
+        if (moe__fields_read(ctx, &j, e, moe__layer_fields, (int)(sizeof moe__layer_fields / sizeof moe__layer_fields[0]), 1u << q,
+                             &layers[i], where, 1) != MOE_OK) goto done;
+    }
+    {
+        int32_t k = 1;
+        int m;
+        char key[32];
+        for (m = 0; m < j.tok[0].count; m++) {
+            int32_t val = k + 1;
+            if (moe__json_str(&j, k, key, sizeof key) < 0) { moe__fail(ctx, r, "moe.config: bad key"); goto done; }
+            if (strcmp(key, "loss") == 0) {
+                for (i = 1; i < MOE_LOSS_COUNT; i++) if (moe__json_eq(&j, val, moe__loss_names[i])) break;
+                if (i == MOE_LOSS_COUNT) { moe__fail(ctx, r, "moe.config: unknown loss"); goto done; }
+                desc->loss = (moe_loss)i;
+            } else if (strcmp(key, "max_tokens") == 0) {
+                if (!moe__json_int(&j, val, &desc->max_tokens)) { moe__fail(ctx, r, "moe.config: bad max_tokens"); goto done; }
+            } else if (strcmp(key, "optimizer") == 0) {
+                if (j.tok[val].type != MOE__J_OBJECT) { moe__fail(ctx, r, "moe.config: optimizer must be an object"); goto done; }
+                if (moe__fields_read(ctx, &j, val, moe__opt_fields, (int)(sizeof moe__opt_fields / sizeof moe__opt_fields[0]), 0,
+                                     &desc->optimizer, "optimizer", 0) != MOE_OK) goto done;
+            } else if (strcmp(key, "format") && strcmp(key, "version") && strcmp(key, "d_in") && strcmp(key, "layers")) {
+                moe__fail(ctx, r, "moe.config: unknown field \"%s\"", key);
+                goto done;
+            }
+            k = j.tok[val].next;
+        }
+    }
+    desc->n_layers = j.tok[arr].count;
+    desc->layers = layers;
+    *layers_out = layers;
+    layers = NULL;
+    r = MOE_OK;
+done:
+    moe__free(ctx, layers);
+    moe__json_free(ctx, &j);
+    return r;
+}
+
+// >>model_io ----------------------------------------------------------------
+static moe_result moe__config_string(moe_model *m, moe__sb *b) {
+    memset(b, 0, sizeof *b);
+    b->ctx = m->ctx;
+    moe__config_write(m, b);
+    if (b->oom) { moe__free(m->ctx, b->buf); return moe__fail(m->ctx, MOE_ERR_OUT_OF_MEMORY, "config text"); }
+    return MOE_OK;
+}
+
+MOEDEF moe_result moe_model_save(moe_model *m, const char *path) {
+    moe_tensor_writer *w;
+    moe__sb cfg;
+    moe_result r;
+    int i;
+    if (!m) return MOE_ERR_INVALID_ARGUMENT;
+    if (!path) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "path is NULL");
+    MOE__TRY(moe__config_string(m, &cfg));
+    r = moe_tensor_writer_create(m->ctx, &w);
+    if (r == MOE_OK) r = moe_tensor_writer_metadata(w, "format", "pt");
+    if (r == MOE_OK) r = moe_tensor_writer_metadata(w, "moe.config", cfg.buf);
+    for (i = 0; r == MOE_OK && i < m->n_tensors; i++) {
+        moe_tensor t;
+        moe_model_tensor(m, i, &t);
+        r = moe_tensor_writer_add(w, t.name, MOE_DTYPE_F32, t.ndim, t.shape, t.data);
+    }
+    if (r == MOE_OK) r = moe_tensor_writer_save(w, path);
+    moe_tensor_writer_destroy(w);
+    moe__free(m->ctx, cfg.buf);
+    return r;
+}
+
+static moe_result moe__model_from_file(moe_ctx *ctx, const moe_tensor_file *f, int64_t max_tokens, moe_model **out) {
+    const char *cfg = moe_tensor_file_metadata(f, "moe.config");
+    moe_model_desc desc;
+    moe_layer_desc *layers = NULL;
+    moe_model *m = NULL;
+    moe_result r;
+    int i, q;
+    if (!cfg) return moe__fail(ctx, MOE_ERR_FORMAT, "no \"moe.config\" in the file's __metadata__");
+    MOE__TRY(moe__config_read(ctx, cfg, &desc, &layers));
+    if (max_tokens) desc.max_tokens = max_tokens;
+    r = moe_model_create(ctx, &desc, &m);
+    moe__free(ctx, layers);
+    if (r != MOE_OK) return r;
+    for (i = 0; i < m->n_tensors; i++) {
+        moe_tensor t;
+        const moe_file_tensor *ft;
+        moe_model_tensor(m, i, &t);
+        ft = moe_tensor_file_find(f, t.name);
+        if (!ft) { r = moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\" is missing", t.name); goto fail; }
+        if (ft->dtype != MOE_DTYPE_F32 && ft->dtype != MOE_DTYPE_F64 && ft->dtype != MOE_DTYPE_F16 && ft->dtype != MOE_DTYPE_BF16) {
+            r = moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\" is %s; parameters must be a float type", t.name, moe__dtype_names[ft->dtype]);
+            goto fail;
+        }
+        if (ft->ndim != t.ndim) { r = moe__fail(ctx, MOE_ERR_SHAPE, "tensor \"%s\" has %d dimensions, expected %d", t.name, ft->ndim, t.ndim); goto fail; }
+        for (q = 0; q < t.ndim; q++)
+            if (ft->shape[q] != t.shape[q]) {
+                r = moe__fail(ctx, MOE_ERR_SHAPE, "tensor \"%s\" dimension %d is %lld, expected %lld", t.name, q, (long long)ft->shape[q], (long long)t.shape[q]);
+                goto fail;
+            }
+        r = moe_file_tensor_to_f32(ctx, ft, t.data, t.size);
+        if (r != MOE_OK) goto fail;
+    }
+    for (i = 0; i < moe_tensor_file_count(f); i++) {
+        const moe_file_tensor *ft = moe_tensor_file_get(f, i);
+        if (strncmp(ft->name, "layers.", 7) != 0) continue;
+        for (q = 0; q < m->n_tensors; q++) if (strcmp(m->tensors[q].name, ft->name) == 0) break;
+        if (q == m->n_tensors) { r = moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\" is not part of this model's configuration", ft->name); goto fail; }
+    }
+    *out = m;
+    return MOE_OK;
+fail:
+    moe_model_destroy(m);
+    return r;
+}
+
+MOEDEF moe_result moe_model_load_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe_model **out) {
+    moe_tensor_file *f;
+    moe_result r;
+    if (!ctx || !out) return MOE_ERR_INVALID_ARGUMENT;
+    *out = NULL;
+    MOE__TRY(moe_tensor_file_parse(ctx, data, size, &f));
+    r = moe__model_from_file(ctx, f, max_tokens, out);
+    moe_tensor_file_close(f);
+    return r;
+}
+
+MOEDEF moe_result moe_model_load(moe_ctx *ctx, const char *path, int64_t max_tokens, moe_model **out) {
+    moe_tensor_file *f;
+    moe_result r;
+    if (!ctx || !out) return MOE_ERR_INVALID_ARGUMENT;
+    *out = NULL;
+    MOE__TRY(moe_tensor_file_read(ctx, path, &f));
+    r = moe__model_from_file(ctx, f, max_tokens, out);
+    if (r != MOE_OK) moe__fail_prefix(ctx, r, path);
+    moe_tensor_file_close(f);
+    return r;
+}
+
+#endif /* MOE_IMPLEMENTATION_INCLUDED */
+#endif /* MOE_IMPLEMENTATION */
+
+/*
+------------------------------------------------------------------------------
+This software is available under the MIT License.
+------------------------------------------------------------------------------
+Copyright (c) 2026 the moe.h authors
+
+Permission is hereby granted, free of charge, to any person obtaining a copy of
+this software and associated documentation files (the "Software"), to deal in
+the Software without restriction, including without limitation the rights to
+use, copy, modify, merge, publish, distribute, sublicense, and/or sell copies
+of the Software, and to permit persons to whom the Software is furnished to do
+so, subject to the following conditions:
+
+The above copyright notice and this permission notice shall be included in all
+copies or substantial portions of the Software.
+
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
+SOFTWARE.
+------------------------------------------------------------------------------
+*/

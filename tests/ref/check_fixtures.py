@@ -1,0 +1,431 @@
+#!/usr/bin/python3
+"""Re-verifies the fixtures written by gen_fixtures.py.
+
+Usage:
+
+    /usr/bin/python3 tests/ref/check_fixtures.py [dir]        (default: this script's directory)
+
+It shares no code with gen_fixtures.py.  For every `*.safetensors` in the directory it
+
+1. reads the file with its own safetensors reader and checks the format (header length, header
+   padded to a multiple of 8, offsets contiguous, every tensor the `moe.config` implies present
+   with its shape, no other `layers.` tensor, the fixture tensor list complete);
+2. rebuilds the model with a second, deliberately naive implementation of docs/MODEL.md (token by
+   token, expert by expert, written straight from the text) in float64 from the stored float32
+   values, and compares y, loss, aux_loss, aux.<i>, stats, dx, grad.*, eval.y, eval.dx, eval.grad.*
+   (gradients by autograd through the naive model);
+3. checks those gradients by central finite differences on a few entries of every parameter
+   tensor and of x, for both the training objective (task + aux) and the inference objective
+   sum(eval.y * dy);
+4. replays the five steps with torch.optim.AdamW (and torch.nn.utils.clip_grad_norm_ where
+   clip_norm > 0) and compares step<k>.loss, step<k>.aux_loss and step<k>.<param>.
+
+Exit status 0 when every fixture passes.
+"""
+
+import glob
+import json
+import math
+import os
+import struct
+import sys
+
+import numpy as np
+import torch
+
+torch.set_default_dtype(torch.float64)
+
+NP_DTYPES = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I32": np.int32,
+             "I64": np.int64}
+
+
+def read_safetensors(path):
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert n % 8 == 0, "header length %d not a multiple of 8" % n
+    header = json.loads(raw[8:8 + n].decode())
+    meta = header.pop("__metadata__", {})
+    data = raw[8 + n:]
+    tensors, spans = {}, []
+    for name, h in header.items():
+        b, e = h["data_offsets"]
+        spans.append((b, e))
+        dt = np.dtype(NP_DTYPES[h["dtype"]]).newbyteorder("<")
+        a = np.frombuffer(data[b:e], dtype=dt).reshape(h["shape"])
+        assert a.nbytes == e - b
+        tensors[name] = a.astype(a.dtype.newbyteorder("="))
+    spans.sort()
+    pos = 0
+    for b, e in spans:
+        assert b == pos, "gap/overlap in data"
+        pos = e
+    assert pos == len(data), "trailing data"
+    return meta, tensors
+
+
+# ----------------------------------------------------------------------------------------------
+# Expected tensor names, from the config text
+
+def expected_params(cfg):
+    out = {}
+    for i, c in enumerate(cfg["layers"]):
+        p = "layers.%d." % i
+        D, O = c["d_in"], c["d_out"]
+        if c["kind"] == "dense":
+            out[p + "weight"] = [O, D]
+            if c["bias"]:
+                out[p + "bias"] = [O]
+        elif c["kind"] == "rmsnorm":
+            out[p + "weight"] = [D]
+        elif c["kind"] == "layernorm":
+            out[p + "weight"] = [D]
+            out[p + "bias"] = [D]
+        else:
+            E = c["experts"]
+            out[p + "router.weight"] = [E, D]
+            if c["router_bias"]:
+                out[p + "router.bias"] = [E]
+            if c["router"] == "noisy_topk":
+                out[p + "router.noise_weight"] = [E, D]
+            groups = [("experts.", E, c["d_hidden"])]
+            if c["shared_experts"]:
+                groups.append(("shared.", c["shared_experts"], c["d_shared_hidden"]))
+            for g, n, H in groups:
+                q = p + g
+                if c["expert"] == "linear":
+                    out[q + "fc0.weight"] = [n, O, D]
+                    if c["bias"]:
+                        out[q + "fc0.bias"] = [n, O]
+                elif c["expert"] == "mlp":
+                    L = c["hidden_layers"]
+                    dims = [D] + [H] * L + [O]
+                    for j in range(L + 1):
+                        out[q + "fc%d.weight" % j] = [n, dims[j + 1], dims[j]]
+                        if c["bias"]:
+                            out[q + "fc%d.bias" % j] = [n, dims[j + 1]]
+                else:
+                    out[q + "w1.weight"] = [n, H, D]
+                    out[q + "w3.weight"] = [n, H, D]
+                    out[q + "w2.weight"] = [n, O, H]
+                    if c["bias"]:
+                        out[q + "w1.bias"] = [n, H]
+                        out[q + "w3.bias"] = [n, H]
+                        out[q + "w2.bias"] = [n, O]
+    return out
+
+
+def expected_fixture(cfg, T):
+    shapes = dict(expected_params(cfg))
+    d_in, d_out = cfg["d_in"], cfg["layers"][-1]["d_out"]
+    shapes["x"] = [T, d_in]
+    if cfg["loss"] == "cross_entropy":
+        shapes["labels"] = [T]
+    else:
+        shapes["target"] = [T, d_out]
+    for n in ["y", "dy", "eval.y"]:
+        shapes[n] = [T, d_out]
+    shapes["loss"] = shapes["aux_loss"] = [1]
+    shapes["dx"] = shapes["eval.dx"] = [T, d_in]
+    for i, c in enumerate(cfg["layers"]):
+        if c["kind"] == "moe":
+            shapes["aux.%d" % i] = [4]
+            shapes["stats.%d.tokens_per_expert" % i] = [c["experts"]]
+            shapes["stats.%d.dropped_tokens" % i] = [1]
+            if c["router"] == "noisy_topk":
+                shapes["noise.%d" % i] = [T, c["experts"]]
+    for n, s in expected_params(cfg).items():
+        shapes["grad." + n] = s
+        shapes["eval.grad." + n] = s
+        for k in range(1, 6):
+            shapes["step%d.%s" % (k, n)] = s
+    for k in range(1, 6):
+        shapes["step%d.loss" % k] = shapes["step%d.aux_loss" % k] = [1]
+    return shapes
+
+
+# ----------------------------------------------------------------------------------------------
+# Naive model, token by token
+
+def act(name, z):
+    return {"identity": lambda v: v, "relu": torch.relu,
+            "gelu": lambda v: 0.5 * v * (1 + torch.erf(v / math.sqrt(2))),
+            "silu": lambda v: v / (1 + torch.exp(-v)), "tanh": torch.tanh,
+            "sigmoid": lambda v: 1 / (1 + torch.exp(-v))}[name](z)
+
+
+def softplus(z):
+    return torch.where(z > 0, z + torch.log1p(torch.exp(-z)), torch.log1p(torch.exp(z)))
+
+
+def expert(P, q, c, e, v):
+    """Expert e of the stack at prefix q on one token v [D]."""
+    b = c["bias"]
+    if c["expert"] == "linear":
+        return P[q + "fc0.weight"][e] @ v + (P[q + "fc0.bias"][e] if b else 0)
+    if c["expert"] == "mlp":
+        a = v
+        L = c["hidden_layers"]
+        for j in range(L):
+            a = act(c["activation"], P[q + "fc%d.weight" % j][e] @ a
+                    + (P[q + "fc%d.bias" % j][e] if b else 0))
+        return P[q + "fc%d.weight" % L][e] @ a + (P[q + "fc%d.bias" % L][e] if b else 0)
+    z1 = P[q + "w1.weight"][e] @ v + (P[q + "w1.bias"][e] if b else 0)
+    z3 = P[q + "w3.weight"][e] @ v + (P[q + "w3.bias"][e] if b else 0)
+    return P[q + "w2.weight"][e] @ (act("silu", z1) * z3) + (P[q + "w2.bias"][e] if b else 0)
+
+
+def cv2(v):
+    m = sum(v) / len(v)
+    var = sum((vi - m) ** 2 for vi in v) / len(v)
+    return var / (m * m + 1e-10)
+
+
+def moe_layer(P, i, c, X, train, noise):
+    p = "layers.%d." % i
+    T, E, D, O = len(X), c["experts"], c["d_in"], c["d_out"]
+    k = 1 if c["router"] == "switch" else c["top_k"]
+    cs, ss, hs, ps, chosen, gates = [], [], [], [], [], []
+    for t in range(T):
+        u = X[t]
+        cl = P[p + "router.weight"] @ u + (P[p + "router.bias"] if c["router_bias"] else 0)
+        if c["router"] == "noisy_topk":
+            s = softplus(P[p + "router.noise_weight"] @ u)
+            h = cl + noise[t] * s if train else cl
+        else:
+            s, h = None, cl
+        pr = torch.exp(h - h.max())
+        pr = pr / pr.sum()
+        hv = [float(h[e]) for e in range(E)]
+        ch = sorted(range(E), key=lambda e: (-hv[e], e))[:k]
+        if c["renormalize"]:
+            ex = [torch.exp(h[e] - h[ch[0]]) for e in ch]
+            tot = sum(ex)
+            g = [v / tot for v in ex]
+        else:
+            g = [pr[e] for e in ch]
+        cs.append(cl); ss.append(s); hs.append(h); ps.append(pr); chosen.append(ch); gates.append(g)
+    keep = [[True] * k for _ in range(T)]
+    if c["capacity_factor"] > 0:
+        C = math.ceil(c["capacity_factor"] * T * k / E)
+        held = [0] * E
+        for sl in range(k):
+            for t in range(T):
+                e = chosen[t][sl]
+                if held[e] >= C:
+                    keep[t][sl] = False
+                else:
+                    held[e] += 1
+    Y = []
+    tokens_per_expert = [0] * E
+    dropped = 0
+    for t in range(T):
+        x = X[t]
+        routed = torch.zeros(O)
+        for sl in range(k):
+            if keep[t][sl]:
+                routed = routed + gates[t][sl] * expert(P, p + "experts.", c, chosen[t][sl], x)
+                tokens_per_expert[chosen[t][sl]] += 1
+        if not any(keep[t]):
+            dropped += 1
+            if not c["residual"] and O == D:
+                routed = x
+        y = x + routed if c["residual"] else routed
+        for j in range(c["shared_experts"]):
+            y = y + expert(P, p + "shared.", c, j, x)
+        Y.append(y)
+    aux = [torch.zeros(()) for _ in range(4)]
+    if train:
+        if c["balance_loss"]:
+            f = [sum(ch.count(e) for ch in chosen) / (T * k) for e in range(E)]
+            Pm = [sum(ps[t][e] for t in range(T)) / T for e in range(E)]
+            aux[0] = c["balance_loss"] * E * sum(f[e] * Pm[e] for e in range(E))
+        if c["z_loss"]:
+            aux[1] = c["z_loss"] * sum(torch.logsumexp(h, 0) ** 2 for h in hs) / T
+        if c["importance_loss"]:
+            I = [sum(gates[t][chosen[t].index(e)] if e in chosen[t] else torch.zeros(())
+                     for t in range(T)) for e in range(E)]
+            aux[2] = c["importance_loss"] * cv2(I)
+        if c["load_loss"] and c["router"] == "noisy_topk" and k < E:
+            load = [torch.zeros(()) for _ in range(E)]
+            for t in range(T):
+                h = hs[t]
+                desc = sorted(range(E), key=lambda e: (-float(h[e]), e))
+                th_in, th_out = h[desc[k]], h[desc[k - 1]]
+                for e in range(E):
+                    th = th_in if float(h[e]) > float(th_in) else th_out
+                    z = (cs[t][e] - th) / ss[t][e]
+                    load[e] = load[e] + 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+            aux[3] = c["load_loss"] * cv2(load)
+    return torch.stack(Y), aux, (tokens_per_expert, dropped)
+
+
+def forward(cfg, P, x, train, noise):
+    h, auxes, stats = x, {}, {}
+    for i, c in enumerate(cfg["layers"]):
+        p = "layers.%d." % i
+        if c["kind"] == "dense":
+            o = act(c["activation"], h @ P[p + "weight"].T + (P[p + "bias"] if c["bias"] else 0))
+        elif c["kind"] == "rmsnorm":
+            o = torch.stack([r / torch.sqrt((r * r).sum() / len(r) + c["eps"]) * P[p + "weight"]
+                             for r in h])
+        elif c["kind"] == "layernorm":
+            rows = []
+            for r in h:
+                mu = r.sum() / len(r)
+                var = ((r - mu) ** 2).sum() / len(r)
+                rows.append((r - mu) / torch.sqrt(var + c["eps"]) * P[p + "weight"] + P[p + "bias"])
+            o = torch.stack(rows)
+        else:
+            o, auxes[i], stats[i] = moe_layer(P, i, c, h, train, noise.get(i))
+        if c["kind"] != "moe" and c["residual"]:
+            o = h + o
+        h = o
+    return h, auxes, stats
+
+
+def task_loss(kind, y, tgt):
+    T = y.shape[0]
+    if kind == "cross_entropy":
+        return sum(torch.logsumexp(y[t], 0) - y[t, int(tgt[t])] for t in range(T)) / T
+    if kind == "mse":
+        return ((y - tgt) ** 2).sum() / y.numel()
+    return (softplus(y) - tgt * y).sum() / y.numel()
+
+
+def objectives(cfg, P, x, tgt, noise):
+    y, auxes, stats = forward(cfg, P, x, True, noise)
+    loss = task_loss(cfg["loss"], y, tgt)
+    aux = sum(sum(a) for a in auxes.values()) if auxes else torch.zeros(())
+    return loss, aux, y, auxes, stats
+
+
+# ----------------------------------------------------------------------------------------------
+
+def close(name, got, want, rtol=2e-5, atol=2e-6):
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, (name, got.shape, want.shape)
+    err = np.abs(got - want) - (atol + rtol * np.abs(want))
+    if got.size and err.max() > 0:
+        j = int(err.argmax())
+        raise AssertionError("%s mismatch at %d: %r vs %r" % (name, j, got.flat[j], want.flat[j]))
+
+
+def check(path):
+    meta, F = read_safetensors(path)
+    cfg = json.loads(meta["moe.config"])
+    T = F["x"].shape[0]
+    shapes = expected_fixture(cfg, T)
+    assert set(F) == set(shapes), (set(F) ^ set(shapes))
+    for n, s in shapes.items():
+        assert list(F[n].shape) == s, (n, F[n].shape, s)
+        want = np.int32 if n == "labels" else np.float32
+        assert F[n].dtype == want, (n, F[n].dtype)
+    names = list(expected_params(cfg))
+    d = {n: torch.from_numpy(F[n].astype(np.float64)) for n in F if n != "labels"}
+    tgt = torch.from_numpy(F["labels"].astype(np.int64)) if "labels" in F else d["target"]
+    noise = {int(n.split(".")[1]): d[n] for n in d if n.startswith("noise.")}
+    x0 = d["x"]
+    P0 = {n: d[n] for n in names}
+
+    def train_obj(P, x):
+        l, a, *_ = objectives(cfg, P, x, tgt, noise)
+        return l + a
+
+    def eval_obj(P, x):
+        return (forward(cfg, P, x, False, {})[0] * d["dy"]).sum()
+
+    # (2) forward values and autograd gradients of the naive model
+    P = {n: v.clone().requires_grad_(True) for n, v in P0.items()}
+    x = x0.clone().requires_grad_(True)
+    loss, aux, y, auxes, stats = objectives(cfg, P, x, tgt, noise)
+    gr = torch.autograd.grad(loss + aux, [x] + [P[n] for n in names], allow_unused=True)
+    close("y", y.detach(), d["y"])
+    close("loss", [float(loss)], d["loss"])
+    close("aux_loss", [float(aux)], d["aux_loss"])
+    for i, a in auxes.items():
+        close("aux.%d" % i, [float(v) for v in a], d["aux.%d" % i])
+        close("stats.%d.tokens_per_expert" % i, stats[i][0], d["stats.%d.tokens_per_expert" % i])
+        close("stats.%d.dropped_tokens" % i, [stats[i][1]], d["stats.%d.dropped_tokens" % i])
+    close("dx", gr[0], d["dx"])
+    for n, g in zip(names, gr[1:]):
+        close("grad." + n, torch.zeros_like(P0[n]) if g is None else g, d["grad." + n])
+
+    P = {n: v.clone().requires_grad_(True) for n, v in P0.items()}
+    x = x0.clone().requires_grad_(True)
+    ey = forward(cfg, P, x, False, {})[0]
+    gr = torch.autograd.grad((ey * d["dy"]).sum(), [x] + [P[n] for n in names], allow_unused=True)
+    close("eval.y", ey.detach(), d["eval.y"])
+    close("eval.dx", gr[0], d["eval.dx"])
+    for n, g in zip(names, gr[1:]):
+        close("eval.grad." + n, torch.zeros_like(P0[n]) if g is None else g, d["eval.grad." + n])
+
+    # (3) finite differences on a few entries of every tensor
+    rng = np.random.RandomState(0)
+    eps = 1e-6
+    nfd = 0
+    for which, obj, prefix in [("train", train_obj, ""), ("eval", eval_obj, "eval.")]:
+        for n in ["x"] + names:
+            base = x0 if n == "x" else P0[n]
+            grad = d[prefix + ("dx" if n == "x" else "grad." + n)]
+            for _ in range(3):
+                j = rng.randint(base.numel())
+                vals = []
+                for sgn in (1, -1):
+                    b = base.clone()
+                    b.view(-1)[j] += sgn * eps
+                    with torch.no_grad():
+                        if n == "x":
+                            vals.append(float(obj(P0, b)))
+                        else:
+                            Q = dict(P0)
+                            Q[n] = b
+                            vals.append(float(obj(Q, x0)))
+                fd = (vals[0] - vals[1]) / (2 * eps)
+                close("fd %s %s[%d]" % (which, n, j), [fd], [float(grad.view(-1)[j])],
+                      rtol=1e-4, atol=1e-6)
+                nfd += 1
+
+    # (4) optimizer replay with torch.optim.AdamW
+    o = cfg["optimizer"]
+    assert o["kind"] == "adamw" and o["warmup_steps"] == 0 and o["total_steps"] == 0
+    params = [P0[n].clone().requires_grad_(True) for n in names]
+    opt = torch.optim.AdamW(params, lr=o["lr"], betas=(o["beta1"], o["beta2"]), eps=o["eps"],
+                            weight_decay=o["weight_decay"])
+    clipped = 0
+    for k in range(1, 6):
+        opt.zero_grad()
+        l, a, *_ = objectives(cfg, dict(zip(names, params)), x0, tgt, noise)
+        close("step%d.loss" % k, [float(l)], d["step%d.loss" % k])
+        close("step%d.aux_loss" % k, [float(a)], d["step%d.aux_loss" % k])
+        (l + a).backward()
+        for q in params:
+            if q.grad is None:
+                q.grad = torch.zeros_like(q)
+        if o["clip_norm"] > 0:
+            nrm = torch.nn.utils.clip_grad_norm_(params, o["clip_norm"])
+            clipped += float(nrm) > o["clip_norm"]
+        opt.step()
+        for n, q in zip(names, params):
+            close("step%d.%s" % (k, n), q.detach(), d["step%d.%s" % (k, n)], rtol=1e-5, atol=1e-6)
+    return nfd, clipped
+
+
+def main(argv):
+    folder = argv[1] if len(argv) > 1 else os.path.dirname(os.path.abspath(__file__))
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    assert files, "no fixtures in " + folder
+    bad = 0
+    for f in files:
+        try:
+            nfd, clipped = check(f)
+            print("ok    %-40s %4d finite differences%s" % (
+                os.path.basename(f), nfd, ", clipped %d/5 steps" % clipped if clipped else ""))
+        except Exception as e:   # report and go on
+            bad += 1
+            print("FAIL  %-40s %s: %s" % (os.path.basename(f), type(e).__name__, e))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,344 @@
+/* Double-precision reference of docs/MODEL.md: naive loops, written from the document, sharing no
+   code with moe.h's implementation. It reads a model's configuration and tensor offsets through
+   the public API and its parameters from a double array in the model's blob layout.
+   ref_model_eval also hashes every discrete decision (top-k order, capacity drops, relu signs,
+   load-loss thresholds) so finite differences can skip points where a decision flips. */
+#ifndef MOE_REF_MODEL_H
+#define MOE_REF_MODEL_H
+
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct ref_run {
+    moe_model *model;
+    const double *params;       /* n_params, the model's layout */
+    int training;
+    const float *const *noise;  /* [layer][T*E] for noisy routers while training (NULL: none) */
+    int64_t step;               /* the training step whose jitter is applied */
+    uint64_t seed;
+    uint64_t sig;               /* hash of discrete decisions */
+    double aux[64][4];          /* per layer: balance, z, importance, load (coefficients applied) */
+    double kept[64][64];        /* per layer, per expert: kept assignments */
+    double dropped[64];         /* per layer: dropped tokens */
+} ref_run;
+
+static void ref_decide(ref_run *r, uint64_t v) { r->sig = (r->sig ^ v) * 0x100000001B3ull + 0x9E37u; }
+
+static const double *ref_tensor(ref_run *r, int layer, const char *rel) {
+    char name[160];
+    moe_tensor t;
+    snprintf(name, sizeof name, "layers.%d.%s", layer, rel);
+    if (moe_model_find_tensor(r->model, name, &t) != MOE_OK) return NULL;
+    return r->params + t.offset;
+}
+
+static double ref_act(ref_run *r, moe_activation a, double z) {
+    switch (a) {
+    case MOE_ACT_RELU: ref_decide(r, z > 0); return z > 0 ? z : 0;
+    case MOE_ACT_GELU: return 0.5 * z * (1.0 + erf(z / sqrt(2.0)));
+    case MOE_ACT_SILU: return z / (1.0 + exp(-z));
+    case MOE_ACT_TANH: return tanh(z);
+    case MOE_ACT_SIGMOID: return 1.0 / (1.0 + exp(-z));
+    default: return z;
+    }
+}
+
+static double ref_softplus(double z) { return z > 30 ? z : log1p(exp(z)); }
+
+/* y[out] = W[out, in] x + b */
+static void ref_linear(const double *W, const double *b, const double *x, int64_t in, int64_t out, double *y) {
+    int64_t o, i;
+    for (o = 0; o < out; o++) {
+        double s = b ? b[o] : 0.0;
+        for (i = 0; i < in; i++) s += W[o * in + i] * x[i];
+        y[o] = s;
+    }
+}
+
+/* One expert of bank `prefix` ("experts" or "shared"), expert index e, on one input row. */
+static void ref_expert(ref_run *r, int layer, const moe_layer_desc *d, const char *prefix, int e, int64_t H, const double *x, double *y) {
+    char name[96];
+    int64_t D = d->d_in, O = d->d_out, i;
+    int bias = d->bias == MOE_FLAG_ON;
+    if (d->expert == MOE_EXPERT_SWIGLU) {
+        double *a = (double *)malloc(sizeof(double) * (size_t)H), *g = (double *)malloc(sizeof(double) * (size_t)H);
+        const double *W1, *W2, *W3, *b1 = NULL, *b2 = NULL, *b3 = NULL;
+        snprintf(name, sizeof name, "%s.w1.weight", prefix); W1 = ref_tensor(r, layer, name);
+        snprintf(name, sizeof name, "%s.w2.weight", prefix); W2 = ref_tensor(r, layer, name);
+        snprintf(name, sizeof name, "%s.w3.weight", prefix); W3 = ref_tensor(r, layer, name);
+        if (bias) {
+            snprintf(name, sizeof name, "%s.w1.bias", prefix); b1 = ref_tensor(r, layer, name) + e * H;
+            snprintf(name, sizeof name, "%s.w2.bias", prefix); b2 = ref_tensor(r, layer, name) + e * O;
+            snprintf(name, sizeof name, "%s.w3.bias", prefix); b3 = ref_tensor(r, layer, name) + e * H;
+        }
+        ref_linear(W1 + e * H * D, b1, x, D, H, a);
+        ref_linear(W3 + e * H * D, b3, x, D, H, g);
+        for (i = 0; i < H; i++) a[i] = a[i] / (1.0 + exp(-a[i])) * g[i];
+        ref_linear(W2 + e * O * H, b2, a, H, O, y);
+        free(a);
+        free(g);
+        return;
+    }
+    {
+        int L = d->n_hidden_layers, j;
+        int64_t width = D, w = D > H ? D : H;
+        double *cur = (double *)malloc(sizeof(double) * (size_t)(w > O ? w : O));
+        double *nxt = (double *)malloc(sizeof(double) * (size_t)(w > O ? w : O));
+        memcpy(cur, x, sizeof(double) * (size_t)D);
+        for (j = 0; j <= L; j++) {
+            int64_t out = j == L ? O : H;
+            const double *W, *b = NULL;
+            snprintf(name, sizeof name, "%s.fc%d.weight", prefix, j); W = ref_tensor(r, layer, name);
+            if (bias) { snprintf(name, sizeof name, "%s.fc%d.bias", prefix, j); b = ref_tensor(r, layer, name) + e * out; }
+            ref_linear(W + e * out * width, b, cur, width, out, nxt);
+            if (j < L) for (i = 0; i < out; i++) nxt[i] = ref_act(r, d->activation, nxt[i]);
+            memcpy(cur, nxt, sizeof(double) * (size_t)out);
+            width = out;
+        }
+        memcpy(y, cur, sizeof(double) * (size_t)O);
+        free(cur);
+        free(nxt);
+    }
+}
+
+static double ref_cv2(const double *v, int64_t n) {
+    double m = 0, var = 0;
+    int64_t i;
+    for (i = 0; i < n; i++) m += v[i];
+    m /= (double)n;
+    for (i = 0; i < n; i++) var += (v[i] - m) * (v[i] - m);
+    var /= (double)n;
+    return var / (m * m + 1e-10);
+}
+
+static double ref_phi(double z) { return 0.5 * erfc(-z / sqrt(2.0)); }
+
+/* h[a] before h[b] in the selection order (larger first, ties to the lower index) */
+static int ref_before(const double *h, int64_t a, int64_t b) { return h[a] > h[b] || (h[a] == h[b] && a < b); }
+
+static void ref_moe(ref_run *r, int layer, const moe_layer_desc *d, const double *x, int64_t T, double *y) {
+    int64_t E = d->n_experts, K = d->top_k, D = d->d_in, O = d->d_out, t, e, s, j;
+    int noisy = d->router == MOE_ROUTER_NOISY_TOPK;
+    const double *Wr = ref_tensor(r, layer, "router.weight");
+    const double *br = d->router_bias == MOE_FLAG_ON ? ref_tensor(r, layer, "router.bias") : NULL;
+    const double *Wn = noisy ? ref_tensor(r, layer, "router.noise_weight") : NULL;
+    double *u = (double *)malloc(sizeof(double) * (size_t)(T * D));
+    double *c = (double *)calloc((size_t)(T * E), sizeof(double)), *sd = (double *)calloc((size_t)(T * E), sizeof(double));
+    double *h = (double *)calloc((size_t)(T * E), sizeof(double)), *p = (double *)calloc((size_t)(T * E), sizeof(double));
+    double *lse = (double *)calloc((size_t)T, sizeof(double)), *gate = (double *)calloc((size_t)(T * K), sizeof(double));
+    int64_t *sel = (int64_t *)calloc((size_t)(T * K + 1), sizeof(int64_t));
+    int *kept = (int *)calloc((size_t)(T * K), sizeof(int));
+    int64_t *count = (int64_t *)calloc((size_t)E, sizeof(int64_t)), *chosen = (int64_t *)calloc((size_t)E, sizeof(int64_t));
+    double *fx = (double *)malloc(sizeof(double) * (size_t)O);
+    double *aux = r->aux[layer];
+    int64_t cap = 0;
+    /* step 1 */
+    for (t = 0; t < T; t++)
+        for (j = 0; j < D; j++) {
+            double J = 1.0;
+            if (r->training && d->jitter > 0.0f) {
+                uint64_t stream = ((uint64_t)3 << 56) ^ ((uint64_t)layer << 40) ^ (uint64_t)r->step;
+                J = (double)(1.0f - d->jitter + 2.0f * d->jitter * moe_rng_uniform(r->seed, stream, (uint64_t)(t * D + j)));
+            }
+            u[t * D + j] = x[t * D + j] * J;
+        }
+    for (t = 0; t < T; t++) {
+        ref_linear(Wr, br, u + t * D, D, E, c + t * E);
+        if (noisy) {
+            ref_linear(Wn, NULL, u + t * D, D, E, sd + t * E);
+            for (e = 0; e < E; e++) {
+                double n = r->training && r->noise && r->noise[layer] ? (double)r->noise[layer][t * E + e] : 0.0;
+                sd[t * E + e] = ref_softplus(sd[t * E + e]);
+                h[t * E + e] = c[t * E + e] + n * sd[t * E + e];
+            }
+        } else {
+            for (e = 0; e < E; e++) h[t * E + e] = c[t * E + e];
+        }
+    }
+    /* steps 2-3 */
+    for (t = 0; t < T; t++) {
+        const double *ht = h + t * E;
+        double m = -DBL_MAX, z = 0;
+        for (e = 0; e < E; e++) m = ht[e] > m ? ht[e] : m;
+        for (e = 0; e < E; e++) z += exp(ht[e] - m);
+        lse[t] = m + log(z);
+        for (e = 0; e < E; e++) p[t * E + e] = exp(ht[e] - lse[t]);
+        for (s = 0; s < K; s++) {
+            int64_t best = -1;
+            for (e = 0; e < E; e++) {
+                int taken = 0, q;
+                for (q = 0; q < s; q++) taken |= sel[t * K + q] == e;
+                if (!taken && (best < 0 || ref_before(ht, e, best))) best = e;
+            }
+            sel[t * K + s] = best;
+            ref_decide(r, (uint64_t)best);
+            chosen[best]++;
+        }
+        if (K < E) {  /* the runner-up decides whether the chosen set changes */
+            int64_t best = -1;
+            for (e = 0; e < E; e++) {
+                int taken = 0, q;
+                for (q = 0; q < K; q++) taken |= sel[t * K + q] == e;
+                if (!taken && (best < 0 || ref_before(ht, e, best))) best = e;
+            }
+            ref_decide(r, (uint64_t)best + 1000);
+        }
+        if (d->renormalize == MOE_FLAG_ON) {
+            double zs = 0;
+            for (s = 0; s < K; s++) zs += exp(ht[sel[t * K + s]] - ht[sel[t * K]]);
+            for (s = 0; s < K; s++) gate[t * K + s] = exp(ht[sel[t * K + s]] - ht[sel[t * K]]) / zs;
+        } else {
+            for (s = 0; s < K; s++) gate[t * K + s] = p[t * E + sel[t * K + s]];
+        }
+    }
+    /* step 4 */
+    if (d->capacity_factor > 0.0f) cap = (int64_t)ceil((double)d->capacity_factor * (double)T * (double)K / (double)E);
+    for (s = 0; s < K; s++)
+        for (t = 0; t < T; t++) {
+            e = sel[t * K + s];
+            kept[t * K + s] = !cap || count[e] < cap;
+            if (kept[t * K + s]) count[e]++;
+            ref_decide(r, (uint64_t)kept[t * K + s]);
+        }
+    for (e = 0; e < E && e < 64; e++) r->kept[layer][e] = (double)count[e];
+    r->dropped[layer] = 0;
+    /* steps 5-6 */
+    for (t = 0; t < T; t++) {
+        double *yt = y + t * O;
+        const double *xt = x + t * D;
+        int any = 0;
+        for (s = 0; s < K; s++) any |= kept[t * K + s];
+        if (!any) r->dropped[layer] += 1;
+        for (j = 0; j < O; j++) yt[j] = (d->residual || (!any && O == D)) ? xt[j] : 0.0;
+        for (s = 0; s < K; s++) {
+            if (!kept[t * K + s]) continue;
+            ref_expert(r, layer, d, "experts", (int)sel[t * K + s], d->d_hidden, xt, fx);
+            for (j = 0; j < O; j++) yt[j] += gate[t * K + s] * fx[j];
+        }
+        for (s = 0; s < d->n_shared_experts; s++) {
+            ref_expert(r, layer, d, "shared", (int)s, d->d_shared_hidden, xt, fx);
+            for (j = 0; j < O; j++) yt[j] += fx[j];
+        }
+    }
+    /* auxiliary losses */
+    aux[0] = aux[1] = aux[2] = aux[3] = 0;
+    if (d->balance_loss > 0.0f) {
+        double sum = 0;
+        for (e = 0; e < E; e++) {
+            double P = 0;
+            for (t = 0; t < T; t++) P += p[t * E + e];
+            sum += ((double)chosen[e] / (double)(T * K)) * (P / (double)T);
+        }
+        aux[0] = d->balance_loss * (double)E * sum;
+    }
+    if (d->z_loss > 0.0f) {
+        double sum = 0;
+        for (t = 0; t < T; t++) sum += lse[t] * lse[t];
+        aux[1] = d->z_loss * sum / (double)T;
+    }
+    if (d->importance_loss > 0.0f) {
+        double *I = (double *)calloc((size_t)E, sizeof(double));
+        for (t = 0; t < T; t++) for (s = 0; s < K; s++) I[sel[t * K + s]] += gate[t * K + s];
+        aux[2] = d->importance_loss * ref_cv2(I, E);
+        free(I);
+    }
+    if (d->load_loss > 0.0f && K < E) {
+        double *load = (double *)calloc((size_t)E, sizeof(double));
+        double *sorted = (double *)malloc(sizeof(double) * (size_t)E);
+        for (t = 0; t < T; t++) {
+            const double *ht = h + t * E;
+            double th_in, th_out;
+            int64_t a, b2;
+            memcpy(sorted, ht, sizeof(double) * (size_t)E);
+            for (a = 1; a < E; a++)  /* insertion sort, descending */
+                for (b2 = a; b2 > 0 && sorted[b2] > sorted[b2 - 1]; b2--) { double tmp = sorted[b2]; sorted[b2] = sorted[b2 - 1]; sorted[b2 - 1] = tmp; }
+            th_in = sorted[K];
+            th_out = sorted[K - 1];
+            for (e = 0; e < E; e++) {
+                int in = ht[e] > th_in;
+                double th = in ? th_in : th_out;
+                ref_decide(r, (uint64_t)in + 7);
+                load[e] += ref_phi((c[t * E + e] - th) / sd[t * E + e]);
+            }
+        }
+        aux[3] = d->load_loss * ref_cv2(load, E);
+        free(load);
+        free(sorted);
+    }
+    free(u); free(c); free(sd); free(h); free(p); free(lse); free(gate); free(sel); free(kept); free(count); free(chosen); free(fx);
+}
+
+static void ref_layer(ref_run *r, int layer, const moe_layer_desc *d, const double *x, int64_t T, double *y) {
+    int64_t D = d->d_in, O = d->d_out, t, j;
+    if (d->kind == MOE_LAYER_MOE) { ref_moe(r, layer, d, x, T, y); return; }
+    for (t = 0; t < T; t++) {
+        const double *xt = x + t * D;
+        double *yt = y + t * O;
+        if (d->kind == MOE_LAYER_DENSE) {
+            const double *W = ref_tensor(r, layer, "weight"), *b = d->bias == MOE_FLAG_ON ? ref_tensor(r, layer, "bias") : NULL;
+            ref_linear(W, b, xt, D, O, yt);
+            for (j = 0; j < O; j++) yt[j] = ref_act(r, d->activation, yt[j]);
+        } else {
+            const double *w = ref_tensor(r, layer, "weight"), *b = d->kind == MOE_LAYER_LAYERNORM ? ref_tensor(r, layer, "bias") : NULL;
+            double mean = 0, var = 0;
+            if (b) { for (j = 0; j < D; j++) mean += xt[j]; mean /= (double)D; }
+            for (j = 0; j < D; j++) var += (xt[j] - mean) * (xt[j] - mean);
+            var /= (double)D;
+            for (j = 0; j < D; j++) yt[j] = (xt[j] - mean) / sqrt(var + (double)d->eps) * w[j] + (b ? b[j] : 0.0);
+        }
+        if (d->residual) for (j = 0; j < O; j++) yt[j] += xt[j];
+    }
+}
+
+/* Forward of the whole model on x [T, d_in] (float input). y [T, d_out] gets the output.
+   Returns the sum of the layers' auxiliary losses. */
+static double ref_model_forward(ref_run *r, const float *x, int64_t T, double *y) {
+    const moe_model_desc *md = moe_model_get_desc(r->model);
+    int64_t width = md->d_in, i;
+    double *cur = (double *)malloc(sizeof(double) * (size_t)(T * width)), aux = 0;
+    int l, q;
+    r->sig = 1469598103934665603ull;
+    for (i = 0; i < T * width; i++) cur[i] = x[i];
+    for (l = 0; l < md->n_layers; l++) {
+        const moe_layer_desc *d = &md->layers[l];
+        double *nxt = (double *)malloc(sizeof(double) * (size_t)(T * d->d_out));
+        for (q = 0; q < 4; q++) r->aux[l][q] = 0;
+        ref_layer(r, l, d, cur, T, nxt);
+        for (q = 0; q < 4; q++) aux += r->aux[l][q];
+        free(cur);
+        cur = nxt;
+        width = d->d_out;
+    }
+    memcpy(y, cur, sizeof(double) * (size_t)(T * width));
+    free(cur);
+    return aux;
+}
+
+/* Task loss per docs/MODEL.md section 4. */
+static double ref_task_loss(moe_loss kind, const double *y, int64_t T, int64_t C, const int32_t *labels, const float *values) {
+    double sum = 0;
+    int64_t t, c;
+    for (t = 0; t < T; t++) {
+        const double *yt = y + t * C;
+        if (kind == MOE_LOSS_CROSS_ENTROPY) {
+            double m = -DBL_MAX, z = 0;
+            for (c = 0; c < C; c++) m = yt[c] > m ? yt[c] : m;
+            for (c = 0; c < C; c++) z += exp(yt[c] - m);
+            sum += m + log(z) - yt[labels[t]];
+        } else {
+            double s = 0;
+            for (c = 0; c < C; c++) {
+                double v = yt[c], q = values[t * C + c];
+                s += kind == MOE_LOSS_MSE ? (v - q) * (v - q) : ref_softplus(v) - q * v;
+            }
+            sum += s / (double)C;
+        }
+    }
+    return sum / (double)T;
+}
+
+#endif

@@ -1,0 +1,78 @@
+/* Minimal test harness: CHECK counts, RUN groups checks into cases, and the last line
+   "RESULT passed=P failed=F skipped=S" is what tests/run_tests.sh adds up.
+   A test program exits non-zero when any case failed. */
+#ifndef MOE_TEST_H
+#define MOE_TEST_H
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int test_case_failed;
+static int test_passed, test_failed, test_skipped;
+static const char *test_case_name = "";
+
+#define CHECK(cond, ...)                                                                \
+    do {                                                                                \
+        if (!(cond)) {                                                                  \
+            if (test_case_failed < 8) {                                                 \
+                fprintf(stderr, "%s:%d: [%s] CHECK(%s) failed: ", __FILE__, __LINE__,   \
+                        test_case_name, #cond);                                         \
+                fprintf(stderr, __VA_ARGS__);                                           \
+                fputc('\n', stderr);                                                    \
+            }                                                                           \
+            test_case_failed++;                                                         \
+        }                                                                               \
+    } while (0)
+
+/* Expect a result code; print the context's message when it differs. */
+#define CHECK_RESULT(expr, expected, ctx)                                               \
+    do {                                                                                \
+        moe_result check_r_ = (expr);                                                   \
+        CHECK(check_r_ == (expected), "%s returned %s (%d), expected %s; error text: %s", \
+              #expr, moe_result_string(check_r_), (int)check_r_, #expected,             \
+              moe_ctx_error(ctx));                                                      \
+    } while (0)
+
+#define CHECK_OK(expr, ctx) CHECK_RESULT(expr, MOE_OK, ctx)
+
+/* A case returns 0 normally, or TEST_SKIP when it cannot run here (with a reason printed). */
+#define TEST_SKIP 77
+
+#define RUN(fn)                                                                         \
+    do {                                                                                \
+        int run_rc_;                                                                    \
+        test_case_failed = 0;                                                           \
+        test_case_name = #fn;                                                           \
+        run_rc_ = fn();                                                                 \
+        if (run_rc_ == TEST_SKIP) { test_skipped++; printf("  skip %s\n", #fn); }      \
+        else if (test_case_failed) { test_failed++; printf("  FAIL %s (%d checks failed)\n", #fn, test_case_failed); } \
+        else { test_passed++; printf("  ok   %s\n", #fn); }                             \
+        fflush(stdout);                                                                 \
+    } while (0)
+
+#define TEST_END()                                                                      \
+    do {                                                                                \
+        printf("RESULT passed=%d failed=%d skipped=%d\n", test_passed, test_failed, test_skipped); \
+        return test_failed ? 1 : 0;                                                     \
+    } while (0)
+
+/* |a - b| <= atol + rtol * |b| */
+static int test_close(double a, double b, double rtol, double atol) {
+    return fabs(a - b) <= atol + rtol * fabs(b);
+}
+
+/* Largest |a - b| / (atol + rtol * |b|) over n pairs: <= 1 means all within tolerance. */
+static double test_worst(const float *a, const float *b, long n, double rtol, double atol, long *where) {
+    double worst = 0.0;
+    long i;
+    if (where) *where = -1;
+    for (i = 0; i < n; i++) {
+        double e = fabs((double)a[i] - (double)b[i]) / (atol + rtol * fabs((double)b[i]));
+        if (!(e <= worst)) { worst = e; if (where) *where = i; }
+    }
+    return worst;
+}
+
+#endif

@@ -336,6 +336,12 @@ MOEDEF moe_result moe_model_find_tensor(moe_model *model, const char *name, moe_
 /* Model files: safetensors with the configuration in __metadata__["moe.config"].
    Saving writes a temporary file next to `path`, then renames it over `path`. */
 MOEDEF moe_result moe_model_save(moe_model *model, const char *path);
+/* A new model (fresh parameters from the context's seed) from a "moe.config" JSON text
+   (docs/MODEL.md section 6.1). max_tokens 0: the text's value, else 256. */
+MOEDEF moe_result moe_model_from_config(moe_ctx *ctx, const char *json, int64_t max_tokens, moe_model **out);
+/* The model's configuration as "moe.config" JSON text into buf (cap bytes, NUL included).
+   Returns the text's length; when it is >= cap the text was cut. */
+MOEDEF size_t moe_model_config_json(const moe_model *model, char *buf, size_t cap);
 /* max_tokens 0: the value stored in the file. */
 MOEDEF moe_result moe_model_load(moe_ctx *ctx, const char *path, int64_t max_tokens, moe_model **out);
 MOEDEF moe_result moe_model_load_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe_model **out);
@@ -1136,9 +1142,9 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
         else if (d.n_hidden_layers == 0) d.n_hidden_layers = 1;
         if (d.n_hidden_layers < 0 || d.n_hidden_layers > MOE__MAX_LINEARS - 1)
             return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: n_hidden_layers %d out of range 1..%d", where, d.n_hidden_layers, MOE__MAX_LINEARS - 1);
-        if (d.activation == MOE_ACT_DEFAULT) d.activation = d.expert == MOE_EXPERT_SWIGLU ? MOE_ACT_SILU : MOE_ACT_RELU;
-        if (d.expert == MOE_EXPERT_SWIGLU && d.activation != MOE_ACT_SILU)
-            return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "layer %d: SwiGLU experts use silu", where);
+        /* linear experts have no activation and SwiGLU's is silu: the field is ignored for them */
+        if (d.activation == MOE_ACT_DEFAULT) d.activation = MOE_ACT_RELU;
+        if (d.expert == MOE_EXPERT_SWIGLU) d.activation = MOE_ACT_SILU;
         if (d.expert == MOE_EXPERT_LINEAR) d.activation = MOE_ACT_IDENTITY;
         d.bias = moe__flag(d.bias, d.expert != MOE_EXPERT_SWIGLU) ? MOE_FLAG_ON : MOE_FLAG_OFF;
         if (d.n_shared_experts < 0 || d.n_shared_experts > 64)
@@ -1156,8 +1162,6 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
         if (!(d.balance_loss >= 0.0f) || !(d.z_loss >= 0.0f) || !(d.importance_loss >= 0.0f) || !(d.load_loss >= 0.0f) ||
             !moe__finite(d.balance_loss) || !moe__finite(d.z_loss) || !moe__finite(d.importance_loss) || !moe__finite(d.load_loss))
             return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: auxiliary loss coefficients must be finite and >= 0", where);
-        if (d.load_loss > 0.0f && d.router != MOE_ROUTER_NOISY_TOPK)
-            return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "layer %d: load_loss needs the noisy_topk router", where);
     } else {
         /* fields of other kinds are not part of this layer */
         d.n_experts = 0; d.top_k = 0; d.router = MOE_ROUTER_DEFAULT; d.expert = MOE_EXPERT_DEFAULT;
@@ -1663,7 +1667,7 @@ static void moe__aux_forward(moe_layer *l, int64_t T) {
         for (a = 0; a < T * K; a++) l->importance[l->sel[a]] += l->gate[a];
         st->importance_loss = (float)((double)d->importance_loss * moe__cv2(l->importance, E, NULL));
     }
-    if (d->load_loss > 0.0f && K < E) {
+    if (d->load_loss > 0.0f && K < E && d->router == MOE_ROUTER_NOISY_TOPK) {
         for (e = 0; e < E; e++) l->load[e] = 0.0f;
         for (t = 0; t < T; t++)
             for (e = 0; e < E; e++) {
@@ -1928,7 +1932,7 @@ static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flag
         moe__cv2(l->importance, E, l->dimportance);
         for (i = 0; i < T * K; i++) l->dgate[i] += d->importance_loss * l->dimportance[l->sel[i]];
     }
-    if (aux && d->load_loss > 0.0f && K < E) {
+    if (aux && d->load_loss > 0.0f && K < E && noisy) {
         moe__cv2(l->load, E, l->dload);
         for (i = 0; i < E; i++) l->dload[i] *= d->load_loss;
     }
@@ -2307,7 +2311,10 @@ MOEDEF moe_result moe_optimizer_step(moe_optimizer *o, float *params, float *gra
     for (c = 0; c < o->n_chunks; c++) sq += o->partial[c];
     norm = (float)sqrt(sq);
     if (!moe__finite(norm)) return moe__fail(o->ctx, MOE_ERR_NONFINITE, "gradient norm is not finite; parameters unchanged");
-    if (d->clip_norm > 0.0f && norm > d->clip_norm) scale = d->clip_norm / (norm + 1e-6f);
+    if (d->clip_norm > 0.0f) {  /* as torch.nn.utils.clip_grad_norm_: scale by min(1, clip / (norm + 1e-6)) */
+        float c = d->clip_norm / (norm + 1e-6f);
+        if (c < 1.0f) scale = c;
+    }
     lr = moe_optimizer_lr(o, o->step);
     o->step++;
     b1c = 1.0f - (float)pow((double)d->beta1, (double)o->step);
@@ -2984,7 +2991,10 @@ static void moe__sb_float(moe__sb *b, float v) {
     char tmp[48];
     int i;
     if (!moe__finite(v)) { moe__sb_str(b, "0"); return; }
-    snprintf(tmp, sizeof tmp, "%.9g", (double)v);
+    for (i = 6; i <= 9; i++) {  /* the shortest of 6..9 significant digits that reads back as v */
+        snprintf(tmp, sizeof tmp, "%.*g", i, (double)v);
+        if ((float)strtod(tmp, NULL) == v) break;
+    }
     for (i = 0; tmp[i]; i++)
         if (!((tmp[i] >= '0' && tmp[i] <= '9') || tmp[i] == '-' || tmp[i] == '+' || tmp[i] == 'e')) tmp[i] = '.';
     moe__sb_str(b, tmp);
@@ -3734,6 +3744,34 @@ MOEDEF moe_result moe_model_save(moe_model *m, const char *path) {
     moe_tensor_writer_destroy(w);
     moe__free(m->ctx, cfg.buf);
     return r;
+}
+
+MOEDEF moe_result moe_model_from_config(moe_ctx *ctx, const char *json, int64_t max_tokens, moe_model **out) {
+    moe_model_desc desc;
+    moe_layer_desc *layers = NULL;
+    moe_result r;
+    if (!ctx || !out) return MOE_ERR_INVALID_ARGUMENT;
+    *out = NULL;
+    if (!json) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "json is NULL");
+    MOE__TRY(moe__config_read(ctx, json, &desc, &layers));
+    if (max_tokens) desc.max_tokens = max_tokens;
+    r = moe_model_create(ctx, &desc, out);
+    moe__free(ctx, layers);
+    return r;
+}
+
+MOEDEF size_t moe_model_config_json(const moe_model *m, char *buf, size_t cap) {
+    moe__sb b;
+    size_t n;
+    if (!m) return 0;
+    memset(&b, 0, sizeof b);
+    b.ctx = m->ctx;
+    moe__config_write(m, &b);
+    if (b.oom) { moe__free(m->ctx, b.buf); if (buf && cap) buf[0] = 0; return 0; }
+    n = b.len;
+    if (buf && cap) moe__strlcpy(buf, b.buf, cap);
+    moe__free(m->ctx, b.buf);
+    return n;
 }
 
 static moe_result moe__model_from_file(moe_ctx *ctx, const moe_tensor_file *f, int64_t max_tokens, moe_model **out) {

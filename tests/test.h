@@ -52,6 +52,17 @@ static const char *test_case_name = "";
         fflush(stdout);                                                                 \
     } while (0)
 
+/* A case that is a function of one argument, reported under its own name. */
+#define RUN_NAMED(label, fn, arg)                                                       \
+    do {                                                                                \
+        test_case_failed = 0;                                                           \
+        test_case_name = (label);                                                       \
+        fn(arg);                                                                        \
+        if (test_case_failed) { test_failed++; printf("  FAIL %s (%d checks failed)\n", (label), test_case_failed); } \
+        else { test_passed++; printf("  ok   %s\n", (label)); }                        \
+        fflush(stdout);                                                                 \
+    } while (0)
+
 #define TEST_END()                                                                      \
     do {                                                                                \
         printf("RESULT passed=%d failed=%d skipped=%d\n", test_passed, test_failed, test_skipped); \

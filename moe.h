@@ -1,5 +1,109 @@
-/* moe.h - Mixture-of-Experts networks in one C header: build, train, run, save.
-   (manual: see below)
+/* moe.h - Mixture-of-Experts neural networks in one C header: build, train, run, save.
+
+   Version 0.1.0. MIT license (at the end of this file). No dependency but libc and libm;
+   OpenMP is optional. C99 or C++11.
+
+   QUICK START
+   -----------
+   In exactly one C or C++ file:
+
+       #define MOE_IMPLEMENTATION
+       #include "moe.h"
+
+   everywhere else just #include "moe.h". Build with `cc -O2 -fopenmp app.c -lm`.
+
+       moe_ctx ctx;
+       moe_ctx_init(&ctx, &(moe_ctx_desc){ .seed = 42 });
+       moe_layer_desc layers[] = {
+           { .kind = MOE_LAYER_MOE, .d_out = 64, .n_experts = 4, .top_k = 2, .balance_loss = 0.01f },
+           { .kind = MOE_LAYER_DENSE, .d_out = 10 },
+       };
+       moe_model *model;
+       if (moe_model_create(&ctx, &(moe_model_desc){ .d_in = 64, .n_layers = 2, .layers = layers },
+                            &model) != MOE_OK)
+           puts(moe_ctx_error(&ctx));
+       moe_model_train_step(model, x, &(moe_target){ .labels = labels }, batch, &info);
+       moe_model_predict(model, x, batch, classes);
+       moe_model_save(model, "model.safetensors");
+       moe_model_destroy(model);
+
+   README.md has a complete program (compiled by the tests) and the model reference: the exact
+   math of every layer, router and loss, and the file format, precise enough to rebuild a model
+   in PyTorch.
+
+   BUILD OPTIONS (define before including)
+   -------------
+     MOE_IMPLEMENTATION         compile the implementation into this file (one file only)
+     MOE_STATIC                 every function static: a private copy per file
+     MOEDEF                     linkage of every public declaration (default extern)
+     MOE_MALLOC(size, user)     default allocator; define together with MOE_FREE(ptr, user) or
+     MOE_FREE(ptr, user)        neither (#error otherwise). moe_ctx_desc.allocator overrides both.
+     MOE_ASSERT(c)              internal invariants only (default assert(); off under NDEBUG)
+     MOE_MAX_BYTES              refuse models/arenas larger than this up front (default 64 TiB)
+     MOE_NO_VECTOR_EXTENSIONS   plain C kernels even on GCC/Clang
+     -fopenmp (_OPENMP)         threads; without OpenMP everything runs on the calling thread
+
+   SECTIONS (grep for the anchor; the first hit is the API, the second the implementation)
+   --------
+     >>result  >>enums  >>ctx  >>layer  >>optimizer  >>model  >>safetensors  >>rng   (API)
+     >>build        configuration, includes, threading macros
+     >>memory       aligned allocation through the context's allocator, arena carving
+     >>gemm         the one matrix-multiply entry point: packed kernels + plain reference twin
+     >>ops          activations, softmax, column sums
+     >>dense >>norm dense layers, RMSNorm, LayerNorm: forward and backward
+     >>routing      softmax, top-k, gates, capacity, the deterministic counting sort, aux losses
+     >>moe_forward  grouped expert computation over (expert, row-tile) tiles, weighted combine
+     >>moe_backward expert, weight and router gradients
+     >>layer_api >>loss >>optimizer >>model
+     >>json >>safetensors >>model_config >>model_io   files
+
+   DEFAULTS (every desc field left 0 means its default)
+   --------
+     moe_ctx_desc       n_threads all OpenMP threads; seed 0; allocator MOE_MALLOC/MOE_FREE
+     moe_layer_desc     kind dense; d_in the previous layer's width; d_out d_in; activation
+                        identity (dense) / relu (MLP experts); bias on (SwiGLU experts: off);
+                        eps 1e-5; n_experts 4; top_k 2 (switch: 1); router top-k; expert MLP;
+                        d_hidden d_in; n_hidden_layers 1; d_shared_hidden d_hidden; renormalize
+                        on (switch: off); router_bias off; capacity_factor 1.25 for switch, else
+                        0 = unlimited; jitter and every aux-loss coefficient 0 (off)
+     moe_model_desc     loss cross-entropy; max_tokens 256; optimizer as below
+     moe_optimizer_desc AdamW; lr 1e-3; beta1 0.9; beta2 0.999; eps 1e-8; everything else 0
+   (Consequence: a field cannot be set to exactly 0 where 0 means a non-zero default, e.g. lr.)
+
+   MEMORY
+   ------
+   A model allocates at creation: its parameter blob (parameters and gradients, one layout),
+   the optimizer's state in the same layout, and one activation arena sized for max_tokens rows.
+   forward, backward, loss, train_step and the optimizer step never allocate. Buffers are
+   64-byte aligned. moe_ctx needs no allocation at all: it lives where you declare it. Every
+   allocation goes through the context's allocator; on failure the call returns
+   MOE_ERR_OUT_OF_MEMORY and leaves nothing allocated. Loading and saving files allocate.
+
+   ERRORS
+   ------
+   Every fallible call returns moe_result: MOE_OK (0) or a negative MOE_ERR_* code;
+   moe_result_string() names the code and moe_ctx_error(ctx) holds a message naming the culprit
+   (layer, field, tensor, file). The optional log callback receives the same message. moe.h
+   never aborts, exits or prints; MOE_ASSERT guards internal invariants, never input. A failed
+   call changes nothing the caller can see: out-pointers are NULL, files keep their old
+   contents (saves write a temporary file and rename it), a train_step whose loss or gradients
+   are not finite returns MOE_ERR_NONFINITE with the parameters untouched.
+
+   THREADING
+   ---------
+   Work is split by what it writes, reductions run in a fixed order, and no atomics touch
+   floats: results are bitwise identical for any n_threads and with OpenMP off (same binary
+   flags). Small loops stay on the calling thread. A context, model or layer is used by one
+   thread at a time; separate models may run concurrently. moe.h never calls
+   omp_set_num_threads; n_threads applies to its own parallel regions only.
+
+   CONVENTIONS
+   -----------
+   Row-major. Activations are [T, d]: T tokens (rows) by d features. Linear weights are
+   [out, in] and y = x W^T + b, as torch.nn.Linear; stacked experts are [E, out, in]. Sizes are
+   int64_t. Backward accumulates into gradient buffers (moe_model_zero_grad clears them).
+   The input x of a forward must stay valid and unchanged until the matching backward.
+   Model files are safetensors with the configuration in __metadata__["moe.config"].
 */
 #ifndef MOE_H_INCLUDED
 #define MOE_H_INCLUDED
@@ -337,7 +441,7 @@ MOEDEF moe_result moe_model_find_tensor(moe_model *model, const char *name, moe_
    Saving writes a temporary file next to `path`, then renames it over `path`. */
 MOEDEF moe_result moe_model_save(moe_model *model, const char *path);
 /* A new model (fresh parameters from the context's seed) from a "moe.config" JSON text
-   (docs/MODEL.md section 6.1). max_tokens 0: the text's value, else 256. */
+   (README.md (Model reference) section 6.1). max_tokens 0: the text's value, else 256. */
 MOEDEF moe_result moe_model_from_config(moe_ctx *ctx, const char *json, int64_t max_tokens, moe_model **out);
 /* The model's configuration as "moe.config" JSON text into buf (cap bytes, NUL included).
    Returns the text's length; when it is >= cap the text was cut. */
@@ -411,7 +515,8 @@ MOEDEF float moe_rng_normal(uint64_t seed, uint64_t stream, uint64_t counter);  
 #ifndef MOE_IMPLEMENTATION_INCLUDED
 #define MOE_IMPLEMENTATION_INCLUDED
 
-// >>config ------------------------------------------------------------------
+// >>build -------------------------------------------------------------------
+#include <errno.h>
 #include <float.h>
 #include <limits.h>
 #include <math.h>
@@ -450,16 +555,22 @@ MOEDEF float moe_rng_normal(uint64_t seed, uint64_t stream, uint64_t counter);  
 #ifdef _OPENMP
 #define MOE__PRAGMA(x) _Pragma(#x)
 /* Threads split the loop by what they write; each iteration's result never depends on the split. */
-#define MOE__PARALLEL_FOR(nt, n) MOE__PRAGMA(omp parallel for num_threads(nt) schedule(static) if((n) > 1 && (nt) > 1))
-#define MOE__PARALLEL_FOR_DYNAMIC(nt, n) MOE__PRAGMA(omp parallel for num_threads(nt) schedule(dynamic, 1) if((n) > 1 && (nt) > 1))
+/* `work` estimates the loop's cost in flops: waking threads costs more than a small loop gains. */
+#define MOE__PARALLEL_MIN_WORK 100000.0
+#define MOE__PARALLEL_FOR(nt, work) MOE__PRAGMA(omp parallel for num_threads(nt) schedule(static) if((nt) > 1 && (double)(work) >= MOE__PARALLEL_MIN_WORK))
+#define MOE__PARALLEL_FOR_DYNAMIC(nt, work) MOE__PRAGMA(omp parallel for num_threads(nt) schedule(dynamic, 1) if((nt) > 1 && (double)(work) >= MOE__PARALLEL_MIN_WORK))
 #define MOE__THREAD_ID() omp_get_thread_num()
 #else
-#define MOE__PARALLEL_FOR(nt, n) (void)(nt);
-#define MOE__PARALLEL_FOR_DYNAMIC(nt, n) (void)(nt);
+#define MOE__PARALLEL_FOR(nt, work) (void)(nt);
+#define MOE__PARALLEL_FOR_DYNAMIC(nt, work) (void)(nt);
 #define MOE__THREAD_ID() 0
 #endif
 
 #define MOE__ALIGN 64
+#ifndef MOE_MAX_BYTES
+#define MOE_MAX_BYTES ((size_t)1 << 46)   /* refuse models or arenas larger than this (64 TiB) up front */
+#endif
+#define MOE__MAX_BYTES ((size_t)MOE_MAX_BYTES)
 #define MOE__MAX_LINEARS 9          /* MLP experts: up to 8 hidden layers */
 #define MOE__MAX_TENSORS 24         /* per layer */
 #define MOE__NAME_MAX 64
@@ -472,6 +583,13 @@ static size_t moe__strlcpy(char *dst, const char *src, size_t cap) {
         dst[m] = 0;
     }
     return n;
+}
+
+/* dst = a + b + c, cut to cap bytes (names built from short fixed parts never are). */
+static void moe__concat(char *dst, size_t cap, const char *a, const char *b, const char *c) {
+    size_t n = moe__strlcpy(dst, a, cap);
+    if (n < cap) n += moe__strlcpy(dst + n, b, cap - n);
+    if (n < cap) moe__strlcpy(dst + n, c, cap - n);
 }
 
 // >>result ------------------------------------------------------------------
@@ -877,7 +995,7 @@ static void moe__gemm_run(const moe__exec *ex, const moe__gemm *g) {
     int64_t tm = (g->M + MOE__MC - 1) / MOE__MC, tn = (g->N + MOE__NC - 1) / MOE__NC;
     int64_t n = tm * tn, t;
     if (g->M <= 0 || g->N <= 0) return;
-    MOE__PARALLEL_FOR_DYNAMIC(ex->n_threads, n)
+    MOE__PARALLEL_FOR_DYNAMIC(ex->n_threads, (double)g->M * (double)g->N * (double)g->K)
     for (t = 0; t < n; t++) {
         int64_t m0 = (t / tn) * MOE__MC, n0 = (t % tn) * MOE__NC;
         moe__gemm_block(ex, g, m0, moe__min64(m0 + MOE__MC, g->M), n0, moe__min64(n0 + MOE__NC, g->N));
@@ -963,7 +1081,7 @@ static float moe__phi_pdf(float z) { return 0.39894228040143268f * expf(-0.5f * 
 /* Column sums: out[j] += sum_r m[r, j] for r in 0..rows, in row order; split by columns. */
 static void moe__colsum_acc(const moe__exec *ex, const float *m, int64_t rows, int64_t cols, int64_t ld, float *out) {
     int64_t nb = (cols + 63) / 64, b;
-    MOE__PARALLEL_FOR(ex->n_threads, nb)
+    MOE__PARALLEL_FOR(ex->n_threads, (double)rows * (double)cols)
     for (b = 0; b < nb; b++) {
         int64_t j0 = b * 64, j1 = moe__min64(j0 + 64, cols), r, j;
         for (r = 0; r < rows; r++) {
@@ -1171,6 +1289,13 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
         if (d.kind != MOE_LAYER_DENSE) { d.activation = MOE_ACT_DEFAULT; d.bias = MOE_FLAG_DEFAULT; }
     }
     if (d.kind != MOE_LAYER_RMSNORM && d.kind != MOE_LAYER_LAYERNORM) d.eps = 0.0f;
+    {   /* parameter counts far beyond any machine would overflow the offsets: refuse them here */
+        double w = (double)moe__max64(moe__max64(d.d_in, d.d_out), moe__max64(d.d_hidden, d.d_shared_hidden));
+        double est = d.kind == MOE_LAYER_MOE ? (double)(d.n_experts + d.n_shared_experts + 1) * (double)(d.n_hidden_layers + 3) * w * w
+                                             : (double)d.d_in * (double)d.d_out + 2.0 * w;
+        if (est > (double)MOE__MAX_BYTES / 8.0)
+            return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "layer %d: about %.3g parameters: too large", where, est);
+    }
     *out = d;
     return MOE_OK;
 }
@@ -1196,12 +1321,12 @@ static moe__linear moe__add_linear(moe_layer *l, const char *prefix, int n, int6
     float bound = 1.0f / sqrtf((float)in);
     moe__linear lin;
     lin.in = in; lin.out = out; lin.input = -1;
-    snprintf(name, sizeof name, "%s%sweight", prefix, prefix[0] ? "." : "");
+    moe__concat(name, sizeof name, prefix, prefix[0] ? "." : "", "weight");
     lin.w = n ? moe__add_tensor(l, name, 3, n, out, in, MOE__INIT_UNIFORM, bound)
               : moe__add_tensor(l, name, 2, out, in, 0, MOE__INIT_UNIFORM, bound);
     lin.b = -1;
     if (bias) {
-        snprintf(name, sizeof name, "%s%sbias", prefix, prefix[0] ? "." : "");
+        moe__concat(name, sizeof name, prefix, prefix[0] ? "." : "", "bias");
         lin.b = n ? moe__add_tensor(l, name, 2, n, out, 0, init_bias, bound)
                   : moe__add_tensor(l, name, 1, out, 0, 0, init_bias, bound);
     }
@@ -1396,7 +1521,7 @@ static void moe__dense_forward(moe_layer *l, const float *x, int64_t T, float *y
     moe__gemm g = moe__gemm_make(MOE__NT, T, O, D, moe__mat_of(x, D), moe__mat_of(moe__w(l, l->lin.w), D),
                                  l->z, O, 0, l->lin.b >= 0 ? moe__w(l, l->lin.b) : NULL);
     moe__gemm_run(&l->ex, &g);
-    MOE__PARALLEL_FOR(l->ex.n_threads, T)
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)O * 8.0)
     for (t = 0; t < T; t++) {
         int64_t j;
         moe__act_rows(d->activation, l->z + t * O, y + t * O, O);
@@ -1410,7 +1535,7 @@ static void moe__dense_backward(moe_layer *l, const float *dy, float *dx) {
     const float *dz = dy;
     moe__gemm g;
     if (d->activation != MOE_ACT_IDENTITY) {
-        MOE__PARALLEL_FOR(l->ex.n_threads, T)
+        MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)O * 8.0)
         for (t = 0; t < T; t++) {
             int64_t j;
             for (j = 0; j < O; j++) l->dz_dense[t * O + j] = dy[t * O + j] * moe__act_grad(d->activation, l->z[t * O + j]);
@@ -1424,7 +1549,7 @@ static void moe__dense_backward(moe_layer *l, const float *dy, float *dx) {
         g = moe__gemm_make(MOE__NN, T, D, O, moe__mat_of(dz, O), moe__mat_of(moe__w(l, l->lin.w), D), dx, D, 0, NULL);
         moe__gemm_run(&l->ex, &g);
         if (d->residual) {
-            MOE__PARALLEL_FOR(l->ex.n_threads, T)
+            MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)D)
             for (t = 0; t < T; t++) {
                 int64_t j;
                 for (j = 0; j < D; j++) dx[t * D + j] += dy[t * O + j];
@@ -1439,7 +1564,7 @@ static void moe__norm_forward(moe_layer *l, const float *x, int64_t T, float *y)
     int64_t D = d->d_in, t;
     int layer_norm = d->kind == MOE_LAYER_LAYERNORM;
     const float *w = moe__w(l, l->norm_w), *bias = layer_norm ? moe__w(l, l->norm_b) : NULL;
-    MOE__PARALLEL_FOR(l->ex.n_threads, T)
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)D * 8.0)
     for (t = 0; t < T; t++) {
         const float *xt = x + t * D;
         float *yt = y + t * D;
@@ -1471,7 +1596,7 @@ static void moe__norm_backward(moe_layer *l, const float *dy, float *dx) {
     const float *w = moe__w(l, l->norm_w), *x = l->x;
     float *dw = moe__g(l, l->norm_w), *db = layer_norm ? moe__g(l, l->norm_b) : NULL;
     /* parameter gradients: split by column, tokens in order */
-    MOE__PARALLEL_FOR(l->ex.n_threads, nb)
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)D * 4.0)
     for (cb = 0; cb < nb; cb++) {
         int64_t j0 = cb * 64, j1 = moe__min64(j0 + 64, D), s, j;
         for (s = 0; s < T; s++)
@@ -1482,7 +1607,7 @@ static void moe__norm_backward(moe_layer *l, const float *dy, float *dx) {
             }
     }
     if (!dx) return;
-    MOE__PARALLEL_FOR(l->ex.n_threads, T)
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)D * 8.0)
     for (t = 0; t < T; t++) {
         const float *xt = x + t * D, *gt = dy + t * D;
         float m = l->mean[t], r = l->rstd[t];
@@ -1723,6 +1848,16 @@ static void moe__bank_forward_tile(const moe_layer *l, const moe__bank *b, int e
     }
 }
 
+/* Flops of the expert networks for the rows of the last forward (to decide on threads). */
+static MOE__MAYBE_UNUSED double moe__bank_flops(const moe_layer *l) {
+    double f = 0.0;
+    int b, j;
+    for (b = 0; b < l->n_banks; b++)
+        for (j = 0; j < l->bank[b].n_linears; j++)
+            f += 2.0 * (double)l->bank[b].offsets[l->bank[b].n] * (double)l->bank[b].lin[j].in * (double)l->bank[b].lin[j].out;
+    return f;
+}
+
 static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, const float *noise) {
     const moe_layer_desc *d = &l->d;
     int64_t E = d->n_experts, K = d->top_k, D = d->d_in, O = d->d_out, t, i;
@@ -1733,7 +1868,7 @@ static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, 
     if (l->xr) {
         if (l->training) {
             uint64_t stream = moe__stream(MOE__STREAM_JITTER, l->index, l->noise_step);
-            MOE__PARALLEL_FOR(l->ex.n_threads, T)
+            MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)D * 20.0)
             for (t = 0; t < T; t++) {
                 int64_t j;
                 for (j = 0; j < D; j++)
@@ -1757,20 +1892,20 @@ static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, 
     }
     l->u = u;
     /* 2-3. softmax, top-k, gates */
-    MOE__PARALLEL_FOR(l->ex.n_threads, T)
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)E * (double)(K + 20))
     for (t = 0; t < T; t++) moe__route_token(l, t);
     /* 4. capacity and the permutation */
     moe__dispatch(l, T);
     moe__aux_forward(l, T);
     /* 5. every expert's rows, in tiles over all experts */
     moe__build_tiles(l);
-    MOE__PARALLEL_FOR_DYNAMIC(l->ex.n_threads, l->n_tiles)
+    MOE__PARALLEL_FOR_DYNAMIC(l->ex.n_threads, moe__bank_flops(l))
     for (i = 0; i < l->n_tiles; i++) {
         const moe__tile *tl = &l->tiles[i];
         moe__bank_forward_tile(l, &l->bank[tl->bank], tl->expert, tl->r0, tl->r1, x);
     }
     /* 6. combine in slot order, then shared experts */
-    MOE__PARALLEL_FOR(l->ex.n_threads, T)
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)O * (double)(K + l->n_banks))
     for (t = 0; t < T; t++) {
         float *yt = y + t * O;
         const float *xt = x + t * D;
@@ -1909,7 +2044,7 @@ static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flag
     float bal_scale = d->balance_loss * (float)E / ((float)(T * K) * (float)T);
     moe__gemm g;
     /* gradients at the gates and at the expert outputs */
-    MOE__PARALLEL_FOR(l->ex.n_threads, T)
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)O * (double)(2 * K + 1))
     for (t = 0; t < T; t++) {
         const float *dyt = dy + t * O;
         int64_t s, j, q;
@@ -1937,18 +2072,18 @@ static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flag
         for (i = 0; i < E; i++) l->dload[i] *= d->load_loss;
     }
     /* experts: input-side gradients per row tile, then weight gradients per output tile */
-    MOE__PARALLEL_FOR_DYNAMIC(l->ex.n_threads, l->n_tiles)
+    MOE__PARALLEL_FOR_DYNAMIC(l->ex.n_threads, moe__bank_flops(l))
     for (i = 0; i < l->n_tiles; i++) {
         const moe__tile *tl = &l->tiles[i];
         moe__bank_backward_tile(l, &l->bank[tl->bank], tl->expert, tl->r0, tl->r1, dx != NULL);
     }
-    MOE__PARALLEL_FOR_DYNAMIC(l->ex.n_threads, l->n_wtiles)
+    MOE__PARALLEL_FOR_DYNAMIC(l->ex.n_threads, moe__bank_flops(l))
     for (i = 0; i < l->n_wtiles; i++) {
         const moe__tile *tl = &l->wtiles[i];
         moe__bank_weight_tile(l, &l->bank[tl->bank], tl, l->x);
     }
     /* router */
-    MOE__PARALLEL_FOR(l->ex.n_threads, T)
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)E * (double)(K + 20))
     for (t = 0; t < T; t++) moe__router_backward_token(l, t, aux, bal_scale);
     g = moe__gemm_make(MOE__TN, E, D, T, moe__mat_of(l->dclean, E), moe__mat_of(l->u, D), moe__g(l, l->router.w), D, 1, NULL);
     moe__gemm_run(&l->ex, &g);
@@ -1967,7 +2102,7 @@ static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flag
     {
         uint64_t stream = moe__stream(MOE__STREAM_JITTER, l->index, l->forward_step);
         int jitter = l->u != l->x;
-        MOE__PARALLEL_FOR(l->ex.n_threads, T)
+        MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)D * (double)(K + 3))
         for (t = 0; t < T; t++) {
             float *dxt = dx + t * D;
             const float *dyt = dy + t * O;
@@ -2052,7 +2187,7 @@ static moe_result moe__check_max_tokens(moe_ctx *ctx, int64_t *max_tokens) {
 MOEDEF moe_result moe_layer_create(moe_ctx *ctx, const moe_layer_desc *desc, int64_t max_tokens, moe_layer **out) {
     moe_layer *l;
     moe_layer_desc d;
-    size_t saved, scratch, pbytes, total;
+    size_t saved = 0, scratch = 0, pbytes, total;
     moe__carver a, b;
     char *block;
     if (!ctx || !out) return MOE_ERR_INVALID_ARGUMENT;
@@ -2081,8 +2216,8 @@ MOEDEF moe_result moe_layer_create(moe_ctx *ctx, const moe_layer_desc *desc, int
     l->ex.n_threads = ctx->n_threads;
     l->ex.scratch = (float *)(block + 2 * pbytes + saved + scratch);
     moe__layer_build_wtiles(l);
+    memset(l->params, 0, 2 * pbytes);  /* the padding between tensors too */
     moe__layer_init_params(l, 0);
-    memset(l->grads, 0, pbytes);
     *out = l;
     return MOE_OK;
 }
@@ -2172,7 +2307,7 @@ static moe_result moe__loss(moe_ctx *ctx, const moe__exec *ex, moe_loss kind, co
     } else if (!target->values) {
         return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "this loss needs target->values");
     }
-    MOE__PARALLEL_FOR(ex->n_threads, T)
+    MOE__PARALLEL_FOR(ex->n_threads, (double)T * (double)C * 10.0)
     for (t = 0; t < T; t++) {
         const float *yt = y + t * C;
         float *dyt = dy ? dy + t * C : NULL;
@@ -2301,7 +2436,7 @@ MOEDEF moe_result moe_optimizer_step(moe_optimizer *o, float *params, float *gra
     d = &o->d;
     n = o->n;
     /* global norm: fixed chunks summed in order, whatever the thread count */
-    MOE__PARALLEL_FOR(o->ctx->n_threads, o->n_chunks)
+    MOE__PARALLEL_FOR(o->ctx->n_threads, (double)n * 4.0)
     for (c = 0; c < o->n_chunks; c++) {
         int64_t i, i1 = moe__min64((c + 1) * MOE__CHUNK, n);
         double s = 0.0;
@@ -2321,7 +2456,7 @@ MOEDEF moe_result moe_optimizer_step(moe_optimizer *o, float *params, float *gra
     b2c_sqrt = (float)sqrt(1.0 - pow((double)d->beta2, (double)o->step));
     wd = d->weight_decay;
     kind = (int)d->kind;
-    MOE__PARALLEL_FOR(o->ctx->n_threads, o->n_chunks)
+    MOE__PARALLEL_FOR(o->ctx->n_threads, (double)n * 4.0)
     for (c = 0; c < o->n_chunks; c++) {
         int64_t i, i1 = moe__min64((c + 1) * MOE__CHUNK, n);
         for (i = c * MOE__CHUNK; i < i1; i++) {
@@ -2351,7 +2486,7 @@ MOEDEF moe_result moe_optimizer_step(moe_optimizer *o, float *params, float *gra
 
 // >>model -------------------------------------------------------------------
 typedef struct moe__model_tensor {
-    char name[MOE__NAME_MAX + 16];
+    char name[MOE__NAME_MAX + 24];
     int layer, index;
 } moe__model_tensor;
 
@@ -2430,7 +2565,7 @@ MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe
     widest = d.d_in;
     for (i = 0; i < d.n_layers; i++) {
         moe_layer *l = &m->layers[i];
-        size_t a, b;
+        size_t a = 0, b = 0;
         r = moe__layer_resolve(ctx, &d.layers[i], prev, i, &m->layer_descs[i]);
         if (r != MOE_OK) goto fail;
         l->ctx = ctx;
@@ -2440,6 +2575,7 @@ MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe
         moe__layer_plan(l);
         r = moe__layer_sizes(l, &a, &b);
         if (r != MOE_OK) goto fail;
+        if (a > MOE__MAX_BYTES || saved > MOE__MAX_BYTES) { r = moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "layer %d: activations too large", i); goto fail; }
         saved += a;
         scratch = b > scratch ? b : scratch;
         m->n_params += l->n_params;
@@ -2449,11 +2585,6 @@ MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe
     }
     d.layers = m->layer_descs;
     m->desc = d;
-    /* parameters and gradients: one blob of 2 * n_params floats */
-    m->params = (float *)moe__calloc(ctx, (size_t)m->n_params * 2 * sizeof(float) + MOE__ALIGN);
-    m->tensors = (moe__model_tensor *)moe__calloc(ctx, sizeof(moe__model_tensor) * (size_t)(nt + 1));
-    if (!m->params || !m->tensors) { r = moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "parameters (%lld floats)", (long long)m->n_params); goto fail; }
-    m->grads = m->params + m->n_params;
     /* the activation arena: saved activations | shared scratch | outputs and model buffers */
     {
         moe__carver rest;
@@ -2469,13 +2600,22 @@ MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe
             m->ex.scratch = MOE__CARVE(&rest, float, (size_t)ctx->n_threads * MOE__GEMM_SCRATCH);
             if (pass == 0) {
                 total = saved + scratch + rest.used;
-                if (rest.overflow || total < rest.used) { r = moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "activation arena size overflows"); goto fail; }
+                if (rest.overflow || total < rest.used || total > MOE__MAX_BYTES || m->n_params > (int64_t)(MOE__MAX_BYTES / 8)) {
+                    r = moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "%lld parameters and %.3g bytes of activations for max_tokens %lld: too large",
+                                  (long long)m->n_params, (double)saved + (double)scratch + (double)rest.used, (long long)T);
+                    goto fail;
+                }
                 block = (char *)moe__malloc(ctx, total);
                 if (!block) { r = moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "activation arena (%zu bytes)", total); goto fail; }
                 m->arena = block;
             }
         }
     }
+    /* parameters and gradients: one blob of 2 * n_params floats */
+    m->params = (float *)moe__calloc(ctx, (size_t)m->n_params * 2 * sizeof(float) + MOE__ALIGN);
+    m->tensors = (moe__model_tensor *)moe__calloc(ctx, sizeof(moe__model_tensor) * (size_t)(nt + 1));
+    if (!m->params || !m->tensors) { r = moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "parameters (%lld floats)", (long long)m->n_params); goto fail; }
+    m->grads = m->params + m->n_params;
     sv.base = block; sv.used = 0; sv.overflow = 0;
     sc.base = block + saved; sc.used = 0; sc.overflow = 0;
     m->ex.ctx = ctx;
@@ -2494,7 +2634,9 @@ MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe
             stream += l->n_tensors;
             for (t = 0; t < l->n_tensors; t++) {
                 moe__model_tensor *mt = &m->tensors[m->n_tensors++];
-                snprintf(mt->name, sizeof mt->name, "layers.%d.%s", i, l->tensors[t].name);
+                char head[24];
+                snprintf(head, sizeof head, "layers.%d.", i);
+                moe__concat(mt->name, sizeof mt->name, head, l->tensors[t].name, "");
                 mt->layer = i;
                 mt->index = t;
             }
@@ -2546,7 +2688,7 @@ MOEDEF const float *moe_model_output(const moe_model *m) {
 }
 
 MOEDEF moe_result moe_model_loss(moe_model *m, const moe_target *target, float *loss, float *dy) {
-    float l;
+    float l = 0.0f;
     if (!m) return MOE_ERR_INVALID_ARGUMENT;
     if (!m->has_forward) return moe__fail(m->ctx, MOE_ERR_STATE, "loss before any forward");
     MOE__TRY(moe__loss(m->ctx, &m->ex, m->desc.loss, m->outs[m->n_layers - 1], m->T, moe_model_d_out(m), target, m->tok, dy, &l));
@@ -3177,7 +3319,7 @@ MOEDEF moe_result moe_tensor_file_read(moe_ctx *ctx, const char *path, moe_tenso
     *out = NULL;
     if (!path) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "path is NULL");
     fp = fopen(path, "rb");
-    if (!fp) return moe__fail(ctx, MOE_ERR_IO, "cannot open %s", path);
+    if (!fp) return moe__fail(ctx, MOE_ERR_IO, "cannot open %s: %s", path, strerror(errno));
     if (fseek(fp, 0, SEEK_END) != 0 || (len = ftell(fp)) < 0 || fseek(fp, 0, SEEK_SET) != 0) {
         fclose(fp);
         return moe__fail(ctx, MOE_ERR_IO, "cannot size %s", path);
@@ -3304,6 +3446,7 @@ struct moe_tensor_writer {
 MOEDEF moe_result moe_tensor_writer_create(moe_ctx *ctx, moe_tensor_writer **out) {
     moe_tensor_writer *w;
     if (!ctx || !out) return MOE_ERR_INVALID_ARGUMENT;
+    *out = NULL;
     w = (moe_tensor_writer *)moe__calloc(ctx, sizeof *w);
     if (!w) return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "tensor writer");
     w->ctx = ctx;
@@ -3443,7 +3586,7 @@ MOEDEF moe_result moe_tensor_writer_save(moe_tensor_writer *w, const char *path)
     for (i = 0; i < 8; i++) len8[i] = (unsigned char)(hl >> (8 * i));
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
     fp = fopen(tmp, "wb");
-    if (!fp) { moe__free(w->ctx, h.buf); return moe__fail(w->ctx, MOE_ERR_IO, "cannot create %s", tmp); }
+    if (!fp) { moe__free(w->ctx, h.buf); return moe__fail(w->ctx, MOE_ERR_IO, "cannot create %s; %s is unchanged", tmp, path); }
     ok = fwrite(len8, 1, 8, fp) == 8 && fwrite(h.buf, 1, h.len, fp) == h.len;
     for (i = 0; ok && i < w->count; i++)
         ok = moe__write_le(fp, w->entries[i].data, w->entries[i].nbytes, moe__dtype_sizes[w->entries[i].dtype]);
@@ -3461,7 +3604,7 @@ MOEDEF moe_result moe_tensor_writer_save(moe_tensor_writer *w, const char *path)
     return MOE_OK;
 }
 
-// >>config ------------------------------------------------------------------
+// >>model_config ------------------------------------------------------------
 static const char *const moe__kind_names[] = {"", "dense", "moe", "rmsnorm", "layernorm"};
 static const char *const moe__act_names[] = {"", "identity", "relu", "gelu", "silu", "tanh", "sigmoid"};
 static const char *const moe__router_names[] = {"", "topk", "noisy_topk", "switch"};
@@ -3725,7 +3868,7 @@ static moe_result moe__config_string(moe_model *m, moe__sb *b) {
 }
 
 MOEDEF moe_result moe_model_save(moe_model *m, const char *path) {
-    moe_tensor_writer *w;
+    moe_tensor_writer *w = NULL;
     moe__sb cfg;
     moe_result r;
     int i;
@@ -3737,8 +3880,8 @@ MOEDEF moe_result moe_model_save(moe_model *m, const char *path) {
     if (r == MOE_OK) r = moe_tensor_writer_metadata(w, "moe.config", cfg.buf);
     for (i = 0; r == MOE_OK && i < m->n_tensors; i++) {
         moe_tensor t;
-        moe_model_tensor(m, i, &t);
-        r = moe_tensor_writer_add(w, t.name, MOE_DTYPE_F32, t.ndim, t.shape, t.data);
+        r = moe_model_tensor(m, i, &t);
+        if (r == MOE_OK) r = moe_tensor_writer_add(w, t.name, MOE_DTYPE_F32, t.ndim, t.shape, t.data);
     }
     if (r == MOE_OK) r = moe_tensor_writer_save(w, path);
     moe_tensor_writer_destroy(w);

@@ -1,4 +1,4 @@
-/* Double-precision reference of docs/MODEL.md: naive loops, written from the document, sharing no
+/* Double-precision reference of README.md (Model reference): naive loops, written from the document, sharing no
    code with moe.h's implementation. It reads a model's configuration and tensor offsets through
    the public API and its parameters from a double array in the model's blob layout.
    ref_model_eval also hashes every discrete decision (top-k order, capacity drops, relu signs,
@@ -318,8 +318,8 @@ static double ref_model_forward(ref_run *r, const float *x, int64_t T, double *y
     return aux;
 }
 
-/* Task loss per docs/MODEL.md section 4. */
-static double ref_task_loss(moe_loss kind, const double *y, int64_t T, int64_t C, const int32_t *labels, const float *values) {
+/* Task loss per README.md (Model reference) section 4. */
+static TEST_UNUSED double ref_task_loss(moe_loss kind, const double *y, int64_t T, int64_t C, const int32_t *labels, const float *values) {
     double sum = 0;
     int64_t t, c;
     for (t = 0; t < T; t++) {

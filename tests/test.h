@@ -70,12 +70,18 @@ static const char *test_case_name = "";
     } while (0)
 
 /* |a - b| <= atol + rtol * |b| */
-static int test_close(double a, double b, double rtol, double atol) {
+#if defined(__GNUC__) || defined(__clang__)
+#define TEST_UNUSED __attribute__((unused))
+#else
+#define TEST_UNUSED
+#endif
+
+static TEST_UNUSED int test_close(double a, double b, double rtol, double atol) {
     return fabs(a - b) <= atol + rtol * fabs(b);
 }
 
 /* Largest |a - b| / (atol + rtol * |b|) over n pairs: <= 1 means all within tolerance. */
-static double test_worst(const float *a, const float *b, long n, double rtol, double atol, long *where) {
+static TEST_UNUSED double test_worst(const float *a, const float *b, long n, double rtol, double atol, long *where) {
     double worst = 0.0;
     long i;
     if (where) *where = -1;

@@ -1,4 +1,4 @@
-/* PyTorch fixtures (tests/ref/gen_fixtures.py, written from docs/MODEL.md alone): forward, losses,
+/* PyTorch fixtures (tests/ref/gen_fixtures.py, written from README.md (Model reference) alone): forward, losses,
    auxiliary losses, routing statistics, every gradient (training with aux losses, and inference
    without), and five AdamW steps. Tolerances (float32 here against float64 there):
      outputs, losses, gradients:  |a - b| <= 1e-4 |b| + 2e-5 max|b over the tensor|

@@ -10,7 +10,7 @@ It shares no code with gen_fixtures.py.  For every `*.safetensors` in the direct
 1. reads the file with its own safetensors reader and checks the format (header length, header
    padded to a multiple of 8, offsets contiguous, every tensor the `moe.config` implies present
    with its shape, no other `layers.` tensor, the fixture tensor list complete);
-2. rebuilds the model with a second, deliberately naive implementation of docs/MODEL.md (token by
+2. rebuilds the model with a second, deliberately naive implementation of the model reference in the top-level README.md (token by
    token, expert by expert, written straight from the text) in float64 from the stored float32
    values, and compares y, loss, aux_loss, aux.<i>, stats, dx, grad.*, eval.y, eval.dx, eval.grad.*
    (gradients by autograd through the naive model);

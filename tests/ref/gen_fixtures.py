@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""PyTorch reference fixtures for moe.h, built from docs/MODEL.md alone.
+"""PyTorch reference fixtures for moe.h, built from the model reference in the top-level README.md alone.
 
 Usage:
 
@@ -8,9 +8,9 @@ Usage:
 `outdir` defaults to the directory of this script (tests/ref/).  One safetensors file
 `<case>.safetensors` is written per case (see CASES below and tests/ref/README.md for the tensor
 list).  Needs only torch and numpy (the `safetensors` package is not used: the format of
-MODEL.md section 6 is written by hand).
+the README model reference section 6 is written by hand).
 
-Every model is an independent re-implementation of MODEL.md: dense / rmsnorm / layernorm / moe
+Every model is an independent re-implementation of the README's model reference: dense / rmsnorm / layernorm / moe
 layers, the topk / noisy_topk / switch routers, capacity with dropping and pass-through, linear /
 mlp / swiglu experts, shared experts, the four auxiliary losses, the three task losses, gradient
 clipping and AdamW.  Parameters and inputs are drawn in float32 (so the stored values are exactly
@@ -50,7 +50,7 @@ class Retry(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# Config helpers (every field written with its default resolved, MODEL.md 6.1)
+# Config helpers (every field written with its default resolved, README model reference 6.1)
 
 def dense(d_in, d_out, activation="identity", bias=True, residual=False):
     return {"kind": "dense", "d_in": d_in, "d_out": d_out, "activation": activation,
@@ -97,7 +97,7 @@ def model_config(d_in, layers, loss, **opt):
 
 
 # ----------------------------------------------------------------------------------------------
-# Parameter names and shapes (MODEL.md section 3, in its order)
+# Parameter names and shapes (README.md section 3, in its order)
 
 def expert_shapes(prefix, c, n, hidden):
     """Stacked expert tensors for n experts of kind c['expert'] with hidden width `hidden`."""
@@ -179,7 +179,7 @@ def init_params(cfg, g):
 
 
 # ----------------------------------------------------------------------------------------------
-# The model (MODEL.md sections 2-4)
+# The model (README.md sections 2-4)
 
 class Checks:
     """Collects the closeness of discrete decisions."""
@@ -397,7 +397,7 @@ def train_objective(cfg, P, x, target, noises, chk):
 
 
 def lr_at(o, i):
-    """Schedule for 0-based step i (MODEL.md section 5)."""
+    """Schedule for 0-based step i (README.md section 5)."""
     lr, w, tot = o["lr"], o["warmup_steps"], o["total_steps"]
     if i < w:
         return lr * (i + 1) / w
@@ -408,7 +408,7 @@ def lr_at(o, i):
 
 
 # ----------------------------------------------------------------------------------------------
-# safetensors writer (MODEL.md section 6)
+# safetensors writer (the README model reference section 6)
 
 DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.int32): "I32"}
 

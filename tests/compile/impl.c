@@ -1,0 +1,3 @@
+/* The implementation translation unit of the link test. */
+#define MOE_IMPLEMENTATION
+#include "../../moe.h"

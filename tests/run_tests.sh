@@ -1,0 +1,161 @@
+#!/bin/sh
+# The whole test suite (make test): compile checks, then every tests/test_*.c built three ways —
+# with OpenMP, without OpenMP, and under AddressSanitizer + UndefinedBehaviorSanitizer — plus the
+# cross-build determinism check, the README quick start and the command-line tool.
+# Ends with one line: "N passed, N failed, N skipped" (cases, summed over all builds).
+# Environment: CC (default cc), CXX (default c++), TEST_CONFIGS (default "omp noomp asan").
+set -u
+cd "$(dirname "$0")/.." || exit 1
+
+CC=${CC:-cc}
+CXX=${CXX:-c++}
+CONFIGS=${TEST_CONFIGS:-"omp noomp asan"}
+OUT=build/tests
+mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+: > "$LOG"
+
+passed=0
+failed=0
+skipped=0
+failures=""
+
+ok()   { passed=$((passed + 1)); printf '  ok   %s\n' "$1"; }
+bad()  { failed=$((failed + 1)); failures="$failures\n  $1"; printf '  FAIL %s\n' "$1"; }
+skip() { skipped=$((skipped + 1)); printf '  skip %s (%s)\n' "$1" "$2"; }
+
+# run NAME COMMAND...: one case, passes when the command exits 0; output goes to the log
+check() {
+    name=$1; shift
+    if "$@" >> "$LOG" 2>&1; then ok "$name"; else bad "$name"; echo "    (see $LOG)"; fi
+}
+
+have() { command -v "$1" > /dev/null 2>&1; }
+
+WARN="-Wall -Wextra -Wpedantic -Werror"
+C99="-std=c99 $WARN"
+
+echo "== compile checks"
+check "C99 -Wpedantic -Werror (gcc-compatible $CC)" $CC $C99 -c tests/compile/impl.c -o "$OUT/impl.o"
+check "C99 with OpenMP" $CC $C99 -fopenmp -c tests/compile/impl.c -o "$OUT/impl_omp.o"
+check "C++11 -Werror" $CXX -std=c++11 -Wall -Wextra -Werror tests/compile/cpp.cpp -o "$OUT/cpp" -lm
+check "C++11 program runs" "$OUT/cpp"
+check "two-file link" $CC $C99 tests/compile/impl.c tests/compile/use.c -o "$OUT/link" -lm
+check "two-file program runs" "$OUT/link"
+check "MOE_STATIC in two files" $CC $C99 tests/compile/static_a.c tests/compile/static_b.c -o "$OUT/static" -lm
+check "MOE_STATIC program runs" "$OUT/static"
+check "MOE_MALLOC + MOE_FREE override" sh -c "$CC $C99 tests/compile/custom_malloc.c -o $OUT/custom_malloc -lm && $OUT/custom_malloc"
+if $CC $C99 -c tests/compile/malloc_alone.c -o "$OUT/malloc_alone.o" >> "$LOG" 2>&1; then
+    bad "MOE_MALLOC without MOE_FREE is refused"
+else
+    ok "MOE_MALLOC without MOE_FREE is refused"
+fi
+if have clang; then
+    check "clang C99 -Werror" clang $C99 -c tests/compile/impl.c -o "$OUT/impl_clang.o"
+    check "clang C++11 -Werror" clang++ -std=c++11 -Wall -Wextra -Werror -c tests/compile/cpp.cpp -o "$OUT/cpp_clang.o"
+else
+    skip "clang builds" "clang not installed"
+fi
+
+# flags per configuration
+flags() {
+    case $1 in
+        omp)   echo "-O2 -g -fopenmp" ;;
+        noomp) echo "-O2 -g" ;;
+        asan)  echo "-O1 -g -fopenmp -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer" ;;
+    esac
+}
+
+# run_test CONFIG BINARY ARGS...: adds the program's RESULT line to the totals
+run_test() {
+    cfg=$1; bin=$2; shift 2
+    name="$cfg/$(basename "$bin")"
+    out="$OUT/$cfg/$(basename "$bin").out"
+    ASAN_OPTIONS=allocator_may_return_null=1:detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
+        timeout 600 "$bin" "$@" > "$out" 2>&1
+    rc=$?
+    line=$(grep '^RESULT ' "$out" | tail -n 1)
+    if [ -z "$line" ]; then
+        bad "$name crashed or did not finish (exit $rc)"
+        tail -n 15 "$out" | sed 's/^/    /'
+        return
+    fi
+    p=$(echo "$line" | sed 's/.*passed=\([0-9]*\).*/\1/')
+    f=$(echo "$line" | sed 's/.*failed=\([0-9]*\).*/\1/')
+    s=$(echo "$line" | sed 's/.*skipped=\([0-9]*\).*/\1/')
+    passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
+    if [ "$f" -ne 0 ] || [ "$rc" -ne 0 ]; then
+        [ "$f" -eq 0 ] && { failed=$((failed + 1)); }
+        failures="$failures\n  $name"
+        printf '  FAIL %-28s %s (exit %s)\n' "$name" "$line" "$rc"
+        grep -E 'FAIL|failed|ERROR|runtime error' "$out" | head -n 20 | sed 's/^/    /'
+    else
+        printf '  ok   %-28s %s\n' "$name" "$line"
+    fi
+}
+
+for cfg in $CONFIGS; do
+    echo "== $cfg: $(flags "$cfg")"
+    mkdir -p "$OUT/$cfg"
+    for src in tests/test_*.c; do
+        t=$(basename "$src" .c)
+        [ "$t" = test_cli ] && continue
+        if ! $CC -std=c99 $WARN $(flags "$cfg") -DTMP_DIR="\"$OUT/$cfg/tmp_$t\"" "$src" -o "$OUT/$cfg/$t" -lm >> "$LOG" 2>&1; then
+            bad "$cfg/$t does not compile"
+            continue
+        fi
+        mkdir -p "$OUT/$cfg/tmp_$t"
+        if [ "$t" = test_determinism ]; then
+            run_test "$cfg" "$OUT/$cfg/$t" "$OUT/$cfg/determinism.digest"
+        else
+            run_test "$cfg" "$OUT/$cfg/$t"
+        fi
+    done
+    # the command-line tool, built the same way
+    if [ -f tests/test_cli.c ] && [ -f examples/moe.c ]; then
+        if $CC -std=c99 $WARN $(flags "$cfg") examples/moe.c -o "$OUT/$cfg/moe" -lm >> "$LOG" 2>&1 &&
+           $CC -std=c99 $WARN $(flags "$cfg") tests/test_cli.c -o "$OUT/$cfg/test_cli" -lm >> "$LOG" 2>&1; then
+            mkdir -p "$OUT/$cfg/tmp_cli"
+            run_test "$cfg" "$OUT/$cfg/test_cli" "$OUT/$cfg/moe" "$OUT/$cfg/tmp_cli"
+        else
+            bad "$cfg: build/moe or test_cli does not compile"
+        fi
+    fi
+done
+
+echo "== across builds"
+if [ -f "$OUT/omp/determinism.digest" ] && [ -f "$OUT/noomp/determinism.digest" ]; then
+    if cmp -s "$OUT/omp/determinism.digest" "$OUT/noomp/determinism.digest"; then
+        ok "OpenMP and no-OpenMP builds train bit-identical models"
+    else
+        bad "OpenMP and no-OpenMP builds differ: $(cat "$OUT/omp/determinism.digest") vs $(cat "$OUT/noomp/determinism.digest")"
+    fi
+else
+    skip "OpenMP vs no-OpenMP digest" "needs both the omp and noomp configurations"
+fi
+
+echo "== README quick start"
+if sed -n '/<!-- quickstart -->/,/<!-- \/quickstart -->/p' README.md | sed '1,2d;$d' | sed '$d' > "$OUT/quickstart.c" && [ -s "$OUT/quickstart.c" ]; then
+    check "README quick start compiles" $CC $C99 -O2 -fopenmp "$OUT/quickstart.c" -I. -o "$OUT/quickstart" -lm
+    check "README quick start runs" sh -c "cd $OUT && ./quickstart"
+else
+    bad "README.md has no quick start between <!-- quickstart --> markers"
+fi
+
+# the fragment in moe.h's manual, inside a function that declares what it uses
+{
+    echo '#define MOE_IMPLEMENTATION'
+    echo '#include "moe.h"'
+    echo '#include <stdio.h>'
+    echo 'int main(void) {'
+    echo '    float x[32 * 64] = {0}; int32_t labels[32] = {0}, classes[32]; int64_t batch = 32; moe_step_info info;'
+    sed -n '1,80p' moe.h | sed -n '/^       moe_ctx ctx;/,/^       moe_model_destroy(model);/p'
+    echo '    return 0;'
+    echo '}'
+} > "$OUT/manual_quickstart.c"
+check "moe.h manual quick start compiles and runs" sh -c "$CC $C99 -Wno-unused-variable -I. $OUT/manual_quickstart.c -o $OUT/manual_quickstart -lm && cd $OUT && ./manual_quickstart"
+
+echo
+if [ "$failed" -ne 0 ]; then printf 'failures:%b\n' "$failures"; fi
+echo "$passed passed, $failed failed, $skipped skipped"
+[ "$failed" -eq 0 ]

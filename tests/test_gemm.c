@@ -1,0 +1,112 @@
+/* The GEMM entry point: packed kernels against the plain reference, for all three layouts, row
+   gathers, accumulation and bias, at awkward sizes; and tiling/threads never change a bit. */
+#define MOE_IMPLEMENTATION
+#include "../moe.h"
+#include "test.h"
+
+static float *random_matrix(int64_t n, uint64_t stream) {
+    float *m = (float *)malloc(sizeof(float) * (size_t)(n ? n : 1));
+    int64_t i;
+    for (i = 0; i < n; i++) m[i] = moe_rng_normal(3, stream, (uint64_t)i);
+    return m;
+}
+
+static moe__exec make_exec(moe_ctx *ctx, float **scratch) {
+    moe__exec ex;
+    *scratch = (float *)moe__malloc(ctx, sizeof(float) * (size_t)ctx->n_threads * MOE__GEMM_SCRATCH);
+    ex.ctx = ctx;
+    ex.n_threads = ctx->n_threads;
+    ex.scratch = *scratch;
+    return ex;
+}
+
+/* One product in every way: fast vs reference (tolerance), and fast tiled 1 vs 2 threads (bitwise). */
+static void check_product(moe__gemm_op op, int64_t M, int64_t N, int64_t K, int gather, int accumulate, int bias) {
+    moe_ctx fast, ref, one;
+    float *sf, *sr, *so;
+    moe__exec exf, exr, exo;
+    int64_t a_rows = op == MOE__TN ? K : M, a_cols = op == MOE__TN ? M : K;
+    int64_t b_rows = op == MOE__NT ? N : K, b_cols = op == MOE__NT ? K : N;
+    int64_t pool_a = a_rows + 5, pool_b = b_rows + 3, i;
+    float *A = random_matrix(pool_a * (a_cols + 2), 1), *B = random_matrix(pool_b * (b_cols + 1), 2);
+    float *bv = random_matrix(N, 3), *C0 = random_matrix(M * (N + 3), 4);
+    float *Cf = (float *)malloc(sizeof(float) * (size_t)(M * (N + 3) + 1));
+    float *Cr = (float *)malloc(sizeof(float) * (size_t)(M * (N + 3) + 1));
+    float *Co = (float *)malloc(sizeof(float) * (size_t)(M * (N + 3) + 1));
+    int32_t *ra = (int32_t *)malloc(sizeof(int32_t) * (size_t)(a_rows + 1)), *rb = (int32_t *)malloc(sizeof(int32_t) * (size_t)(b_rows + 1));
+    moe__gemm g;
+    double worst = 0;
+    for (i = 0; i < a_rows; i++) ra[i] = (int32_t)((i * 7 + 3) % pool_a);
+    for (i = 0; i < b_rows; i++) rb[i] = (int32_t)((i * 5 + 1) % pool_b);
+    moe_ctx_init(&fast, &(moe_ctx_desc){.n_threads = 2});
+    moe_ctx_init(&one, &(moe_ctx_desc){.n_threads = 1});
+    moe_ctx_init(&ref, &(moe_ctx_desc){.n_threads = 2, .kernels = MOE_KERNELS_REFERENCE});
+    exf = make_exec(&fast, &sf);
+    exr = make_exec(&ref, &sr);
+    exo = make_exec(&one, &so);
+    memcpy(Cf, C0, sizeof(float) * (size_t)(M * (N + 3)));
+    memcpy(Cr, C0, sizeof(float) * (size_t)(M * (N + 3)));
+    memcpy(Co, C0, sizeof(float) * (size_t)(M * (N + 3)));
+    g = moe__gemm_make(op, M, N, K, gather ? moe__mat_rows(A, a_cols + 2, ra) : moe__mat_of(A, a_cols + 2),
+                       gather ? moe__mat_rows(B, b_cols + 1, rb) : moe__mat_of(B, b_cols + 1), Cf, N + 3, accumulate, bias ? bv : NULL);
+    moe__gemm_run(&exf, &g);
+    g.C = Cr;
+    moe__gemm_run(&exr, &g);
+    g.C = Co;
+    moe__gemm_run(&exo, &g);
+    for (i = 0; i < M * (N + 3); i++) {
+        double e;
+        if (i % (N + 3) >= N) {  /* the padding columns between rows are never touched */
+            CHECK(Cf[i] == C0[i] && Cr[i] == C0[i], "op %d %lldx%lldx%lld: wrote outside C", (int)op, (long long)M, (long long)N, (long long)K);
+            continue;
+        }
+        e = fabs((double)Cf[i] - Cr[i]) / (1e-5 * sqrt((double)K + 1.0) * (1.0 + fabs((double)Cr[i])));
+        worst = e > worst ? e : worst;
+    }
+    CHECK(worst <= 1.0, "op %d M=%lld N=%lld K=%lld gather=%d acc=%d bias=%d: fast differs from reference (%.3g of tolerance)",
+          (int)op, (long long)M, (long long)N, (long long)K, gather, accumulate, bias, worst);
+    CHECK(memcmp(Cf, Co, sizeof(float) * (size_t)(M * (N + 3))) == 0, "op %d %lldx%lldx%lld: 1 and 2 threads differ", (int)op,
+          (long long)M, (long long)N, (long long)K);
+    /* any tile split gives the same bits */
+    memcpy(Co, C0, sizeof(float) * (size_t)(M * (N + 3)));
+    g.C = Co;
+    moe__gemm_block(&exo, &g, 0, M / 3, 0, N);
+    moe__gemm_block(&exo, &g, M / 3, M, 0, N / 2 + 1 > N ? N : N / 2 + 1);
+    moe__gemm_block(&exo, &g, M / 3, M, N / 2 + 1 > N ? N : N / 2 + 1, N);
+    CHECK(memcmp(Cf, Co, sizeof(float) * (size_t)(M * (N + 3))) == 0, "op %d %lldx%lldx%lld: tile split changes bits", (int)op,
+          (long long)M, (long long)N, (long long)K);
+    moe__free(&fast, sf);
+    moe__free(&ref, sr);
+    moe__free(&one, so);
+    free(A); free(B); free(bv); free(C0); free(Cf); free(Cr); free(Co); free(ra); free(rb);
+}
+
+static int test_all_layouts_awkward_sizes(void) {
+    const int64_t sizes[] = {1, 7, 17, 64, 255, 300};
+    const int n = (int)(sizeof sizes / sizeof sizes[0]);
+    int op, a, b, c;
+    for (op = 0; op < 3; op++)
+        for (a = 0; a < n; a++)
+            for (b = 0; b < n; b++)
+                for (c = 0; c < n; c++) {
+                    int64_t M = sizes[a], N = sizes[b], K = sizes[c];
+                    if (M * N * K > 300 * 300 * 64) continue;  /* keep the reference loops quick */
+                    check_product((moe__gemm_op)op, M, N, K, (a + b + c) % 2, (a + c) % 2, op == MOE__NT && b % 2 == 0);
+                }
+    return 0;
+}
+
+static int test_zero_k_and_large_k(void) {
+    check_product(MOE__NT, 5, 9, 0, 0, 0, 1);    /* C = bias */
+    check_product(MOE__NN, 5, 9, 0, 0, 1, 0);    /* C unchanged */
+    check_product(MOE__NT, 3, 20, 777, 1, 0, 1); /* several KC blocks */
+    check_product(MOE__TN, 33, 18, 600, 1, 1, 0);
+    return 0;
+}
+
+int main(void) {
+    printf("test_gemm\n");
+    RUN(test_all_layouts_awkward_sizes);
+    RUN(test_zero_k_and_large_k);
+    TEST_END();
+}

@@ -2247,6 +2247,7 @@ MOEDEF moe_result moe_layer_backward(moe_layer *l, const float *dy, float *dx, i
 }
 
 static moe_result moe__stats_of(const moe_layer *l, moe_stats *stats) {
+    memset(stats, 0, sizeof *stats);
     if (l->d.kind != MOE_LAYER_MOE) return moe__fail(l->ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d is not a MoE layer", l->index);
     if (!l->has_forward) return moe__fail(l->ctx, MOE_ERR_STATE, "no forward yet");
     *stats = l->stats;
@@ -2774,6 +2775,7 @@ MOEDEF moe_result moe_model_predict(moe_model *m, const float *x, int64_t n_toke
 
 MOEDEF moe_result moe_model_stats(const moe_model *m, int layer, moe_stats *stats) {
     if (!m || !stats) return MOE_ERR_INVALID_ARGUMENT;
+    memset(stats, 0, sizeof *stats);
     if (layer < 0 || layer >= m->n_layers) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d out of range", layer);
     return moe__stats_of(&m->layers[layer], stats);
 }

@@ -26,12 +26,14 @@
 #include "../moe.h"
 
 #define N_CLASSES 10
+#define N_EXPERTS 4
+#define TOP_K 2
 /* our own streams of moe_rng_u64, apart from the ones the library uses */
 #define SHUFFLE_STREAM 0x53485546ull
 #define SHIFT_STREAM 0x53484946ull
 
 /* Everything that differs between the two datasets. */
-typedef struct setup {
+typedef struct setup_desc {
     const char *name;
     int64_t side;          /* images are side x side pixels */
     int max_pixel;         /* inputs are pixel / max_pixel, in [0, 1] */
@@ -42,20 +44,17 @@ typedef struct setup {
     int shift;             /* nonzero: move some training images by a pixel (see shift_some) */
     int64_t d_model;       /* width of the MoE layer's output */
     int64_t d_hidden;      /* hidden width of each MLP expert */
-} setup;
+} setup_desc;
 
-static const setup DIGITS_SETUP = {
+static const setup_desc DIGITS_SETUP = {
     .name = "digits", .side = 8, .max_pixel = 16, .epochs = 30, .batch = 32, .lr = 3e-3f,
     .optimizer = MOE_OPTIMIZER_ADAMW, .cosine_decay = 1, .shift = 1, .d_model = 64, .d_hidden = 128
 };
 /* the classic MNIST setup: Adam at a fixed 1e-3, batch 128, 10 epochs, no augmentation */
-static const setup MNIST_SETUP = {
+static const setup_desc MNIST_SETUP = {
     .name = "mnist", .side = 28, .max_pixel = 255, .epochs = 10, .batch = 128, .lr = 1e-3f,
     .optimizer = MOE_OPTIMIZER_ADAM, .d_model = 128, .d_hidden = 128
 };
-
-#define N_EXPERTS 4
-#define TOP_K 2
 
 /* Command line. As in moe.h's descs, 0 (or NULL) means "the setup's default". */
 typedef struct options {
@@ -72,6 +71,7 @@ typedef struct dataset {
     unsigned char *pixels; /* [n, d] */
     unsigned char *labels; /* [n] */
     int64_t n, d;
+    float scale;           /* 1 / max_pixel */
 } dataset;
 
 /* A list of samples of one dataset: the training or the test set. */
@@ -81,12 +81,19 @@ typedef struct sample_set {
     int64_t n;
 } sample_set;
 
-/* One batch, scaled for the model. */
-typedef struct batch {
+/* What training and evaluation share. */
+typedef struct trainer {
+    moe_ctx ctx;           /* outlives the model, which keeps a pointer to it */
+    moe_model *model;
+    setup_desc setup;      /* with the command line's changes */
+    uint64_t seed;
+    int show_bar;          /* stdout is a terminal */
+    /* one batch, scaled for the model; it also holds the chunks of an evaluation */
     float *x;              /* [capacity, d] */
     int32_t *labels;       /* [capacity] */
+    int32_t *predicted;    /* [capacity] */
     int64_t capacity;
-} batch;
+} trainer;
 
 static void usage(FILE *f) {
     fprintf(f,
@@ -96,8 +103,8 @@ static void usage(FILE *f) {
         "  --out FILE     where to save the model (default build/digits.safetensors)\n"
         "  --epochs N     passes over the training set (digits %d, MNIST %d)\n"
         "  --batch N      samples per training step (digits %d, MNIST %d)\n"
-        "  --lr X         peak learning rate (digits %g, MNIST %g)\n"
-        "  --seed S       seed of the initialisation and the shuffle (default 1)\n"
+        "  --lr X         learning rate (digits %g, decaying to 0 on a cosine; MNIST %g)\n"
+        "  --seed S       seed of everything random: weights, order, shifts (default 1)\n"
         "  --threads N    worker threads, 0 = all (default 0); results do not depend on it\n",
         DIGITS_SETUP.epochs, MNIST_SETUP.epochs, DIGITS_SETUP.batch, MNIST_SETUP.batch,
         (double)DIGITS_SETUP.lr, (double)MNIST_SETUP.lr);
@@ -122,18 +129,18 @@ static int parse_options(int argc, char **argv, options *opt) {
     opt->out_path = "build/digits.safetensors";
     opt->seed = 1;
     for (i = 1; i < argc; i++) {
-        const char *name = argv[i], *value = i + 1 < argc ? argv[i + 1] : NULL;
+        const char *name = argv[i], *value;
         long v;
         if (strcmp(name, "--help") == 0 || strcmp(name, "-h") == 0) {
             usage(stdout);
             exit(0);
         }
-        if (!value) {
-            fprintf(stderr, "digits: %s\n", strncmp(name, "--", 2) == 0 ? "option needs a value" : "unknown argument");
+        if (strncmp(name, "--", 2) != 0 || i + 1 == argc) {
+            fprintf(stderr, strncmp(name, "--", 2) ? "digits: unexpected argument %s\n" : "digits: %s needs a value\n", name);
             usage(stderr);
             return 0;
         }
-        i++;
+        value = argv[++i];
         if (strcmp(name, "--data") == 0) opt->data_dir = value;
         else if (strcmp(name, "--mnist") == 0) opt->mnist_dir = value;
         else if (strcmp(name, "--out") == 0) opt->out_path = value;
@@ -172,7 +179,7 @@ static int parse_options(int argc, char **argv, options *opt) {
 }
 
 /* Prints a failed moe.h call's message; returns 1 when the call succeeded. */
-static int moe_ok(const moe_ctx *ctx, moe_result result) {
+static int succeeded(const moe_ctx *ctx, moe_result result) {
     if (result == MOE_OK) return 1;
     fprintf(stderr, "digits: %s\n", ctx->error[0] ? moe_ctx_error(ctx) : moe_result_string(result));
     return 0;
@@ -184,51 +191,51 @@ static uint32_t read_be32(const unsigned char *p) {
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | (uint32_t)p[3];
 }
 
-/* The whole file, or NULL after a message. */
-static unsigned char *read_file(const char *path, size_t *size) {
+/* The values of an IDX file with the given magic number and rank (at most 3), its sizes
+   in dims[]; NULL after a message. */
+static unsigned char *read_idx(const char *path, uint32_t magic, int rank, int64_t *dims) {
+    unsigned char header[16];
+    size_t header_size = 4 + 4 * (size_t)rank, size, count = 1;
+    unsigned char *values = NULL;
+    long end;
+    int i;
     FILE *f = fopen(path, "rb");
-    unsigned char *data = NULL;
-    long end = 0;
     if (!f) {
         fprintf(stderr, "digits: cannot open %s: %s\n", path, strerror(errno));
         return NULL;
     }
-    if (fseek(f, 0, SEEK_END) != 0 || (end = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) {
-        fprintf(stderr, "digits: cannot read %s\n", path);
-    } else if (!(data = (unsigned char *)malloc(end > 0 ? (size_t)end : 1))) {
-        fprintf(stderr, "digits: out of memory reading %s\n", path);
-    } else if (fread(data, 1, (size_t)end, f) != (size_t)end) {
-        fprintf(stderr, "digits: cannot read %s\n", path);
-        free(data);
-        data = NULL;
+    if (fread(header, 1, header_size, f) != header_size) {
+        fprintf(stderr, "digits: cannot read %s: %s\n", path, ferror(f) ? strerror(errno) : "too short for an IDX header");
+        goto done;
     }
-    fclose(f);
-    *size = (size_t)end;
-    return data;
-}
-
-/* An IDX file with the given magic number and rank: its values, sizes in dims[]. */
-static unsigned char *read_idx(const char *path, uint32_t magic, int rank, int64_t *dims) {
-    size_t size, header = 4 + 4 * (size_t)rank, count = 1;
-    unsigned char *data = read_file(path, &size);
-    int i;
-    if (!data) return NULL;
-    if (size < header || read_be32(data) != magic) {
+    if (read_be32(header) != magic) {
         fprintf(stderr, "digits: %s is not an IDX file of rank %d (magic 0x%08x expected)\n", path, rank, (unsigned)magic);
-        free(data);
-        return NULL;
+        goto done;
     }
+    if (fseek(f, 0, SEEK_END) != 0 || (end = ftell(f)) < 0 || fseek(f, (long)header_size, SEEK_SET) != 0) {
+        fprintf(stderr, "digits: cannot read %s\n", path);
+        goto done;
+    }
+    size = (size_t)end - header_size;
     for (i = 0; i < rank; i++) {
-        dims[i] = read_be32(data + 4 + 4 * i);
+        dims[i] = read_be32(header + 4 + 4 * i);
+        if (dims[i] > 0 && count > size / (size_t)dims[i]) break; /* before count can overflow */
         count *= (size_t)dims[i];
     }
-    if (size - header != count) {
-        fprintf(stderr, "digits: %s holds %zu bytes of values, its header says %zu\n", path, size - header, count);
-        free(data);
-        return NULL;
+    if (i < rank || count != size) {
+        fprintf(stderr, "digits: %s is truncated or corrupt: its size does not match its header\n", path);
+        goto done;
     }
-    memmove(data, data + header, count);
-    return data;
+    if (!(values = (unsigned char *)malloc(count > 0 ? count : 1))) {
+        fprintf(stderr, "digits: out of memory reading %s\n", path);
+    } else if (fread(values, 1, count, f) != count) {
+        fprintf(stderr, "digits: cannot read %s\n", path);
+        free(values);
+        values = NULL;
+    }
+done:
+    fclose(f);
+    return values;
 }
 
 static void dataset_free(dataset *ds) {
@@ -238,22 +245,27 @@ static void dataset_free(dataset *ds) {
 }
 
 /* Images and labels from two IDX files, checked against the setup; 0 after a message. */
-static int dataset_load(dataset *ds, const char *dir, const char *images, const char *labels, const setup *su) {
+static int dataset_load(dataset *ds, const char *dir, const char *images, const char *labels, const setup_desc *setup) {
     char path[4096];
     int64_t image_dims[3], label_dims[1], i;
     memset(ds, 0, sizeof *ds);
     snprintf(path, sizeof path, "%s/%s", dir, images);
     if (!(ds->pixels = read_idx(path, 0x803, 3, image_dims))) return 0;
-    if (image_dims[1] != su->side || image_dims[2] != su->side || image_dims[0] == 0) {
+    if (image_dims[0] == 0) {
+        fprintf(stderr, "digits: %s holds no images\n", path);
+        goto fail;
+    }
+    if (image_dims[1] != setup->side || image_dims[2] != setup->side) {
         fprintf(stderr, "digits: %s holds %lldx%lld images, %s needs %lldx%lld\n", path,
-                (long long)image_dims[1], (long long)image_dims[2], su->name, (long long)su->side, (long long)su->side);
+                (long long)image_dims[1], (long long)image_dims[2], setup->name, (long long)setup->side, (long long)setup->side);
         goto fail;
     }
     ds->n = image_dims[0];
-    ds->d = su->side * su->side;
+    ds->d = setup->side * setup->side;
+    ds->scale = 1.0f / (float)setup->max_pixel;
     for (i = 0; i < ds->n * ds->d; i++) {
-        if (ds->pixels[i] > su->max_pixel) {
-            fprintf(stderr, "digits: %s has a pixel value %d, %s pixels run 0..%d\n", path, ds->pixels[i], su->name, su->max_pixel);
+        if (ds->pixels[i] > setup->max_pixel) {
+            fprintf(stderr, "digits: %s has a pixel value %d, %s pixels run 0..%d\n", path, ds->pixels[i], setup->name, setup->max_pixel);
             goto fail;
         }
     }
@@ -321,13 +333,13 @@ static void shuffle(sample_set *set, uint64_t seed, int epoch) {
 }
 
 /* Samples [first, first + count) of the set into the batch, pixels scaled to [0, 1]. */
-static void gather(const sample_set *set, int64_t first, int64_t count, float scale, batch *b) {
+static void gather(trainer *tr, const sample_set *set, int64_t first, int64_t count) {
     const dataset *ds = set->data;
     int64_t i, j;
     for (i = 0; i < count; i++) {
         int64_t s = set->index[first + i];
-        for (j = 0; j < ds->d; j++) b->x[i * ds->d + j] = (float)ds->pixels[s * ds->d + j] * scale;
-        b->labels[i] = ds->labels[s];
+        for (j = 0; j < ds->d; j++) tr->x[i * ds->d + j] = (float)ds->pixels[s * ds->d + j] * ds->scale;
+        tr->labels[i] = ds->labels[s];
     }
 }
 
@@ -335,12 +347,12 @@ static void gather(const sample_set *set, int64_t first, int64_t count, float sc
    edge with background. The digits in the small UCI set are all centred the same way, so a
    network trained on them alone overfits; these slightly off-centre copies lift its test
    accuracy by about a point. counter numbers the images so each draw is used once. */
-static void shift_some(batch *b, int64_t count, int64_t side, uint64_t seed, uint64_t counter) {
-    size_t row = (size_t)side * sizeof *b->x, rest = (size_t)(side * (side - 1)) * sizeof *b->x;
-    int64_t i, r;
+static void shift_some(trainer *tr, int64_t count, uint64_t counter) {
+    int64_t i, r, side = tr->setup.side;
+    size_t row = (size_t)side * sizeof *tr->x, rest = (size_t)(side * (side - 1)) * sizeof *tr->x;
     for (i = 0; i < count; i++) {
-        float *image = b->x + i * side * side;
-        switch (moe_rng_u64(seed, SHIFT_STREAM, counter + (uint64_t)i) % 16) {
+        float *image = tr->x + i * side * side;
+        switch (moe_rng_u64(tr->seed, SHIFT_STREAM, counter + (uint64_t)i) % 16) {
         case 0: /* up */
             memmove(image, image + side, rest);
             memset(image + side * (side - 1), 0, row);
@@ -369,18 +381,18 @@ static void shift_some(batch *b, int64_t count, int64_t side, uint64_t seed, uin
 
 // >>model -------------------------------------------------------------------
 /* pixels -> MoE (4 MLP experts, top-2 router) -> dense 10-way head (logits). */
-static int build_model(moe_ctx *ctx, const setup *su, int64_t d_in, int64_t max_tokens, int64_t total_steps,
-                       moe_model **model) {
+static int build_model(trainer *tr, int64_t d_in, int64_t total_steps) {
+    const setup_desc *setup = &tr->setup;
     moe_layer_desc layers[2];
     moe_model_desc desc;
     memset(layers, 0, sizeof layers);
     memset(&desc, 0, sizeof desc);
     layers[0].kind = MOE_LAYER_MOE;
-    layers[0].d_out = su->d_model;
+    layers[0].d_out = setup->d_model;
     layers[0].n_experts = N_EXPERTS;
     layers[0].top_k = TOP_K;
     layers[0].expert = MOE_EXPERT_MLP;
-    layers[0].d_hidden = su->d_hidden;
+    layers[0].d_hidden = setup->d_hidden;
     layers[0].balance_loss = 0.01f; /* keeps all four experts in use */
     layers[0].z_loss = 0.001f;      /* keeps router logits small */
     layers[1].kind = MOE_LAYER_DENSE;
@@ -389,11 +401,11 @@ static int build_model(moe_ctx *ctx, const setup *su, int64_t d_in, int64_t max_
     desc.n_layers = 2;
     desc.layers = layers;
     desc.loss = MOE_LOSS_CROSS_ENTROPY;
-    desc.max_tokens = max_tokens;
-    desc.optimizer.kind = su->optimizer;
-    desc.optimizer.lr = su->lr;
-    if (su->cosine_decay) desc.optimizer.total_steps = total_steps;
-    return moe_ok(ctx, moe_model_create(ctx, &desc, model));
+    desc.max_tokens = tr->capacity;
+    desc.optimizer.kind = setup->optimizer;
+    desc.optimizer.lr = setup->lr;
+    if (setup->cosine_decay) desc.optimizer.total_steps = total_steps;
+    return succeeded(&tr->ctx, moe_model_create(&tr->ctx, &desc, &tr->model));
 }
 
 // >>training ----------------------------------------------------------------
@@ -409,25 +421,24 @@ static void progress(int epoch, int epochs, int64_t done, int64_t total, double 
 }
 
 /* One pass over the shuffled training set; mean task and auxiliary loss per sample. */
-static int train_epoch(moe_ctx *ctx, moe_model *model, const setup *su, sample_set *train, batch *b, int epoch,
-                       int epochs, uint64_t seed, int batch_size, int show_bar, double *loss, double *aux) {
-    int64_t first, last_percent = -1;
+static int train_epoch(trainer *tr, sample_set *train, int epoch, double *loss, double *aux) {
+    int64_t first, batch_size = tr->setup.batch, last_percent = -1;
     double loss_sum = 0.0, aux_sum = 0.0;
-    shuffle(train, seed, epoch);
+    shuffle(train, tr->seed, epoch);
     for (first = 0; first < train->n; first += batch_size) {
         int64_t count = train->n - first < batch_size ? train->n - first : batch_size;
         moe_target target;
         moe_step_info info;
-        gather(train, first, count, 1.0f / (float)su->max_pixel, b);
-        if (su->shift) shift_some(b, count, su->side, seed, (uint64_t)epoch * (uint64_t)train->n + (uint64_t)first);
-        target.labels = b->labels;
+        gather(tr, train, first, count);
+        if (tr->setup.shift) shift_some(tr, count, (uint64_t)epoch * (uint64_t)train->n + (uint64_t)first);
+        target.labels = tr->labels;
         target.values = NULL;
-        if (!moe_ok(ctx, moe_model_train_step(model, b->x, &target, count, &info))) return 0;
+        if (!succeeded(&tr->ctx, moe_model_train_step(tr->model, tr->x, &target, count, &info))) return 0;
         loss_sum += (double)info.loss * (double)count;
         aux_sum += (double)info.aux_loss * (double)count;
-        if (show_bar && 100 * (first + count) / train->n != last_percent) {
+        if (tr->show_bar && 100 * (first + count) / train->n != last_percent) {
             last_percent = 100 * (first + count) / train->n;
-            progress(epoch + 1, epochs, first + count, train->n, loss_sum / (double)(first + count));
+            progress(epoch + 1, tr->setup.epochs, first + count, train->n, loss_sum / (double)(first + count));
         }
     }
     *loss = loss_sum / (double)train->n;
@@ -435,14 +446,13 @@ static int train_epoch(moe_ctx *ctx, moe_model *model, const setup *su, sample_s
     return 1;
 }
 
-static int evaluate(moe_ctx *ctx, moe_model *model, const setup *su, const sample_set *test, batch *b,
-                    int32_t *predicted, double *accuracy) {
+static int evaluate(trainer *tr, const sample_set *test, double *accuracy) {
     int64_t first, i, correct = 0;
-    for (first = 0; first < test->n; first += b->capacity) {
-        int64_t count = test->n - first < b->capacity ? test->n - first : b->capacity;
-        gather(test, first, count, 1.0f / (float)su->max_pixel, b);
-        if (!moe_ok(ctx, moe_model_predict(model, b->x, count, predicted))) return 0;
-        for (i = 0; i < count; i++) correct += predicted[i] == b->labels[i];
+    for (first = 0; first < test->n; first += tr->capacity) {
+        int64_t count = test->n - first < tr->capacity ? test->n - first : tr->capacity;
+        gather(tr, test, first, count);
+        if (!succeeded(&tr->ctx, moe_model_predict(tr->model, tr->x, count, tr->predicted))) return 0;
+        for (i = 0; i < count; i++) correct += tr->predicted[i] == tr->labels[i];
     }
     *accuracy = (double)correct / (double)test->n;
     return 1;
@@ -458,8 +468,7 @@ typedef struct routing {
 
 /* Forwards the test samples of each digit on their own (in chunks that fit the model) and
    adds up the MoE layer's tokens_per_expert. */
-static int route_by_digit(moe_ctx *ctx, moe_model *model, const setup *su, const sample_set *test, batch *b,
-                          routing *rt) {
+static int route_by_digit(trainer *tr, const sample_set *test, routing *rt) {
     sample_set digit;
     int c, ok = 1;
     memset(rt, 0, sizeof *rt);
@@ -469,13 +478,13 @@ static int route_by_digit(moe_ctx *ctx, moe_model *model, const setup *su, const
         digit.n = 0;
         for (i = 0; i < test->n; i++)
             if (test->data->labels[test->index[i]] == c) digit.index[digit.n++] = test->index[i];
-        for (first = 0; first < digit.n; first += b->capacity) {
-            int64_t count = digit.n - first < b->capacity ? digit.n - first : b->capacity;
+        for (first = 0; first < digit.n; first += tr->capacity) {
+            int64_t count = digit.n - first < tr->capacity ? digit.n - first : tr->capacity;
             moe_stats stats = { 0 }; /* gcc -O3 cannot tell that a successful call fills it */
             int e;
-            gather(&digit, first, count, 1.0f / (float)su->max_pixel, b);
-            if (!moe_ok(ctx, moe_model_forward(model, b->x, count, NULL, NULL)) ||
-                !moe_ok(ctx, moe_model_stats(model, 0, &stats))) {
+            gather(tr, &digit, first, count);
+            if (!succeeded(&tr->ctx, moe_model_forward(tr->model, tr->x, count, NULL, NULL)) ||
+                !succeeded(&tr->ctx, moe_model_stats(tr->model, 0, &stats))) {
                 ok = 0;
                 break;
             }
@@ -521,89 +530,87 @@ static void print_routing(const routing *rt) {
 // >>main --------------------------------------------------------------------
 int main(int argc, char **argv) {
     options opt;
-    setup su;
-    moe_ctx ctx;
     moe_ctx_desc ctx_desc;
-    moe_model *model = NULL;
+    trainer tr;
     dataset train_data, test_data;
     sample_set train, test;
-    batch b;
     routing rt;
-    int32_t *predicted = NULL;
-    int epoch, show_bar = stdout_is_terminal(), status = 1;
-    int64_t steps_per_epoch, n_params;
+    int epoch, status = 1;
+    int64_t n_params;
     double accuracy = 0.0;
 
+    memset(&tr, 0, sizeof tr);
     memset(&train_data, 0, sizeof train_data);
     memset(&test_data, 0, sizeof test_data);
     memset(&train, 0, sizeof train);
     memset(&test, 0, sizeof test);
-    memset(&b, 0, sizeof b);
     if (!parse_options(argc, argv, &opt)) return 2;
-    su = opt.mnist_dir ? MNIST_SETUP : DIGITS_SETUP;
-    if (opt.epochs) su.epochs = opt.epochs;
-    if (opt.batch) su.batch = opt.batch;
-    if (opt.lr > 0.0f) su.lr = opt.lr;
+    tr.setup = opt.mnist_dir ? MNIST_SETUP : DIGITS_SETUP;
+    if (opt.epochs) tr.setup.epochs = opt.epochs;
+    if (opt.batch) tr.setup.batch = opt.batch;
+    if (opt.lr > 0.0f) tr.setup.lr = opt.lr;
+    tr.seed = opt.seed;
+    tr.show_bar = stdout_is_terminal();
 
     if (opt.mnist_dir) {
-        if (!dataset_load(&train_data, opt.mnist_dir, "train-images-idx3-ubyte", "train-labels-idx1-ubyte", &su) ||
-            !dataset_load(&test_data, opt.mnist_dir, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", &su) ||
+        if (!dataset_load(&train_data, opt.mnist_dir, "train-images-idx3-ubyte", "train-labels-idx1-ubyte", &tr.setup) ||
+            !dataset_load(&test_data, opt.mnist_dir, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", &tr.setup) ||
             !all_samples(&train_data, &train) || !all_samples(&test_data, &test))
             goto done;
     } else {
-        if (!dataset_load(&train_data, opt.data_dir, "digits-images-idx3-ubyte", "digits-labels-idx1-ubyte", &su) ||
+        if (!dataset_load(&train_data, opt.data_dir, "digits-images-idx3-ubyte", "digits-labels-idx1-ubyte", &tr.setup) ||
             !split_digits(&train_data, &train, &test))
             goto done;
+        if (test.n == 0) {
+            fprintf(stderr, "digits: too few images to split off a test set\n");
+            goto done;
+        }
     }
 
     memset(&ctx_desc, 0, sizeof ctx_desc);
     ctx_desc.n_threads = opt.threads;
     ctx_desc.seed = opt.seed;
-    if (!moe_ok(&ctx, moe_ctx_init(&ctx, &ctx_desc))) goto done;
-    /* one buffer serves training batches and evaluation chunks */
-    b.capacity = su.batch > 256 ? su.batch : 256;
-    b.x = (float *)malloc((size_t)(b.capacity * train_data.d) * sizeof *b.x);
-    b.labels = (int32_t *)malloc((size_t)b.capacity * sizeof *b.labels);
-    predicted = (int32_t *)malloc((size_t)b.capacity * sizeof *predicted);
-    if (!b.x || !b.labels || !predicted) {
+    if (!succeeded(&tr.ctx, moe_ctx_init(&tr.ctx, &ctx_desc))) goto done;
+    tr.capacity = tr.setup.batch > 256 ? tr.setup.batch : 256;
+    tr.x = (float *)malloc((size_t)(tr.capacity * train_data.d) * sizeof *tr.x);
+    tr.labels = (int32_t *)malloc((size_t)tr.capacity * sizeof *tr.labels);
+    tr.predicted = (int32_t *)malloc((size_t)tr.capacity * sizeof *tr.predicted);
+    if (!tr.x || !tr.labels || !tr.predicted) {
         fprintf(stderr, "digits: out of memory\n");
         goto done;
     }
-    steps_per_epoch = (train.n + su.batch - 1) / su.batch;
-    if (!build_model(&ctx, &su, train_data.d, b.capacity, steps_per_epoch * su.epochs, &model)) goto done;
-    moe_model_params(model, &n_params);
+    if (!build_model(&tr, train_data.d, (train.n + tr.setup.batch - 1) / tr.setup.batch * tr.setup.epochs)) goto done;
+    moe_model_params(tr.model, &n_params);
 
-    printf("%s: %lld training and %lld test images of %lldx%lld pixels\n", su.name, (long long)train.n,
-           (long long)test.n, (long long)su.side, (long long)su.side);
+    printf("%s: %lld training and %lld test images of %lldx%lld pixels\n", tr.setup.name, (long long)train.n,
+           (long long)test.n, (long long)tr.setup.side, (long long)tr.setup.side);
     printf("model: %lld inputs -> MoE (%d MLP experts of hidden width %lld, top-%d) -> %lld -> dense -> %d classes, "
-           "%lld parameters\n", (long long)train_data.d, N_EXPERTS, (long long)su.d_hidden, TOP_K,
-           (long long)su.d_model, N_CLASSES, (long long)n_params);
-    printf("training: %d epochs, batch %d, %s lr %g%s, seed %llu, %d threads\n\n", su.epochs, su.batch,
-           su.optimizer == MOE_OPTIMIZER_ADAM ? "Adam" : "AdamW", (double)su.lr,
-           su.cosine_decay ? " (cosine decay)" : "", (unsigned long long)opt.seed, ctx.n_threads);
+           "%lld parameters\n", (long long)train_data.d, N_EXPERTS, (long long)tr.setup.d_hidden, TOP_K,
+           (long long)tr.setup.d_model, N_CLASSES, (long long)n_params);
+    printf("training: %d epochs, batch %d, %s lr %g%s, seed %llu, %d threads\n\n", tr.setup.epochs, tr.setup.batch,
+           tr.setup.optimizer == MOE_OPTIMIZER_ADAM ? "Adam" : "AdamW", (double)tr.setup.lr,
+           tr.setup.cosine_decay ? " (cosine decay)" : "", (unsigned long long)tr.seed, tr.ctx.n_threads);
 
-    for (epoch = 0; epoch < su.epochs; epoch++) {
+    for (epoch = 0; epoch < tr.setup.epochs; epoch++) {
         double loss, aux;
-        if (!train_epoch(&ctx, model, &su, &train, &b, epoch, su.epochs, opt.seed, su.batch, show_bar, &loss, &aux) ||
-            !evaluate(&ctx, model, &su, &test, &b, predicted, &accuracy))
-            goto done;
+        if (!train_epoch(&tr, &train, epoch, &loss, &aux) || !evaluate(&tr, &test, &accuracy)) goto done;
         /* longer than the progress bar, so it covers it */
-        printf("%sepoch %3d/%d  train loss %.4f  aux loss %.4f  test accuracy %.4f\n", show_bar ? "\r" : "",
-               epoch + 1, su.epochs, loss, aux, accuracy);
+        printf("%sepoch %3d/%d  train loss %.4f  aux loss %.4f  test accuracy %.4f\n", tr.show_bar ? "\r" : "",
+               epoch + 1, tr.setup.epochs, loss, aux, accuracy);
         fflush(stdout);
     }
 
-    if (!route_by_digit(&ctx, model, &su, &test, &b, &rt)) goto done;
+    if (!route_by_digit(&tr, &test, &rt)) goto done;
     print_routing(&rt);
-    if (!moe_ok(&ctx, moe_model_save(model, opt.out_path))) goto done;
+    if (!succeeded(&tr.ctx, moe_model_save(tr.model, opt.out_path))) goto done;
     printf("\nmodel saved to %s\n", opt.out_path);
     printf("test_accuracy=%.4f\n", accuracy);
     status = 0;
 done:
-    moe_model_destroy(model);
-    free(predicted);
-    free(b.x);
-    free(b.labels);
+    moe_model_destroy(tr.model);
+    free(tr.x);
+    free(tr.labels);
+    free(tr.predicted);
     free(train.index);
     free(test.index);
     dataset_free(&train_data);

@@ -1,5 +1,5 @@
 /* Convergence on real data: a small MoE classifier learns the bundled UCI digits (the demo's
-   split: sample i is a test sample when i % 5 == 4) to at least 95% test accuracy in 12 short
+   split, examples/data/README.md: every fifth sample of each digit is a test sample) to at least 94% test accuracy in 12 short
    epochs (PyTorch reaches 0.93-0.97 with the same network, optimizer and data order), every router
    kind trains, and the experts specialise (routing is not uniform). */
 #define MOE_IMPLEMENTATION
@@ -63,8 +63,9 @@ static double train_digits(moe_layer_desc moe, int epochs, moe_stats *stats) {
     float first = 0, last = 0;
     layers[0] = moe;
     layers[1] = (moe_layer_desc){.kind = MOE_LAYER_DENSE, .d_out = 10};
+    int64_t seen[10] = {0};
     for (i = 0; i < n_samples; i++) {
-        if (i % 5 == 4) { memcpy(xte + n_test * 64, images + i * 64, 256); yte[n_test++] = labels[i]; }
+        if (seen[labels[i]]++ % 5 == 4) { memcpy(xte + n_test * 64, images + i * 64, 256); yte[n_test++] = labels[i]; }
         else { memcpy(xtr + n_train * 64, images + i * 64, 256); ytr[n_train++] = labels[i]; }
     }
     moe_ctx_init(&ctx, &(moe_ctx_desc){.seed = 7});
@@ -97,7 +98,7 @@ static int test_digits_topk(void) {
     if (!images && !load_digits()) { CHECK(0, "cannot read the digits from %s", DATA_DIR); return 0; }
     acc = train_digits((moe_layer_desc){.kind = MOE_LAYER_MOE, .d_out = 32, .n_experts = 4, .top_k = 2, .d_hidden = 32, .balance_loss = 0.01f}, EPOCHS, &st);
     printf("    top-2 MLP experts: test accuracy %.4f, load cv %.3f, router entropy %.3f\n", acc, st.load_cv, st.router_entropy);
-    CHECK(acc >= 0.95, "test accuracy %.4f < 0.95", acc);
+    CHECK(acc >= 0.94, "test accuracy %.4f < 0.94", acc);
     for (e = 0; e < 4; e++) CHECK(st.tokens_per_expert[e] > 0, "expert %d never used", e);
     CHECK(st.router_entropy < logf(4.0f) * 0.95f, "the router learned to prefer experts (entropy %g)", st.router_entropy);
     return 0;
@@ -108,14 +109,15 @@ static int test_digits_other_routers(void) {
     double acc;
     if (!images && !load_digits()) { CHECK(0, "cannot read the digits from %s", DATA_DIR); return 0; }
     acc = train_digits((moe_layer_desc){.kind = MOE_LAYER_MOE, .d_out = 32, .router = MOE_ROUTER_NOISY_TOPK, .n_experts = 4, .top_k = 2,
-                                        .d_hidden = 32, .importance_loss = 0.05f, .load_loss = 0.05f}, 8, &st);
+                                        .d_hidden = 32, .importance_loss = 0.05f, .load_loss = 0.05f}, EPOCHS, &st);
     printf("    noisy top-2: %.4f\n", acc);
     CHECK(acc >= 0.92, "noisy top-k accuracy %.4f", acc);
-    acc = train_digits((moe_layer_desc){.kind = MOE_LAYER_MOE, .d_out = 32, .router = MOE_ROUTER_SWITCH, .n_experts = 4, .d_hidden = 48,
-                                        .expert = MOE_EXPERT_SWIGLU, .balance_loss = 0.1f, .capacity_factor = 2.0f}, 8, &st);
-    printf("    switch (capacity 2.0), SwiGLU: %.4f, %lld tokens dropped in the last batch\n", acc, (long long)st.dropped_tokens);
+    acc = train_digits((moe_layer_desc){.kind = MOE_LAYER_MOE, .d_out = 64, .residual = 1, .router = MOE_ROUTER_SWITCH, .n_experts = 4,
+                                        .d_hidden = 48, .expert = MOE_EXPERT_SWIGLU, .balance_loss = 0.1f}, EPOCHS, &st);
+    printf("    switch (residual, capacity 1.25), SwiGLU: %.4f, %lld of %lld test tokens dropped\n", acc, (long long)st.dropped_tokens,
+           (long long)st.n_tokens);
     CHECK(acc >= 0.92, "switch accuracy %.4f", acc);
-    acc = train_digits((moe_layer_desc){.kind = MOE_LAYER_MOE, .d_out = 32, .n_experts = 4, .top_k = 4, .d_hidden = 16}, 8, &st);
+    acc = train_digits((moe_layer_desc){.kind = MOE_LAYER_MOE, .d_out = 32, .n_experts = 4, .top_k = 4, .d_hidden = 16}, EPOCHS, &st);
     printf("    dense soft mixture (k = E): %.4f\n", acc);
     CHECK(acc >= 0.92, "soft mixture accuracy %.4f", acc);
     return 0;

@@ -100,7 +100,8 @@ static void usage(FILE *f) {
         "usage: digits [options]\n"
         "  --data DIR     UCI digits IDX files (default examples/data)\n"
         "  --mnist DIR    train on MNIST instead: the four raw IDX files in DIR\n"
-        "  --out FILE     where to save the model (default build/digits.safetensors)\n"
+        "  --out FILE     where to save the model (default build/digits.safetensors,\n"
+        "                 or build/mnist.safetensors with --mnist)\n"
         "  --epochs N     passes over the training set (digits %d, MNIST %d)\n"
         "  --batch N      samples per training step (digits %d, MNIST %d)\n"
         "  --lr X         learning rate (digits %g, decaying to 0 on a cosine; MNIST %g)\n"
@@ -126,7 +127,7 @@ static int parse_options(int argc, char **argv, options *opt) {
     int i;
     memset(opt, 0, sizeof *opt);
     opt->data_dir = "examples/data";
-    opt->out_path = "build/digits.safetensors";
+    opt->out_path = NULL;  /* set after the loop: it depends on --mnist */
     opt->seed = 1;
     for (i = 1; i < argc; i++) {
         const char *name = argv[i], *value;
@@ -175,6 +176,7 @@ static int parse_options(int argc, char **argv, options *opt) {
             return 0;
         }
     }
+    if (!opt->out_path) opt->out_path = opt->mnist_dir ? "build/mnist.safetensors" : "build/digits.safetensors";
     return 1;
 }
 

@@ -786,11 +786,14 @@ typedef struct moe__gemm {
     const float *bias;          /* [N] added to every row, or NULL */
 } moe__gemm;
 
-/* Execution resources: threads and per-thread packing scratch. */
+typedef void (*moe__micro_fn)(int64_t, const float *, const float *, float *);
+
+/* Execution resources: threads, per-thread packing scratch, the micro-kernel for this CPU. */
 typedef struct moe__exec {
     moe_ctx *ctx;
     int n_threads;
     float *scratch;             /* n_threads * MOE__GEMM_SCRATCH floats */
+    moe__micro_fn micro;        /* chosen once from the CPU's features (moe__exec_init) */
 } moe__exec;
 
 #define MOE__KC 256
@@ -927,8 +930,6 @@ static void moe__micro_avx2(int64_t kc, const float *MOE__RESTRICT A, const floa
 }
 #endif
 
-typedef void (*moe__micro_fn)(int64_t, const float *, const float *, float *);
-
 static moe__micro_fn moe__micro_select(void) {
 #ifdef MOE__HAVE_X86_DISPATCH
     __builtin_cpu_init();
@@ -937,10 +938,10 @@ static moe__micro_fn moe__micro_select(void) {
     return moe__micro_generic;
 }
 
-static void moe__gemm_block_fast(const moe__gemm *g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float *scratch) {
+static void moe__gemm_block_fast(const moe__exec *ex, const moe__gemm *g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float *scratch) {
     float *bp = scratch;
     float *ap = scratch + MOE__KC * MOE__NC;
-    moe__micro_fn micro = moe__micro_select();
+    moe__micro_fn micro = ex->micro;
     int64_t nb, kb, mb, ip, jp, ii, jj;
     float acc[MOE__MR * MOE__NR];
     if (g->K == 0) {
@@ -987,7 +988,7 @@ static void moe__gemm_block(const moe__exec *ex, const moe__gemm *g, int64_t m0,
     if (ex->ctx->kernels == MOE_KERNELS_REFERENCE)
         moe__gemm_block_reference(g, m0, m1, n0, n1);
     else
-        moe__gemm_block_fast(g, m0, m1, n0, n1, ex->scratch + (size_t)MOE__THREAD_ID() * MOE__GEMM_SCRATCH);
+        moe__gemm_block_fast(ex, g, m0, m1, n0, n1, ex->scratch + (size_t)MOE__THREAD_ID() * MOE__GEMM_SCRATCH);
 }
 
 /* A whole product, tiled over the threads. */
@@ -1000,6 +1001,13 @@ static void moe__gemm_run(const moe__exec *ex, const moe__gemm *g) {
         int64_t m0 = (t / tn) * MOE__MC, n0 = (t % tn) * MOE__NC;
         moe__gemm_block(ex, g, m0, moe__min64(m0 + MOE__MC, g->M), n0, moe__min64(n0 + MOE__NC, g->N));
     }
+}
+
+static void moe__exec_init(moe__exec *ex, moe_ctx *ctx, float *scratch) {
+    ex->ctx = ctx;
+    ex->n_threads = ctx->n_threads;
+    ex->scratch = scratch;
+    ex->micro = moe__micro_select();
 }
 
 static moe__gemm moe__gemm_make(moe__gemm_op op, int64_t M, int64_t N, int64_t K, moe__mat A, moe__mat B,
@@ -2212,9 +2220,7 @@ MOEDEF moe_result moe_layer_create(moe_ctx *ctx, const moe_layer_desc *desc, int
     a.base = block + 2 * pbytes; a.used = 0; a.overflow = 0;
     b.base = block + 2 * pbytes + saved; b.used = 0; b.overflow = 0;
     moe__layer_carve(l, &a, &b);
-    l->ex.ctx = ctx;
-    l->ex.n_threads = ctx->n_threads;
-    l->ex.scratch = (float *)(block + 2 * pbytes + saved + scratch);
+    moe__exec_init(&l->ex, ctx, (float *)(block + 2 * pbytes + saved + scratch));
     moe__layer_build_wtiles(l);
     memset(l->params, 0, 2 * pbytes);  /* the padding between tensors too */
     moe__layer_init_params(l, 0);
@@ -2619,8 +2625,7 @@ MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe
     m->grads = m->params + m->n_params;
     sv.base = block; sv.used = 0; sv.overflow = 0;
     sc.base = block + saved; sc.used = 0; sc.overflow = 0;
-    m->ex.ctx = ctx;
-    m->ex.n_threads = ctx->n_threads;
+    moe__exec_init(&m->ex, ctx, m->ex.scratch);
     {
         int64_t off = 0;
         for (i = 0; i < d.n_layers; i++) {

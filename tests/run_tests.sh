@@ -50,6 +50,8 @@ if $CC $C99 -c tests/compile/malloc_alone.c -o "$OUT/malloc_alone.o" >> "$LOG" 2
 else
     ok "MOE_MALLOC without MOE_FREE is refused"
 fi
+check "plain C kernels (MOE_NO_VECTOR_EXTENSIONS) match the reference" sh -c \
+    "$CC $C99 -O2 -DMOE_NO_VECTOR_EXTENSIONS -DTMP_DIR='\"$OUT\"' tests/test_gemm.c -o $OUT/gemm_plain -lm && $OUT/gemm_plain"
 if have clang; then
     check "clang C99 -Werror" clang $C99 -c tests/compile/impl.c -o "$OUT/impl_clang.o"
     check "clang C++11 -Werror" clang++ -std=c++11 -Wall -Wextra -Werror -c tests/compile/cpp.cpp -o "$OUT/cpp_clang.o"

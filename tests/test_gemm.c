@@ -14,11 +14,12 @@ static float *random_matrix(int64_t n, uint64_t stream) {
 static moe__exec make_exec(moe_ctx *ctx, float **scratch) {
     moe__exec ex;
     *scratch = (float *)moe__malloc(ctx, sizeof(float) * (size_t)ctx->n_threads * MOE__GEMM_SCRATCH);
-    ex.ctx = ctx;
-    ex.n_threads = ctx->n_threads;
-    ex.scratch = *scratch;
+    moe__exec_init(&ex, ctx, *scratch);
     return ex;
 }
+
+/* The micro-kernel under test (NULL: the one moe.h picks for this CPU). */
+static moe__micro_fn forced_micro;
 
 /* One product in every way: fast vs reference (tolerance), and fast tiled 1 vs 2 threads (bitwise). */
 static void check_product(moe__gemm_op op, int64_t M, int64_t N, int64_t K, int gather, int accumulate, int bias) {
@@ -44,6 +45,7 @@ static void check_product(moe__gemm_op op, int64_t M, int64_t N, int64_t K, int 
     exf = make_exec(&fast, &sf);
     exr = make_exec(&ref, &sr);
     exo = make_exec(&one, &so);
+    if (forced_micro) exf.micro = exo.micro = forced_micro;
     memcpy(Cf, C0, sizeof(float) * (size_t)(M * (N + 3)));
     memcpy(Cr, C0, sizeof(float) * (size_t)(M * (N + 3)));
     memcpy(Co, C0, sizeof(float) * (size_t)(M * (N + 3)));
@@ -104,9 +106,30 @@ static int test_zero_k_and_large_k(void) {
     return 0;
 }
 
+/* Every micro-kernel this build has, whatever the CPU would pick, against the reference. */
+static int test_each_micro_kernel(void) {
+    forced_micro = moe__micro_generic;
+    check_product(MOE__NT, 37, 45, 300, 1, 0, 1);
+    check_product(MOE__NN, 5, 70, 19, 0, 1, 0);
+    check_product(MOE__TN, 17, 33, 129, 1, 1, 0);
+#ifdef MOE__HAVE_X86_DISPATCH
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        forced_micro = moe__micro_avx2;
+        check_product(MOE__NT, 37, 45, 300, 1, 0, 1);
+        check_product(MOE__NN, 5, 70, 19, 0, 1, 0);
+        check_product(MOE__TN, 17, 33, 129, 1, 1, 0);
+    } else {
+        printf("    this CPU has no AVX2+FMA: the AVX2 kernel is not exercised\n");
+    }
+#endif
+    forced_micro = NULL;
+    return 0;
+}
+
 int main(void) {
     printf("test_gemm\n");
     RUN(test_all_layouts_awkward_sizes);
     RUN(test_zero_k_and_large_k);
+    RUN(test_each_micro_kernel);
     TEST_END();
 }

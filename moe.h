@@ -431,7 +431,10 @@ MOEDEF moe_result moe_model_predict(moe_model *model, const float *x, int64_t n_
 /* Routing statistics of MoE layer `layer` from the last forward. */
 MOEDEF moe_result moe_model_stats(const moe_model *model, int layer, moe_stats *stats);
 
+/* The parameter blob and its length in floats; tensors start 64-byte aligned, so the blob holds
+   a little padding between them (zeros): moe_model_parameter_count gives the parameters. */
 MOEDEF float *moe_model_params(moe_model *model, int64_t *n_params);
+MOEDEF int64_t moe_model_parameter_count(const moe_model *model);
 MOEDEF float *moe_model_grads(moe_model *model, int64_t *n_params);
 MOEDEF int moe_model_tensor_count(const moe_model *model);
 MOEDEF moe_result moe_model_tensor(moe_model *model, int index, moe_tensor *tensor);
@@ -2796,6 +2799,13 @@ MOEDEF float *moe_model_grads(moe_model *m, int64_t *n_params) {
 }
 
 MOEDEF int moe_model_tensor_count(const moe_model *m) { return m ? m->n_tensors : 0; }
+
+MOEDEF int64_t moe_model_parameter_count(const moe_model *m) {
+    int64_t n = 0;
+    int i;
+    for (i = 0; m && i < m->n_tensors; i++) n += m->layers[m->tensors[i].layer].tensors[m->tensors[i].index].size;
+    return n;
+}
 
 MOEDEF moe_result moe_model_tensor(moe_model *m, int index, moe_tensor *tensor) {
     const moe__model_tensor *mt;

@@ -582,7 +582,7 @@ int main(int argc, char **argv) {
         goto done;
     }
     if (!build_model(&tr, train_data.d, (train.n + tr.setup.batch - 1) / tr.setup.batch * tr.setup.epochs)) goto done;
-    moe_model_params(tr.model, &n_params);
+    n_params = moe_model_parameter_count(tr.model);
 
     printf("%s: %lld training and %lld test images of %lldx%lld pixels\n", tr.setup.name, (long long)train.n,
            (long long)test.n, (long long)tr.setup.side, (long long)tr.setup.side);

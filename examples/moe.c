@@ -312,7 +312,7 @@ static int run_info(tool *t) {
     }
     d = moe_model_get_desc(m);
     o = &d->optimizer;
-    moe_model_params(m, &n_params);
+    n_params = moe_model_parameter_count(m);
     printf("model      %s\n", path);
     printf("d_in       %lld\n", (long long)d->d_in);
     printf("d_out      %lld\n", (long long)moe_model_d_out(m));
@@ -371,7 +371,7 @@ static int run_init(tool *t) {
     } else if (moe_model_save(m, out_path) != MOE_OK) {
         rc = fail_lib(t, "cannot write", out_path);
     } else {
-        moe_model_params(m, &n_params);
+        n_params = moe_model_parameter_count(m);
         printf("%s: %lld parameters\n", out_path, (long long)n_params);
         rc = 0;
     }

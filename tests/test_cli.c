@@ -636,7 +636,7 @@ static int test_init_info(void) {
     CHECK(moe_model_get_desc(m)->optimizer.kind == MOE_OPTIMIZER_SGD && moe_model_get_desc(m)->optimizer.lr == 0.1f, "optimizer settings lost");
 
     CHECK_RUN_OK("info", a);
-    snprintf(expect, sizeof expect, "parameters %lld\n", (long long)n_params);
+    snprintf(expect, sizeof expect, "parameters %lld\n", (long long)moe_model_parameter_count(m));
     CHECK(strstr(tool_out, expect) != NULL, "info does not print \"%s\":\n%s", expect, tool_out);
     CHECK(strstr(tool_out, "swiglu") && strstr(tool_out, "rmsnorm") && strstr(tool_out, "sgd") && strstr(tool_out, "cross_entropy"),
           "info misses the layer kinds, loss or optimizer:\n%s", tool_out);

@@ -219,6 +219,11 @@ static int test_layer_api_matches_model(void) {
     if (!l || !m) return 0;
     moe_layer_params(l, &na);
     moe_model_params(m, &nb);
+    {   /* router 5x13; experts w1, w3 5x21x13 and w2 5x19x21; shared w1, w3 9x13 and w2 19x9 */
+        CHECK(moe_model_parameter_count(m) == 5 * 13 + 2 * 5 * 21 * 13 + 5 * 19 * 21 + 2 * 9 * 13 + 19 * 9, "parameter count %lld",
+              (long long)moe_model_parameter_count(m));
+        CHECK(nb >= moe_model_parameter_count(m), "the blob holds every parameter");
+    }
     CHECK(na == nb && memcmp(moe_layer_params(l, NULL), moe_model_params(m, NULL), sizeof(float) * (size_t)nb) == 0, "same initial parameters");
     fill(x, 12 * 13, 7, 1.0f);
     fill(dy, 12 * 19, 8, 1.0f);

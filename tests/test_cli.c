@@ -465,33 +465,26 @@ static void classifier_data(float *x, int64_t *labels) {
     }
 }
 
-/* MoE (4 experts, top-2, MLP) -> dense head of 2 classes; AdamW with lr 0.01, max_tokens 256. */
-static int save_classifier_model(const char *path) {
-    moe_layer_desc layers[2];
-    moe_model_desc d;
+/* Create the model a desc describes and save it to path; 1 on success. */
+static int save_model(const char *path, const moe_model_desc *desc) {
     moe_model *m = NULL;
     int ok;
-    memset(layers, 0, sizeof layers);
-    memset(&d, 0, sizeof d);
-    layers[0].kind = MOE_LAYER_MOE;
-    layers[0].d_out = 8;
-    layers[0].n_experts = 4;
-    layers[0].top_k = 2;
-    layers[0].d_hidden = 8;
-    layers[0].balance_loss = 0.01f;
-    layers[1].kind = MOE_LAYER_DENSE;
-    layers[1].d_out = 2;
-    d.d_in = CLS_D;
-    d.n_layers = 2;
-    d.layers = layers;
-    d.loss = MOE_LOSS_CROSS_ENTROPY;
-    d.optimizer.lr = 0.01f;
-    CHECK_OK(moe_model_create(&ctx, &d, &m), &ctx);
+    CHECK_OK(moe_model_create(&ctx, desc, &m), &ctx);
     if (!m) return 0;
     ok = moe_model_save(m, path) == MOE_OK;
     CHECK(ok, "saving %s: %s", path, moe_ctx_error(&ctx));
     moe_model_destroy(m);
     return ok;
+}
+
+/* MoE (4 experts, top-2, MLP) -> dense head of 2 classes; AdamW with lr 0.01, max_tokens 256. */
+static int save_classifier_model(const char *path) {
+    moe_layer_desc layers[2] = {
+        {.kind = MOE_LAYER_MOE, .d_out = 8, .n_experts = 4, .top_k = 2, .d_hidden = 8, .balance_loss = 0.01f},
+        {.kind = MOE_LAYER_DENSE, .d_out = 2},
+    };
+    moe_model_desc d = {.d_in = CLS_D, .n_layers = 2, .layers = layers, .loss = MOE_LOSS_CROSS_ENTROPY, .optimizer = {.lr = 0.01f}};
+    return save_model(path, &d);
 }
 
 static int test_train_classifier(void) {
@@ -550,29 +543,12 @@ static int test_train_classifier(void) {
 
 /* MoE of 2 linear experts, top-1 -> dense head of 2 outputs; mse. */
 static int save_regression_model(const char *path) {
-    moe_layer_desc layers[2];
-    moe_model_desc d;
-    moe_model *m = NULL;
-    int ok;
-    memset(layers, 0, sizeof layers);
-    memset(&d, 0, sizeof d);
-    layers[0].kind = MOE_LAYER_MOE;
-    layers[0].d_out = 8;
-    layers[0].n_experts = 2;
-    layers[0].top_k = 1;
-    layers[0].expert = MOE_EXPERT_LINEAR;
-    layers[1].kind = MOE_LAYER_DENSE;
-    layers[1].d_out = REG_C;
-    d.d_in = REG_D;
-    d.n_layers = 2;
-    d.layers = layers;
-    d.loss = MOE_LOSS_MSE;
-    CHECK_OK(moe_model_create(&ctx, &d, &m), &ctx);
-    if (!m) return 0;
-    ok = moe_model_save(m, path) == MOE_OK;
-    CHECK(ok, "saving %s: %s", path, moe_ctx_error(&ctx));
-    moe_model_destroy(m);
-    return ok;
+    moe_layer_desc layers[2] = {
+        {.kind = MOE_LAYER_MOE, .d_out = 8, .n_experts = 2, .top_k = 1, .expert = MOE_EXPERT_LINEAR},
+        {.kind = MOE_LAYER_DENSE, .d_out = REG_C},
+    };
+    moe_model_desc d = {.d_in = REG_D, .n_layers = 2, .layers = layers, .loss = MOE_LOSS_MSE};
+    return save_model(path, &d);
 }
 
 static int test_train_regression(void) {

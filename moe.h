@@ -231,6 +231,19 @@ typedef enum moe_kernels {
     MOE_KERNELS_COUNT
 } moe_kernels;
 
+/* Element types of tensors in files, and of reduced-precision expert weights. */
+typedef enum moe_dtype {
+    MOE_DTYPE_F32 = 0,
+    MOE_DTYPE_F64,
+    MOE_DTYPE_F16,
+    MOE_DTYPE_BF16,
+    MOE_DTYPE_I64,
+    MOE_DTYPE_I32,
+    MOE_DTYPE_U8,
+    MOE_DTYPE_I8,
+    MOE_DTYPE_COUNT
+} moe_dtype;
+
 typedef enum moe_log_level {
     MOE_LOG_ERROR = 1,
     MOE_LOG_WARNING,
@@ -357,6 +370,11 @@ MOEDEF float *moe_layer_params(moe_layer *layer, int64_t *n_params);
 MOEDEF float *moe_layer_grads(moe_layer *layer, int64_t *n_params);
 MOEDEF int moe_layer_tensor_count(const moe_layer *layer);
 MOEDEF moe_result moe_layer_tensor(moe_layer *layer, int index, moe_tensor *tensor);
+/* Inference with reduced-precision expert weights: snapshot the expert weights of a MoE layer
+   as MOE_DTYPE_BF16 or MOE_DTYPE_I8 (int8 with one float scale per 32 weights); forwards then
+   read those. MOE_DTYPE_F32 drops the snapshot. While one is held, backward returns
+   MOE_ERR_STATE. Allocates (once, here); other layer kinds accept the call and ignore it. */
+MOEDEF moe_result moe_layer_quantize(moe_layer *layer, moe_dtype dtype);
 
 // >>optimizer ---------------------------------------------------------------
 typedef struct moe_optimizer_desc {
@@ -430,6 +448,8 @@ MOEDEF moe_result moe_model_train_step(moe_model *model, const float *x, const m
 MOEDEF moe_result moe_model_predict(moe_model *model, const float *x, int64_t n_tokens, int32_t *classes);
 /* Routing statistics of MoE layer `layer` from the last forward. */
 MOEDEF moe_result moe_model_stats(const moe_model *model, int layer, moe_stats *stats);
+/* moe_layer_quantize on every MoE layer; training calls return MOE_ERR_STATE while quantized. */
+MOEDEF moe_result moe_model_quantize(moe_model *model, moe_dtype dtype);
 
 /* The parameter blob and its length in floats; tensors start 64-byte aligned, so the blob holds
    a little padding between them (zeros): moe_model_parameter_count gives the parameters. */
@@ -455,17 +475,6 @@ MOEDEF moe_result moe_model_load_memory(moe_ctx *ctx, const void *data, size_t s
 
 // >>safetensors -------------------------------------------------------------
 /* A safetensors file in memory, for reading inputs and writing outputs of any kind. */
-typedef enum moe_dtype {
-    MOE_DTYPE_F32 = 0,
-    MOE_DTYPE_F64,
-    MOE_DTYPE_F16,
-    MOE_DTYPE_BF16,
-    MOE_DTYPE_I64,
-    MOE_DTYPE_I32,
-    MOE_DTYPE_U8,
-    MOE_DTYPE_I8,
-    MOE_DTYPE_COUNT
-} moe_dtype;
 
 typedef struct moe_file_tensor {
     char name[128];
@@ -2255,6 +2264,12 @@ MOEDEF moe_result moe_layer_backward(moe_layer *l, const float *dy, float *dx, i
     return MOE_OK;
 }
 
+MOEDEF moe_result moe_layer_quantize(moe_layer *l, moe_dtype dtype) {
+    if (!l) return MOE_ERR_INVALID_ARGUMENT;
+    if (dtype == MOE_DTYPE_F32) return MOE_OK;
+    return moe__fail(l->ctx, MOE_ERR_UNSUPPORTED, "reduced-precision expert weights are not built yet");
+}
+
 static moe_result moe__stats_of(const moe_layer *l, moe_stats *stats) {
     memset(stats, 0, sizeof *stats);
     if (l->d.kind != MOE_LAYER_MOE) return moe__fail(l->ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d is not a MoE layer", l->index);
@@ -2786,6 +2801,13 @@ MOEDEF moe_result moe_model_stats(const moe_model *m, int layer, moe_stats *stat
     memset(stats, 0, sizeof *stats);
     if (layer < 0 || layer >= m->n_layers) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d out of range", layer);
     return moe__stats_of(&m->layers[layer], stats);
+}
+
+MOEDEF moe_result moe_model_quantize(moe_model *m, moe_dtype dtype) {
+    int i;
+    if (!m) return MOE_ERR_INVALID_ARGUMENT;
+    for (i = 0; i < m->n_layers; i++) MOE__TRY(moe_layer_quantize(&m->layers[i], dtype));
+    return MOE_OK;
 }
 
 MOEDEF float *moe_model_params(moe_model *m, int64_t *n_params) {

@@ -777,53 +777,96 @@ static int moe__all_finite(const float *x, int64_t n) {
      MOE__NN  C[i,j] = sum_k A(i,k) B(k,j)   input gradient   dx = dy W
      MOE__TN  C[i,j] = sum_k A(k,i) B(k,j)   weight gradient  dW = dy^T x
    Any operand row may be read through an index (rows != NULL), so experts read
-   their tokens through the routing permutation without a gathered copy.
-   Each C element is summed over k in blocks of MOE__KC in increasing k, whatever
-   the tiling or thread count: results are bitwise reproducible. */
+   their tokens through the routing permutation without a gathered copy. A SwiGLU pair
+   (pair = 1, MOE__NT) multiplies A by two weights at once: B into C and B2 into C2,
+   interleaved in every packed panel so the epilogue sees z1 and z3 of the same element.
+   When a block of C is complete the epilogue (moe__epi) runs on it while it is in cache.
+   Each C element is summed over k in blocks of MOE__KC in increasing k, whatever the
+   tiling or thread count: results are bitwise reproducible. */
 typedef enum moe__gemm_op { MOE__NT, MOE__NN, MOE__TN } moe__gemm_op;
+
+/* Elementwise work on a finished block; out/in buffers share C's layout (ldc). */
+typedef enum moe__epi {
+    MOE__EPI_NONE,
+    MOE__EPI_ACT,          /* out0 = act(C)                                   a  = act(z)          */
+    MOE__EPI_SWIGLU,       /* out0 = silu(C) * C2                             a  = silu(z1) * z3   */
+    MOE__EPI_ACT_GRAD,     /* C *= act'(in0)                                  dz = da * act'(z)    */
+    MOE__EPI_SWIGLU_GRAD   /* out0 = C * in1 * silu'(in0); out1 = C * silu(in0)   dz1, dz3 from da */
+} moe__epi;
 
 typedef struct moe__mat {
     const float *data;
-    int64_t ld;                 /* floats between rows */
+    int64_t ld;                 /* elements between rows */
     const int32_t *rows;        /* NULL: row r is data + r*ld; else data + rows[r]*ld */
+    /* reduced-precision weights (B of MOE__NT only; data is NULL): bf16, or int8 times
+       scale[r * groups + k / 32] */
+    const uint16_t *bf16;
+    const int8_t *q8;
+    const float *scale;
+    int64_t groups;
 } moe__mat;
 
 typedef struct moe__gemm {
     moe__gemm_op op;
     int64_t M, N, K;
-    moe__mat A, B;
-    float *C;
+    moe__mat A, B, B2;          /* B2: the second weight of a pair */
+    float *C, *C2;
     int64_t ldc;
     int accumulate;             /* C += product; else C = product */
-    const float *bias;          /* [N] added to every row, or NULL */
+    int pair;
+    const float *bias, *bias2;  /* [N] added to every row (bias2: to C2), or NULL */
+    moe__epi epi;
+    moe_activation act;
+    float *out0, *out1;
+    const float *in0, *in1;
 } moe__gemm;
 
-typedef void (*moe__micro_fn)(int64_t, const float *, const float *, float *);
+/* C[MR, NR] (+)= A panel x B panel over kc; columns 0..NR/2 go to lo, NR/2..NR to hi. */
+typedef void (*moe__micro_fn)(int64_t kc, const float *A, const float *B, float *lo, float *hi, int64_t ldc, int accumulate);
 
-/* Execution resources: threads, per-thread packing scratch, the micro-kernel for this CPU. */
+/* dst[k * ld + i] = src[i][k] for i < n, zeros for n <= i < W: packing's transposing copy. */
+typedef void (*moe__pack_fn)(const float *const *src, int64_t n, int64_t W, int64_t ld, int64_t kc, float *dst);
+/* a[j] = silu(z1[j]) * z3[j] */
+typedef void (*moe__swiglu_fn)(const float *z1, const float *z3, float *a, int64_t n);
+/* its gradient: dz1 = da z3 silu'(z1), dz3 = da silu(z1) */
+typedef void (*moe__swiglu_grad_fn)(const float *da, const float *z1, const float *z3, float *dz1, float *dz3, int64_t n);
+struct moe__mat;
+/* out[r] = row j of W . x[r] for r < m (the decode path) */
+typedef void (*moe__dot_fn)(const struct moe__mat *W, int64_t j, const float *const *x, int m, int64_t K, float *out);
+
+typedef struct moe__kernel {
+    moe__micro_fn micro;
+    moe__pack_fn pack_t;
+    moe__swiglu_fn swiglu;
+    moe__swiglu_grad_fn swiglu_grad;
+    moe__dot_fn dot;
+    int mr, nr;
+    const char *name;
+} moe__kernel;
+
+/* Execution resources: threads, per-thread packing scratch, the kernel for this CPU. */
 typedef struct moe__exec {
     moe_ctx *ctx;
     int n_threads;
     float *scratch;             /* n_threads * MOE__GEMM_SCRATCH floats */
-    moe__micro_fn micro;        /* chosen once from the CPU's features (moe__exec_init) */
+    moe__kernel kernel;         /* chosen once from the CPU's features (moe__exec_init) */
 } moe__exec;
 
-#define MOE__KC 256
-#define MOE__MC 64
-#define MOE__NC 256
-#define MOE__MR 4
-#define MOE__NR 16
-#define MOE__GEMM_SCRATCH (MOE__KC * (MOE__MC + MOE__NC))
+#define MOE__KC 256             /* depth of a packed block */
+#define MOE__NB 512             /* packed B columns per block (a pair: 256 of each weight) */
+#define MOE__MR_MAX 12
+#define MOE__NR_MAX 32
+#define MOE__MB_MAX (16 * MOE__MR_MAX)
+#define MOE__GEMM_SCRATCH (MOE__KC * MOE__NB + MOE__MB_MAX * MOE__KC + MOE__MR_MAX * MOE__NR_MAX + MOE__NR_MAX * MOE__KC)
+
+static float moe__sigmoid(float z);
+static float moe__act(moe_activation act, float z);
+static float moe__act_grad(moe_activation act, float z);
 
 static moe__mat moe__mat_of(const float *data, int64_t ld) {
     moe__mat m;
-    m.data = data; m.ld = ld; m.rows = NULL;
-    return m;
-}
-
-static moe__mat moe__mat_rows(const float *data, int64_t ld, const int32_t *rows) {
-    moe__mat m;
-    m.data = data; m.ld = ld; m.rows = rows;
+    memset(&m, 0, sizeof m);
+    m.data = data; m.ld = ld;
     return m;
 }
 
@@ -831,162 +874,242 @@ static const float *moe__row(const moe__mat *m, int64_t r) {
     return m->data + (m->rows ? (int64_t)m->rows[r] : r) * m->ld;
 }
 
+#define MOE__QGROUP 32          /* int8 weights: one scale per this many weights of a row */
+
+static float moe__bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Round to nearest even; NaN stays NaN. */
+static uint16_t moe__float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Elements k0..k0+n of row r of a matrix of any precision, as floats. */
+static void moe__mat_load(const moe__mat *m, int64_t r, int64_t k0, int64_t n, float *dst) {
+    int64_t k;
+    if (m->bf16) {
+        const uint16_t *src = m->bf16 + r * m->ld + k0;
+        for (k = 0; k < n; k++) dst[k] = moe__bf16_to_float(src[k]);
+    } else if (m->q8) {
+        const int8_t *src = m->q8 + r * m->ld;
+        const float *sc = m->scale + r * m->groups;
+        for (k = k0; k < k0 + n; k++) dst[k - k0] = (float)src[k] * sc[k / MOE__QGROUP];
+    } else {
+        memcpy(dst, moe__row(m, r) + k0, (size_t)n * sizeof(float));
+    }
+}
+
+static moe__mat moe__mat_rows(const float *data, int64_t ld, const int32_t *rows) {
+    moe__mat m = moe__mat_of(data, ld);
+    m.rows = rows;
+    return m;
+}
+
+
+static moe__gemm moe__gemm_make(moe__gemm_op op, int64_t M, int64_t N, int64_t K, moe__mat A, moe__mat B,
+                                float *C, int64_t ldc, int accumulate, const float *bias) {
+    moe__gemm g;
+    memset(&g, 0, sizeof g);
+    g.op = op; g.M = M; g.N = N; g.K = K; g.A = A; g.B = B;
+    g.C = C; g.ldc = ldc; g.accumulate = accumulate; g.bias = bias;
+    return g;
+}
+
+static moe__kernel moe__kernel_generic(void);
+
+static void moe__swiglu_rows(const float *z1, const float *z3, float *a, int64_t n) {
+    int64_t j;
+    for (j = 0; j < n; j++) a[j] = z1[j] * moe__sigmoid(z1[j]) * z3[j];
+}
+
+static void moe__swiglu_grad_rows(const float *da, const float *z1, const float *z3, float *dz1, float *dz3, int64_t n) {
+    int64_t j;
+    for (j = 0; j < n; j++) {
+        float s = moe__sigmoid(z1[j]);
+        dz1[j] = da[j] * z3[j] * s * (1.0f + z1[j] * (1.0f - s));
+        dz3[j] = da[j] * z1[j] * s;
+    }
+}
+
+/* Bias, then the epilogue, on rows r0..r1 and columns c0..c1 of a finished C. */
+static void moe__gemm_finish(const moe__gemm *g, const moe__kernel *kn, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    int64_t i, j, ld = g->ldc;
+    for (i = r0; i < r1; i++) {
+        float *c = g->C + i * ld, *c2 = g->pair ? g->C2 + i * ld : NULL;
+        if (g->bias) for (j = c0; j < c1; j++) c[j] += g->bias[j];
+        if (c2 && g->bias2) for (j = c0; j < c1; j++) c2[j] += g->bias2[j];
+        switch (g->epi) {
+        case MOE__EPI_ACT:
+            for (j = c0; j < c1; j++) g->out0[i * ld + j] = moe__act(g->act, c[j]);
+            break;
+        case MOE__EPI_SWIGLU:
+            kn->swiglu(c + c0, c2 + c0, g->out0 + i * ld + c0, c1 - c0);
+            break;
+        case MOE__EPI_ACT_GRAD:
+            for (j = c0; j < c1; j++) c[j] *= moe__act_grad(g->act, g->in0[i * ld + j]);
+            break;
+        case MOE__EPI_SWIGLU_GRAD:
+            kn->swiglu_grad(c + c0, g->in0 + i * ld + c0, g->in1 + i * ld + c0, g->out0 + i * ld + c0, g->out1 + i * ld + c0, c1 - c0);
+            break;
+        default: break;
+        }
+    }
+}
+
 /* Plain twin: obviously correct, used by MOE_KERNELS_REFERENCE and the tests. */
 static void moe__gemm_block_reference(const moe__gemm *g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     int64_t i, j, k;
-    for (i = m0; i < m1; i++) {
-        for (j = n0; j < n1; j++) {
-            float s = 0.0f;
-            for (k = 0; k < g->K; k++) {
-                float a = g->op == MOE__TN ? moe__row(&g->A, k)[i] : moe__row(&g->A, i)[k];
-                float b = g->op == MOE__NT ? moe__row(&g->B, j)[k] : moe__row(&g->B, k)[j];
-                s += a * b;
+    int half;
+    for (half = 0; half <= g->pair; half++) {
+        const moe__mat *B = half ? &g->B2 : &g->B;
+        float *C = half ? g->C2 : g->C;
+        for (i = m0; i < m1; i++) {
+            for (j = n0; j < n1; j++) {
+                float s = 0.0f;
+                for (k = 0; k < g->K; k++) {
+                    float a = g->op == MOE__TN ? moe__row(&g->A, k)[i] : moe__row(&g->A, i)[k];
+                    float b;
+                    if (g->op == MOE__NT) moe__mat_load(B, j, k, 1, &b);
+                    else b = moe__row(B, k)[j];
+                    s += a * b;
+                }
+                if (g->accumulate) s += C[i * g->ldc + j];
+                C[i * g->ldc + j] = s;
             }
-            if (g->accumulate) s += g->C[i * g->ldc + j];
-            if (g->bias) s += g->bias[j];
-            g->C[i * g->ldc + j] = s;
         }
+    }
+    {
+        moe__kernel plain = moe__kernel_generic();
+        moe__gemm_finish(g, &plain, m0, m1, n0, n1);
+    }
+}
+
+/* dst[k * ld + i] = src[i][k] for n rows, zeros for rows n..W: the transposing copy of packing,
+   k outer so the stores are contiguous and each source line stays in L1. */
+static void moe__pack_t(const float *const *src, int64_t n, int64_t W, int64_t ld, int64_t kc, float *MOE__RESTRICT dst) {
+    int64_t k, i;
+    for (k = 0; k < kc; k++) {
+        float *d = dst + k * ld;
+        for (i = 0; i < n; i++) d[i] = src[i][k];
+        for (; i < W; i++) d[i] = 0.0f;
     }
 }
 
 /* Pack A(m0.., kb..) into MR-row panels: panel p holds kc rows of MR values. */
-static void moe__pack_a(const moe__gemm *g, int64_t m0, int64_t mc, int64_t kb, int64_t kc, float *MOE__RESTRICT ap) {
+static void moe__pack_a(const moe__kernel *kn, const moe__gemm *g, int64_t MR, int64_t m0, int64_t mc, int64_t kb, int64_t kc, float *MOE__RESTRICT ap) {
+    const float *src[MOE__MR_MAX];
     int64_t p, i, k;
-    for (p = 0; p < mc; p += MOE__MR) {
-        int64_t mr = moe__min64(MOE__MR, mc - p);
+    for (p = 0; p < mc; p += MR) {
+        int64_t mr = moe__min64(MR, mc - p);
         float *dst = ap + p * kc;
         if (g->op == MOE__TN) {
             for (k = 0; k < kc; k++) {
-                const float *src = moe__row(&g->A, kb + k) + m0 + p;
-                for (i = 0; i < mr; i++) dst[k * MOE__MR + i] = src[i];
-                for (; i < MOE__MR; i++) dst[k * MOE__MR + i] = 0.0f;
+                memcpy(dst + k * MR, moe__row(&g->A, kb + k) + m0 + p, (size_t)mr * sizeof(float));
+                if (mr < MR) memset(dst + k * MR + mr, 0, (size_t)(MR - mr) * sizeof(float));
             }
         } else {
-            for (i = 0; i < MOE__MR; i++) {
-                if (i < mr) {
-                    const float *src = moe__row(&g->A, m0 + p + i) + kb;
-                    for (k = 0; k < kc; k++) dst[k * MOE__MR + i] = src[k];
-                } else {
-                    for (k = 0; k < kc; k++) dst[k * MOE__MR + i] = 0.0f;
-                }
-            }
+            for (i = 0; i < mr; i++) src[i] = moe__row(&g->A, m0 + p + i) + kb;
+            kn->pack_t(src, mr, MR, MR, kc, dst);
         }
     }
 }
 
-/* Pack B(kb.., n0..) into NR-column panels of kc rows. */
-static void moe__pack_b(const moe__gemm *g, int64_t n0, int64_t nc, int64_t kb, int64_t kc, float *MOE__RESTRICT bp) {
-    int64_t p, j, k;
-    for (p = 0; p < nc; p += MOE__NR) {
-        int64_t nr = moe__min64(MOE__NR, nc - p);
-        float *dst = bp + p * kc;
-        if (g->op == MOE__NT) {
-            for (j = 0; j < MOE__NR; j++) {
-                if (j < nr) {
-                    const float *src = moe__row(&g->B, n0 + p + j) + kb;
-                    for (k = 0; k < kc; k++) dst[k * MOE__NR + j] = src[k];
-                } else {
-                    for (k = 0; k < kc; k++) dst[k * MOE__NR + j] = 0.0f;
-                }
-            }
-        } else {
-            for (k = 0; k < kc; k++) {
-                const float *src = moe__row(&g->B, kb + k) + n0 + p;
-                for (j = 0; j < nr; j++) dst[k * MOE__NR + j] = src[j];
-                for (; j < MOE__NR; j++) dst[k * MOE__NR + j] = 0.0f;
-            }
+/* Columns j0..j0+w of B (or B2) into columns 0..w of an NR-wide panel of kc rows, zeros up to W. */
+static void moe__pack_b_cols(const moe__kernel *kn, const moe__gemm *g, const moe__mat *B, int64_t NR, int64_t W, int64_t j0, int64_t w, int64_t kb,
+                             int64_t kc, float *MOE__RESTRICT dst, float *rowbuf) {
+    const float *src[MOE__NR_MAX];
+    int64_t j, k;
+    if (g->op == MOE__NT && !B->data) {
+        for (j = 0; j < w; j++) {
+            moe__mat_load(B, j0 + j, kb, kc, rowbuf + j * kc);
+            src[j] = rowbuf + j * kc;
+        }
+        kn->pack_t(src, w, W, NR, kc, dst);
+    } else if (g->op == MOE__NT) {
+        for (j = 0; j < w; j++) src[j] = moe__row(B, j0 + j) + kb;
+        kn->pack_t(src, w, W, NR, kc, dst);
+    } else {
+        for (k = 0; k < kc; k++) {
+            memcpy(dst + k * NR, moe__row(B, kb + k) + j0, (size_t)w * sizeof(float));
+            if (w < W) memset(dst + k * NR + w, 0, (size_t)(W - w) * sizeof(float));
         }
     }
 }
 
-/* Micro-kernel: acc[MR][NR] = sum over kc of A panel x B panel. */
-#if (defined(__GNUC__) || defined(__clang__)) && !defined(MOE_NO_VECTOR_EXTENSIONS)
-typedef float moe__v8 __attribute__((vector_size(32)));
-#define MOE__MICRO_BODY                                                           \
-    moe__v8 c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0};                           \
-    moe__v8 c20 = {0}, c21 = {0}, c30 = {0}, c31 = {0};                           \
-    int64_t k;                                                                    \
-    for (k = 0; k < kc; k++) {                                                    \
-        moe__v8 b0, b1;                                                           \
-        const float *a = A + k * MOE__MR;                                         \
-        memcpy(&b0, B + k * MOE__NR, sizeof b0);                                  \
-        memcpy(&b1, B + k * MOE__NR + 8, sizeof b1);                              \
-        c00 += a[0] * b0; c01 += a[0] * b1;                                       \
-        c10 += a[1] * b0; c11 += a[1] * b1;                                       \
-        c20 += a[2] * b0; c21 += a[2] * b1;                                       \
-        c30 += a[3] * b0; c31 += a[3] * b1;                                       \
-    }                                                                             \
-    memcpy(acc + 0, &c00, 32); memcpy(acc + 8, &c01, 32);                         \
-    memcpy(acc + 16, &c10, 32); memcpy(acc + 24, &c11, 32);                       \
-    memcpy(acc + 32, &c20, 32); memcpy(acc + 40, &c21, 32);                       \
-    memcpy(acc + 48, &c30, 32); memcpy(acc + 56, &c31, 32);
-#else
-#define MOE__MICRO_BODY                                                           \
-    int64_t k, i, j;                                                              \
-    for (i = 0; i < MOE__MR * MOE__NR; i++) acc[i] = 0.0f;                        \
-    for (k = 0; k < kc; k++)                                                      \
-        for (i = 0; i < MOE__MR; i++)                                             \
-            for (j = 0; j < MOE__NR; j++)                                         \
-                acc[i * MOE__NR + j] += A[k * MOE__MR + i] * B[k * MOE__NR + j];
-#endif
-
-static void moe__micro_generic(int64_t kc, const float *MOE__RESTRICT A, const float *MOE__RESTRICT B, float *MOE__RESTRICT acc) {
-    MOE__MICRO_BODY
+/* Pack B for columns n0..n0+nc into panels of PW columns (a pair: PW of B, then PW of B2). */
+static void moe__pack_b(const moe__kernel *kn, const moe__gemm *g, int64_t NR, int64_t PW, int64_t n0, int64_t nc, int64_t kb, int64_t kc,
+                        float *MOE__RESTRICT bp, float *rowbuf) {
+    int64_t p;
+    for (p = 0; p < nc; p += PW) {
+        int64_t w = moe__min64(PW, nc - p);
+        float *dst = bp + (p / PW) * NR * kc;
+        moe__pack_b_cols(kn, g, &g->B, NR, PW, n0 + p, w, kb, kc, dst, rowbuf);
+        if (g->pair) moe__pack_b_cols(kn, g, &g->B2, NR, PW, n0 + p, w, kb, kc, dst + PW, rowbuf);
+    }
 }
 
-#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__)) && !defined(MOE_NO_VECTOR_EXTENSIONS)
-#define MOE__HAVE_X86_DISPATCH 1
-__attribute__((target("avx2,fma")))
-static void moe__micro_avx2(int64_t kc, const float *MOE__RESTRICT A, const float *MOE__RESTRICT B, float *MOE__RESTRICT acc) {
-    MOE__MICRO_BODY
-}
-#endif
-
-static moe__micro_fn moe__micro_select(void) {
-#ifdef MOE__HAVE_X86_DISPATCH
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return moe__micro_avx2;
-#endif
-    return moe__micro_generic;
+/* A partial micro-tile (mr rows, wlo + whi columns) through a full-size temporary. */
+static void moe__micro_edge(const moe__kernel *kn, int64_t kc, const float *A, const float *B, float *lo, float *hi, int64_t ldc,
+                            int accumulate, int64_t mr, int64_t wlo, int64_t whi, float *tmp) {
+    int64_t NR = kn->nr, half = NR / 2, i, j;
+    for (i = 0; i < kn->mr; i++)
+        for (j = 0; j < NR; j++) {
+            int in_lo = j < half && j < wlo, in_hi = j >= half && j - half < whi;
+            tmp[i * NR + j] = (accumulate && i < mr && (in_lo || in_hi)) ? (j < half ? lo[i * ldc + j] : hi[i * ldc + j - half]) : 0.0f;
+        }
+    kn->micro(kc, A, B, tmp, tmp + half, NR, accumulate);
+    for (i = 0; i < mr; i++) {
+        for (j = 0; j < wlo; j++) lo[i * ldc + j] = tmp[i * NR + j];
+        for (j = 0; j < whi; j++) hi[i * ldc + j] = tmp[i * NR + half + j];
+    }
 }
 
 static void moe__gemm_block_fast(const moe__exec *ex, const moe__gemm *g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float *scratch) {
-    float *bp = scratch;
-    float *ap = scratch + MOE__KC * MOE__NC;
-    moe__micro_fn micro = ex->micro;
-    int64_t nb, kb, mb, ip, jp, ii, jj;
-    float acc[MOE__MR * MOE__NR];
+    const moe__kernel *kn = &ex->kernel;
+    int64_t MR = kn->mr, NR = kn->nr, half = NR / 2, PW = g->pair ? half : NR;
+    int64_t NB = g->pair ? MOE__NB / 2 : MOE__NB, MB = 16 * MR, ldc = g->ldc;
+    float *bp = scratch, *ap = scratch + MOE__KC * MOE__NB, *tmp = ap + MOE__MB_MAX * MOE__KC, *rowbuf = tmp + MOE__MR_MAX * MOE__NR_MAX;
+    int64_t nb, kb, mb, ip, jp, i, j;
     if (g->K == 0) {
-        for (ii = m0; ii < m1; ii++)
-            for (jj = n0; jj < n1; jj++) {
-                float *c = g->C + ii * g->ldc + jj;
-                *c = (g->accumulate ? *c : 0.0f) + (g->bias ? g->bias[jj] : 0.0f);
-            }
+        int half_i;
+        for (half_i = 0; half_i <= g->pair; half_i++)
+            for (i = m0; i < m1; i++)
+                for (j = n0; j < n1; j++) {
+                    float *c = (half_i ? g->C2 : g->C) + i * ldc + j;
+                    if (!g->accumulate) *c = 0.0f;
+                }
+        moe__gemm_finish(g, kn, m0, m1, n0, n1);
         return;
     }
-    for (nb = n0; nb < n1; nb += MOE__NC) {
-        int64_t nc = moe__min64(MOE__NC, n1 - nb);
+    for (nb = n0; nb < n1; nb += NB) {
+        int64_t nc = moe__min64(NB, n1 - nb);
         for (kb = 0; kb < g->K; kb += MOE__KC) {
             int64_t kc = moe__min64(MOE__KC, g->K - kb);
-            int first = kb == 0, last = kb + kc >= g->K;
-            moe__pack_b(g, nb, nc, kb, kc, bp);
-            for (mb = m0; mb < m1; mb += MOE__MC) {
-                int64_t mc = moe__min64(MOE__MC, m1 - mb);
-                moe__pack_a(g, mb, mc, kb, kc, ap);
-                for (ip = 0; ip < mc; ip += MOE__MR) {
-                    int64_t mr = moe__min64(MOE__MR, mc - ip);
-                    for (jp = 0; jp < nc; jp += MOE__NR) {
-                        int64_t nr = moe__min64(MOE__NR, nc - jp);
-                        micro(kc, ap + ip * kc, bp + jp * kc, acc);
-                        for (ii = 0; ii < mr; ii++) {
-                            float *c = g->C + (mb + ip + ii) * g->ldc + nb + jp;
-                            const float *a = acc + ii * MOE__NR;
-                            for (jj = 0; jj < nr; jj++) {
-                                float v = (first && !g->accumulate) ? a[jj] : c[jj] + a[jj];
-                                if (last && g->bias) v += g->bias[nb + jp + jj];
-                                c[jj] = v;
-                            }
-                        }
+            int accumulate = kb > 0 || g->accumulate, last = kb + kc >= g->K;
+            moe__pack_b(kn, g, NR, PW, nb, nc, kb, kc, bp, rowbuf);
+            for (mb = m0; mb < m1; mb += MB) {
+                int64_t mc = moe__min64(MB, m1 - mb);
+                moe__pack_a(kn, g, MR, mb, mc, kb, kc, ap);
+                for (ip = 0; ip < mc; ip += MR) {
+                    int64_t mr = moe__min64(MR, mc - ip), row = mb + ip;
+                    for (jp = 0; jp < nc; jp += PW) {
+                        int64_t w = moe__min64(PW, nc - jp), col = nb + jp;
+                        float *lo = g->C + row * ldc + col, *hi = g->pair ? g->C2 + row * ldc + col : lo + half;
+                        const float *a = ap + ip * kc, *b = bp + (jp / PW) * NR * kc;
+                        if (mr == MR && w == PW)
+                            kn->micro(kc, a, b, lo, hi, ldc, accumulate);
+                        else if (g->pair)
+                            moe__micro_edge(kn, kc, a, b, lo, hi, ldc, accumulate, mr, w, w, tmp);
+                        else
+                            moe__micro_edge(kn, kc, a, b, lo, hi, ldc, accumulate, mr, moe__min64(w, half), moe__max64(0, w - half), tmp);
+                        if (last) moe__gemm_finish(g, kn, row, row + mr, col, col + w);
                     }
                 }
             }
@@ -994,7 +1117,7 @@ static void moe__gemm_block_fast(const moe__exec *ex, const moe__gemm *g, int64_
     }
 }
 
-/* One tile of C on the calling thread. */
+/* One block of C on the calling thread. */
 static void moe__gemm_block(const moe__exec *ex, const moe__gemm *g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     if (m1 <= m0 || n1 <= n0) return;
     if (ex->ctx->kernels == MOE_KERNELS_REFERENCE)
@@ -1003,31 +1126,299 @@ static void moe__gemm_block(const moe__exec *ex, const moe__gemm *g, int64_t m0,
         moe__gemm_block_fast(ex, g, m0, m1, n0, n1, ex->scratch + (size_t)MOE__THREAD_ID() * MOE__GEMM_SCRATCH);
 }
 
+/* Columns per scheduled block: one packed block. */
+static int64_t moe__gemm_cols(const moe__gemm *g) { return g->pair ? MOE__NB / 2 : MOE__NB; }
+
 /* A whole product, tiled over the threads. */
 static void moe__gemm_run(const moe__exec *ex, const moe__gemm *g) {
-    int64_t tm = (g->M + MOE__MC - 1) / MOE__MC, tn = (g->N + MOE__NC - 1) / MOE__NC;
+    int64_t rows = 4 * (int64_t)ex->kernel.mr, cols = moe__gemm_cols(g);
+    int64_t tm = (g->M + rows - 1) / rows, tn = (g->N + cols - 1) / cols;
     int64_t n = tm * tn, t;
     if (g->M <= 0 || g->N <= 0) return;
     MOE__PARALLEL_FOR_DYNAMIC(ex->n_threads, (double)g->M * (double)g->N * (double)g->K)
     for (t = 0; t < n; t++) {
-        int64_t m0 = (t / tn) * MOE__MC, n0 = (t % tn) * MOE__NC;
-        moe__gemm_block(ex, g, m0, moe__min64(m0 + MOE__MC, g->M), n0, moe__min64(n0 + MOE__NC, g->N));
+        int64_t m0 = (t / tn) * rows, n0 = (t % tn) * cols;
+        moe__gemm_block(ex, g, m0, moe__min64(m0 + rows, g->M), n0, moe__min64(n0 + cols, g->N));
     }
+}
+
+/* Micro-kernels: plain C (GCC/Clang vector extensions where available), AVX2+FMA, AVX-512. */
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(MOE_NO_VECTOR_EXTENSIONS)
+typedef float moe__v8 __attribute__((vector_size(32)));
+static void moe__micro_generic(int64_t kc, const float *MOE__RESTRICT A, const float *MOE__RESTRICT B, float *lo, float *hi,
+                               int64_t ldc, int accumulate) {
+    moe__v8 c[4][2], b[2], t;
+    int64_t k;
+    int i;
+    memset(c, 0, sizeof c);
+    for (k = 0; k < kc; k++) {
+        const float *a = A + k * 4;
+        memcpy(b, B + k * 16, sizeof b);
+        for (i = 0; i < 4; i++) { c[i][0] += a[i] * b[0]; c[i][1] += a[i] * b[1]; }
+    }
+    for (i = 0; i < 4; i++) {
+        if (accumulate) {
+            memcpy(&t, lo + i * ldc, sizeof t); c[i][0] += t;
+            memcpy(&t, hi + i * ldc, sizeof t); c[i][1] += t;
+        }
+        memcpy(lo + i * ldc, &c[i][0], sizeof t);
+        memcpy(hi + i * ldc, &c[i][1], sizeof t);
+    }
+}
+#else
+static void moe__micro_generic(int64_t kc, const float *MOE__RESTRICT A, const float *MOE__RESTRICT B, float *lo, float *hi,
+                               int64_t ldc, int accumulate) {
+    float acc[4][16];
+    int64_t k, i, j;
+    for (i = 0; i < 4; i++)
+        for (j = 0; j < 16; j++) acc[i][j] = 0.0f;
+    for (k = 0; k < kc; k++)
+        for (i = 0; i < 4; i++)
+            for (j = 0; j < 16; j++) acc[i][j] += A[k * 4 + i] * B[k * 16 + j];
+    for (i = 0; i < 4; i++)
+        for (j = 0; j < 16; j++) {
+            float *c = j < 8 ? lo + i * ldc + j : hi + i * ldc + j - 8;
+            *c = accumulate ? *c + acc[i][j] : acc[i][j];
+        }
+}
+#endif
+
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__)) && !defined(MOE_NO_VECTOR_EXTENSIONS)
+#define MOE__HAVE_X86_DISPATCH 1
+#include <immintrin.h>
+
+/* One register-blocked micro-kernel per instruction set: ROWS(X) lists its MR rows, V is the
+   vector type of W floats (NR = 2W), P the intrinsic prefix. Accumulators stay in registers. */
+#define MOE__VCAT(a, b) a##b
+#define MOE__VCAT2(a, b) MOE__VCAT(a, b)
+#define MOE__VOP(op) MOE__VCAT2(MOE__P, op)
+#define MOE__MICRO_DECL(i) MOE__V c##i##l = MOE__VOP(_setzero_ps)(), c##i##h = MOE__VOP(_setzero_ps)();
+#define MOE__MICRO_FMA(i) { MOE__V ai = MOE__VOP(_set1_ps)(a[i]); c##i##l = MOE__VOP(_fmadd_ps)(ai, b0, c##i##l); c##i##h = MOE__VOP(_fmadd_ps)(ai, b1, c##i##h); }
+#define MOE__MICRO_STORE(i)                                                                           \
+    if (accumulate) { c##i##l = MOE__VOP(_add_ps)(c##i##l, MOE__VOP(_loadu_ps)(lo + i * ldc));                      \
+                      c##i##h = MOE__VOP(_add_ps)(c##i##h, MOE__VOP(_loadu_ps)(hi + i * ldc)); }                    \
+    MOE__VOP(_storeu_ps)(lo + i * ldc, c##i##l); MOE__VOP(_storeu_ps)(hi + i * ldc, c##i##h);
+#define MOE__MICRO_BODY(ROWS, MR, W)                                                                  \
+    int64_t k;                                                                                        \
+    ROWS(MOE__MICRO_DECL)                                                                             \
+    for (k = 0; k < kc; k++) {                                                                        \
+        const float *a = A + k * (MR);                                                                \
+        MOE__V b0 = MOE__VOP(_loadu_ps)(B + k * 2 * (W)), b1 = MOE__VOP(_loadu_ps)(B + k * 2 * (W) + (W));               \
+        ROWS(MOE__MICRO_FMA)                                                                          \
+    }                                                                                                 \
+    ROWS(MOE__MICRO_STORE)
+
+#define MOE__ROWS6(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#define MOE__ROWS12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+
+#define MOE__DEFINE_MICRO(name, isa, ROWS, MR, W)                                                    \
+    __attribute__((target(isa))) static void name(int64_t kc, const float *MOE__RESTRICT A,           \
+                                                  const float *MOE__RESTRICT B, float *lo, float *hi, \
+                                                  int64_t ldc, int accumulate) {                      \
+        MOE__MICRO_BODY(ROWS, MR, W)                                                                  \
+    }
+
+/* 6 x 16: 12 accumulators in ymm registers; 12 x 32: 24 accumulators in zmm registers. */
+#define MOE__V __m256
+#define MOE__P _mm256
+MOE__DEFINE_MICRO(moe__micro_avx2, "avx2,fma", MOE__ROWS6, 6, 8)
+#undef MOE__V
+#undef MOE__P
+#define MOE__V __m512
+#define MOE__P _mm512
+MOE__DEFINE_MICRO(moe__micro_avx512, "avx512f", MOE__ROWS12, 12, 16)
+#undef MOE__V
+#undef MOE__P
+
+/* r[q] becomes column q of the 16 x 16 block r. */
+__attribute__((target("avx512f")))
+static void moe__transpose16(__m512 *r) {
+    __m512 t[16];
+    int i, j;
+    for (i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (i = 0; i < 4; i++) {
+        r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (i = 0; i < 2; i++)
+        for (j = 0; j < 4; j++) {
+            t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+            t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xDD);
+        }
+    for (j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+        r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xDD);
+    }
+}
+
+static uint32_t moe__lanes(int64_t n) { return n >= 16 ? 0xFFFFu : (1u << n) - 1u; }
+
+/* moe__pack_t in 16 x 16 blocks through registers. */
+__attribute__((target("avx512f")))
+static void moe__pack_t_avx512(const float *const *src, int64_t n, int64_t W, int64_t ld, int64_t kc, float *dst) {
+    int64_t i0, k0, i, k;
+    for (i0 = 0; i0 < W; i0 += 16) {
+        __mmask16 wm = (__mmask16)moe__lanes(W - i0);
+        int64_t rows = moe__min64(moe__max64(n - i0, 0), 16);
+        for (k0 = 0; k0 < kc; k0 += 16) {
+            int64_t kn = moe__min64(16, kc - k0);
+            __mmask16 km = (__mmask16)moe__lanes(kn);
+            __m512 r[16];
+            for (i = 0; i < 16; i++) r[i] = i < rows ? _mm512_maskz_loadu_ps(km, src[i0 + i] + k0) : _mm512_setzero_ps();
+            moe__transpose16(r);
+            for (k = 0; k < kn; k++) _mm512_mask_storeu_ps(dst + (k0 + k) * ld + i0, wm, r[k]);
+        }
+    }
+}
+
+/* e^x for x in [-87, 88]: 2^n * p(r), |r| <= ln2 / 2, degree-6 Taylor-like polynomial
+   (relative error about 2e-7); inputs outside are clamped. */
+__attribute__((target("avx512f")))
+static __m512 moe__exp_avx512(__m512 x) {
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), ln2 = _mm512_set1_ps(0.693147180559945309f);
+    __m512 n, r, p;
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
+    n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm512_fnmadd_ps(n, ln2, x);
+    p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+__attribute__((target("avx512f")))
+static __m512 moe__sigmoid_avx512(__m512 x) {
+    __m512 one = _mm512_set1_ps(1.0f);
+    return _mm512_div_ps(one, _mm512_add_ps(one, moe__exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+__attribute__((target("avx512f")))
+static void moe__swiglu_avx512(const float *z1, const float *z3, float *a, int64_t n) {
+    int64_t j;
+    for (j = 0; j < n; j += 16) {
+        __mmask16 m = (__mmask16)moe__lanes(n - j);
+        __m512 x = _mm512_maskz_loadu_ps(m, z1 + j), y = _mm512_maskz_loadu_ps(m, z3 + j);
+        _mm512_mask_storeu_ps(a + j, m, _mm512_mul_ps(_mm512_mul_ps(x, moe__sigmoid_avx512(x)), y));
+    }
+}
+
+__attribute__((target("avx512f")))
+static void moe__swiglu_grad_avx512(const float *da, const float *z1, const float *z3, float *dz1, float *dz3, int64_t n) {
+    __m512 one = _mm512_set1_ps(1.0f);
+    int64_t j;
+    for (j = 0; j < n; j += 16) {
+        __mmask16 m = (__mmask16)moe__lanes(n - j);
+        __m512 g = _mm512_maskz_loadu_ps(m, da + j), x = _mm512_maskz_loadu_ps(m, z1 + j), y = _mm512_maskz_loadu_ps(m, z3 + j);
+        __m512 s = moe__sigmoid_avx512(x), gs = _mm512_mul_ps(g, s);
+        __m512 d1 = _mm512_mul_ps(_mm512_mul_ps(gs, y), _mm512_add_ps(one, _mm512_mul_ps(x, _mm512_sub_ps(one, s))));
+        _mm512_mask_storeu_ps(dz1 + j, m, d1);
+        _mm512_mask_storeu_ps(dz3 + j, m, _mm512_mul_ps(gs, x));
+    }
+}
+#endif
+
+/* Few tokens (inference, T <= MOE__DECODE_TOKENS): every expert's rows against each weight row
+   in turn, so each needed weight is read once; threads split the weight rows. */
+#define MOE__DECODE_TOKENS 8
+#define MOE__DECODE_ROWS 32     /* weight rows per decode tile */
+
+/* out[r] = sum_k W(j, k) x_r[k] for r < m, in 16 interleaved partial sums over k. */
+static void moe__dot_rows(const moe__mat *W, int64_t j, const float *const *x, int m, int64_t K, float *out) {
+    float w[256], acc[MOE__DECODE_TOKENS][16];
+    int64_t k0, k;
+    int r, q;
+    memset(acc, 0, sizeof acc);
+    for (k0 = 0; k0 < K; k0 += 256) {
+        int64_t n = moe__min64(256, K - k0);
+        moe__mat_load(W, j, k0, n, w);
+        for (r = 0; r < m; r++)
+            for (k = 0; k < n; k++) acc[r][k % 16] += w[k] * x[r][k0 + k];
+    }
+    for (r = 0; r < m; r++) {
+        float s = 0.0f;
+        for (q = 0; q < 16; q++) s += acc[r][q];
+        out[r] = s;
+    }
+}
+
+#ifdef MOE__HAVE_X86_DISPATCH
+/* 16 weights of row W(j, k0..) as floats (masked to n). */
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static __m512 moe__load16_avx512(const moe__mat *W, int64_t j, int64_t k0, int64_t n) {
+    __mmask16 m = (__mmask16)moe__lanes(n);
+    if (W->bf16) {
+        __m256i h = _mm256_maskz_loadu_epi16(m, W->bf16 + j * W->ld + k0);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    if (W->q8) {
+        __m128i q = _mm_maskz_loadu_epi8(m, W->q8 + j * W->ld + k0);
+        return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), _mm512_set1_ps(W->scale[j * W->groups + k0 / MOE__QGROUP]));
+    }
+    return _mm512_maskz_loadu_ps(m, moe__row(W, j) + k0);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static void moe__dot_rows_avx512(const moe__mat *W, int64_t j, const float *const *x, int m, int64_t K, float *out) {
+    int r;
+    for (r = 0; r < m; r++) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        const float *xr = x[r];
+        int64_t k0 = 0;
+        for (; k0 + 64 <= K; k0 += 64) {
+            a0 = _mm512_fmadd_ps(moe__load16_avx512(W, j, k0, 16), _mm512_loadu_ps(xr + k0), a0);
+            a1 = _mm512_fmadd_ps(moe__load16_avx512(W, j, k0 + 16, 16), _mm512_loadu_ps(xr + k0 + 16), a1);
+            a2 = _mm512_fmadd_ps(moe__load16_avx512(W, j, k0 + 32, 16), _mm512_loadu_ps(xr + k0 + 32), a2);
+            a3 = _mm512_fmadd_ps(moe__load16_avx512(W, j, k0 + 48, 16), _mm512_loadu_ps(xr + k0 + 48), a3);
+        }
+        for (; k0 < K; k0 += 16) {
+            int64_t n = moe__min64(16, K - k0);
+            a0 = _mm512_fmadd_ps(moe__load16_avx512(W, j, k0, n), _mm512_maskz_loadu_ps((__mmask16)moe__lanes(n), xr + k0), a0);
+        }
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    }
+}
+#endif
+
+static moe__kernel moe__kernel_make(moe__micro_fn micro, int mr, int nr, const char *name) {
+    moe__kernel k;
+    k.micro = micro; k.pack_t = moe__pack_t; k.swiglu = moe__swiglu_rows; k.swiglu_grad = moe__swiglu_grad_rows; k.dot = moe__dot_rows;
+    k.mr = mr; k.nr = nr; k.name = name;
+    return k;
+}
+
+static moe__kernel moe__kernel_generic(void) { return moe__kernel_make(moe__micro_generic, 4, 16, "generic"); }
+
+/* The fastest kernel this CPU runs. */
+static moe__kernel moe__kernel_select(void) {
+#ifdef MOE__HAVE_X86_DISPATCH
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
+        moe__kernel k = moe__kernel_make(moe__micro_avx512, 12, 32, "avx512");
+        k.pack_t = moe__pack_t_avx512;
+        k.swiglu = moe__swiglu_avx512;
+        k.swiglu_grad = moe__swiglu_grad_avx512;
+        k.dot = moe__dot_rows_avx512;
+        return k;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return moe__kernel_make(moe__micro_avx2, 6, 16, "avx2");
+#endif
+    return moe__kernel_generic();
 }
 
 static void moe__exec_init(moe__exec *ex, moe_ctx *ctx, float *scratch) {
     ex->ctx = ctx;
     ex->n_threads = ctx->n_threads;
     ex->scratch = scratch;
-    ex->micro = moe__micro_select();
-}
-
-static moe__gemm moe__gemm_make(moe__gemm_op op, int64_t M, int64_t N, int64_t K, moe__mat A, moe__mat B,
-                                float *C, int64_t ldc, int accumulate, const float *bias) {
-    moe__gemm g;
-    g.op = op; g.M = M; g.N = N; g.K = K; g.A = A; g.B = B;
-    g.C = C; g.ldc = ldc; g.accumulate = accumulate; g.bias = bias;
-    return g;
+    ex->kernel = moe__kernel_select();
 }
 
 // >>ops ---------------------------------------------------------------------
@@ -1148,17 +1539,22 @@ typedef struct moe__bank {
     float *dz[MOE__MAX_LINEARS];/* [max_rows, out_j] gradient at each linear's output */
     float *da;                  /* [max_rows, d_hidden] swiglu: gradient at the gated product */
     float *dxr;                 /* [max_rows, d_in] gradient at the gathered inputs */
+    moe__mat qw[MOE__MAX_LINEARS]; /* moe_layer_quantize: each linear's [n * out, in] weights, reduced */
 } moe__bank;
 
-/* A unit of grouped work: rows r0..r1 of expert e of bank b (forward, input gradients),
-   or output rows r0..r1 of linear j of expert e (weight gradients). */
+/* A unit of grouped work, one block of one product of one expert: rows r0..r1 and columns
+   c0..c1 of its output. Forward and input-gradient tiles count rows in the bank's sorted rows;
+   weight-gradient tiles count the linear's output rows. */
+enum { MOE__TILE_FORWARD, MOE__TILE_INPUT_GRAD, MOE__TILE_WEIGHT_GRAD, MOE__TILE_DECODE };
+
 typedef struct moe__tile {
-    int32_t bank, expert, linear;
-    int32_t pad;
-    int64_t r0, r1;
+    int32_t bank, expert, linear, kind;
+    int64_t r0, r1, c0, c1;
+    double cost;                /* flops: the schedule starts the largest tiles first */
 } moe__tile;
 
-#define MOE__TILE_ROWS 64
+#define MOE__TILE_ROWS 512      /* most rows per forward / input-gradient tile */
+#define MOE__WTILE_ROWS 768     /* most output rows per weight-gradient tile */
 
 struct moe_layer {
     moe_ctx *ctx;
@@ -1201,10 +1597,8 @@ struct moe_layer {
     int64_t *chosen, *kept;     /* [E] before / after capacity */
     int64_t *chosen_cursor;     /* [E] counting-sort cursor */
     float *importance, *load;   /* [E] */
-    moe__tile *tiles;           /* forward row tiles */
+    moe__tile *tiles;           /* the current step's tiles over all experts */
     int64_t n_tiles, max_tiles;
-    moe__tile *wtiles;          /* weight-gradient tiles (fixed) */
-    int64_t n_wtiles;
     moe_stats stats;
 
     /* backward scratch */
@@ -1215,6 +1609,8 @@ struct moe_layer {
     float *dimportance, *dload; /* [E] dCV^2 of importance and load */
 
     void *own;                  /* standalone layer: the one block it allocated */
+    moe_dtype wdtype;           /* expert weights forwards read: F32 (the parameters), BF16 or I8 */
+    void *qblock;               /* the reduced copies (moe_layer_quantize) */
 };
 
 static int moe__flag(moe_flag f, int def) { return f == MOE_FLAG_DEFAULT ? def : f == MOE_FLAG_ON; }
@@ -1420,6 +1816,23 @@ static void moe__layer_plan(moe_layer *l) {
     }
 }
 
+/* Upper bound of the tiles of any one step (moe__plan_* below never exceed it). */
+static int64_t moe__max_tiles(const moe_layer *l) {
+    int64_t n = 0;
+    int b, j;
+    for (b = 0; b < l->n_banks; b++) {
+        const moe__bank *k = &l->bank[b];
+        for (j = 0; j < k->n_linears; j++) {
+            const moe__linear *lin = &k->lin[j];
+            int64_t wide = moe__max64(lin->in, lin->out);
+            n += (k->max_rows / 8 + k->n) * (wide / (MOE__NB / 2) + 1);
+            n += (int64_t)k->n * (lin->out / MOE__WTILE_ROWS + 1) * (lin->in / MOE__NB + 1);
+            n += (int64_t)k->n * (lin->out / MOE__DECODE_ROWS + 1);
+        }
+    }
+    return n + 1;
+}
+
 /* Assign every activation buffer for max_tokens. Called with NULL bases to size. */
 static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scratch) {
     const moe_layer_desc *d = &l->d;
@@ -1457,14 +1870,8 @@ static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scra
         l->chosen_cursor = MOE__CARVE(saved, int64_t, E);
         l->importance = MOE__CARVE(saved, float, E);
         l->load = MOE__CARVE(saved, float, E);
-        l->max_tiles = E + 1;
-        for (b = 0; b < l->n_banks; b++) l->max_tiles += l->bank[b].max_rows / MOE__TILE_ROWS + l->bank[b].n;
+        l->max_tiles = moe__max_tiles(l);
         l->tiles = MOE__CARVE(saved, moe__tile, l->max_tiles);
-        l->n_wtiles = 0;
-        for (b = 0; b < l->n_banks; b++)
-            for (j = 0; j < l->bank[b].n_linears; j++)
-                l->n_wtiles += l->bank[b].n * ((l->bank[b].lin[j].out + MOE__TILE_ROWS - 1) / MOE__TILE_ROWS);
-        l->wtiles = MOE__CARVE(saved, moe__tile, l->n_wtiles);
         for (b = 0; b < l->n_banks; b++) {
             moe__bank *k = &l->bank[b];
             int64_t R = k->max_rows;
@@ -1496,22 +1903,6 @@ static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scra
     }
     default: break;
     }
-}
-
-/* The weight-gradient tiles depend only on the shapes: build them once. */
-static void moe__layer_build_wtiles(moe_layer *l) {
-    int64_t n = 0, r;
-    int b, e, j;
-    if (l->d.kind != MOE_LAYER_MOE) return;
-    for (b = 0; b < l->n_banks; b++)
-        for (e = 0; e < l->bank[b].n; e++)
-            for (j = 0; j < l->bank[b].n_linears; j++)
-                for (r = 0; r < l->bank[b].lin[j].out; r += MOE__TILE_ROWS) {
-                    moe__tile *t = &l->wtiles[n++];
-                    t->bank = b; t->expert = e; t->linear = j; t->pad = 0;
-                    t->r0 = r; t->r1 = moe__min64(r + MOE__TILE_ROWS, l->bank[b].lin[j].out);
-                }
-    MOE_ASSERT(n == l->n_wtiles);
 }
 
 /* Deterministic initialisation: element i of tensor `stream` draws from (seed, stream, i). */
@@ -1743,23 +2134,6 @@ static void moe__dispatch(moe_layer *l, int64_t T) {
     }
 }
 
-/* Row tiles over every expert of every bank: the grouped schedule. */
-static void moe__build_tiles(moe_layer *l) {
-    int64_t n = 0, r;
-    int b, e;
-    for (b = 0; b < l->n_banks; b++) {
-        const moe__bank *k = &l->bank[b];
-        for (e = 0; e < k->n; e++)
-            for (r = k->offsets[e]; r < k->offsets[e + 1]; r += MOE__TILE_ROWS) {
-                moe__tile *t = &l->tiles[n++];
-                t->bank = b; t->expert = e; t->linear = 0; t->pad = 0;
-                t->r0 = r; t->r1 = moe__min64(r + MOE__TILE_ROWS, k->offsets[e + 1]);
-            }
-    }
-    MOE_ASSERT(n <= l->max_tiles);
-    l->n_tiles = n;
-}
-
 /* CV^2 = var / (mean^2 + 1e-10) with the population variance; grad (may be NULL) gets dCV^2/dv. */
 static double moe__cv2(const float *v, int64_t n, float *grad) {
     double mean = 0.0, var = 0.0, den, cv2;
@@ -1838,49 +2212,275 @@ static void moe__aux_forward(moe_layer *l, int64_t T) {
 }
 
 // >>moe_forward -------------------------------------------------------------
-static const float *moe__bank_input(const moe__bank *b, const moe__linear *lin, int64_t r0) {
-    return b->a[lin->input] + r0 * b->d_hidden;
+/* The A operand of a linear: the layer input through the bank's row permutation, or the
+   activation of the previous linear; rows from r0 on. */
+static moe__mat moe__bank_in(const moe__bank *b, const moe__linear *lin, const float *x, int64_t r0) {
+    return lin->input < 0 ? moe__mat_rows(x, b->d_in, b->row_token + r0) : moe__mat_of(b->a[lin->input] + r0 * b->d_hidden, b->d_hidden);
 }
 
-/* Rows r0..r1 (all of expert e) through the expert network; writes z, a and out. */
-static void moe__bank_forward_tile(const moe_layer *l, const moe__bank *b, int e, int64_t r0, int64_t r1, const float *x) {
-    int64_t m = r1 - r0, H = b->d_hidden, i;
-    int j;
-    for (j = 0; j < b->n_linears; j++) {
-        const moe__linear *lin = &b->lin[j];
-        int last = j == b->n_linears - 1;
-        moe__mat in = lin->input < 0 ? moe__mat_rows(x, b->d_in, b->row_token + r0) : moe__mat_of(moe__bank_input(b, lin, r0), H);
-        float *out = last ? b->out + r0 * b->d_out : b->z[j] + r0 * H;
-        moe__gemm g = moe__gemm_make(MOE__NT, m, lin->out, lin->in, in,
-                                     moe__mat_of(moe__w(l, lin->w) + (int64_t)e * lin->out * lin->in, lin->in),
-                                     out, lin->out, 0, lin->b >= 0 ? moe__w(l, lin->b) + (int64_t)e * lin->out : NULL);
-        moe__gemm_block(&l->ex, &g, 0, m, 0, lin->out);
-        if (last) break;
-        if (b->kind == MOE_EXPERT_SWIGLU) {
-            if (j == 1) {
-                const float *z0 = b->z[0] + r0 * H, *z1 = b->z[1] + r0 * H;
-                float *a0 = b->a[0] + r0 * H;
-                for (i = 0; i < m * H; i++) a0[i] = z0[i] * moe__sigmoid(z0[i]) * z1[i];
-            }
-        } else {
-            moe__act_rows(b->act, b->z[j] + r0 * H, b->a[j] + r0 * H, m * H);
+static const float *moe__expert_w(const moe_layer *l, const moe__linear *lin, int64_t e) { return moe__w(l, lin->w) + e * lin->out * lin->in; }
+static const float *moe__expert_b(const moe_layer *l, const moe__linear *lin, int64_t e) { return lin->b >= 0 ? moe__w(l, lin->b) + e * lin->out : NULL; }
+
+/* The weights forwards read for linear j of expert e: the parameters, or their reduced copy. */
+static moe__mat moe__expert_weights(const moe_layer *l, const moe__bank *b, int j, int64_t e) {
+    const moe__linear *lin = &b->lin[j];
+    moe__mat m = b->qw[j];
+    if (l->wdtype == MOE_DTYPE_F32) return moe__mat_of(moe__expert_w(l, lin, e), lin->in);
+    if (m.bf16) {
+        m.bf16 += e * lin->out * lin->in;
+    } else {
+        m.q8 += e * lin->out * lin->in;
+        m.scale += e * lin->out * m.groups;
+    }
+    return m;
+}
+
+/* Forward stages: SwiGLU w1 paired with w3, then w2; MLP one stage per linear. */
+static int moe__bank_stages(const moe__bank *b) { return b->kind == MOE_EXPERT_SWIGLU ? 2 : b->n_linears; }
+static int moe__stage_linear(const moe__bank *b, int s) { return b->kind == MOE_EXPERT_SWIGLU && s == 1 ? 2 : s; }
+
+/* Forward stage s for rows r0..r1 of expert e (the product's rows count from r0). */
+static moe__gemm moe__forward_gemm(const moe_layer *l, const moe__bank *b, int64_t e, int s, int64_t r0, int64_t r1, const float *x) {
+    const moe__linear *lin = &b->lin[moe__stage_linear(b, s)];
+    int64_t H = b->d_hidden;
+    int last = s == moe__bank_stages(b) - 1;
+    moe__gemm g = moe__gemm_make(MOE__NT, r1 - r0, lin->out, lin->in, moe__bank_in(b, lin, x, r0),
+                                 moe__expert_weights(l, b, moe__stage_linear(b, s), e), last ? b->out + r0 * b->d_out : b->z[s] + r0 * H,
+                                 lin->out, 0, moe__expert_b(l, lin, e));
+    if (last) return g;
+    if (b->kind == MOE_EXPERT_SWIGLU) {
+        g.pair = 1;
+        g.B2 = moe__expert_weights(l, b, 1, e);
+        g.C2 = b->z[1] + r0 * H;
+        g.bias2 = moe__expert_b(l, &b->lin[1], e);
+        g.epi = MOE__EPI_SWIGLU;
+    } else {
+        g.epi = MOE__EPI_ACT;
+        g.act = b->act;
+    }
+    g.out0 = b->a[s] + r0 * H;
+    return g;
+}
+
+/* Backward steps: SwiGLU w2, then w1 and w3 together; MLP one step per linear, last first. */
+static int moe__bank_back_steps(const moe__bank *b) { return moe__bank_stages(b); }
+static int moe__back_linear(const moe__bank *b, int q) { return b->kind == MOE_EXPERT_SWIGLU ? (q == 0 ? 2 : 0) : b->n_linears - 1 - q; }
+
+/* Gradient at the input of linear j for rows r0..r1 of expert e: dz[j] W_j, then through the
+   previous activation (SwiGLU w2: into dz1, dz3); for j = 0 into dxr (second: the w3 half). */
+static moe__gemm moe__input_grad_gemm(const moe_layer *l, const moe__bank *b, int64_t e, int j, int second, int64_t r0, int64_t r1) {
+    const moe__linear *lin = &b->lin[second ? 1 : j];
+    int64_t H = b->d_hidden, ldz = lin->out;
+    moe__gemm g = moe__gemm_make(MOE__NN, r1 - r0, lin->in, lin->out, moe__mat_of(b->dz[second ? 1 : j] + r0 * ldz, ldz),
+                                 moe__mat_of(moe__expert_w(l, lin, e), lin->in), NULL, lin->in, second, NULL);
+    if (b->kind == MOE_EXPERT_SWIGLU && j == 2) {
+        g.C = b->da + r0 * H;
+        g.epi = MOE__EPI_SWIGLU_GRAD;
+        g.in0 = b->z[0] + r0 * H; g.in1 = b->z[1] + r0 * H;
+        g.out0 = b->dz[0] + r0 * H; g.out1 = b->dz[1] + r0 * H;
+    } else if (j > 0) {
+        g.C = b->dz[j - 1] + r0 * H;
+        g.epi = MOE__EPI_ACT_GRAD;
+        g.act = b->act;
+        g.in0 = b->z[j - 1] + r0 * H;
+    } else {
+        g.C = b->dxr + r0 * b->d_in;
+    }
+    return g;
+}
+
+/* dW_j[e] += dz_j^T in_j over output rows r0..r1, columns c0..c1; db_j on the first column block. */
+static void moe__weight_grad_tile(const moe_layer *l, const moe__bank *b, const moe__tile *t, const float *x) {
+    const moe__linear *lin = &b->lin[t->linear];
+    int64_t e = t->expert, base = b->offsets[e], n = b->offsets[e + 1] - base, o, r;
+    const float *dz = b->dz[t->linear] + base * lin->out;
+    moe__gemm g = moe__gemm_make(MOE__TN, lin->out, lin->in, n, moe__mat_of(dz, lin->out), moe__bank_in(b, lin, x, base),
+                                 moe__g(l, lin->w) + e * lin->out * lin->in, lin->in, 1, NULL);
+    moe__gemm_block(&l->ex, &g, t->r0, t->r1, t->c0, t->c1);
+    if (lin->b >= 0 && t->c0 == 0) {
+        float *gb = moe__g(l, lin->b) + e * lin->out;
+        for (o = t->r0; o < t->r1; o++) {
+            float s = 0.0f;
+            for (r = 0; r < n; r++) s += dz[r * lin->out + o];
+            gb[o] += s;
         }
     }
 }
 
-/* Flops of the expert networks for the rows of the last forward (to decide on threads). */
-static MOE__MAYBE_UNUSED double moe__bank_flops(const moe_layer *l) {
-    double f = 0.0;
-    int b, j;
-    for (b = 0; b < l->n_banks; b++)
-        for (j = 0; j < l->bank[b].n_linears; j++)
-            f += 2.0 * (double)l->bank[b].offsets[l->bank[b].n] * (double)l->bank[b].lin[j].in * (double)l->bank[b].lin[j].out;
-    return f;
+static void moe__decode_tile(const moe_layer *l, const moe__tile *t, const float *x);
+
+static void moe__run_tile(const moe_layer *l, const moe__tile *t, const float *x) {
+    const moe__bank *b = &l->bank[t->bank];
+    moe__gemm g;
+    switch (t->kind) {
+    case MOE__TILE_FORWARD:
+        g = moe__forward_gemm(l, b, t->expert, t->linear, t->r0, t->r1, x);
+        moe__gemm_block(&l->ex, &g, 0, t->r1 - t->r0, t->c0, t->c1);
+        break;
+    case MOE__TILE_INPUT_GRAD:
+        g = moe__input_grad_gemm(l, b, t->expert, t->linear, 0, t->r0, t->r1);
+        moe__gemm_block(&l->ex, &g, 0, t->r1 - t->r0, t->c0, t->c1);
+        if (b->kind == MOE_EXPERT_SWIGLU && t->linear == 0) {
+            g = moe__input_grad_gemm(l, b, t->expert, 0, 1, t->r0, t->r1);
+            moe__gemm_block(&l->ex, &g, 0, t->r1 - t->r0, t->c0, t->c1);
+        }
+        break;
+    case MOE__TILE_WEIGHT_GRAD:
+        moe__weight_grad_tile(l, b, t, x);
+        break;
+    default:
+        moe__decode_tile(l, t, x);
+        break;
+    }
+}
+
+static void moe__add_tile(moe_layer *l, int b, int64_t e, int j, int kind, int64_t r0, int64_t r1, int64_t c0, int64_t c1, double depth) {
+    moe__tile *t = &l->tiles[l->n_tiles++];
+    MOE_ASSERT(l->n_tiles <= l->max_tiles);
+    t->bank = b; t->expert = (int32_t)e; t->linear = j; t->kind = kind;
+    t->r0 = r0; t->r1 = r1; t->c0 = c0; t->c1 = c1;
+    t->cost = 2.0 * (double)(r1 - r0) * (double)(c1 - c0) * depth;
+}
+
+/* Rows of every expert of bank b in chunks of `rows`, times column blocks of `cols`. */
+static void moe__plan_rows(moe_layer *l, int b, int j, int kind, int64_t N, int64_t cols, double depth, int64_t rows) {
+    const moe__bank *k = &l->bank[b];
+    int64_t e, r, c;
+    for (e = 0; e < k->n; e++)
+        for (r = k->offsets[e]; r < k->offsets[e + 1]; r += rows)
+            for (c = 0; c < N; c += cols)
+                moe__add_tile(l, b, e, j, kind, r, moe__min64(r + rows, k->offsets[e + 1]), c, moe__min64(c + cols, N), depth);
+}
+
+static void moe__plan_weights(moe_layer *l, int b, int j) {
+    const moe__bank *k = &l->bank[b];
+    const moe__linear *lin = &k->lin[j];
+    int64_t e, r, c;
+    for (e = 0; e < k->n; e++) {
+        int64_t n = k->offsets[e + 1] - k->offsets[e];
+        if (n == 0) continue;
+        for (r = 0; r < lin->out; r += MOE__WTILE_ROWS)
+            for (c = 0; c < lin->in; c += MOE__NB)
+                moe__add_tile(l, b, e, j, MOE__TILE_WEIGHT_GRAD, r, moe__min64(r + MOE__WTILE_ROWS, lin->out), c,
+                              moe__min64(c + MOE__NB, lin->in), (double)n);
+    }
+}
+
+static int moe__tile_cmp(const void *pa, const void *pb) {
+    const moe__tile *a = (const moe__tile *)pa, *b = (const moe__tile *)pb;
+    if (a->cost != b->cost) return a->cost > b->cost ? -1 : 1;
+    if (a->bank != b->bank) return a->bank - b->bank;
+    if (a->expert != b->expert) return a->expert - b->expert;
+    if (a->linear != b->linear) return a->linear - b->linear;
+    if (a->kind != b->kind) return a->kind - b->kind;
+    if (a->r0 != b->r0) return a->r0 < b->r0 ? -1 : 1;
+    return a->c0 < b->c0 ? -1 : a->c0 > b->c0;
+}
+
+/* The tiles of one step over all experts (forward stage, or backward step with want_dx),
+   rows split finer while there are too few tiles to keep every thread busy, the largest first. */
+static double moe__plan_step(moe_layer *l, int backward, int q, int want_dx) {
+    int64_t rows = MOE__TILE_ROWS;
+    double total = 0.0;
+    int64_t i;
+    for (;;) {
+        int b;
+        l->n_tiles = 0;
+        for (b = 0; b < l->n_banks; b++) {
+            const moe__bank *k = &l->bank[b];
+            if (!backward) {
+                const moe__linear *lin = &k->lin[moe__stage_linear(k, q)];
+                int pair = k->kind == MOE_EXPERT_SWIGLU && q == 0;
+                moe__plan_rows(l, b, q, MOE__TILE_FORWARD, lin->out, pair ? MOE__NB / 2 : MOE__NB,
+                               (double)lin->in * (pair ? 2.0 : 1.0), rows);
+            } else {
+                int j = moe__back_linear(k, q), two = k->kind == MOE_EXPERT_SWIGLU && j == 0;
+                if (j > 0 || want_dx)
+                    moe__plan_rows(l, b, j, MOE__TILE_INPUT_GRAD, k->lin[j].in, MOE__NB, (double)k->lin[j].out * (two ? 2.0 : 1.0), rows);
+                moe__plan_weights(l, b, j);
+                if (two) moe__plan_weights(l, b, 1);
+            }
+        }
+        if (l->n_tiles >= 4 * (int64_t)l->ex.n_threads || rows <= 64) break;
+        rows /= 2;
+    }
+    qsort(l->tiles, (size_t)l->n_tiles, sizeof *l->tiles, moe__tile_cmp);
+    for (i = 0; i < l->n_tiles; i++) total += l->tiles[i].cost;
+    return total;
+}
+
+/* Decode tile: weight rows c0..c1 of forward stage `linear` of one expert, for all its rows. */
+static void moe__decode_tile(const moe_layer *l, const moe__tile *t, const float *x) {
+    const moe__bank *b = &l->bank[t->bank];
+    int s = t->linear, j = moe__stage_linear(b, s), last = s == moe__bank_stages(b) - 1, pair = b->kind == MOE_EXPERT_SWIGLU && s == 0;
+    const moe__linear *lin = &b->lin[j];
+    int64_t e = t->expert, r0 = b->offsets[e], H = b->d_hidden, o, ld = lin->out;
+    int m = (int)(b->offsets[e + 1] - r0), r;
+    const float *in[MOE__DECODE_TOKENS];
+    const float *bias = moe__expert_b(l, lin, e), *bias2 = pair ? moe__expert_b(l, &b->lin[1], e) : NULL;
+    moe__mat W = moe__expert_weights(l, b, j, e), W2 = pair ? moe__expert_weights(l, b, 1, e) : W;
+    float v[MOE__DECODE_TOKENS], v2[MOE__DECODE_TOKENS];
+    float *dst = last ? b->out + r0 * b->d_out : b->z[s] + r0 * H;
+    for (r = 0; r < m; r++) {
+        moe__mat a = moe__bank_in(b, lin, x, r0);
+        in[r] = moe__row(&a, r);
+    }
+    for (o = t->c0; o < t->c1; o++) {
+        l->ex.kernel.dot(&W, o, in, m, lin->in, v);
+        if (pair) l->ex.kernel.dot(&W2, o, in, m, lin->in, v2);
+        for (r = 0; r < m; r++) {
+            float z = v[r] + (bias ? bias[o] : 0.0f);
+            dst[r * ld + o] = z;
+            if (pair) {
+                float z3 = v2[r] + (bias2 ? bias2[o] : 0.0f);
+                b->z[1][(r0 + r) * H + o] = z3;
+                b->a[0][(r0 + r) * H + o] = z * moe__sigmoid(z) * z3;
+            } else if (!last) {
+                b->a[s][(r0 + r) * H + o] = moe__act(b->act, z);
+            }
+        }
+    }
+}
+
+/* Decode tiles of forward stage q: every expert with rows, weight rows in blocks. */
+static double moe__plan_decode(moe_layer *l, int q) {
+    double total = 0.0;
+    int b;
+    l->n_tiles = 0;
+    for (b = 0; b < l->n_banks; b++) {
+        const moe__bank *k = &l->bank[b];
+        const moe__linear *lin = &k->lin[moe__stage_linear(k, q)];
+        int64_t e, c;
+        for (e = 0; e < k->n; e++) {
+            int64_t m = k->offsets[e + 1] - k->offsets[e];
+            if (m == 0) continue;
+            for (c = 0; c < lin->out; c += MOE__DECODE_ROWS) {
+                moe__add_tile(l, b, e, q, MOE__TILE_DECODE, k->offsets[e], k->offsets[e + 1], c, moe__min64(c + MOE__DECODE_ROWS, lin->out),
+                              (double)lin->in);
+                total += l->tiles[l->n_tiles - 1].cost;
+            }
+        }
+    }
+    return total;
+}
+
+/* Inference on few tokens takes the decode path; its plain twin is the reference GEMM. */
+static int moe__use_decode(const moe_layer *l, int64_t T) {
+    return !l->training && T <= MOE__DECODE_TOKENS && l->ctx->kernels != MOE_KERNELS_REFERENCE;
+}
+
+/* Run the planned tiles over the threads; each writes only its own block. */
+static void moe__run_step(moe_layer *l, double work, const float *x) {
+    int64_t i;
+    (void)work;
+    MOE__PARALLEL_FOR_DYNAMIC(l->ex.n_threads, work)
+    for (i = 0; i < l->n_tiles; i++) moe__run_tile(l, &l->tiles[i], x);
 }
 
 static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, const float *noise) {
     const moe_layer_desc *d = &l->d;
     int64_t E = d->n_experts, K = d->top_k, D = d->d_in, O = d->d_out, t, i;
+    int q;
     int noisy = d->router == MOE_ROUTER_NOISY_TOPK;
     const float *u = x;
     moe__gemm g;
@@ -1917,13 +2517,9 @@ static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, 
     /* 4. capacity and the permutation */
     moe__dispatch(l, T);
     moe__aux_forward(l, T);
-    /* 5. every expert's rows, in tiles over all experts */
-    moe__build_tiles(l);
-    MOE__PARALLEL_FOR_DYNAMIC(l->ex.n_threads, moe__bank_flops(l))
-    for (i = 0; i < l->n_tiles; i++) {
-        const moe__tile *tl = &l->tiles[i];
-        moe__bank_forward_tile(l, &l->bank[tl->bank], tl->expert, tl->r0, tl->r1, x);
-    }
+    /* 5. every expert's rows, stage by stage, in tiles over all experts */
+    for (q = 0; q < moe__bank_stages(&l->bank[0]); q++)
+        moe__run_step(l, moe__use_decode(l, T) ? moe__plan_decode(l, q) : moe__plan_step(l, 0, q, 0), x);
     /* 6. combine in slot order, then shared experts */
     MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)O * (double)(K + l->n_banks))
     for (t = 0; t < T; t++) {
@@ -1949,69 +2545,6 @@ static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, 
 }
 
 // >>moe_backward ------------------------------------------------------------
-/* Rows r0..r1 of expert e: from dz[last] (gradient at the output) back to dxr. */
-static void moe__bank_backward_tile(const moe_layer *l, const moe__bank *b, int e, int64_t r0, int64_t r1, int want_dx) {
-    int64_t m = r1 - r0, H = b->d_hidden, D = b->d_in, i;
-    int last = b->n_linears - 1, j;
-    moe__gemm g;
-    if (b->kind == MOE_EXPERT_SWIGLU) {
-        const moe__linear *w1 = &b->lin[0], *w3 = &b->lin[1], *w2 = &b->lin[2];
-        const float *z0 = b->z[0] + r0 * H, *z1 = b->z[1] + r0 * H;
-        float *da = b->da + r0 * H, *dz0 = b->dz[0] + r0 * H, *dz1 = b->dz[1] + r0 * H;
-        g = moe__gemm_make(MOE__NN, m, H, w2->out, moe__mat_of(b->dz[2] + r0 * w2->out, w2->out),
-                           moe__mat_of(moe__w(l, w2->w) + (int64_t)e * w2->out * H, H), da, H, 0, NULL);
-        moe__gemm_block(&l->ex, &g, 0, m, 0, H);
-        for (i = 0; i < m * H; i++) {
-            float s = moe__sigmoid(z0[i]);
-            dz0[i] = da[i] * z1[i] * s * (1.0f + z0[i] * (1.0f - s));
-            dz1[i] = da[i] * z0[i] * s;
-        }
-        if (want_dx) {
-            g = moe__gemm_make(MOE__NN, m, D, H, moe__mat_of(dz0, H), moe__mat_of(moe__w(l, w1->w) + (int64_t)e * H * D, D),
-                               b->dxr + r0 * D, D, 0, NULL);
-            moe__gemm_block(&l->ex, &g, 0, m, 0, D);
-            g = moe__gemm_make(MOE__NN, m, D, H, moe__mat_of(dz1, H), moe__mat_of(moe__w(l, w3->w) + (int64_t)e * H * D, D),
-                               b->dxr + r0 * D, D, 1, NULL);
-            moe__gemm_block(&l->ex, &g, 0, m, 0, D);
-        }
-        return;
-    }
-    for (j = last; j >= 0; j--) {
-        const moe__linear *lin = &b->lin[j];
-        float *dst;
-        if (j == 0 && !want_dx) break;
-        dst = j > 0 ? b->dz[j - 1] + r0 * H : b->dxr + r0 * D;
-        g = moe__gemm_make(MOE__NN, m, lin->in, lin->out, moe__mat_of(b->dz[j] + r0 * lin->out, lin->out),
-                           moe__mat_of(moe__w(l, lin->w) + (int64_t)e * lin->out * lin->in, lin->in), dst, lin->in, 0, NULL);
-        moe__gemm_block(&l->ex, &g, 0, m, 0, lin->in);
-        if (j > 0) {
-            const float *z = b->z[j - 1] + r0 * H;
-            for (i = 0; i < m * H; i++) dst[i] *= moe__act_grad(b->act, z[i]);
-        }
-    }
-}
-
-/* Output rows r0..r1 of linear j of expert e: dW += dz^T in, db += column sums of dz. */
-static void moe__bank_weight_tile(const moe_layer *l, const moe__bank *b, const moe__tile *t, const float *x) {
-    const moe__linear *lin = &b->lin[t->linear];
-    int64_t e = t->expert, r0 = b->offsets[e], n = b->offsets[e + 1] - r0, o, r;
-    moe__mat in;
-    moe__gemm g;
-    if (n == 0) return;
-    in = lin->input < 0 ? moe__mat_rows(x, b->d_in, b->row_token + r0) : moe__mat_of(moe__bank_input(b, lin, r0), b->d_hidden);
-    g = moe__gemm_make(MOE__TN, t->r1 - t->r0, lin->in, n, moe__mat_of(b->dz[t->linear] + r0 * lin->out + t->r0, lin->out), in,
-                       moe__g(l, lin->w) + (e * lin->out + t->r0) * lin->in, lin->in, 1, NULL);
-    moe__gemm_block(&l->ex, &g, 0, t->r1 - t->r0, 0, lin->in);
-    if (lin->b >= 0) {
-        float *gb = moe__g(l, lin->b) + e * lin->out;
-        for (o = t->r0; o < t->r1; o++) {
-            float s = 0.0f;
-            for (r = 0; r < n; r++) s += b->dz[t->linear][(r0 + r) * lin->out + o];
-            gb[o] += s;
-        }
-    }
-}
-
 /* dh for token t: through the gates, the softmax and (with aux) the auxiliary losses. */
 static void moe__router_backward_token(moe_layer *l, int64_t t, int aux, float bal_scale) {
     const moe_layer_desc *d = &l->d;
@@ -2059,7 +2592,7 @@ static void moe__router_backward_token(moe_layer *l, int64_t t, int aux, float b
 static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flags) {
     const moe_layer_desc *d = &l->d;
     int64_t T = l->T, E = d->n_experts, K = d->top_k, D = d->d_in, O = d->d_out, t, i;
-    int aux = (flags & MOE_BACKWARD_AUX) != 0, noisy = d->router == MOE_ROUTER_NOISY_TOPK;
+    int aux = (flags & MOE_BACKWARD_AUX) != 0, noisy = d->router == MOE_ROUTER_NOISY_TOPK, q;
     moe__bank *rb = &l->bank[0];
     float bal_scale = d->balance_loss * (float)E / ((float)(T * K) * (float)T);
     moe__gemm g;
@@ -2091,17 +2624,8 @@ static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flag
         moe__cv2(l->load, E, l->dload);
         for (i = 0; i < E; i++) l->dload[i] *= d->load_loss;
     }
-    /* experts: input-side gradients per row tile, then weight gradients per output tile */
-    MOE__PARALLEL_FOR_DYNAMIC(l->ex.n_threads, moe__bank_flops(l))
-    for (i = 0; i < l->n_tiles; i++) {
-        const moe__tile *tl = &l->tiles[i];
-        moe__bank_backward_tile(l, &l->bank[tl->bank], tl->expert, tl->r0, tl->r1, dx != NULL);
-    }
-    MOE__PARALLEL_FOR_DYNAMIC(l->ex.n_threads, moe__bank_flops(l))
-    for (i = 0; i < l->n_wtiles; i++) {
-        const moe__tile *tl = &l->wtiles[i];
-        moe__bank_weight_tile(l, &l->bank[tl->bank], tl, l->x);
-    }
+    /* experts: step by step from the output, input-side and weight gradients in one schedule */
+    for (q = 0; q < moe__bank_back_steps(rb); q++) moe__run_step(l, moe__plan_step(l, 1, q, dx != NULL), l->x);
     /* router */
     MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)E * (double)(K + 20))
     for (t = 0; t < T; t++) moe__router_backward_token(l, t, aux, bal_scale);
@@ -2233,17 +2757,25 @@ MOEDEF moe_result moe_layer_create(moe_ctx *ctx, const moe_layer_desc *desc, int
     b.base = block + 2 * pbytes + saved; b.used = 0; b.overflow = 0;
     moe__layer_carve(l, &a, &b);
     moe__exec_init(&l->ex, ctx, (float *)(block + 2 * pbytes + saved + scratch));
-    moe__layer_build_wtiles(l);
     memset(l->params, 0, 2 * pbytes);  /* the padding between tensors too */
     moe__layer_init_params(l, 0);
     *out = l;
     return MOE_OK;
 }
 
+static void moe__layer_drop_quant(moe_layer *l);
+
 MOEDEF void moe_layer_destroy(moe_layer *layer) {
     if (!layer) return;
+    moe__layer_drop_quant(layer);
     moe__free(layer->ctx, layer->own);
     moe__free(layer->ctx, layer);
+}
+
+/* Reduced-precision weights serve inference only. */
+static moe_result moe__check_trainable(const moe_layer *l) {
+    if (l->wdtype == MOE_DTYPE_F32) return MOE_OK;
+    return moe__fail(l->ctx, MOE_ERR_STATE, "layer %d holds reduced-precision weights (inference only); moe_layer_quantize(layer, MOE_DTYPE_F32) restores training", l->index);
 }
 
 MOEDEF moe_result moe_layer_forward(moe_layer *l, const float *x, int64_t n_tokens, float *y, const moe_forward_opts *opts) {
@@ -2251,6 +2783,7 @@ MOEDEF moe_result moe_layer_forward(moe_layer *l, const float *x, int64_t n_toke
     if (!x || !y) return moe__fail(l->ctx, MOE_ERR_INVALID_ARGUMENT, "x and y must not be NULL");
     MOE__TRY(moe__check_tokens(l->ctx, n_tokens, l->max_tokens));
     if (!moe__all_finite(x, n_tokens * l->d.d_in)) return moe__fail(l->ctx, MOE_ERR_NONFINITE, "x holds NaN or Inf");
+    if (opts && opts->training) MOE__TRY(moe__check_trainable(l));
     moe__layer_forward_impl(l, x, n_tokens, y, opts && opts->training,
                             opts && opts->router_noise ? opts->router_noise[0] : NULL);
     return MOE_OK;
@@ -2260,14 +2793,97 @@ MOEDEF moe_result moe_layer_backward(moe_layer *l, const float *dy, float *dx, i
     if (!l) return MOE_ERR_INVALID_ARGUMENT;
     if (!l->has_forward) return moe__fail(l->ctx, MOE_ERR_STATE, "backward before any forward");
     if (!dy) return moe__fail(l->ctx, MOE_ERR_INVALID_ARGUMENT, "dy is NULL");
+    MOE__TRY(moe__check_trainable(l));
     moe__layer_backward_impl(l, dy, dx, flags);
     return MOE_OK;
 }
 
+static void moe__layer_drop_quant(moe_layer *l) {
+    int b, j;
+    if (!l->qblock) return;
+    moe__free(l->ctx, l->qblock);
+    l->qblock = NULL;
+    l->wdtype = MOE_DTYPE_F32;
+    for (b = 0; b < 2; b++)
+        for (j = 0; j < MOE__MAX_LINEARS; j++) memset(&l->bank[b].qw[j], 0, sizeof l->bank[b].qw[j]);
+}
+
+/* Bytes of the reduced copies (NULL base: size only), carved in order. */
+static size_t moe__quant_carve(moe_layer *l, moe_dtype dtype, char *base) {
+    moe__carver c;
+    int b, j;
+    c.base = base; c.used = 0; c.overflow = 0;
+    for (b = 0; b < l->n_banks; b++) {
+        moe__bank *k = &l->bank[b];
+        for (j = 0; j < k->n_linears; j++) {
+            const moe__linear *lin = &k->lin[j];
+            int64_t rows = (int64_t)k->n * lin->out;
+            moe__mat *m = &k->qw[j];
+            memset(m, 0, sizeof *m);
+            m->ld = lin->in;
+            m->groups = (lin->in + MOE__QGROUP - 1) / MOE__QGROUP;
+            if (dtype == MOE_DTYPE_BF16) {
+                m->bf16 = MOE__CARVE(&c, uint16_t, rows * lin->in);
+            } else {
+                m->q8 = MOE__CARVE(&c, int8_t, rows * lin->in);
+                m->scale = MOE__CARVE(&c, float, rows * m->groups);
+            }
+        }
+    }
+    return c.used;
+}
+
+/* Row r of w [rows, in] into bf16, or int8 with one scale per MOE__QGROUP weights (max |w| / 127). */
+static void moe__quantize_row(const moe__mat *m, int64_t r, const float *w) {
+    int64_t k, g;
+    if (m->bf16) {
+        uint16_t *dst = (uint16_t *)m->bf16 + r * m->ld;
+        for (k = 0; k < m->ld; k++) dst[k] = moe__float_to_bf16(w[k]);
+        return;
+    }
+    for (g = 0; g < m->groups; g++) {
+        int64_t k0 = g * MOE__QGROUP, k1 = moe__min64(k0 + MOE__QGROUP, m->ld);
+        int8_t *dst = (int8_t *)m->q8 + r * m->ld;
+        float amax = 0.0f, scale, inv;
+        for (k = k0; k < k1; k++) amax = fabsf(w[k]) > amax ? fabsf(w[k]) : amax;
+        scale = amax / 127.0f;
+        inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        ((float *)m->scale)[r * m->groups + g] = scale;
+        for (k = k0; k < k1; k++) {
+            float q = roundf(w[k] * inv);
+            dst[k] = (int8_t)(q > 127.0f ? 127 : q < -127.0f ? -127 : (int)q);
+        }
+    }
+}
+
 MOEDEF moe_result moe_layer_quantize(moe_layer *l, moe_dtype dtype) {
+    size_t bytes;
+    char *block;
+    int b, j;
     if (!l) return MOE_ERR_INVALID_ARGUMENT;
+    if (dtype != MOE_DTYPE_F32 && dtype != MOE_DTYPE_BF16 && dtype != MOE_DTYPE_I8)
+        return moe__fail(l->ctx, MOE_ERR_INVALID_ARGUMENT, "dtype %d: expert weights are MOE_DTYPE_F32, MOE_DTYPE_BF16 or MOE_DTYPE_I8", (int)dtype);
+    if (l->d.kind != MOE_LAYER_MOE) return MOE_OK;
+    if (!moe__all_finite(l->params, l->n_params))
+        return moe__fail(l->ctx, MOE_ERR_NONFINITE, "layer %d: parameters hold NaN or Inf; nothing quantized", l->index);
+    moe__layer_drop_quant(l);
     if (dtype == MOE_DTYPE_F32) return MOE_OK;
-    return moe__fail(l->ctx, MOE_ERR_UNSUPPORTED, "reduced-precision expert weights are not built yet");
+    bytes = moe__quant_carve(l, dtype, NULL);
+    block = (char *)moe__malloc(l->ctx, bytes);
+    if (!block) {
+        moe__layer_drop_quant(l);
+        return moe__fail(l->ctx, MOE_ERR_OUT_OF_MEMORY, "layer %d: %zu bytes for reduced-precision weights", l->index, bytes);
+    }
+    moe__quant_carve(l, dtype, block);
+    for (b = 0; b < l->n_banks; b++)
+        for (j = 0; j < l->bank[b].n_linears; j++) {
+            const moe__linear *lin = &l->bank[b].lin[j];
+            int64_t r;
+            for (r = 0; r < (int64_t)l->bank[b].n * lin->out; r++) moe__quantize_row(&l->bank[b].qw[j], r, moe__w(l, lin->w) + r * lin->in);
+        }
+    l->qblock = block;
+    l->wdtype = dtype;
+    return MOE_OK;
 }
 
 static moe_result moe__stats_of(const moe_layer *l, moe_stats *stats) {
@@ -2539,8 +3155,10 @@ struct moe_model {
 
 MOEDEF void moe_model_destroy(moe_model *m) {
     moe_ctx *ctx;
+    int i;
     if (!m) return;
     ctx = m->ctx;
+    for (i = 0; m->layers && i < m->n_layers; i++) moe__layer_drop_quant(&m->layers[i]);
     moe_optimizer_destroy(m->opt);
     moe__free(ctx, m->arena);
     moe__free(ctx, m->params);
@@ -2653,8 +3271,7 @@ MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe
             l->grads = m->grads + off;
             l->ex = m->ex;
             moe__layer_carve(l, &sv, &lsc);
-            moe__layer_build_wtiles(l);
-            moe__layer_init_params(l, stream);
+                    moe__layer_init_params(l, stream);
             stream += l->n_tensors;
             for (t = 0; t < l->n_tensors; t++) {
                 moe__model_tensor *mt = &m->tensors[m->n_tensors++];
@@ -2688,6 +3305,8 @@ static moe_result moe__model_forward(moe_model *m, const float *x, int64_t T, co
     MOE__TRY(moe__check_tokens(m->ctx, T, m->desc.max_tokens));
     if (!x) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "x is NULL");
     if (!moe__all_finite(x, T * m->desc.d_in)) return moe__fail(m->ctx, MOE_ERR_NONFINITE, "x holds NaN or Inf");
+    if (opts && opts->training)
+        for (i = 0; i < m->n_layers; i++) MOE__TRY(moe__check_trainable(&m->layers[i]));
     m->has_forward = 0;
     for (i = 0; i < m->n_layers; i++) {
         const float *noise = opts && opts->router_noise ? opts->router_noise[i] : NULL;
@@ -2725,6 +3344,7 @@ MOEDEF moe_result moe_model_backward(moe_model *m, const float *dy, float *dx, i
     if (!m) return MOE_ERR_INVALID_ARGUMENT;
     if (!m->has_forward) return moe__fail(m->ctx, MOE_ERR_STATE, "backward before any forward");
     if (!dy) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "dy is NULL");
+    for (i = 0; i < m->n_layers; i++) MOE__TRY(moe__check_trainable(&m->layers[i]));
     for (i = m->n_layers - 1; i >= 0; i--) {
         float *dst = i > 0 ? m->dbuf[i & 1] : dx;
         moe__layer_backward_impl(&m->layers[i], dy, dst, flags);

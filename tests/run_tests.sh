@@ -52,6 +52,8 @@ else
 fi
 check "plain C kernels (MOE_NO_VECTOR_EXTENSIONS) match the reference" sh -c \
     "$CC $C99 -O2 -DMOE_NO_VECTOR_EXTENSIONS -DTMP_DIR='\"$OUT\"' tests/test_gemm.c -o $OUT/gemm_plain -lm && $OUT/gemm_plain"
+check "plain C MoE kernels, decode and reduced weights (MOE_NO_VECTOR_EXTENSIONS)" sh -c \
+    "$CC $C99 -O2 -DMOE_NO_VECTOR_EXTENSIONS tests/test_kernels.c -o $OUT/kernels_plain -lm && $OUT/kernels_plain"
 if have clang; then
     check "clang C99 -Werror" clang $C99 -c tests/compile/impl.c -o "$OUT/impl_clang.o"
     check "clang C++11 -Werror" clang++ -std=c++11 -Wall -Wextra -Werror -c tests/compile/cpp.cpp -o "$OUT/cpp_clang.o"

@@ -1,5 +1,6 @@
 /* The GEMM entry point: packed kernels against the plain reference, for all three layouts, row
-   gathers, accumulation and bias, at awkward sizes; and tiling/threads never change a bit. */
+   gathers, accumulation, bias, SwiGLU pairs and every epilogue, at awkward sizes; and
+   tiling/threads never change a bit. */
 #define MOE_IMPLEMENTATION
 #include "../moe.h"
 #include "test.h"
@@ -18,8 +19,9 @@ static moe__exec make_exec(moe_ctx *ctx, float **scratch) {
     return ex;
 }
 
-/* The micro-kernel under test (NULL: the one moe.h picks for this CPU). */
-static moe__micro_fn forced_micro;
+/* The kernel under test (forced = 0: the one moe.h picks for this CPU). */
+static int forced;
+static moe__kernel forced_kernel;
 
 /* One product in every way: fast vs reference (tolerance), and fast tiled 1 vs 2 threads (bitwise). */
 static void check_product(moe__gemm_op op, int64_t M, int64_t N, int64_t K, int gather, int accumulate, int bias) {
@@ -45,7 +47,7 @@ static void check_product(moe__gemm_op op, int64_t M, int64_t N, int64_t K, int 
     exf = make_exec(&fast, &sf);
     exr = make_exec(&ref, &sr);
     exo = make_exec(&one, &so);
-    if (forced_micro) exf.micro = exo.micro = forced_micro;
+    if (forced) exf.kernel = exo.kernel = forced_kernel;
     memcpy(Cf, C0, sizeof(float) * (size_t)(M * (N + 3)));
     memcpy(Cr, C0, sizeof(float) * (size_t)(M * (N + 3)));
     memcpy(Co, C0, sizeof(float) * (size_t)(M * (N + 3)));
@@ -106,23 +108,92 @@ static int test_zero_k_and_large_k(void) {
     return 0;
 }
 
-/* Every micro-kernel this build has, whatever the CPU would pick, against the reference. */
-static int test_each_micro_kernel(void) {
-    forced_micro = moe__micro_generic;
+/* A SwiGLU pair with each epilogue: C = A B^T (+bias), C2 = A B2^T (+bias2), then the epilogue;
+   every output buffer against the reference, and 1 vs 2 threads bitwise. */
+static void check_epilogue(moe__epi epi, int64_t M, int64_t N, int64_t K) {
+    moe_ctx fast, ref, one;
+    float *s[3];
+    moe__exec ex[3];
+    moe_ctx *ctxs[3];
+    int pair = epi == MOE__EPI_SWIGLU, v, b;
+    moe__gemm_op op = pair ? MOE__NT : MOE__NN;
+    int64_t n = M * N, i;
+    float *A = random_matrix(M * K, 11), *B = random_matrix(N * K, 12), *B2 = random_matrix(N * K, 13);
+    float *bias = random_matrix(N, 14), *bias2 = random_matrix(N, 15), *in0 = random_matrix(n, 16), *in1 = random_matrix(n, 17);
+    float *buf[3][4];  /* C, C2, out0, out1 per variant */
+    int32_t *rows = (int32_t *)malloc(sizeof(int32_t) * (size_t)M);
+    for (i = 0; i < M; i++) rows[i] = (int32_t)((i * 5 + 2) % M);
+    moe_ctx_init(&fast, &(moe_ctx_desc){.n_threads = 2});
+    moe_ctx_init(&one, &(moe_ctx_desc){.n_threads = 1});
+    moe_ctx_init(&ref, &(moe_ctx_desc){.n_threads = 2, .kernels = MOE_KERNELS_REFERENCE});
+    ctxs[0] = &fast; ctxs[1] = &ref; ctxs[2] = &one;
+    for (v = 0; v < 3; v++) {
+        moe__gemm g;
+        ex[v] = make_exec(ctxs[v], &s[v]);
+        if (forced && v != 1) ex[v].kernel = forced_kernel;
+        for (b = 0; b < 4; b++) buf[v][b] = random_matrix(n, 20 + (uint64_t)b);
+        g = moe__gemm_make(op, M, N, K, moe__mat_rows(A, K, rows), moe__mat_of(B, op == MOE__NT ? K : N), buf[v][0], N, 0,
+                           pair ? bias : NULL);
+        g.pair = pair;
+        g.B2 = moe__mat_of(B2, K);
+        g.C2 = buf[v][1];
+        g.bias2 = bias2;
+        g.epi = epi;
+        g.act = MOE_ACT_GELU;
+        g.out0 = buf[v][2]; g.out1 = buf[v][3];
+        g.in0 = in0; g.in1 = in1;
+        moe__gemm_run(&ex[v], &g);
+    }
+    for (b = 0; b < 4; b++) {
+        double worst = 0.0;
+        for (i = 0; i < n; i++) {
+            double e = fabs((double)buf[0][b][i] - buf[1][b][i]) / (1e-5 * sqrt((double)K + 1.0) * (1.0 + fabs((double)buf[1][b][i])));
+            worst = e > worst ? e : worst;
+        }
+        CHECK(worst <= 1.0, "epilogue %d %lldx%lldx%lld buffer %d: fast differs from reference (%.3g of tolerance)", (int)epi,
+              (long long)M, (long long)N, (long long)K, b, worst);
+        CHECK(memcmp(buf[0][b], buf[2][b], sizeof(float) * (size_t)n) == 0, "epilogue %d buffer %d: 1 and 2 threads differ", (int)epi, b);
+    }
+    for (v = 0; v < 3; v++) {
+        moe__free(ctxs[v], s[v]);
+        for (b = 0; b < 4; b++) free(buf[v][b]);
+    }
+    free(A); free(B); free(B2); free(bias); free(bias2); free(in0); free(in1); free(rows);
+}
+
+static int test_pairs_and_epilogues(void) {
+    const int64_t sizes[][3] = {{1, 1, 1}, {7, 17, 5}, {17, 255, 33}, {255, 40, 300}, {100, 600, 20}};
+    int e, i;
+    for (e = MOE__EPI_NONE; e <= MOE__EPI_SWIGLU_GRAD; e++)
+        for (i = 0; i < 5; i++) check_epilogue((moe__epi)e, sizes[i][0], sizes[i][1], sizes[i][2]);
+    return 0;
+}
+
+static void check_kernel(moe__kernel k) {
+    forced = 1;
+    forced_kernel = k;
     check_product(MOE__NT, 37, 45, 300, 1, 0, 1);
     check_product(MOE__NN, 5, 70, 19, 0, 1, 0);
     check_product(MOE__TN, 17, 33, 129, 1, 1, 0);
+    check_product(MOE__NT, 255, 1, 17, 1, 0, 0);
+    check_epilogue(MOE__EPI_SWIGLU, 17, 40, 70);
+    check_epilogue(MOE__EPI_SWIGLU_GRAD, 13, 33, 7);
+    forced = 0;
+}
+
+/* Every kernel this build has, whatever the CPU would pick, against the reference. */
+static int test_each_kernel(void) {
+    check_kernel(moe__kernel_generic());
 #ifdef MOE__HAVE_X86_DISPATCH
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        forced_micro = moe__micro_avx2;
-        check_product(MOE__NT, 37, 45, 300, 1, 0, 1);
-        check_product(MOE__NN, 5, 70, 19, 0, 1, 0);
-        check_product(MOE__TN, 17, 33, 129, 1, 1, 0);
-    } else {
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        check_kernel(moe__kernel_make(moe__micro_avx2, 6, 16, "avx2"));
+    else
         printf("    this CPU has no AVX2+FMA: the AVX2 kernel is not exercised\n");
-    }
+    if (__builtin_cpu_supports("avx512f"))
+        check_kernel(moe__kernel_select());
+    else
+        printf("    this CPU has no AVX-512: the AVX-512 kernel is not exercised\n");
 #endif
-    forced_micro = NULL;
     return 0;
 }
 
@@ -130,6 +201,7 @@ int main(void) {
     printf("test_gemm\n");
     RUN(test_all_layouts_awkward_sizes);
     RUN(test_zero_k_and_large_k);
-    RUN(test_each_micro_kernel);
+    RUN(test_pairs_and_epilogues);
+    RUN(test_each_kernel);
     TEST_END();
 }

@@ -1,0 +1,226 @@
+/* The fast expert kernels of a MoE layer against the plain reference path: the grouped GEMM with
+   its fused epilogues (training forward + backward), the decode path (inference, T <= 8), and
+   reduced-precision expert weights (bf16, int8 with one scale per 32 weights) — at awkward
+   sizes (1, 7, 17, 255 rows; widths that are not multiples of 16; deep K; empty experts). */
+#define MOE_IMPLEMENTATION
+#include "../moe.h"
+#include "test.h"
+
+/* Documented error bounds of reduced-precision expert weights (README "Performance"): the
+   largest |y - y_f32| over the largest |y_f32| of a forward, on these layers. */
+#define BF16_BOUND 1e-2
+#define INT8_BOUND 2e-2
+
+static void fill(float *v, int64_t n, uint64_t stream, float scale) {
+    int64_t i;
+    for (i = 0; i < n; i++) v[i] = scale * moe_rng_normal(9, stream, (uint64_t)i);
+}
+
+typedef struct shape {
+    const char *name;
+    moe_layer_desc d;
+    int random_router;         /* 0: zero router weights, so every token ties onto experts 0..k-1 */
+} shape;
+
+static const shape shapes[] = {
+    {"swiglu 300->33, h 270, E 6", {.kind = MOE_LAYER_MOE, .d_in = 300, .d_out = 33, .n_experts = 6, .top_k = 2,
+                                    .expert = MOE_EXPERT_SWIGLU, .d_hidden = 270, .n_shared_experts = 1, .d_shared_hidden = 17}, 1},
+    {"mlp 45->45, 2 hidden gelu, bias, residual", {.kind = MOE_LAYER_MOE, .d_in = 45, .n_experts = 5, .top_k = 3, .d_hidden = 37,
+                                    .n_hidden_layers = 2, .activation = MOE_ACT_GELU, .residual = 1}, 1},
+    {"swiglu, empty experts (tied router)", {.kind = MOE_LAYER_MOE, .d_in = 20, .d_out = 17, .n_experts = 8, .top_k = 2,
+                                    .expert = MOE_EXPERT_SWIGLU, .d_hidden = 40}, 0},
+};
+
+static moe_layer *make(moe_ctx *ctx, const shape *s, int64_t T) {
+    moe_layer *l = NULL;
+    int i;
+    CHECK_OK(moe_layer_create(ctx, &s->d, T, &l), ctx);
+    if (!l) return NULL;
+    for (i = 0; i < moe_layer_tensor_count(l); i++) {
+        moe_tensor t;
+        moe_layer_tensor(l, i, &t);
+        if (strncmp(t.name, "router.", 7) == 0) fill(t.data, t.size, 100 + (uint64_t)i, s->random_router ? 0.3f : 0.0f);
+        else if (strstr(t.name, "bias")) fill(t.data, t.size, 100 + (uint64_t)i, 0.1f);
+    }
+    return l;
+}
+
+static double rel_err(const float *a, const float *b, int64_t n) {
+    double worst = 0.0, scale = 1e-12;
+    int64_t i;
+    for (i = 0; i < n; i++) {
+        double e = fabs((double)a[i] - b[i]);
+        worst = e > worst ? e : worst;
+        scale = fabs((double)b[i]) > scale ? fabs((double)b[i]) : scale;
+    }
+    return worst / scale;
+}
+
+/* Fast and reference paths: inference forward (decode path for T <= 8), training forward and
+   backward (grouped GEMM), outputs, dx and every gradient. */
+static void check_shape(const shape *s) {
+    const int64_t counts[] = {1, 7, 17, 255};
+    int c;
+    for (c = 0; c < 4; c++) {
+        int64_t T = counts[c], D = s->d.d_in, O = s->d.d_out ? s->d.d_out : D, n;
+        moe_ctx fast, ref;
+        moe_layer *a, *b;
+        float *x = (float *)malloc(sizeof(float) * (size_t)(T * D)), *dy = (float *)malloc(sizeof(float) * (size_t)(T * O));
+        float *ya = (float *)malloc(sizeof(float) * (size_t)(T * O)), *yb = (float *)malloc(sizeof(float) * (size_t)(T * O));
+        float *dxa = (float *)malloc(sizeof(float) * (size_t)(T * D)), *dxb = (float *)malloc(sizeof(float) * (size_t)(T * D));
+        moe_forward_opts train = {1, NULL};
+        moe_ctx_init(&fast, &(moe_ctx_desc){.seed = 5, .n_threads = 2});
+        moe_ctx_init(&ref, &(moe_ctx_desc){.seed = 5, .kernels = MOE_KERNELS_REFERENCE});
+        a = make(&fast, s, T);
+        b = make(&ref, s, T);
+        fill(x, T * D, 1, 1.0f);
+        fill(dy, T * O, 2, 1.0f);
+        if (a && b) {
+            double w;
+            long where;
+            float *ga, *gb;
+            CHECK_OK(moe_layer_forward(a, x, T, ya, NULL), &fast);
+            CHECK_OK(moe_layer_forward(b, x, T, yb, NULL), &ref);
+            w = test_worst(ya, yb, (long)(T * O), 1e-4, 1e-5, &where);
+            CHECK(w <= 1.0, "%s T=%lld inference: y[%ld] %g vs reference %g", s->name, (long long)T, where, where >= 0 ? ya[where] : 0.0,
+                  where >= 0 ? yb[where] : 0.0);
+            CHECK_OK(moe_layer_forward(a, x, T, ya, &train), &fast);
+            CHECK_OK(moe_layer_forward(b, x, T, yb, &train), &ref);
+            CHECK(test_worst(ya, yb, (long)(T * O), 1e-4, 1e-5, NULL) <= 1.0, "%s T=%lld training forward differs", s->name, (long long)T);
+            CHECK_OK(moe_layer_backward(a, dy, dxa, 0), &fast);
+            CHECK_OK(moe_layer_backward(b, dy, dxb, 0), &ref);
+            CHECK(test_worst(dxa, dxb, (long)(T * D), 1e-3, 1e-5, NULL) <= 1.0, "%s T=%lld: dx differs", s->name, (long long)T);
+            ga = moe_layer_grads(a, &n);
+            gb = moe_layer_grads(b, NULL);
+            w = test_worst(ga, gb, (long)n, 1e-3, 1e-5, &where);
+            CHECK(w <= 1.0, "%s T=%lld: gradient %ld is %g, reference %g", s->name, (long long)T, where, where >= 0 ? ga[where] : 0.0,
+                  where >= 0 ? gb[where] : 0.0);
+        }
+        moe_layer_destroy(a);
+        moe_layer_destroy(b);
+        free(x); free(dy); free(ya); free(yb); free(dxa); free(dxb);
+    }
+}
+
+static int test_fast_vs_reference(void) {
+    int i;
+    for (i = 0; i < (int)(sizeof shapes / sizeof shapes[0]); i++) check_shape(&shapes[i]);
+    return 0;
+}
+
+/* Independent model of the documented quantization (README): bf16 rounds to nearest even; int8
+   keeps, per 32 consecutive weights of a row, scale = max|w| / 127 and q = round(w / scale). */
+static float bf16_round(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static void dequantize_rows(float *w, int64_t rows, int64_t cols, moe_dtype dtype) {
+    int64_t r, k, g;
+    for (r = 0; r < rows; r++) {
+        float *row = w + r * cols;
+        if (dtype == MOE_DTYPE_BF16) {
+            for (k = 0; k < cols; k++) row[k] = bf16_round(row[k]);
+            continue;
+        }
+        for (g = 0; g < cols; g += 32) {
+            int64_t end = g + 32 < cols ? g + 32 : cols;
+            float amax = 0.0f, scale;
+            for (k = g; k < end; k++) amax = fabsf(row[k]) > amax ? fabsf(row[k]) : amax;
+            scale = amax / 127.0f;
+            for (k = g; k < end; k++) row[k] = amax > 0.0f ? roundf(row[k] * (127.0f / amax)) * scale : 0.0f;
+        }
+    }
+}
+
+/* A quantized layer gives exactly the outputs of an f32 layer whose expert weights were rounded
+   the documented way (bitwise, batched and decode paths, 1 and 2 threads), stays within the
+   documented bound of the unrounded layer, refuses training, and quantize(F32) restores it. */
+static void check_quantized(moe_dtype dtype) {
+    const shape *s = &shapes[0];
+    const int64_t counts[] = {3, 255};
+    double bound = dtype == MOE_DTYPE_BF16 ? BF16_BOUND : INT8_BOUND;
+    int c;
+    for (c = 0; c < 2; c++) {
+        int64_t T = counts[c], D = s->d.d_in, O = s->d.d_out, n, i;
+        moe_ctx two, one;
+        moe_layer *q, *q1, *r, *f;
+        float *x = (float *)malloc(sizeof(float) * (size_t)(T * D)), *y[4];
+        moe_forward_opts train = {1, NULL};
+        moe_ctx_init(&two, &(moe_ctx_desc){.seed = 5, .n_threads = 2});
+        moe_ctx_init(&one, &(moe_ctx_desc){.seed = 5, .n_threads = 1});
+        q = make(&two, s, T); q1 = make(&one, s, T); r = make(&two, s, T); f = make(&two, s, T);
+        for (i = 0; i < 4; i++) y[i] = (float *)malloc(sizeof(float) * (size_t)(T * O));
+        fill(x, T * D, 3, 1.0f);
+        if (q && q1 && r && f) {
+            double e;
+            for (i = 0; i < moe_layer_tensor_count(r); i++) {
+                moe_tensor t;
+                moe_layer_tensor(r, i, &t);
+                if (strncmp(t.name, "experts.", 8) == 0 || strncmp(t.name, "shared.", 7) == 0)
+                    if (strstr(t.name, "weight")) dequantize_rows(t.data, t.size / t.shape[t.ndim - 1], t.shape[t.ndim - 1], dtype);
+            }
+            CHECK_OK(moe_layer_quantize(q, dtype), &two);
+            CHECK_OK(moe_layer_quantize(q1, dtype), &one);
+            CHECK_OK(moe_layer_forward(q, x, T, y[0], NULL), &two);
+            CHECK_OK(moe_layer_forward(q1, x, T, y[1], NULL), &one);
+            CHECK_OK(moe_layer_forward(r, x, T, y[2], NULL), &two);
+            CHECK_OK(moe_layer_forward(f, x, T, y[3], NULL), &two);
+            CHECK(memcmp(y[0], y[2], sizeof(float) * (size_t)(T * O)) == 0, "dtype %d T=%lld: differs from f32 on rounded weights", (int)dtype,
+                  (long long)T);
+            CHECK(memcmp(y[0], y[1], sizeof(float) * (size_t)(T * O)) == 0, "dtype %d T=%lld: 1 and 2 threads differ", (int)dtype, (long long)T);
+            e = rel_err(y[0], y[3], T * O);
+            printf("    %s T=%lld: max |y - y_f32| / max |y_f32| = %.2e (bound %.0e)\n", dtype == MOE_DTYPE_BF16 ? "bf16" : "int8", (long long)T, e, bound);
+            CHECK(e <= bound && e > 0.0, "dtype %d T=%lld: error %g against f32 (bound %g)", (int)dtype, (long long)T, e, bound);
+            CHECK_RESULT(moe_layer_forward(q, x, T, y[0], &train), MOE_ERR_STATE, &two);
+            CHECK_RESULT(moe_layer_backward(q, x, NULL, 0), MOE_ERR_STATE, &two);
+            CHECK_OK(moe_layer_quantize(q, MOE_DTYPE_F32), &two);
+            CHECK_OK(moe_layer_forward(q, x, T, y[0], NULL), &two);
+            CHECK(memcmp(y[0], y[3], sizeof(float) * (size_t)(T * O)) == 0, "quantize(F32) did not restore the f32 weights");
+            CHECK_RESULT(moe_layer_quantize(q, MOE_DTYPE_F16), MOE_ERR_INVALID_ARGUMENT, &two);
+            (void)n;
+        }
+        moe_layer_destroy(q); moe_layer_destroy(q1); moe_layer_destroy(r); moe_layer_destroy(f);
+        for (i = 0; i < 4; i++) free(y[i]);
+        free(x);
+    }
+}
+
+static int test_bf16(void) { check_quantized(MOE_DTYPE_BF16); return 0; }
+static int test_int8(void) { check_quantized(MOE_DTYPE_I8); return 0; }
+
+/* The decode path (inference, T <= 8) reads each weight once per token set; its outputs do not
+   depend on the thread count. */
+static int test_decode_threads(void) {
+    const shape *s = &shapes[0];
+    moe_ctx one, two;
+    moe_layer *a, *b;
+    int64_t T = 5, D = s->d.d_in, O = s->d.d_out;
+    float x[5 * 300], ya[5 * 33], yb[5 * 33];
+    moe_ctx_init(&one, &(moe_ctx_desc){.seed = 5, .n_threads = 1});
+    moe_ctx_init(&two, &(moe_ctx_desc){.seed = 5, .n_threads = 2});
+    a = make(&one, s, T);
+    b = make(&two, s, T);
+    fill(x, T * D, 4, 1.0f);
+    if (a && b) {
+        CHECK_OK(moe_layer_forward(a, x, T, ya, NULL), &one);
+        CHECK_OK(moe_layer_forward(b, x, T, yb, NULL), &two);
+        CHECK(memcmp(ya, yb, sizeof ya) == 0, "decode path: 1 and 2 threads differ");
+    }
+    moe_layer_destroy(a);
+    moe_layer_destroy(b);
+    (void)O;
+    return 0;
+}
+
+int main(void) {
+    printf("test_kernels\n");
+    RUN(test_fast_vs_reference);
+    RUN(test_bf16);
+    RUN(test_int8);
+    RUN(test_decode_threads);
+    TEST_END();
+}

@@ -14,12 +14,17 @@ LDLIBS   = -lm
 MNIST   ?= ../shared/data/mnist
 
 EXAMPLES = build/moe build/digits
+BENCH_ARGS ?= --shape all --mode all
 .PHONY: all test demo mnist bench clean
 
-all: $(EXAMPLES)
+all: $(EXAMPLES) build/bench_moe
 
 build/%: examples/%.c moe.h | build
 	$(CC) $(STD) $(CFLAGS) $(OPENMP) -o $@ $< $(LDLIBS)
+
+# no -march: moe.h and the bench choose their instructions at run time
+build/bench_moe: bench/bench_moe.c moe.h | build
+	$(CC) $(STD) $(CFLAGS) $(OPENMP) -o $@ bench/bench_moe.c $(LDLIBS)
 
 build:
 	mkdir -p build
@@ -38,6 +43,12 @@ build/mnist/train-images-idx3-ubyte: | build
 
 mnist: build/digits build/mnist/train-images-idx3-ubyte
 	./build/digits --mnist build/mnist
+
+# every shape fwd and train (decode: fwd in f32, bf16, q8), then the table (bench/README.md)
+bench: build/bench_moe
+	{ ./build/bench_moe $(BENCH_ARGS); echo $$? > build/bench.status; } | tee build/bench.txt
+	awk -f bench/table.awk build/bench.txt
+	exit $$(cat build/bench.status)
 
 clean:
 	rm -rf build

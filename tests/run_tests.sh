@@ -1,7 +1,7 @@
 #!/bin/sh
 # The whole test suite (make test): compile checks, then every tests/test_*.c built three ways —
 # with OpenMP, without OpenMP, and under AddressSanitizer + UndefinedBehaviorSanitizer — plus the
-# cross-build determinism check, the README quick start and the command-line tool.
+# cross-build determinism check, the README quick start, the command-line tool and a bench smoke run.
 # Ends with one line: "N passed, N failed, N skipped" (cases, summed over all builds).
 # Environment: CC (default cc), CXX (default c++), TEST_CONFIGS (default "omp noomp asan").
 set -u
@@ -136,6 +136,24 @@ if [ -f "$OUT/omp/determinism.digest" ] && [ -f "$OUT/noomp/determinism.digest" 
     fi
 else
     skip "OpenMP vs no-OpenMP digest" "needs both the omp and noomp configurations"
+fi
+
+echo "== bench"
+# a fast run of build/bench_moe: the edge shape checked against the reference kernels, decode
+# with bf16 weights (skipped while moe_layer_quantize lacks them), every line well formed
+if $CC $C99 -O2 -fopenmp bench/bench_moe.c -o "$OUT/bench_moe" -lm >> "$LOG" 2>&1; then
+    ok "bench_moe compiles"
+    check "bench_moe --shape edge --mode all --check" sh -c \
+        "timeout 300 $OUT/bench_moe --shape edge --mode all --runs 1 --check > $OUT/bench_edge.txt && awk -v expect=2 -f bench/table.awk $OUT/bench_edge.txt"
+    check "bench_moe --shape decode --dtype bf16" sh -c \
+        "timeout 300 $OUT/bench_moe --shape decode --dtype bf16 --runs 1 > $OUT/bench_decode.txt && awk -v expect=1 -f bench/table.awk $OUT/bench_decode.txt"
+    if "$OUT/bench_moe" --shape nosuch > /dev/null 2>&1; [ $? -eq 2 ]; then
+        ok "bench_moe refuses a bad flag with status 2"
+    else
+        bad "bench_moe refuses a bad flag with status 2"
+    fi
+else
+    bad "bench_moe compiles"
 fi
 
 echo "== README quick start"

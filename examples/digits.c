@@ -537,7 +537,7 @@ int main(int argc, char **argv) {
     dataset train_data, test_data;
     sample_set train, test;
     routing rt;
-    int epoch, status = 1;
+    int epoch, q, status = 1;
     int64_t n_params;
     double accuracy = 0.0;
 
@@ -604,6 +604,14 @@ int main(int argc, char **argv) {
 
     if (!route_by_digit(&tr, &test, &rt)) goto done;
     print_routing(&rt);
+    /* the same model with reduced-precision expert weights (inference only), then back to f32 */
+    for (q = 0; q < 2; q++) {
+        double reduced;
+        if (!succeeded(&tr.ctx, moe_model_quantize(tr.model, q ? MOE_DTYPE_I8 : MOE_DTYPE_BF16)) || !evaluate(&tr, &test, &reduced))
+            goto done;
+        printf("%sexpert weights in %s: test accuracy %.4f (%+.2f points)\n", q ? "" : "\n", q ? "int8" : "bf16", reduced, 100.0 * (reduced - accuracy));
+    }
+    if (!succeeded(&tr.ctx, moe_model_quantize(tr.model, MOE_DTYPE_F32))) goto done;
     if (!succeeded(&tr.ctx, moe_model_save(tr.model, opt.out_path))) goto done;
     printf("\nmodel saved to %s\n", opt.out_path);
     printf("test_accuracy=%.4f\n", accuracy);

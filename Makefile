@@ -4,6 +4,8 @@
 #   make demo     train the digits classifier (the main job)
 #   make mnist    the MNIST run (needs the MNIST IDX files, see README)
 #   make bench    the benchmark
+#   make cross    other platforms and compilers: aarch64 (qemu), 32-bit x86, Windows (MinGW, wine), clang
+#   make cmake-check  the CMake package (add_subdirectory, FetchContent, find_package) and moe.pc
 CC      ?= cc
 CXX     ?= c++
 OPT     ?= -O2
@@ -14,7 +16,7 @@ LDLIBS   = -lm
 MNIST   ?= ../shared/data/mnist
 
 EXAMPLES = build/moe build/digits
-.PHONY: all test demo mnist bench clean
+.PHONY: all test demo mnist bench cross cmake-check clean
 
 all: $(EXAMPLES)
 
@@ -26,6 +28,12 @@ build:
 
 test:
 	sh tests/run_tests.sh
+
+cross:
+	sh tests/cross.sh
+
+cmake-check:
+	sh tests/cmake_check.sh
 
 demo: build/digits
 	./build/digits

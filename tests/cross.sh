@@ -3,7 +3,8 @@
 # its toolchain is missing (Debian package names in brackets):
 #   compilers  gcc and clang each build every test (C99 -Wpedantic -Werror, OpenMP), the examples
 #              and the C++11 test (-Wpedantic -Werror), and run them
-#   i686       32-bit x86 [gcc-i686-linux-gnu libc6-dev-i386-cross, or gcc-multilib for gcc -m32],
+#   i686       32-bit x86 [gcc-i686-linux-gnu libc6-dev-i386-cross, or gcc-multilib for gcc -m32;
+#              g++-i686-linux-gnu adds a C++11 compile, likewise g++-aarch64-linux-gnu below],
 #              run natively: once with x87 float math (plain C kernels), once with -msse2
 #              -mfpmath=sse (vector kernels and the AVX2 dispatch)
 #   windows    x86_64-w64-mingw32-gcc [gcc-mingw-w64-x86-64, g++-mingw-w64-x86-64 for C++]; the
@@ -109,12 +110,20 @@ runs() {
     $cc $flags "$OUT/hello.c" -o "$OUT/hello.bin" $link >> "$LOG" 2>&1 && "$@" "$OUT/hello.bin" 2>> "$LOG" | grep -q hello
 }
 
-# compiles_moe TARGET "CC" "FLAGS": the implementation alone, with and without OpenMP
+# compiles_moe TARGET "CC" "FLAGS": the implementation alone, with and without OpenMP, and as
+# C++11 with the matching g++ when it is installed
 compiles_moe() {
     # shellcheck disable=SC2086
     check "$1: moe.h C99 -Wpedantic -Werror" $2 $C99 $3 -c tests/compile/impl.c -o "$OUT/$1_impl.o"
     # shellcheck disable=SC2086
     check "$1: moe.h C99 -Wpedantic -Werror with OpenMP" $2 $C99 $3 -fopenmp -c tests/compile/impl.c -o "$OUT/$1_impl_omp.o"
+    cxx=$(echo "$2" | sed 's/gcc\( \|$\)/g++\1/')
+    if have ${cxx%% *}; then
+        # shellcheck disable=SC2086
+        check "$1: moe.h C++11 -Wpedantic -Werror" $cxx $CXX11 $3 -fopenmp -c tests/compile/cpp.cpp -o "$OUT/$1_cpp.o"
+    else
+        skip "$1: C++11" "no ${cxx%% *}"
+    fi
 }
 
 # x86_dispatch CC "FLAGS": prints 1 when moe.h compiles the x86 AVX2 dispatch for this target
@@ -191,11 +200,7 @@ part_windows() {
     echo "== windows (MinGW-w64)"
     t0=$(now)
     compiles_moe windows $cc ""
-    if have x86_64-w64-mingw32-g++; then
-        check "windows: C++11 -Wpedantic -Werror" x86_64-w64-mingw32-g++ $CXX11 -static tests/compile/cpp.cpp -o "$OUT/cpp.exe"
-    else
-        skip "windows: C++11" "no x86_64-w64-mingw32-g++: apt-get install g++-mingw-w64-x86-64"
-    fi
+    have x86_64-w64-mingw32-g++ && check "windows: C++11 program links" x86_64-w64-mingw32-g++ $CXX11 -static tests/compile/cpp.cpp -o "$OUT/cpp.exe"
     mkdir -p "$OUT/windows"
     for ex in examples/*.c; do
         check "windows: $ex -Werror" $cc $C99 -O2 -fopenmp -static "$ex" -o "$OUT/windows/$(basename "$ex" .c).exe"

@@ -4,6 +4,8 @@
 #   make demo     train the digits classifier (the main job)
 #   make mnist    the MNIST run (needs the MNIST IDX files, see README)
 #   make bench    the benchmark
+#   make cross    other platforms and compilers: aarch64 (qemu), 32-bit x86, Windows (MinGW, wine), clang
+#   make cmake-check  the CMake package (add_subdirectory, FetchContent, find_package) and moe.pc
 CC      ?= cc
 CXX     ?= c++
 OPT     ?= -O2
@@ -15,7 +17,7 @@ MNIST   ?= ../shared/data/mnist
 
 EXAMPLES = build/moe build/digits
 BENCH_ARGS ?= --shape all --mode all
-.PHONY: all test demo mnist bench clean
+.PHONY: all test demo mnist bench cross cmake-check clean
 
 all: $(EXAMPLES) build/bench_moe
 
@@ -31,6 +33,12 @@ build:
 
 test:
 	sh tests/run_tests.sh
+
+cross:
+	sh tests/cross.sh
+
+cmake-check:
+	sh tests/cmake_check.sh
 
 demo: build/digits
 	./build/digits

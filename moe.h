@@ -39,8 +39,9 @@
      MOE_MALLOC(size, user)     default allocator; define together with MOE_FREE(ptr, user) or
      MOE_FREE(ptr, user)        neither (#error otherwise). moe_ctx_desc.allocator overrides both.
      MOE_ASSERT(c)              internal invariants only (default assert(); off under NDEBUG)
-     MOE_MAX_BYTES              refuse models/arenas larger than this up front (default 64 TiB)
-     MOE_NO_VECTOR_EXTENSIONS   plain C kernels even on GCC/Clang
+     MOE_MAX_BYTES              refuse models/arenas larger than this up front (default 64 TiB;
+                                2 GiB where size_t has 32 bits)
+     MOE_NO_VECTOR_EXTENSIONS   plain C kernels even on GCC/Clang (implied by x87 float math)
      -fopenmp (_OPENMP)         threads; without OpenMP everything runs on the calling thread
 
    SECTIONS (grep for the anchor; the first hit is the API, the second the implementation)
@@ -558,6 +559,12 @@ MOEDEF float moe_rng_normal(uint64_t seed, uint64_t stream, uint64_t counter);  
 #endif
 #endif
 
+/* x87 float math (32-bit x86 without -mfpmath=sse) evaluates in long double, which GCC will not
+   mix with float vectors: such targets get the plain C kernels. */
+#if defined(__FLT_EVAL_METHOD__) && __FLT_EVAL_METHOD__ != 0 && !defined(MOE_NO_VECTOR_EXTENSIONS)
+#define MOE_NO_VECTOR_EXTENSIONS
+#endif
+
 #if defined(__GNUC__) || defined(__clang__)
 #define MOE__RESTRICT __restrict__
 #else
@@ -580,7 +587,11 @@ MOEDEF float moe_rng_normal(uint64_t seed, uint64_t stream, uint64_t counter);  
 
 #define MOE__ALIGN 64
 #ifndef MOE_MAX_BYTES
+#if SIZE_MAX > 0xFFFFFFFFu
 #define MOE_MAX_BYTES ((size_t)1 << 46)   /* refuse models or arenas larger than this (64 TiB) up front */
+#else
+#define MOE_MAX_BYTES ((size_t)1 << 31)   /* 32-bit address space: 2 GiB */
+#endif
 #endif
 #define MOE__MAX_BYTES ((size_t)MOE_MAX_BYTES)
 #define MOE__MAX_LINEARS 9          /* MLP experts: up to 8 hidden layers */
@@ -3969,9 +3980,24 @@ fail:
     return r;
 }
 
+/* Bytes in an open file, or -1. ftell's long has 32 bits on Windows: files over 2 GiB need _ftelli64. */
+static int64_t moe__file_size(FILE *fp) {
+    int64_t len;
+#if defined(_WIN32)
+    if (_fseeki64(fp, 0, SEEK_END) != 0) return -1;
+    len = (int64_t)_ftelli64(fp);
+    if (_fseeki64(fp, 0, SEEK_SET) != 0) return -1;
+#else
+    if (fseek(fp, 0, SEEK_END) != 0) return -1;
+    len = (int64_t)ftell(fp);
+    if (fseek(fp, 0, SEEK_SET) != 0) return -1;
+#endif
+    return len;
+}
+
 MOEDEF moe_result moe_tensor_file_read(moe_ctx *ctx, const char *path, moe_tensor_file **out) {
     FILE *fp;
-    long len;
+    int64_t len;
     void *buf;
     moe_result r;
     if (!ctx || !out) return MOE_ERR_INVALID_ARGUMENT;
@@ -3979,12 +4005,12 @@ MOEDEF moe_result moe_tensor_file_read(moe_ctx *ctx, const char *path, moe_tenso
     if (!path) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "path is NULL");
     fp = fopen(path, "rb");
     if (!fp) return moe__fail(ctx, MOE_ERR_IO, "cannot open %s: %s", path, strerror(errno));
-    if (fseek(fp, 0, SEEK_END) != 0 || (len = ftell(fp)) < 0 || fseek(fp, 0, SEEK_SET) != 0) {
+    if ((len = moe__file_size(fp)) < 0) {
         fclose(fp);
         return moe__fail(ctx, MOE_ERR_IO, "cannot size %s", path);
     }
-    buf = moe__malloc(ctx, (size_t)len + 1);
-    if (!buf) { fclose(fp); return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "%s: %ld bytes", path, len); }
+    buf = (uint64_t)len < SIZE_MAX ? moe__malloc(ctx, (size_t)len + 1) : NULL;
+    if (!buf) { fclose(fp); return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "%s: %lld bytes", path, (long long)len); }
     if (len > 0 && fread(buf, 1, (size_t)len, fp) != (size_t)len) {
         fclose(fp);
         moe__free(ctx, buf);

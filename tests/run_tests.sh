@@ -11,29 +11,7 @@ CC=${CC:-cc}
 CXX=${CXX:-c++}
 CONFIGS=${TEST_CONFIGS:-"omp noomp asan"}
 OUT=build/tests
-mkdir -p "$OUT"
-LOG="$OUT/log.txt"
-: > "$LOG"
-
-passed=0
-failed=0
-skipped=0
-failures=""
-
-ok()   { passed=$((passed + 1)); printf '  ok   %s\n' "$1"; }
-bad()  { failed=$((failed + 1)); failures="$failures\n  $1"; printf '  FAIL %s\n' "$1"; }
-skip() { skipped=$((skipped + 1)); printf '  skip %s (%s)\n' "$1" "$2"; }
-
-# run NAME COMMAND...: one case, passes when the command exits 0; output goes to the log
-check() {
-    name=$1; shift
-    if "$@" >> "$LOG" 2>&1; then ok "$name"; else bad "$name"; echo "    (see $LOG)"; fi
-}
-
-have() { command -v "$1" > /dev/null 2>&1; }
-
-WARN="-Wall -Wextra -Wpedantic -Werror"
-C99="-std=c99 $WARN"
+. tests/harness.sh
 
 echo "== compile checks"
 check "C99 -Wpedantic -Werror (gcc-compatible $CC)" $CC $C99 -c tests/compile/impl.c -o "$OUT/impl.o"
@@ -73,29 +51,8 @@ flags() {
 # run_test CONFIG BINARY ARGS...: adds the program's RESULT line to the totals
 run_test() {
     cfg=$1; bin=$2; shift 2
-    name="$cfg/$(basename "$bin")"
-    out="$OUT/$cfg/$(basename "$bin").out"
     ASAN_OPTIONS=allocator_may_return_null=1:detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
-        timeout 600 "$bin" "$@" > "$out" 2>&1
-    rc=$?
-    line=$(grep '^RESULT ' "$out" | tail -n 1)
-    if [ -z "$line" ]; then
-        bad "$name crashed or did not finish (exit $rc)"
-        tail -n 15 "$out" | sed 's/^/    /'
-        return
-    fi
-    p=$(echo "$line" | sed 's/.*passed=\([0-9]*\).*/\1/')
-    f=$(echo "$line" | sed 's/.*failed=\([0-9]*\).*/\1/')
-    s=$(echo "$line" | sed 's/.*skipped=\([0-9]*\).*/\1/')
-    passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
-    if [ "$f" -ne 0 ] || [ "$rc" -ne 0 ]; then
-        [ "$f" -eq 0 ] && { failed=$((failed + 1)); }
-        failures="$failures\n  $name"
-        printf '  FAIL %-28s %s (exit %s)\n' "$name" "$line" "$rc"
-        grep -E 'FAIL|failed|ERROR|runtime error' "$out" | head -n 20 | sed 's/^/    /'
-    else
-        printf '  ok   %-28s %s\n' "$name" "$line"
-    fi
+        run_result "$cfg/$(basename "$bin")" "$OUT/$cfg/$(basename "$bin").out" "$bin" "$@"
 }
 
 for cfg in $CONFIGS; do
@@ -177,7 +134,4 @@ fi
 } > "$OUT/manual_quickstart.c"
 check "moe.h manual quick start compiles and runs" sh -c "$CC $C99 -Wno-unused-variable -I. $OUT/manual_quickstart.c -o $OUT/manual_quickstart -lm && cd $OUT && ./manual_quickstart"
 
-echo
-if [ "$failed" -ne 0 ]; then printf 'failures:%b\n' "$failures"; fi
-echo "$passed passed, $failed failed, $skipped skipped"
-[ "$failed" -eq 0 ]
+finish

@@ -8,6 +8,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#if defined(_WIN32)
+#include <direct.h>
+#define TEST_MKDIR(path) _mkdir(path)
+#define TEST_RMDIR(path) _rmdir(path)
+#else
+#define TEST_MKDIR(path) mkdir((path), 0777)
+#define TEST_RMDIR(path) remove(path)   /* POSIX remove() deletes an empty folder too */
+#endif
 
 static int test_case_failed;
 static int test_passed, test_failed, test_skipped;
@@ -75,6 +84,23 @@ static const char *test_case_name = "";
 #else
 #define TEST_UNUSED
 #endif
+
+/* mkdir -p without a shell (Windows has none that knows -p): 0 when path is a folder afterwards. */
+static TEST_UNUSED int test_make_dir(const char *path) {
+    char buf[512];
+    size_t i, n = strlen(path);
+    struct stat st;
+    if (n == 0 || n >= sizeof buf) return -1;
+    memcpy(buf, path, n + 1);
+    for (i = 1; i <= n; i++) {
+        char c = buf[i];
+        if (c != '/' && c != '\\' && c != 0) continue;
+        buf[i] = 0;
+        TEST_MKDIR(buf);   /* fails harmlessly where the folder exists */
+        buf[i] = c;
+    }
+    return stat(path, &st) == 0 && S_ISDIR(st.st_mode) ? 0 : -1;
+}
 
 static TEST_UNUSED int test_close(double a, double b, double rtol, double atol) {
     return fabs(a - b) <= atol + rtol * fabs(b);

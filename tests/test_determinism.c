@@ -94,11 +94,9 @@ static int test_thread_counts(void) {
 }
 
 int main(int argc, char **argv) {
-    char cmd[200];
     printf("test_determinism\n");
     digest_path = argc > 1 ? argv[1] : NULL;
-    snprintf(cmd, sizeof cmd, "mkdir -p %s", TMP_DIR);
-    if (system(cmd) != 0) return 1;
+    if (test_make_dir(TMP_DIR) != 0) return 1;
     RUN(test_thread_counts);
     TEST_END();
 }

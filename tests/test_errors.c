@@ -168,10 +168,8 @@ static int test_every_allocation_failure(void) {
 }
 
 int main(void) {
-    char cmd[200];
     printf("test_errors\n");
-    snprintf(cmd, sizeof cmd, "mkdir -p %s", TMP_DIR);
-    if (system(cmd) != 0) return 1;
+    if (test_make_dir(TMP_DIR) != 0) return 1;
     moe_ctx_init(&ctx, &(moe_ctx_desc){.seed = 5});
     RUN(test_bad_descs);
     RUN(test_bad_calls);

@@ -318,21 +318,13 @@ static int test_atomic_save(void) {
     before = read_all(tmp("keep.safetensors"), &nb);
     /* the temporary file cannot be created: a directory sits where it would go */
     remove(tmp("keep.safetensors.tmp"));
-#if defined(_WIN32)
-    _mkdir(tmp("keep.safetensors.tmp"));
-#else
-    {
-        char cmd[600];
-        snprintf(cmd, sizeof cmd, "mkdir -p '%s'", tmp("keep.safetensors.tmp"));
-        if (system(cmd) != 0) return TEST_SKIP;
-    }
-#endif
+    if (test_make_dir(tmp("keep.safetensors.tmp")) != 0) return TEST_SKIP;
     moe_model_params(a, NULL)[0] += 1.0f;
     CHECK_RESULT(moe_model_save(a, tmp("keep.safetensors")), MOE_ERR_IO, &ctx);
     after = read_all(tmp("keep.safetensors"), &na);
     CHECK(before && after && na == nb && memcmp(before, after, nb) == 0, "the old file is intact after a failed save");
     CHECK(strstr(moe_ctx_error(&ctx), "unchanged") != NULL, "message says the file is unchanged: %s", moe_ctx_error(&ctx));
-    remove(tmp("keep.safetensors.tmp"));
+    TEST_RMDIR(tmp("keep.safetensors.tmp"));
     CHECK_RESULT(moe_model_save(a, TMP_DIR "/no/such/dir/m.safetensors"), MOE_ERR_IO, &ctx);
     /* a successful save replaces it and leaves no temporary file */
     CHECK_OK(moe_model_save(a, tmp("keep.safetensors")), &ctx);
@@ -351,10 +343,8 @@ static int test_atomic_save(void) {
 }
 
 int main(void) {
-    char cmd[300];
     printf("test_io\n");
-    snprintf(cmd, sizeof cmd, "mkdir -p %s", TMP_DIR);
-    if (system(cmd) != 0) return 1;
+    if (test_make_dir(TMP_DIR) != 0) return 1;
     moe_ctx_init(&ctx, &(moe_ctx_desc){.seed = 99});
     RUN(test_round_trip);
     RUN(test_foreign_dtypes_and_extras);

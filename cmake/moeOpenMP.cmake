@@ -1,0 +1,21 @@
+# moe_openmp_libraries(OUT): OpenMP's imported targets for every enabled language that has
+# OpenMP (C, C++), found quietly: without OpenMP, moe.h runs on the calling thread. A macro, so
+# that find_package's results (OpenMP_C_FLAGS for moe.pc) reach the caller.
+macro(moe_openmp_libraries out)
+  get_property(_moe_languages GLOBAL PROPERTY ENABLED_LANGUAGES)
+  set(_moe_components "")
+  foreach(_moe_lang C CXX)
+    if(_moe_lang IN_LIST _moe_languages)
+      list(APPEND _moe_components ${_moe_lang})
+    endif()
+  endforeach()
+  set(${out} "")
+  if(_moe_components)
+    find_package(OpenMP QUIET COMPONENTS ${_moe_components})
+    foreach(_moe_lang IN LISTS _moe_components)
+      if(OpenMP_${_moe_lang}_FOUND)
+        list(APPEND ${out} OpenMP::OpenMP_${_moe_lang})
+      endif()
+    endforeach()
+  endif()
+endmacro()

@@ -1,7 +1,8 @@
-/* Same seed, same bits: training with every router (drawn noise, jitter, capacity) on 1, 2 and 3
-   threads gives identical outputs, parameters and model files. With a file argument the program
-   also writes a digest of them, which tests/run_tests.sh compares between the OpenMP build and
-   the build without OpenMP. */
+/* Same seed, same bits: training with every router that moe_model_train_step drives (drawn noise,
+   jitter, capacity, selection-bias updates, expert choice; the hash router needs token ids and is
+   checked in test_routers.c) on 1, 2 and 3 threads gives identical outputs, parameters and model
+   files. With a file argument the program also writes a digest of them, which tests/run_tests.sh
+   compares between the OpenMP build and the build without OpenMP. */
 #define MOE_IMPLEMENTATION
 #include "../moe.h"
 #include "test.h"
@@ -17,6 +18,10 @@ static const moe_layer_desc layers[] = {
     {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_NOISY_TOPK, .n_experts = 8, .top_k = 3, .d_hidden = 33, .activation = MOE_ACT_GELU,
      .importance_loss = 0.05f, .load_loss = 0.05f, .residual = 1},
     {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_SWITCH, .n_experts = 4, .d_hidden = 48, .residual = 1, .capacity_factor = 1.1f},
+    {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_SIGMOID, .n_experts = 8, .top_k = 3, .n_groups = 4, .top_k_groups = 2,
+     .bias_update_rate = 0.01f, .routed_scaling_factor = 1.5f, .d_hidden = 20, .residual = 1, .jitter = 0.05f},
+    {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_EXPERT_CHOICE, .n_experts = 5, .top_k = 2, .expert = MOE_EXPERT_SWIGLU,
+     .d_hidden = 30, .residual = 1, .z_loss = 0.001f, .n_shared_experts = 1},
     {.kind = MOE_LAYER_LAYERNORM},
     {.kind = MOE_LAYER_DENSE, .d_out = 10},
 };
@@ -42,7 +47,7 @@ static run_result train(int n_threads, const char *file) {
     int32_t *labels = (int32_t *)malloc(sizeof(int32_t) * (size_t)T);
     int s;
     moe_ctx_init(&ctx, &(moe_ctx_desc){.seed = 2024, .n_threads = n_threads});
-    CHECK_OK(moe_model_create(&ctx, &(moe_model_desc){.d_in = D, .n_layers = 6, .layers = layers, .max_tokens = T,
+    CHECK_OK(moe_model_create(&ctx, &(moe_model_desc){.d_in = D, .n_layers = (int)(sizeof layers / sizeof layers[0]), .layers = layers, .max_tokens = T,
                                                       .optimizer = {.kind = MOE_OPTIMIZER_ADAMW, .lr = 3e-3f, .weight_decay = 0.01f,
                                                                     .clip_norm = 1.0f, .warmup_steps = 3, .total_steps = 12}}, &m), &ctx);
     if (!m) return res;

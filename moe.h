@@ -51,7 +51,8 @@
      >>gemm         the one matrix-multiply entry point: packed kernels + plain reference twin
      >>ops          activations, softmax, column sums
      >>dense >>norm dense layers, RMSNorm, LayerNorm: forward and backward
-     >>routing      softmax, top-k, gates, capacity, the deterministic counting sort, aux losses
+     >>routing      every router (softmax top-k, sigmoid + bias, expert choice, hash), top-p, gates,
+                    capacity, the deterministic counting sort, aux losses
      >>moe_forward  grouped expert computation over (expert, row-tile) tiles, weighted combine
      >>moe_backward expert, weight and router gradients
      >>layer_api >>loss >>optimizer >>model
@@ -64,8 +65,12 @@
                         identity (dense) / relu (MLP experts); bias on (SwiGLU experts: off);
                         eps 1e-5; n_experts 4; top_k 2 (switch: 1); router top-k; expert MLP;
                         d_hidden d_in; n_hidden_layers 1; d_shared_hidden d_hidden; renormalize
-                        on (switch: off); router_bias off; capacity_factor 1.25 for switch, else
-                        0 = unlimited; jitter and every aux-loss coefficient 0 (off)
+                        on (switch, expert choice, hash: off); router_bias off; capacity_factor
+                        1.25 for switch, 1 for expert choice, else 0 = unlimited; jitter and every
+                        aux-loss coefficient 0 (off); max_top_k top_k; sigmoid router:
+                        routed_scaling_factor 1, n_groups 1, top_k_groups n_groups,
+                        bias_update_rate 0 (off); hash_seed 0
+     moe_forward_opts   NULL or all zero: inference, the layers' top_k, no top_p, no token ids
      moe_model_desc     loss cross-entropy; max_tokens 256; optimizer as below
      moe_optimizer_desc AdamW; lr 1e-3; beta1 0.9; beta2 0.999; eps 1e-8; everything else 0
    (Consequence: a field cannot be set to exactly 0 where 0 means a non-zero default, e.g. lr.)

@@ -320,6 +320,19 @@ static int test_hash_router(void) {
         moe_model_destroy(m);
     }
     CHECK(memcmp(y[0], y[1], sizeof y[0]) == 0 && memcmp(y[0], y[2], sizeof y[0]) == 0, "hash routing differs between thread counts");
+    {   /* train_step takes no token ids: a hash model is trained with forward, loss, backward, step */
+        moe_model *m = make(&ctx, E, 2, layers, T, NULL);
+        float target[50 * 7];
+        moe_forward_opts o = {.training = 1, .token_ids = ids};
+        if (!m) return 0;
+        fill(target, T * E, 13, 1.0f);
+        CHECK_RESULT(moe_model_train_step(m, x, &(moe_target){.values = target}, T, NULL), MOE_ERR_INVALID_ARGUMENT, &ctx);
+        CHECK_OK(moe_model_forward(m, x, T, NULL, &o), &ctx);
+        CHECK_OK(moe_model_loss(m, &(moe_target){.values = target}, NULL, y[1]), &ctx);
+        CHECK_OK(moe_model_backward(m, y[1], NULL, MOE_BACKWARD_AUX), &ctx);
+        CHECK_OK(moe_model_optimizer_step(m, NULL), &ctx);
+        moe_model_destroy(m);
+    }
     {
         moe_model *m = make(&ctx, E, 1, layers, T, NULL);
         moe_forward_opts o = {.token_ids = ids};

@@ -1769,7 +1769,7 @@ static void moe__top_n(const float *h, int64_t E, int n, int32_t *idx) {
     }
 }
 
-/* Softmax of token t's logits h into p, with its entropy; returns the logsumexp. */
+/* Softmax of token t's logits h into p, with its logsumexp and entropy. */
 static void moe__route_softmax(moe_layer *l, int64_t t) {
     int64_t E = l->d.n_experts, e;
     const float *p = l->p + t * E;
@@ -1801,7 +1801,7 @@ static void moe__route_sigmoid(moe_layer *l, int64_t t, int K) {
             gs[q] = key[q * n + top2[0]] + (n < 2 ? 0.0f : key[q * n + top2[1]]);
         }
         moe__top_n(gs, G, d->top_k_groups, gsel);
-        for (q = 0; q < G; q++) gs[q] = 0.0f;
+        for (q = 0; q < G; q++) gs[q] = 0.0f;   /* from here on gs marks the kept groups */
         for (q = 0; q < d->top_k_groups; q++) gs[gsel[q]] = 1.0f;
         for (e = 0; e < E; e++)
             if (gs[e / n] == 0.0f) key[e] = -INFINITY;

@@ -303,6 +303,11 @@ static void print_layer(int i, const moe_layer_desc *l) {
         else
             printf("        experts %s: d_hidden %lld, hidden_layers %d, activation %s, bias %s\n", NAME(expert_names, l->expert),
                    (long long)l->d_hidden, l->n_hidden_layers, NAME(act_names, l->activation), l->bias == MOE_FLAG_ON ? "yes" : "no");
+        if (l->router == MOE_ROUTER_SIGMOID)
+            printf("        routed_scaling_factor %g, groups %d (top %d), bias_update_rate %g\n", (double)l->routed_scaling_factor,
+                   l->n_groups, l->top_k_groups, (double)l->bias_update_rate);
+        if (l->router == MOE_ROUTER_HASH) printf("        hash_seed %lu\n", (unsigned long)l->hash_seed);
+        if (l->max_top_k != l->top_k) printf("        max_top_k %d\n", l->max_top_k);
         if (l->n_shared_experts > 0)
             printf("        shared experts %d: d_shared_hidden %lld\n", l->n_shared_experts, (long long)l->d_shared_hidden);
         printf("        aux losses: balance %g, z %g, importance %g, load %g\n", (double)l->balance_loss, (double)l->z_loss,

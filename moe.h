@@ -52,7 +52,8 @@
      >>gemm         the one matrix-multiply entry point: packed kernels + plain reference twin
      >>ops          activations, softmax, column sums
      >>dense >>norm dense layers, RMSNorm, LayerNorm: forward and backward
-     >>routing      softmax, top-k, gates, capacity, the deterministic counting sort, aux losses
+     >>routing      every router (softmax top-k, sigmoid + bias, expert choice, hash), top-p, gates,
+                    capacity, the deterministic counting sort, aux losses
      >>moe_forward  grouped expert computation over (expert, row-tile) tiles, weighted combine
      >>moe_backward expert, weight and router gradients
      >>layer_api >>loss >>optimizer >>model
@@ -65,8 +66,12 @@
                         identity (dense) / relu (MLP experts); bias on (SwiGLU experts: off);
                         eps 1e-5; n_experts 4; top_k 2 (switch: 1); router top-k; expert MLP;
                         d_hidden d_in; n_hidden_layers 1; d_shared_hidden d_hidden; renormalize
-                        on (switch: off); router_bias off; capacity_factor 1.25 for switch, else
-                        0 = unlimited; jitter and every aux-loss coefficient 0 (off)
+                        on (switch, expert choice, hash: off); router_bias off; capacity_factor
+                        1.25 for switch, 1 for expert choice, else 0 = unlimited; jitter and every
+                        aux-loss coefficient 0 (off); max_top_k top_k; sigmoid router:
+                        routed_scaling_factor 1, n_groups 1, top_k_groups n_groups,
+                        bias_update_rate 0 (off); hash_seed 0
+     moe_forward_opts   NULL or all zero: inference, the layers' top_k, no top_p, no token ids
      moe_model_desc     loss cross-entropy; max_tokens 256; optimizer as below
      moe_optimizer_desc AdamW; lr 1e-3; beta1 0.9; beta2 0.999; eps 1e-8; everything else 0
    (Consequence: a field cannot be set to exactly 0 where 0 means a non-zero default, e.g. lr.)
@@ -199,6 +204,9 @@ typedef enum moe_router {
     MOE_ROUTER_TOPK,        /* softmax, keep k, optional renormalise; k = E is the dense soft mixture */
     MOE_ROUTER_NOISY_TOPK,  /* Shazeer 2017: trainable softplus noise while training */
     MOE_ROUTER_SWITCH,      /* top-1 with a capacity factor; overflow tokens are dropped */
+    MOE_ROUTER_SIGMOID,     /* DeepSeek-V3: sigmoid scores, selection bias (aux-loss-free balance), group-limited top-k */
+    MOE_ROUTER_EXPERT_CHOICE, /* Zhou 2022: each expert takes its top-C tokens by softmax score */
+    MOE_ROUTER_HASH,        /* k experts from a fixed hash of the token id, gates 1/k; no parameters */
     MOE_ROUTER_COUNT
 } moe_router;
 
@@ -315,6 +323,15 @@ typedef struct moe_layer_desc {
     float z_loss;              /* coefficient of the router z-loss */
     float importance_loss;     /* noisy top-k: coefficient of CV^2(importance) */
     float load_loss;           /* noisy top-k: coefficient of CV^2(load) */
+    int max_top_k;             /* most experts per token a forward may ask for (moe_forward_opts.top_k;
+                                  default top_k); sizes the routing buffers */
+    /* sigmoid router */
+    float routed_scaling_factor; /* gates times this (default 1) */
+    int n_groups;              /* experts in n_groups equal groups; > 1: group-limited selection (default 1) */
+    int top_k_groups;          /* groups a token may choose from (default n_groups) */
+    float bias_update_rate;    /* gamma of the selection-bias update after each optimizer step (default 0: off) */
+    /* hash router */
+    uint32_t hash_seed;        /* mixed with the token id and the layer index (default 0) */
 } moe_layer_desc;
 
 typedef struct moe_layer moe_layer;
@@ -326,6 +343,11 @@ typedef struct moe_forward_opts {
        indexed [layer][T * E] (model) or [0][T * E] (single layer); a NULL array or
        entry draws it from the context's seed instead. */
     const float *const *router_noise;
+    int top_k;                 /* experts per token for this call: 0 = the layer's top_k; 1..max_top_k
+                                  (expert choice: the k of its capacity) */
+    float top_p;               /* 0 = off; 0 < p <= 1 (routers topk, noisy_topk, switch): per token keep the
+                                  fewest highest-probability experts whose probabilities sum to >= p, at most k */
+    const int32_t *token_ids;  /* [T] token ids for hash routers (required by them; ignored otherwise) */
 } moe_forward_opts;
 
 /* Flags of moe_layer_backward / moe_model_backward */
@@ -376,6 +398,11 @@ MOEDEF moe_result moe_layer_tensor(moe_layer *layer, int index, moe_tensor *tens
    read those. MOE_DTYPE_F32 drops the snapshot. While one is held, backward returns
    MOE_ERR_STATE. Allocates (once, here); other layer kinds accept the call and ignore it. */
 MOEDEF moe_result moe_layer_quantize(moe_layer *layer, moe_dtype dtype);
+/* Sigmoid router: the aux-loss-free selection-bias update from the load of the last forward,
+   b_e += bias_update_rate * sign(mean load - load_e). moe_model_optimizer_step and
+   moe_model_train_step do this themselves; call it after your own optimizer step on a standalone
+   layer (and keep that optimizer off "router.selection_bias"). Other layers: no-op. */
+MOEDEF moe_result moe_layer_update_bias(moe_layer *layer);
 
 // >>optimizer ---------------------------------------------------------------
 typedef struct moe_optimizer_desc {
@@ -1622,11 +1649,71 @@ struct moe_layer {
     void *own;                  /* standalone layer: the one block it allocated */
     moe_dtype wdtype;           /* expert weights forwards read: F32 (the parameters), BF16 or I8 */
     void *qblock;               /* the reduced copies (moe_layer_quantize) */
+
+    /* routers beyond softmax top-k, per-call k and top-p */
+    int64_t slots;              /* (token, slot) entries per token in sel/pos/gate: the call's k; expert choice: E */
+    int call_k;                 /* k of the last forward */
+    float call_top_p;           /* top_p of the last forward (0: off) */
+    const int32_t *token_ids;   /* hash router: ids of the last forward's tokens */
+    int64_t selection_bias;     /* sigmoid: offset of router.selection_bias [E]; else -1 */
+    float *key;                 /* sigmoid: [T, E] scores plus selection bias, groups masked */
+    float *group_score;         /* sigmoid with groups: [T, n_groups] */
+    int32_t *group_sel;         /* sigmoid with groups: [T, n_groups] */
+    float *bias_keep;           /* sigmoid: [E] the selection bias held across an optimizer step */
 };
 
 static int moe__flag(moe_flag f, int def) { return f == MOE_FLAG_DEFAULT ? def : f == MOE_FLAG_ON; }
 
 static int moe__dims_ok(int64_t a) { return a > 0 && a <= ((int64_t)1 << 31); }
+
+/* The router-specific fields of a MoE desc whose common fields are resolved. */
+static moe_result moe__router_resolve(moe_ctx *ctx, moe_layer_desc *d, int where) {
+    int sigmoid = d->router == MOE_ROUTER_SIGMOID, ec = d->router == MOE_ROUTER_EXPERT_CHOICE, hash = d->router == MOE_ROUTER_HASH;
+    if (d->max_top_k == 0) d->max_top_k = d->top_k;
+    if (d->max_top_k < d->top_k || d->max_top_k > d->n_experts || (d->router == MOE_ROUTER_SWITCH && d->max_top_k != 1))
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: max_top_k %d must be in top_k (%d)..n_experts (%d)", where, d->max_top_k, d->top_k, d->n_experts);
+    if (ec) {
+        /* gates are the scores themselves; C = ceil(capacity_factor * T * k / E) tokens per expert */
+        d->renormalize = MOE_FLAG_OFF;
+        if (d->capacity_factor == 0.0f) d->capacity_factor = 1.0f;
+        if (d->balance_loss > 0.0f || d->importance_loss > 0.0f || d->load_loss > 0.0f)
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: the expert-choice router balances by construction; of the aux losses only z_loss applies", where);
+    }
+    if ((sigmoid || hash) && (d->balance_loss > 0.0f || d->z_loss > 0.0f || d->importance_loss > 0.0f || d->load_loss > 0.0f))
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: the %s router takes no auxiliary losses", where, sigmoid ? "sigmoid" : "hash");
+    if (hash) {
+        if (d->router_bias == MOE_FLAG_ON || d->jitter > 0.0f)
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: the hash router has no router weights (router_bias, jitter)", where);
+        d->renormalize = MOE_FLAG_OFF;
+    }
+    if (!hash) d->hash_seed = 0;
+    if (!sigmoid) {
+        if (d->routed_scaling_factor != 0.0f || d->n_groups != 0 || d->top_k_groups != 0 || d->bias_update_rate != 0.0f)
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: routed_scaling_factor, n_groups, top_k_groups and bias_update_rate belong to the sigmoid router", where);
+        return MOE_OK;
+    }
+    if (d->routed_scaling_factor == 0.0f) d->routed_scaling_factor = 1.0f;
+    if (d->n_groups == 0) d->n_groups = 1;
+    if (d->top_k_groups == 0) d->top_k_groups = d->n_groups;
+    if (!(d->routed_scaling_factor > 0.0f) || !moe__finite(d->routed_scaling_factor) || !(d->bias_update_rate >= 0.0f) || !moe__finite(d->bias_update_rate))
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: routed_scaling_factor must be > 0 and bias_update_rate >= 0", where);
+    if (d->n_groups < 1 || d->n_experts % d->n_groups != 0 || d->top_k_groups < 1 || d->top_k_groups > d->n_groups ||
+        (int64_t)d->top_k_groups * (d->n_experts / d->n_groups) < d->max_top_k)
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: n_groups %d must divide n_experts %d, and top_k_groups %d groups must hold max_top_k %d experts",
+                         where, d->n_groups, d->n_experts, d->top_k_groups, d->max_top_k);
+    return MOE_OK;
+}
+
+/* Expert capacity for T tokens choosing k of E experts: ceil(cf * T * k / E), at least 1. */
+static int64_t moe__capacity(float capacity_factor, int64_t T, int64_t k, int64_t E) {
+    double c = ceil((double)capacity_factor * (double)T * (double)k / (double)E);
+    return c < 1.0 ? 1 : (int64_t)c;
+}
+
+/* Expert choice: tokens per expert, C = the capacity, at most T. */
+static int64_t moe__expert_choice_tokens(const moe_layer_desc *d, int64_t T, int64_t k) {
+    return moe__min64(T, moe__capacity(d->capacity_factor, T, k, d->n_experts));
+}
 
 /* Fill defaults and validate. prev_width: the previous layer's output (0 if none). */
 static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int64_t prev_width, int where, moe_layer_desc *out) {
@@ -1707,12 +1794,14 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
         if (!(d.balance_loss >= 0.0f) || !(d.z_loss >= 0.0f) || !(d.importance_loss >= 0.0f) || !(d.load_loss >= 0.0f) ||
             !moe__finite(d.balance_loss) || !moe__finite(d.z_loss) || !moe__finite(d.importance_loss) || !moe__finite(d.load_loss))
             return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: auxiliary loss coefficients must be finite and >= 0", where);
+        MOE__TRY(moe__router_resolve(ctx, &d, where));
     } else {
         /* fields of other kinds are not part of this layer */
         d.n_experts = 0; d.top_k = 0; d.router = MOE_ROUTER_DEFAULT; d.expert = MOE_EXPERT_DEFAULT;
         d.d_hidden = 0; d.n_hidden_layers = 0; d.n_shared_experts = 0; d.d_shared_hidden = 0;
         d.renormalize = MOE_FLAG_DEFAULT; d.router_bias = MOE_FLAG_DEFAULT; d.capacity_factor = 0.0f;
         d.jitter = 0.0f; d.balance_loss = d.z_loss = d.importance_loss = d.load_loss = 0.0f;
+        d.max_top_k = 0; d.routed_scaling_factor = 0.0f; d.n_groups = 0; d.top_k_groups = 0; d.bias_update_rate = 0.0f; d.hash_seed = 0;
         if (d.kind != MOE_LAYER_DENSE) { d.activation = MOE_ACT_DEFAULT; d.bias = MOE_FLAG_DEFAULT; }
     }
     if (d.kind != MOE_LAYER_RMSNORM && d.kind != MOE_LAYER_LAYERNORM) d.eps = 0.0f;
@@ -1810,12 +1899,18 @@ static void moe__layer_plan(moe_layer *l) {
         break;
     case MOE_LAYER_MOE: {
         int64_t T = l->max_tokens;
-        l->router = moe__add_linear(l, "router", 0, d->d_in, d->n_experts, d->router_bias == MOE_FLAG_ON, MOE__INIT_ZEROS);
+        int64_t rows = T * d->max_top_k;
+        memset(&l->router, 0, sizeof l->router);
+        l->router.w = l->router.b = -1;
+        if (d->router != MOE_ROUTER_HASH)
+            l->router = moe__add_linear(l, "router", 0, d->d_in, d->n_experts, d->router_bias == MOE_FLAG_ON, MOE__INIT_ZEROS);
+        l->selection_bias = d->router == MOE_ROUTER_SIGMOID ? moe__add_tensor(l, "router.selection_bias", 1, d->n_experts, 0, 0, MOE__INIT_ZEROS, 0.0f) : -1;
+        if (d->router == MOE_ROUTER_EXPERT_CHOICE) rows = d->n_experts * moe__expert_choice_tokens(d, T, d->max_top_k);
         if (d->router == MOE_ROUTER_NOISY_TOPK) {
             l->noise.in = d->d_in; l->noise.out = d->n_experts; l->noise.b = -1; l->noise.input = -1;
             l->noise.w = moe__add_tensor(l, "router.noise_weight", 2, d->n_experts, d->d_in, 0, MOE__INIT_ZEROS, 0.0f);
         }
-        moe__bank_plan(l, &l->bank[0], "experts", d->n_experts, d->d_hidden, T * d->top_k);
+        moe__bank_plan(l, &l->bank[0], "experts", d->n_experts, d->d_hidden, rows);
         l->n_banks = 1;
         if (d->n_shared_experts > 0) {
             moe__bank_plan(l, &l->bank[1], "shared", d->n_shared_experts, d->d_shared_hidden, T * d->n_shared_experts);
@@ -1860,8 +1955,12 @@ static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scra
         l->rstd = MOE__CARVE(saved, float, T);
         break;
     case MOE_LAYER_MOE: {
-        int64_t E = d->n_experts, K = d->top_k, D = d->d_in;
-        int noisy = d->router == MOE_ROUTER_NOISY_TOPK;
+        int64_t E = d->n_experts, K = d->router == MOE_ROUTER_EXPERT_CHOICE ? E : d->max_top_k, D = d->d_in;
+        int noisy = d->router == MOE_ROUTER_NOISY_TOPK, sigmoid = d->router == MOE_ROUTER_SIGMOID;
+        l->key = sigmoid ? MOE__CARVE(saved, float, T * E) : NULL;
+        l->group_score = sigmoid && d->n_groups > 1 ? MOE__CARVE(saved, float, T * d->n_groups) : NULL;
+        l->group_sel = sigmoid && d->n_groups > 1 ? MOE__CARVE(saved, int32_t, T * d->n_groups) : NULL;
+        l->bias_keep = sigmoid ? MOE__CARVE(saved, float, E) : NULL;
         l->xr = d->jitter > 0.0f ? MOE__CARVE(saved, float, T * D) : NULL;
         l->clean = MOE__CARVE(saved, float, T * E);
         l->raw = noisy ? MOE__CARVE(saved, float, T * E) : NULL;
@@ -2072,20 +2171,90 @@ static void moe__top_n(const float *h, int64_t E, int n, int32_t *idx) {
     }
 }
 
-/* Softmax, entropy, the k chosen experts and their gates, for token t. */
-static void moe__route_token(moe_layer *l, int64_t t) {
-    const moe_layer_desc *d = &l->d;
-    int64_t E = d->n_experts, e;
-    int K = d->top_k, s;
-    const float *h = l->h + t * E;
-    float *p = l->p + t * E, *gate = l->gate + t * K;
-    int32_t *sel = l->sel + t * K;
+/* Softmax of token t's logits h into p, with its logsumexp and entropy. */
+static void moe__route_softmax(moe_layer *l, int64_t t) {
+    int64_t E = l->d.n_experts, e;
+    const float *p = l->p + t * E;
     float ent = 0.0f;
-    l->lse[t] = moe__softmax_row(h, p, E);
+    l->lse[t] = moe__softmax_row(l->h + t * E, l->p + t * E, E);
     for (e = 0; e < E; e++)
         if (p[e] > 0.0f) ent -= p[e] * logf(p[e]);
     l->entropy[t] = ent;
+}
+
+/* Sigmoid router: scores p = sigmoid(c); selection by p + selection bias among the experts of the
+   top_k_groups best groups (group score: sum of its two largest biased scores); key holds the
+   biased scores with the experts of other groups at -inf. */
+static void moe__route_sigmoid(moe_layer *l, int64_t t, int K) {
+    const moe_layer_desc *d = &l->d;
+    int64_t E = d->n_experts, G = d->n_groups, n = E / G, e, q;
+    const float *c = l->clean + t * E, *bias = moe__w(l, l->selection_bias);
+    float *p = l->p + t * E, *key = l->key + t * E, sum = 0.0f, ent = 0.0f;
+    for (e = 0; e < E; e++) { p[e] = moe__sigmoid(c[e]); key[e] = p[e] + bias[e]; sum += p[e]; }
+    for (e = 0; e < E; e++)
+        if (p[e] > 0.0f) ent -= p[e] / sum * logf(p[e] / sum);
+    l->entropy[t] = ent;
+    l->lse[t] = 0.0f;
+    if (G > 1) {
+        float *gs = l->group_score + t * G;
+        int32_t *gsel = l->group_sel + t * G, top2[2];
+        for (q = 0; q < G; q++) {
+            moe__top_n(key + q * n, n, n < 2 ? 1 : 2, top2);
+            gs[q] = key[q * n + top2[0]] + (n < 2 ? 0.0f : key[q * n + top2[1]]);
+        }
+        moe__top_n(gs, G, d->top_k_groups, gsel);
+        for (q = 0; q < G; q++) gs[q] = 0.0f;   /* from here on gs marks the kept groups */
+        for (q = 0; q < d->top_k_groups; q++) gs[gsel[q]] = 1.0f;
+        for (e = 0; e < E; e++)
+            if (gs[e / n] == 0.0f) key[e] = -INFINITY;
+    }
+    moe__top_n(key, E, K, l->sel + t * l->slots);
+}
+
+/* Hash router: k distinct experts e = moe_rng_u64(hash_seed, layer, id << 32 | c) mod E for draws
+   c = 0, 1, ... (a repeat is skipped). */
+static void moe__route_hash(moe_layer *l, int64_t t, int K) {
+    int64_t E = l->d.n_experts, c;
+    int32_t *sel = l->sel + t * l->slots;
+    uint64_t id = (uint64_t)(uint32_t)l->token_ids[t] << 32;
+    int n = 0, s, seen;
+    for (c = 0; n < K; c++) {
+        int32_t e = (int32_t)(moe_rng_u64(l->d.hash_seed, (uint64_t)l->index, id | (uint64_t)c) % (uint64_t)E);
+        for (seen = 0, s = 0; s < n; s++) seen |= sel[s] == e;
+        if (!seen) sel[n++] = e;
+    }
+    l->entropy[t] = 0.0f;
+    l->lse[t] = 0.0f;
+}
+
+/* Router scores, the k chosen experts of token t (unused slots: -1) and their gates. */
+static void moe__route_token(moe_layer *l, int64_t t) {
+    const moe_layer_desc *d = &l->d;
+    int64_t E = d->n_experts, e;
+    int K = l->call_k, s, n = K;
+    const float *h = l->h + t * E, *p = l->p + t * E;
+    float *gate = l->gate + t * l->slots;
+    int32_t *sel = l->sel + t * l->slots;
+    if (d->router == MOE_ROUTER_EXPERT_CHOICE) { moe__route_softmax(l, t); return; }  /* experts choose in dispatch */
+    if (d->router == MOE_ROUTER_HASH) {
+        moe__route_hash(l, t, K);
+        for (s = 0; s < K; s++) gate[s] = 1.0f / (float)K;
+        return;
+    }
+    if (d->router == MOE_ROUTER_SIGMOID) {
+        float sum = 0.0f;
+        moe__route_sigmoid(l, t, K);
+        for (s = 0; s < K; s++) sum += p[sel[s]];
+        for (s = 0; s < K; s++)
+            gate[s] = (d->renormalize == MOE_FLAG_ON ? p[sel[s]] / sum : p[sel[s]]) * d->routed_scaling_factor;
+        return;
+    }
+    moe__route_softmax(l, t);
     moe__top_n(h, E, K, sel);
+    if (l->call_top_p > 0.0f) {  /* the fewest leading slots whose probabilities reach top_p */
+        double cum = 0.0;
+        for (n = 0; n < K && cum < (double)l->call_top_p; n++) cum += (double)p[sel[n]];
+    }
     if (d->router == MOE_ROUTER_NOISY_TOPK && K < E) {
         int32_t next = -1;
         for (e = 0; e < E; e++)
@@ -2095,45 +2264,77 @@ static void moe__route_token(moe_layer *l, int64_t t) {
     }
     if (d->renormalize == MOE_FLAG_ON) {
         float m = h[sel[0]], sum = 0.0f;
-        for (s = 0; s < K; s++) { gate[s] = expf(h[sel[s]] - m); sum += gate[s]; }
-        for (s = 0; s < K; s++) gate[s] /= sum;
+        for (s = 0; s < n; s++) { gate[s] = expf(h[sel[s]] - m); sum += gate[s]; }
+        for (s = 0; s < n; s++) gate[s] /= sum;
     } else {
-        for (s = 0; s < K; s++) gate[s] = p[sel[s]];
+        for (s = 0; s < n; s++) gate[s] = p[sel[s]];
     }
+    for (s = n; s < K; s++) { sel[s] = -1; gate[s] = 0.0f; }
+}
+
+/* Expert choice: expert e takes the C tokens with the largest p[., e] (ties: lower token first);
+   rows are token-ordered within the expert. Slot e of token t is expert e (pos -1: not taken). */
+static void moe__dispatch_expert_choice(moe_layer *l, int64_t T) {
+    int64_t E = l->d.n_experts, C = moe__expert_choice_tokens(&l->d, T, l->call_k), e;
+    moe__bank *b = &l->bank[0];
+    const float *p = l->p;
+    l->capacity = C;
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)C)
+    for (e = 0; e < E; e++) {
+        int32_t *list = b->row_token + e * C;  /* the best tokens so far, best first */
+        int64_t n = 0, t, j, r = e * C;
+        for (t = 0; t < T; t++) {
+            float v = p[t * E + e];
+            if (n == C && !(v > p[(int64_t)list[C - 1] * E + e])) continue;
+            j = n < C ? n++ : C - 1;
+            for (; j > 0 && v > p[(int64_t)list[j - 1] * E + e]; j--) list[j] = list[j - 1];
+            list[j] = (int32_t)t;
+        }
+        for (t = 0; t < T; t++) { l->pos[t * E + e] = -1; l->sel[t * E + e] = (int32_t)e; l->gate[t * E + e] = p[t * E + e]; }
+        for (j = 0; j < C; j++) l->pos[(int64_t)list[j] * E + e] = -2;
+        for (t = 0; t < T; t++)
+            if (l->pos[t * E + e] == -2) { b->row_token[r] = (int32_t)t; l->pos[t * E + e] = (int32_t)r++; }
+        b->offsets[e + 1] = (e + 1) * C;
+        l->chosen[e] = l->kept[e] = C;
+    }
+    b->offsets[0] = 0;
 }
 
 /* Capacity, then a stable counting sort of the kept (token, expert) pairs by expert. */
 static void moe__dispatch(moe_layer *l, int64_t T) {
     const moe_layer_desc *d = &l->d;
-    int64_t E = d->n_experts, K = d->top_k, a, t, s, e;
+    int64_t E = d->n_experts, K = l->slots, a, t, s, e;
     moe__bank *b = &l->bank[0];
     int64_t cap = 0;
-    if (d->capacity_factor > 0.0f) {
-        double c = ceil((double)d->capacity_factor * (double)T * (double)K / (double)E);
-        cap = c < 1.0 ? 1 : (int64_t)c;
+    if (d->router == MOE_ROUTER_EXPERT_CHOICE) {
+        moe__dispatch_expert_choice(l, T);
+    } else {
+        if (d->capacity_factor > 0.0f) cap = moe__capacity(d->capacity_factor, T, K, E);
+        l->capacity = cap;
+        for (e = 0; e < E; e++) { l->chosen[e] = 0; l->kept[e] = 0; }
+        for (a = 0; a < T * K; a++)
+            if (l->sel[a] >= 0) l->chosen[l->sel[a]]++;
+        for (s = 0; s < K; s++)
+            for (t = 0; t < T; t++) {
+                a = t * K + s;
+                e = l->sel[a];
+                if (e < 0 || (cap && l->kept[e] >= cap)) l->pos[a] = -1;
+                else { l->kept[e]++; l->pos[a] = 0; }
+            }
+        b->offsets[0] = 0;
+        for (e = 0; e < E; e++) b->offsets[e + 1] = b->offsets[e] + l->kept[e];
+        for (e = 0; e < E; e++) l->chosen_cursor[e] = b->offsets[e];
     }
-    l->capacity = cap;
-    for (e = 0; e < E; e++) { l->chosen[e] = 0; l->kept[e] = 0; }
-    for (a = 0; a < T * K; a++) l->chosen[l->sel[a]]++;
-    for (s = 0; s < K; s++)
-        for (t = 0; t < T; t++) {
-            a = t * K + s;
-            e = l->sel[a];
-            if (cap && l->kept[e] >= cap) l->pos[a] = -1;
-            else { l->kept[e]++; l->pos[a] = 0; }
-        }
-    b->offsets[0] = 0;
-    for (e = 0; e < E; e++) b->offsets[e + 1] = b->offsets[e] + l->kept[e];
-    for (e = 0; e < E; e++) l->chosen_cursor[e] = b->offsets[e];
     for (t = 0; t < T; t++) {
         int any = 0;
         for (s = 0; s < K; s++) {
             a = t * K + s;
             if (l->pos[a] < 0) continue;
+            any = 1;
+            if (d->router == MOE_ROUTER_EXPERT_CHOICE) continue;
             e = l->sel[a];
             l->pos[a] = (int32_t)l->chosen_cursor[e]++;
             b->row_token[l->pos[a]] = (int32_t)t;
-            any = 1;
         }
         l->passthrough[t] = !any;
     }
@@ -2170,7 +2371,7 @@ static int32_t moe__load_threshold(const moe_layer *l, int64_t t, int64_t e) {
 /* Auxiliary losses and routing statistics; sums run in a fixed order. */
 static void moe__aux_forward(moe_layer *l, int64_t T) {
     const moe_layer_desc *d = &l->d;
-    int64_t E = d->n_experts, K = d->top_k, t, e, a;
+    int64_t E = d->n_experts, K = l->call_k, t, e, a;
     moe_stats *st = &l->stats;
     double sum, mean, var;
     memset(st, 0, sizeof *st);
@@ -2194,7 +2395,8 @@ static void moe__aux_forward(moe_layer *l, int64_t T) {
     }
     if (d->importance_loss > 0.0f) {
         for (e = 0; e < E; e++) l->importance[e] = 0.0f;
-        for (a = 0; a < T * K; a++) l->importance[l->sel[a]] += l->gate[a];
+        for (a = 0; a < T * l->slots; a++)
+            if (l->sel[a] >= 0) l->importance[l->sel[a]] += l->gate[a];
         st->importance_loss = (float)((double)d->importance_loss * moe__cv2(l->importance, E, NULL));
     }
     if (d->load_loss > 0.0f && K < E && d->router == MOE_ROUTER_NOISY_TOPK) {
@@ -2490,12 +2692,12 @@ static void moe__run_step(moe_layer *l, double work, const float *x) {
 
 static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, const float *noise) {
     const moe_layer_desc *d = &l->d;
-    int64_t E = d->n_experts, K = d->top_k, D = d->d_in, O = d->d_out, t, i;
+    int64_t E = d->n_experts, K = l->slots, D = d->d_in, O = d->d_out, t, i;
     int q;
     int noisy = d->router == MOE_ROUTER_NOISY_TOPK;
     const float *u = x;
     moe__gemm g;
-    /* 1. router logits */
+    /* 1. router logits (the hash router has none) */
     if (l->xr) {
         if (l->training) {
             uint64_t stream = moe__stream(MOE__STREAM_JITTER, l->index, l->noise_step);
@@ -2508,9 +2710,11 @@ static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, 
             u = l->xr;
         }
     }
-    g = moe__gemm_make(MOE__NT, T, E, D, moe__mat_of(u, D), moe__mat_of(moe__w(l, l->router.w), D), l->clean, E, 0,
-                       l->router.b >= 0 ? moe__w(l, l->router.b) : NULL);
-    moe__gemm_run(&l->ex, &g);
+    if (l->router.w >= 0) {
+        g = moe__gemm_make(MOE__NT, T, E, D, moe__mat_of(u, D), moe__mat_of(moe__w(l, l->router.w), D), l->clean, E, 0,
+                           l->router.b >= 0 ? moe__w(l, l->router.b) : NULL);
+        moe__gemm_run(&l->ex, &g);
+    }
     if (noisy) {
         uint64_t stream = moe__stream(MOE__STREAM_NOISE, l->index, l->noise_step);
         g = moe__gemm_make(MOE__NT, T, E, D, moe__mat_of(u, D), moe__mat_of(moe__w(l, l->noise.w), D), l->raw, E, 0, NULL);
@@ -2559,15 +2763,25 @@ static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, 
 /* dh for token t: through the gates, the softmax and (with aux) the auxiliary losses. */
 static void moe__router_backward_token(moe_layer *l, int64_t t, int aux, float bal_scale) {
     const moe_layer_desc *d = &l->d;
-    int64_t E = d->n_experts, K = d->top_k, e, s;
+    int64_t E = d->n_experts, K = l->slots, e, s;
     const float *p = l->p + t * E;
     const float *gate = l->gate + t * K, *dg = l->dgate + t * K;
     const int32_t *sel = l->sel + t * K;
     float *dh = l->dh + t * E;
     float dot = 0.0f;
     for (e = 0; e < E; e++) dh[e] = 0.0f;
+    if (d->router == MOE_ROUTER_SIGMOID) {
+        /* g_s = c p_s / S (S = sum of the chosen p; renormalize off: g_s = c p_s); dc = dp * p (1 - p) */
+        float S = 0.0f, gs = 0.0f;
+        for (s = 0; s < K; s++) { S += p[sel[s]]; gs += gate[s] * dg[s]; }
+        for (s = 0; s < K; s++)
+            dh[sel[s]] = d->renormalize == MOE_FLAG_ON ? (d->routed_scaling_factor * dg[s] - gs) / S : d->routed_scaling_factor * dg[s];
+        for (e = 0; e < E; e++) dh[e] *= p[e] * (1.0f - p[e]);
+        return;
+    }
     if (d->renormalize != MOE_FLAG_ON)
-        for (s = 0; s < K; s++) dh[sel[s]] += dg[s];
+        for (s = 0; s < K; s++)
+            if (sel[s] >= 0) dh[sel[s]] += dg[s];
     if (aux && d->balance_loss > 0.0f)
         for (e = 0; e < E; e++) dh[e] += bal_scale * (float)l->chosen[e];
     for (e = 0; e < E; e++) dot += p[e] * dh[e];
@@ -2575,7 +2789,8 @@ static void moe__router_backward_token(moe_layer *l, int64_t t, int aux, float b
     if (d->renormalize == MOE_FLAG_ON) {
         float gs = 0.0f;
         for (s = 0; s < K; s++) gs += gate[s] * dg[s];
-        for (s = 0; s < K; s++) dh[sel[s]] += gate[s] * (dg[s] - gs);
+        for (s = 0; s < K; s++)
+            if (sel[s] >= 0) dh[sel[s]] += gate[s] * (dg[s] - gs);
     }
     if (aux && d->z_loss > 0.0f) {
         float c = 2.0f * d->z_loss * l->lse[t] / (float)l->T;
@@ -2602,10 +2817,10 @@ static void moe__router_backward_token(moe_layer *l, int64_t t, int aux, float b
 
 static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flags) {
     const moe_layer_desc *d = &l->d;
-    int64_t T = l->T, E = d->n_experts, K = d->top_k, D = d->d_in, O = d->d_out, t, i;
-    int aux = (flags & MOE_BACKWARD_AUX) != 0, noisy = d->router == MOE_ROUTER_NOISY_TOPK, q;
+    int64_t T = l->T, E = d->n_experts, K = l->slots, D = d->d_in, O = d->d_out, t, i;
+    int aux = (flags & MOE_BACKWARD_AUX) != 0, noisy = d->router == MOE_ROUTER_NOISY_TOPK, routed = l->router.w >= 0, q;
     moe__bank *rb = &l->bank[0];
-    float bal_scale = d->balance_loss * (float)E / ((float)(T * K) * (float)T);
+    float bal_scale = d->balance_loss * (float)E / ((float)(T * l->call_k) * (float)T);
     moe__gemm g;
     /* gradients at the gates and at the expert outputs */
     MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)O * (double)(2 * K + 1))
@@ -2629,27 +2844,34 @@ static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flag
     }
     if (aux && d->importance_loss > 0.0f) {
         moe__cv2(l->importance, E, l->dimportance);
-        for (i = 0; i < T * K; i++) l->dgate[i] += d->importance_loss * l->dimportance[l->sel[i]];
+        for (i = 0; i < T * K; i++)
+            if (l->sel[i] >= 0) l->dgate[i] += d->importance_loss * l->dimportance[l->sel[i]];
     }
-    if (aux && d->load_loss > 0.0f && K < E && noisy) {
+    if (aux && d->load_loss > 0.0f && l->call_k < E && noisy) {
         moe__cv2(l->load, E, l->dload);
         for (i = 0; i < E; i++) l->dload[i] *= d->load_loss;
     }
     /* experts: step by step from the output, input-side and weight gradients in one schedule */
     for (q = 0; q < moe__bank_back_steps(rb); q++) moe__run_step(l, moe__plan_step(l, 1, q, dx != NULL), l->x);
-    /* router */
-    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)E * (double)(K + 20))
-    for (t = 0; t < T; t++) moe__router_backward_token(l, t, aux, bal_scale);
-    g = moe__gemm_make(MOE__TN, E, D, T, moe__mat_of(l->dclean, E), moe__mat_of(l->u, D), moe__g(l, l->router.w), D, 1, NULL);
-    moe__gemm_run(&l->ex, &g);
+    /* router (the hash router has no parameters: its gradient stops at the gates) */
+    if (routed) {
+        MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)E * (double)(K + 20))
+        for (t = 0; t < T; t++) moe__router_backward_token(l, t, aux, bal_scale);
+        g = moe__gemm_make(MOE__TN, E, D, T, moe__mat_of(l->dclean, E), moe__mat_of(l->u, D), moe__g(l, l->router.w), D, 1, NULL);
+        moe__gemm_run(&l->ex, &g);
+    }
     if (l->router.b >= 0) moe__colsum_acc(&l->ex, l->dclean, T, E, E, moe__g(l, l->router.b));
     if (noisy) {
         g = moe__gemm_make(MOE__TN, E, D, T, moe__mat_of(l->dstd, E), moe__mat_of(l->u, D), moe__g(l, l->noise.w), D, 1, NULL);
         moe__gemm_run(&l->ex, &g);
     }
     if (!dx) return;
-    g = moe__gemm_make(MOE__NN, T, D, E, moe__mat_of(l->dclean, E), moe__mat_of(moe__w(l, l->router.w), D), l->dxu, D, 0, NULL);
-    moe__gemm_run(&l->ex, &g);
+    if (routed) {
+        g = moe__gemm_make(MOE__NN, T, D, E, moe__mat_of(l->dclean, E), moe__mat_of(moe__w(l, l->router.w), D), l->dxu, D, 0, NULL);
+        moe__gemm_run(&l->ex, &g);
+    } else {
+        memset(l->dxu, 0, (size_t)(T * D) * sizeof(float));
+    }
     if (noisy) {
         g = moe__gemm_make(MOE__NN, T, D, E, moe__mat_of(l->dstd, E), moe__mat_of(moe__w(l, l->noise.w), D), l->dxu, D, 1, NULL);
         moe__gemm_run(&l->ex, &g);
@@ -2686,7 +2908,29 @@ static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flag
 }
 
 // >>layer_api ---------------------------------------------------------------
-static void moe__layer_forward_impl(moe_layer *l, const float *x, int64_t T, float *y, int training, const float *noise) {
+/* The per-call routing options of a forward, checked for layer l before anything runs. */
+static moe_result moe__call_check(moe_layer *l, const moe_forward_opts *o) {
+    const moe_layer_desc *d = &l->d;
+    int k = o && o->top_k ? o->top_k : d->top_k;
+    float top_p = o ? o->top_p : 0.0f;
+    if (d->kind != MOE_LAYER_MOE) return MOE_OK;
+    if (k < 1 || k > d->max_top_k)
+        return moe__fail(l->ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: top_k %d of the call must be in 1..max_top_k (%d)", l->index, k, d->max_top_k);
+    if (top_p != 0.0f && !(top_p > 0.0f && top_p <= 1.0f))
+        return moe__fail(l->ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: top_p must be in (0, 1] (0: off)", l->index);
+    if (top_p != 0.0f && d->router != MOE_ROUTER_TOPK && d->router != MOE_ROUTER_NOISY_TOPK && d->router != MOE_ROUTER_SWITCH)
+        return moe__fail(l->ctx, MOE_ERR_UNSUPPORTED, "layer %d: top_p needs a softmax token-choice router (topk, noisy_topk, switch)", l->index);
+    if (d->router == MOE_ROUTER_HASH && !(o && o->token_ids))
+        return moe__fail(l->ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: the hash router needs moe_forward_opts.token_ids", l->index);
+    return MOE_OK;
+}
+
+static void moe__layer_forward_impl(moe_layer *l, const float *x, int64_t T, float *y, int training, const float *noise,
+                                    const moe_forward_opts *o) {
+    l->call_k = o && o->top_k ? o->top_k : l->d.top_k;
+    l->call_top_p = o ? o->top_p : 0.0f;
+    l->token_ids = o ? o->token_ids : NULL;
+    l->slots = l->d.router == MOE_ROUTER_EXPERT_CHOICE ? l->d.n_experts : l->call_k;
     l->x = x;
     l->y = y;
     l->T = T;
@@ -2795,8 +3039,9 @@ MOEDEF moe_result moe_layer_forward(moe_layer *l, const float *x, int64_t n_toke
     MOE__TRY(moe__check_tokens(l->ctx, n_tokens, l->max_tokens));
     if (!moe__all_finite(x, n_tokens * l->d.d_in)) return moe__fail(l->ctx, MOE_ERR_NONFINITE, "x holds NaN or Inf");
     if (opts && opts->training) MOE__TRY(moe__check_trainable(l));
+    MOE__TRY(moe__call_check(l, opts));
     moe__layer_forward_impl(l, x, n_tokens, y, opts && opts->training,
-                            opts && opts->router_noise ? opts->router_noise[0] : NULL);
+                            opts && opts->router_noise ? opts->router_noise[0] : NULL, opts);
     return MOE_OK;
 }
 
@@ -2894,6 +3139,28 @@ MOEDEF moe_result moe_layer_quantize(moe_layer *l, moe_dtype dtype) {
         }
     l->qblock = block;
     l->wdtype = dtype;
+    return MOE_OK;
+}
+
+/* Sigmoid router: b_e += rate * sign(mean load - load_e), load = assignments of the last forward
+   before capacity. */
+static void moe__update_selection_bias(moe_layer *l) {
+    int64_t E = l->d.n_experts, e;
+    float *b = moe__w(l, l->selection_bias);
+    double mean = 0.0;
+    if (l->selection_bias < 0 || !l->has_forward || l->d.bias_update_rate == 0.0f) return;
+    for (e = 0; e < E; e++) mean += (double)l->chosen[e];
+    mean /= (double)E;
+    for (e = 0; e < E; e++) {
+        double diff = mean - (double)l->chosen[e];
+        b[e] += diff > 0.0 ? l->d.bias_update_rate : diff < 0.0 ? -l->d.bias_update_rate : 0.0f;
+    }
+}
+
+MOEDEF moe_result moe_layer_update_bias(moe_layer *l) {
+    if (!l) return MOE_ERR_INVALID_ARGUMENT;
+    if (l->selection_bias >= 0 && !l->has_forward) return moe__fail(l->ctx, MOE_ERR_STATE, "selection-bias update before any forward");
+    moe__update_selection_bias(l);
     return MOE_OK;
 }
 
@@ -3316,12 +3583,14 @@ static moe_result moe__model_forward(moe_model *m, const float *x, int64_t T, co
     MOE__TRY(moe__check_tokens(m->ctx, T, m->desc.max_tokens));
     if (!x) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "x is NULL");
     if (!moe__all_finite(x, T * m->desc.d_in)) return moe__fail(m->ctx, MOE_ERR_NONFINITE, "x holds NaN or Inf");
-    if (opts && opts->training)
-        for (i = 0; i < m->n_layers; i++) MOE__TRY(moe__check_trainable(&m->layers[i]));
+    for (i = 0; i < m->n_layers; i++) {
+        if (opts && opts->training) MOE__TRY(moe__check_trainable(&m->layers[i]));
+        MOE__TRY(moe__call_check(&m->layers[i], opts));
+    }
     m->has_forward = 0;
     for (i = 0; i < m->n_layers; i++) {
         const float *noise = opts && opts->router_noise ? opts->router_noise[i] : NULL;
-        moe__layer_forward_impl(&m->layers[i], in, T, m->outs[i], opts && opts->training, noise);
+        moe__layer_forward_impl(&m->layers[i], in, T, m->outs[i], opts && opts->training, noise, opts);
         in = m->outs[i];
     }
     m->x = x;
@@ -3368,9 +3637,28 @@ MOEDEF void moe_model_zero_grad(moe_model *m) {
     if (m) memset(m->grads, 0, (size_t)m->n_params * sizeof(float));
 }
 
+/* The optimizer step, with every selection bias held out of it (it is state, not a parameter:
+   no weight decay) and then moved by the aux-loss-free rule. */
+static moe_result moe__model_step(moe_model *m, moe_step_info *info) {
+    moe_result r;
+    int i;
+    for (i = 0; i < m->n_layers; i++) {
+        moe_layer *l = &m->layers[i];
+        if (l->bias_keep) memcpy(l->bias_keep, moe__w(l, l->selection_bias), (size_t)l->d.n_experts * sizeof(float));
+    }
+    r = moe_optimizer_step(m->opt, m->params, m->grads, info);
+    for (i = 0; i < m->n_layers; i++) {
+        moe_layer *l = &m->layers[i];
+        if (!l->bias_keep) continue;
+        memcpy(moe__w(l, l->selection_bias), l->bias_keep, (size_t)l->d.n_experts * sizeof(float));
+        if (r == MOE_OK) moe__update_selection_bias(l);
+    }
+    return r;
+}
+
 MOEDEF moe_result moe_model_optimizer_step(moe_model *m, moe_step_info *info) {
     if (!m) return MOE_ERR_INVALID_ARGUMENT;
-    return moe_optimizer_step(m->opt, m->params, m->grads, info);
+    return moe__model_step(m, info);
 }
 
 static float moe__model_aux(const moe_model *m) {
@@ -3402,7 +3690,7 @@ MOEDEF moe_result moe_model_train_step(moe_model *m, const float *x, const moe_t
     moe_model_zero_grad(m);
     MOE__TRY(moe_model_backward(m, m->dloss, NULL, MOE_BACKWARD_AUX));
     {
-        moe_result r = moe_optimizer_step(m->opt, m->params, m->grads, &si);
+        moe_result r = moe__model_step(m, &si);
         si.loss = loss;
         si.aux_loss = aux;
         if (info) *info = si;
@@ -4292,7 +4580,7 @@ MOEDEF moe_result moe_tensor_writer_save(moe_tensor_writer *w, const char *path)
 // >>model_config ------------------------------------------------------------
 static const char *const moe__kind_names[] = {"", "dense", "moe", "rmsnorm", "layernorm"};
 static const char *const moe__act_names[] = {"", "identity", "relu", "gelu", "silu", "tanh", "sigmoid"};
-static const char *const moe__router_names[] = {"", "topk", "noisy_topk", "switch"};
+static const char *const moe__router_names[] = {"", "topk", "noisy_topk", "switch", "sigmoid", "expert_choice", "hash"};
 static const char *const moe__expert_names[] = {"", "linear", "mlp", "swiglu"};
 static const char *const moe__loss_names[] = {"", "cross_entropy", "mse", "bce"};
 static const char *const moe__opt_names[] = {"", "sgd", "adam", "adamw"};
@@ -4327,6 +4615,14 @@ static void moe__config_write(const moe_model *m, moe__sb *b) {
             moe__sb_str(b, ",\"z_loss\":"); moe__sb_float(b, l->z_loss);
             moe__sb_str(b, ",\"importance_loss\":"); moe__sb_float(b, l->importance_loss);
             moe__sb_str(b, ",\"load_loss\":"); moe__sb_float(b, l->load_loss);
+            /* fields of newer routers are written where they apply, so older files read the same */
+            if (l->max_top_k != l->top_k) moe__sb_printf(b, ",\"max_top_k\":%d", l->max_top_k);
+            if (l->router == MOE_ROUTER_SIGMOID) {
+                moe__sb_str(b, ",\"routed_scaling_factor\":"); moe__sb_float(b, l->routed_scaling_factor);
+                moe__sb_printf(b, ",\"groups\":%d,\"top_k_groups\":%d,\"bias_update_rate\":", l->n_groups, l->top_k_groups);
+                moe__sb_float(b, l->bias_update_rate);
+            }
+            if (l->router == MOE_ROUTER_HASH) moe__sb_printf(b, ",\"hash_seed\":%lu", (unsigned long)l->hash_seed);
         }
         moe__sb_str(b, "}");
     }
@@ -4344,7 +4640,7 @@ static void moe__config_write(const moe_model *m, moe__sb *b) {
 }
 
 /* Reading the configuration: each field names its slot in the desc. */
-enum { MOE__F_INT, MOE__F_I64, MOE__F_FLOAT, MOE__F_BOOL, MOE__F_FLAG, MOE__F_ENUM };
+enum { MOE__F_INT, MOE__F_I64, MOE__F_FLOAT, MOE__F_BOOL, MOE__F_FLAG, MOE__F_ENUM, MOE__F_U32 };
 
 typedef struct moe__field {
     const char *name;
@@ -4384,6 +4680,12 @@ static const moe__field moe__layer_fields[] = {
     MOE__LF("z_loss", MOE__F_FLOAT, z_loss, NULL, 0, MOE__K_MOE),
     MOE__LF("importance_loss", MOE__F_FLOAT, importance_loss, NULL, 0, MOE__K_MOE),
     MOE__LF("load_loss", MOE__F_FLOAT, load_loss, NULL, 0, MOE__K_MOE),
+    MOE__LF("max_top_k", MOE__F_INT, max_top_k, NULL, 0, MOE__K_MOE),
+    MOE__LF("routed_scaling_factor", MOE__F_FLOAT, routed_scaling_factor, NULL, 0, MOE__K_MOE),
+    MOE__LF("groups", MOE__F_INT, n_groups, NULL, 0, MOE__K_MOE),
+    MOE__LF("top_k_groups", MOE__F_INT, top_k_groups, NULL, 0, MOE__K_MOE),
+    MOE__LF("bias_update_rate", MOE__F_FLOAT, bias_update_rate, NULL, 0, MOE__K_MOE),
+    MOE__LF("hash_seed", MOE__F_U32, hash_seed, NULL, 0, MOE__K_MOE),
 };
 
 #define MOE__OF(name, type, field, names, n) {name, type, offsetof(moe_optimizer_desc, field), names, n, 0}
@@ -4414,6 +4716,10 @@ static moe_result moe__field_set(moe_ctx *ctx, const moe__json *j, int32_t v, co
     case MOE__F_I64:
         if (!moe__json_int(j, v, &iv)) break;
         *(int64_t *)(void *)p = iv;
+        return MOE_OK;
+    case MOE__F_U32:
+        if (!moe__json_int(j, v, &iv) || iv < 0 || iv > (int64_t)UINT32_MAX) break;
+        *(uint32_t *)(void *)p = (uint32_t)iv;
         return MOE_OK;
     case MOE__F_FLOAT:
         if (!moe__json_double(j, v, &dv) || !(dv >= -FLT_MAX && dv <= FLT_MAX)) break;

@@ -323,7 +323,9 @@ static moe_result cpu_forward(bench_run *run, int64_t n) {
 }
 
 static moe_result cpu_train(bench_run *run, int64_t n) {
-    moe_forward_opts opts = { 1, NULL };
+    moe_forward_opts opts;
+    memset(&opts, 0, sizeof opts);
+    opts.training = 1;
     moe_result r = moe_layer_forward(run->layer, run->x, n, run->y, &opts);
     return r != MOE_OK ? r : moe_layer_backward(run->layer, run->dy, run->dx, 0);
 }
@@ -445,7 +447,9 @@ static int check_against_reference(bench_run *run, const bench_backend *b, int t
     moe_layer *ref = NULL;
     float *y = (float *)malloc(bytes), *dx = (float *)malloc(bytes);
     float *params = moe_layer_params(run->layer, &n_params), *grads = moe_layer_grads(run->layer, NULL);
-    moe_forward_opts opts = { 1, NULL };
+    moe_forward_opts opts;
+    memset(&opts, 0, sizeof opts);
+    opts.training = 1;
     int status = 1, i;
     c->max_rel = 0.0;
     snprintf(c->worst, sizeof c->worst, "y");

@@ -2,12 +2,14 @@
 
      build/moe info MODEL [--json]
      build/moe init CONFIG.json OUT [--seed S]
-     build/moe forward MODEL IN OUT [--threads N]
-     build/moe backward MODEL IN OUT [--threads N]
+     build/moe forward MODEL IN OUT [--threads N] [--top-k K] [--top-p P]
+     build/moe backward MODEL IN OUT [--threads N] [--top-k K] [--top-p P]
      build/moe train MODEL DATA OUT [--epochs N] [--batch N] [--lr X] [--seed S] [--threads N]
 
    MODEL, IN, DATA and OUT are safetensors files (README.md (Model reference) sections 6 and 7):
    - forward:  IN holds x [T, d_in] (any float dtype); OUT gets y [T, d_out] (F32). Inference mode.
+               IN may hold token_ids [T] (integer; hash routers need them). --top-k and --top-p
+               are moe_forward_opts.top_k and .top_p.
    - backward: IN holds x and dy [T, d_out]; OUT gets y, dx [T, d_in] and grad.<name> for every
                tensor of the model: the gradients of sum(y * dy) at inference, without aux losses.
    - train:    DATA holds x and either labels [N] (I32 or I64, cross_entropy models) or y [N, d_out]
@@ -34,7 +36,9 @@ enum {
     OPT_LR = 1 << 2,
     OPT_SEED = 1 << 3,
     OPT_THREADS = 1 << 4,
-    OPT_JSON = 1 << 5
+    OPT_JSON = 1 << 5,
+    OPT_TOP_K = 1 << 6,
+    OPT_TOP_P = 1 << 7
 };
 
 typedef struct options {
@@ -45,6 +49,8 @@ typedef struct options {
     float lr;
     uint64_t seed;
     int threads;                /* 0: all OpenMP threads */
+    int top_k;                  /* 0: each layer's top_k */
+    float top_p;                /* 0: off */
 } options;
 
 /* What every command gets: the library context and the command's name for messages. */
@@ -74,9 +80,9 @@ static const command commands[] = {
      "print the configuration, parameter count and tensors (--json: the moe.config text)"},
     {"init", 2, OPT_SEED, run_init, "init CONFIG.json OUT [--seed S]",
      "create a model with fresh parameters from a moe.config JSON file"},
-    {"forward", 3, OPT_THREADS, run_forward, "forward MODEL IN OUT [--threads N]",
+    {"forward", 3, OPT_THREADS | OPT_TOP_K | OPT_TOP_P, run_forward, "forward MODEL IN OUT [--threads N] [--top-k K] [--top-p P]",
      "IN: x [T, d_in]; OUT: y [T, d_out] (inference)"},
-    {"backward", 3, OPT_THREADS, run_backward, "backward MODEL IN OUT [--threads N]",
+    {"backward", 3, OPT_THREADS | OPT_TOP_K | OPT_TOP_P, run_backward, "backward MODEL IN OUT [--threads N] [--top-k K] [--top-p P]",
      "IN: x, dy [T, d_out]; OUT: y, dx, grad.<name> of sum(y * dy) (inference, no aux losses)"},
     {"train", 3, OPT_EPOCHS | OPT_BATCH | OPT_LR | OPT_SEED | OPT_THREADS, run_train,
      "train MODEL DATA OUT [--epochs N] [--batch N] [--lr X] [--seed S] [--threads N]",
@@ -118,10 +124,22 @@ static int parse_int(const char *s, int64_t lo, int64_t hi, int64_t *out) {
     return 1;
 }
 
+/* Whole-string number in (0, hi]. */
+static int parse_positive(const char *s, double hi, float *out) {
+    char *end;
+    double v;
+    errno = 0;
+    v = strtod(s, &end);
+    if (errno || end == s || *end || !(v > 0.0 && v <= hi)) return 0;
+    *out = (float)v;
+    return 1;
+}
+
 static int parse_options(const command *c, int argc, char **argv, options *o) {
     static const struct { const char *name; unsigned bit; } names[] = {
         {"--epochs", OPT_EPOCHS}, {"--batch", OPT_BATCH}, {"--lr", OPT_LR},
         {"--seed", OPT_SEED}, {"--threads", OPT_THREADS}, {"--json", OPT_JSON},
+        {"--top-k", OPT_TOP_K}, {"--top-p", OPT_TOP_P},
     };
     int i, q;
     memset(o, 0, sizeof *o);
@@ -151,18 +169,18 @@ static int parse_options(const command *c, int argc, char **argv, options *o) {
         } else if (bit == OPT_THREADS) {
             if (!parse_int(value, 0, 4096, &v)) return usage_error("--threads: \"%s\" is not in 0..4096", value);
             o->threads = (int)v;
+        } else if (bit == OPT_TOP_K) {
+            if (!parse_int(value, 1, 65536, &v)) return usage_error("--top-k: \"%s\" is not in 1..65536", value);
+            o->top_k = (int)v;
+        } else if (bit == OPT_TOP_P) {
+            if (!parse_positive(value, 1.0, &o->top_p)) return usage_error("--top-p: \"%s\" is not in (0, 1]", value);
         } else if (bit == OPT_SEED) {
             char *end;
             errno = 0;
             o->seed = (uint64_t)strtoull(value, &end, 10);
             if (errno || end == value || *end || value[0] == '-') return usage_error("--seed: \"%s\" is not an unsigned integer", value);
         } else {
-            char *end;
-            double lr;
-            errno = 0;
-            lr = strtod(value, &end);
-            if (errno || end == value || *end || !(lr > 0.0 && lr <= 1e6)) return usage_error("--lr: \"%s\" is not a positive number", value);
-            o->lr = (float)lr;
+            if (!parse_positive(value, 1e6, &o->lr)) return usage_error("--lr: \"%s\" is not a positive number", value);
         }
     }
     if (o->n_args != c->n_args) return usage_error("usage: moe %s", c->usage);
@@ -261,7 +279,7 @@ static const char *name_of(const char *const *names, int count, int value) {
 
 static const char *const kind_names[] = {"default", "dense", "moe", "rmsnorm", "layernorm"};
 static const char *const act_names[] = {"default", "identity", "relu", "gelu", "silu", "tanh", "sigmoid"};
-static const char *const router_names[] = {"default", "topk", "noisy_topk", "switch"};
+static const char *const router_names[] = {"default", "topk", "noisy_topk", "switch", "sigmoid", "expert_choice", "hash"};
 static const char *const expert_names[] = {"default", "linear", "mlp", "swiglu"};
 static const char *const loss_names[] = {"default", "cross_entropy", "mse", "bce"};
 static const char *const optimizer_names[] = {"default", "sgd", "adam", "adamw"};
@@ -285,6 +303,11 @@ static void print_layer(int i, const moe_layer_desc *l) {
         else
             printf("        experts %s: d_hidden %lld, hidden_layers %d, activation %s, bias %s\n", NAME(expert_names, l->expert),
                    (long long)l->d_hidden, l->n_hidden_layers, NAME(act_names, l->activation), l->bias == MOE_FLAG_ON ? "yes" : "no");
+        if (l->router == MOE_ROUTER_SIGMOID)
+            printf("        routed_scaling_factor %g, groups %d (top %d), bias_update_rate %g\n", (double)l->routed_scaling_factor,
+                   l->n_groups, l->top_k_groups, (double)l->bias_update_rate);
+        if (l->router == MOE_ROUTER_HASH) printf("        hash_seed %lu\n", (unsigned long)l->hash_seed);
+        if (l->max_top_k != l->top_k) printf("        max_top_k %d\n", l->max_top_k);
         if (l->n_shared_experts > 0)
             printf("        shared experts %d: d_shared_hidden %lld\n", l->n_shared_experts, (long long)l->d_shared_hidden);
         printf("        aux losses: balance %g, z %g, importance %g, load %g\n", (double)l->balance_loss, (double)l->z_loss,
@@ -389,6 +412,9 @@ static int run_pass(tool *t, int backward) {
     moe_model *m = NULL;
     moe_tensor_writer *w = NULL;
     float *x = NULL, *y = NULL, *dy = NULL, *dx = NULL;
+    int32_t *ids = NULL;
+    const moe_file_tensor *tid;
+    moe_forward_opts opts;
     int64_t T = 0, d_in, d_out, y_shape[2], dx_shape[2];
     int rc = 1, i;
     if (moe_tensor_file_read(&t->ctx, in_path, &in) != MOE_OK) { fail_lib(t, "cannot read input", in_path); goto done; }
@@ -399,7 +425,16 @@ static int run_pass(tool *t, int backward) {
     if (!(x = read_matrix(t, in, in_path, "x", T, d_in, NULL))) goto done;
     if (backward && !(dy = read_matrix(t, in, in_path, "dy", T, d_out, NULL))) goto done;
     if (!(y = alloc_floats(t, T * d_out))) goto done;
-    if (moe_model_forward(m, x, T, y, NULL) != MOE_OK) { fail(t, "forward failed: %s", moe_ctx_error(&t->ctx)); goto done; }
+    memset(&opts, 0, sizeof opts);
+    opts.top_k = t->opt->top_k;
+    opts.top_p = t->opt->top_p;
+    if ((tid = moe_tensor_file_find(in, "token_ids")) != NULL) {  /* for hash routers */
+        if (tid->ndim != 1 || tid->shape[0] != T) { fail(t, "%s: tensor \"token_ids\" must be [%lld]", in_path, (long long)T); goto done; }
+        if (!(ids = (int32_t *)malloc(sizeof(int32_t) * (size_t)T))) { fail(t, "out of memory"); goto done; }
+        if (moe_file_tensor_to_i32(&t->ctx, tid, ids, T) != MOE_OK) { fail_lib(t, "reading token_ids from", in_path); goto done; }
+        opts.token_ids = ids;
+    }
+    if (moe_model_forward(m, x, T, y, &opts) != MOE_OK) { fail(t, "forward failed: %s", moe_ctx_error(&t->ctx)); goto done; }
     if (moe_tensor_writer_create(&t->ctx, &w) != MOE_OK) { fail(t, "%s", moe_ctx_error(&t->ctx)); goto done; }
     y_shape[0] = T;
     y_shape[1] = d_out;
@@ -432,6 +467,7 @@ done:
     free(y);
     free(dy);
     free(dx);
+    free(ids);
     return rc;
 }
 

@@ -24,6 +24,9 @@ typedef struct ref_run {
     double aux[64][4];          /* per layer: balance, z, importance, load (coefficients applied) */
     double kept[64][64];        /* per layer, per expert: kept assignments */
     double dropped[64];         /* per layer: dropped tokens */
+    int top_k;                  /* per-call k (0: each layer's top_k) */
+    float top_p;                /* per-call top-p (0: off) */
+    const int32_t *token_ids;   /* [T] for hash routers */
 } ref_run;
 
 static void ref_decide(ref_run *r, uint64_t v) { r->sig = (r->sig ^ v) * 0x100000001B3ull + 0x9E37u; }
@@ -120,18 +123,47 @@ static double ref_phi(double z) { return 0.5 * erfc(-z / sqrt(2.0)); }
 /* h[a] before h[b] in the selection order (larger first, ties to the lower index) */
 static int ref_before(const double *h, int64_t a, int64_t b) { return h[a] > h[b] || (h[a] == h[b] && a < b); }
 
+/* splitmix64 finaliser and the counter-based generator of README.md (Model reference, hash router) */
+static uint64_t ref_mix(uint64_t z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* idx[0..n) = the n entries of v[0..m) in the selection order (larger first, ties to the lower
+   index; -inf entries never chosen before finite ones); records the order and the runner-up. */
+static void ref_pick(ref_run *r, const double *v, int64_t m, int64_t n, int64_t *idx) {
+    int64_t s, e, q;
+    for (s = 0; s <= n && s < m; s++) {
+        int64_t best = -1;
+        for (e = 0; e < m; e++) {
+            int taken = 0;
+            for (q = 0; q < s; q++) taken |= idx[q] == e;
+            if (!taken && (best < 0 || ref_before(v, e, best))) best = e;
+        }
+        if (s < n) idx[s] = best;
+        ref_decide(r, (uint64_t)best + (s < n ? 0u : 1000u));
+    }
+}
+
 static void ref_moe(ref_run *r, int layer, const moe_layer_desc *d, const double *x, int64_t T, double *y) {
-    int64_t E = d->n_experts, K = d->top_k, D = d->d_in, O = d->d_out, t, e, s, j;
-    int noisy = d->router == MOE_ROUTER_NOISY_TOPK;
+    int64_t E = d->n_experts, K = r->top_k ? r->top_k : d->top_k, D = d->d_in, O = d->d_out, t, e, s, j;
+    int noisy = d->router == MOE_ROUTER_NOISY_TOPK, sigmoid = d->router == MOE_ROUTER_SIGMOID;
+    int ec = d->router == MOE_ROUTER_EXPERT_CHOICE, hash = d->router == MOE_ROUTER_HASH;
+    int64_t KS = ec ? E : K;  /* slots per token */
     const double *Wr = ref_tensor(r, layer, "router.weight");
+    const double *sbias = sigmoid ? ref_tensor(r, layer, "router.selection_bias") : NULL;
     const double *br = d->router_bias == MOE_FLAG_ON ? ref_tensor(r, layer, "router.bias") : NULL;
     const double *Wn = noisy ? ref_tensor(r, layer, "router.noise_weight") : NULL;
     double *u = (double *)malloc(sizeof(double) * (size_t)(T * D));
     double *c = (double *)calloc((size_t)(T * E), sizeof(double)), *sd = (double *)calloc((size_t)(T * E), sizeof(double));
     double *h = (double *)calloc((size_t)(T * E), sizeof(double)), *p = (double *)calloc((size_t)(T * E), sizeof(double));
-    double *lse = (double *)calloc((size_t)T, sizeof(double)), *gate = (double *)calloc((size_t)(T * K), sizeof(double));
-    int64_t *sel = (int64_t *)calloc((size_t)(T * K + 1), sizeof(int64_t));
-    int *kept = (int *)calloc((size_t)(T * K), sizeof(int));
+    double *lse = (double *)calloc((size_t)T, sizeof(double)), *gate = (double *)calloc((size_t)(T * KS), sizeof(double));
+    int64_t *sel = (int64_t *)calloc((size_t)(T * KS + 1), sizeof(int64_t));
+    int *kept = (int *)calloc((size_t)(T * KS), sizeof(int));
+    double *key = (double *)calloc((size_t)E, sizeof(double)), *gsc = (double *)calloc((size_t)E, sizeof(double));
+    int64_t *gidx = (int64_t *)calloc((size_t)E + 1, sizeof(int64_t));
     int64_t *count = (int64_t *)calloc((size_t)E, sizeof(int64_t)), *chosen = (int64_t *)calloc((size_t)E, sizeof(int64_t));
     double *fx = (double *)malloc(sizeof(double) * (size_t)O);
     double *aux = r->aux[layer];
@@ -146,7 +178,7 @@ static void ref_moe(ref_run *r, int layer, const moe_layer_desc *d, const double
             }
             u[t * D + j] = x[t * D + j] * J;
         }
-    for (t = 0; t < T; t++) {
+    for (t = 0; t < T && !hash; t++) {
         ref_linear(Wr, br, u + t * D, D, E, c + t * E);
         if (noisy) {
             ref_linear(Wn, NULL, u + t * D, D, E, sd + t * E);
@@ -163,47 +195,88 @@ static void ref_moe(ref_run *r, int layer, const moe_layer_desc *d, const double
     for (t = 0; t < T; t++) {
         const double *ht = h + t * E;
         double m = -DBL_MAX, z = 0;
+        int64_t n = K, *st = sel + t * KS;
+        double *gt = gate + t * KS, *pt = p + t * E;
+        if (hash) {  /* k distinct experts from moe_rng_u64(hash_seed, layer, id << 32 | c) mod E */
+            uint64_t id = (uint64_t)(uint32_t)r->token_ids[t] << 32, c2;
+            int64_t got = 0, q;
+            for (c2 = 0; got < K; c2++) {
+                uint64_t v = ref_mix(ref_mix(ref_mix((uint64_t)d->hash_seed) ^ (uint64_t)layer) ^ (id | c2));
+                int seen = 0;
+                e = (int64_t)(v % (uint64_t)E);
+                for (q = 0; q < got; q++) seen |= st[q] == e;
+                if (!seen) st[got++] = e;
+            }
+            for (s = 0; s < K; s++) { gt[s] = 1.0 / (double)K; chosen[st[s]]++; }
+            continue;
+        }
+        if (sigmoid) {
+            int64_t G = d->n_groups, gn = E / G, q, i2;
+            double S = 0;
+            for (e = 0; e < E; e++) { pt[e] = 1.0 / (1.0 + exp(-ht[e])); key[e] = pt[e] + sbias[e]; }
+            if (G > 1) {
+                int64_t two[3];
+                for (q = 0; q < G; q++) {
+                    ref_pick(r, key + q * gn, gn, gn < 2 ? 1 : 2, two);
+                    gsc[q] = key[q * gn + two[0]] + (gn < 2 ? 0.0 : key[q * gn + two[1]]);
+                }
+                ref_pick(r, gsc, G, d->top_k_groups, gidx);
+                for (e = 0; e < E; e++) {
+                    int in = 0;
+                    for (i2 = 0; i2 < d->top_k_groups; i2++) in |= gidx[i2] == e / gn;
+                    if (!in) key[e] = -INFINITY;
+                }
+            }
+            ref_pick(r, key, E, K, st);
+            for (s = 0; s < K; s++) { S += pt[st[s]]; chosen[st[s]]++; }
+            for (s = 0; s < K; s++) gt[s] = (d->renormalize == MOE_FLAG_ON ? pt[st[s]] / S : pt[st[s]]) * (double)d->routed_scaling_factor;
+            continue;
+        }
         for (e = 0; e < E; e++) m = ht[e] > m ? ht[e] : m;
         for (e = 0; e < E; e++) z += exp(ht[e] - m);
         lse[t] = m + log(z);
-        for (e = 0; e < E; e++) p[t * E + e] = exp(ht[e] - lse[t]);
-        for (s = 0; s < K; s++) {
-            int64_t best = -1;
-            for (e = 0; e < E; e++) {
-                int taken = 0, q;
-                for (q = 0; q < s; q++) taken |= sel[t * K + q] == e;
-                if (!taken && (best < 0 || ref_before(ht, e, best))) best = e;
-            }
-            sel[t * K + s] = best;
-            ref_decide(r, (uint64_t)best);
-            chosen[best]++;
+        for (e = 0; e < E; e++) pt[e] = exp(ht[e] - lse[t]);
+        if (ec) continue;
+        ref_pick(r, ht, E, K, st);
+        if (r->top_p > 0) {
+            double cum = 0;
+            for (n = 0; n < K && cum < (double)r->top_p; n++) cum += (double)(float)pt[st[n]];
+            ref_decide(r, (uint64_t)n + 77);
         }
-        if (K < E) {  /* the runner-up decides whether the chosen set changes */
-            int64_t best = -1;
-            for (e = 0; e < E; e++) {
-                int taken = 0, q;
-                for (q = 0; q < K; q++) taken |= sel[t * K + q] == e;
-                if (!taken && (best < 0 || ref_before(ht, e, best))) best = e;
-            }
-            ref_decide(r, (uint64_t)best + 1000);
-        }
+        for (s = 0; s < n; s++) chosen[st[s]]++;
         if (d->renormalize == MOE_FLAG_ON) {
             double zs = 0;
-            for (s = 0; s < K; s++) zs += exp(ht[sel[t * K + s]] - ht[sel[t * K]]);
-            for (s = 0; s < K; s++) gate[t * K + s] = exp(ht[sel[t * K + s]] - ht[sel[t * K]]) / zs;
+            for (s = 0; s < n; s++) zs += exp(ht[st[s]] - ht[st[0]]);
+            for (s = 0; s < n; s++) gt[s] = exp(ht[st[s]] - ht[st[0]]) / zs;
         } else {
-            for (s = 0; s < K; s++) gate[t * K + s] = p[t * E + sel[t * K + s]];
+            for (s = 0; s < n; s++) gt[s] = pt[st[s]];
         }
+        for (s = n; s < K; s++) { st[s] = -1; gt[s] = 0; }
     }
     /* step 4 */
     if (d->capacity_factor > 0.0f) cap = (int64_t)ceil((double)d->capacity_factor * (double)T * (double)K / (double)E);
-    for (s = 0; s < K; s++)
-        for (t = 0; t < T; t++) {
-            e = sel[t * K + s];
-            kept[t * K + s] = !cap || count[e] < cap;
-            if (kept[t * K + s]) count[e]++;
-            ref_decide(r, (uint64_t)kept[t * K + s]);
+    if (ec) {  /* expert e takes the cap tokens of largest p[., e] (ties: lower token); gate = p */
+        double *col = (double *)malloc(sizeof(double) * (size_t)T);
+        int64_t *pick = (int64_t *)malloc(sizeof(int64_t) * (size_t)(T + 1));
+        if (cap < 1) cap = 1;
+        if (cap > T) cap = T;
+        for (e = 0; e < E; e++) {
+            for (t = 0; t < T; t++) { col[t] = p[t * E + e]; sel[t * E + e] = e; gate[t * E + e] = p[t * E + e]; }
+            ref_pick(r, col, T, cap, pick);
+            for (s = 0; s < cap; s++) kept[pick[s] * E + e] = 1;
+            count[e] = chosen[e] = cap;
         }
+        free(col);
+        free(pick);
+    } else {
+        for (s = 0; s < K; s++)
+            for (t = 0; t < T; t++) {
+                e = sel[t * K + s];
+                kept[t * K + s] = e >= 0 && (!cap || count[e] < cap);
+                if (kept[t * K + s]) count[e]++;
+                ref_decide(r, (uint64_t)kept[t * K + s]);
+            }
+    }
     for (e = 0; e < E && e < 64; e++) r->kept[layer][e] = (double)count[e];
     r->dropped[layer] = 0;
     /* steps 5-6 */
@@ -211,13 +284,13 @@ static void ref_moe(ref_run *r, int layer, const moe_layer_desc *d, const double
         double *yt = y + t * O;
         const double *xt = x + t * D;
         int any = 0;
-        for (s = 0; s < K; s++) any |= kept[t * K + s];
+        for (s = 0; s < KS; s++) any |= kept[t * KS + s];
         if (!any) r->dropped[layer] += 1;
         for (j = 0; j < O; j++) yt[j] = (d->residual || (!any && O == D)) ? xt[j] : 0.0;
-        for (s = 0; s < K; s++) {
-            if (!kept[t * K + s]) continue;
-            ref_expert(r, layer, d, "experts", (int)sel[t * K + s], d->d_hidden, xt, fx);
-            for (j = 0; j < O; j++) yt[j] += gate[t * K + s] * fx[j];
+        for (s = 0; s < KS; s++) {
+            if (!kept[t * KS + s]) continue;
+            ref_expert(r, layer, d, "experts", (int)sel[t * KS + s], d->d_hidden, xt, fx);
+            for (j = 0; j < O; j++) yt[j] += gate[t * KS + s] * fx[j];
         }
         for (s = 0; s < d->n_shared_experts; s++) {
             ref_expert(r, layer, d, "shared", (int)s, d->d_shared_hidden, xt, fx);
@@ -242,7 +315,7 @@ static void ref_moe(ref_run *r, int layer, const moe_layer_desc *d, const double
     }
     if (d->importance_loss > 0.0f) {
         double *I = (double *)calloc((size_t)E, sizeof(double));
-        for (t = 0; t < T; t++) for (s = 0; s < K; s++) I[sel[t * K + s]] += gate[t * K + s];
+        for (t = 0; t < T; t++) for (s = 0; s < K; s++) if (sel[t * K + s] >= 0) I[sel[t * K + s]] += gate[t * K + s];
         aux[2] = d->importance_loss * ref_cv2(I, E);
         free(I);
     }
@@ -270,6 +343,7 @@ static void ref_moe(ref_run *r, int layer, const moe_layer_desc *d, const double
         free(sorted);
     }
     free(u); free(c); free(sd); free(h); free(p); free(lse); free(gate); free(sel); free(kept); free(count); free(chosen); free(fx);
+    free(key); free(gsc); free(gidx);
 }
 
 static void ref_layer(ref_run *r, int layer, const moe_layer_desc *d, const double *x, int64_t T, double *y) {

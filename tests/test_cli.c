@@ -380,6 +380,20 @@ static int compare_fixture_tensor(const char *fixture, const moe_tensor_file *re
 
 static int compare_names(const void *a, const void *b) { return strcmp(*(const char *const *)a, *(const char *const *)b); }
 
+/* "COMMAND FIXTURE FIXTURE OUT [--top-k K] [--top-p P]" (empty K, P: not given); valid until the next call */
+static const char *const *fixture_args(const char *command, const char *fixture, const char *out, const char *top_k, const char *top_p) {
+    static const char *args[10];
+    int n = 0;
+    args[n++] = command;
+    args[n++] = fixture;
+    args[n++] = fixture;
+    args[n++] = out;
+    if (top_k[0]) { args[n++] = "--top-k"; args[n++] = top_k; }
+    if (top_p[0]) { args[n++] = "--top-p"; args[n++] = top_p; }
+    args[n] = NULL;
+    return args;
+}
+
 static int test_pytorch_fixtures(void) {
     DIR *dir = opendir(fixture_dir);
     struct dirent *e;
@@ -402,10 +416,25 @@ static int test_pytorch_fixtures(void) {
         moe_tensor_file *ref = NULL, *out = NULL;
         double worst_y = 0.0, worst_grad = 0.0;
         int k, n_grads = 0;
-        /* the model loader ignores tensors outside layers.: the fixture is MODEL and IN at once */
-        CHECK_RUN_OK("backward", names[i], names[i], TMP(out_path, "fixture_out.safetensors"));
-        CHECK_RUN_OK("forward", names[i], names[i], TMP(fwd_path, "fixture_fwd.safetensors"));
+        char top_k[32] = "", top_p[32] = "";
+        int rc;
         CHECK_OK(moe_tensor_file_read(&ctx, names[i], &ref), &ctx);
+        if (ref && moe_tensor_file_find(ref, "call.top_k")) {  /* per-call routing options of the fixture */
+            int32_t v = 0;
+            moe_file_tensor_to_i32(&ctx, moe_tensor_file_find(ref, "call.top_k"), &v, 1);
+            snprintf(top_k, sizeof top_k, "%d", (int)v);
+        }
+        if (ref && moe_tensor_file_find(ref, "call.top_p")) {
+            float v = 0;
+            moe_file_tensor_to_f32(&ctx, moe_tensor_file_find(ref, "call.top_p"), &v, 1);
+            snprintf(top_p, sizeof top_p, "%.9g", (double)v);
+        }
+        /* the model loader ignores tensors outside layers.: the fixture is MODEL and IN at once
+           (its token_ids included) */
+        rc = run_tool(fixture_args("backward", names[i], TMP(out_path, "fixture_out.safetensors"), top_k, top_p));
+        CHECK(rc == 0, "exit status %d; stderr: %s", rc, tool_err);
+        rc = run_tool(fixture_args("forward", names[i], TMP(fwd_path, "fixture_fwd.safetensors"), top_k, top_p));
+        CHECK(rc == 0, "exit status %d; stderr: %s", rc, tool_err);
         CHECK_OK(moe_tensor_file_read(&ctx, out_path, &out), &ctx);
         if (ref && out) {
             compare_fixture_tensor(names[i], ref, out, "y", "eval.y", FIXTURE_TOL_OUTPUT, &worst_y);

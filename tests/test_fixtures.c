@@ -15,6 +15,7 @@
 static const char *const fixtures[] = {
     "dense_mlp", "dense_mse", "dense_bce", "topk2_swiglu_shared", "soft_mixture_mlp", "switch_capacity",
     "noisy_topk", "topk_norenorm_aux", "noisy_capacity_passthrough", "topk1_mlp3_residual",
+    "sigmoid_groups_bias", "expert_choice", "call_top_k_top_p", "hash_tokens",
 };
 
 static moe_ctx ctx;
@@ -65,10 +66,10 @@ static void run_fixture(const char *fixture) {
     const moe_file_tensor *tx, *tl, *tt;
     float *x = NULL, *values = NULL, *dy = NULL, *dx = NULL, *grad_loss = NULL, *noise[8] = {0};
     const float *noise_c[8] = {0};
-    int32_t *labels = NULL;
+    int32_t *labels = NULL, *ids = NULL;
     int64_t T, D, C, i;
     int l, k;
-    moe_forward_opts train_opts;
+    moe_forward_opts train_opts, eval_opts;
     moe_target target;
     float loss, aux;
     snprintf(path, sizeof path, "%s/%s.safetensors", FIXTURE_DIR, fixture);
@@ -110,7 +111,16 @@ static void run_fixture(const char *fixture) {
         }
         noise_c[l] = noise[l];
     }
-    memset(&train_opts, 0, sizeof train_opts);
+    /* per-call routing options and token ids (README 3.5), for every forward */
+    memset(&eval_opts, 0, sizeof eval_opts);
+    if ((tl = moe_tensor_file_find(f, "token_ids")) != NULL) {
+        ids = (int32_t *)malloc(sizeof(int32_t) * (size_t)T);
+        CHECK_OK(moe_file_tensor_to_i32(&ctx, tl, ids, T), &ctx);
+        eval_opts.token_ids = ids;
+    }
+    if (moe_tensor_file_find(f, "call.top_k")) eval_opts.top_k = (int)scalar(f, "call.top_k");
+    if (moe_tensor_file_find(f, "call.top_p")) eval_opts.top_p = scalar(f, "call.top_p");
+    train_opts = eval_opts;
     train_opts.training = 1;
     train_opts.router_noise = noise_c;
 
@@ -152,7 +162,7 @@ static void run_fixture(const char *fixture) {
     compare_grads(m, f, fixture, "grad.");
 
     /* inference: outputs and gradients of sum(y * dy), no aux */
-    CHECK_OK(moe_model_forward(m, x, T, NULL, NULL), &ctx);
+    CHECK_OK(moe_model_forward(m, x, T, NULL, &eval_opts), &ctx);
     compare(f, fixture, "eval.y", moe_model_output(m), T * C, 1e-4, 2e-5);
     moe_model_zero_grad(m);
     CHECK_OK(moe_model_backward(m, dy, dx, 0), &ctx);
@@ -186,7 +196,7 @@ static void run_fixture(const char *fixture) {
     }
 done:
     for (l = 0; l < 8; l++) free(noise[l]);
-    free(x); free(dx); free(dy); free(grad_loss); free(labels); free(values);
+    free(x); free(dx); free(dy); free(grad_loss); free(labels); free(values); free(ids);
     moe_model_destroy(m);
     moe_tensor_file_close(f);
 }

@@ -20,6 +20,8 @@ typedef struct grad_case {
     moe_layer_desc layers[6];
     moe_loss loss;
     int training;               /* noise and jitter on */
+    int top_k;                  /* moe_forward_opts.top_k (0: the layers' own) */
+    float top_p;                /* moe_forward_opts.top_p */
 } grad_case;
 
 static uint64_t fd_seed = 42;
@@ -48,7 +50,7 @@ static int run_case(const grad_case *gc) {
     moe_model_desc desc;
     int64_t T = gc->T, D = gc->d_in, C, n_params, i;
     float *x, *dy, *values, *dx, *gfloat, *yf, *dl;
-    int32_t *labels;
+    int32_t *labels, *ids;
     float *noise[6] = {0};
     const float *noise_c[6];
     double *params;
@@ -72,6 +74,8 @@ static int run_case(const grad_case *gc) {
     dl = (float *)malloc(sizeof(float) * (size_t)(T * C));
     values = (float *)malloc(sizeof(float) * (size_t)(T * C));
     labels = (int32_t *)malloc(sizeof(int32_t) * (size_t)T);
+    ids = (int32_t *)malloc(sizeof(int32_t) * (size_t)T);
+    for (i = 0; i < T; i++) ids[i] = (int32_t)(moe_rng_u64(7, 14, (uint64_t)i) % 1000);
     for (i = 0; i < T * D; i++) x[i] = moe_rng_normal(7, 1, (uint64_t)i);
     for (i = 0; i < T * C; i++) { dy[i] = moe_rng_normal(7, 2, (uint64_t)i); values[i] = moe_rng_uniform(7, 3, (uint64_t)i); }
     if (gc->loss == MOE_LOSS_MSE) for (i = 0; i < T * C; i++) values[i] = 2.0f * values[i] - 1.0f;
@@ -86,6 +90,7 @@ static int run_case(const grad_case *gc) {
                 if (strstr(tt.name, "router.weight")) tt.data[i] *= 3.0f;
                 if (strstr(tt.name, "noise_weight")) tt.data[i] = 0.3f * moe_rng_normal(7, 5, (uint64_t)i);
                 if (strstr(tt.name, "router.bias")) tt.data[i] = 0.2f * moe_rng_normal(7, 6, (uint64_t)i);
+                if (strstr(tt.name, "selection_bias")) tt.data[i] = 0.1f * moe_rng_normal(7, 13, (uint64_t)i);
                 if (strstr(tt.name, ".bias") && !strstr(tt.name, "router")) tt.data[i] += 0.05f * moe_rng_normal(7, 8, (uint64_t)i);
                 if (strstr(tt.name, "norm") == NULL && tt.ndim == 1 && strstr(tt.name, "weight")) tt.data[i] = 1.0f + 0.2f * moe_rng_normal(7, 9, (uint64_t)i);
             }
@@ -110,6 +115,9 @@ static int run_case(const grad_case *gc) {
         memset(&opts, 0, sizeof opts);
         opts.training = training;
         opts.router_noise = noise_c;
+        opts.top_k = gc->top_k;
+        opts.top_p = gc->top_p;
+        opts.token_ids = ids;
         /* a fresh model state per mode: the training forward is the model's first (jitter step 0) */
         moe_model_zero_grad(m);
         CHECK_OK(moe_model_forward(m, x, T, yf, &opts), &ctx);
@@ -132,6 +140,9 @@ static int run_case(const grad_case *gc) {
         r.noise = noise_c;
         r.seed = fd_seed;
         r.step = 0;
+        r.top_k = gc->top_k;
+        r.top_p = gc->top_p;
+        r.token_ids = ids;
         /* forward agreement with the reference */
         {
             double *yr = (double *)malloc(sizeof(double) * (size_t)(T * C));
@@ -205,7 +216,7 @@ static int run_case(const grad_case *gc) {
     printf("    %-28s %4d gradients checked, %3d skipped at decision boundaries\n", gc->name, checked, skipped);
     CHECK(checked > 0 && skipped * 4 < checked, "%s: too few points checked (%d checked, %d skipped)", gc->name, checked, skipped);
     for (l = 0; l < 6; l++) free(noise[l]);
-    free(params); free(gfloat); free(x); free(dx); free(dy); free(yf); free(dl); free(values); free(labels);
+    free(params); free(gfloat); free(x); free(dx); free(dy); free(yf); free(dl); free(values); free(labels); free(ids);
     moe_model_destroy(m);
     return 0;
 }
@@ -217,7 +228,7 @@ static int test_dense_activations(void) {
         {.kind = MOE_LAYER_DENSE, .d_out = 6, .activation = MOE_ACT_TANH},
         {.kind = MOE_LAYER_DENSE, .activation = MOE_ACT_SIGMOID, .bias = MOE_FLAG_OFF},
         {.kind = MOE_LAYER_DENSE, .activation = MOE_ACT_RELU, .residual = 1},
-        {.kind = MOE_LAYER_DENSE, .d_out = 5}}, MOE_LOSS_CROSS_ENTROPY, 1};
+        {.kind = MOE_LAYER_DENSE, .d_out = 5}}, MOE_LOSS_CROSS_ENTROPY, 1, 0, 0.0f};
     return run_case(&gc);
 }
 
@@ -227,7 +238,7 @@ static int test_norms_mse(void) {
         {.kind = MOE_LAYER_LAYERNORM},
         {.kind = MOE_LAYER_RMSNORM, .residual = 1},
         {.kind = MOE_LAYER_LAYERNORM, .residual = 1, .eps = 1e-3f},
-        {.kind = MOE_LAYER_DENSE, .d_out = 3}}, MOE_LOSS_MSE, 1};
+        {.kind = MOE_LAYER_DENSE, .d_out = 3}}, MOE_LOSS_MSE, 1, 0, 0.0f};
     return run_case(&gc);
 }
 
@@ -235,14 +246,14 @@ static int test_topk_swiglu_shared(void) {
     grad_case gc = {"topk2 swiglu shared", 8, 12, 2, {
         {.kind = MOE_LAYER_MOE, .n_experts = 4, .top_k = 2, .expert = MOE_EXPERT_SWIGLU, .d_hidden = 6, .d_out = 7,
          .n_shared_experts = 2, .d_shared_hidden = 5, .balance_loss = 0.3f, .z_loss = 0.05f},
-        {.kind = MOE_LAYER_DENSE, .d_out = 4}}, MOE_LOSS_CROSS_ENTROPY, 1};
+        {.kind = MOE_LAYER_DENSE, .d_out = 4}}, MOE_LOSS_CROSS_ENTROPY, 1, 0, 0.0f};
     return run_case(&gc);
 }
 
 static int test_soft_mixture(void) {
     grad_case gc = {"soft mixture k=E mlp2", 5, 10, 1, {
         {.kind = MOE_LAYER_MOE, .n_experts = 4, .top_k = 4, .expert = MOE_EXPERT_MLP, .n_hidden_layers = 2, .d_hidden = 6,
-         .d_out = 3, .activation = MOE_ACT_GELU, .balance_loss = 0.2f, .z_loss = 0.01f}}, MOE_LOSS_MSE, 1};
+         .d_out = 3, .activation = MOE_ACT_GELU, .balance_loss = 0.2f, .z_loss = 0.01f}}, MOE_LOSS_MSE, 1, 0, 0.0f};
     return run_case(&gc);
 }
 
@@ -250,7 +261,7 @@ static int test_topk_norenorm_bce(void) {
     grad_case gc = {"topk3/5 no-renorm linear bce", 6, 12, 2, {
         {.kind = MOE_LAYER_MOE, .n_experts = 5, .top_k = 3, .renormalize = MOE_FLAG_OFF, .expert = MOE_EXPERT_LINEAR,
          .router_bias = MOE_FLAG_ON, .balance_loss = 0.5f, .z_loss = 0.1f, .importance_loss = 0.3f, .residual = 1},
-        {.kind = MOE_LAYER_DENSE, .d_out = 3}}, MOE_LOSS_BCE, 1};
+        {.kind = MOE_LAYER_DENSE, .d_out = 3}}, MOE_LOSS_BCE, 1, 0, 0.0f};
     return run_case(&gc);
 }
 
@@ -260,7 +271,7 @@ static int test_switch_capacity(void) {
          .d_hidden = 5, .balance_loss = 0.2f, .activation = MOE_ACT_SILU},
         {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_SWITCH, .n_experts = 3, .capacity_factor = 0.5f, .d_hidden = 4,
          .expert = MOE_EXPERT_SWIGLU, .z_loss = 0.02f},
-        {.kind = MOE_LAYER_DENSE, .d_out = 4}}, MOE_LOSS_CROSS_ENTROPY, 1};
+        {.kind = MOE_LAYER_DENSE, .d_out = 4}}, MOE_LOSS_CROSS_ENTROPY, 1, 0, 0.0f};
     return run_case(&gc);
 }
 
@@ -269,7 +280,7 @@ static int test_noisy_topk(void) {
         {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_NOISY_TOPK, .n_experts = 6, .top_k = 2, .d_hidden = 5,
          .activation = MOE_ACT_TANH, .importance_loss = 0.5f, .load_loss = 0.5f, .balance_loss = 0.1f, .z_loss = 0.05f,
          .router_bias = MOE_FLAG_ON},
-        {.kind = MOE_LAYER_DENSE, .d_out = 3}}, MOE_LOSS_CROSS_ENTROPY, 1};
+        {.kind = MOE_LAYER_DENSE, .d_out = 3}}, MOE_LOSS_CROSS_ENTROPY, 1, 0, 0.0f};
     return run_case(&gc);
 }
 
@@ -277,14 +288,64 @@ static int test_jitter_deep_mlp(void) {
     grad_case gc = {"jitter + 3-layer mlp experts", 5, 10, 2, {
         {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_TOPK, .n_experts = 3, .top_k = 2, .d_hidden = 4, .n_hidden_layers = 3,
          .activation = MOE_ACT_SIGMOID, .jitter = 0.2f, .n_shared_experts = 1, .z_loss = 0.1f},
-        {.kind = MOE_LAYER_DENSE, .d_out = 2, .activation = MOE_ACT_SILU}}, MOE_LOSS_MSE, 1};
+        {.kind = MOE_LAYER_DENSE, .d_out = 2, .activation = MOE_ACT_SILU}}, MOE_LOSS_MSE, 1, 0, 0.0f};
     return run_case(&gc);
 }
 
 static int test_relu_experts(void) {
     grad_case gc = {"relu mlp experts k=1", 6, 12, 2, {
         {.kind = MOE_LAYER_MOE, .n_experts = 3, .top_k = 1, .d_hidden = 7, .activation = MOE_ACT_RELU, .balance_loss = 0.1f},
-        {.kind = MOE_LAYER_DENSE, .d_out = 3}}, MOE_LOSS_CROSS_ENTROPY, 1};
+        {.kind = MOE_LAYER_DENSE, .d_out = 3}}, MOE_LOSS_CROSS_ENTROPY, 1, 0, 0.0f};
+    return run_case(&gc);
+}
+
+static int test_sigmoid_groups(void) {
+    grad_case gc = {"sigmoid + bias, groups", 6, 16, 3, {
+        {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_SIGMOID, .n_experts = 8, .top_k = 2, .n_groups = 4, .top_k_groups = 2,
+         .routed_scaling_factor = 2.5f, .expert = MOE_EXPERT_SWIGLU, .d_hidden = 5, .d_out = 7, .n_shared_experts = 1,
+         .router_bias = MOE_FLAG_ON},
+        {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_SIGMOID, .n_experts = 5, .top_k = 3, .renormalize = MOE_FLAG_OFF,
+         .d_hidden = 4, .activation = MOE_ACT_TANH, .capacity_factor = 1.0f, .residual = 1},
+        {.kind = MOE_LAYER_DENSE, .d_out = 4}}, MOE_LOSS_CROSS_ENTROPY, 1, 0, 0.0f};
+    return run_case(&gc);
+}
+
+static int test_expert_choice(void) {
+    grad_case gc = {"expert choice + pass-through", 6, 16, 3, {
+        {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_EXPERT_CHOICE, .n_experts = 4, .top_k = 2, .d_hidden = 5,
+         .activation = MOE_ACT_SILU, .z_loss = 0.05f, .d_out = 6},
+        {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_EXPERT_CHOICE, .n_experts = 3, .top_k = 1, .capacity_factor = 0.5f,
+         .expert = MOE_EXPERT_SWIGLU, .d_hidden = 4, .jitter = 0.1f, .n_shared_experts = 1},
+        {.kind = MOE_LAYER_DENSE, .d_out = 3}}, MOE_LOSS_MSE, 1, 0, 0.0f};
+    return run_case(&gc);
+}
+
+static int test_call_top_k(void) {
+    grad_case gc = {"per-call top_k 3 of max 4", 5, 12, 2, {
+        {.kind = MOE_LAYER_MOE, .n_experts = 5, .top_k = 2, .max_top_k = 4, .d_hidden = 4, .activation = MOE_ACT_GELU,
+         .balance_loss = 0.2f, .importance_loss = 0.2f},
+        {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_NOISY_TOPK, .n_experts = 4, .top_k = 1, .max_top_k = 3, .d_hidden = 3,
+         .renormalize = MOE_FLAG_OFF, .load_loss = 0.3f, .d_out = 3}}, MOE_LOSS_CROSS_ENTROPY, 1, 3, 0.0f};
+    return run_case(&gc);
+}
+
+static int test_call_top_p(void) {
+    grad_case gc = {"per-call top_p 0.6", 5, 16, 3, {
+        {.kind = MOE_LAYER_MOE, .n_experts = 5, .top_k = 3, .d_hidden = 4, .activation = MOE_ACT_TANH, .z_loss = 0.05f,
+         .importance_loss = 0.2f},
+        {.kind = MOE_LAYER_MOE, .n_experts = 4, .top_k = 3, .renormalize = MOE_FLAG_OFF, .d_hidden = 3, .balance_loss = 0.2f,
+         .residual = 1},
+        {.kind = MOE_LAYER_DENSE, .d_out = 3}}, MOE_LOSS_CROSS_ENTROPY, 1, 0, 0.6f};
+    return run_case(&gc);
+}
+
+static int test_hash(void) {
+    grad_case gc = {"hash router + top-k", 6, 12, 3, {
+        {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_HASH, .n_experts = 5, .top_k = 2, .d_hidden = 4, .hash_seed = 9,
+         .activation = MOE_ACT_GELU, .n_shared_experts = 1},
+        {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_HASH, .n_experts = 3, .top_k = 1, .expert = MOE_EXPERT_LINEAR,
+         .capacity_factor = 0.5f, .residual = 1},
+        {.kind = MOE_LAYER_DENSE, .d_out = 3}}, MOE_LOSS_CROSS_ENTROPY, 1, 0, 0.0f};
     return run_case(&gc);
 }
 
@@ -299,5 +360,10 @@ int main(void) {
     RUN(test_noisy_topk);
     RUN(test_jitter_deep_mlp);
     RUN(test_relu_experts);
+    RUN(test_sigmoid_groups);
+    RUN(test_expert_choice);
+    RUN(test_call_top_k);
+    RUN(test_call_top_p);
+    RUN(test_hash);
     TEST_END();
 }

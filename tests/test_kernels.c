@@ -68,7 +68,7 @@ static void check_shape(const shape *s) {
         float *x = (float *)malloc(sizeof(float) * (size_t)(T * D)), *dy = (float *)malloc(sizeof(float) * (size_t)(T * O));
         float *ya = (float *)malloc(sizeof(float) * (size_t)(T * O)), *yb = (float *)malloc(sizeof(float) * (size_t)(T * O));
         float *dxa = (float *)malloc(sizeof(float) * (size_t)(T * D)), *dxb = (float *)malloc(sizeof(float) * (size_t)(T * D));
-        moe_forward_opts train = {1, NULL};
+        moe_forward_opts train = {.training = 1};
         moe_ctx_init(&fast, &(moe_ctx_desc){.seed = 5, .n_threads = 2});
         moe_ctx_init(&ref, &(moe_ctx_desc){.seed = 5, .kernels = MOE_KERNELS_REFERENCE});
         a = make(&fast, s, T);
@@ -149,7 +149,7 @@ static void check_quantized(moe_dtype dtype) {
         moe_ctx two, one;
         moe_layer *q, *q1, *r, *f;
         float *x = (float *)malloc(sizeof(float) * (size_t)(T * D)), *y[4];
-        moe_forward_opts train = {1, NULL};
+        moe_forward_opts train = {.training = 1};
         moe_ctx_init(&two, &(moe_ctx_desc){.seed = 5, .n_threads = 2});
         moe_ctx_init(&one, &(moe_ctx_desc){.seed = 5, .n_threads = 1});
         q = make(&two, s, T); q1 = make(&one, s, T); r = make(&two, s, T); f = make(&two, s, T);

@@ -34,7 +34,7 @@ static int test_reference_kernels_parity(void) {
     moe_model *a, *b;
     int64_t T = 37, D = 13, C = 7, n, i;
     float x[37 * 13], dy[37 * 7], ya[37 * 7], yb[37 * 7], dxa[37 * 13], dxb[37 * 13];
-    moe_forward_opts opts = {1, NULL};
+    moe_forward_opts opts = {.training = 1};
     moe_ctx_init(&fast, &(moe_ctx_desc){.seed = 3});
     moe_ctx_init(&ref, &(moe_ctx_desc){.seed = 3, .kernels = MOE_KERNELS_REFERENCE});
     a = make(&fast, D, 6, mixed, 64, MOE_LOSS_MSE);
@@ -250,7 +250,7 @@ static int test_layer_api_matches_model(void) {
 /* Router noise: a pure function of seed, layer and step; off at inference. */
 static int test_noise(void) {
     moe_layer_desc d = {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_NOISY_TOPK, .n_experts = 5, .top_k = 2, .d_hidden = 4};
-    moe_forward_opts train = {1, NULL};
+    moe_forward_opts train = {.training = 1};
     float x[20 * 6], y1[20 * 6], y2[20 * 6], y3[20 * 6], y4[20 * 6];
     moe_ctx c1, c2;
     moe_model *a, *b;

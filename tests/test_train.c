@@ -131,6 +131,14 @@ static int test_digits_other_routers(void) {
     acc = train_digits((moe_layer_desc){.kind = MOE_LAYER_MOE, .d_out = 32, .n_experts = 4, .top_k = 4, .d_hidden = 16}, EPOCHS, &st);
     printf("    dense soft mixture (k = E): %.4f\n", acc);
     CHECK(acc >= 0.92, "soft mixture accuracy %.4f", acc);
+    acc = train_digits((moe_layer_desc){.kind = MOE_LAYER_MOE, .d_out = 32, .router = MOE_ROUTER_SIGMOID, .n_experts = 4, .top_k = 2,
+                                        .n_groups = 2, .top_k_groups = 1, .bias_update_rate = 1e-3f, .d_hidden = 32}, EPOCHS, &st);
+    printf("    sigmoid + selection bias, 2 groups: %.4f, load cv %.3f\n", acc, st.load_cv);
+    CHECK(acc >= 0.92, "sigmoid router accuracy %.4f", acc);
+    acc = train_digits((moe_layer_desc){.kind = MOE_LAYER_MOE, .d_out = 32, .router = MOE_ROUTER_EXPERT_CHOICE, .n_experts = 4,
+                                        .top_k = 2, .d_hidden = 32}, EPOCHS, &st);
+    printf("    expert choice: %.4f, %lld of %lld test tokens without an expert\n", acc, (long long)st.dropped_tokens, (long long)st.n_tokens);
+    CHECK(acc >= 0.92, "expert choice accuracy %.4f", acc);
     return 0;
 }
 

@@ -18,7 +18,8 @@ It shares no code with gen_fixtures.py.  For every `*.safetensors` in the direct
    tensor and of x, for both the training objective (task + aux) and the inference objective
    sum(eval.y * dy);
 4. replays the five steps with torch.optim.AdamW (and torch.nn.utils.clip_grad_norm_ where
-   clip_norm > 0) and compares step<k>.loss, step<k>.aux_loss and step<k>.<param>.
+   clip_norm > 0; selection biases kept out of it and moved by the sign rule of README 3.5) and
+   compares step<k>.loss, step<k>.aux_loss and step<k>.<param>.
 
 Exit status 0 when every fixture passes.
 """
@@ -82,11 +83,14 @@ def expected_params(cfg):
             out[p + "bias"] = [D]
         else:
             E = c["experts"]
-            out[p + "router.weight"] = [E, D]
+            if c["router"] != "hash":
+                out[p + "router.weight"] = [E, D]
             if c["router_bias"]:
                 out[p + "router.bias"] = [E]
             if c["router"] == "noisy_topk":
                 out[p + "router.noise_weight"] = [E, D]
+            if c["router"] == "sigmoid":
+                out[p + "router.selection_bias"] = [E]
             groups = [("experts.", E, c["d_hidden"])]
             if c["shared_experts"]:
                 groups.append(("shared.", c["shared_experts"], c["d_shared_hidden"]))
@@ -114,8 +118,13 @@ def expected_params(cfg):
     return out
 
 
-def expected_fixture(cfg, T):
+def expected_fixture(cfg, T, present):
     shapes = dict(expected_params(cfg))
+    if any(c["kind"] == "moe" and c["router"] == "hash" for c in cfg["layers"]):
+        shapes["token_ids"] = [T]
+    for n in ("call.top_k", "call.top_p"):     # optional per-call options
+        if n in present:
+            shapes[n] = [1]
     d_in, d_out = cfg["d_in"], cfg["layers"][-1]["d_out"]
     shapes["x"] = [T, d_in]
     if cfg["loss"] == "cross_entropy":
@@ -180,10 +189,54 @@ def cv2(v):
     return var / (m * m + 1e-10)
 
 
-def moe_layer(P, i, c, X, train, noise):
+def combine(P, p, c, X, slots, keep):
+    """Steps 5-6: slots[t] = [(expert, gate)], keep[t] = [kept?]; pass-through and shared experts."""
+    Y, tokens_per_expert, dropped = [], [0] * c["experts"], 0
+    for t in range(len(X)):
+        x = X[t]
+        routed = torch.zeros(c["d_out"])
+        for (e, g), kp in zip(slots[t], keep[t]):
+            if kp:
+                routed = routed + g * expert(P, p + "experts.", c, e, x)
+                tokens_per_expert[e] += 1
+        if not any(keep[t]):
+            dropped += 1
+            if not c["residual"] and c["d_out"] == c["d_in"]:
+                routed = x
+        y = x + routed if c["residual"] else routed
+        for j in range(c["shared_experts"]):
+            y = y + expert(P, p + "shared.", c, j, x)
+        Y.append(y)
+    return torch.stack(Y), tokens_per_expert, dropped
+
+
+def splitmix(z):
+    m = 2 ** 64 - 1
+    z = (z + 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+def hash_experts(seed, layer, token_id, k, E):
+    """README 3.5: draws c = 0, 1, ... of rng(seed, layer, id << 32 | c) mod E, repeats skipped."""
+    got, draw = [], 0
+    while len(got) < k:
+        e = splitmix(splitmix(splitmix(seed) ^ layer) ^ (((token_id % 2 ** 32) << 32) | draw)) % E
+        draw += 1
+        if e not in got:
+            got.append(e)
+    return got
+
+
+def moe_layer(P, i, c, X, train, noise, call):
     p = "layers.%d." % i
     T, E, D, O = len(X), c["experts"], c["d_in"], c["d_out"]
-    k = 1 if c["router"] == "switch" else c["top_k"]
+    router = c["router"]
+    k = 1 if router == "switch" else (call.get("top_k") or c["top_k"])
+    top_p = call.get("top_p", 0.0)
+    if router in ("sigmoid", "expert_choice", "hash"):
+        return other_router_layer(P, p, i, c, X, train, k, call)
     cs, ss, hs, ps, chosen, gates = [], [], [], [], [], []
     for t in range(T):
         u = X[t]
@@ -197,6 +250,12 @@ def moe_layer(P, i, c, X, train, noise):
         pr = pr / pr.sum()
         hv = [float(h[e]) for e in range(E)]
         ch = sorted(range(E), key=lambda e: (-hv[e], e))[:k]
+        if top_p:                              # the shortest prefix whose probabilities reach top_p
+            total, n = 0.0, 0
+            while n < k and total < top_p:
+                total += float(pr[ch[n]])
+                n += 1
+            ch = ch[:n]
         if c["renormalize"]:
             ex = [torch.exp(h[e] - h[ch[0]]) for e in ch]
             tot = sum(ex)
@@ -204,39 +263,25 @@ def moe_layer(P, i, c, X, train, noise):
         else:
             g = [pr[e] for e in ch]
         cs.append(cl); ss.append(s); hs.append(h); ps.append(pr); chosen.append(ch); gates.append(g)
-    keep = [[True] * k for _ in range(T)]
+    keep = [[True] * len(chosen[t]) for t in range(T)]
     if c["capacity_factor"] > 0:
         C = math.ceil(c["capacity_factor"] * T * k / E)
         held = [0] * E
         for sl in range(k):
             for t in range(T):
+                if sl >= len(chosen[t]):
+                    continue
                 e = chosen[t][sl]
                 if held[e] >= C:
                     keep[t][sl] = False
                 else:
                     held[e] += 1
-    Y = []
-    tokens_per_expert = [0] * E
-    dropped = 0
-    for t in range(T):
-        x = X[t]
-        routed = torch.zeros(O)
-        for sl in range(k):
-            if keep[t][sl]:
-                routed = routed + gates[t][sl] * expert(P, p + "experts.", c, chosen[t][sl], x)
-                tokens_per_expert[chosen[t][sl]] += 1
-        if not any(keep[t]):
-            dropped += 1
-            if not c["residual"] and O == D:
-                routed = x
-        y = x + routed if c["residual"] else routed
-        for j in range(c["shared_experts"]):
-            y = y + expert(P, p + "shared.", c, j, x)
-        Y.append(y)
+    Y, tokens_per_expert, dropped = combine(P, p, c, X, [list(zip(chosen[t], gates[t])) for t in range(T)], keep)
+    load = [sum(ch.count(e) for ch in chosen) for e in range(E)]
     aux = [torch.zeros(()) for _ in range(4)]
     if train:
         if c["balance_loss"]:
-            f = [sum(ch.count(e) for ch in chosen) / (T * k) for e in range(E)]
+            f = [load[e] / (T * k) for e in range(E)]
             Pm = [sum(ps[t][e] for t in range(T)) / T for e in range(E)]
             aux[0] = c["balance_loss"] * E * sum(f[e] * Pm[e] for e in range(E))
         if c["z_loss"]:
@@ -256,10 +301,59 @@ def moe_layer(P, i, c, X, train, noise):
                     z = (cs[t][e] - th) / ss[t][e]
                     load[e] = load[e] + 0.5 * (1 + torch.erf(z / math.sqrt(2)))
             aux[3] = c["load_loss"] * cv2(load)
-    return torch.stack(Y), aux, (tokens_per_expert, dropped)
+    return Y, aux, (tokens_per_expert, dropped, load)
 
 
-def forward(cfg, P, x, train, noise):
+def other_router_layer(P, p, i, c, X, train, k, call):
+    """Routers sigmoid, expert_choice and hash (README 3.5), token by token."""
+    T, E, D, O = len(X), c["experts"], c["d_in"], c["d_out"]
+    router = c["router"]
+    slots = []                                 # per token: [(expert, gate)] in slot order
+    hs, prs = [], []
+    for t in range(T):
+        if router == "hash":
+            slots.append([(e, 1.0 / k) for e in hash_experts(c["hash_seed"], i, int(call["token_ids"][t]), k, E)])
+            continue
+        h = P[p + "router.weight"] @ X[t] + (P[p + "router.bias"] if c["router_bias"] else 0)
+        hs.append(h)
+        if router == "expert_choice":
+            pr = torch.exp(h - h.max())
+            prs.append(pr / pr.sum())
+            continue
+        sc = 1 / (1 + torch.exp(-h))
+        q = [float(sc[e]) + float(P[p + "router.selection_bias"][e]) for e in range(E)]
+        size = E // c["groups"]
+        score = [sum(sorted(q[j * size:(j + 1) * size], reverse=True)[:2]) for j in range(c["groups"])]
+        kept = sorted(range(c["groups"]), key=lambda j: (-score[j], j))[:c["top_k_groups"]]
+        allowed = [e for e in range(E) if e // size in kept]
+        ch = sorted(allowed, key=lambda e: (-q[e], e))[:k]
+        tot = sum(sc[e] for e in ch)
+        slots.append([(e, c["routed_scaling_factor"] * (sc[e] / tot if c["renormalize"] else sc[e])) for e in ch])
+    load = [sum(1 for sl in slots for e, _ in sl if e == x) for x in range(E)]
+    keep = [[True] * len(sl) for sl in slots]
+    if router == "expert_choice":
+        C = min(T, max(1, math.ceil(c["capacity_factor"] * T * k / E)))
+        taken = [sorted(range(T), key=lambda t: (-float(prs[t][e]), t))[:C] for e in range(E)]
+        slots = [[(e, prs[t][e]) for e in range(E) if t in taken[e]] for t in range(T)]
+        keep = [[True] * len(sl) for sl in slots]
+        load = [C] * E
+    elif c["capacity_factor"] > 0:
+        C = math.ceil(c["capacity_factor"] * T * k / E)
+        held = [0] * E
+        for sl in range(k):
+            for t in range(T):
+                if sl < len(slots[t]):
+                    e = slots[t][sl][0]
+                    keep[t][sl] = held[e] < C
+                    held[e] += keep[t][sl]
+    Y, tokens_per_expert, dropped = combine(P, p, c, X, slots, keep)
+    aux = [torch.zeros(()) for _ in range(4)]
+    if train and router == "expert_choice" and c["z_loss"]:
+        aux[1] = c["z_loss"] * sum(torch.logsumexp(h, 0) ** 2 for h in hs) / T
+    return Y, aux, (tokens_per_expert, dropped, load)
+
+
+def forward(cfg, P, x, train, noise, call):
     h, auxes, stats = x, {}, {}
     for i, c in enumerate(cfg["layers"]):
         p = "layers.%d." % i
@@ -276,7 +370,7 @@ def forward(cfg, P, x, train, noise):
                 rows.append((r - mu) / torch.sqrt(var + c["eps"]) * P[p + "weight"] + P[p + "bias"])
             o = torch.stack(rows)
         else:
-            o, auxes[i], stats[i] = moe_layer(P, i, c, h, train, noise.get(i))
+            o, auxes[i], stats[i] = moe_layer(P, i, c, h, train, noise.get(i), call)
         if c["kind"] != "moe" and c["residual"]:
             o = h + o
         h = o
@@ -292,8 +386,8 @@ def task_loss(kind, y, tgt):
     return (softplus(y) - tgt * y).sum() / y.numel()
 
 
-def objectives(cfg, P, x, tgt, noise):
-    y, auxes, stats = forward(cfg, P, x, True, noise)
+def objectives(cfg, P, x, tgt, noise, call):
+    y, auxes, stats = forward(cfg, P, x, True, noise, call)
     loss = task_loss(cfg["loss"], y, tgt)
     aux = sum(sum(a) for a in auxes.values()) if auxes else torch.zeros(())
     return loss, aux, y, auxes, stats
@@ -315,30 +409,37 @@ def check(path):
     meta, F = read_safetensors(path)
     cfg = json.loads(meta["moe.config"])
     T = F["x"].shape[0]
-    shapes = expected_fixture(cfg, T)
+    shapes = expected_fixture(cfg, T, F)
     assert set(F) == set(shapes), (set(F) ^ set(shapes))
     for n, s in shapes.items():
         assert list(F[n].shape) == s, (n, F[n].shape, s)
-        want = np.int32 if n == "labels" else np.float32
+        want = np.int32 if n in ("labels", "token_ids", "call.top_k") else np.float32
         assert F[n].dtype == want, (n, F[n].dtype)
     names = list(expected_params(cfg))
-    d = {n: torch.from_numpy(F[n].astype(np.float64)) for n in F if n != "labels"}
+    call = {}
+    if "token_ids" in F:
+        call["token_ids"] = [int(v) for v in F["token_ids"]]
+    if "call.top_k" in F:
+        call["top_k"] = int(F["call.top_k"][0])
+    if "call.top_p" in F:
+        call["top_p"] = float(F["call.top_p"][0])
+    d = {n: torch.from_numpy(F[n].astype(np.float64)) for n in F if n not in ("labels", "token_ids", "call.top_k")}
     tgt = torch.from_numpy(F["labels"].astype(np.int64)) if "labels" in F else d["target"]
     noise = {int(n.split(".")[1]): d[n] for n in d if n.startswith("noise.")}
     x0 = d["x"]
     P0 = {n: d[n] for n in names}
 
     def train_obj(P, x):
-        l, a, *_ = objectives(cfg, P, x, tgt, noise)
+        l, a, *_ = objectives(cfg, P, x, tgt, noise, call)
         return l + a
 
     def eval_obj(P, x):
-        return (forward(cfg, P, x, False, {})[0] * d["dy"]).sum()
+        return (forward(cfg, P, x, False, {}, call)[0] * d["dy"]).sum()
 
     # (2) forward values and autograd gradients of the naive model
     P = {n: v.clone().requires_grad_(True) for n, v in P0.items()}
     x = x0.clone().requires_grad_(True)
-    loss, aux, y, auxes, stats = objectives(cfg, P, x, tgt, noise)
+    loss, aux, y, auxes, stats = objectives(cfg, P, x, tgt, noise, call)
     gr = torch.autograd.grad(loss + aux, [x] + [P[n] for n in names], allow_unused=True)
     close("y", y.detach(), d["y"])
     close("loss", [float(loss)], d["loss"])
@@ -353,7 +454,7 @@ def check(path):
 
     P = {n: v.clone().requires_grad_(True) for n, v in P0.items()}
     x = x0.clone().requires_grad_(True)
-    ey = forward(cfg, P, x, False, {})[0]
+    ey = forward(cfg, P, x, False, {}, call)[0]
     gr = torch.autograd.grad((ey * d["dy"]).sum(), [x] + [P[n] for n in names], allow_unused=True)
     close("eval.y", ey.detach(), d["eval.y"])
     close("eval.dx", gr[0], d["eval.dx"])
@@ -390,12 +491,14 @@ def check(path):
     o = cfg["optimizer"]
     assert o["kind"] == "adamw" and o["warmup_steps"] == 0 and o["total_steps"] == 0
     params = [P0[n].clone().requires_grad_(True) for n in names]
-    opt = torch.optim.AdamW(params, lr=o["lr"], betas=(o["beta1"], o["beta2"]), eps=o["eps"],
+    # the selection biases are state: out of the optimizer, moved by the sign rule (README 3.5)
+    opt = torch.optim.AdamW([q for n, q in zip(names, params) if not n.endswith("selection_bias")],
+                            lr=o["lr"], betas=(o["beta1"], o["beta2"]), eps=o["eps"],
                             weight_decay=o["weight_decay"])
     clipped = 0
     for k in range(1, 6):
         opt.zero_grad()
-        l, a, *_ = objectives(cfg, dict(zip(names, params)), x0, tgt, noise)
+        l, a, _, _, st = objectives(cfg, dict(zip(names, params)), x0, tgt, noise, call)
         close("step%d.loss" % k, [float(l)], d["step%d.loss" % k])
         close("step%d.aux_loss" % k, [float(a)], d["step%d.aux_loss" % k])
         (l + a).backward()
@@ -406,6 +509,16 @@ def check(path):
             nrm = torch.nn.utils.clip_grad_norm_(params, o["clip_norm"])
             clipped += float(nrm) > o["clip_norm"]
         opt.step()
+        with torch.no_grad():
+            for n, q in zip(names, params):
+                if n.endswith("router.selection_bias"):
+                    i = int(n.split(".")[1])
+                    load = st[i][2]
+                    mean = sum(load) / len(load)
+                    rate = float(np.float32(cfg["layers"][i]["bias_update_rate"]))
+                    for e in range(len(load)):
+                        step = rate if mean > load[e] else -rate if mean < load[e] else 0.0
+                        q[e] = float(np.float32(float(q[e]) + step))
         for n, q in zip(names, params):
             close("step%d.%s" % (k, n), q.detach(), d["step%d.%s" % (k, n)], rtol=1e-5, atol=1e-6)
     return nfd, clipped

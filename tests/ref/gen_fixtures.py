@@ -11,7 +11,8 @@ list).  Needs only torch and numpy (the `safetensors` package is not used: the f
 the README model reference section 6 is written by hand).
 
 Every model is an independent re-implementation of the README's model reference: dense / rmsnorm / layernorm / moe
-layers, the topk / noisy_topk / switch routers, capacity with dropping and pass-through, linear /
+layers, the topk / noisy_topk / switch / sigmoid / expert_choice / hash routers (3.4, 3.5), per-call top_k
+and top_p, the selection-bias update, capacity with dropping and pass-through, linear /
 mlp / swiglu experts, shared experts, the four auxiliary losses, the three task losses, gradient
 clipping and AdamW.  Parameters and inputs are drawn in float32 (so the stored values are exactly
 the ones used) and everything is then computed in float64.
@@ -38,6 +39,10 @@ torch.set_default_dtype(torch.float64)
 
 MARGIN = 1e-3        # minimum gap between consecutive top-(k+1) router logits
 RELU_MARGIN = 1e-4   # minimum |z| of a relu input
+# Routers of README 3.5 decide on scores in (0, 1) (sigmoid, softmax columns, cumulative
+# probabilities), which crowd far more than logits: their boundaries need a gap of FINE_MARGIN,
+# still 30 times the float32-vs-float64 differences of the scores after five steps (~1e-6).
+FINE_MARGIN = 3e-5
 STEPS = 5
 
 OPTIMIZER = {"kind": "adamw", "lr": 0.01, "beta1": 0.9, "beta2": 0.999, "eps": 1e-08,
@@ -66,12 +71,20 @@ def moe(d_in, d_out=None, **kw):
     experts = kw.get("experts", 4)
     expert = kw.get("expert", "mlp")
     d_hidden = kw.get("d_hidden", d_in)
+    own = {"sigmoid": {"routed_scaling_factor": 1, "groups": 1, "top_k_groups": None, "bias_update_rate": 0},
+           "hash": {"hash_seed": 0}}.get(router, {})
+    extra = {}
+    for f, default in own.items():
+        extra[f] = kw.pop(f, default)
+    if router == "sigmoid" and extra["top_k_groups"] is None:
+        extra["top_k_groups"] = extra["groups"]
+    max_top_k = kw.pop("max_top_k", None)
     c = {
         "kind": "moe", "d_in": d_in, "d_out": d_in if d_out is None else d_out,
         "residual": kw.get("residual", False),
         "router": router, "experts": experts,
         "top_k": kw.get("top_k", 1 if router == "switch" else min(2, experts)),
-        "renormalize": kw.get("renormalize", router != "switch"),
+        "renormalize": kw.get("renormalize", router not in ("switch", "expert_choice", "hash")),
         "router_bias": kw.get("router_bias", False),
         "expert": expert, "d_hidden": d_hidden,
         "hidden_layers": kw.get("hidden_layers", 0 if expert == "linear" else 1),
@@ -79,13 +92,16 @@ def moe(d_in, d_out=None, **kw):
         "bias": kw.get("bias", expert != "swiglu"),
         "shared_experts": kw.get("shared_experts", 0),
         "d_shared_hidden": kw.get("d_shared_hidden", d_hidden),
-        "capacity_factor": kw.get("capacity_factor", 1.25 if router == "switch" else 0),
+        "capacity_factor": kw.get("capacity_factor", {"switch": 1.25, "expert_choice": 1}.get(router, 0)),
         "jitter": 0,
         "balance_loss": kw.get("balance_loss", 0), "z_loss": kw.get("z_loss", 0),
         "importance_loss": kw.get("importance_loss", 0), "load_loss": kw.get("load_loss", 0),
     }
     unknown = set(kw) - set(c)
     assert not unknown, unknown
+    if max_top_k is not None and max_top_k != c["top_k"]:
+        c["max_top_k"] = max_top_k          # written only where it differs from top_k (6.1)
+    c.update(extra)                         # a router's own fields, only for that router
     return c
 
 
@@ -144,11 +160,14 @@ def param_specs(cfg):
             specs.append((p + "bias", [c["d_in"]], "normb", 0))
         elif c["kind"] == "moe":
             E, D = c["experts"], c["d_in"]
-            specs.append((p + "router.weight", [E, D], "router", D))
+            if c["router"] != "hash":
+                specs.append((p + "router.weight", [E, D], "router", D))
             if c["router_bias"]:
                 specs.append((p + "router.bias", [E], "routerb", D))
             if c["router"] == "noisy_topk":
                 specs.append((p + "router.noise_weight", [E, D], "lin", D))
+            if c["router"] == "sigmoid":
+                specs.append((p + "router.selection_bias", [E], "selb", 0))
             for name, shape, fan in expert_shapes(p + "experts.", c, E, c["d_hidden"]):
                 specs.append((name, shape, "lin", fan))
             if c["shared_experts"] > 0:
@@ -174,6 +193,8 @@ def init_params(cfg, g):
             t = 1 + 0.4 * u
         elif kind == "normb":
             t = 0.3 * u
+        elif kind == "selb":
+            t = 0.1 * u                         # a selection bias that changes some choices
         params[name] = t.to(torch.float32).double()
     return params
 
@@ -186,11 +207,12 @@ class Checks:
 
     def __init__(self):
         self.min_gap = math.inf
+        self.min_fine_gap = math.inf
         self.min_relu = math.inf
 
     def verify(self):
-        if self.min_gap <= MARGIN or self.min_relu <= RELU_MARGIN:
-            raise Retry("gap %g relu %g" % (self.min_gap, self.min_relu))
+        if self.min_gap <= MARGIN or self.min_relu <= RELU_MARGIN or self.min_fine_gap <= FINE_MARGIN:
+            raise Retry("gap %g fine gap %g relu %g" % (self.min_gap, self.min_fine_gap, self.min_relu))
 
 
 def softplus(z):
@@ -259,53 +281,159 @@ def Phi(z):
     return 0.5 * (1 + torch.erf(z / math.sqrt(2.0)))
 
 
-def moe_forward(P, p, c, x, train, noise, chk):
+U64 = (1 << 64) - 1
+
+
+def mix64(z):
+    """README 3.5, hash router: the splitmix64 finaliser, modulo 2^64."""
+    z = (z + 0x9E3779B97F4A7C15) & U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & U64
+    return z ^ (z >> 31)
+
+
+def hash_rng(seed, stream, counter):
+    return mix64(mix64(mix64(seed) ^ stream) ^ counter)
+
+
+def gap_check(chk, vals, fine=True):
+    """Consecutive values of a descending list must be (FINE_)MARGIN apart (a decision between them)."""
+    v = [float(a) for a in vals]
+    for a, b in zip(v, v[1:]):
+        if a != -math.inf and b != -math.inf:
+            if fine:
+                chk.min_fine_gap = min(chk.min_fine_gap, a - b)
+            else:
+                chk.min_gap = min(chk.min_gap, a - b)
+
+
+def moe_forward(P, p, c, x, train, noise, chk, call, layer):
     """Returns (y, [balance, z, importance, load] (coefficients applied), stats dict)."""
     T, D = x.shape
-    E, k, O = c["experts"], c["top_k"], c["d_out"]
-    if c["router"] == "switch":
+    E, O, router = c["experts"], c["d_out"], c["router"]
+    k = call.get("top_k") or c["top_k"]
+    top_p = call.get("top_p", 0)
+    if router == "switch":
         k = 1
-    # step 1: router logits (jitter is 0 in every fixture, so u = x)
+    # step 1: router logits (jitter is 0 in every fixture, so u = x); none for the hash router
     u = x
-    cl = u @ P[p + "router.weight"].T
-    if c["router_bias"]:
-        cl = cl + P[p + "router.bias"]
-    s = None
-    if c["router"] == "noisy_topk":
+    cl = s = probs = None
+    if router != "hash":
+        cl = u @ P[p + "router.weight"].T
+        if c["router_bias"]:
+            cl = cl + P[p + "router.bias"]
+    if router == "noisy_topk":
         s = softplus(u @ P[p + "router.noise_weight"].T)
         h = cl + noise * s if train else cl
     else:
         h = cl
-    # step 2: selection (descending h, ties to lower index: stable sort)
-    probs = torch.softmax(h, dim=1)
-    hd = h.detach()
-    order = torch.sort(hd, dim=1, descending=True, stable=True).indices
-    sel = order[:, :k]                                          # [T, k]
-    if k < E or c["capacity_factor"] > 0:
-        vals = hd.gather(1, order[:, :min(k + 1, E)])
-        if vals.shape[1] > 1:
-            chk.min_gap = min(chk.min_gap, (vals[:, :-1] - vals[:, 1:]).min().item())
-    # step 3: gates
-    if c["renormalize"]:
-        gates = torch.softmax(h.gather(1, sel), dim=1)
+    ec = router == "expert_choice"
+    slots = E if ec else k
+    sel = torch.full((T, slots), -1, dtype=torch.long)          # -1: slot not chosen
+    gates = torch.zeros(T, slots)
+    if router in ("topk", "noisy_topk", "switch"):
+        # step 2: selection (descending h, ties to lower index: stable sort); top_p keeps a prefix
+        probs = torch.softmax(h, dim=1)
+        hd = h.detach()
+        order = torch.sort(hd, dim=1, descending=True, stable=True).indices
+        if k < E or c["capacity_factor"] > 0:
+            for t in range(T):
+                gap_check(chk, hd[t, order[t, :min(k + 1, E)]], fine=False)
+        n = [k] * T
+        if top_p:
+            pd = probs.detach()
+            for t in range(T):
+                cum, m = 0.0, 0
+                while m < k and cum < top_p:
+                    cum += float(pd[t, order[t, m]])
+                    m += 1
+                    chk.min_fine_gap = min(chk.min_fine_gap, abs(cum - top_p))
+                n[t] = m
+        # step 3: gates over the kept slots
+        rows = []
+        for t in range(T):
+            e_t = order[t, :n[t]]
+            sel[t, :n[t]] = e_t
+            g_t = torch.softmax(h[t, e_t], dim=0) if c["renormalize"] else probs[t, e_t]
+            rows.append(torch.cat([g_t, torch.zeros(slots - n[t])]))
+        gates = torch.stack(rows)
+    elif router == "sigmoid":
+        sc = torch.sigmoid(cl)
+        key = sc.detach() + P[p + "router.selection_bias"].detach()
+        G, tkg = c["groups"], c["top_k_groups"]
+        gn = E // G
+        rows = []
+        for t in range(T):
+            q = key[t].clone()
+            if G > 1:
+                gscore = []
+                for j in range(G):
+                    grp = torch.sort(q[j * gn:(j + 1) * gn], descending=True, stable=True).values
+                    gap_check(chk, grp[1:3])        # which two make the group score
+                    gscore.append(float(grp[:2].sum()))
+                gs = torch.tensor(gscore)
+                gorder = torch.sort(gs, descending=True, stable=True).indices
+                gap_check(chk, gs[gorder[tkg - 1:tkg + 1]])  # which groups are kept
+                for j in gorder[tkg:].tolist():
+                    q[j * gn:(j + 1) * gn] = -math.inf
+            order = torch.sort(q, descending=True, stable=True).indices
+            gap_check(chk, q[order[k - 1:k + 1]])      # which experts are chosen
+            e_t = order[:k]
+            sel[t] = e_t
+            chosen = sc[t, e_t]
+            g_t = chosen / chosen.sum() if c["renormalize"] else chosen
+            rows.append(c["routed_scaling_factor"] * g_t)
+        gates = torch.stack(rows)
+    elif ec:
+        probs = torch.softmax(h, dim=1)
+        for t in range(T):
+            sel[t] = torch.arange(E)
+        gates = probs
+    elif router == "hash":
+        ids = call["token_ids"]
+        for t in range(T):
+            v = (int(ids[t]) & 0xFFFFFFFF) << 32
+            got, cnt = [], 0
+            while len(got) < k:
+                e = hash_rng(c["hash_seed"], layer, v | cnt) % E
+                cnt += 1
+                if e not in got:
+                    got.append(e)
+            sel[t] = torch.tensor(got)
+        gates = torch.full((T, slots), 1.0 / k)
     else:
-        gates = probs.gather(1, sel)
-    # step 4: capacity
-    keep = torch.ones(T, k, dtype=torch.bool)
+        raise ValueError(router)
+    load = torch.zeros(E)                                       # chosen slots per expert, before capacity
+    if not ec:
+        for e in sel[sel >= 0].tolist():
+            load[e] += 1
+    # step 4: capacity (expert choice: each expert takes its C best tokens instead)
+    keep = sel >= 0
     cap = None
-    if c["capacity_factor"] > 0:
+    if ec:
+        cap = min(T, max(1, math.ceil(c["capacity_factor"] * T * k / E)))
+        keep = torch.zeros(T, E, dtype=torch.bool)
+        pd = probs.detach()
+        for e in range(E):
+            order = torch.sort(pd[:, e], descending=True, stable=True).indices
+            gap_check(chk, pd[order[cap - 1:cap + 1], e])  # which tokens the expert takes
+            keep[order[:cap], e] = True
+        load[:] = cap
+    elif c["capacity_factor"] > 0:
         cap = math.ceil(c["capacity_factor"] * T * k / E)
         held = [0] * E
-        for si in range(k):
+        for si in range(slots):
             for t in range(T):
                 e = int(sel[t, si])
+                if e < 0:
+                    continue
                 if held[e] >= cap:
                     keep[t, si] = False
                 else:
                     held[e] += 1
     dropped = ~keep.any(dim=1)                                  # [T]
     kept_per_expert = torch.zeros(E)
-    for si in range(k):
+    for si in range(slots):
         for t in range(T):
             if keep[t, si]:
                 kept_per_expert[int(sel[t, si])] += 1
@@ -313,9 +441,9 @@ def moe_forward(P, p, c, x, train, noise, chk):
     fx = experts_forward(P, p + "experts.", c, x, chk)          # [E, T, O]
     ar = torch.arange(T)
     routed = torch.zeros(T, O)
-    for si in range(k):
+    for si in range(slots):
         w = gates[:, si] * keep[:, si].double()
-        routed = routed + w[:, None] * fx[sel[:, si], ar]
+        routed = routed + w[:, None] * fx[sel[:, si].clamp(min=0), ar]
     if not c["residual"] and O == D:
         routed = torch.where(dropped[:, None], x, routed)       # pass-through
     y = x + routed if c["residual"] else routed
@@ -323,22 +451,21 @@ def moe_forward(P, p, c, x, train, noise, chk):
         sx = experts_forward(P, p + "shared.", c, x, chk)       # [S, T, O]
         for j in range(c["shared_experts"]):
             y = y + sx[j]
-    # auxiliary losses
+    # auxiliary losses (routers sigmoid and hash take none; expert choice only z)
     zero = torch.zeros(())
     aux = [zero, zero, zero, zero]
-    if train:
+    if train and router not in ("sigmoid", "hash"):
         if c["balance_loss"]:
-            f = torch.zeros(E)
-            for e in sel.reshape(-1).tolist():
-                f[e] += 1
-            f = f / (T * k)
+            f = load / (T * k)
             aux[0] = c["balance_loss"] * E * (f * probs.mean(dim=0)).sum()
         if c["z_loss"]:
             aux[1] = c["z_loss"] * (torch.logsumexp(h, dim=1) ** 2).mean()
         if c["importance_loss"]:
-            G = torch.zeros(T, E).scatter(1, sel, gates)
+            G = torch.zeros(T, E).scatter_add(1, sel.clamp(min=0), gates * (sel >= 0).double())
             aux[2] = c["importance_loss"] * cv2(G.sum(dim=0))
-        if c["load_loss"] and c["router"] == "noisy_topk" and k < E:
+        if c["load_loss"] and router == "noisy_topk" and k < E:
+            hd = h.detach()
+            order = torch.sort(hd, dim=1, descending=True, stable=True).indices
             top = h.gather(1, order[:, :k + 1])                 # with gradient
             th_in, th_out = top[:, k:k + 1], top[:, k - 1:k]
             is_in = hd > th_in.detach()
@@ -346,11 +473,11 @@ def moe_forward(P, p, c, x, train, noise, chk):
             Pte = Phi((cl - theta) / s)
             aux[3] = c["load_loss"] * cv2(Pte.sum(dim=0))
     stats = {"tokens_per_expert": kept_per_expert, "dropped_tokens": float(dropped.sum()),
-             "capacity": cap}
+             "capacity": cap, "load": load}
     return y, aux, stats
 
 
-def model_forward(cfg, P, x, train, noises, chk):
+def model_forward(cfg, P, x, train, noises, chk, call=None):
     """Returns y, {layer: aux list}, {layer: stats}."""
     auxes, stats = {}, {}
     h = x
@@ -369,7 +496,7 @@ def model_forward(cfg, P, x, train, noises, chk):
             var = ((h - mu) ** 2).mean(dim=1, keepdim=True)
             out = (h - mu) / torch.sqrt(var + c["eps"]) * P[p + "weight"] + P[p + "bias"]
         elif kind == "moe":
-            out, auxes[i], stats[i] = moe_forward(P, p, c, h, train, noises.get(i), chk)
+            out, auxes[i], stats[i] = moe_forward(P, p, c, h, train, noises.get(i), chk, call or {}, i)
         if kind != "moe" and c["residual"]:
             out = h + out
         h = out
@@ -386,8 +513,8 @@ def task_loss(kind, y, target):
     raise ValueError(kind)
 
 
-def train_objective(cfg, P, x, target, noises, chk):
-    y, auxes, stats = model_forward(cfg, P, x, True, noises, chk)
+def train_objective(cfg, P, x, target, noises, chk, call=None):
+    y, auxes, stats = model_forward(cfg, P, x, True, noises, chk, call)
     loss = task_loss(cfg["loss"], y, target)
     aux_total = torch.zeros(())
     for i in sorted(auxes):
@@ -437,8 +564,9 @@ def f32(t):
 # ----------------------------------------------------------------------------------------------
 # One case
 
-def build_case(name, cfg, T, seed, check=None):
-    """Draws, computes and returns (tensors dict, info dict) for one case."""
+def build_case(name, cfg, T, seed, check=None, call_opts=None):
+    """Draws, computes and returns (tensors dict, info dict) for one case. call_opts: the per-call
+    top_k / top_p of every forward (README 3.5)."""
     g = torch.Generator().manual_seed(seed)
     layers = cfg["layers"]
     d_in, d_out = cfg["d_in"], layers[-1]["d_out"]
@@ -453,20 +581,24 @@ def build_case(name, cfg, T, seed, check=None):
     noises = {i: torch.randn(T, c["experts"], generator=g, dtype=torch.float32).double()
               for i, c in enumerate(layers) if c["kind"] == "moe" and c["router"] == "noisy_topk"}
     dy = torch.randn(T, d_out, generator=g, dtype=torch.float32).double()
+    call = dict(call_opts or {})
+    if any(c["kind"] == "moe" and c["router"] == "hash" for c in layers):
+        call["token_ids"] = torch.randint(-1000, 100000, (T,), generator=g).to(torch.int32)
     names = list(P0)
     chk = Checks()
 
     # training forward + backward of task loss + aux
     P = {n: v.clone().requires_grad_(True) for n, v in P0.items()}
     xg = x.clone().requires_grad_(True)
-    loss, aux_total, y, auxes, stats = train_objective(cfg, P, xg, target, noises, chk)
-    grads = torch.autograd.grad(loss + aux_total, [xg] + [P[n] for n in names])
-    dx, grad = grads[0], dict(zip(names, grads[1:]))
+    loss, aux_total, y, auxes, stats = train_objective(cfg, P, xg, target, noises, chk, call)
+    grads = torch.autograd.grad(loss + aux_total, [xg] + [P[n] for n in names], allow_unused=True)
+    dx = grads[0]
+    grad = {n: (gr if gr is not None else torch.zeros_like(P0[n])) for n, gr in zip(names, grads[1:])}
 
     # inference forward + backward of sum(y * dy), no aux
     P = {n: v.clone().requires_grad_(True) for n, v in P0.items()}
     xg = x.clone().requires_grad_(True)
-    ey, _, estats = model_forward(cfg, P, xg, False, {}, chk)
+    ey, _, estats = model_forward(cfg, P, xg, False, {}, chk, call)
     egrads = torch.autograd.grad((ey * dy).sum(), [xg] + [P[n] for n in names],
                                  allow_unused=True)
     edx = egrads[0]
@@ -479,35 +611,48 @@ def build_case(name, cfg, T, seed, check=None):
     theta = {n: v.clone() for n, v in P0.items()}
     m = {n: torch.zeros_like(v) for n, v in P0.items()}
     v2 = {n: torch.zeros_like(v) for n, v in P0.items()}
-    steps, clipped = [], []
+    steps, clipped, min_step_grad = [], [], math.inf
     for t in range(1, STEPS + 1):
         P = {n: val.clone().requires_grad_(True) for n, val in theta.items()}
-        sl, sa, _, _, _ = train_objective(cfg, P, x, target, noises, chk)
-        gs = dict(zip(names, torch.autograd.grad(sl + sa, [P[n] for n in names])))
+        sl, sa, _, _, sst = train_objective(cfg, P, x, target, noises, chk, call)
+        gs = {n: (gr if gr is not None else torch.zeros_like(P0[n]))
+              for n, gr in zip(names, torch.autograd.grad(sl + sa, [P[n] for n in names], allow_unused=True))}
         if o["clip_norm"] > 0:
             nrm = math.sqrt(sum(float((gv * gv).sum()) for gv in gs.values()))
             clipped.append(nrm > o["clip_norm"])
             if nrm > o["clip_norm"]:
                 sc = o["clip_norm"] / (nrm + 1e-6)
                 gs = {n: gv * sc for n, gv in gs.items()}
+        for gv in gs.values():              # smallest nonzero |gradient|: Adam divides by it
+            nz = gv.abs()[gv != 0]
+            if nz.numel():
+                min_step_grad = min(min_step_grad, float(nz.min()))
         lr = lr_at(o, t - 1)
         b1, b2 = o["beta1"], o["beta2"]
         for n in names:
+            if n.endswith(".router.selection_bias"):
+                continue                    # state, not a parameter: the optimizer leaves it alone
             gv = gs[n]
             theta[n] = theta[n] * (1 - lr * o["weight_decay"])
             m[n] = b1 * m[n] + (1 - b1) * gv
             v2[n] = b2 * v2[n] + (1 - b2) * gv * gv
             denom = v2[n].sqrt() / math.sqrt(1 - b2 ** t) + o["eps"]
             theta[n] = theta[n] - (lr / (1 - b1 ** t)) * m[n] / denom
+        for i, c in enumerate(layers):      # then the aux-loss-free update from this step's load
+            if c["kind"] == "moe" and c["router"] == "sigmoid":
+                ld = sst[i]["load"]
+                b = theta["layers.%d.router.selection_bias" % i]
+                theta["layers.%d.router.selection_bias" % i] = (
+                    b + float(np.float32(c["bias_update_rate"])) * torch.sign(ld.mean() - ld)).to(torch.float32).double()
         steps.append((sl.detach(), sa.detach(), {n: val.clone() for n, val in theta.items()}))
     # the last update's parameters are stored too: check their routing margins as well
-    train_objective(cfg, {n: val for n, val in theta.items()}, x, target, noises, chk)
+    train_objective(cfg, {n: val for n, val in theta.items()}, x, target, noises, chk, call)
 
     chk.verify()
     for i, st in stats.items():       # routing that exercises more than one expert
         require(int((st["tokens_per_expert"] > 0).sum()) >= min(2, layers[i]["experts"]),
                 "layer %d uses a single expert" % i)
-    info = {"stats": stats, "eval_stats": estats, "clipped": clipped}
+    info = {"stats": stats, "eval_stats": estats, "clipped": clipped, "min_step_grad": min_step_grad}
     if check is not None:
         check(info)
 
@@ -522,6 +667,12 @@ def build_case(name, cfg, T, seed, check=None):
         out["target"] = f32(target)
     for i in sorted(noises):
         out["noise.%d" % i] = f32(noises[i])
+    if "token_ids" in call:
+        out["token_ids"] = call["token_ids"].numpy().astype(np.int32)
+    if call.get("top_k"):
+        out["call.top_k"] = np.array([call["top_k"]], dtype=np.int32)
+    if call.get("top_p"):
+        out["call.top_p"] = np.array([call["top_p"]], dtype=np.float32)
     out["y"] = f32(y)
     out["loss"] = f32(loss.reshape(1))
     out["aux_loss"] = f32(aux_total.reshape(1))
@@ -568,6 +719,27 @@ def check_dropped(info):
     for i, st in info["stats"].items():
         if info["stats"][i]["capacity"]:
             require(st["dropped_tokens"] >= 1, "layer %d drops no token" % i)
+
+
+def check_bias_moves(info):
+    check_adam_safe(info)
+    require(any(float(st["load"].std()) > 0 for st in info["stats"].values()), "the load is balanced already")
+
+
+def check_adam_safe(info):
+    """A gradient near 0 but not 0 (float32 rounding decides its size) makes Adam's step unstable."""
+    require(info["min_step_grad"] >= 1e-7, "a step gradient is %g" % info["min_step_grad"])
+
+
+def check_some_drop(info):
+    check_adam_safe(info)
+    require(any(st["dropped_tokens"] >= 1 for st in info["stats"].values()), "no token dropped")
+
+
+def check_top_p(info):
+    check_adam_safe(info)
+    require(any(st["capacity"] is None and float(st["load"].sum()) < 20 * 3 for st in info["stats"].values()),
+            "top_p keeps every slot")
 
 
 CASES = [
@@ -635,6 +807,37 @@ CASES = [
                           bias=False, balance_loss=0.01, importance_loss=0.02),
                       norm("rmsnorm", 12), dense(12, 3)], "mse", clip_norm=0.3),
      12, None),
+    # routers of README 3.5
+    ("sigmoid_groups_bias",
+     model_config(12, [moe(12, 10, router="sigmoid", experts=8, top_k=2, groups=4, top_k_groups=2,
+                           routed_scaling_factor=2.5, bias_update_rate=0.03125, expert="swiglu",
+                           d_hidden=8, shared_experts=1, d_shared_hidden=6, router_bias=True),
+                       moe(10, 10, router="sigmoid", experts=4, top_k=2, renormalize=False,
+                           expert="linear", capacity_factor=0.75, bias_update_rate=0.0625),
+                       dense(10, 5)], "cross_entropy"),
+     16, check_bias_moves),
+    ("expert_choice",
+     model_config(10, [moe(10, 10, router="expert_choice", experts=4, top_k=2, expert="mlp",
+                           d_hidden=8, activation="tanh", z_loss=0.001),
+                       moe(10, 10, router="expert_choice", experts=4, top_k=1, capacity_factor=0.5,
+                           expert="linear"),
+                       dense(10, 4)], "cross_entropy"),
+     20, check_some_drop),
+    ("call_top_k_top_p",
+     model_config(10, [moe(10, 8, router="topk", experts=6, top_k=2, max_top_k=4, expert="mlp",
+                           d_hidden=8, activation="gelu", balance_loss=0.01, z_loss=0.001,
+                           importance_loss=0.05),
+                       moe(8, 8, router="noisy_topk", experts=4, top_k=2, max_top_k=3,
+                           renormalize=False, expert="linear", load_loss=0.1, residual=True),
+                       dense(8, 3)], "mse"),
+     20, check_top_p, {"top_k": 3, "top_p": 0.75}),
+    ("hash_tokens",
+     model_config(10, [moe(10, 8, router="hash", experts=5, top_k=2, hash_seed=123456789,
+                           expert="mlp", d_hidden=8, shared_experts=1),
+                       moe(8, 8, router="hash", experts=3, top_k=1, capacity_factor=0.5,
+                           expert="linear"),
+                       dense(8, 4)], "cross_entropy"),
+     20, check_dropped),
 ]
 
 
@@ -645,10 +848,10 @@ def case_seed(name, attempt):
 def main(argv):
     outdir = argv[1] if len(argv) > 1 else os.path.dirname(os.path.abspath(__file__))
     os.makedirs(outdir, exist_ok=True)
-    for name, cfg, T, check in CASES:
+    for name, cfg, T, check, *call in CASES:
         for attempt in range(200):
             try:
-                tensors, info = build_case(name, cfg, T, case_seed(name, attempt), check)
+                tensors, info = build_case(name, cfg, T, case_seed(name, attempt), check, *call)
                 break
             except Retry as e:
                 last = e

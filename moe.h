@@ -444,6 +444,8 @@ MOEDEF moe_result moe_model_backward(moe_model *model, const float *dy, float *d
 MOEDEF void moe_model_zero_grad(moe_model *model);
 /* Clip and update with the model's optimizer. */
 MOEDEF moe_result moe_model_optimizer_step(moe_model *model, moe_step_info *info);
+/* Optimizer steps taken so far (a model loaded from a checkpoint continues the count). */
+MOEDEF int64_t moe_model_steps(const moe_model *model);
 /* forward (training) + loss + aux losses + backward + update. info may be NULL. */
 MOEDEF moe_result moe_model_train_step(moe_model *model, const float *x, const moe_target *target, int64_t n_tokens, moe_step_info *info);
 /* Argmax class per row (cross-entropy models) or per-row argmax of the outputs. */
@@ -2768,6 +2770,8 @@ MOEDEF moe_result moe_model_optimizer_step(moe_model *m, moe_step_info *info) {
     return moe_optimizer_step(m->opt, m->params, m->grads, info);
 }
 
+MOEDEF int64_t moe_model_steps(const moe_model *m) { return m ? moe_optimizer_steps(m->opt) : 0; }
+
 static float moe__model_aux(const moe_model *m) {
     float aux = 0.0f;
     int i;
@@ -2776,33 +2780,40 @@ static float moe__model_aux(const moe_model *m) {
     return aux;
 }
 
+/* A refused training step draws its noise again when retried: every layer's counter goes back. */
+static moe_result moe__model_refuse_step(moe_model *m, moe_result r) {
+    int i;
+    for (i = 0; i < m->n_layers; i++) m->layers[i].noise_step = m->layers[i].forward_step;
+    return r;
+}
+
 MOEDEF moe_result moe_model_train_step(moe_model *m, const float *x, const moe_target *target, int64_t n_tokens, moe_step_info *info) {
     moe_forward_opts opts;
     moe_step_info si;
     float loss, aux;
+    moe_result r;
     if (!m) return MOE_ERR_INVALID_ARGUMENT;
     memset(&opts, 0, sizeof opts);
     memset(&si, 0, sizeof si);
     opts.training = 1;
     MOE__TRY(moe__model_forward(m, x, n_tokens, &opts));
-    MOE__TRY(moe_model_loss(m, target, &loss, m->dloss));
+    r = moe_model_loss(m, target, &loss, m->dloss);
+    if (r != MOE_OK) return moe__model_refuse_step(m, r);
     aux = moe__model_aux(m);
     si.loss = loss;
     si.aux_loss = aux;
     si.step = moe_optimizer_steps(m->opt);
     if (!moe__finite(loss) || !moe__finite(aux)) {
         if (info) *info = si;
-        return moe__fail(m->ctx, MOE_ERR_NONFINITE, "loss is not finite (loss %g, aux %g); parameters unchanged", (double)loss, (double)aux);
+        return moe__model_refuse_step(m, moe__fail(m->ctx, MOE_ERR_NONFINITE, "loss is not finite (loss %g, aux %g); parameters unchanged", (double)loss, (double)aux));
     }
     moe_model_zero_grad(m);
-    MOE__TRY(moe_model_backward(m, m->dloss, NULL, MOE_BACKWARD_AUX));
-    {
-        moe_result r = moe_optimizer_step(m->opt, m->params, m->grads, &si);
-        si.loss = loss;
-        si.aux_loss = aux;
-        if (info) *info = si;
-        return r;
-    }
+    r = moe_model_backward(m, m->dloss, NULL, MOE_BACKWARD_AUX);
+    if (r == MOE_OK) r = moe_optimizer_step(m->opt, m->params, m->grads, &si);
+    si.loss = loss;
+    si.aux_loss = aux;
+    if (info) *info = si;
+    return r == MOE_OK ? r : moe__model_refuse_step(m, r);
 }
 
 MOEDEF moe_result moe_model_predict(moe_model *m, const float *x, int64_t n_tokens, int32_t *classes) {

@@ -122,37 +122,12 @@ static int expect_failure(int expected, const char *out, const char *const *args
 }
 #define CHECK_FAILS(expected, out, ...) expect_failure(expected, out, ARGS(__VA_ARGS__))
 
-static unsigned char *read_bytes(const char *path, size_t *size) {
-    FILE *fp = fopen(path, "rb");
-    unsigned char *b = NULL;
-    long n;
-    *size = 0;
-    if (!fp) return NULL;
-    if (fseek(fp, 0, SEEK_END) == 0 && (n = ftell(fp)) >= 0 && fseek(fp, 0, SEEK_SET) == 0) {
-        b = (unsigned char *)malloc((size_t)n + 1);
-        if (b && fread(b, 1, (size_t)n, fp) == (size_t)n) *size = (size_t)n;
-        else { free(b); b = NULL; }
-    }
-    fclose(fp);
-    return b;
-}
-
 static int write_bytes(const char *path, const void *data, size_t size) {
     FILE *fp = fopen(path, "wb");
     int ok;
     if (!fp) return 0;
     ok = fwrite(data, 1, size, fp) == size;
     return (fclose(fp) == 0) && ok;
-}
-
-/* 1 when both files exist and hold the same bytes */
-static int same_files(const char *a, const char *b) {
-    size_t na, nb;
-    unsigned char *pa = read_bytes(a, &na), *pb = read_bytes(b, &nb);
-    int same = pa && pb && na == nb && memcmp(pa, pb, na) == 0;
-    free(pa);
-    free(pb);
-    return same;
 }
 
 /* Write a safetensors file of up to 4 tensors (name NULL ends the list). */
@@ -335,11 +310,11 @@ static int test_dtypes_and_threads(void) {
     CHECK_RUN_OK("backward", model_path, in_path, TMP(a, "t_default.safetensors"));
     CHECK_RUN_OK("backward", model_path, in64_path, TMP(b, "t_f64.safetensors"), "--threads", "1");
     CHECK_RUN_OK("backward", "--threads", "3", model_path, in_path, TMP(c, "t_three.safetensors"));
-    CHECK(same_files(a, b), "F64 input with 1 thread gives other bytes than F32 input");
-    CHECK(same_files(a, c), "3 threads give other bytes than the default thread count");
+    CHECK(test_same_files(a, b), "F64 input with 1 thread gives other bytes than F32 input");
+    CHECK(test_same_files(a, c), "3 threads give other bytes than the default thread count");
     CHECK_RUN_OK("forward", model_path, in64_path, TMP(a, "f_f64.safetensors"));
     CHECK_RUN_OK("forward", model_path, in_path, TMP(b, "f_f32.safetensors"), "--threads", "2");
-    CHECK(same_files(a, b), "forward: F64 input gives other bytes than F32 input");
+    CHECK(test_same_files(a, b), "forward: F64 input gives other bytes than F32 input");
     return 0;
 }
 
@@ -520,9 +495,9 @@ static int test_train_classifier(void) {
     }
     /* deterministic: the same seed gives the same bytes; another seed another shuffle */
     CHECK_RUN_OK("train", model_path, data_path, TMP(out2_path, "cls_out2.safetensors"), "--epochs", "8", "--batch", "16", "--seed", "3", "--threads", "1");
-    CHECK(same_files(out_path, out2_path), "two runs with --seed 3 gave different models");
+    CHECK(test_same_files(out_path, out2_path), "two runs with --seed 3 gave different models");
     CHECK_RUN_OK("train", model_path, data_path, TMP(out3_path, "cls_out3.safetensors"), "--epochs", "8", "--batch", "16", "--seed", "4");
-    CHECK(!same_files(out_path, out3_path), "--seed 4 gave the same model as --seed 3");
+    CHECK(!test_same_files(out_path, out3_path), "--seed 4 gave the same model as --seed 3");
     /* --lr trains differently but OUT keeps MODEL's configuration */
     CHECK_RUN_OK("train", model_path, data_path, TMP(out4_path, "cls_out4.safetensors"), "--epochs", "2", "--batch", "16", "--seed", "3", "--lr", "0.05");
     CHECK_OK(moe_model_load(&ctx, out4_path, 0, &trained), &ctx);
@@ -598,8 +573,8 @@ static int test_init_info(void) {
     CHECK_RUN_OK("init", cfg_path, TMP(a, "init_a.safetensors"), "--seed", "7");
     CHECK_RUN_OK("init", "--seed", "7", cfg_path, TMP(b, "init_b.safetensors"));
     CHECK_RUN_OK("init", cfg_path, TMP(c, "init_c.safetensors"), "--seed", "8");
-    CHECK(same_files(a, b), "init with the same seed gave different files");
-    CHECK(!same_files(a, c), "init with another seed gave the same file");
+    CHECK(test_same_files(a, b), "init with the same seed gave different files");
+    CHECK(!test_same_files(a, c), "init with another seed gave the same file");
     /* the file is the library's model for that config and seed */
     CHECK_OK(moe_model_load(&ctx, a, 0, &m), &ctx);
     CHECK_OK(moe_ctx_init(&seeded, &(moe_ctx_desc){.seed = 7}), &seeded);
@@ -706,7 +681,7 @@ static int test_bad_files(void) {
     CHECK_RUN_OK("forward", model, in, out);   /* the inputs above are good */
 
     /* a model file cut short anywhere, and one that is not a safetensors file */
-    bytes = read_bytes(model, &size);
+    bytes = test_read_file(model, &size);
     CHECK(bytes != NULL && size > 64, "cannot read %s back", model);
     if (!bytes) return 0;
     cuts[0] = 0; cuts[1] = 7; cuts[2] = 8; cuts[3] = 40; cuts[4] = size / 2; cuts[5] = size - 4; cuts[6] = size - 1;

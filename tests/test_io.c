@@ -16,20 +16,6 @@ static const char *tmp(const char *name) {
     return path_buf;
 }
 
-static unsigned char *read_all(const char *path, size_t *n) {
-    FILE *f = fopen(path, "rb");
-    unsigned char *b;
-    long len;
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    len = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    b = (unsigned char *)malloc((size_t)len + 1);
-    *n = fread(b, 1, (size_t)len, f);
-    fclose(f);
-    return b;
-}
-
 static const moe_layer_desc layers[] = {
     {.kind = MOE_LAYER_MOE, .d_out = 6, .router = MOE_ROUTER_NOISY_TOPK, .n_experts = 3, .top_k = 2, .expert = MOE_EXPERT_MLP,
      .n_hidden_layers = 2, .activation = MOE_ACT_GELU, .n_shared_experts = 1, .d_shared_hidden = 3, .router_bias = MOE_FLAG_ON,
@@ -71,8 +57,8 @@ static int test_round_trip(void) {
     CHECK(strstr(json1, "\"capacity_factor\":1.5") && strstr(json1, "\"load_loss\":0.125") && strstr(json1, "\"eps\":0.001"),
           "floats are written shortest: %s", json1);
     CHECK_OK(moe_model_save(b, tmp("b.safetensors")), &ctx);
-    f1 = read_all(tmp("a.safetensors"), &n1);
-    f2 = read_all(tmp("b.safetensors"), &n2);
+    f1 = test_read_file(tmp("a.safetensors"), &n1);
+    f2 = test_read_file(tmp("b.safetensors"), &n2);
     CHECK(f1 && f2 && n1 == n2 && memcmp(f1, f2, n1) == 0, "save(load(file)) is byte-identical (%zu vs %zu bytes)", n1, n2);
     if (f1) CHECK(((size_t)f1[0] | (size_t)f1[1] << 8) % 8 == 0, "header padded to 8 bytes");
     free(f1);
@@ -267,7 +253,7 @@ static int test_truncation_and_mutation(void) {
     if (!a) return 0;
     moe_model_save(a, tmp("fuzz.safetensors"));
     moe_model_destroy(a);
-    f = read_all(tmp("fuzz.safetensors"), &n);
+    f = test_read_file(tmp("fuzz.safetensors"), &n);
     if (!f) return 0;
     g = (unsigned char *)malloc(n);
     for (k = 0; k < n; k++) {
@@ -313,7 +299,7 @@ static int test_atomic_save(void) {
     size_t nb = 0, na = 0;
     if (!a) return 0;
     CHECK_OK(moe_model_save(a, tmp("keep.safetensors")), &ctx);
-    before = read_all(tmp("keep.safetensors"), &nb);
+    before = test_read_file(tmp("keep.safetensors"), &nb);
     /* the temporary file cannot be created: a directory sits where it would go */
     remove(tmp("keep.safetensors.tmp"));
 #if defined(_WIN32)
@@ -327,7 +313,7 @@ static int test_atomic_save(void) {
 #endif
     moe_model_params(a, NULL)[0] += 1.0f;
     CHECK_RESULT(moe_model_save(a, tmp("keep.safetensors")), MOE_ERR_IO, &ctx);
-    after = read_all(tmp("keep.safetensors"), &na);
+    after = test_read_file(tmp("keep.safetensors"), &na);
     CHECK(before && after && na == nb && memcmp(before, after, nb) == 0, "the old file is intact after a failed save");
     CHECK(strstr(moe_ctx_error(&ctx), "unchanged") != NULL, "message says the file is unchanged: %s", moe_ctx_error(&ctx));
     remove(tmp("keep.safetensors.tmp"));
@@ -335,7 +321,7 @@ static int test_atomic_save(void) {
     /* a successful save replaces it and leaves no temporary file */
     CHECK_OK(moe_model_save(a, tmp("keep.safetensors")), &ctx);
     free(after);
-    after = read_all(tmp("keep.safetensors"), &na);
+    after = test_read_file(tmp("keep.safetensors"), &na);
     CHECK(after && memcmp(before, after, nb < na ? nb : na) != 0, "the new file replaced the old");
     {
         FILE *t = fopen(tmp("keep.safetensors.tmp"), "rb");

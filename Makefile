@@ -4,6 +4,7 @@
 #   make demo     train the digits classifier (the main job)
 #   make mnist    the MNIST run (needs the MNIST IDX files, see README)
 #   make bench    the benchmark
+#   make fuzz     libFuzzer on the model loader for FUZZ_SECONDS (needs clang and libclang-rt-14-dev)
 CC      ?= cc
 CXX     ?= c++
 OPT     ?= -O2
@@ -12,9 +13,11 @@ STD      = -std=c99 -Wall -Wextra -Wpedantic
 OPENMP  ?= -fopenmp
 LDLIBS   = -lm
 MNIST   ?= ../shared/data/mnist
+FUZZ_CC ?= clang
+FUZZ_SECONDS ?= 60
 
 EXAMPLES = build/moe build/digits
-.PHONY: all test demo mnist bench clean
+.PHONY: all test demo mnist bench fuzz clean
 
 all: $(EXAMPLES)
 
@@ -38,6 +41,15 @@ build/mnist/train-images-idx3-ubyte: | build
 
 mnist: build/digits build/mnist/train-images-idx3-ubyte
 	./build/digits --mnist build/mnist
+
+# New inputs go to build/fuzz-corpus, crashes to build/fuzz-crash-*; tests/fuzz/corpus stays as committed.
+fuzz: | build
+	@command -v $(FUZZ_CC) > /dev/null 2>&1 || { echo "make fuzz: $(FUZZ_CC) not found (apt-get install -y clang libclang-rt-14-dev); skipped"; exit 0; }; \
+	set -e; \
+	$(FUZZ_CC) -std=c99 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all tests/fuzz/fuzz_load.c -o build/fuzz_load -lm; \
+	mkdir -p build/fuzz-corpus; \
+	./build/fuzz_load -max_total_time=$(FUZZ_SECONDS) -timeout=20 -max_len=65536 -rss_limit_mb=2048 \
+	    -dict=tests/fuzz/fuzz_load.dict -artifact_prefix=build/fuzz- build/fuzz-corpus tests/fuzz/corpus
 
 clean:
 	rm -rf build

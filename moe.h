@@ -595,7 +595,7 @@ MOEDEF float moe_rng_normal(uint64_t seed, uint64_t stream, uint64_t counter);  
 #endif
 #define MOE__MAX_BYTES ((size_t)MOE_MAX_BYTES)
 #define MOE__MAX_LINEARS 9          /* MLP experts: up to 8 hidden layers */
-#define MOE__MAX_TENSORS 24         /* per layer */
+#define MOE__MAX_TENSORS 40         /* per layer: router weight, bias, noise weight + two banks of 9 linears with biases */
 #define MOE__NAME_MAX 64
 
 static size_t moe__strlcpy(char *dst, const char *src, size_t cap) {

@@ -1,7 +1,8 @@
 #!/bin/sh
 # The whole test suite (make test): compile checks, then every tests/test_*.c built three ways —
 # with OpenMP, without OpenMP, and under AddressSanitizer + UndefinedBehaviorSanitizer — plus the
-# cross-build determinism check, the README quick start and the command-line tool.
+# cross-build determinism check, the fuzz corpus replay (tests/fuzz/), the README quick start and
+# the command-line tool.
 # Ends with one line: "N passed, N failed, N skipped" (cases, summed over all builds).
 # Environment: CC (default cc), CXX (default c++), TEST_CONFIGS (default "omp noomp asan").
 set -u
@@ -113,6 +114,12 @@ for cfg in $CONFIGS; do
             run_test "$cfg" "$OUT/$cfg/$t"
         fi
     done
+    # the fuzz target's corpus, replayed through the loaders (tests/fuzz/fuzz_load.c: allocation bounds, leaks)
+    if $CC -std=c99 $WARN $(flags "$cfg") -DMOE_FUZZ_REPLAY tests/fuzz/fuzz_load.c -o "$OUT/$cfg/fuzz_replay" -lm >> "$LOG" 2>&1; then
+        run_test "$cfg" "$OUT/$cfg/fuzz_replay" tests/fuzz/corpus
+    else
+        bad "$cfg/fuzz_replay does not compile"
+    fi
     # the command-line tool, built the same way
     if [ -f tests/test_cli.c ] && [ -f examples/moe.c ]; then
         if $CC -std=c99 $WARN $(flags "$cfg") examples/moe.c -o "$OUT/$cfg/moe" -lm >> "$LOG" 2>&1 &&

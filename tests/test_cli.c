@@ -512,6 +512,32 @@ static int test_train_classifier(void) {
     return 0;
 }
 
+/* --checkpoint: a run stopped after 2 of 4 epochs (last checkpoint at step 18 of 40) and resumed
+   with the full command ends with the same OUT as the run that went straight through. */
+static int test_train_checkpoint(void) {
+    char model_path[1024], data_path[1024], straight[1024], resumed[1024], ck[1024];
+    float x[CLS_N * CLS_D];
+    int64_t labels64[CLS_N];
+    if (!save_classifier_model(TMP(model_path, "ck_cls.safetensors"))) return 0;
+    classifier_data(x, labels64);
+    write_tensors(TMP(data_path, "ck_data.safetensors"),
+                  (const wtensor[]){{"x", MOE_DTYPE_F32, 2, {CLS_N, CLS_D}, x}, {"labels", MOE_DTYPE_I64, 1, {CLS_N, 0}, labels64}, {NULL, MOE_DTYPE_F32, 0, {0, 0}, NULL}});
+    remove(TMP(ck, "ck_run.ckpt"));
+    CHECK_RUN_OK("train", model_path, data_path, TMP(straight, "ck_straight.safetensors"), "--epochs", "4", "--batch", "16", "--seed", "3");
+    CHECK_RUN_OK("train", model_path, data_path, TMP(resumed, "ck_resumed.safetensors"), "--epochs", "2", "--batch", "16", "--seed", "3",
+                 "--checkpoint", ck, "--every", "3");
+    CHECK(!test_same_files(straight, resumed), "2 epochs gave the model of 4");
+    CHECK_RUN_OK("train", model_path, data_path, resumed, "--epochs", "4", "--batch", "16", "--seed", "3", "--checkpoint", ck, "--every", "3");
+    CHECK(strstr(tool_out, "at step 18") != NULL, "the run resumed at step 18:\n%s", tool_out);
+    CHECK(test_same_files(straight, resumed), "the resumed run's OUT differs from the uninterrupted run's");
+    /* the checkpoint belongs to these settings */
+    CHECK_FAILS(1, TMP(resumed, "ck_other.safetensors"), "train", model_path, data_path, resumed, "--epochs", "4", "--batch", "16", "--seed", "3",
+                "--checkpoint", ck, "--lr", "0.05");
+    CHECK_FAILS(1, resumed, "train", model_path, data_path, resumed, "--epochs", "4", "--batch", "16", "--seed", "4", "--checkpoint", ck);
+    CHECK_FAILS(2, resumed, "train", model_path, data_path, resumed, "--every", "3");
+    return 0;
+}
+
 #define REG_N 96
 #define REG_D 3
 #define REG_C 2
@@ -837,6 +863,7 @@ int main(int argc, char **argv) {
     RUN(test_dtypes_and_threads);
     RUN(test_pytorch_fixtures);
     RUN(test_train_classifier);
+    RUN(test_train_checkpoint);
     RUN(test_train_regression);
     RUN(test_init_info);
     RUN(test_usage);

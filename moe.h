@@ -77,7 +77,10 @@
    forward, backward, loss, train_step and the optimizer step never allocate. Buffers are
    64-byte aligned. moe_ctx needs no allocation at all: it lives where you declare it. Every
    allocation goes through the context's allocator; on failure the call returns
-   MOE_ERR_OUT_OF_MEMORY and leaves nothing allocated. Loading and saving files allocate.
+   MOE_ERR_OUT_OF_MEMORY and leaves nothing allocated. Loading and saving files allocate; a
+   loader allocates a model only once the file holds every tensor its configuration implies, so
+   what it allocates is backed by the file's bytes, except the activation arena (max_tokens,
+   bounded by MOE_MAX_BYTES). README "What the reader guarantees" has the measured bound.
 
    ERRORS
    ------
@@ -87,7 +90,8 @@
    never aborts, exits or prints; MOE_ASSERT guards internal invariants, never input. A failed
    call changes nothing the caller can see: out-pointers are NULL, files keep their old
    contents (saves write a temporary file and rename it), a train_step whose loss or gradients
-   are not finite returns MOE_ERR_NONFINITE with the parameters untouched.
+   are not finite, or whose update would make a parameter or optimizer moment NaN or Inf,
+   returns MOE_ERR_NONFINITE with parameters, optimizer state and noise counters untouched.
 
    THREADING
    ---------

@@ -3400,9 +3400,11 @@ MOEDEF moe_result moe_tensor_file_read(moe_ctx *ctx, const char *path, moe_tenso
     if (!path) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "path is NULL");
     fp = fopen(path, "rb");
     if (!fp) return moe__fail(ctx, MOE_ERR_IO, "cannot open %s: %s", path, strerror(errno));
-    if (fseek(fp, 0, SEEK_END) != 0 || (len = ftell(fp)) < 0 || fseek(fp, 0, SEEK_SET) != 0) {
+    /* a directory opens and "sizes" to LONG_MAX on some systems, but has no first byte */
+    if (fseek(fp, 0, SEEK_END) != 0 || (len = ftell(fp)) < 0 || fseek(fp, 0, SEEK_SET) != 0 ||
+        (len > 0 && (fgetc(fp) == EOF || fseek(fp, 0, SEEK_SET) != 0))) {
         fclose(fp);
-        return moe__fail(ctx, MOE_ERR_IO, "cannot size %s", path);
+        return moe__fail(ctx, MOE_ERR_IO, "cannot size or read %s", path);
     }
     buf = moe__malloc(ctx, (size_t)len + 1);
     if (!buf) { fclose(fp); return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "%s: %ld bytes", path, len); }

@@ -1,5 +1,6 @@
 /* Model files: round trips, byte-identical saves, the configuration JSON, PyTorch-style dtypes,
-   malformed and truncated files (exact codes, no crash, no leak), and atomic saves. */
+   malformed and truncated files (exact codes, no crash, no leak), atomic saves, and directories
+   given as files. */
 #define MOE_IMPLEMENTATION
 #include "../moe.h"
 #include "test.h"
@@ -292,6 +293,29 @@ static int test_truncation_and_mutation(void) {
     return 0;
 }
 
+/* A path that names a directory is an I/O error, found before anything file-sized is allocated
+   (such a "file" sizes to LONG_MAX on Linux). */
+static size_t largest_allocation;
+static void *tracking_alloc(size_t size, void *user) {
+    (void)user;
+    if (size > largest_allocation) largest_allocation = size;
+    return malloc(size);
+}
+static void tracking_free(void *ptr, void *user) { (void)user; free(ptr); }
+
+static int test_directory_path(void) {
+    moe_ctx c;
+    moe_model *m = NULL;
+    moe_tensor_file *f = NULL;
+    moe_ctx_init(&c, &(moe_ctx_desc){.allocator = {tracking_alloc, tracking_free, NULL}});
+    largest_allocation = 0;
+    CHECK_RESULT(moe_model_load(&c, TMP_DIR, 0, &m), MOE_ERR_IO, &c);
+    CHECK_RESULT(moe_tensor_file_read(&c, TMP_DIR, &f), MOE_ERR_IO, &c);
+    CHECK(m == NULL && f == NULL, "no object on failure");
+    CHECK(largest_allocation < 4096, "reading a directory asked for %zu bytes", largest_allocation);
+    return 0;
+}
+
 /* A failed save never touches the existing file. */
 static int test_atomic_save(void) {
     moe_model *a = new_model();
@@ -345,5 +369,6 @@ int main(void) {
     RUN(test_malformed_files);
     RUN(test_truncation_and_mutation);
     RUN(test_atomic_save);
+    RUN(test_directory_path);
     TEST_END();
 }

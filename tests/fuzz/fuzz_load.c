@@ -10,7 +10,8 @@
      7 KB) for every layer, which needs at least one tensor entry (about 90 header bytes) in the file;
    - configurations alone (moe_model_from_config) may describe any model: no allocation exceeds
      MOE_MAX_BYTES (set small here), the library's up-front limit;
-   - nothing leaks: every call that fails, and every model once destroyed, leaves no allocation.
+   - nothing leaks: every call that fails, and every model once destroyed, leaves no allocation;
+     also when allocation number k (chosen by the input's last byte) of a checkpoint load fails.
    A loaded model also runs a forward and a training step.
 
    libFuzzer:  make fuzz FUZZ_SECONDS=60   (clang -fsanitize=fuzzer,address,undefined)
@@ -35,6 +36,7 @@ static int fuzz_big_allowed;    /* allocations above fuzz_limit still allowed (t
 static long fuzz_live;          /* allocations not yet freed */
 static size_t fuzz_input_size;
 static const char *fuzz_call = "";
+static long fuzz_calls, fuzz_fail_at;  /* allocation count; the one that fails (0: none) */
 
 static void fuzz_die(const char *what, size_t size) {
     fprintf(stderr, "fuzz_load: %s: %s (%zu bytes; input %zu bytes, limit %zu)\n", fuzz_call, what, size, fuzz_input_size, fuzz_limit);
@@ -44,6 +46,7 @@ static void fuzz_die(const char *what, size_t size) {
 static void *fuzz_alloc(size_t size, void *user) {
     void *p;
     (void)user;
+    if (fuzz_fail_at && ++fuzz_calls == fuzz_fail_at) return NULL;
     if (size > fuzz_limit) {
         if (fuzz_big_allowed > 0 && size <= MOE_MAX_BYTES + FUZZ_SLACK) fuzz_big_allowed--;
         else fuzz_die("allocation larger than the input justifies", size);
@@ -127,6 +130,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             m = NULL;
             fuzz_expect_nothing_live();
         }
+
+    /* out of memory at the k-th allocation of a load */
+    if (size > 0) {
+        fuzz_call = "moe_model_load_checkpoint_memory (failing allocator)";
+        fuzz_calls = 0;
+        fuzz_fail_at = 1 + data[size - 1] % 32;
+        fuzz_big_allowed = 0;
+        if (moe_model_load_checkpoint_memory(&ctx, data, size, 1, &m) == MOE_OK) moe_model_destroy(m);
+        m = NULL;
+        fuzz_fail_at = 0;
+        fuzz_expect_nothing_live();
+    }
 
     /* the configuration alone: bounded by MOE_MAX_BYTES only */
     fuzz_call = "moe_model_from_config";

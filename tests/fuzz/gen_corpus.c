@@ -1,6 +1,7 @@
 /* Writes the seed corpus of fuzz_load.c into a directory: small model files of every layer kind,
    router and expert kind, checkpoints, bare configurations, and malformed files (each a case the
-   loader must refuse before it allocates). Inputs the fuzzer found are added next to them by hand.
+   loader must refuse before it allocates). Inputs the fuzzer found are merged in next to them
+   (README, "What the reader guarantees").
      cc -std=c99 tests/fuzz/gen_corpus.c -lm -o build/gen_corpus && build/gen_corpus tests/fuzz/corpus */
 #define MOE_IMPLEMENTATION
 #include "../../moe.h"

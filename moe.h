@@ -1723,7 +1723,7 @@ static void moe__dispatch(moe_layer *l, int64_t T) {
     int64_t cap = 0;
     if (d->capacity_factor > 0.0f) {
         double c = ceil((double)d->capacity_factor * (double)T * (double)K / (double)E);
-        cap = c < 1.0 ? 1 : (int64_t)c;
+        cap = c < 1.0 ? 1 : c > (double)T ? T : (int64_t)c;  /* no expert gets more than T rows anyway */
     }
     l->capacity = cap;
     for (e = 0; e < E; e++) { l->chosen[e] = 0; l->kept[e] = 0; }

@@ -6,6 +6,7 @@
 #   make bench    the benchmark
 #   make cross    other platforms and compilers: aarch64 (qemu), 32-bit x86, Windows (MinGW, wine), clang
 #   make cmake-check  the CMake package (add_subdirectory, FetchContent, find_package) and moe.pc
+#   make fuzz     libFuzzer on the model loader for FUZZ_SECONDS (needs clang and libclang-rt-14-dev)
 CC      ?= cc
 CXX     ?= c++
 OPT     ?= -O2
@@ -14,10 +15,12 @@ STD      = -std=c99 -Wall -Wextra -Wpedantic
 OPENMP  ?= -fopenmp
 LDLIBS   = -lm
 MNIST   ?= ../shared/data/mnist
+FUZZ_CC ?= clang
+FUZZ_SECONDS ?= 60
 
 EXAMPLES = build/moe build/digits
 BENCH_ARGS ?= --shape all --mode all
-.PHONY: all test demo mnist bench cross cmake-check clean
+.PHONY: all test demo mnist bench cross cmake-check fuzz clean
 
 all: $(EXAMPLES) build/bench_moe
 
@@ -57,6 +60,15 @@ bench: build/bench_moe
 	{ ./build/bench_moe $(BENCH_ARGS); echo $$? > build/bench.status; } | tee build/bench.txt
 	awk -f bench/table.awk build/bench.txt
 	exit $$(cat build/bench.status)
+
+# New inputs go to build/fuzz-corpus, crashes to build/fuzz-crash-*; tests/fuzz/corpus stays as committed.
+fuzz: | build
+	@command -v $(FUZZ_CC) > /dev/null 2>&1 || { echo "make fuzz: $(FUZZ_CC) not found (apt-get install -y clang libclang-rt-14-dev); skipped"; exit 0; }; \
+	set -e; \
+	$(FUZZ_CC) -std=c99 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all tests/fuzz/fuzz_load.c -o build/fuzz_load -lm; \
+	mkdir -p build/fuzz-corpus; \
+	./build/fuzz_load -max_total_time=$(FUZZ_SECONDS) -timeout=20 -max_len=65536 -rss_limit_mb=2048 \
+	    -dict=tests/fuzz/fuzz_load.dict -artifact_prefix=build/fuzz- build/fuzz-corpus tests/fuzz/corpus
 
 clean:
 	rm -rf build

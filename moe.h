@@ -83,7 +83,10 @@
    forward, backward, loss, train_step and the optimizer step never allocate. Buffers are
    64-byte aligned. moe_ctx needs no allocation at all: it lives where you declare it. Every
    allocation goes through the context's allocator; on failure the call returns
-   MOE_ERR_OUT_OF_MEMORY and leaves nothing allocated. Loading and saving files allocate.
+   MOE_ERR_OUT_OF_MEMORY and leaves nothing allocated. Loading and saving files allocate; a
+   loader allocates a model only once the file holds every tensor its configuration implies, so
+   what it allocates is backed by the file's bytes, except the activation arena (max_tokens,
+   bounded by MOE_MAX_BYTES). README "What the reader guarantees" has the measured bound.
 
    ERRORS
    ------
@@ -93,7 +96,8 @@
    never aborts, exits or prints; MOE_ASSERT guards internal invariants, never input. A failed
    call changes nothing the caller can see: out-pointers are NULL, files keep their old
    contents (saves write a temporary file and rename it), a train_step whose loss or gradients
-   are not finite returns MOE_ERR_NONFINITE with the parameters untouched.
+   are not finite, or whose update would make a parameter or optimizer moment NaN or Inf,
+   returns MOE_ERR_NONFINITE with parameters, optimizer state and noise counters untouched.
 
    THREADING
    ---------
@@ -433,7 +437,9 @@ MOEDEF moe_result moe_optimizer_create(moe_ctx *ctx, const moe_optimizer_desc *d
 MOEDEF void moe_optimizer_destroy(moe_optimizer *opt);
 /* The learning rate the schedule gives for a step (0-based). */
 MOEDEF float moe_optimizer_lr(const moe_optimizer *opt, int64_t step);
-/* Clip (if asked), then update params from grads. grads are scaled in place by clipping. */
+/* Clip (if asked), then update params from grads. grads are scaled in place by clipping.
+   MOE_ERR_NONFINITE, with params, grads and the state untouched, when the gradients are not finite
+   or the update would make a parameter or moment NaN or Inf (e.g. a far too large lr). */
 MOEDEF moe_result moe_optimizer_step(moe_optimizer *opt, float *params, float *grads, moe_step_info *info);
 MOEDEF int64_t moe_optimizer_steps(const moe_optimizer *opt);
 
@@ -470,6 +476,8 @@ MOEDEF moe_result moe_model_backward(moe_model *model, const float *dy, float *d
 MOEDEF void moe_model_zero_grad(moe_model *model);
 /* Clip and update with the model's optimizer. */
 MOEDEF moe_result moe_model_optimizer_step(moe_model *model, moe_step_info *info);
+/* Optimizer steps taken so far (a model loaded from a checkpoint continues the count). */
+MOEDEF int64_t moe_model_steps(const moe_model *model);
 /* forward (training) + loss + aux losses + backward + update. info may be NULL. */
 MOEDEF moe_result moe_model_train_step(moe_model *model, const float *x, const moe_target *target, int64_t n_tokens, moe_step_info *info);
 /* Argmax class per row (cross-entropy models) or per-row argmax of the outputs. */
@@ -500,6 +508,13 @@ MOEDEF size_t moe_model_config_json(const moe_model *model, char *buf, size_t ca
 /* max_tokens 0: the value stored in the file. */
 MOEDEF moe_result moe_model_load(moe_ctx *ctx, const char *path, int64_t max_tokens, moe_model **out);
 MOEDEF moe_result moe_model_load_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe_model **out);
+/* Checkpoints: a model file plus the optimizer's state (moments, step) and every layer's noise
+   counter (README "Checkpoints"). A model loaded from one trains on bit for bit as the model that
+   saved it would have; the context must have the seed the checkpoint was written with. A
+   checkpoint is also a model file (moe_model_load reads its parameters). Saves are atomic. */
+MOEDEF moe_result moe_model_save_checkpoint(moe_model *model, const char *path);
+MOEDEF moe_result moe_model_load_checkpoint(moe_ctx *ctx, const char *path, int64_t max_tokens, moe_model **out);
+MOEDEF moe_result moe_model_load_checkpoint_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe_model **out);
 
 // >>safetensors -------------------------------------------------------------
 /* A safetensors file in memory, for reading inputs and writing outputs of any kind. */
@@ -622,7 +637,7 @@ MOEDEF float moe_rng_normal(uint64_t seed, uint64_t stream, uint64_t counter);  
 #endif
 #define MOE__MAX_BYTES ((size_t)MOE_MAX_BYTES)
 #define MOE__MAX_LINEARS 9          /* MLP experts: up to 8 hidden layers */
-#define MOE__MAX_TENSORS 24         /* per layer */
+#define MOE__MAX_TENSORS 40         /* per layer: router weight, bias, noise weight + two banks of 9 linears with biases */
 #define MOE__NAME_MAX 64
 
 static size_t moe__strlcpy(char *dst, const char *src, size_t cap) {
@@ -1707,7 +1722,7 @@ static moe_result moe__router_resolve(moe_ctx *ctx, moe_layer_desc *d, int where
 /* Expert capacity for T tokens choosing k of E experts: ceil(cf * T * k / E), at least 1. */
 static int64_t moe__capacity(float capacity_factor, int64_t T, int64_t k, int64_t E) {
     double c = ceil((double)capacity_factor * (double)T * (double)k / (double)E);
-    return c < 1.0 ? 1 : (int64_t)c;
+    return c < 1.0 ? 1 : c > (double)T ? T : (int64_t)c;  /* no expert gets more than T rows anyway */
 }
 
 /* Expert choice: tokens per expert, C = the capacity, at most T. */
@@ -3344,12 +3359,44 @@ MOEDEF float moe_optimizer_lr(const moe_optimizer *o, int64_t i) {
 
 MOEDEF int64_t moe_optimizer_steps(const moe_optimizer *o) { return o ? o->step : 0; }
 
+/* Apply (write != 0) or only try (write == 0) the update of chunk c. Both passes run the same
+   arithmetic, so a step whose try finds every new parameter and moment finite writes finite values.
+   Returns nonzero when the chunk would hold a NaN or Inf. */
+static int moe__optimizer_chunk(moe_optimizer *o, float *params, float *grads, int64_t c, float scale, float lr,
+                                float b1c, float b2c_sqrt, int write) {
+    const moe_optimizer_desc *d = &o->d;
+    int64_t i, i1 = moe__min64((c + 1) * MOE__CHUNK, o->n);
+    float wd = d->weight_decay, acc = 0.0f;
+    int kind = (int)d->kind;
+    for (i = c * MOE__CHUNK; i < i1; i++) {
+        float g = grads[i], p = params[i], m = o->m ? o->m[i] : 0.0f, v = o->v ? o->v[i] : 0.0f, gs;
+        if (scale != 1.0f) g *= scale;
+        gs = g;
+        if (kind == MOE_OPTIMIZER_SGD) {
+            g += wd * p;
+            if (o->m) { m = d->momentum * m + g; g = m; }
+            p = p - lr * g;
+        } else {
+            if (kind == MOE_OPTIMIZER_ADAMW) p *= 1.0f - lr * wd;
+            else g += wd * p;
+            m = d->beta1 * m + (1.0f - d->beta1) * g;
+            v = d->beta2 * v + (1.0f - d->beta2) * g * g;
+            p = p - (lr / b1c) * m / (sqrtf(v) / b2c_sqrt + d->eps);
+        }
+        if (!write) { acc += p * 0.0f + m * 0.0f + v * 0.0f; continue; }  /* NaN or Inf anywhere makes acc NaN */
+        grads[i] = gs;
+        params[i] = p;
+        if (o->m) o->m[i] = m;
+        if (o->v) o->v[i] = v;
+    }
+    return acc != 0.0f;
+}
+
 MOEDEF moe_result moe_optimizer_step(moe_optimizer *o, float *params, float *grads, moe_step_info *info) {
     const moe_optimizer_desc *d;
-    int64_t c, n;
+    int64_t c, n, bad = 0;
     double sq = 0.0;
-    float norm, scale = 1.0f, lr, b1c, b2c_sqrt, wd;
-    int kind;
+    float norm, scale = 1.0f, lr, b1c, b2c_sqrt;
     if (!o) return MOE_ERR_INVALID_ARGUMENT;
     if (!params || !grads) return moe__fail(o->ctx, MOE_ERR_INVALID_ARGUMENT, "params and grads must not be NULL");
     d = &o->d;
@@ -3370,31 +3417,16 @@ MOEDEF moe_result moe_optimizer_step(moe_optimizer *o, float *params, float *gra
         if (c < 1.0f) scale = c;
     }
     lr = moe_optimizer_lr(o, o->step);
+    b1c = 1.0f - (float)pow((double)d->beta1, (double)(o->step + 1));
+    b2c_sqrt = (float)sqrt(1.0 - pow((double)d->beta2, (double)(o->step + 1)));
+    /* try first: an update that would leave a NaN or Inf in a parameter or moment changes nothing */
+    MOE__PARALLEL_FOR(o->ctx->n_threads, (double)n * 8.0)
+    for (c = 0; c < o->n_chunks; c++) o->partial[c] = moe__optimizer_chunk(o, params, grads, c, scale, lr, b1c, b2c_sqrt, 0);
+    for (c = 0; c < o->n_chunks; c++) bad += o->partial[c] != 0.0;
+    if (bad) return moe__fail(o->ctx, MOE_ERR_NONFINITE, "the update (lr %g) would make parameters or optimizer state non-finite; nothing changed", (double)lr);
+    MOE__PARALLEL_FOR(o->ctx->n_threads, (double)n * 8.0)
+    for (c = 0; c < o->n_chunks; c++) moe__optimizer_chunk(o, params, grads, c, scale, lr, b1c, b2c_sqrt, 1);
     o->step++;
-    b1c = 1.0f - (float)pow((double)d->beta1, (double)o->step);
-    b2c_sqrt = (float)sqrt(1.0 - pow((double)d->beta2, (double)o->step));
-    wd = d->weight_decay;
-    kind = (int)d->kind;
-    MOE__PARALLEL_FOR(o->ctx->n_threads, (double)n * 4.0)
-    for (c = 0; c < o->n_chunks; c++) {
-        int64_t i, i1 = moe__min64((c + 1) * MOE__CHUNK, n);
-        for (i = c * MOE__CHUNK; i < i1; i++) {
-            float g = grads[i], p = params[i];
-            if (scale != 1.0f) { g *= scale; grads[i] = g; }
-            if (kind == MOE_OPTIMIZER_SGD) {
-                g += wd * p;
-                if (o->m) { o->m[i] = d->momentum * o->m[i] + g; g = o->m[i]; }
-                params[i] = p - lr * g;
-            } else {
-                float m, v;
-                if (kind == MOE_OPTIMIZER_ADAMW) p *= 1.0f - lr * wd;
-                else g += wd * p;
-                m = o->m[i] = d->beta1 * o->m[i] + (1.0f - d->beta1) * g;
-                v = o->v[i] = d->beta2 * o->v[i] + (1.0f - d->beta2) * g * g;
-                params[i] = p - (lr / b1c) * m / (sqrtf(v) / b2c_sqrt + d->eps);
-            }
-        }
-    }
     if (info) {
         info->grad_norm = norm;
         info->lr = lr;
@@ -3661,6 +3693,8 @@ MOEDEF moe_result moe_model_optimizer_step(moe_model *m, moe_step_info *info) {
     return moe__model_step(m, info);
 }
 
+MOEDEF int64_t moe_model_steps(const moe_model *m) { return m ? moe_optimizer_steps(m->opt) : 0; }
+
 static float moe__model_aux(const moe_model *m) {
     float aux = 0.0f;
     int i;
@@ -3669,33 +3703,40 @@ static float moe__model_aux(const moe_model *m) {
     return aux;
 }
 
+/* A refused training step draws its noise again when retried: every layer's counter goes back. */
+static moe_result moe__model_refuse_step(moe_model *m, moe_result r) {
+    int i;
+    for (i = 0; i < m->n_layers; i++) m->layers[i].noise_step = m->layers[i].forward_step;
+    return r;
+}
+
 MOEDEF moe_result moe_model_train_step(moe_model *m, const float *x, const moe_target *target, int64_t n_tokens, moe_step_info *info) {
     moe_forward_opts opts;
     moe_step_info si;
     float loss, aux;
+    moe_result r;
     if (!m) return MOE_ERR_INVALID_ARGUMENT;
     memset(&opts, 0, sizeof opts);
     memset(&si, 0, sizeof si);
     opts.training = 1;
     MOE__TRY(moe__model_forward(m, x, n_tokens, &opts));
-    MOE__TRY(moe_model_loss(m, target, &loss, m->dloss));
+    r = moe_model_loss(m, target, &loss, m->dloss);
+    if (r != MOE_OK) return moe__model_refuse_step(m, r);
     aux = moe__model_aux(m);
     si.loss = loss;
     si.aux_loss = aux;
     si.step = moe_optimizer_steps(m->opt);
     if (!moe__finite(loss) || !moe__finite(aux)) {
         if (info) *info = si;
-        return moe__fail(m->ctx, MOE_ERR_NONFINITE, "loss is not finite (loss %g, aux %g); parameters unchanged", (double)loss, (double)aux);
+        return moe__model_refuse_step(m, moe__fail(m->ctx, MOE_ERR_NONFINITE, "loss is not finite (loss %g, aux %g); parameters unchanged", (double)loss, (double)aux));
     }
     moe_model_zero_grad(m);
-    MOE__TRY(moe_model_backward(m, m->dloss, NULL, MOE_BACKWARD_AUX));
-    {
-        moe_result r = moe__model_step(m, &si);
-        si.loss = loss;
-        si.aux_loss = aux;
-        if (info) *info = si;
-        return r;
-    }
+    r = moe_model_backward(m, m->dloss, NULL, MOE_BACKWARD_AUX);
+    if (r == MOE_OK) r = moe__model_step(m, &si);
+    si.loss = loss;
+    si.aux_loss = aux;
+    if (info) *info = si;
+    return r == MOE_OK ? r : moe__model_refuse_step(m, r);
 }
 
 MOEDEF moe_result moe_model_predict(moe_model *m, const float *x, int64_t n_tokens, int32_t *classes) {
@@ -4293,9 +4334,10 @@ MOEDEF moe_result moe_tensor_file_read(moe_ctx *ctx, const char *path, moe_tenso
     if (!path) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "path is NULL");
     fp = fopen(path, "rb");
     if (!fp) return moe__fail(ctx, MOE_ERR_IO, "cannot open %s: %s", path, strerror(errno));
-    if ((len = moe__file_size(fp)) < 0) {
+    /* a directory opens and "sizes" to LONG_MAX on some systems, but has no first byte */
+    if ((len = moe__file_size(fp)) < 0 || (len > 0 && (fgetc(fp) == EOF || fseek(fp, 0, SEEK_SET) != 0))) {
         fclose(fp);
-        return moe__fail(ctx, MOE_ERR_IO, "cannot size %s", path);
+        return moe__fail(ctx, MOE_ERR_IO, "cannot size or read %s", path);
     }
     buf = (uint64_t)len < SIZE_MAX ? moe__malloc(ctx, (size_t)len + 1) : NULL;
     if (!buf) { fclose(fp); return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "%s: %lld bytes", path, (long long)len); }
@@ -4858,28 +4900,6 @@ static moe_result moe__config_string(moe_model *m, moe__sb *b) {
     return MOE_OK;
 }
 
-MOEDEF moe_result moe_model_save(moe_model *m, const char *path) {
-    moe_tensor_writer *w = NULL;
-    moe__sb cfg;
-    moe_result r;
-    int i;
-    if (!m) return MOE_ERR_INVALID_ARGUMENT;
-    if (!path) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "path is NULL");
-    MOE__TRY(moe__config_string(m, &cfg));
-    r = moe_tensor_writer_create(m->ctx, &w);
-    if (r == MOE_OK) r = moe_tensor_writer_metadata(w, "format", "pt");
-    if (r == MOE_OK) r = moe_tensor_writer_metadata(w, "moe.config", cfg.buf);
-    for (i = 0; r == MOE_OK && i < m->n_tensors; i++) {
-        moe_tensor t;
-        r = moe_model_tensor(m, i, &t);
-        if (r == MOE_OK) r = moe_tensor_writer_add(w, t.name, MOE_DTYPE_F32, t.ndim, t.shape, t.data);
-    }
-    if (r == MOE_OK) r = moe_tensor_writer_save(w, path);
-    moe_tensor_writer_destroy(w);
-    moe__free(m->ctx, cfg.buf);
-    return r;
-}
-
 MOEDEF moe_result moe_model_from_config(moe_ctx *ctx, const char *json, int64_t max_tokens, moe_model **out) {
     moe_model_desc desc;
     moe_layer_desc *layers = NULL;
@@ -4908,44 +4928,223 @@ MOEDEF size_t moe_model_config_json(const moe_model *m, char *buf, size_t cap) {
     return n;
 }
 
-static moe_result moe__model_from_file(moe_ctx *ctx, const moe_tensor_file *f, int64_t max_tokens, moe_model **out) {
+/* "layers.<i>.<name>": the name a model gives tensor `name` of layer i. */
+static void moe__model_tensor_name(char *out, size_t cap, int layer, const char *name) {
+    char head[24];
+    snprintf(head, sizeof head, "layers.%d.", layer);
+    moe__concat(out, cap, head, name, "");
+}
+
+/* Before the model is allocated: every tensor the configuration implies is in the file with its
+   exact shape and a float dtype, and the file has no other "layers." tensor. So the parameters,
+   gradients and optimizer state a model of this configuration allocates are backed by the file's
+   own bytes, whatever sizes the configuration claims. */
+static moe_result moe__file_matches_config(moe_ctx *ctx, const moe_model_desc *desc, const moe_tensor_file *f) {
+    moe_model_desc d;
+    moe_layer *l;
+    unsigned char *seen;        /* [file tensors]: implied by the configuration */
+    int64_t prev;
+    int i, t, q, n = moe_tensor_file_count(f);
+    moe_result r = MOE_OK;
+    MOE__TRY(moe__model_resolve(ctx, desc, &d));
+    l = (moe_layer *)moe__malloc(ctx, sizeof *l);  /* one layer's plan at a time */
+    seen = (unsigned char *)moe__calloc(ctx, (size_t)n + 1);
+    if (!l || !seen) { r = moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "layer plan"); goto done; }
+    prev = d.d_in;
+    for (i = 0; r == MOE_OK && i < d.n_layers; i++) {
+        memset(l, 0, sizeof *l);
+        r = moe__layer_resolve(ctx, &d.layers[i], prev, i, &l->d);
+        if (r != MOE_OK) break;
+        l->ctx = ctx;
+        l->index = i;
+        l->max_tokens = 1;
+        moe__layer_plan(l);
+        for (t = 0; r == MOE_OK && t < l->n_tensors; t++) {
+            const moe__tdef *td = &l->tensors[t];
+            const moe_file_tensor *ft;
+            char name[MOE__NAME_MAX + 24];
+            moe__model_tensor_name(name, sizeof name, i, td->name);
+            ft = moe_tensor_file_find(f, name);
+            if (!ft) { r = moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\" is missing", name); break; }
+            seen[ft - moe_tensor_file_get(f, 0)] = 1;
+            if (ft->dtype != MOE_DTYPE_F32 && ft->dtype != MOE_DTYPE_F64 && ft->dtype != MOE_DTYPE_F16 && ft->dtype != MOE_DTYPE_BF16)
+                r = moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\" is %s; parameters must be a float type", name, moe__dtype_names[ft->dtype]);
+            else if (ft->ndim != td->ndim)
+                r = moe__fail(ctx, MOE_ERR_SHAPE, "tensor \"%s\" has %d dimensions, expected %d", name, ft->ndim, td->ndim);
+            for (q = 0; r == MOE_OK && q < td->ndim; q++)
+                if (ft->shape[q] != td->shape[q])
+                    r = moe__fail(ctx, MOE_ERR_SHAPE, "tensor \"%s\" dimension %d is %lld, expected %lld", name, q, (long long)ft->shape[q], (long long)td->shape[q]);
+        }
+        prev = l->d.d_out;
+    }
+    for (i = 0; r == MOE_OK && i < n; i++)
+        if (!seen[i] && strncmp(moe_tensor_file_get(f, i)->name, "layers.", 7) == 0)
+            r = moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\" is not part of this model's configuration", moe_tensor_file_get(f, i)->name);
+done:
+    moe__free(ctx, seen);
+    moe__free(ctx, l);
+    return r;
+}
+
+/* Checkpoint contents beyond the model file: the optimizer's moments as tensors of the parameters
+   back to back (model tensor order, no padding), and a metadata entry with the step counters. */
+static const char *const moe__moment_names[2] = {"optimizer.m", "optimizer.v"};
+
+static float *moe__moment(const moe_model *m, int which) { return which ? m->opt->v : m->opt->m; }
+
+/* Copy a moment between the optimizer's blob layout and the packed layout of the file. */
+static void moe__moment_pack(moe_model *m, float *blob, float *packed, int to_packed) {
+    int64_t at = 0;
+    int i;
+    for (i = 0; i < m->n_tensors; i++) {
+        moe_tensor t;
+        moe_model_tensor(m, i, &t);
+        if (to_packed) memcpy(packed + at, blob + t.offset, (size_t)t.size * sizeof(float));
+        else memcpy(blob + t.offset, packed + at, (size_t)t.size * sizeof(float));
+        at += t.size;
+    }
+}
+
+static moe_result moe__model_write(moe_model *m, const char *path, int checkpoint) {
+    moe_tensor_writer *w = NULL;
+    moe__sb cfg, state;
+    float *packed = NULL;
+    int64_t count = moe_model_parameter_count(m);
+    moe_result r;
+    int i;
+    if (!m) return MOE_ERR_INVALID_ARGUMENT;
+    if (!path) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "path is NULL");
+    MOE__TRY(moe__config_string(m, &cfg));
+    memset(&state, 0, sizeof state);
+    state.ctx = m->ctx;
+    r = moe_tensor_writer_create(m->ctx, &w);
+    if (r == MOE_OK) r = moe_tensor_writer_metadata(w, "format", "pt");
+    if (r == MOE_OK) r = moe_tensor_writer_metadata(w, "moe.config", cfg.buf);
+    for (i = 0; r == MOE_OK && i < m->n_tensors; i++) {
+        moe_tensor t;
+        r = moe_model_tensor(m, i, &t);
+        if (r == MOE_OK) r = moe_tensor_writer_add(w, t.name, MOE_DTYPE_F32, t.ndim, t.shape, t.data);
+    }
+    if (r == MOE_OK && checkpoint) {
+        moe__sb_printf(&state, "{\"version\":1,\"step\":%lld,\"seed\":\"%llu\",\"noise_steps\":[", (long long)m->opt->step,
+                       (unsigned long long)m->ctx->seed);
+        for (i = 0; i < m->n_layers; i++) moe__sb_printf(&state, "%s%lld", i ? "," : "", (long long)m->layers[i].noise_step);
+        moe__sb_str(&state, "]}");
+        if (state.oom) r = moe__fail(m->ctx, MOE_ERR_OUT_OF_MEMORY, "checkpoint state");
+        if (r == MOE_OK) r = moe_tensor_writer_metadata(w, "moe.checkpoint", state.buf);
+        packed = (float *)moe__malloc(m->ctx, 2 * (size_t)count * sizeof(float) + 1);
+        if (r == MOE_OK && !packed) r = moe__fail(m->ctx, MOE_ERR_OUT_OF_MEMORY, "optimizer state (%lld floats)", (long long)count);
+        for (i = 0; r == MOE_OK && i < 2; i++)
+            if (moe__moment(m, i)) {
+                moe__moment_pack(m, moe__moment(m, i), packed + i * count, 1);
+                r = moe_tensor_writer_add(w, moe__moment_names[i], MOE_DTYPE_F32, 1, &count, packed + i * count);
+            }
+    }
+    if (r == MOE_OK) r = moe_tensor_writer_save(w, path);
+    moe_tensor_writer_destroy(w);
+    moe__free(m->ctx, packed);
+    moe__free(m->ctx, state.buf);
+    moe__free(m->ctx, cfg.buf);
+    return r;
+}
+
+MOEDEF moe_result moe_model_save(moe_model *m, const char *path) { return moe__model_write(m, path, 0); }
+
+MOEDEF moe_result moe_model_save_checkpoint(moe_model *m, const char *path) { return moe__model_write(m, path, 1); }
+
+/* Restore the optimizer's moments and step and every layer's noise counter from a checkpoint. */
+static moe_result moe__checkpoint_restore(moe_ctx *ctx, const moe_tensor_file *f, moe_model *m) {
+    const char *text = moe_tensor_file_metadata(f, "moe.checkpoint");
+    moe__json j;
+    int32_t v, e;
+    int64_t step, iv, count = moe_model_parameter_count(m), k;
+    uint64_t seed = 0;
+    float *packed = NULL;
+    char digits[24];
+    int i;
+    moe_result r = MOE_ERR_FORMAT;
+    if (!text) return moe__fail(ctx, MOE_ERR_FORMAT, "no \"moe.checkpoint\" in the file's __metadata__: a model file, not a checkpoint");
+    MOE__TRY(moe__json_parse(ctx, text, strlen(text), &j, "moe.checkpoint"));
+    v = moe__json_member(&j, 0, "version");
+    if (v < 0 || !moe__json_int(&j, v, &iv) || iv < 1) { moe__fail(ctx, r, "moe.checkpoint: missing or bad \"version\""); goto done; }
+    if (iv > 1) { r = moe__fail(ctx, MOE_ERR_UNSUPPORTED, "moe.checkpoint version %lld is newer than this moe.h reads (1)", (long long)iv); goto done; }
+    v = moe__json_member(&j, 0, "step");
+    if (v < 0 || !moe__json_int(&j, v, &step) || step < 0) { moe__fail(ctx, r, "moe.checkpoint: missing or bad \"step\""); goto done; }
+    v = moe__json_member(&j, 0, "seed");  /* a string: JSON numbers do not hold every uint64 */
+    if (v < 0 || moe__json_str(&j, v, digits, sizeof digits) < 1) { moe__fail(ctx, r, "moe.checkpoint: missing or bad \"seed\""); goto done; }
+    for (i = 0; digits[i]; i++) {
+        if (digits[i] < '0' || digits[i] > '9' || seed > (UINT64_MAX - (uint64_t)(digits[i] - '0')) / 10) {
+            moe__fail(ctx, r, "moe.checkpoint: \"seed\" is not an unsigned 64-bit decimal");
+            goto done;
+        }
+        seed = seed * 10 + (uint64_t)(digits[i] - '0');
+    }
+    if (seed != ctx->seed) {
+        r = moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "the checkpoint was written with seed %llu, the context has seed %llu: the noise would differ",
+                      (unsigned long long)seed, (unsigned long long)ctx->seed);
+        goto done;
+    }
+    v = moe__json_member(&j, 0, "noise_steps");
+    if (v < 0 || j.tok[v].type != MOE__J_ARRAY || j.tok[v].count != m->n_layers) {
+        moe__fail(ctx, r, "moe.checkpoint: \"noise_steps\" must list one counter per layer (%d)", m->n_layers);
+        goto done;
+    }
+    for (i = 0, e = v + 1; i < m->n_layers; i++, e = j.tok[e].next) {
+        if (!moe__json_int(&j, e, &iv) || iv < 0) { moe__fail(ctx, r, "moe.checkpoint: bad noise_steps[%d]", i); goto done; }
+        m->layers[i].noise_step = m->layers[i].forward_step = iv;
+    }
+    packed = (float *)moe__malloc(ctx, (size_t)count * sizeof(float) + 1);
+    if (!packed) { r = moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "optimizer state (%lld floats)", (long long)count); goto done; }
+    for (i = 0; i < 2; i++) {
+        const moe_file_tensor *ft = moe_tensor_file_find(f, moe__moment_names[i]);
+        float *blob = moe__moment(m, i);
+        if (!blob != !ft) {
+            moe__fail(ctx, r, "tensor \"%s\" %s", moe__moment_names[i], ft ? "is not used by this optimizer" : "is missing");
+            goto done;
+        }
+        if (!ft) continue;
+        if (ft->dtype != MOE_DTYPE_F32 || ft->ndim != 1 || ft->shape[0] != count) {
+            moe__fail(ctx, r, "tensor \"%s\" must be F32 [%lld]", moe__moment_names[i], (long long)count);
+            goto done;
+        }
+        moe_file_tensor_to_f32(ctx, ft, packed, count);
+        for (k = 0; k < count; k++)
+            if (!moe__finite(packed[k]) || (i == 1 && packed[k] < 0.0f)) {
+                moe__fail(ctx, r, "tensor \"%s\" element %lld is %g", moe__moment_names[i], (long long)k, (double)packed[k]);
+                goto done;
+            }
+        moe__moment_pack(m, blob, packed, 0);
+    }
+    m->opt->step = step;
+    r = MOE_OK;
+done:
+    moe__free(ctx, packed);
+    moe__json_free(ctx, &j);
+    return r;
+}
+
+static moe_result moe__model_from_file(moe_ctx *ctx, const moe_tensor_file *f, int64_t max_tokens, int checkpoint, moe_model **out) {
     const char *cfg = moe_tensor_file_metadata(f, "moe.config");
     moe_model_desc desc;
     moe_layer_desc *layers = NULL;
     moe_model *m = NULL;
     moe_result r;
-    int i, q;
+    int i;
     if (!cfg) return moe__fail(ctx, MOE_ERR_FORMAT, "no \"moe.config\" in the file's __metadata__");
     MOE__TRY(moe__config_read(ctx, cfg, &desc, &layers));
     if (max_tokens) desc.max_tokens = max_tokens;
-    r = moe_model_create(ctx, &desc, &m);
+    r = moe__file_matches_config(ctx, &desc, f);
+    if (r == MOE_OK) r = moe_model_create(ctx, &desc, &m);
     moe__free(ctx, layers);
     if (r != MOE_OK) return r;
     for (i = 0; i < m->n_tensors; i++) {
         moe_tensor t;
-        const moe_file_tensor *ft;
         moe_model_tensor(m, i, &t);
-        ft = moe_tensor_file_find(f, t.name);
-        if (!ft) { r = moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\" is missing", t.name); goto fail; }
-        if (ft->dtype != MOE_DTYPE_F32 && ft->dtype != MOE_DTYPE_F64 && ft->dtype != MOE_DTYPE_F16 && ft->dtype != MOE_DTYPE_BF16) {
-            r = moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\" is %s; parameters must be a float type", t.name, moe__dtype_names[ft->dtype]);
-            goto fail;
-        }
-        if (ft->ndim != t.ndim) { r = moe__fail(ctx, MOE_ERR_SHAPE, "tensor \"%s\" has %d dimensions, expected %d", t.name, ft->ndim, t.ndim); goto fail; }
-        for (q = 0; q < t.ndim; q++)
-            if (ft->shape[q] != t.shape[q]) {
-                r = moe__fail(ctx, MOE_ERR_SHAPE, "tensor \"%s\" dimension %d is %lld, expected %lld", t.name, q, (long long)ft->shape[q], (long long)t.shape[q]);
-                goto fail;
-            }
-        r = moe_file_tensor_to_f32(ctx, ft, t.data, t.size);
+        r = moe_file_tensor_to_f32(ctx, moe_tensor_file_find(f, t.name), t.data, t.size);
+        if (r == MOE_OK && !moe__all_finite(t.data, t.size)) r = moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\" holds NaN or Inf", t.name);
         if (r != MOE_OK) goto fail;
     }
-    for (i = 0; i < moe_tensor_file_count(f); i++) {
-        const moe_file_tensor *ft = moe_tensor_file_get(f, i);
-        if (strncmp(ft->name, "layers.", 7) != 0) continue;
-        for (q = 0; q < m->n_tensors; q++) if (strcmp(m->tensors[q].name, ft->name) == 0) break;
-        if (q == m->n_tensors) { r = moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\" is not part of this model's configuration", ft->name); goto fail; }
-    }
+    if (checkpoint && (r = moe__checkpoint_restore(ctx, f, m)) != MOE_OK) goto fail;
     *out = m;
     return MOE_OK;
 fail:
@@ -4953,27 +5152,43 @@ fail:
     return r;
 }
 
-MOEDEF moe_result moe_model_load_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe_model **out) {
+static moe_result moe__model_load_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, int checkpoint, moe_model **out) {
     moe_tensor_file *f;
     moe_result r;
     if (!ctx || !out) return MOE_ERR_INVALID_ARGUMENT;
     *out = NULL;
     MOE__TRY(moe_tensor_file_parse(ctx, data, size, &f));
-    r = moe__model_from_file(ctx, f, max_tokens, out);
+    r = moe__model_from_file(ctx, f, max_tokens, checkpoint, out);
     moe_tensor_file_close(f);
     return r;
 }
 
-MOEDEF moe_result moe_model_load(moe_ctx *ctx, const char *path, int64_t max_tokens, moe_model **out) {
+static moe_result moe__model_load(moe_ctx *ctx, const char *path, int64_t max_tokens, int checkpoint, moe_model **out) {
     moe_tensor_file *f;
     moe_result r;
     if (!ctx || !out) return MOE_ERR_INVALID_ARGUMENT;
     *out = NULL;
     MOE__TRY(moe_tensor_file_read(ctx, path, &f));
-    r = moe__model_from_file(ctx, f, max_tokens, out);
+    r = moe__model_from_file(ctx, f, max_tokens, checkpoint, out);
     if (r != MOE_OK) moe__fail_prefix(ctx, r, path);
     moe_tensor_file_close(f);
     return r;
+}
+
+MOEDEF moe_result moe_model_load_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe_model **out) {
+    return moe__model_load_memory(ctx, data, size, max_tokens, 0, out);
+}
+
+MOEDEF moe_result moe_model_load(moe_ctx *ctx, const char *path, int64_t max_tokens, moe_model **out) {
+    return moe__model_load(ctx, path, max_tokens, 0, out);
+}
+
+MOEDEF moe_result moe_model_load_checkpoint_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe_model **out) {
+    return moe__model_load_memory(ctx, data, size, max_tokens, 1, out);
+}
+
+MOEDEF moe_result moe_model_load_checkpoint(moe_ctx *ctx, const char *path, int64_t max_tokens, moe_model **out) {
+    return moe__model_load(ctx, path, max_tokens, 1, out);
 }
 
 #endif /* MOE_IMPLEMENTATION_INCLUDED */

@@ -5,6 +5,7 @@
      build/moe forward MODEL IN OUT [--threads N] [--top-k K] [--top-p P]
      build/moe backward MODEL IN OUT [--threads N] [--top-k K] [--top-p P]
      build/moe train MODEL DATA OUT [--epochs N] [--batch N] [--lr X] [--seed S] [--threads N]
+                     [--checkpoint PATH [--every N]]
 
    MODEL, IN, DATA and OUT are safetensors files (README.md (Model reference) sections 6 and 7):
    - forward:  IN holds x [T, d_in] (any float dtype); OUT gets y [T, d_out] (F32). Inference mode.
@@ -15,6 +16,9 @@
    - train:    DATA holds x and either labels [N] (I32 or I64, cross_entropy models) or y [N, d_out]
                (float, mse and bce models). OUT is MODEL with the trained parameters; its
                configuration (optimizer settings and max_tokens included) is MODEL's.
+               --checkpoint PATH saves a checkpoint every N steps (--every; default: every
+               epoch) and, when PATH exists, resumes from it: the same command line then ends
+               with the same OUT as a run that was never interrupted.
    Errors go to stderr and give exit status 1; a malformed command line gives status 2.
 
    Build: make build/moe   (or: cc -std=c99 -O2 -fopenmp examples/moe.c -lm -o build/moe) */
@@ -38,7 +42,9 @@ enum {
     OPT_THREADS = 1 << 4,
     OPT_JSON = 1 << 5,
     OPT_TOP_K = 1 << 6,
-    OPT_TOP_P = 1 << 7
+    OPT_TOP_P = 1 << 7,
+    OPT_CHECKPOINT = 1 << 8,
+    OPT_EVERY = 1 << 9
 };
 
 typedef struct options {
@@ -51,6 +57,8 @@ typedef struct options {
     int threads;                /* 0: all OpenMP threads */
     int top_k;                  /* 0: each layer's top_k */
     float top_p;                /* 0: off */
+    const char *checkpoint;     /* train: checkpoint file (NULL: none) */
+    int64_t every;              /* train: steps between checkpoints (0: one epoch) */
 } options;
 
 /* What every command gets: the library context and the command's name for messages. */
@@ -84,9 +92,10 @@ static const command commands[] = {
      "IN: x [T, d_in]; OUT: y [T, d_out] (inference)"},
     {"backward", 3, OPT_THREADS | OPT_TOP_K | OPT_TOP_P, run_backward, "backward MODEL IN OUT [--threads N] [--top-k K] [--top-p P]",
      "IN: x, dy [T, d_out]; OUT: y, dx, grad.<name> of sum(y * dy) (inference, no aux losses)"},
-    {"train", 3, OPT_EPOCHS | OPT_BATCH | OPT_LR | OPT_SEED | OPT_THREADS, run_train,
-     "train MODEL DATA OUT [--epochs N] [--batch N] [--lr X] [--seed S] [--threads N]",
-     "DATA: x and labels (cross_entropy) or y (mse, bce); one line per epoch; saves OUT"},
+    {"train", 3, OPT_EPOCHS | OPT_BATCH | OPT_LR | OPT_SEED | OPT_THREADS | OPT_CHECKPOINT | OPT_EVERY, run_train,
+     "train MODEL DATA OUT [--epochs N] [--batch N] [--lr X] [--seed S] [--threads N] [--checkpoint PATH [--every N]]",
+     "DATA: x and labels (cross_entropy) or y (mse, bce); one line per epoch; saves OUT;\n"
+     "      --checkpoint: save one every N steps (default every epoch), resume from it when it exists"},
 };
 #define N_COMMANDS (int)(sizeof commands / sizeof commands[0])
 
@@ -140,6 +149,7 @@ static int parse_options(const command *c, int argc, char **argv, options *o) {
         {"--epochs", OPT_EPOCHS}, {"--batch", OPT_BATCH}, {"--lr", OPT_LR},
         {"--seed", OPT_SEED}, {"--threads", OPT_THREADS}, {"--json", OPT_JSON},
         {"--top-k", OPT_TOP_K}, {"--top-p", OPT_TOP_P},
+        {"--checkpoint", OPT_CHECKPOINT}, {"--every", OPT_EVERY},
     };
     int i, q;
     memset(o, 0, sizeof *o);
@@ -166,6 +176,11 @@ static int parse_options(const command *c, int argc, char **argv, options *o) {
             if (!parse_int(value, 1, INT64_C(1) << 40, &o->epochs)) return usage_error("--epochs: \"%s\" is not a positive integer", value);
         } else if (bit == OPT_BATCH) {
             if (!parse_int(value, 1, INT64_C(1) << 28, &o->batch)) return usage_error("--batch: \"%s\" is not in 1..2^28", value);
+        } else if (bit == OPT_CHECKPOINT) {
+            if (!value[0]) return usage_error("--checkpoint needs a file name");
+            o->checkpoint = value;
+        } else if (bit == OPT_EVERY) {
+            if (!parse_int(value, 1, INT64_C(1) << 40, &o->every)) return usage_error("--every: \"%s\" is not a positive integer", value);
         } else if (bit == OPT_THREADS) {
             if (!parse_int(value, 0, 4096, &v)) return usage_error("--threads: \"%s\" is not in 0..4096", value);
             o->threads = (int)v;
@@ -184,6 +199,7 @@ static int parse_options(const command *c, int argc, char **argv, options *o) {
         }
     }
     if (o->n_args != c->n_args) return usage_error("usage: moe %s", c->usage);
+    if ((o->given & OPT_EVERY) && !(o->given & OPT_CHECKPOINT)) return usage_error("--every needs --checkpoint");
     return 0;
 }
 
@@ -528,6 +544,26 @@ static void free_dataset(dataset *data) {
     free(data->y);
 }
 
+/* Replace the training model m by the checkpoint at path when that file exists; it must hold the
+   same configuration (MODEL's, with this run's --batch and --lr). */
+static int resume(tool *t, const char *path, moe_model **m) {
+    moe_model *ck = NULL;
+    char a[8192], b[8192];
+    FILE *probe = fopen(path, "rb");
+    if (!probe) return 0;
+    fclose(probe);
+    if (moe_model_load_checkpoint(&t->ctx, path, moe_model_get_desc(*m)->max_tokens, &ck) != MOE_OK)
+        return fail_lib(t, "cannot resume from checkpoint", path);
+    if (moe_model_config_json(*m, a, sizeof a) >= sizeof a || moe_model_config_json(ck, b, sizeof b) >= sizeof b || strcmp(a, b) != 0) {
+        moe_model_destroy(ck);
+        return fail(t, "checkpoint %s belongs to another model or other --lr/--batch settings", path);
+    }
+    moe_model_destroy(*m);
+    *m = ck;
+    printf("resumed from %s at step %lld\n", path, (long long)moe_model_steps(ck));
+    return 0;
+}
+
 /* Fisher-Yates shuffle, a pure function of (seed, epoch). */
 static void shuffle(int64_t *order, int64_t n, uint64_t seed, int64_t epoch) {
     int64_t i;
@@ -544,7 +580,7 @@ static int run_train(tool *t) {
     moe_model *saved = NULL, *m = NULL;
     moe_model_desc desc;
     dataset data;
-    int64_t *order = NULL, n_params, batch, epoch, i, c;
+    int64_t *order = NULL, n_params, batch, epoch, i, c, step = 0, first_step, every;
     float *xb = NULL, *yb = NULL;
     int32_t *lb = NULL;
     int classify, rc = 1;
@@ -564,6 +600,9 @@ static int run_train(tool *t) {
         if (n_saved != n_params) { fail(t, "internal error: the training model has %lld parameters, MODEL %lld", (long long)n_params, (long long)n_saved); goto done; }
         memcpy(dst, src, sizeof(float) * (size_t)n_params);
     }
+    if (o->checkpoint && resume(t, o->checkpoint, &m)) goto done;
+    first_step = moe_model_steps(m);  /* steps before it were taken by the run that wrote the checkpoint */
+    every = o->every ? o->every : (data.n + batch - 1) / batch;
     order = (int64_t *)malloc(sizeof(int64_t) * (size_t)data.n);
     lb = (int32_t *)malloc(sizeof(int32_t) * (size_t)batch);
     xb = alloc_floats(t, batch * data.d_in);
@@ -572,12 +611,13 @@ static int run_train(tool *t) {
     for (i = 0; i < data.n; i++) order[i] = i;
     for (epoch = 1; epoch <= o->epochs; epoch++) {
         double loss_sum = 0.0, aux_sum = 0.0;
-        int64_t correct = 0, start;
+        int64_t correct = 0, start, seen = 0;
         shuffle(order, data.n, o->seed, epoch);
-        for (start = 0; start < data.n; start += batch) {
+        for (start = 0; start < data.n; start += batch, step++) {
             int64_t rows = data.n - start < batch ? data.n - start : batch;
             moe_target target;
             moe_step_info info;
+            if (step < first_step) continue;
             for (i = 0; i < rows; i++) {
                 int64_t r = order[start + i];
                 memcpy(xb + i * data.d_in, data.x + r * data.d_in, sizeof(float) * (size_t)data.d_in);
@@ -592,6 +632,7 @@ static int run_train(tool *t) {
             }
             loss_sum += (double)info.loss * (double)rows;
             aux_sum += (double)info.aux_loss * (double)rows;
+            seen += rows;
             if (classify) {
                 /* accuracy of the training forward of this step, before its update */
                 const float *out = moe_model_output(m);
@@ -602,9 +643,15 @@ static int run_train(tool *t) {
                     correct += best == lb[i];
                 }
             }
+            if (o->checkpoint && (step + 1) % every == 0 && moe_model_save_checkpoint(m, o->checkpoint) != MOE_OK) {
+                fail_lib(t, "cannot write checkpoint", o->checkpoint);
+                goto done;
+            }
         }
-        printf("epoch=%lld loss=%.6f aux=%.6f", (long long)epoch, loss_sum / (double)data.n, aux_sum / (double)data.n);
-        if (classify) printf(" accuracy=%.4f", (double)correct / (double)data.n);
+        if (!seen) continue;  /* the whole epoch was done before the checkpoint */
+        /* the means are over the rows this run trained (all of them unless it resumed mid-epoch) */
+        printf("epoch=%lld loss=%.6f aux=%.6f", (long long)epoch, loss_sum / (double)seen, aux_sum / (double)seen);
+        if (classify) printf(" accuracy=%.4f", (double)correct / (double)seen);
         printf("\n");
         fflush(stdout);
     }

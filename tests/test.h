@@ -118,4 +118,30 @@ static TEST_UNUSED double test_worst(const float *a, const float *b, long n, dou
     return worst;
 }
 
+/* The bytes of a file (malloc'd, NULL if it cannot be read) and their count. */
+static TEST_UNUSED unsigned char *test_read_file(const char *path, size_t *size) {
+    FILE *fp = fopen(path, "rb");
+    unsigned char *b = NULL;
+    long n;
+    *size = 0;
+    if (!fp) return NULL;
+    if (fseek(fp, 0, SEEK_END) == 0 && (n = ftell(fp)) >= 0 && fseek(fp, 0, SEEK_SET) == 0) {
+        b = (unsigned char *)malloc((size_t)n + 1);
+        if (b && fread(b, 1, (size_t)n, fp) == (size_t)n) *size = (size_t)n;
+        else { free(b); b = NULL; }
+    }
+    fclose(fp);
+    return b;
+}
+
+/* 1 when both files exist and hold the same bytes */
+static TEST_UNUSED int test_same_files(const char *a, const char *b) {
+    size_t na, nb;
+    unsigned char *pa = test_read_file(a, &na), *pb = test_read_file(b, &nb);
+    int same = pa && pb && na == nb && memcmp(pa, pb, na) == 0;
+    free(pa);
+    free(pb);
+    return same;
+}
+
 #endif

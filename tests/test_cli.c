@@ -122,37 +122,12 @@ static int expect_failure(int expected, const char *out, const char *const *args
 }
 #define CHECK_FAILS(expected, out, ...) expect_failure(expected, out, ARGS(__VA_ARGS__))
 
-static unsigned char *read_bytes(const char *path, size_t *size) {
-    FILE *fp = fopen(path, "rb");
-    unsigned char *b = NULL;
-    long n;
-    *size = 0;
-    if (!fp) return NULL;
-    if (fseek(fp, 0, SEEK_END) == 0 && (n = ftell(fp)) >= 0 && fseek(fp, 0, SEEK_SET) == 0) {
-        b = (unsigned char *)malloc((size_t)n + 1);
-        if (b && fread(b, 1, (size_t)n, fp) == (size_t)n) *size = (size_t)n;
-        else { free(b); b = NULL; }
-    }
-    fclose(fp);
-    return b;
-}
-
 static int write_bytes(const char *path, const void *data, size_t size) {
     FILE *fp = fopen(path, "wb");
     int ok;
     if (!fp) return 0;
     ok = fwrite(data, 1, size, fp) == size;
     return (fclose(fp) == 0) && ok;
-}
-
-/* 1 when both files exist and hold the same bytes */
-static int same_files(const char *a, const char *b) {
-    size_t na, nb;
-    unsigned char *pa = read_bytes(a, &na), *pb = read_bytes(b, &nb);
-    int same = pa && pb && na == nb && memcmp(pa, pb, na) == 0;
-    free(pa);
-    free(pb);
-    return same;
 }
 
 /* Write a safetensors file of up to 4 tensors (name NULL ends the list). */
@@ -335,11 +310,11 @@ static int test_dtypes_and_threads(void) {
     CHECK_RUN_OK("backward", model_path, in_path, TMP(a, "t_default.safetensors"));
     CHECK_RUN_OK("backward", model_path, in64_path, TMP(b, "t_f64.safetensors"), "--threads", "1");
     CHECK_RUN_OK("backward", "--threads", "3", model_path, in_path, TMP(c, "t_three.safetensors"));
-    CHECK(same_files(a, b), "F64 input with 1 thread gives other bytes than F32 input");
-    CHECK(same_files(a, c), "3 threads give other bytes than the default thread count");
+    CHECK(test_same_files(a, b), "F64 input with 1 thread gives other bytes than F32 input");
+    CHECK(test_same_files(a, c), "3 threads give other bytes than the default thread count");
     CHECK_RUN_OK("forward", model_path, in64_path, TMP(a, "f_f64.safetensors"));
     CHECK_RUN_OK("forward", model_path, in_path, TMP(b, "f_f32.safetensors"), "--threads", "2");
-    CHECK(same_files(a, b), "forward: F64 input gives other bytes than F32 input");
+    CHECK(test_same_files(a, b), "forward: F64 input gives other bytes than F32 input");
     return 0;
 }
 
@@ -549,9 +524,9 @@ static int test_train_classifier(void) {
     }
     /* deterministic: the same seed gives the same bytes; another seed another shuffle */
     CHECK_RUN_OK("train", model_path, data_path, TMP(out2_path, "cls_out2.safetensors"), "--epochs", "8", "--batch", "16", "--seed", "3", "--threads", "1");
-    CHECK(same_files(out_path, out2_path), "two runs with --seed 3 gave different models");
+    CHECK(test_same_files(out_path, out2_path), "two runs with --seed 3 gave different models");
     CHECK_RUN_OK("train", model_path, data_path, TMP(out3_path, "cls_out3.safetensors"), "--epochs", "8", "--batch", "16", "--seed", "4");
-    CHECK(!same_files(out_path, out3_path), "--seed 4 gave the same model as --seed 3");
+    CHECK(!test_same_files(out_path, out3_path), "--seed 4 gave the same model as --seed 3");
     /* --lr trains differently but OUT keeps MODEL's configuration */
     CHECK_RUN_OK("train", model_path, data_path, TMP(out4_path, "cls_out4.safetensors"), "--epochs", "2", "--batch", "16", "--seed", "3", "--lr", "0.05");
     CHECK_OK(moe_model_load(&ctx, out4_path, 0, &trained), &ctx);
@@ -563,6 +538,32 @@ static int test_train_classifier(void) {
     }
     /* a batch larger than the data set is one batch of every row */
     CHECK_RUN_OK("train", model_path, data_path, out4_path, "--epochs", "1", "--batch", "100000");
+    return 0;
+}
+
+/* --checkpoint: a run stopped after 2 of 4 epochs (last checkpoint at step 18 of 40) and resumed
+   with the full command ends with the same OUT as the run that went straight through. */
+static int test_train_checkpoint(void) {
+    char model_path[1024], data_path[1024], straight[1024], resumed[1024], ck[1024];
+    float x[CLS_N * CLS_D];
+    int64_t labels64[CLS_N];
+    if (!save_classifier_model(TMP(model_path, "ck_cls.safetensors"))) return 0;
+    classifier_data(x, labels64);
+    write_tensors(TMP(data_path, "ck_data.safetensors"),
+                  (const wtensor[]){{"x", MOE_DTYPE_F32, 2, {CLS_N, CLS_D}, x}, {"labels", MOE_DTYPE_I64, 1, {CLS_N, 0}, labels64}, {NULL, MOE_DTYPE_F32, 0, {0, 0}, NULL}});
+    remove(TMP(ck, "ck_run.ckpt"));
+    CHECK_RUN_OK("train", model_path, data_path, TMP(straight, "ck_straight.safetensors"), "--epochs", "4", "--batch", "16", "--seed", "3");
+    CHECK_RUN_OK("train", model_path, data_path, TMP(resumed, "ck_resumed.safetensors"), "--epochs", "2", "--batch", "16", "--seed", "3",
+                 "--checkpoint", ck, "--every", "3");
+    CHECK(!test_same_files(straight, resumed), "2 epochs gave the model of 4");
+    CHECK_RUN_OK("train", model_path, data_path, resumed, "--epochs", "4", "--batch", "16", "--seed", "3", "--checkpoint", ck, "--every", "3");
+    CHECK(strstr(tool_out, "at step 18") != NULL, "the run resumed at step 18:\n%s", tool_out);
+    CHECK(test_same_files(straight, resumed), "the resumed run's OUT differs from the uninterrupted run's");
+    /* the checkpoint belongs to these settings */
+    CHECK_FAILS(1, TMP(resumed, "ck_other.safetensors"), "train", model_path, data_path, resumed, "--epochs", "4", "--batch", "16", "--seed", "3",
+                "--checkpoint", ck, "--lr", "0.05");
+    CHECK_FAILS(1, resumed, "train", model_path, data_path, resumed, "--epochs", "4", "--batch", "16", "--seed", "4", "--checkpoint", ck);
+    CHECK_FAILS(2, resumed, "train", model_path, data_path, resumed, "--every", "3");
     return 0;
 }
 
@@ -627,8 +628,8 @@ static int test_init_info(void) {
     CHECK_RUN_OK("init", cfg_path, TMP(a, "init_a.safetensors"), "--seed", "7");
     CHECK_RUN_OK("init", "--seed", "7", cfg_path, TMP(b, "init_b.safetensors"));
     CHECK_RUN_OK("init", cfg_path, TMP(c, "init_c.safetensors"), "--seed", "8");
-    CHECK(same_files(a, b), "init with the same seed gave different files");
-    CHECK(!same_files(a, c), "init with another seed gave the same file");
+    CHECK(test_same_files(a, b), "init with the same seed gave different files");
+    CHECK(!test_same_files(a, c), "init with another seed gave the same file");
     /* the file is the library's model for that config and seed */
     CHECK_OK(moe_model_load(&ctx, a, 0, &m), &ctx);
     CHECK_OK(moe_ctx_init(&seeded, &(moe_ctx_desc){.seed = 7}), &seeded);
@@ -735,7 +736,7 @@ static int test_bad_files(void) {
     CHECK_RUN_OK("forward", model, in, out);   /* the inputs above are good */
 
     /* a model file cut short anywhere, and one that is not a safetensors file */
-    bytes = read_bytes(model, &size);
+    bytes = test_read_file(model, &size);
     CHECK(bytes != NULL && size > 64, "cannot read %s back", model);
     if (!bytes) return 0;
     cuts[0] = 0; cuts[1] = 7; cuts[2] = 8; cuts[3] = 40; cuts[4] = size / 2; cuts[5] = size - 4; cuts[6] = size - 1;
@@ -891,6 +892,7 @@ int main(int argc, char **argv) {
     RUN(test_dtypes_and_threads);
     RUN(test_pytorch_fixtures);
     RUN(test_train_classifier);
+    RUN(test_train_checkpoint);
     RUN(test_train_regression);
     RUN(test_init_info);
     RUN(test_usage);

@@ -113,7 +113,8 @@ static int test_bad_calls(void) {
     return 0;
 }
 
-/* An allocator that fails its N-th call, for every N of a whole create + train + save + load run. */
+/* An allocator that fails its N-th call, for every N of a whole create + train + save + load run
+   (model files and checkpoints). */
 typedef struct failing { long calls, live, fail_at; } failing;
 static void *fail_alloc(size_t size, void *user) {
     failing *f = (failing *)user;
@@ -132,7 +133,7 @@ static moe_result whole_run(moe_ctx *c) {
     moe_layer_desc layers[3] = {{.kind = MOE_LAYER_MOE, .d_out = 6, .n_experts = 3, .top_k = 2, .n_shared_experts = 1, .balance_loss = 0.1f},
                                 {.kind = MOE_LAYER_LAYERNORM},
                                 {.kind = MOE_LAYER_DENSE, .d_out = 3}};
-    moe_model *m = NULL, *back = NULL;
+    moe_model *m = NULL, *back = NULL, *resumed = NULL;
     float x[8 * 4];
     int32_t labels[8] = {0, 1, 2, 0, 1, 2, 0, 1};
     moe_result r;
@@ -142,8 +143,11 @@ static moe_result whole_run(moe_ctx *c) {
     for (i = 0; r == MOE_OK && i < 3; i++) r = moe_model_train_step(m, x, &(moe_target){.labels = labels}, 8, NULL);
     if (r == MOE_OK) r = moe_model_save(m, TMP_DIR "/alloc.safetensors");
     if (r == MOE_OK) r = moe_model_load(c, TMP_DIR "/alloc.safetensors", 0, &back);
+    if (r == MOE_OK) r = moe_model_save_checkpoint(m, TMP_DIR "/alloc.ckpt");
+    if (r == MOE_OK) r = moe_model_load_checkpoint(c, TMP_DIR "/alloc.ckpt", 0, &resumed);
     moe_model_destroy(m);
     moe_model_destroy(back);
+    moe_model_destroy(resumed);
     return r;
 }
 

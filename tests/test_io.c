@@ -1,5 +1,6 @@
 /* Model files: round trips, byte-identical saves, the configuration JSON, PyTorch-style dtypes,
-   malformed and truncated files (exact codes, no crash, no leak), and atomic saves. */
+   malformed and truncated files (exact codes, no crash, no leak), atomic saves, and directories
+   given as files. */
 #define MOE_IMPLEMENTATION
 #include "../moe.h"
 #include "test.h"
@@ -14,20 +15,6 @@ static char path_buf[512];
 static const char *tmp(const char *name) {
     snprintf(path_buf, sizeof path_buf, "%s/%s", TMP_DIR, name);
     return path_buf;
-}
-
-static unsigned char *read_all(const char *path, size_t *n) {
-    FILE *f = fopen(path, "rb");
-    unsigned char *b;
-    long len;
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    len = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    b = (unsigned char *)malloc((size_t)len + 1);
-    *n = fread(b, 1, (size_t)len, f);
-    fclose(f);
-    return b;
 }
 
 static const moe_layer_desc layers[] = {
@@ -71,8 +58,8 @@ static int test_round_trip(void) {
     CHECK(strstr(json1, "\"capacity_factor\":1.5") && strstr(json1, "\"load_loss\":0.125") && strstr(json1, "\"eps\":0.001"),
           "floats are written shortest: %s", json1);
     CHECK_OK(moe_model_save(b, tmp("b.safetensors")), &ctx);
-    f1 = read_all(tmp("a.safetensors"), &n1);
-    f2 = read_all(tmp("b.safetensors"), &n2);
+    f1 = test_read_file(tmp("a.safetensors"), &n1);
+    f2 = test_read_file(tmp("b.safetensors"), &n2);
     CHECK(f1 && f2 && n1 == n2 && memcmp(f1, f2, n1) == 0, "save(load(file)) is byte-identical (%zu vs %zu bytes)", n1, n2);
     if (f1) CHECK(((size_t)f1[0] | (size_t)f1[1] << 8) % 8 == 0, "header padded to 8 bytes");
     free(f1);
@@ -269,7 +256,7 @@ static int test_truncation_and_mutation(void) {
     if (!a) return 0;
     moe_model_save(a, tmp("fuzz.safetensors"));
     moe_model_destroy(a);
-    f = read_all(tmp("fuzz.safetensors"), &n);
+    f = test_read_file(tmp("fuzz.safetensors"), &n);
     if (!f) return 0;
     g = (unsigned char *)malloc(n);
     for (k = 0; k < n; k++) {
@@ -308,6 +295,29 @@ static int test_truncation_and_mutation(void) {
     return 0;
 }
 
+/* A path that names a directory is an I/O error, found before anything file-sized is allocated
+   (such a "file" sizes to LONG_MAX on Linux). */
+static size_t largest_allocation;
+static void *tracking_alloc(size_t size, void *user) {
+    (void)user;
+    if (size > largest_allocation) largest_allocation = size;
+    return malloc(size);
+}
+static void tracking_free(void *ptr, void *user) { (void)user; free(ptr); }
+
+static int test_directory_path(void) {
+    moe_ctx c;
+    moe_model *m = NULL;
+    moe_tensor_file *f = NULL;
+    moe_ctx_init(&c, &(moe_ctx_desc){.allocator = {tracking_alloc, tracking_free, NULL}});
+    largest_allocation = 0;
+    CHECK_RESULT(moe_model_load(&c, TMP_DIR, 0, &m), MOE_ERR_IO, &c);
+    CHECK_RESULT(moe_tensor_file_read(&c, TMP_DIR, &f), MOE_ERR_IO, &c);
+    CHECK(m == NULL && f == NULL, "no object on failure");
+    CHECK(largest_allocation < 4096, "reading a directory asked for %zu bytes", largest_allocation);
+    return 0;
+}
+
 /* A failed save never touches the existing file. */
 static int test_atomic_save(void) {
     moe_model *a = new_model();
@@ -315,13 +325,13 @@ static int test_atomic_save(void) {
     size_t nb = 0, na = 0;
     if (!a) return 0;
     CHECK_OK(moe_model_save(a, tmp("keep.safetensors")), &ctx);
-    before = read_all(tmp("keep.safetensors"), &nb);
+    before = test_read_file(tmp("keep.safetensors"), &nb);
     /* the temporary file cannot be created: a directory sits where it would go */
     remove(tmp("keep.safetensors.tmp"));
     if (test_make_dir(tmp("keep.safetensors.tmp")) != 0) return TEST_SKIP;
     moe_model_params(a, NULL)[0] += 1.0f;
     CHECK_RESULT(moe_model_save(a, tmp("keep.safetensors")), MOE_ERR_IO, &ctx);
-    after = read_all(tmp("keep.safetensors"), &na);
+    after = test_read_file(tmp("keep.safetensors"), &na);
     CHECK(before && after && na == nb && memcmp(before, after, nb) == 0, "the old file is intact after a failed save");
     CHECK(strstr(moe_ctx_error(&ctx), "unchanged") != NULL, "message says the file is unchanged: %s", moe_ctx_error(&ctx));
     TEST_RMDIR(tmp("keep.safetensors.tmp"));
@@ -329,7 +339,7 @@ static int test_atomic_save(void) {
     /* a successful save replaces it and leaves no temporary file */
     CHECK_OK(moe_model_save(a, tmp("keep.safetensors")), &ctx);
     free(after);
-    after = read_all(tmp("keep.safetensors"), &na);
+    after = test_read_file(tmp("keep.safetensors"), &na);
     CHECK(after && memcmp(before, after, nb < na ? nb : na) != 0, "the new file replaced the old");
     {
         FILE *t = fopen(tmp("keep.safetensors.tmp"), "rb");
@@ -351,5 +361,6 @@ int main(void) {
     RUN(test_malformed_files);
     RUN(test_truncation_and_mutation);
     RUN(test_atomic_save);
+    RUN(test_directory_path);
     TEST_END();
 }

@@ -1404,39 +1404,46 @@ static void moe__dot_rows(const moe__mat *W, int64_t j, const float *const *x, i
 }
 
 #ifdef MOE__HAVE_X86_DISPATCH
-/* 16 weights of row W(j, k0..) as floats (masked to n). */
-__attribute__((target("avx512f,avx512bw,avx512vl")))
-static __m512 moe__load16_avx512(const moe__mat *W, int64_t j, int64_t k0, int64_t n) {
-    __mmask16 m = (__mmask16)moe__lanes(n);
-    if (W->bf16) {
-        __m256i h = _mm256_maskz_loadu_epi16(m, W->bf16 + j * W->ld + k0);
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+/* 16 weights of row w (f32, bf16 or int8 times its group's scale) from k0 as floats, masked to n. */
+#define MOE__LOAD16_F32(w, k0, n) _mm512_maskz_loadu_ps((__mmask16)moe__lanes(n), (const float *)(w) + (k0))
+#define MOE__LOAD16_BF16(w, k0, n) \
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16((__mmask16)moe__lanes(n), (const uint16_t *)(w) + (k0))), 16))
+#define MOE__LOAD16_Q8(w, k0, n) \
+    _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8((__mmask16)moe__lanes(n), (const int8_t *)(w) + (k0)))), \
+                  _mm512_set1_ps(sc[(k0) / MOE__QGROUP]))
+
+/* out[r] = w . x[r] over K with four vector accumulators, for one weight encoding. */
+#define MOE__DOT_ROWS(LOAD)                                                                           \
+    for (r = 0; r < m; r++) {                                                                         \
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps(); \
+        const float *xr = x[r];                                                                       \
+        int64_t k0 = 0;                                                                               \
+        for (; k0 + 64 <= K; k0 += 64) {                                                              \
+            a0 = _mm512_fmadd_ps(LOAD(w, k0, 16), _mm512_loadu_ps(xr + k0), a0);                      \
+            a1 = _mm512_fmadd_ps(LOAD(w, k0 + 16, 16), _mm512_loadu_ps(xr + k0 + 16), a1);            \
+            a2 = _mm512_fmadd_ps(LOAD(w, k0 + 32, 16), _mm512_loadu_ps(xr + k0 + 32), a2);            \
+            a3 = _mm512_fmadd_ps(LOAD(w, k0 + 48, 16), _mm512_loadu_ps(xr + k0 + 48), a3);            \
+        }                                                                                             \
+        for (; k0 < K; k0 += 16) {                                                                    \
+            int64_t n = moe__min64(16, K - k0);                                                       \
+            a0 = _mm512_fmadd_ps(LOAD(w, k0, n), _mm512_maskz_loadu_ps((__mmask16)moe__lanes(n), xr + k0), a0); \
+        }                                                                                             \
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));   \
     }
-    if (W->q8) {
-        __m128i q = _mm_maskz_loadu_epi8(m, W->q8 + j * W->ld + k0);
-        return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), _mm512_set1_ps(W->scale[j * W->groups + k0 / MOE__QGROUP]));
-    }
-    return _mm512_maskz_loadu_ps(m, moe__row(W, j) + k0);
-}
 
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 static void moe__dot_rows_avx512(const moe__mat *W, int64_t j, const float *const *x, int m, int64_t K, float *out) {
     int r;
-    for (r = 0; r < m; r++) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-        const float *xr = x[r];
-        int64_t k0 = 0;
-        for (; k0 + 64 <= K; k0 += 64) {
-            a0 = _mm512_fmadd_ps(moe__load16_avx512(W, j, k0, 16), _mm512_loadu_ps(xr + k0), a0);
-            a1 = _mm512_fmadd_ps(moe__load16_avx512(W, j, k0 + 16, 16), _mm512_loadu_ps(xr + k0 + 16), a1);
-            a2 = _mm512_fmadd_ps(moe__load16_avx512(W, j, k0 + 32, 16), _mm512_loadu_ps(xr + k0 + 32), a2);
-            a3 = _mm512_fmadd_ps(moe__load16_avx512(W, j, k0 + 48, 16), _mm512_loadu_ps(xr + k0 + 48), a3);
-        }
-        for (; k0 < K; k0 += 16) {
-            int64_t n = moe__min64(16, K - k0);
-            a0 = _mm512_fmadd_ps(moe__load16_avx512(W, j, k0, n), _mm512_maskz_loadu_ps((__mmask16)moe__lanes(n), xr + k0), a0);
-        }
-        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    if (W->bf16) {
+        const uint16_t *w = W->bf16 + j * W->ld;
+        MOE__DOT_ROWS(MOE__LOAD16_BF16)
+    } else if (W->q8) {
+        const int8_t *w = W->q8 + j * W->ld;
+        const float *sc = W->scale + j * W->groups;
+        MOE__DOT_ROWS(MOE__LOAD16_Q8)
+    } else {
+        const float *w = moe__row(W, j);
+        MOE__DOT_ROWS(MOE__LOAD16_F32)
     }
 }
 #endif

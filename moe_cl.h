@@ -95,6 +95,7 @@ typedef struct moe_cl_desc {
     const char *build_options; /* appended to the kernel build options (tile sizes are -DTM=..) */
     int require_device;        /* nonzero: fail instead of falling back to the CPU */
     int no_tuning;             /* nonzero: default tile sizes, no timing run */
+    const char *tiles;         /* "TM TN TK RM RN DIRECT": these GEMM tiles, no timing run */
     int64_t max_device_bytes;  /* > 0: refuse uploads needing more device memory than this */
 } moe_cl_desc;
 
@@ -211,6 +212,7 @@ typedef intptr_t moe__cl_props;
 #define MOE__CL_OUT_OF_HOST_MEMORY (-6)
 #define MOE__CL_BUILD_PROGRAM_FAILURE (-11)
 #define MOE__CL_TRUE 1
+#define MOE__CL_DEVICE_TYPE_CPU ((moe__cl_bitfield)1 << 1)
 #define MOE__CL_DEVICE_TYPE_GPU ((moe__cl_bitfield)1 << 2)
 #define MOE__CL_DEVICE_TYPE_ALL ((moe__cl_bitfield)0xFFFFFFFF)
 #define MOE__CL_PLATFORM_NAME 0x0902
@@ -323,10 +325,9 @@ static int moe__cl_load(moe__cl_api *api, const char *library, char *why, size_t
 #endif
 }
 
+/* The loader stays loaded once opened: OpenCL drivers keep threads and state that do not
+   survive being unmapped, so only the process's end releases it (as most programs do). */
 static void moe__cl_unload(moe__cl_api *api) {
-#ifndef MOE_CL_LINKED
-    if (api->lib) moe__cl_dlclose(api->lib);
-#endif
     api->lib = NULL;
 }
 
@@ -351,7 +352,7 @@ static const char *const moe__cl_kernel_names[] = {
 
 /* The kernels, one source line per string: common helpers and the GEMM first (the tuning
    step builds those alone), then routing, combine, norms, losses and the optimizer. */
-#define MOE__CL_GEMM_LINES 159
+#define MOE__CL_GEMM_LINES 269
 static const char *const moe__cl_source[] = {
     "/* moe_cl kernels: OpenCL C 1.2, fp32 accumulation, no float atomics, fixed summation order. */\n",
     "#ifdef cl_khr_fp64\n",
@@ -415,6 +416,115 @@ static const char *const moe__cl_source[] = {
     "   summed over k in increasing order by one work-item: results do not depend on the launch. */\n",
     "#define GEMM_ARGS int M, int N, int K, global const float *A, long a_off, int lda, global const int *arows, int use_ar, global const float *B, long b_off, int ldb, global const int *brows, int use_br, long b_gstride, global float *C, long c_off, int ldc, long c_gstride, global const float *bias, long bias_off, int use_bias, long bias_gstride, global const int *groups, int group_mode, int n_groups, int accumulate, int epi, int act, global float *D, global const float *Z\n",
     "#define GEMM_PASS M, N, K, A, a_off, lda, arows, use_ar, B, b_off, ldb, brows, use_br, b_gstride, C, c_off, ldc, c_gstride, bias, bias_off, use_bias, bias_gstride, groups, group_mode, n_groups, accumulate, epi, act, D, Z\n",
+    "#ifdef MOE_DIRECT\n",
+    "/* Direct variant (CPU devices): no local memory, each work-item computes RM x RN of C with\n",
+    "   vector loads; NT runs along k in float8 (8 partial sums added in a fixed tree at the end),\n",
+    "   NN and TN along the RN output columns. A work-group covers TM x TN, which keeps its rows of\n",
+    "   A and B in cache. */\n",
+    "#define CAT_(a, b) a##b\n",
+    "#define CAT(a, b) CAT_(a, b)\n",
+    "#define VECN CAT(float, RN)\n",
+    "#define VLOADN CAT(vload, RN)\n",
+    "#define VSTOREN CAT(vstore, RN)\n",
+    "float sum8(float8 v) { float4 h = v.lo + v.hi; float2 q = h.lo + h.hi; return q.x + q.y; }\n",
+    "void gemm_body(const int op, GEMM_ARGS) {\n",
+    "    int j0 = get_global_id(0) * RN, m0 = 0, m1 = M, k0 = 0, k1 = K, g = 0;\n",
+    "    float s[RM][RN];\n",
+    "    if (j0 >= N) return;\n",
+    "    if (group_mode == 1) {\n",
+    "        int by = get_global_id(1), found = 0;\n",
+    "        for (g = 0; g < n_groups; g++) {\n",
+    "            int st = groups[g], e = groups[g + 1], nt = (e - st + RM - 1) / RM;\n",
+    "            if (by < nt) { m0 = st + by * RM; m1 = min(e, m0 + RM); found = 1; break; }\n",
+    "            by -= nt;\n",
+    "        }\n",
+    "        if (!found) return;\n",
+    "    } else {\n",
+    "        m0 = get_global_id(1) * RM;\n",
+    "        if (m0 >= M) return;\n",
+    "        m1 = min(M, m0 + RM);\n",
+    "        if (group_mode == 2) { g = get_global_id(2); k0 = groups[g]; k1 = groups[g + 1]; }\n",
+    "    }\n",
+    "    A += a_off;\n",
+    "    B += b_off + (long)g * b_gstride;\n",
+    "    C += c_off + (long)g * c_gstride;\n",
+    "    if (epi) { D += c_off + (long)g * c_gstride; Z += c_off + (long)g * c_gstride; }\n",
+    "    if (op == 0) {\n",
+    "        global const float *ap[RM], *bp[RN];\n",
+    "        float8 acc[RM][RN];\n",
+    "        int k = k0;\n",
+    "        for (int i = 0; i < RM; i++) {\n",
+    "            long r = min(m0 + i, m1 - 1);\n",
+    "            ap[i] = A + (use_ar ? (long)arows[r] : r) * lda;\n",
+    "        }\n",
+    "        for (int j = 0; j < RN; j++) {\n",
+    "            long r = min(j0 + j, N - 1);\n",
+    "            bp[j] = B + (use_br ? (long)brows[r] : r) * ldb;\n",
+    "        }\n",
+    "        for (int i = 0; i < RM; i++)\n",
+    "            for (int j = 0; j < RN; j++) acc[i][j] = (float8)(0.0f);\n",
+    "        for (; k + 8 <= k1; k += 8) {\n",
+    "            float8 a[RM], b[RN];\n",
+    "            for (int i = 0; i < RM; i++) a[i] = vload8(0, ap[i] + k);\n",
+    "            for (int j = 0; j < RN; j++) b[j] = vload8(0, bp[j] + k);\n",
+    "            for (int i = 0; i < RM; i++)\n",
+    "                for (int j = 0; j < RN; j++) acc[i][j] = fma(a[i], b[j], acc[i][j]);\n",
+    "        }\n",
+    "        for (int i = 0; i < RM; i++)\n",
+    "            for (int j = 0; j < RN; j++) s[i][j] = sum8(acc[i][j]);\n",
+    "        for (; k < k1; k++)\n",
+    "            for (int i = 0; i < RM; i++)\n",
+    "                for (int j = 0; j < RN; j++) s[i][j] = fma(ap[i][k], bp[j][k], s[i][j]);\n",
+    "    } else {\n",
+    "        VECN acc[RM];\n",
+    "        int full = j0 + RN <= N;\n",
+    "        long ar[RM];\n",
+    "        for (int i = 0; i < RM; i++) acc[i] = (VECN)(0.0f);\n",
+    "        if (op == 1)\n",
+    "            for (int i = 0; i < RM; i++) { long r = min(m0 + i, m1 - 1); ar[i] = (use_ar ? (long)arows[r] : r) * lda; }\n",
+    "        for (int k = k0; k < k1; k++) {\n",
+    "            long br = (use_br ? (long)brows[k] : k) * ldb + j0;\n",
+    "            VECN b;\n",
+    "            if (full) b = VLOADN(0, B + br);\n",
+    "            else {\n",
+    "                float t[RN];\n",
+    "                for (int j = 0; j < RN; j++) t[j] = j0 + j < N ? B[br + j] : 0.0f;\n",
+    "                b = VLOADN(0, t);\n",
+    "            }\n",
+    "            if (op == 1) {\n",
+    "                for (int i = 0; i < RM; i++) acc[i] = fma((VECN)(A[ar[i] + k]), b, acc[i]);\n",
+    "            } else {\n",
+    "                global const float *arow = A + (use_ar ? (long)arows[k] : k) * lda;\n",
+    "                for (int i = 0; i < RM; i++) acc[i] = fma((VECN)(arow[min(m0 + i, m1 - 1)]), b, acc[i]);\n",
+    "            }\n",
+    "        }\n",
+    "        for (int i = 0; i < RM; i++) {\n",
+    "            float t[RN];\n",
+    "            VSTOREN(acc[i], 0, t);\n",
+    "            for (int j = 0; j < RN; j++) s[i][j] = t[j];\n",
+    "        }\n",
+    "    }\n",
+    "    for (int i = 0; i < RM; i++) {\n",
+    "        int r = m0 + i;\n",
+    "        if (r >= m1) break;\n",
+    "        for (int j = 0; j < RN; j++) {\n",
+    "            int c = j0 + j;\n",
+    "            long at = (long)r * ldc + c;\n",
+    "            float v = s[i][j];\n",
+    "            if (c >= N) break;\n",
+    "            if (accumulate) v = C[at] + v;\n",
+    "            if (use_bias) v += bias[bias_off + (long)g * bias_gstride + c];\n",
+    "            if (epi == 3) v *= act_g(act, Z[at]);\n",
+    "            C[at] = v;\n",
+    "            if (epi == 1) D[at] = act_f(act, v);\n",
+    "            else if (epi == 2) D[at] = Z[at] * sigm(Z[at]) * v;\n",
+    "        }\n",
+    "    }\n",
+    "}\n",
+    "kernel void gemm_nt(GEMM_ARGS) { gemm_body(0, GEMM_PASS); }\n",
+    "kernel void gemm_nn(GEMM_ARGS) { gemm_body(1, GEMM_PASS); }\n",
+    "kernel void gemm_tn(GEMM_ARGS) { gemm_body(2, GEMM_PASS); }\n",
+    "#else\n",
     "void gemm_body(const int op, GEMM_ARGS, local float *As, local float *Bs) {\n",
     "    int tx = get_local_id(0), ty = get_local_id(1), lid = ty * WX + tx;\n",
     "    int n0 = get_group_id(0) * TN, m0 = 0, m1 = M, k0 = 0, k1 = K, g = 0;\n",
@@ -503,6 +613,7 @@ static const char *const moe__cl_source[] = {
     "    local float As[TK * TM], Bs[TK * TN];\n",
     "    gemm_body(2, GEMM_PASS, As, Bs);\n",
     "}\n",
+    "#endif\n",
     "/* dst[g * dst_gstride + c] += sum of src rows of group g (all rows when n_groups is 0), in row order */\n",
     "kernel void colsum(int rows, int cols, global const float *src, int ld, global const int *groups, int n_groups, global float *dst, long dst_off, long dst_gstride) {\n",
     "    int c = get_global_id(0), g = get_global_id(1);\n",
@@ -789,8 +900,9 @@ static const char *const moe__cl_source[] = {
     "}\n",
 };
 
-/* GEMM tile sizes (the -D options). */
-typedef struct moe__cl_tiles { int tm, tn, tk, rm, rn; } moe__cl_tiles;
+/* GEMM tile sizes (the -D options): TM x TN of C per work-group, RM x RN per work-item, TK of
+   k per local-memory step; direct: the variant without local memory (CPU devices). */
+typedef struct moe__cl_tiles { int tm, tn, tk, rm, rn, direct; } moe__cl_tiles;
 
 struct moe_cl_ctx {
     moe_ctx *ctx;
@@ -810,6 +922,7 @@ struct moe_cl_ctx {
     moe__cl_mem dummy;          /* bound to pointer arguments a kernel does not read */
     moe__cl_tiles tiles;
     moe__cl_ulong max_alloc, global_mem;
+    moe__cl_bitfield type;
     size_t max_wg;
 };
 
@@ -913,10 +1026,12 @@ MOEDEF int moe_cl_list_devices(const char *library, char *buf, size_t cap) {
 }
 
 // >>cl_build ----------------------------------------------------------------
-static const moe__cl_tiles moe__cl_default_tiles = { 64, 64, 16, 4, 4 };
+/* before tuning: local-memory tiles on GPUs and accelerators, the direct variant on CPUs */
+static const moe__cl_tiles moe__cl_default_tiles = { 64, 64, 16, 4, 4, 0 };
+static const moe__cl_tiles moe__cl_default_cpu_tiles = { 32, 64, 8, 4, 4, 1 };
 
 static void moe__cl_tiles_text(const moe__cl_tiles *t, char *buf, size_t cap) {
-    snprintf(buf, cap, "TM=%d TN=%d TK=%d RM=%d RN=%d", t->tm, t->tn, t->tk, t->rm, t->rn);
+    snprintf(buf, cap, "TM=%d TN=%d TK=%d RM=%d RN=%d%s", t->tm, t->tn, t->tk, t->rm, t->rn, t->direct ? " MOE_DIRECT" : "");
 }
 
 /* Build sources with the tile sizes and user options into *program; on failure the build log
@@ -927,8 +1042,8 @@ static moe_result moe__cl_build(moe_cl_ctx *cl, const moe__cl_tiles *t, int gemm
     moe__cl_program p;
     size_t log_size = 0;
     moe__cl_uint n = gemm_only ? MOE__CL_GEMM_LINES : (moe__cl_uint)(sizeof moe__cl_source / sizeof moe__cl_source[0]);
-    snprintf(options, sizeof options, "-cl-std=CL1.2 -DTM=%d -DTN=%d -DTK=%d -DRM=%d -DRN=%d %s", t->tm, t->tn, t->tk,
-             t->rm, t->rn, cl->desc.build_options ? cl->desc.build_options : "");
+    snprintf(options, sizeof options, "-cl-std=CL1.2 -DTM=%d -DTN=%d -DTK=%d -DRM=%d -DRN=%d%s %s", t->tm, t->tn, t->tk,
+             t->rm, t->rn, t->direct ? " -DMOE_DIRECT=1" : "", cl->desc.build_options ? cl->desc.build_options : "");
     *program = NULL;
     p = MOE__CLF(cl, clCreateProgramWithSource)(cl->context, n, (const char **)moe__cl_source, NULL, &err);
     MOE__CL_CHECK(cl, err, "clCreateProgramWithSource");
@@ -997,6 +1112,7 @@ static moe_result moe__cl_open(moe_cl_ctx *cl) {
     }
     cl->platform = list[pick].platform;
     cl->device = list[pick].device;
+    cl->type = list[pick].type;
     moe__strlcpy(cl->name, list[pick].name, sizeof cl->name);
     MOE__CLF(cl, clGetDeviceInfo)(cl->device, MOE__CL_DEVICE_MAX_MEM_ALLOC_SIZE, sizeof cl->max_alloc, &cl->max_alloc, NULL);
     MOE__CLF(cl, clGetDeviceInfo)(cl->device, MOE__CL_DEVICE_GLOBAL_MEM_SIZE, sizeof cl->global_mem, &cl->global_mem, NULL);
@@ -1038,7 +1154,6 @@ MOEDEF moe_result moe_cl_ctx_init(moe_ctx *ctx, const moe_cl_desc *desc, moe_cl_
     cl->ctx = ctx;
     if (desc) cl->desc = *desc;
     if (!cl->desc.cache_dir) cl->desc.cache_dir = getenv("MOE_CL_CACHE");
-    cl->tiles = moe__cl_default_tiles;
     r = moe__cl_open(cl);
     if (r == MOE_OK) {
         r = moe__cl_choose_tiles(cl);
@@ -1122,8 +1237,9 @@ static void moe__cl_mem_arg(moe__cl_args *a, moe__cl_mem m) {
     moe__cl_arg(a, sizeof m, &m);
 }
 
-/* Enqueue over global sizes g0 x g1 x g2 (rounded up to the local size when one is given). */
-static moe_result moe__cl_run(moe__cl_args *a, int dims, size_t g0, size_t g1, size_t g2, const size_t *local) {
+/* Enqueue over global sizes g0 x g1 x g2 (rounded up to the local size when one is given);
+   ev (may be NULL) receives the launch's event. */
+static moe_result moe__cl_run_event(moe__cl_args *a, int dims, size_t g0, size_t g1, size_t g2, const size_t *local, moe__cl_event *ev) {
     size_t global[3];
     moe__cl_int err;
     global[0] = g0 ? g0 : 1; global[1] = g1 ? g1 : 1; global[2] = g2 ? g2 : 1;
@@ -1132,9 +1248,13 @@ static moe_result moe__cl_run(moe__cl_args *a, int dims, size_t g0, size_t g1, s
         int d;
         for (d = 0; d < dims; d++) global[d] = (global[d] + local[d] - 1) / local[d] * local[d];
     }
-    err = MOE__CLF(a->cl, clEnqueueNDRangeKernel)(a->cl->queue, a->cl->kernels[a->kernel], (moe__cl_uint)dims, NULL, global, local, 0, NULL, NULL);
+    err = MOE__CLF(a->cl, clEnqueueNDRangeKernel)(a->cl->queue, a->cl->kernels[a->kernel], (moe__cl_uint)dims, NULL, global, local, 0, NULL, ev);
     if (err != MOE__CL_SUCCESS) return moe__cl_fail(a->cl->ctx, err, moe__cl_kernel_names[a->kernel]);
     return MOE_OK;
+}
+
+static moe_result moe__cl_run(moe__cl_args *a, int dims, size_t g0, size_t g1, size_t g2, const size_t *local) {
+    return moe__cl_run_event(a, dims, g0, g1, g2, local, NULL);
 }
 
 // >>cl_gemm -----------------------------------------------------------------
@@ -1174,15 +1294,18 @@ static moe__cl_gemm moe__cl_gemm_make(moe__gemm_op op, int64_t M, int64_t N, int
     return g;
 }
 
-/* The one matrix-multiply entry point of the device (see the kernel's comment). */
-static moe_result moe__cl_gemm_run(moe_cl_ctx *cl, const moe__cl_gemm *g) {
+/* The one matrix-multiply entry point of the device (see the kernel's comment); ev may be NULL. */
+static moe_result moe__cl_gemm_event(moe_cl_ctx *cl, const moe__cl_gemm *g, moe__cl_event *ev) {
     const moe__cl_tiles *t = &cl->tiles;
     int kernel = g->op == MOE__NT ? MOE__CLK_gemm_nt : g->op == MOE__NN ? MOE__CLK_gemm_nn : MOE__CLK_gemm_tn;
     moe__cl_args a = moe__cl_begin(cl, kernel);
-    size_t local[3], tiles_m;
+    /* the tiled kernel runs one work-group per TM x TN tile, the direct one a work-item per RM x RN */
+    int64_t rows = t->direct ? t->rm : t->tm, cols = t->direct ? t->rn : t->tn;
+    size_t local[3], tiles_m, tiles_n;
     if (g->M <= 0 || g->N <= 0) return MOE_OK;
     local[0] = (size_t)(t->tn / t->rn); local[1] = (size_t)(t->tm / t->rm); local[2] = 1;
-    tiles_m = (size_t)((g->M + t->tm - 1) / t->tm) + (g->group_mode == 1 ? (size_t)g->n_groups : 0);
+    tiles_m = (size_t)((g->M + rows - 1) / rows) + (g->group_mode == 1 ? (size_t)g->n_groups : 0);
+    tiles_n = (size_t)((g->N + cols - 1) / cols);
     moe__cl_int_arg(&a, g->M); moe__cl_int_arg(&a, g->N); moe__cl_int_arg(&a, g->K);
     moe__cl_mem_arg(&a, g->A.buf); moe__cl_long_arg(&a, g->A.off); moe__cl_int_arg(&a, g->A.ld);
     moe__cl_mem_arg(&a, g->A.rows); moe__cl_int_arg(&a, g->A.rows != NULL);
@@ -1193,9 +1316,11 @@ static moe_result moe__cl_gemm_run(moe_cl_ctx *cl, const moe__cl_gemm *g) {
     moe__cl_mem_arg(&a, g->groups); moe__cl_int_arg(&a, g->group_mode); moe__cl_int_arg(&a, g->n_groups);
     moe__cl_int_arg(&a, g->accumulate); moe__cl_int_arg(&a, g->epi); moe__cl_int_arg(&a, g->act);
     moe__cl_mem_arg(&a, g->D); moe__cl_mem_arg(&a, g->Z);
-    return moe__cl_run(&a, 3, (size_t)((g->N + t->tn - 1) / t->tn) * local[0], tiles_m * local[1],
-                       g->group_mode == 2 ? (size_t)g->n_groups : 1, local);
+    if (!t->direct) { tiles_n *= local[0]; tiles_m *= local[1]; }
+    return moe__cl_run_event(&a, 3, tiles_n, tiles_m, g->group_mode == 2 ? (size_t)g->n_groups : 1, local, ev);
 }
+
+static moe_result moe__cl_gemm_run(moe_cl_ctx *cl, const moe__cl_gemm *g) { return moe__cl_gemm_event(cl, g, NULL); }
 
 /* dst[g * gstride + c] += column sums of src's rows (of group g; all rows without groups). */
 static moe_result moe__cl_colsum(moe_cl_ctx *cl, int64_t rows, int64_t cols, moe__cl_mem src, int64_t ld,
@@ -1210,7 +1335,8 @@ static moe_result moe__cl_colsum(moe_cl_ctx *cl, int64_t rows, int64_t cols, moe
 // >>cl_tuning ---------------------------------------------------------------
 /* Candidate GEMM tiles; a device takes the fastest on a 256^3 product that it can run. */
 static const moe__cl_tiles moe__cl_candidates[] = {
-    { 64, 64, 16, 4, 4 }, { 32, 32, 16, 4, 4 }, { 64, 64, 16, 8, 4 }, { 128, 64, 16, 8, 4 }, { 64, 128, 8, 4, 8 }
+    { 64, 64, 16, 4, 4, 0 }, { 32, 32, 16, 4, 4, 0 }, { 128, 64, 16, 8, 4, 0 }, { 64, 128, 8, 4, 8, 0 },
+    { 32, 64, 8, 4, 4, 1 }, { 64, 64, 8, 4, 8, 1 }, { 32, 128, 8, 2, 8, 1 }, { 64, 32, 8, 8, 4, 1 }
 };
 #define MOE__CL_N_CANDIDATES ((int)(sizeof moe__cl_candidates / sizeof moe__cl_candidates[0]))
 #define MOE__CL_TUNE_N 256
@@ -1224,7 +1350,7 @@ static void moe__cl_device_key(moe_cl_ctx *cl, char *key, size_t cap) {
     for (i = 0; key[i]; i++) if (key[i] == '\n' || key[i] == '\r') key[i] = ' ';
 }
 
-/* Looks the key up in the cache file: lines "TM TN TK RM RN key". */
+/* Looks the key up in the cache file: lines "TM TN TK RM RN DIRECT key". */
 static int moe__cl_cache_read(const char *path, const char *key, moe__cl_tiles *t) {
     char line[600];
     int found = 0;
@@ -1235,7 +1361,7 @@ static int moe__cl_cache_read(const char *path, const char *key, moe__cl_tiles *
         int used = 0;
         size_t n = strlen(line);
         while (n && (line[n - 1] == '\n' || line[n - 1] == '\r')) line[--n] = 0;
-        if (sscanf(line, "%d %d %d %d %d %n", &c.tm, &c.tn, &c.tk, &c.rm, &c.rn, &used) == 5 && strcmp(line + used, key) == 0) {
+        if (sscanf(line, "%d %d %d %d %d %d %n", &c.tm, &c.tn, &c.tk, &c.rm, &c.rn, &c.direct, &used) == 6 && strcmp(line + used, key) == 0) {
             *t = c;
             found = 1;
         }
@@ -1271,14 +1397,8 @@ static double moe__cl_time_candidate(moe_cl_ctx *cl, const moe__cl_tiles *t, moe
                                            moe__cl_mat_of(a, 0, MOE__CL_TUNE_N), moe__cl_mat_of(c, 0, MOE__CL_TUNE_N));
         moe__cl_ulong t0 = 0, t1 = 0;
         moe__cl_event ev = NULL;
-        size_t local[3], global[3];
         double s;
-        local[0] = (size_t)(t->tn / t->rn); local[1] = (size_t)(t->tm / t->rm); local[2] = 1;
-        global[0] = (size_t)(MOE__CL_TUNE_N / t->tn) * local[0]; global[1] = (size_t)(MOE__CL_TUNE_N / t->tm) * local[1]; global[2] = 1;
-        if (moe__cl_gemm_run(cl, &g) != MOE_OK) { best = -1.0; break; }
-        /* the same launch again, with an event to time it */
-        if (MOE__CLF(cl, clEnqueueNDRangeKernel)(queue, k, 3, NULL, global, local, 0, NULL, &ev) != MOE__CL_SUCCESS ||
-            MOE__CLF(cl, clWaitForEvents)(1, &ev) != MOE__CL_SUCCESS ||
+        if (moe__cl_gemm_event(cl, &g, &ev) != MOE_OK || MOE__CLF(cl, clWaitForEvents)(1, &ev) != MOE__CL_SUCCESS ||
             MOE__CLF(cl, clGetEventProfilingInfo)(ev, MOE__CL_PROFILING_COMMAND_START, sizeof t0, &t0, NULL) != MOE__CL_SUCCESS ||
             MOE__CLF(cl, clGetEventProfilingInfo)(ev, MOE__CL_PROFILING_COMMAND_END, sizeof t1, &t1, NULL) != MOE__CL_SUCCESS) {
             if (ev) MOE__CLF(cl, clReleaseEvent)(ev);
@@ -1306,7 +1426,20 @@ static moe_result moe__cl_choose_tiles(moe_cl_ctx *cl) {
     moe__cl_int err;
     double best = -1.0;
     int i;
-    cl->tiles = moe__cl_default_tiles;
+    cl->tiles = (cl->type & MOE__CL_DEVICE_TYPE_CPU) ? moe__cl_default_cpu_tiles : moe__cl_default_tiles;
+    if (cl->desc.tiles) {
+        moe__cl_tiles t;
+        int rn_ok;
+        if (sscanf(cl->desc.tiles, "%d %d %d %d %d %d", &t.tm, &t.tn, &t.tk, &t.rm, &t.rn, &t.direct) != 6 || t.tm < 1 || t.tn < 1 ||
+            t.tk < 1 || t.rm < 1 || t.rn < 1 || t.tm % t.rm || t.tn % t.rn || (size_t)((t.tm / t.rm) * (t.tn / t.rn)) > cl->max_wg)
+            return moe__fail(cl->ctx, MOE_ERR_INVALID_ARGUMENT, "OpenCL: tiles \"%s\" is not \"TM TN TK RM RN DIRECT\" with RM | TM, RN | TN "
+                             "and (TM/RM)*(TN/RN) <= %zu", cl->desc.tiles, cl->max_wg);
+        rn_ok = t.rn == 2 || t.rn == 4 || t.rn == 8 || t.rn == 16;
+        if (t.direct && !rn_ok) return moe__fail(cl->ctx, MOE_ERR_INVALID_ARGUMENT, "OpenCL: the direct GEMM needs RN of 2, 4, 8 or 16");
+        t.direct = t.direct != 0;
+        cl->tiles = t;
+        return MOE_OK;
+    }
     if (cl->desc.no_tuning) return MOE_OK;
     moe__cl_device_key(cl, key, sizeof key);
     path[0] = 0;
@@ -1335,7 +1468,7 @@ static moe_result moe__cl_choose_tiles(moe_cl_ctx *cl) {
     if (path[0] && best > 0.0) {
         FILE *f = fopen(path, "a");
         if (f) {
-            fprintf(f, "%d %d %d %d %d %s\n", cl->tiles.tm, cl->tiles.tn, cl->tiles.tk, cl->tiles.rm, cl->tiles.rn, key);
+            fprintf(f, "%d %d %d %d %d %d %s\n", cl->tiles.tm, cl->tiles.tn, cl->tiles.tk, cl->tiles.rm, cl->tiles.rn, cl->tiles.direct, key);
             fclose(f);
         }
     }

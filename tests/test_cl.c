@@ -16,6 +16,7 @@
 
 static moe_ctx ctx;
 static moe_cl_ctx *device;      /* NULL when this machine has no OpenCL device */
+static moe_cl_ctx *variant;     /* the context the parity cases run on: device or one with other tiles */
 static char no_device_reason[256];
 
 static void fill(float *v, int64_t n, uint64_t stream, float scale) {
@@ -117,7 +118,7 @@ static int test_build_failure(void) {
     memset(&desc, 0, sizeof desc);
     desc.no_tuning = 1;
     desc.require_device = 1;
-    desc.build_options = "-DTK=bogus_tile";
+    desc.build_options = "-DRN=bogus_tile";
     CHECK_RESULT(moe_cl_ctx_init(&ctx, &desc, &cl), MOE_ERR_UNSUPPORTED, &ctx);
     CHECK(cl == NULL, "no context after a failed build");
     CHECK(strstr(moe_ctx_error(&ctx), "kernel build failed") != NULL, "message: %s", moe_ctx_error(&ctx));
@@ -194,7 +195,7 @@ static void check_forward_backward(const parity_case *pc) {
     g_cpu = (float *)malloc(sizeof(float) * (size_t)n);
     fill(x, T * pc->d_in, 2, 1.0f);
     fill(dy, T * O, 3, 1.0f);
-    CHECK_OK(moe_cl_model_upload(device, m, &dm), &ctx);
+    CHECK_OK(moe_cl_model_upload(variant, m, &dm), &ctx);
     if (!dm) goto done;
     CHECK_OK(moe_model_forward(m, x, T, y_cpu, NULL), &ctx);
     CHECK_OK(moe_cl_model_forward(dm, x, T, y_cl, NULL), &ctx);
@@ -262,7 +263,7 @@ static void check_training(const parity_case *pc) {
             m_dev = make(pc);
             if (!m_dev) goto done;
         }
-        CHECK_OK(moe_cl_model_upload(device, m_dev, &dm), &ctx);
+        CHECK_OK(moe_cl_model_upload(variant, m_dev, &dm), &ctx);
         if (!dm) goto done;
         for (s = 0; s < 3; s++) {
             moe_step_info a, b;
@@ -370,7 +371,7 @@ static int test_tuning_cache(void) {
 int main(void) {
     moe_cl_desc desc;
     moe_result r;
-    int i;
+    int i, v;
     char name[96];
     moe_ctx_init(&ctx, NULL);
     memset(&desc, 0, sizeof desc);
@@ -389,12 +390,29 @@ int main(void) {
     RUN(test_build_failure);
     RUN(test_upload_errors);
     add_cases();
-    for (i = 0; i < n_cases; i++) {
-        snprintf(name, sizeof name, "forward_backward_%s", cases[i].name);
-        if (!device) { test_skipped++; printf("  skip %s\n", name); continue; }
-        RUN_NAMED(name, run_forward_backward, &cases[i]);
-        snprintf(name, sizeof name, "training_%s", cases[i].name);
-        RUN_NAMED(name, run_training, &cases[i]);
+    /* every case on the default tiles (the direct GEMM on CPU devices); forward and backward
+       again on the local-memory GEMM and on small odd tiles, so both kernels and their edges
+       are checked on any device */
+    for (v = 0; v < 3; v++) {
+        static const char *const tiles[3] = { NULL, "32 32 8 4 4 0", "8 16 4 2 8 1" };
+        variant = device;
+        if (device && tiles[v]) {
+            memset(&desc, 0, sizeof desc);
+            desc.require_device = 1;
+            desc.tiles = tiles[v];
+            variant = NULL;
+            CHECK_OK(moe_cl_ctx_init(&ctx, &desc, &variant), &ctx);
+            if (!variant) { test_failed++; continue; }
+        }
+        for (i = 0; i < n_cases; i++) {
+            snprintf(name, sizeof name, "forward_backward_%s [%s]", cases[i].name, tiles[v] ? tiles[v] : "default tiles");
+            if (!device) { test_skipped++; printf("  skip %s\n", name); continue; }
+            RUN_NAMED(name, run_forward_backward, &cases[i]);
+            if (v > 0) continue;
+            snprintf(name, sizeof name, "training_%s", cases[i].name);
+            RUN_NAMED(name, run_training, &cases[i]);
+        }
+        if (variant != device) moe_cl_ctx_destroy(variant);
     }
     RUN(test_tuning_cache);
     moe_cl_ctx_destroy(device);

@@ -1,7 +1,7 @@
 # moe.h — build the examples, tests and bench into build/.
 #   make          everything
 #   make test     the whole suite: with OpenMP, without, and under ASan+UBSan
-#   make demo     train the digits classifier (the main job)
+#   make demo     train the digits classifier (the main job); build/cl_train does it on OpenCL
 #   make mnist    the MNIST run (needs the MNIST IDX files, see README)
 #   make bench    the benchmark
 CC      ?= cc
@@ -11,15 +11,21 @@ CFLAGS  ?= $(OPT) -g
 STD      = -std=c99 -Wall -Wextra -Wpedantic
 OPENMP  ?= -fopenmp
 LDLIBS   = -lm
+# moe_cl.h opens the OpenCL loader with dlopen (in libc itself since glibc 2.34)
+CL_LIBS ?= -ldl
 MNIST   ?= ../shared/data/mnist
 
-EXAMPLES = build/moe build/digits
+EXAMPLES = build/moe build/digits build/cl_train
 .PHONY: all test demo mnist bench clean
 
 all: $(EXAMPLES)
 
 build/%: examples/%.c moe.h | build
 	$(CC) $(STD) $(CFLAGS) $(OPENMP) -o $@ $< $(LDLIBS)
+
+# the digits demo on an OpenCL device (compiles digits.c itself)
+build/cl_train: examples/cl_train.c examples/digits.c moe.h moe_cl.h | build
+	$(CC) $(STD) $(CFLAGS) $(OPENMP) -o $@ $< $(LDLIBS) $(CL_LIBS)
 
 build:
 	mkdir -p build

@@ -52,6 +52,15 @@ else
 fi
 check "plain C kernels (MOE_NO_VECTOR_EXTENSIONS) match the reference" sh -c \
     "$CC $C99 -O2 -DMOE_NO_VECTOR_EXTENSIONS -DTMP_DIR='\"$OUT\"' tests/test_gemm.c -o $OUT/gemm_plain -lm && $OUT/gemm_plain"
+# moe_cl.h: C++, and linked to libOpenCL where the OpenCL headers are installed
+check "moe_cl.h C++11 -Werror" sh -c "$CXX -std=c++11 -Wall -Wextra -Werror tests/compile/cl_cpp.cpp -o $OUT/cl_cpp -lm -ldl && $OUT/cl_cpp"
+if printf '#include <CL/cl.h>\nint main(void) { return clGetPlatformIDs(0, 0, 0) == 1; }\n' |
+   $CC -x c - -o "$OUT/cl_probe" -lOpenCL > /dev/null 2>&1; then
+    check "moe_cl.h with MOE_CL_LINKED (-lOpenCL)" sh -c \
+        "$CC $C99 -O2 -DMOE_CL_LINKED -DTMP_DIR='\"$OUT\"' tests/test_cl.c -o $OUT/test_cl_linked -lm -lOpenCL && $OUT/test_cl_linked"
+else
+    skip "moe_cl.h with MOE_CL_LINKED" "no OpenCL headers or libOpenCL to link"
+fi
 if have clang; then
     check "clang C99 -Werror" clang $C99 -c tests/compile/impl.c -o "$OUT/impl_clang.o"
     check "clang C++11 -Werror" clang++ -std=c++11 -Wall -Wextra -Werror -c tests/compile/cpp.cpp -o "$OUT/cpp_clang.o"
@@ -102,7 +111,9 @@ for cfg in $CONFIGS; do
     for src in tests/test_*.c; do
         t=$(basename "$src" .c)
         [ "$t" = test_cli ] && continue
-        if ! $CC -std=c99 $WARN $(flags "$cfg") -DTMP_DIR="\"$OUT/$cfg/tmp_$t\"" "$src" -o "$OUT/$cfg/$t" -lm >> "$LOG" 2>&1; then
+        libs=-lm
+        [ "$t" = test_cl ] && libs="-lm -ldl"
+        if ! $CC -std=c99 $WARN $(flags "$cfg") -DTMP_DIR="\"$OUT/$cfg/tmp_$t\"" "$src" -o "$OUT/$cfg/$t" $libs >> "$LOG" 2>&1; then
             bad "$cfg/$t does not compile"
             continue
         fi

@@ -333,7 +333,7 @@ static void moe__cl_unload(moe__cl_api *api) {
 
 // >>cl_context --------------------------------------------------------------
 #define MOE__CL_KERNELS(X) \
-    X(gemm_nt) X(gemm_nn) X(gemm_tn) X(colsum) X(route_topk) X(dispatch_count) X(dispatch_scatter) \
+    X(gemm_nt) X(gemm_nn) X(gemm_tn) X(colsum) X(transpose) X(route_topk) X(dispatch_count) X(dispatch_scatter) \
     X(moe_sums) X(moe_combine) X(moe_dgate) X(swiglu_back) X(router_back) X(moe_dx) X(act_fwd) \
     X(act_back) X(add_to) X(norm_fwd) X(norm_wgrad) X(norm_dx) X(task_loss) X(sumsq) X(opt_step)
 
@@ -352,7 +352,7 @@ static const char *const moe__cl_kernel_names[] = {
 
 /* The kernels, one source line per string: common helpers and the GEMM first (the tuning
    step builds those alone), then routing, combine, norms, losses and the optimizer. */
-#define MOE__CL_GEMM_LINES 269
+#define MOE__CL_GEMM_LINES 315
 static const char *const moe__cl_source[] = {
     "/* moe_cl kernels: OpenCL C 1.2, fp32 accumulation, no float atomics, fixed summation order. */\n",
     "#ifdef cl_khr_fp64\n",
@@ -417,38 +417,20 @@ static const char *const moe__cl_source[] = {
     "#define GEMM_ARGS int M, int N, int K, global const float *A, long a_off, int lda, global const int *arows, int use_ar, global const float *B, long b_off, int ldb, global const int *brows, int use_br, long b_gstride, global float *C, long c_off, int ldc, long c_gstride, global const float *bias, long bias_off, int use_bias, long bias_gstride, global const int *groups, int group_mode, int n_groups, int accumulate, int epi, int act, global float *D, global const float *Z\n",
     "#define GEMM_PASS M, N, K, A, a_off, lda, arows, use_ar, B, b_off, ldb, brows, use_br, b_gstride, C, c_off, ldc, c_gstride, bias, bias_off, use_bias, bias_gstride, groups, group_mode, n_groups, accumulate, epi, act, D, Z\n",
     "#ifdef MOE_DIRECT\n",
-    "/* Direct variant (CPU devices): no local memory, each work-item computes RM x RN of C with\n",
-    "   vector loads; NT runs along k in float8 (8 partial sums added in a fixed tree at the end),\n",
-    "   NN and TN along the RN output columns. A work-group covers TM x TN, which keeps its rows of\n",
-    "   A and B in cache. */\n",
+    "/* Direct variant (CPU devices): no local memory; a work-item computes a whole TM x TN tile\n",
+    "   in blocks of RM x RN that run over all of k (the tile's rows of A and B stay in cache).\n",
+    "   NT runs along k in float8 (8 partial sums added in a fixed tree at the end), NN and TN\n",
+    "   along the RN output columns of a block. */\n",
     "#define CAT_(a, b) a##b\n",
     "#define CAT(a, b) CAT_(a, b)\n",
     "#define VECN CAT(float, RN)\n",
     "#define VLOADN CAT(vload, RN)\n",
     "#define VSTOREN CAT(vstore, RN)\n",
+    "#define VLOADM CAT(vload, RM)\n",
+    "#define VSTOREM CAT(vstore, RM)\n",
     "float sum8(float8 v) { float4 h = v.lo + v.hi; float2 q = h.lo + h.hi; return q.x + q.y; }\n",
-    "void gemm_body(const int op, GEMM_ARGS) {\n",
-    "    int j0 = get_global_id(0) * RN, m0 = 0, m1 = M, k0 = 0, k1 = K, g = 0;\n",
+    "void gemm_block(const int op, GEMM_ARGS, int g, int m0, int m1, int j0, int k0, int k1) {\n",
     "    float s[RM][RN];\n",
-    "    if (j0 >= N) return;\n",
-    "    if (group_mode == 1) {\n",
-    "        int by = get_global_id(1), found = 0;\n",
-    "        for (g = 0; g < n_groups; g++) {\n",
-    "            int st = groups[g], e = groups[g + 1], nt = (e - st + RM - 1) / RM;\n",
-    "            if (by < nt) { m0 = st + by * RM; m1 = min(e, m0 + RM); found = 1; break; }\n",
-    "            by -= nt;\n",
-    "        }\n",
-    "        if (!found) return;\n",
-    "    } else {\n",
-    "        m0 = get_global_id(1) * RM;\n",
-    "        if (m0 >= M) return;\n",
-    "        m1 = min(M, m0 + RM);\n",
-    "        if (group_mode == 2) { g = get_global_id(2); k0 = groups[g]; k1 = groups[g + 1]; }\n",
-    "    }\n",
-    "    A += a_off;\n",
-    "    B += b_off + (long)g * b_gstride;\n",
-    "    C += c_off + (long)g * c_gstride;\n",
-    "    if (epi) { D += c_off + (long)g * c_gstride; Z += c_off + (long)g * c_gstride; }\n",
     "    if (op == 0) {\n",
     "        global const float *ap[RM], *bp[RN];\n",
     "        float8 acc[RM][RN];\n",
@@ -477,25 +459,57 @@ static const char *const moe__cl_source[] = {
     "                for (int j = 0; j < RN; j++) s[i][j] = fma(ap[i][k], bp[j][k], s[i][j]);\n",
     "    } else {\n",
     "        VECN acc[RM];\n",
-    "        int full = j0 + RN <= N;\n",
     "        long ar[RM];\n",
     "        for (int i = 0; i < RM; i++) acc[i] = (VECN)(0.0f);\n",
     "        if (op == 1)\n",
     "            for (int i = 0; i < RM; i++) { long r = min(m0 + i, m1 - 1); ar[i] = (use_ar ? (long)arows[r] : r) * lda; }\n",
-    "        for (int k = k0; k < k1; k++) {\n",
-    "            long br = (use_br ? (long)brows[k] : k) * ldb + j0;\n",
-    "            VECN b;\n",
-    "            if (full) b = VLOADN(0, B + br);\n",
-    "            else {\n",
+    "        if (j0 + RN <= N && op == 1) {\n",
+    "            int k = k0;\n",
+    "            for (; k + 4 <= k1; k += 4) {  /* four k at once: one vector load per row of A */\n",
+    "                VECN b0 = VLOADN(0, B + (use_br ? (long)brows[k] : k) * ldb + j0);\n",
+    "                VECN b1 = VLOADN(0, B + (use_br ? (long)brows[k + 1] : k + 1) * ldb + j0);\n",
+    "                VECN b2 = VLOADN(0, B + (use_br ? (long)brows[k + 2] : k + 2) * ldb + j0);\n",
+    "                VECN b3 = VLOADN(0, B + (use_br ? (long)brows[k + 3] : k + 3) * ldb + j0);\n",
+    "                for (int i = 0; i < RM; i++) {\n",
+    "                    float4 a = vload4(0, A + ar[i] + k);\n",
+    "                    acc[i] = fma((VECN)(a.x), b0, acc[i]);\n",
+    "                    acc[i] = fma((VECN)(a.y), b1, acc[i]);\n",
+    "                    acc[i] = fma((VECN)(a.z), b2, acc[i]);\n",
+    "                    acc[i] = fma((VECN)(a.w), b3, acc[i]);\n",
+    "                }\n",
+    "            }\n",
+    "            for (; k < k1; k++) {\n",
+    "                VECN b = VLOADN(0, B + (use_br ? (long)brows[k] : k) * ldb + j0);\n",
+    "                for (int i = 0; i < RM; i++) acc[i] = fma((VECN)(A[ar[i] + k]), b, acc[i]);\n",
+    "            }\n",
+    "        } else if (j0 + RN <= N && m0 + RM <= m1) {\n",
+    "            int k = k0;\n",
+    "            for (; k + 2 <= k1; k += 2) {  /* two k at once: one vector load per row of A */\n",
+    "                VECN b0 = VLOADN(0, B + (use_br ? (long)brows[k] : k) * ldb + j0);\n",
+    "                VECN b1 = VLOADN(0, B + (use_br ? (long)brows[k + 1] : k + 1) * ldb + j0);\n",
+    "                float a0[RM], a1[RM];\n",
+    "                VSTOREM(VLOADM(0, A + (use_ar ? (long)arows[k] : k) * lda + m0), 0, a0);\n",
+    "                VSTOREM(VLOADM(0, A + (use_ar ? (long)arows[k + 1] : k + 1) * lda + m0), 0, a1);\n",
+    "                for (int i = 0; i < RM; i++) acc[i] = fma((VECN)(a1[i]), b1, fma((VECN)(a0[i]), b0, acc[i]));\n",
+    "            }\n",
+    "            for (; k < k1; k++) {\n",
+    "                VECN b = VLOADN(0, B + (use_br ? (long)brows[k] : k) * ldb + j0);\n",
+    "                global const float *arow = A + (use_ar ? (long)arows[k] : k) * lda + m0;\n",
+    "                for (int i = 0; i < RM; i++) acc[i] = fma((VECN)(arow[i]), b, acc[i]);\n",
+    "            }\n",
+    "        } else {\n",
+    "            for (int k = k0; k < k1; k++) {\n",
+    "                long br = (use_br ? (long)brows[k] : k) * ldb + j0;\n",
     "                float t[RN];\n",
+    "                VECN b;\n",
     "                for (int j = 0; j < RN; j++) t[j] = j0 + j < N ? B[br + j] : 0.0f;\n",
     "                b = VLOADN(0, t);\n",
-    "            }\n",
-    "            if (op == 1) {\n",
-    "                for (int i = 0; i < RM; i++) acc[i] = fma((VECN)(A[ar[i] + k]), b, acc[i]);\n",
-    "            } else {\n",
-    "                global const float *arow = A + (use_ar ? (long)arows[k] : k) * lda;\n",
-    "                for (int i = 0; i < RM; i++) acc[i] = fma((VECN)(arow[min(m0 + i, m1 - 1)]), b, acc[i]);\n",
+    "                if (op == 1) {\n",
+    "                    for (int i = 0; i < RM; i++) acc[i] = fma((VECN)(A[ar[i] + k]), b, acc[i]);\n",
+    "                } else {\n",
+    "                    global const float *arow = A + (use_ar ? (long)arows[k] : k) * lda;\n",
+    "                    for (int i = 0; i < RM; i++) acc[i] = fma((VECN)(arow[min(m0 + i, m1 - 1)]), b, acc[i]);\n",
+    "                }\n",
     "            }\n",
     "        }\n",
     "        for (int i = 0; i < RM; i++) {\n",
@@ -520,6 +534,31 @@ static const char *const moe__cl_source[] = {
     "            else if (epi == 2) D[at] = Z[at] * sigm(Z[at]) * v;\n",
     "        }\n",
     "    }\n",
+    "}\n",
+    "void gemm_body(const int op, GEMM_ARGS) {\n",
+    "    int n0 = get_global_id(0) * TN, m0 = 0, m1 = M, k0 = 0, k1 = K, g = 0;\n",
+    "    if (n0 >= N) return;\n",
+    "    if (group_mode == 1) {\n",
+    "        int by = get_global_id(1), found = 0;\n",
+    "        for (g = 0; g < n_groups; g++) {\n",
+    "            int st = groups[g], e = groups[g + 1], nt = (e - st + TM - 1) / TM;\n",
+    "            if (by < nt) { m0 = st + by * TM; m1 = min(e, m0 + TM); found = 1; break; }\n",
+    "            by -= nt;\n",
+    "        }\n",
+    "        if (!found) return;\n",
+    "    } else {\n",
+    "        m0 = get_global_id(1) * TM;\n",
+    "        if (m0 >= M) return;\n",
+    "        m1 = min(M, m0 + TM);\n",
+    "        if (group_mode == 2) { g = get_global_id(2); k0 = groups[g]; k1 = groups[g + 1]; }\n",
+    "    }\n",
+    "    A += a_off;\n",
+    "    B += b_off + (long)g * b_gstride;\n",
+    "    C += c_off + (long)g * c_gstride;\n",
+    "    if (epi) { D += c_off + (long)g * c_gstride; Z += c_off + (long)g * c_gstride; }\n",
+    "    for (int mi = m0; mi < m1; mi += RM)\n",
+    "        for (int nj = n0; nj < min(N, n0 + TN); nj += RN)\n",
+    "            gemm_block(op, GEMM_PASS, g, mi, min(m1, mi + RM), nj, k0, k1);\n",
     "}\n",
     "kernel void gemm_nt(GEMM_ARGS) { gemm_body(0, GEMM_PASS); }\n",
     "kernel void gemm_nn(GEMM_ARGS) { gemm_body(1, GEMM_PASS); }\n",
@@ -622,6 +661,13 @@ static const char *const moe__cl_source[] = {
     "    float s = 0.0f;\n",
     "    for (int r = r0; r < r1; r++) s += src[(long)r * ld + c];\n",
     "    dst[dst_off + (long)g * dst_gstride + c] += s;\n",
+    "}\n",
+    "/* dst = src transposed, for n stacked [rows, cols] matrices at offset off of both buffers */\n",
+    "kernel void transpose(int n, int rows, int cols, global const float *src, global float *dst, long off) {\n",
+    "    int c = get_global_id(0), r = get_global_id(1), b = get_global_id(2);\n",
+    "    if (c >= cols || r >= rows || b >= n) return;\n",
+    "    long base = off + (long)b * rows * cols;\n",
+    "    dst[base + (long)c * rows + r] = src[base + (long)r * cols + c];\n",
     "}\n",
     "/* Expert order for selection: larger h first, ties to the lower index, NaN last. */\n",
     "int before(global const float *h, int a, int b) {\n",
@@ -1028,7 +1074,7 @@ MOEDEF int moe_cl_list_devices(const char *library, char *buf, size_t cap) {
 // >>cl_build ----------------------------------------------------------------
 /* before tuning: local-memory tiles on GPUs and accelerators, the direct variant on CPUs */
 static const moe__cl_tiles moe__cl_default_tiles = { 64, 64, 16, 4, 4, 0 };
-static const moe__cl_tiles moe__cl_default_cpu_tiles = { 32, 64, 8, 4, 4, 1 };
+static const moe__cl_tiles moe__cl_default_cpu_tiles = { 32, 64, 8, 8, 16, 1 };
 
 static void moe__cl_tiles_text(const moe__cl_tiles *t, char *buf, size_t cap) {
     snprintf(buf, cap, "TM=%d TN=%d TK=%d RM=%d RN=%d%s", t->tm, t->tn, t->tk, t->rm, t->rn, t->direct ? " MOE_DIRECT" : "");
@@ -1299,11 +1345,11 @@ static moe_result moe__cl_gemm_event(moe_cl_ctx *cl, const moe__cl_gemm *g, moe_
     const moe__cl_tiles *t = &cl->tiles;
     int kernel = g->op == MOE__NT ? MOE__CLK_gemm_nt : g->op == MOE__NN ? MOE__CLK_gemm_nn : MOE__CLK_gemm_tn;
     moe__cl_args a = moe__cl_begin(cl, kernel);
-    /* the tiled kernel runs one work-group per TM x TN tile, the direct one a work-item per RM x RN */
-    int64_t rows = t->direct ? t->rm : t->tm, cols = t->direct ? t->rn : t->tn;
+    /* a TM x TN tile of C per work-group (tiled) or per work-item (direct) */
+    int64_t rows = t->tm, cols = t->tn;
     size_t local[3], tiles_m, tiles_n;
     if (g->M <= 0 || g->N <= 0) return MOE_OK;
-    local[0] = (size_t)(t->tn / t->rn); local[1] = (size_t)(t->tm / t->rm); local[2] = 1;
+    local[0] = t->direct ? 1 : (size_t)(t->tn / t->rn); local[1] = t->direct ? 1 : (size_t)(t->tm / t->rm); local[2] = 1;
     tiles_m = (size_t)((g->M + rows - 1) / rows) + (g->group_mode == 1 ? (size_t)g->n_groups : 0);
     tiles_n = (size_t)((g->N + cols - 1) / cols);
     moe__cl_int_arg(&a, g->M); moe__cl_int_arg(&a, g->N); moe__cl_int_arg(&a, g->K);
@@ -1336,7 +1382,7 @@ static moe_result moe__cl_colsum(moe_cl_ctx *cl, int64_t rows, int64_t cols, moe
 /* Candidate GEMM tiles; a device takes the fastest on a 256^3 product that it can run. */
 static const moe__cl_tiles moe__cl_candidates[] = {
     { 64, 64, 16, 4, 4, 0 }, { 32, 32, 16, 4, 4, 0 }, { 128, 64, 16, 8, 4, 0 }, { 64, 128, 8, 4, 8, 0 },
-    { 32, 64, 8, 4, 4, 1 }, { 64, 64, 8, 4, 8, 1 }, { 32, 128, 8, 2, 8, 1 }, { 64, 32, 8, 8, 4, 1 }
+    { 32, 64, 8, 8, 16, 1 }, { 16, 64, 8, 8, 16, 1 }, { 32, 64, 8, 4, 16, 1 }, { 32, 32, 8, 8, 8, 1 }
 };
 #define MOE__CL_N_CANDIDATES ((int)(sizeof moe__cl_candidates / sizeof moe__cl_candidates[0]))
 #define MOE__CL_TUNE_N 256
@@ -1434,8 +1480,8 @@ static moe_result moe__cl_choose_tiles(moe_cl_ctx *cl) {
             t.tk < 1 || t.rm < 1 || t.rn < 1 || t.tm % t.rm || t.tn % t.rn || (size_t)((t.tm / t.rm) * (t.tn / t.rn)) > cl->max_wg)
             return moe__fail(cl->ctx, MOE_ERR_INVALID_ARGUMENT, "OpenCL: tiles \"%s\" is not \"TM TN TK RM RN DIRECT\" with RM | TM, RN | TN "
                              "and (TM/RM)*(TN/RN) <= %zu", cl->desc.tiles, cl->max_wg);
-        rn_ok = t.rn == 2 || t.rn == 4 || t.rn == 8 || t.rn == 16;
-        if (t.direct && !rn_ok) return moe__fail(cl->ctx, MOE_ERR_INVALID_ARGUMENT, "OpenCL: the direct GEMM needs RN of 2, 4, 8 or 16");
+        rn_ok = (t.rn == 2 || t.rn == 4 || t.rn == 8 || t.rn == 16) && (t.rm == 2 || t.rm == 4 || t.rm == 8 || t.rm == 16);
+        if (t.direct && !rn_ok) return moe__fail(cl->ctx, MOE_ERR_INVALID_ARGUMENT, "OpenCL: the direct GEMM needs RM and RN of 2, 4, 8 or 16");
         t.direct = t.direct != 0;
         cl->tiles = t;
         return MOE_OK;
@@ -1496,6 +1542,7 @@ struct moe_cl_model {
     moe__cl_layer *layers;
     int n_layers;
     moe__cl_mem params, grads, m, v;
+    moe__cl_mem wt;             /* direct GEMM: every weight matrix transposed, same offsets */
     moe__cl_mem x, labels, values, dloss, tok, dbuf[2], partial;
     moe__cl_mem *mems;          /* every buffer, to release */
     int n_mems, cap_mems;
@@ -1605,6 +1652,40 @@ static void moe__cl_layer_alloc(moe_cl_model *dm, moe__cl_layer *cl_l) {
     }
 }
 
+/* The direct GEMM runs x W^T as x (W^T) with W^T stored: rebuild every transposed weight
+   (after the upload and after each optimizer step). */
+static moe_result moe__cl_transpose(moe_cl_model *dm, const moe_layer *l, const moe__linear *lin, int n) {
+    moe__cl_args a = moe__cl_begin(dm->cl, MOE__CLK_transpose);
+    moe__cl_int_arg(&a, n); moe__cl_int_arg(&a, lin->out); moe__cl_int_arg(&a, lin->in);
+    moe__cl_mem_arg(&a, dm->params); moe__cl_mem_arg(&a, dm->wt); moe__cl_long_arg(&a, (l->params - dm->model->params) + lin->w);
+    return moe__cl_run(&a, 3, (size_t)lin->in, (size_t)lin->out, (size_t)n, NULL);
+}
+
+static moe_result moe__cl_refresh_transposed(moe_cl_model *dm) {
+    int i, j;
+    if (!dm->wt) return MOE_OK;
+    for (i = 0; i < dm->n_layers; i++) {
+        const moe_layer *l = &dm->model->layers[i];
+        if (l->d.kind == MOE_LAYER_DENSE) MOE__TRY(moe__cl_transpose(dm, l, &l->lin, 1));
+        if (l->d.kind != MOE_LAYER_MOE) continue;
+        MOE__TRY(moe__cl_transpose(dm, l, &l->router, 1));
+        for (j = 0; j < l->bank[0].n_linears; j++) MOE__TRY(moe__cl_transpose(dm, l, &l->bank[0].lin[j], l->bank[0].n));
+    }
+    return MOE_OK;
+}
+
+/* A product with a weight matrix B [N, K] of the parameters: NT as is, or NN on the
+   transposed copy [K, N] where the direct GEMM runs (its NN loop is the fast one). */
+static moe_result moe__cl_weight_gemm(moe_cl_model *dm, const moe__cl_gemm *g) {
+    moe__cl_gemm t = *g;
+    if (dm->wt && g->op == MOE__NT) {
+        t.op = MOE__NN;
+        t.B.buf = dm->wt;
+        t.B.ld = g->N;
+    }
+    return moe__cl_gemm_run(dm->cl, &t);
+}
+
 MOEDEF void moe_cl_model_destroy(moe_cl_model *dm) {
     int i;
     moe_ctx *ctx;
@@ -1677,6 +1758,7 @@ MOEDEF moe_result moe_cl_model_upload(moe_cl_ctx *cl, moe_model *model, moe_cl_m
     dm->grads = moe__cl_buffer(dm, dm->n_params, sizeof(float));
     dm->m = opt->m ? moe__cl_buffer(dm, dm->n_params, sizeof(float)) : NULL;
     dm->v = opt->v ? moe__cl_buffer(dm, dm->n_params, sizeof(float)) : NULL;
+    dm->wt = cl->tiles.direct ? moe__cl_buffer(dm, dm->n_params, sizeof(float)) : NULL;
     dm->x = moe__cl_buffer(dm, T * model->desc.d_in, sizeof(float));
     dm->labels = moe__cl_buffer(dm, T, sizeof(int32_t));
     dm->values = moe__cl_buffer(dm, T * moe_model_d_out(model), sizeof(float));
@@ -1698,6 +1780,7 @@ MOEDEF moe_result moe_cl_model_upload(moe_cl_ctx *cl, moe_model *model, moe_cl_m
     if (r == MOE_OK) r = moe__cl_write(dm, dm->params, model->params, (size_t)dm->n_params * sizeof(float));
     if (r == MOE_OK && dm->m) r = moe__cl_write(dm, dm->m, opt->m, (size_t)dm->n_params * sizeof(float));
     if (r == MOE_OK && dm->v) r = moe__cl_write(dm, dm->v, opt->v, (size_t)dm->n_params * sizeof(float));
+    if (r == MOE_OK) r = moe__cl_refresh_transposed(dm);
     if (r == MOE_OK) r = moe_cl_finish(cl);
     if (r != MOE_OK) {
         moe_cl_model_destroy(dm);
@@ -1754,7 +1837,7 @@ static moe_result moe__cl_bank_forward(moe_cl_model *dm, moe__cl_layer *cl_l, mo
         g.groups = cl_l->offsets; g.group_mode = 1; g.n_groups = b->n;
         if (!last && b->kind == MOE_EXPERT_SWIGLU && j == 1) { g.epi = 2; g.Z = cl_l->bz[0]; g.D = cl_l->ba[0]; }
         else if (!last && b->kind != MOE_EXPERT_SWIGLU) { g.epi = 1; g.act = (int)b->act; g.D = cl_l->ba[j]; }
-        MOE__TRY(moe__cl_gemm_run(dm->cl, &g));
+        MOE__TRY(moe__cl_weight_gemm(dm, &g));
     }
     return MOE_OK;
 }
@@ -1773,7 +1856,7 @@ static moe_result moe__cl_moe_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe
     g = moe__cl_gemm_make(MOE__NT, T, E, D, moe__cl_mat_of(x, 0, D), moe__cl_mat_of(dm->params, cl_l->poff + l->router.w, D),
                           moe__cl_mat_of(cl_l->clean, 0, E));
     if (l->router.b >= 0) { g.bias = dm->params; g.bias_off = cl_l->poff + l->router.b; }
-    MOE__TRY(moe__cl_gemm_run(cl, &g));
+    MOE__TRY(moe__cl_weight_gemm(dm, &g));
     a = moe__cl_begin(cl, MOE__CLK_route_topk);
     moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, K); moe__cl_int_arg(&a, d->renormalize == MOE_FLAG_ON);
     moe__cl_mem_arg(&a, cl_l->clean); moe__cl_mem_arg(&a, cl_l->p); moe__cl_mem_arg(&a, cl_l->lse); moe__cl_mem_arg(&a, cl_l->entropy);
@@ -1808,7 +1891,7 @@ static moe_result moe__cl_layer_forward(moe_cl_model *dm, moe__cl_layer *cl_l, m
                                            moe__cl_mat_of(dm->params, cl_l->poff + l->lin.w, d->d_in), moe__cl_mat_of(cl_l->z, 0, d->d_out));
         if (l->lin.b >= 0) { g.bias = dm->params; g.bias_off = cl_l->poff + l->lin.b; }
         g.epi = 1; g.act = (int)d->activation; g.D = cl_l->out;
-        MOE__TRY(moe__cl_gemm_run(dm->cl, &g));
+        MOE__TRY(moe__cl_weight_gemm(dm, &g));
         if (d->residual) MOE__TRY(moe__cl_act(dm, MOE__CLK_add_to, T * d->d_out, 0, cl_l->out, x, NULL, 0));
         return MOE_OK;
     }
@@ -2168,6 +2251,7 @@ MOEDEF moe_result moe_cl_model_train_step(moe_cl_model *dm, const float *x, cons
     moe__cl_float_arg(&a, (float)sqrt(1.0 - pow((double)od->beta2, (double)dm->step))); moe__cl_int_arg(&a, dm->m != NULL);
     moe__cl_mem_arg(&a, dm->params); moe__cl_mem_arg(&a, dm->grads); moe__cl_mem_arg(&a, dm->m); moe__cl_mem_arg(&a, dm->v);
     MOE__TRY(moe__cl_run(&a, 1, (size_t)dm->n_params, 1, 1, NULL));
+    MOE__TRY(moe__cl_refresh_transposed(dm));
     si.grad_norm = norm;
     si.lr = lr;
     si.step = dm->step;

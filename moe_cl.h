@@ -352,7 +352,7 @@ static const char *const moe__cl_kernel_names[] = {
 
 /* The kernels, one source line per string: common helpers and the GEMM first (the tuning
    step builds those alone), then routing, combine, norms, losses and the optimizer. */
-#define MOE__CL_GEMM_LINES 315
+#define MOE__CL_GEMM_LINES 322
 static const char *const moe__cl_source[] = {
     "/* moe_cl kernels: OpenCL C 1.2, fp32 accumulation, no float atomics, fixed summation order. */\n",
     "#ifdef cl_khr_fp64\n",
@@ -418,7 +418,7 @@ static const char *const moe__cl_source[] = {
     "#define GEMM_PASS M, N, K, A, a_off, lda, arows, use_ar, B, b_off, ldb, brows, use_br, b_gstride, C, c_off, ldc, c_gstride, bias, bias_off, use_bias, bias_gstride, groups, group_mode, n_groups, accumulate, epi, act, D, Z\n",
     "#ifdef MOE_DIRECT\n",
     "/* Direct variant (CPU devices): no local memory; a work-item computes a whole TM x TN tile\n",
-    "   in blocks of RM x RN that run over all of k (the tile's rows of A and B stay in cache).\n",
+    "   in blocks of RM x RN, k in chunks of TK (the tile's panels of A and B stay in cache).\n",
     "   NT runs along k in float8 (8 partial sums added in a fixed tree at the end), NN and TN\n",
     "   along the RN output columns of a block. */\n",
     "#define CAT_(a, b) a##b\n",
@@ -429,7 +429,7 @@ static const char *const moe__cl_source[] = {
     "#define VLOADM CAT(vload, RM)\n",
     "#define VSTOREM CAT(vstore, RM)\n",
     "float sum8(float8 v) { float4 h = v.lo + v.hi; float2 q = h.lo + h.hi; return q.x + q.y; }\n",
-    "void gemm_block(const int op, GEMM_ARGS, int g, int m0, int m1, int j0, int k0, int k1) {\n",
+    "void gemm_block(const int op, GEMM_ARGS, int g, int m0, int m1, int j0, int k0, int k1, int first, int last) {\n",
     "    float s[RM][RN];\n",
     "    if (op == 0) {\n",
     "        global const float *ap[RM], *bp[RN];\n",
@@ -526,12 +526,14 @@ static const char *const moe__cl_source[] = {
     "            long at = (long)r * ldc + c;\n",
     "            float v = s[i][j];\n",
     "            if (c >= N) break;\n",
-    "            if (accumulate) v = C[at] + v;\n",
-    "            if (use_bias) v += bias[bias_off + (long)g * bias_gstride + c];\n",
-    "            if (epi == 3) v *= act_g(act, Z[at]);\n",
+    "            if (accumulate || !first) v = C[at] + v;\n",
+    "            if (last) {\n",
+    "                if (use_bias) v += bias[bias_off + (long)g * bias_gstride + c];\n",
+    "                if (epi == 3) v *= act_g(act, Z[at]);\n",
+    "            }\n",
     "            C[at] = v;\n",
-    "            if (epi == 1) D[at] = act_f(act, v);\n",
-    "            else if (epi == 2) D[at] = Z[at] * sigm(Z[at]) * v;\n",
+    "            if (last && epi == 1) D[at] = act_f(act, v);\n",
+    "            else if (last && epi == 2) D[at] = Z[at] * sigm(Z[at]) * v;\n",
     "        }\n",
     "    }\n",
     "}\n",
@@ -556,9 +558,14 @@ static const char *const moe__cl_source[] = {
     "    B += b_off + (long)g * b_gstride;\n",
     "    C += c_off + (long)g * c_gstride;\n",
     "    if (epi) { D += c_off + (long)g * c_gstride; Z += c_off + (long)g * c_gstride; }\n",
-    "    for (int mi = m0; mi < m1; mi += RM)\n",
-    "        for (int nj = n0; nj < min(N, n0 + TN); nj += RN)\n",
-    "            gemm_block(op, GEMM_PASS, g, mi, min(m1, mi + RM), nj, k0, k1);\n",
+    "    /* k in chunks of TK (the tile's panels of A and B stay in cache); C holds the partial sums */\n",
+    "    for (int kb = k0; kb < k1 || kb == k0; kb += TK) {\n",
+    "        int ke = min(k1, kb + TK);\n",
+    "        for (int mi = m0; mi < m1; mi += RM)\n",
+    "            for (int nj = n0; nj < min(N, n0 + TN); nj += RN)\n",
+    "                gemm_block(op, GEMM_PASS, g, mi, min(m1, mi + RM), nj, kb, ke, kb == k0, ke >= k1);\n",
+    "        if (ke >= k1) break;\n",
+    "    }\n",
     "}\n",
     "kernel void gemm_nt(GEMM_ARGS) { gemm_body(0, GEMM_PASS); }\n",
     "kernel void gemm_nn(GEMM_ARGS) { gemm_body(1, GEMM_PASS); }\n",
@@ -1074,7 +1081,7 @@ MOEDEF int moe_cl_list_devices(const char *library, char *buf, size_t cap) {
 // >>cl_build ----------------------------------------------------------------
 /* before tuning: local-memory tiles on GPUs and accelerators, the direct variant on CPUs */
 static const moe__cl_tiles moe__cl_default_tiles = { 64, 64, 16, 4, 4, 0 };
-static const moe__cl_tiles moe__cl_default_cpu_tiles = { 32, 64, 8, 8, 16, 1 };
+static const moe__cl_tiles moe__cl_default_cpu_tiles = { 32, 64, 1024, 8, 16, 1 };
 
 static void moe__cl_tiles_text(const moe__cl_tiles *t, char *buf, size_t cap) {
     snprintf(buf, cap, "TM=%d TN=%d TK=%d RM=%d RN=%d%s", t->tm, t->tn, t->tk, t->rm, t->rn, t->direct ? " MOE_DIRECT" : "");
@@ -1379,13 +1386,13 @@ static moe_result moe__cl_colsum(moe_cl_ctx *cl, int64_t rows, int64_t cols, moe
 }
 
 // >>cl_tuning ---------------------------------------------------------------
-/* Candidate GEMM tiles; a device takes the fastest on a 256^3 product that it can run. */
+/* Candidate GEMM tiles; a device takes the fastest on a 512^3 NN product that it can run. */
 static const moe__cl_tiles moe__cl_candidates[] = {
     { 64, 64, 16, 4, 4, 0 }, { 32, 32, 16, 4, 4, 0 }, { 128, 64, 16, 8, 4, 0 }, { 64, 128, 8, 4, 8, 0 },
-    { 32, 64, 8, 8, 16, 1 }, { 16, 64, 8, 8, 16, 1 }, { 32, 64, 8, 4, 16, 1 }, { 32, 32, 8, 8, 8, 1 }
+    { 32, 64, 1024, 8, 16, 1 }, { 32, 64, 256, 8, 16, 1 }, { 16, 64, 1024, 8, 16, 1 }, { 32, 128, 1024, 8, 16, 1 }, { 32, 32, 1024, 8, 8, 1 }
 };
 #define MOE__CL_N_CANDIDATES ((int)(sizeof moe__cl_candidates / sizeof moe__cl_candidates[0]))
-#define MOE__CL_TUNE_N 256
+#define MOE__CL_TUNE_N 512
 
 /* "device name|driver" identifies a device in the cache file. */
 static void moe__cl_device_key(moe_cl_ctx *cl, char *key, size_t cap) {
@@ -1420,26 +1427,26 @@ static int moe__cl_cache_read(const char *path, const char *key, moe__cl_tiles *
    device cannot build or run it. */
 static double moe__cl_time_candidate(moe_cl_ctx *cl, const moe__cl_tiles *t, moe__cl_queue queue, moe__cl_mem a, moe__cl_mem c) {
     moe__cl_program p = NULL;
-    moe__cl_kernel k = NULL;
+    moe__cl_kernel k[2] = { NULL, NULL };  /* gemm_nt, gemm_nn: the first two kernels */
     moe__cl_tiles saved = cl->tiles;
-    moe__cl_kernel saved_kernel = cl->kernels[MOE__CLK_gemm_nt];
+    moe__cl_kernel saved_kernel = cl->kernels[MOE__CLK_gemm_nn];
     moe__cl_queue saved_queue = cl->queue;
     double best = -1.0;
     int rep;
     char msg[sizeof cl->ctx->error];
     if ((size_t)((t->tm / t->rm) * (t->tn / t->rn)) > cl->max_wg) return -1.0;
     memcpy(msg, cl->ctx->error, sizeof msg);
-    if (moe__cl_build(cl, t, 1, &p) != MOE_OK || moe__cl_make_kernels(cl, p, 1, &k) != MOE_OK) {
+    if (moe__cl_build(cl, t, 1, &p) != MOE_OK || moe__cl_make_kernels(cl, p, 2, k) != MOE_OK) {
         memcpy(cl->ctx->error, msg, sizeof msg);  /* an unbuildable candidate is not an error */
-        if (k) MOE__CLF(cl, clReleaseKernel)(k);
+        moe__cl_release_kernels(cl, k, 2);
         if (p) MOE__CLF(cl, clReleaseProgram)(p);
         return -1.0;
     }
     cl->tiles = *t;
-    cl->kernels[MOE__CLK_gemm_nt] = k;
+    cl->kernels[MOE__CLK_gemm_nn] = k[1];
     cl->queue = queue;
     for (rep = 0; rep < 4; rep++) {
-        moe__cl_gemm g = moe__cl_gemm_make(MOE__NT, MOE__CL_TUNE_N, MOE__CL_TUNE_N, MOE__CL_TUNE_N, moe__cl_mat_of(a, 0, MOE__CL_TUNE_N),
+        moe__cl_gemm g = moe__cl_gemm_make(MOE__NN, MOE__CL_TUNE_N, MOE__CL_TUNE_N, MOE__CL_TUNE_N, moe__cl_mat_of(a, 0, MOE__CL_TUNE_N),
                                            moe__cl_mat_of(a, 0, MOE__CL_TUNE_N), moe__cl_mat_of(c, 0, MOE__CL_TUNE_N));
         moe__cl_ulong t0 = 0, t1 = 0;
         moe__cl_event ev = NULL;
@@ -1457,9 +1464,9 @@ static double moe__cl_time_candidate(moe_cl_ctx *cl, const moe__cl_tiles *t, moe
     }
     memcpy(cl->ctx->error, msg, sizeof msg);
     cl->tiles = saved;
-    cl->kernels[MOE__CLK_gemm_nt] = saved_kernel;
+    cl->kernels[MOE__CLK_gemm_nn] = saved_kernel;
     cl->queue = saved_queue;
-    MOE__CLF(cl, clReleaseKernel)(k);
+    moe__cl_release_kernels(cl, k, 2);
     MOE__CLF(cl, clReleaseProgram)(p);
     return best;
 }

@@ -67,17 +67,27 @@
    No float atomics; every sum runs in a fixed order, so a device gives the same bits run to
    run. Against the CPU the order of summation differs (tiles, fused multiply-add), so results
    agree to rounding: tests/test_cl.c checks forward outputs to 1e-4 relative, gradients to
-   1e-3 relative (plus a small absolute term), and a trained model's predictions. A tie between
-   two router logits can make the device and the CPU choose different experts.
+   2e-3 relative (plus 1e-4 of the tensor's largest gradient), parameters after three optimizer
+   steps to 1e-3. A near-tie between two router logits can make the device and the CPU choose
+   different experts.
 
    KERNELS
    -------
    OpenCL C 1.2 in string literals below (one source line per literal). The one GEMM kernel
    (NT, NN, TN; rows read through index lists; expert groups along rows or along k; bias and
    activation / SwiGLU / activation-gradient epilogues) serves every product, like moe.h's
-   single GEMM entry point. Its tile sizes are -D options (TM TN TK RM RN), chosen per device by
-   a short timing of a few candidates the first time a context meets that device (cached in
-   the context and, with a cache directory, in a file).
+   single GEMM entry point. It has two variants: local-memory tiles (GPUs) and a direct one
+   with vector loads and a whole tile per work-item (CPU drivers such as PoCL; it keeps a
+   transposed copy of the weights on the device to run x W^T as its fast NN loop). Tile sizes
+   are -D options (TM TN TK RM RN, MOE_DIRECT), chosen when a context opens its device by timing
+   a few candidates (about a second; kept in the context and, with a cache directory, in the
+   file moe_cl_tuning.txt there), or given by moe_cl_desc.tiles.
+
+   TIMING (benchmarks)
+   -------------------
+   Make a one-layer model (moe_model_create with the MoE layer and MOE_LOSS_MSE), upload it,
+   then time moe_cl_model_forward(dm, x, T, NULL, NULL) or moe_cl_model_train_step(...) followed
+   by moe_cl_finish(cl): with y NULL nothing is read back. A forward's x is copied in each call.
 */
 #ifndef MOE_CL_H_INCLUDED
 #define MOE_CL_H_INCLUDED

@@ -147,6 +147,20 @@ else
     skip "OpenMP vs no-OpenMP digest" "needs both the omp and noomp configurations"
 fi
 
+echo "== OpenCL without a platform"
+# the ICD loader with no vendor files (ocl-icd reads OCL_ICD_VENDORS): the device cases must skip
+if [ -x "$OUT/noomp/test_cl" ]; then
+    OCL_ICD_VENDORS=/nonexistent "$OUT/noomp/test_cl" > "$OUT/cl_no_platform.out" 2>&1
+    if grep -q '^no OpenCL device' "$OUT/cl_no_platform.out"; then
+        check "test_cl reports its device cases skipped without a platform" \
+            grep -q '^RESULT passed=[0-9]* failed=0 skipped=[1-9]' "$OUT/cl_no_platform.out"
+    else
+        skip "test_cl without a platform" "this OpenCL loader ignores OCL_ICD_VENDORS"
+    fi
+else
+    skip "test_cl without a platform" "needs the noomp configuration"
+fi
+
 echo "== README quick start"
 if sed -n '/<!-- quickstart -->/,/<!-- \/quickstart -->/p' README.md | sed '1,2d;$d' | sed '$d' > "$OUT/quickstart.c" && [ -s "$OUT/quickstart.c" ]; then
     check "README quick start compiles" $CC $C99 -O2 -fopenmp "$OUT/quickstart.c" -I. -o "$OUT/quickstart" -lm

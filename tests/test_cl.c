@@ -91,6 +91,15 @@ static int test_fallback_without_library(void) {
     CHECK(cl == NULL, "out-pointer is NULL on failure");
     CHECK(strstr(moe_ctx_error(&ctx), "no OpenCL library") != NULL, "message: %s", moe_ctx_error(&ctx));
     CHECK(moe_cl_list_devices(desc.library, NULL, 0) == 0, "no devices without a library");
+#if defined(__linux__) && defined(__GLIBC__)
+    /* a library that is there but is no OpenCL loader */
+    desc.library = "libm.so.6";
+    desc.require_device = 0;
+    CHECK_OK(moe_cl_ctx_init(&ctx, &desc, &cl), &ctx);
+    CHECK(cl && moe_cl_ctx_fallback(cl) && strstr(moe_cl_ctx_reason(cl), "lacks clGetPlatformIDs") != NULL, "reason: %s",
+          cl ? moe_cl_ctx_reason(cl) : "");
+    moe_cl_ctx_destroy(cl);
+#endif
     moe_model_destroy(m);
     return 0;
 }

@@ -182,6 +182,25 @@ fi
 } > "$OUT/manual_quickstart.c"
 check "moe.h manual quick start compiles and runs" sh -c "$CC $C99 -Wno-unused-variable -I. $OUT/manual_quickstart.c -o $OUT/manual_quickstart -lm && cd $OUT && ./manual_quickstart"
 
+# the fragment in moe_cl.h's manual, the same way (on the CPU fallback when there is no OpenCL)
+{
+    echo '#define MOE_IMPLEMENTATION'
+    echo '#include "moe.h"'
+    echo '#define MOE_CL_IMPLEMENTATION'
+    echo '#include "moe_cl.h"'
+    echo '#include <stdio.h>'
+    echo 'int main(void) {'
+    echo '    moe_ctx ctx; moe_model *model; moe_layer_desc layers[1] = {{ .kind = MOE_LAYER_MOE }};'
+    echo '    float x[4 * 8] = {0}, y[4 * 8] = {0}; moe_target target = { NULL, y }; int64_t batch = 4; moe_step_info info;'
+    echo '    moe_ctx_init(&ctx, NULL);'
+    echo '    if (moe_model_create(&ctx, &(moe_model_desc){ .d_in = 8, .n_layers = 1, .layers = layers, .loss = MOE_LOSS_MSE }, &model) != MOE_OK) return 1;'
+    sed -n '1,40p' moe_cl.h | sed -n '/^       moe_cl_ctx \*cl;/,/^       moe_cl_ctx_destroy(cl);/p'
+    echo '    moe_model_destroy(model);'
+    echo '    return 0;'
+    echo '}'
+} > "$OUT/manual_cl.c"
+check "moe_cl.h manual quick start compiles and runs" sh -c "$CC $C99 -Wno-unused-result -I. $OUT/manual_cl.c -o $OUT/manual_cl -lm -ldl && $OUT/manual_cl"
+
 echo
 if [ "$failed" -ne 0 ]; then printf 'failures:%b\n' "$failures"; fi
 echo "$passed passed, $failed failed, $skipped skipped"

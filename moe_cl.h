@@ -85,9 +85,10 @@
 
    TIMING (benchmarks)
    -------------------
-   Make a one-layer model (moe_model_create with the MoE layer and MOE_LOSS_MSE), upload it,
-   then time moe_cl_model_forward(dm, x, T, NULL, NULL) or moe_cl_model_train_step(...) followed
-   by moe_cl_finish(cl): with y NULL nothing is read back. A forward's x is copied in each call.
+   moe_cl_layer_upload a moe_layer (or moe_cl_model_upload a one-layer model to time training
+   steps), then time moe_cl_model_forward(dm, x, T, NULL, NULL), moe_cl_model_backward(dm, dy,
+   dx, 0) or moe_cl_model_train_step(...), each followed by moe_cl_finish(cl): with y NULL
+   nothing is read back. x and dy are copied in at each call.
 */
 #ifndef MOE_CL_H_INCLUDED
 #define MOE_CL_H_INCLUDED
@@ -133,6 +134,9 @@ MOEDEF int moe_cl_list_devices(const char *library, char *buf, size_t cap);
 /* Copy a model to the device (parameters, optimizer state and step), with buffers for
    model->max_tokens rows. The model must outlive the device copy. */
 MOEDEF moe_result moe_cl_model_upload(moe_cl_ctx *cl, moe_model *model, moe_cl_model **out);
+/* One layer alone (e.g. for a benchmark), for layer->max_tokens rows: forward, backward,
+   zero_grad, stats and download work on it; train_step returns MOE_ERR_STATE. */
+MOEDEF moe_result moe_cl_layer_upload(moe_cl_ctx *cl, moe_layer *layer, moe_cl_model **out);
 MOEDEF void moe_cl_model_destroy(moe_cl_model *dm);
 /* Parameters, gradients, optimizer state and step back into the moe_model. */
 MOEDEF moe_result moe_cl_model_download(moe_cl_model *dm);
@@ -1553,7 +1557,12 @@ typedef struct moe__cl_layer {
 
 struct moe_cl_model {
     moe_cl_ctx *cl;
-    moe_model *model;
+    moe_model *model;           /* NULL for a layer uploaded alone */
+    moe_layer *layer;           /* that layer */
+    moe_layer *src;             /* the host layers: model->layers or layer */
+    float *host_params, *host_grads;
+    int64_t d_in, d_out;
+    float *fallback_y;          /* a layer on the CPU: its output when the caller wants none */
     moe_ctx *ctx;
     int fallback;
     moe__cl_layer *layers;
@@ -1674,7 +1683,7 @@ static void moe__cl_layer_alloc(moe_cl_model *dm, moe__cl_layer *cl_l) {
 static moe_result moe__cl_transpose(moe_cl_model *dm, const moe_layer *l, const moe__linear *lin, int n) {
     moe__cl_args a = moe__cl_begin(dm->cl, MOE__CLK_transpose);
     moe__cl_int_arg(&a, n); moe__cl_int_arg(&a, lin->out); moe__cl_int_arg(&a, lin->in);
-    moe__cl_mem_arg(&a, dm->params); moe__cl_mem_arg(&a, dm->wt); moe__cl_long_arg(&a, (l->params - dm->model->params) + lin->w);
+    moe__cl_mem_arg(&a, dm->params); moe__cl_mem_arg(&a, dm->wt); moe__cl_long_arg(&a, (l->params - dm->host_params) + lin->w);
     return moe__cl_run(&a, 3, (size_t)lin->in, (size_t)lin->out, (size_t)n, NULL);
 }
 
@@ -1682,7 +1691,7 @@ static moe_result moe__cl_refresh_transposed(moe_cl_model *dm) {
     int i, j;
     if (!dm->wt) return MOE_OK;
     for (i = 0; i < dm->n_layers; i++) {
-        const moe_layer *l = &dm->model->layers[i];
+        const moe_layer *l = &dm->src[i];
         if (l->d.kind == MOE_LAYER_DENSE) MOE__TRY(moe__cl_transpose(dm, l, &l->lin, 1));
         if (l->d.kind != MOE_LAYER_MOE) continue;
         MOE__TRY(moe__cl_transpose(dm, l, &l->router, 1));
@@ -1714,48 +1723,61 @@ MOEDEF void moe_cl_model_destroy(moe_cl_model *dm) {
     moe__free(ctx, dm->host_f);
     moe__free(ctx, dm->host_i);
     moe__free(ctx, dm->host_kept);
+    moe__free(ctx, dm->fallback_y);
     moe__free(ctx, dm);
 }
 
-MOEDEF moe_result moe_cl_model_upload(moe_cl_ctx *cl, moe_model *model, moe_cl_model **out) {
+/* A device copy of a model, or of one layer (model NULL: no optimizer, no loss). */
+static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *layer, moe_cl_model **out) {
     moe_cl_model *dm;
     moe_ctx *ctx;
-    moe_optimizer *opt;
+    moe_optimizer *opt = model ? model->opt : NULL;
     int i;
     int64_t T, widest, host_f = 0, host_i = 0, kept_total = 0;
     moe_result r;
-    if (!cl || !model || !out) return MOE_ERR_INVALID_ARGUMENT;
     *out = NULL;
     ctx = cl->ctx;
     dm = (moe_cl_model *)moe__calloc(ctx, sizeof *dm);
     if (!dm) return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "OpenCL model");
     dm->cl = cl;
     dm->model = model;
+    dm->layer = layer;
+    dm->src = model ? model->layers : layer;
+    dm->n_layers = model ? model->n_layers : 1;
+    dm->host_params = model ? model->params : layer->params;
+    dm->host_grads = model ? model->grads : layer->grads;
+    dm->n_params = model ? model->n_params : layer->n_params;
+    dm->d_in = model ? model->desc.d_in : layer->d.d_in;
+    dm->d_out = dm->src[dm->n_layers - 1].d.d_out;
+    T = model ? model->desc.max_tokens : layer->max_tokens;
+    dm->max_tokens = T;
     dm->ctx = ctx;
     dm->fallback = cl->fallback;
-    if (dm->fallback) { *out = dm; return MOE_OK; }
-    for (i = 0; i < model->n_layers; i++) {
-        const char *what = moe__cl_unsupported(&model->layers[i]);
+    if (dm->fallback) {
+        if (layer && !(dm->fallback_y = (float *)moe__malloc(ctx, (size_t)(T * dm->d_out) * sizeof(float)))) {
+            moe__free(ctx, dm);
+            return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "layer output");
+        }
+        *out = dm;
+        return MOE_OK;
+    }
+    for (i = 0; i < dm->n_layers; i++) {
+        const char *what = moe__cl_unsupported(&dm->src[i]);
         if (what) {
             moe__free(ctx, dm);
             return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "OpenCL: layer %d uses %s, which moe_cl.h does not run on a device yet", i, what);
         }
     }
-    opt = model->opt;
-    T = model->desc.max_tokens;
-    dm->max_tokens = T;
-    dm->n_layers = model->n_layers;
-    dm->n_params = model->n_params;
     dm->n_chunks = (dm->n_params + MOE__CHUNK - 1) / MOE__CHUNK;
-    dm->step = opt->step;
-    dm->cap_mems = 16 + model->n_layers * (32 + 4 * MOE__MAX_LINEARS);
+    dm->step = opt ? opt->step : 0;
+    dm->cap_mems = 16 + dm->n_layers * (32 + 4 * MOE__MAX_LINEARS);
     dm->mems = (moe__cl_mem *)moe__calloc(ctx, sizeof(moe__cl_mem) * (size_t)dm->cap_mems);
-    dm->layers = (moe__cl_layer *)moe__calloc(ctx, sizeof(moe__cl_layer) * (size_t)model->n_layers);
-    widest = model->desc.d_in;
+    dm->layers = (moe__cl_layer *)moe__calloc(ctx, sizeof(moe__cl_layer) * (size_t)dm->n_layers);
+    widest = dm->d_in;
     host_f = moe__max64(T, dm->n_chunks);
     host_i = 1;
-    for (i = 0; i < model->n_layers; i++) {
-        const moe_layer_desc *d = &model->layers[i].d;
+    for (i = 0; i < dm->n_layers; i++) {
+        const moe_layer_desc *d = &dm->src[i].d;
         widest = moe__max64(widest, d->d_out);
         host_f = moe__max64(host_f, T * d->d_out);
         if (d->kind == MOE_LAYER_MOE) {
@@ -1773,28 +1795,28 @@ MOEDEF moe_result moe_cl_model_upload(moe_cl_ctx *cl, moe_model *model, moe_cl_m
     }
     dm->params = moe__cl_buffer(dm, dm->n_params, sizeof(float));
     dm->grads = moe__cl_buffer(dm, dm->n_params, sizeof(float));
-    dm->m = opt->m ? moe__cl_buffer(dm, dm->n_params, sizeof(float)) : NULL;
-    dm->v = opt->v ? moe__cl_buffer(dm, dm->n_params, sizeof(float)) : NULL;
+    dm->m = opt && opt->m ? moe__cl_buffer(dm, dm->n_params, sizeof(float)) : NULL;
+    dm->v = opt && opt->v ? moe__cl_buffer(dm, dm->n_params, sizeof(float)) : NULL;
     dm->wt = cl->tiles.direct ? moe__cl_buffer(dm, dm->n_params, sizeof(float)) : NULL;
-    dm->x = moe__cl_buffer(dm, T * model->desc.d_in, sizeof(float));
+    dm->x = moe__cl_buffer(dm, T * dm->d_in, sizeof(float));
     dm->labels = moe__cl_buffer(dm, T, sizeof(int32_t));
-    dm->values = moe__cl_buffer(dm, T * moe_model_d_out(model), sizeof(float));
-    dm->dloss = moe__cl_buffer(dm, T * moe_model_d_out(model), sizeof(float));
+    dm->values = moe__cl_buffer(dm, T * dm->d_out, sizeof(float));
+    dm->dloss = moe__cl_buffer(dm, T * dm->d_out, sizeof(float));
     dm->tok = moe__cl_buffer(dm, T, sizeof(float));
     dm->dbuf[0] = moe__cl_buffer(dm, T * widest, sizeof(float));
     dm->dbuf[1] = moe__cl_buffer(dm, T * widest, sizeof(float));
     dm->partial = moe__cl_buffer(dm, dm->n_chunks, sizeof(float));
     kept_total = 0;
-    for (i = 0; i < model->n_layers; i++) {
+    for (i = 0; i < dm->n_layers; i++) {
         moe__cl_layer *cl_l = &dm->layers[i];
-        cl_l->l = &model->layers[i];
-        cl_l->poff = cl_l->l->params - model->params;
+        cl_l->l = &dm->src[i];
+        cl_l->poff = cl_l->l->params - dm->host_params;
         cl_l->kept_host = dm->host_kept + kept_total;
         if (cl_l->l->d.kind == MOE_LAYER_MOE) kept_total += cl_l->l->d.n_experts;
         moe__cl_layer_alloc(dm, cl_l);
     }
     r = dm->err;
-    if (r == MOE_OK) r = moe__cl_write(dm, dm->params, model->params, (size_t)dm->n_params * sizeof(float));
+    if (r == MOE_OK) r = moe__cl_write(dm, dm->params, dm->host_params, (size_t)dm->n_params * sizeof(float));
     if (r == MOE_OK && dm->m) r = moe__cl_write(dm, dm->m, opt->m, (size_t)dm->n_params * sizeof(float));
     if (r == MOE_OK && dm->v) r = moe__cl_write(dm, dm->v, opt->v, (size_t)dm->n_params * sizeof(float));
     if (r == MOE_OK) r = moe__cl_refresh_transposed(dm);
@@ -1807,18 +1829,26 @@ MOEDEF moe_result moe_cl_model_upload(moe_cl_ctx *cl, moe_model *model, moe_cl_m
     return MOE_OK;
 }
 
+MOEDEF moe_result moe_cl_model_upload(moe_cl_ctx *cl, moe_model *model, moe_cl_model **out) {
+    if (!cl || !model || !out) return MOE_ERR_INVALID_ARGUMENT;
+    return moe__cl_upload(cl, model, NULL, out);
+}
+
+MOEDEF moe_result moe_cl_layer_upload(moe_cl_ctx *cl, moe_layer *layer, moe_cl_model **out) {
+    if (!cl || !layer || !out) return MOE_ERR_INVALID_ARGUMENT;
+    return moe__cl_upload(cl, NULL, layer, out);
+}
+
 MOEDEF moe_result moe_cl_model_download(moe_cl_model *dm) {
-    moe_model *model;
     size_t bytes;
     if (!dm) return MOE_ERR_INVALID_ARGUMENT;
     if (dm->fallback) return MOE_OK;
-    model = dm->model;
     bytes = (size_t)dm->n_params * sizeof(float);
-    MOE__TRY(moe__cl_read(dm, dm->params, 0, model->params, bytes));
-    MOE__TRY(moe__cl_read(dm, dm->grads, 0, model->grads, bytes));
-    if (dm->m) MOE__TRY(moe__cl_read(dm, dm->m, 0, model->opt->m, bytes));
-    if (dm->v) MOE__TRY(moe__cl_read(dm, dm->v, 0, model->opt->v, bytes));
-    model->opt->step = dm->step;
+    MOE__TRY(moe__cl_read(dm, dm->params, 0, dm->host_params, bytes));
+    MOE__TRY(moe__cl_read(dm, dm->grads, 0, dm->host_grads, bytes));
+    if (dm->m) MOE__TRY(moe__cl_read(dm, dm->m, 0, dm->model->opt->m, bytes));
+    if (dm->v) MOE__TRY(moe__cl_read(dm, dm->v, 0, dm->model->opt->v, bytes));
+    if (dm->model) dm->model->opt->step = dm->step;
     return MOE_OK;
 }
 
@@ -1926,7 +1956,7 @@ static moe_result moe__cl_layer_forward(moe_cl_model *dm, moe__cl_layer *cl_l, m
 static moe_result moe__cl_check_call(moe_cl_model *dm, const float *x, int64_t T) {
     MOE__TRY(moe__check_tokens(dm->ctx, T, dm->max_tokens));
     if (!x) return moe__fail(dm->ctx, MOE_ERR_INVALID_ARGUMENT, "x is NULL");
-    if (!moe__all_finite(x, T * dm->model->desc.d_in)) return moe__fail(dm->ctx, MOE_ERR_NONFINITE, "x holds NaN or Inf");
+    if (!moe__all_finite(x, T * dm->d_in)) return moe__fail(dm->ctx, MOE_ERR_NONFINITE, "x holds NaN or Inf");
     return MOE_OK;
 }
 
@@ -1935,7 +1965,7 @@ static moe_result moe__cl_model_forward(moe_cl_model *dm, const float *x, int64_
     int i;
     MOE__TRY(moe__cl_check_call(dm, x, T));
     dm->has_forward = 0;
-    MOE__TRY(moe__cl_write(dm, dm->x, x, (size_t)(T * dm->model->desc.d_in) * sizeof(float)));
+    MOE__TRY(moe__cl_write(dm, dm->x, x, (size_t)(T * dm->d_in) * sizeof(float)));
     for (i = 0; i < dm->n_layers; i++) {
         MOE__TRY(moe__cl_layer_forward(dm, &dm->layers[i], in, T));
         in = dm->layers[i].out;
@@ -1947,21 +1977,22 @@ static moe_result moe__cl_model_forward(moe_cl_model *dm, const float *x, int64_
 
 MOEDEF moe_result moe_cl_model_forward(moe_cl_model *dm, const float *x, int64_t n_tokens, float *y, const moe_forward_opts *opts) {
     if (!dm) return MOE_ERR_INVALID_ARGUMENT;
-    if (dm->fallback) return moe_model_forward(dm->model, x, n_tokens, y, opts);
+    if (dm->fallback)
+        return dm->model ? moe_model_forward(dm->model, x, n_tokens, y, opts) : moe_layer_forward(dm->layer, x, n_tokens, y ? y : dm->fallback_y, opts);
     MOE__TRY(moe__cl_model_forward(dm, x, n_tokens));
-    if (y) return moe__cl_read(dm, dm->layers[dm->n_layers - 1].out, 0, y, (size_t)(n_tokens * moe_model_d_out(dm->model)) * sizeof(float));
+    if (y) return moe__cl_read(dm, dm->layers[dm->n_layers - 1].out, 0, y, (size_t)(n_tokens * dm->d_out) * sizeof(float));
     return MOE_OK;
 }
 
 MOEDEF moe_result moe_cl_model_predict(moe_cl_model *dm, const float *x, int64_t n_tokens, int32_t *classes) {
     int64_t t, c, C;
     if (!dm) return MOE_ERR_INVALID_ARGUMENT;
-    if (dm->fallback) return moe_model_predict(dm->model, x, n_tokens, classes);
+    if (dm->fallback && dm->model) return moe_model_predict(dm->model, x, n_tokens, classes);
     if (!classes) return moe__fail(dm->ctx, MOE_ERR_INVALID_ARGUMENT, "classes is NULL");
-    C = moe_model_d_out(dm->model);
-    MOE__TRY(moe_cl_model_forward(dm, x, n_tokens, dm->host_f, NULL));
+    C = dm->d_out;
+    MOE__TRY(moe_cl_model_forward(dm, x, n_tokens, dm->fallback ? dm->fallback_y : dm->host_f, NULL));
     for (t = 0; t < n_tokens; t++) {
-        const float *y = dm->host_f + t * C;
+        const float *y = (dm->fallback ? dm->fallback_y : dm->host_f) + t * C;
         int64_t best = 0;
         for (c = 1; c < C; c++) if (y[c] > y[best]) best = c;
         classes[t] = (int32_t)best;
@@ -2016,7 +2047,7 @@ static moe_result moe__cl_layer_stats(moe_cl_model *dm, int i, moe_stats *st) {
 
 MOEDEF moe_result moe_cl_model_stats(moe_cl_model *dm, int layer, moe_stats *stats) {
     if (!dm || !stats) return MOE_ERR_INVALID_ARGUMENT;
-    if (dm->fallback) return moe_model_stats(dm->model, layer, stats);
+    if (dm->fallback) return dm->model ? moe_model_stats(dm->model, layer, stats) : moe_layer_stats(dm->layer, stats);
     memset(stats, 0, sizeof *stats);
     if (layer < 0 || layer >= dm->n_layers) return moe__fail(dm->ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d out of range", layer);
     if (dm->layers[layer].l->d.kind != MOE_LAYER_MOE) return moe__fail(dm->ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d is not a MoE layer", layer);
@@ -2171,20 +2202,24 @@ static moe_result moe__cl_model_backward(moe_cl_model *dm, moe__cl_mem dy, int w
 MOEDEF void moe_cl_model_zero_grad(moe_cl_model *dm) {
     float zero = 0.0f;
     if (!dm) return;
-    if (dm->fallback) { moe_model_zero_grad(dm->model); return; }
+    if (dm->fallback) {
+        if (dm->model) moe_model_zero_grad(dm->model);
+        else memset(dm->host_grads, 0, (size_t)dm->n_params * sizeof(float));
+        return;
+    }
     MOE__CLF(dm->cl, clEnqueueFillBuffer)(dm->cl->queue, dm->grads, &zero, sizeof zero, 0, (size_t)dm->n_params * sizeof(float), 0, NULL, NULL);
 }
 
 MOEDEF moe_result moe_cl_model_backward(moe_cl_model *dm, const float *dy, float *dx, int flags) {
     int64_t T;
     if (!dm) return MOE_ERR_INVALID_ARGUMENT;
-    if (dm->fallback) return moe_model_backward(dm->model, dy, dx, flags);
+    if (dm->fallback) return dm->model ? moe_model_backward(dm->model, dy, dx, flags) : moe_layer_backward(dm->layer, dy, dx, flags);
     if (!dm->has_forward) return moe__fail(dm->ctx, MOE_ERR_STATE, "backward before any forward");
     if (!dy) return moe__fail(dm->ctx, MOE_ERR_INVALID_ARGUMENT, "dy is NULL");
     T = dm->T;
-    MOE__TRY(moe__cl_write(dm, dm->dloss, dy, (size_t)(T * moe_model_d_out(dm->model)) * sizeof(float)));
+    MOE__TRY(moe__cl_write(dm, dm->dloss, dy, (size_t)(T * dm->d_out) * sizeof(float)));
     MOE__TRY(moe__cl_model_backward(dm, dm->dloss, dx != NULL, flags));
-    if (dx) return moe__cl_read(dm, dm->dbuf[0], 0, dx, (size_t)(T * dm->model->desc.d_in) * sizeof(float));
+    if (dx) return moe__cl_read(dm, dm->dbuf[0], 0, dx, (size_t)(T * dm->d_in) * sizeof(float));
     return MOE_OK;
 }
 
@@ -2200,6 +2235,7 @@ MOEDEF moe_result moe_cl_model_train_step(moe_cl_model *dm, const float *x, cons
     float loss, aux = 0.0f, norm, scale = 1.0f, lr;
     int i;
     if (!dm) return MOE_ERR_INVALID_ARGUMENT;
+    if (!dm->model) return moe__fail(dm->ctx, MOE_ERR_STATE, "a layer uploaded alone has no loss or optimizer: upload a model to train");
     if (dm->fallback) return moe_model_train_step(dm->model, x, target, n_tokens, info);
     cl = dm->cl;
     model = dm->model;

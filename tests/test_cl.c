@@ -346,6 +346,65 @@ static void add_cases(void) {
 static void run_forward_backward(const void *arg) { check_forward_backward((const parity_case *)arg); }
 static void run_training(const void *arg) { check_training((const parity_case *)arg); }
 
+/* A layer uploaded alone (what a benchmark times): forward, dx and gradients against the CPU
+   layer; no training step; and the same calls on the CPU fallback. */
+static int test_layer_upload(void) {
+    moe_layer_desc d;
+    moe_layer *l = NULL;
+    moe_cl_model *dm = NULL;
+    moe_cl_ctx *cpu_ctx = NULL;
+    moe_cl_desc desc;
+    float x[20 * 24], y_cpu[20 * 16], y_cl[20 * 16], dy[20 * 16], dx_cpu[20 * 24], dx_cl[20 * 24], *g_cpu, *p;
+    int64_t n, i;
+    memset(&d, 0, sizeof d);
+    d.kind = MOE_LAYER_MOE; d.d_in = 24; d.d_out = 16; d.n_experts = 4; d.top_k = 2; d.expert = MOE_EXPERT_SWIGLU; d.d_hidden = 40;
+    CHECK_OK(moe_layer_create(&ctx, &d, 20, &l), &ctx);
+    if (!l) return 0;
+    p = moe_layer_params(l, &n);
+    for (i = 0; i < n; i++) p[i] += (2.0f * moe_rng_uniform(11, 6, (uint64_t)i) - 1.0f) * 0.3f;
+    g_cpu = (float *)malloc(sizeof(float) * (size_t)n);
+    fill(x, 20 * 24, 21, 1.0f);
+    fill(dy, 20 * 16, 22, 1.0f);
+    memset(moe_layer_grads(l, NULL), 0, sizeof(float) * (size_t)n);
+    CHECK_OK(moe_layer_forward(l, x, 20, y_cpu, NULL), &ctx);
+    CHECK_OK(moe_layer_backward(l, dy, dx_cpu, 0), &ctx);
+    memcpy(g_cpu, moe_layer_grads(l, NULL), sizeof(float) * (size_t)n);
+    if (device) {
+        CHECK_OK(moe_cl_layer_upload(device, l, &dm), &ctx);
+        if (dm) {
+            moe_step_info info;
+            moe_target target;
+            target.labels = NULL; target.values = y_cpu;
+            moe_cl_model_zero_grad(dm);
+            CHECK_OK(moe_cl_model_forward(dm, x, 20, y_cl, NULL), &ctx);
+            CHECK_OK(moe_cl_model_backward(dm, dy, dx_cl, 0), &ctx);
+            CHECK_OK(moe_cl_model_download(dm), &ctx);
+            worst_of(y_cl, y_cpu, 20 * 16, 1e-4, 1e-5, "layer y");
+            worst_of(dx_cl, dx_cpu, 20 * 24, 2e-3, 1e-5, "layer dx");
+            worst_of(moe_layer_grads(l, NULL), g_cpu, n, 2e-3, 1e-5, "layer gradients");
+            CHECK_RESULT(moe_cl_model_train_step(dm, x, &target, 20, &info), MOE_ERR_STATE, &ctx);
+            moe_cl_model_destroy(dm);
+            dm = NULL;
+        }
+    }
+    memset(&desc, 0, sizeof desc);
+    desc.device = "none";
+    CHECK_OK(moe_cl_ctx_init(&ctx, &desc, &cpu_ctx), &ctx);
+    CHECK_OK(moe_cl_layer_upload(cpu_ctx, l, &dm), &ctx);
+    if (dm) {
+        moe_cl_model_zero_grad(dm);
+        CHECK_OK(moe_cl_model_forward(dm, x, 20, NULL, NULL), &ctx);
+        CHECK_OK(moe_cl_model_backward(dm, dy, dx_cl, 0), &ctx);
+        CHECK(memcmp(dx_cl, dx_cpu, sizeof dx_cl) == 0, "the fallback is the CPU layer");
+        CHECK(memcmp(moe_layer_grads(l, NULL), g_cpu, sizeof(float) * (size_t)n) == 0, "the fallback accumulates into the layer");
+    }
+    moe_cl_model_destroy(dm);
+    moe_cl_ctx_destroy(cpu_ctx);
+    moe_layer_destroy(l);
+    free(g_cpu);
+    return 0;
+}
+
 /* ---------------------------------------------------------------- tuning */
 static int test_tuning_cache(void) {
     moe_cl_desc desc;
@@ -427,6 +486,7 @@ int main(void) {
         }
         if (variant != device) moe_cl_ctx_destroy(variant);
     }
+    RUN(test_layer_upload);
     RUN(test_tuning_cache);
     moe_cl_ctx_destroy(device);
     TEST_END();

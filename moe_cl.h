@@ -53,8 +53,8 @@
    WHAT RUNS ON THE DEVICE
    -----------------------
    Dense, RMSNorm and LayerNorm layers; MoE layers with the top-k and switch routers (capacity,
-   balance and z losses), linear, MLP and SwiGLU experts; the three losses; SGD, Adam and AdamW
-   with clipping and the schedule. Not yet: noisy top-k, router jitter, shared experts, the
+   balance and z losses), linear, MLP and SwiGLU experts, shared experts; the three losses; SGD,
+   Adam and AdamW with clipping and the schedule. Not yet: noisy top-k, router jitter, the
    importance and load losses: moe_cl_model_upload returns MOE_ERR_UNSUPPORTED naming the layer.
 
    The device model is a copy: train it, then moe_cl_model_download to bring parameters,
@@ -265,6 +265,7 @@ typedef intptr_t moe__cl_props;
     X(moe__cl_int, clEnqueueReadBuffer, (moe__cl_queue, moe__cl_mem, moe__cl_uint, size_t, size_t, void *, moe__cl_uint, const moe__cl_event *, moe__cl_event *)) \
     X(moe__cl_int, clEnqueueWriteBuffer, (moe__cl_queue, moe__cl_mem, moe__cl_uint, size_t, size_t, const void *, moe__cl_uint, const moe__cl_event *, moe__cl_event *)) \
     X(moe__cl_int, clEnqueueFillBuffer, (moe__cl_queue, moe__cl_mem, const void *, size_t, size_t, size_t, moe__cl_uint, const moe__cl_event *, moe__cl_event *)) \
+    X(moe__cl_int, clEnqueueCopyBuffer, (moe__cl_queue, moe__cl_mem, moe__cl_mem, size_t, size_t, size_t, moe__cl_uint, const moe__cl_event *, moe__cl_event *)) \
     X(moe__cl_int, clFinish, (moe__cl_queue)) \
     X(moe__cl_int, clWaitForEvents, (moe__cl_uint, const moe__cl_event *)) \
     X(moe__cl_int, clGetEventProfilingInfo, (moe__cl_event, moe__cl_uint, size_t, void *, size_t *)) \
@@ -349,7 +350,7 @@ static void moe__cl_unload(moe__cl_api *api) {
 #define MOE__CL_KERNELS(X) \
     X(gemm_nt) X(gemm_nn) X(gemm_tn) X(colsum) X(transpose) X(route_topk) X(dispatch_count) X(dispatch_scatter) \
     X(moe_sums) X(moe_combine) X(moe_dgate) X(swiglu_back) X(router_back) X(moe_dx) X(act_fwd) \
-    X(act_back) X(add_to) X(norm_fwd) X(norm_wgrad) X(norm_dx) X(task_loss) X(sumsq) X(opt_step)
+    X(act_back) X(add_to) X(norm_fwd) X(norm_wgrad) X(norm_dx) X(task_loss) X(sumsq) X(opt_step) X(shared_rows)
 
 enum {
 #define MOE__CL_KENUM(name) MOE__CLK_##name,
@@ -769,8 +770,9 @@ static const char *const moe__cl_source[] = {
     "    for (int t = 0; t < T; t++) s += e < E ? p[(long)t * E + e] : e == E ? (acc_t)lse[t] * lse[t] : entropy[t];\n",
     "    out[e] = (float)s;\n",
     "}\n",
-    "/* y[t, j] = (x[t, j] if residual or pass-through) + sum over slots of gate * expert output */\n",
-    "kernel void moe_combine(int T, int Din, int O, int K, int residual, global const float *x, global const int *pos, global const float *gate, global const float *out, global float *y) {\n",
+    "/* y[t, j] = (x[t, j] if residual or pass-through) + sum over slots of gate * expert output\n",
+    "   + the shared experts' outputs (their rows are q * T + t) */\n",
+    "kernel void moe_combine(int T, int Din, int O, int K, int residual, global const float *x, global const int *pos, global const float *gate, global const float *out, int n_shared, global const float *sh_out, global float *y) {\n",
     "    int j = get_global_id(0), t = get_global_id(1);\n",
     "    if (j >= O || t >= T) return;\n",
     "    int any = 0;\n",
@@ -780,6 +782,7 @@ static const char *const moe__cl_source[] = {
     "        int r = pos[t * K + q];\n",
     "        if (r >= 0) v += gate[t * K + q] * out[(long)r * O + j];\n",
     "    }\n",
+    "    for (int q = 0; q < n_shared; q++) v += sh_out[((long)q * T + t) * O + j];\n",
     "    y[(long)t * O + j] = v;\n",
     "}\n",
     "/* Backward of the combine: dgate[t, q] = dy . out[row], dout[row] = gate * dy. */\n",
@@ -829,8 +832,8 @@ static const char *const moe__cl_source[] = {
     "        for (int e = 0; e < E; e++) dh[e] += c * p[e];\n",
     "    }\n",
     "}\n",
-    "/* dx[t, j] = (dy if residual or pass-through) + sum over slots of dxr[row] + dxu[t] */\n",
-    "kernel void moe_dx(int T, int Din, int O, int K, int residual, global const float *dy, global const int *pos, global const float *dxr, global const float *dxu, global float *dx) {\n",
+    "/* dx[t, j] = (dy if residual or pass-through) + sum over slots of dxr[row] + shared experts' + dxu[t] */\n",
+    "kernel void moe_dx(int T, int Din, int O, int K, int residual, global const float *dy, global const int *pos, global const float *dxr, global const float *dxu, int n_shared, global const float *sh_dxr, global float *dx) {\n",
     "    int j = get_global_id(0), t = get_global_id(1);\n",
     "    if (j >= Din || t >= T) return;\n",
     "    int any = 0;\n",
@@ -840,7 +843,14 @@ static const char *const moe__cl_source[] = {
     "        int r = pos[t * K + q];\n",
     "        if (r >= 0) v += dxr[(long)r * Din + j];\n",
     "    }\n",
+    "    for (int q = 0; q < n_shared; q++) v += sh_dxr[((long)q * T + t) * Din + j];\n",
     "    dx[(long)t * Din + j] = v + dxu[(long)t * Din + j];\n",
+    "}\n",
+    "/* The shared experts' rows: expert q takes every token, rows q * T + t. */\n",
+    "kernel void shared_rows(int T, int n, global int *offsets, global int *row_token) {\n",
+    "    int a = get_global_id(0);\n",
+    "    if (a <= n) offsets[a] = a * T;\n",
+    "    if (a < n * T) row_token[a] = a % T;\n",
     "}\n",
     "/* y = act(z) (+ r: residual) */\n",
     "kernel void act_fwd(long n, int act, global const float *z, global float *y, global const float *r, int use_r) {\n",
@@ -1543,14 +1553,20 @@ static moe_result moe__cl_choose_tiles(moe_cl_ctx *cl) {
 }
 
 // >>cl_model ----------------------------------------------------------------
+/* Device buffers of an expert bank (routed or shared), names as in moe__bank. */
+typedef struct moe__cl_bank {
+    moe__cl_mem offsets, row_token;   /* [n + 1], [rows] */
+    moe__cl_mem bz[MOE__MAX_LINEARS], ba[MOE__MAX_LINEARS], bout, bdz[MOE__MAX_LINEARS], bda, bdxr;
+} moe__cl_bank;
+
 /* Device buffers of one layer, for max_tokens rows (names as in struct moe_layer). */
 typedef struct moe__cl_layer {
     moe_layer *l;
     int64_t poff;               /* the layer's parameters in the model blob, in floats */
     moe__cl_mem out;            /* [T, d_out] */
     moe__cl_mem z, dz, mean, rstd;  /* dense [T, d_out]; norms [T] */
-    moe__cl_mem clean, p, lse, entropy, sel, pos, gate, chosen, kept, offsets, row_token, sums;
-    moe__cl_mem bz[MOE__MAX_LINEARS], ba[MOE__MAX_LINEARS], bout, bdz[MOE__MAX_LINEARS], bda, bdxr;
+    moe__cl_mem clean, p, lse, entropy, sel, pos, gate, chosen, kept, sums;
+    moe__cl_bank bank[2];
     moe__cl_mem dgate, dh, dxu;
     int64_t *kept_host;         /* [E] tokens_per_expert of the stats */
 } moe__cl_layer;
@@ -1625,7 +1641,6 @@ static const char *moe__cl_unsupported(const moe_layer *l) {
     const moe_layer_desc *d = &l->d;
     if (d->kind != MOE_LAYER_MOE) return NULL;
     if (d->router == MOE_ROUTER_NOISY_TOPK) return "the noisy top-k router";
-    if (d->n_shared_experts > 0) return "shared experts";
     if (d->jitter > 0.0f) return "router jitter";
     if (d->importance_loss > 0.0f || d->load_loss > 0.0f) return "the importance and load losses";
     return NULL;
@@ -1644,8 +1659,7 @@ static void moe__cl_layer_alloc(moe_cl_model *dm, moe__cl_layer *cl_l) {
         cl_l->mean = moe__cl_buffer(dm, T, sizeof(float));
         cl_l->rstd = moe__cl_buffer(dm, T, sizeof(float));
     } else if (d->kind == MOE_LAYER_MOE) {
-        const moe__bank *b = &l->bank[0];
-        int64_t E = d->n_experts, K = d->top_k, R = T * K, H = b->d_hidden;
+        int64_t E = d->n_experts, K = d->top_k, bi;
         cl_l->clean = moe__cl_buffer(dm, T * E, sizeof(float));
         cl_l->p = moe__cl_buffer(dm, T * E, sizeof(float));
         cl_l->lse = moe__cl_buffer(dm, T, sizeof(float));
@@ -1655,23 +1669,28 @@ static void moe__cl_layer_alloc(moe_cl_model *dm, moe__cl_layer *cl_l) {
         cl_l->gate = moe__cl_buffer(dm, T * K, sizeof(float));
         cl_l->chosen = moe__cl_buffer(dm, E, sizeof(int32_t));
         cl_l->kept = moe__cl_buffer(dm, E, sizeof(int32_t));
-        cl_l->offsets = moe__cl_buffer(dm, E + 1, sizeof(int32_t));
-        cl_l->row_token = moe__cl_buffer(dm, R, sizeof(int32_t));
         cl_l->sums = moe__cl_buffer(dm, E + 2, sizeof(float));
-        if (b->kind == MOE_EXPERT_SWIGLU) {
-            cl_l->bz[0] = moe__cl_buffer(dm, R * H, sizeof(float));
-            cl_l->bz[1] = moe__cl_buffer(dm, R * H, sizeof(float));
-            cl_l->ba[0] = moe__cl_buffer(dm, R * H, sizeof(float));
-            cl_l->bda = moe__cl_buffer(dm, R * H, sizeof(float));
-        } else {
-            for (j = 0; j + 1 < b->n_linears; j++) {
-                cl_l->bz[j] = moe__cl_buffer(dm, R * H, sizeof(float));
-                cl_l->ba[j] = moe__cl_buffer(dm, R * H, sizeof(float));
+        for (bi = 0; bi < l->n_banks; bi++) {
+            const moe__bank *b = &l->bank[bi];
+            moe__cl_bank *cb = &cl_l->bank[bi];
+            int64_t R = b->max_rows, H = b->d_hidden;
+            cb->offsets = moe__cl_buffer(dm, b->n + 1, sizeof(int32_t));
+            cb->row_token = moe__cl_buffer(dm, R, sizeof(int32_t));
+            if (b->kind == MOE_EXPERT_SWIGLU) {
+                cb->bz[0] = moe__cl_buffer(dm, R * H, sizeof(float));
+                cb->bz[1] = moe__cl_buffer(dm, R * H, sizeof(float));
+                cb->ba[0] = moe__cl_buffer(dm, R * H, sizeof(float));
+                cb->bda = moe__cl_buffer(dm, R * H, sizeof(float));
+            } else {
+                for (j = 0; j + 1 < b->n_linears; j++) {
+                    cb->bz[j] = moe__cl_buffer(dm, R * H, sizeof(float));
+                    cb->ba[j] = moe__cl_buffer(dm, R * H, sizeof(float));
+                }
             }
+            cb->bout = moe__cl_buffer(dm, R * d->d_out, sizeof(float));
+            for (j = 0; j < b->n_linears; j++) cb->bdz[j] = moe__cl_buffer(dm, R * b->lin[j].out, sizeof(float));
+            cb->bdxr = moe__cl_buffer(dm, R * d->d_in, sizeof(float));
         }
-        cl_l->bout = moe__cl_buffer(dm, R * d->d_out, sizeof(float));
-        for (j = 0; j < b->n_linears; j++) cl_l->bdz[j] = moe__cl_buffer(dm, R * b->lin[j].out, sizeof(float));
-        cl_l->bdxr = moe__cl_buffer(dm, R * d->d_in, sizeof(float));
         cl_l->dgate = moe__cl_buffer(dm, T * K, sizeof(float));
         cl_l->dh = moe__cl_buffer(dm, T * E, sizeof(float));
         cl_l->dxu = moe__cl_buffer(dm, T * d->d_in, sizeof(float));
@@ -1688,14 +1707,15 @@ static moe_result moe__cl_transpose(moe_cl_model *dm, const moe_layer *l, const 
 }
 
 static moe_result moe__cl_refresh_transposed(moe_cl_model *dm) {
-    int i, j;
+    int i, j, b;
     if (!dm->wt) return MOE_OK;
     for (i = 0; i < dm->n_layers; i++) {
         const moe_layer *l = &dm->src[i];
         if (l->d.kind == MOE_LAYER_DENSE) MOE__TRY(moe__cl_transpose(dm, l, &l->lin, 1));
         if (l->d.kind != MOE_LAYER_MOE) continue;
         MOE__TRY(moe__cl_transpose(dm, l, &l->router, 1));
-        for (j = 0; j < l->bank[0].n_linears; j++) MOE__TRY(moe__cl_transpose(dm, l, &l->bank[0].lin[j], l->bank[0].n));
+        for (b = 0; b < l->n_banks; b++)
+            for (j = 0; j < l->bank[b].n_linears; j++) MOE__TRY(moe__cl_transpose(dm, l, &l->bank[b].lin[j], l->bank[b].n));
     }
     return MOE_OK;
 }
@@ -1865,25 +1885,27 @@ static moe_result moe__cl_act(moe_cl_model *dm, int kernel, int64_t n, int act, 
     return moe__cl_run(&k, 1, (size_t)n, 1, 1, NULL);
 }
 
-/* The expert network of the routed bank over the sorted rows, every expert in one launch per linear. */
-static moe_result moe__cl_bank_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe__cl_mem x, int64_t T) {
+/* The expert network of bank bi (0 routed, 1 shared) over its rows, every expert in one launch
+   per linear; the routed bank has at most T*k rows, the shared one n*T. */
+static moe_result moe__cl_bank_forward(moe_cl_model *dm, moe__cl_layer *cl_l, int bi, moe__cl_mem x, int64_t T) {
     const moe_layer *l = cl_l->l;
-    const moe__bank *b = &l->bank[0];
+    const moe__bank *b = &l->bank[bi];
+    const moe__cl_bank *cb = &cl_l->bank[bi];
+    int64_t rows = T * (bi == 0 ? l->d.top_k : b->n);
     int j;
     for (j = 0; j < b->n_linears; j++) {
         const moe__linear *lin = &b->lin[j];
         int last = j == b->n_linears - 1;
-        moe__cl_mat in = lin->input < 0 ? moe__cl_mat_of(x, 0, b->d_in) : moe__cl_mat_of(cl_l->ba[lin->input], 0, b->d_hidden);
+        moe__cl_mat in = lin->input < 0 ? moe__cl_mat_of(x, 0, b->d_in) : moe__cl_mat_of(cb->ba[lin->input], 0, b->d_hidden);
         moe__cl_gemm g;
-        if (lin->input < 0) in.rows = cl_l->row_token;
-        g = moe__cl_gemm_make(MOE__NT, T * l->d.top_k, lin->out, lin->in, in, moe__cl_mat_of(dm->params, cl_l->poff + lin->w, lin->in),
-                              moe__cl_mat_of(last ? cl_l->bout : cl_l->bz[j], 0, lin->out));
+        if (lin->input < 0) in.rows = cb->row_token;
+        g = moe__cl_gemm_make(MOE__NT, rows, lin->out, lin->in, in, moe__cl_mat_of(dm->params, cl_l->poff + lin->w, lin->in),
+                              moe__cl_mat_of(last ? cb->bout : cb->bz[j], 0, lin->out));
         g.B.gstride = lin->out * lin->in;
-        g.C.gstride = 0;
         if (lin->b >= 0) { g.bias = dm->params; g.bias_off = cl_l->poff + lin->b; g.bias_gstride = lin->out; }
-        g.groups = cl_l->offsets; g.group_mode = 1; g.n_groups = b->n;
-        if (!last && b->kind == MOE_EXPERT_SWIGLU && j == 1) { g.epi = 2; g.Z = cl_l->bz[0]; g.D = cl_l->ba[0]; }
-        else if (!last && b->kind != MOE_EXPERT_SWIGLU) { g.epi = 1; g.act = (int)b->act; g.D = cl_l->ba[j]; }
+        g.groups = cb->offsets; g.group_mode = 1; g.n_groups = b->n;
+        if (!last && b->kind == MOE_EXPERT_SWIGLU && j == 1) { g.epi = 2; g.Z = cb->bz[0]; g.D = cb->ba[0]; }
+        else if (!last && b->kind != MOE_EXPERT_SWIGLU) { g.epi = 1; g.act = (int)b->act; g.D = cb->ba[j]; }
         MOE__TRY(moe__cl_weight_gemm(dm, &g));
     }
     return MOE_OK;
@@ -1893,7 +1915,7 @@ static moe_result moe__cl_moe_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe
     moe_cl_ctx *cl = dm->cl;
     const moe_layer *l = cl_l->l;
     const moe_layer_desc *d = &l->d;
-    int64_t E = d->n_experts, K = d->top_k, D = d->d_in, O = d->d_out, cap = 0;
+    int64_t E = d->n_experts, K = d->top_k, D = d->d_in, O = d->d_out, cap = 0, n_shared = l->n_banks > 1 ? l->bank[1].n : 0;
     moe__cl_gemm g;
     moe__cl_args a;
     if (d->capacity_factor > 0.0f) {
@@ -1916,17 +1938,23 @@ static moe_result moe__cl_moe_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe
     a = moe__cl_begin(cl, MOE__CLK_dispatch_scatter);
     moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, K);
     moe__cl_mem_arg(&a, cl_l->sel); moe__cl_mem_arg(&a, cl_l->pos); moe__cl_mem_arg(&a, cl_l->kept);
-    moe__cl_mem_arg(&a, cl_l->offsets); moe__cl_mem_arg(&a, cl_l->row_token);
+    moe__cl_mem_arg(&a, cl_l->bank[0].offsets); moe__cl_mem_arg(&a, cl_l->bank[0].row_token);
     MOE__TRY(moe__cl_run(&a, 1, (size_t)E, 1, 1, NULL));
     a = moe__cl_begin(cl, MOE__CLK_moe_sums);
     moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E);
     moe__cl_mem_arg(&a, cl_l->p); moe__cl_mem_arg(&a, cl_l->lse); moe__cl_mem_arg(&a, cl_l->entropy); moe__cl_mem_arg(&a, cl_l->sums);
     MOE__TRY(moe__cl_run(&a, 1, (size_t)E + 2, 1, 1, NULL));
-    MOE__TRY(moe__cl_bank_forward(dm, cl_l, x, T));
+    MOE__TRY(moe__cl_bank_forward(dm, cl_l, 0, x, T));
+    if (l->n_banks > 1) {
+        a = moe__cl_begin(cl, MOE__CLK_shared_rows);
+        moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, n_shared); moe__cl_mem_arg(&a, cl_l->bank[1].offsets); moe__cl_mem_arg(&a, cl_l->bank[1].row_token);
+        MOE__TRY(moe__cl_run(&a, 1, (size_t)(T * n_shared + 1), 1, 1, NULL));
+        MOE__TRY(moe__cl_bank_forward(dm, cl_l, 1, x, T));
+    }
     a = moe__cl_begin(cl, MOE__CLK_moe_combine);
     moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, D); moe__cl_int_arg(&a, O); moe__cl_int_arg(&a, K); moe__cl_int_arg(&a, d->residual);
-    moe__cl_mem_arg(&a, x); moe__cl_mem_arg(&a, cl_l->pos); moe__cl_mem_arg(&a, cl_l->gate); moe__cl_mem_arg(&a, cl_l->bout);
-    moe__cl_mem_arg(&a, cl_l->out);
+    moe__cl_mem_arg(&a, x); moe__cl_mem_arg(&a, cl_l->pos); moe__cl_mem_arg(&a, cl_l->gate); moe__cl_mem_arg(&a, cl_l->bank[0].bout);
+    moe__cl_int_arg(&a, n_shared); moe__cl_mem_arg(&a, cl_l->bank[1].bout); moe__cl_mem_arg(&a, cl_l->out);
     return moe__cl_run(&a, 2, (size_t)O, (size_t)T, 1, NULL);
 }
 
@@ -2057,31 +2085,32 @@ MOEDEF moe_result moe_cl_model_stats(moe_cl_model *dm, int layer, moe_stats *sta
 
 // >>cl_backward -------------------------------------------------------------
 /* Expert input-side gradients (dz of every linear, and dxr when want_dx), then weight gradients. */
-static moe_result moe__cl_bank_backward(moe_cl_model *dm, moe__cl_layer *cl_l, moe__cl_mem x, int64_t T, int want_dx) {
+static moe_result moe__cl_bank_backward(moe_cl_model *dm, moe__cl_layer *cl_l, int bi, moe__cl_mem x, int64_t T, int want_dx) {
     moe_cl_ctx *cl = dm->cl;
     const moe_layer *l = cl_l->l;
-    const moe__bank *b = &l->bank[0];
-    int64_t R = T * l->d.top_k, H = b->d_hidden, D = b->d_in;
+    const moe__bank *b = &l->bank[bi];
+    const moe__cl_bank *cb = &cl_l->bank[bi];
+    int64_t R = T * (bi == 0 ? l->d.top_k : b->n), H = b->d_hidden, D = b->d_in;
     int j, last = b->n_linears - 1;
     moe__cl_gemm g;
     if (b->kind == MOE_EXPERT_SWIGLU) {
         const moe__linear *w2 = &b->lin[2];
         moe__cl_args a;
         int s;
-        g = moe__cl_gemm_make(MOE__NN, R, H, w2->out, moe__cl_mat_of(cl_l->bdz[2], 0, w2->out), moe__cl_mat_of(dm->params, cl_l->poff + w2->w, H),
-                              moe__cl_mat_of(cl_l->bda, 0, H));
+        g = moe__cl_gemm_make(MOE__NN, R, H, w2->out, moe__cl_mat_of(cb->bdz[2], 0, w2->out), moe__cl_mat_of(dm->params, cl_l->poff + w2->w, H),
+                              moe__cl_mat_of(cb->bda, 0, H));
         g.B.gstride = w2->out * H;
-        g.groups = cl_l->offsets; g.group_mode = 1; g.n_groups = b->n;
+        g.groups = cb->offsets; g.group_mode = 1; g.n_groups = b->n;
         MOE__TRY(moe__cl_gemm_run(cl, &g));
         a = moe__cl_begin(cl, MOE__CLK_swiglu_back);
-        moe__cl_long_arg(&a, R * H); moe__cl_mem_arg(&a, cl_l->bda); moe__cl_mem_arg(&a, cl_l->bz[0]); moe__cl_mem_arg(&a, cl_l->bz[1]);
-        moe__cl_mem_arg(&a, cl_l->bdz[0]); moe__cl_mem_arg(&a, cl_l->bdz[1]);
+        moe__cl_long_arg(&a, R * H); moe__cl_mem_arg(&a, cb->bda); moe__cl_mem_arg(&a, cb->bz[0]); moe__cl_mem_arg(&a, cb->bz[1]);
+        moe__cl_mem_arg(&a, cb->bdz[0]); moe__cl_mem_arg(&a, cb->bdz[1]);
         MOE__TRY(moe__cl_run(&a, 1, (size_t)(R * H), 1, 1, NULL));
         for (s = 0; s < 2 && want_dx; s++) {
-            g = moe__cl_gemm_make(MOE__NN, R, D, H, moe__cl_mat_of(cl_l->bdz[s], 0, H), moe__cl_mat_of(dm->params, cl_l->poff + b->lin[s].w, D),
-                                  moe__cl_mat_of(cl_l->bdxr, 0, D));
+            g = moe__cl_gemm_make(MOE__NN, R, D, H, moe__cl_mat_of(cb->bdz[s], 0, H), moe__cl_mat_of(dm->params, cl_l->poff + b->lin[s].w, D),
+                                  moe__cl_mat_of(cb->bdxr, 0, D));
             g.B.gstride = H * D;
-            g.groups = cl_l->offsets; g.group_mode = 1; g.n_groups = b->n;
+            g.groups = cb->offsets; g.group_mode = 1; g.n_groups = b->n;
             g.accumulate = s;
             MOE__TRY(moe__cl_gemm_run(cl, &g));
         }
@@ -2089,26 +2118,26 @@ static moe_result moe__cl_bank_backward(moe_cl_model *dm, moe__cl_layer *cl_l, m
         for (j = last; j >= 0; j--) {
             const moe__linear *lin = &b->lin[j];
             if (j == 0 && !want_dx) break;
-            g = moe__cl_gemm_make(MOE__NN, R, lin->in, lin->out, moe__cl_mat_of(cl_l->bdz[j], 0, lin->out),
-                                  moe__cl_mat_of(dm->params, cl_l->poff + lin->w, lin->in), moe__cl_mat_of(j > 0 ? cl_l->bdz[j - 1] : cl_l->bdxr, 0, lin->in));
+            g = moe__cl_gemm_make(MOE__NN, R, lin->in, lin->out, moe__cl_mat_of(cb->bdz[j], 0, lin->out),
+                                  moe__cl_mat_of(dm->params, cl_l->poff + lin->w, lin->in), moe__cl_mat_of(j > 0 ? cb->bdz[j - 1] : cb->bdxr, 0, lin->in));
             g.B.gstride = lin->out * lin->in;
-            g.groups = cl_l->offsets; g.group_mode = 1; g.n_groups = b->n;
-            if (j > 0) { g.epi = 3; g.act = (int)b->act; g.Z = cl_l->bz[j - 1]; }
+            g.groups = cb->offsets; g.group_mode = 1; g.n_groups = b->n;
+            if (j > 0) { g.epi = 3; g.act = (int)b->act; g.Z = cb->bz[j - 1]; }
             MOE__TRY(moe__cl_gemm_run(cl, &g));
         }
     }
     for (j = 0; j <= last; j++) {
         const moe__linear *lin = &b->lin[j];
-        moe__cl_mat in = lin->input < 0 ? moe__cl_mat_of(x, 0, D) : moe__cl_mat_of(cl_l->ba[lin->input], 0, H);
-        if (lin->input < 0) in.rows = cl_l->row_token;
-        g = moe__cl_gemm_make(MOE__TN, lin->out, lin->in, 0, moe__cl_mat_of(cl_l->bdz[j], 0, lin->out), in,
+        moe__cl_mat in = lin->input < 0 ? moe__cl_mat_of(x, 0, D) : moe__cl_mat_of(cb->ba[lin->input], 0, H);
+        if (lin->input < 0) in.rows = cb->row_token;
+        g = moe__cl_gemm_make(MOE__TN, lin->out, lin->in, 0, moe__cl_mat_of(cb->bdz[j], 0, lin->out), in,
                               moe__cl_mat_of(dm->grads, cl_l->poff + lin->w, lin->in));
         g.C.gstride = lin->out * lin->in;
-        g.groups = cl_l->offsets; g.group_mode = 2; g.n_groups = b->n;
+        g.groups = cb->offsets; g.group_mode = 2; g.n_groups = b->n;
         g.accumulate = 1;
         MOE__TRY(moe__cl_gemm_run(cl, &g));
         if (lin->b >= 0)
-            MOE__TRY(moe__cl_colsum(cl, R, lin->out, cl_l->bdz[j], lin->out, cl_l->offsets, b->n, dm->grads, cl_l->poff + lin->b, lin->out));
+            MOE__TRY(moe__cl_colsum(cl, R, lin->out, cb->bdz[j], lin->out, cb->offsets, b->n, dm->grads, cl_l->poff + lin->b, lin->out));
     }
     return MOE_OK;
 }
@@ -2124,10 +2153,18 @@ static moe_result moe__cl_moe_backward(moe_cl_model *dm, moe__cl_layer *cl_l, mo
     moe__cl_args a = moe__cl_begin(cl, MOE__CLK_moe_dgate);
     moe__cl_gemm g;
     moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, O); moe__cl_int_arg(&a, K); moe__cl_mem_arg(&a, dy); moe__cl_mem_arg(&a, cl_l->pos);
-    moe__cl_mem_arg(&a, cl_l->gate); moe__cl_mem_arg(&a, cl_l->bout); moe__cl_mem_arg(&a, cl_l->bdz[l->bank[0].n_linears - 1]);
+    moe__cl_mem_arg(&a, cl_l->gate); moe__cl_mem_arg(&a, cl_l->bank[0].bout); moe__cl_mem_arg(&a, cl_l->bank[0].bdz[l->bank[0].n_linears - 1]);
     moe__cl_mem_arg(&a, cl_l->dgate);
     MOE__TRY(moe__cl_run(&a, 1, (size_t)(T * K), 1, 1, NULL));
-    MOE__TRY(moe__cl_bank_backward(dm, cl_l, x, T, dx != NULL));
+    MOE__TRY(moe__cl_bank_backward(dm, cl_l, 0, x, T, dx != NULL));
+    if (l->n_banks > 1) {  /* every shared expert's output gradient is dy */
+        int64_t q;
+        for (q = 0; q < l->bank[1].n; q++)
+            MOE__CL_CHECK(cl, MOE__CLF(cl, clEnqueueCopyBuffer)(cl->queue, dy, cl_l->bank[1].bdz[l->bank[1].n_linears - 1], 0,
+                                                               (size_t)(q * T * O) * sizeof(float), (size_t)(T * O) * sizeof(float), 0, NULL, NULL),
+                          "clEnqueueCopyBuffer");
+        MOE__TRY(moe__cl_bank_backward(dm, cl_l, 1, x, T, dx != NULL));
+    }
     a = moe__cl_begin(cl, MOE__CLK_router_back);
     moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, K); moe__cl_int_arg(&a, d->renormalize == MOE_FLAG_ON);
     moe__cl_int_arg(&a, aux); moe__cl_float_arg(&a, bal_scale); moe__cl_float_arg(&a, z_scale);
@@ -2144,7 +2181,8 @@ static moe_result moe__cl_moe_backward(moe_cl_model *dm, moe__cl_layer *cl_l, mo
     MOE__TRY(moe__cl_gemm_run(cl, &g));
     a = moe__cl_begin(cl, MOE__CLK_moe_dx);
     moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, D); moe__cl_int_arg(&a, O); moe__cl_int_arg(&a, K); moe__cl_int_arg(&a, d->residual);
-    moe__cl_mem_arg(&a, dy); moe__cl_mem_arg(&a, cl_l->pos); moe__cl_mem_arg(&a, cl_l->bdxr); moe__cl_mem_arg(&a, cl_l->dxu); moe__cl_mem_arg(&a, dx);
+    moe__cl_mem_arg(&a, dy); moe__cl_mem_arg(&a, cl_l->pos); moe__cl_mem_arg(&a, cl_l->bank[0].bdxr); moe__cl_mem_arg(&a, cl_l->dxu);
+    moe__cl_int_arg(&a, l->n_banks > 1 ? l->bank[1].n : 0); moe__cl_mem_arg(&a, cl_l->bank[1].bdxr); moe__cl_mem_arg(&a, dx);
     return moe__cl_run(&a, 2, (size_t)D, (size_t)T, 1, NULL);
 }
 

@@ -38,7 +38,7 @@ static moe_result run(int what, moe_cl_ctx *cl, moe_cl_model *dm, const float *x
     moe_step_info info;
     moe_result r;
     if (what == FORWARD) r = moe_cl_model_forward(dm, x, T, NULL, NULL);
-    else if (what == EXPERTS) r = moe__cl_bank_forward(dm, &dm->layers[0], dm->x, T);
+    else if (what == EXPERTS) r = moe__cl_bank_forward(dm, &dm->layers[0], 0, dm->x, T);
     else r = moe_cl_model_train_step(dm, x, target, T, &info);
     return r != MOE_OK ? r : moe_cl_finish(cl);
 }

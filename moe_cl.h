@@ -61,6 +61,19 @@
    gradients and optimizer state back into the moe_model (to save it, or go on on the CPU).
    Parameters and optimizer state stay on the device between calls; each call copies x (and the
    targets) in and the outputs out. No allocation happens after upload.
+   The OpenCL library, once opened, stays loaded until the process ends (drivers keep threads
+   and state that do not survive being unloaded).
+
+   SECTIONS (grep for the anchor)
+   --------
+     >>cl_api      the OpenCL types, constants and entry points used
+     >>cl_loader   opening the ICD loader at run time
+     >>cl_context  the kernel sources (one string per source line) and the context
+     >>cl_build    building the kernels with the tile sizes
+     >>cl_ctx_api  device choice, fallback, moe_cl_ctx_*
+     >>cl_launch >>cl_gemm   kernel arguments; the one GEMM entry point
+     >>cl_tuning   timing the tile candidates, the cache file
+     >>cl_model >>cl_forward >>cl_backward >>cl_train   device models
 
    DETERMINISM AND TOLERANCES
    --------------------------

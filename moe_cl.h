@@ -54,8 +54,9 @@
    -----------------------
    Dense, RMSNorm and LayerNorm layers; MoE layers with the top-k and switch routers (capacity,
    balance and z losses), linear, MLP and SwiGLU experts, shared experts; the three losses; SGD,
-   Adam and AdamW with clipping and the schedule. Not yet: noisy top-k, router jitter, the
-   importance and load losses: moe_cl_model_upload returns MOE_ERR_UNSUPPORTED naming the layer.
+   Adam and AdamW with clipping and the schedule, router jitter (its factors drawn on the host
+   from the same random streams as the CPU). Not yet: noisy top-k, the importance and load
+   losses: moe_cl_model_upload returns MOE_ERR_UNSUPPORTED naming the layer.
 
    The device model is a copy: train it, then moe_cl_model_download to bring parameters,
    gradients and optimizer state back into the moe_model (to save it, or go on on the CPU).
@@ -363,7 +364,7 @@ static void moe__cl_unload(moe__cl_api *api) {
 #define MOE__CL_KERNELS(X) \
     X(gemm_nt) X(gemm_nn) X(gemm_tn) X(colsum) X(transpose) X(route_topk) X(dispatch_count) X(dispatch_scatter) \
     X(moe_sums) X(moe_combine) X(moe_dgate) X(swiglu_back) X(router_back) X(moe_dx) X(act_fwd) \
-    X(act_back) X(add_to) X(norm_fwd) X(norm_wgrad) X(norm_dx) X(task_loss) X(sumsq) X(opt_step) X(shared_rows)
+    X(act_back) X(add_to) X(norm_fwd) X(norm_wgrad) X(norm_dx) X(task_loss) X(sumsq) X(opt_step) X(shared_rows) X(mul)
 
 enum {
 #define MOE__CL_KENUM(name) MOE__CLK_##name,
@@ -845,8 +846,9 @@ static const char *const moe__cl_source[] = {
     "        for (int e = 0; e < E; e++) dh[e] += c * p[e];\n",
     "    }\n",
     "}\n",
-    "/* dx[t, j] = (dy if residual or pass-through) + sum over slots of dxr[row] + shared experts' + dxu[t] */\n",
-    "kernel void moe_dx(int T, int Din, int O, int K, int residual, global const float *dy, global const int *pos, global const float *dxr, global const float *dxu, int n_shared, global const float *sh_dxr, global float *dx) {\n",
+    "/* dx[t, j] = (dy if residual or pass-through) + sum over slots of dxr[row] + shared experts'\n",
+    "   + dxu[t] (times the jitter factors when the router saw jittered inputs) */\n",
+    "kernel void moe_dx(int T, int Din, int O, int K, int residual, global const float *dy, global const int *pos, global const float *dxr, global const float *dxu, int n_shared, global const float *sh_dxr, int jittered, global const float *jit, global float *dx) {\n",
     "    int j = get_global_id(0), t = get_global_id(1);\n",
     "    if (j >= Din || t >= T) return;\n",
     "    int any = 0;\n",
@@ -857,7 +859,7 @@ static const char *const moe__cl_source[] = {
     "        if (r >= 0) v += dxr[(long)r * Din + j];\n",
     "    }\n",
     "    for (int q = 0; q < n_shared; q++) v += sh_dxr[((long)q * T + t) * Din + j];\n",
-    "    dx[(long)t * Din + j] = v + dxu[(long)t * Din + j];\n",
+    "    dx[(long)t * Din + j] = v + (jittered ? dxu[(long)t * Din + j] * jit[(long)t * Din + j] : dxu[(long)t * Din + j]);\n",
     "}\n",
     "/* The shared experts' rows: expert q takes every token, rows q * T + t. */\n",
     "kernel void shared_rows(int T, int n, global int *offsets, global int *row_token) {\n",
@@ -876,6 +878,10 @@ static const char *const moe__cl_source[] = {
     "kernel void act_back(long n, int act, global const float *z, global const float *dy, global float *dz) {\n",
     "    long i = get_global_id(0);\n",
     "    if (i < n) dz[i] = dy[i] * act_g(act, z[i]);\n",
+    "}\n",
+    "kernel void mul(long n, global const float *a, global const float *b, global float *c) {\n",
+    "    long i = get_global_id(0);\n",
+    "    if (i < n) c[i] = a[i] * b[i];\n",
     "}\n",
     "kernel void add_to(long n, global float *dst, global const float *src) {\n",
     "    long i = get_global_id(0);\n",
@@ -1581,6 +1587,9 @@ typedef struct moe__cl_layer {
     moe__cl_mem clean, p, lse, entropy, sel, pos, gate, chosen, kept, sums;
     moe__cl_bank bank[2];
     moe__cl_mem dgate, dh, dxu;
+    moe__cl_mem xr, jit;        /* jitter: [T, D] router input and its factors */
+    moe__cl_mem u;              /* the router input of the last forward: x or xr */
+    int64_t noise_step;         /* training forwards so far (the layer's random streams) */
     int64_t *kept_host;         /* [E] tokens_per_expert of the stats */
 } moe__cl_layer;
 
@@ -1592,6 +1601,7 @@ struct moe_cl_model {
     float *host_params, *host_grads;
     int64_t d_in, d_out;
     float *fallback_y;          /* a layer on the CPU: its output when the caller wants none */
+    float *host_jit;            /* jitter factors on their way to the device */
     moe_ctx *ctx;
     int fallback;
     moe__cl_layer *layers;
@@ -1654,7 +1664,6 @@ static const char *moe__cl_unsupported(const moe_layer *l) {
     const moe_layer_desc *d = &l->d;
     if (d->kind != MOE_LAYER_MOE) return NULL;
     if (d->router == MOE_ROUTER_NOISY_TOPK) return "the noisy top-k router";
-    if (d->jitter > 0.0f) return "router jitter";
     if (d->importance_loss > 0.0f || d->load_loss > 0.0f) return "the importance and load losses";
     return NULL;
 }
@@ -1707,6 +1716,10 @@ static void moe__cl_layer_alloc(moe_cl_model *dm, moe__cl_layer *cl_l) {
         cl_l->dgate = moe__cl_buffer(dm, T * K, sizeof(float));
         cl_l->dh = moe__cl_buffer(dm, T * E, sizeof(float));
         cl_l->dxu = moe__cl_buffer(dm, T * d->d_in, sizeof(float));
+        if (d->jitter > 0.0f) {
+            cl_l->xr = moe__cl_buffer(dm, T * d->d_in, sizeof(float));
+            cl_l->jit = moe__cl_buffer(dm, T * d->d_in, sizeof(float));
+        }
     }
 }
 
@@ -1757,6 +1770,7 @@ MOEDEF void moe_cl_model_destroy(moe_cl_model *dm) {
     moe__free(ctx, dm->host_i);
     moe__free(ctx, dm->host_kept);
     moe__free(ctx, dm->fallback_y);
+    moe__free(ctx, dm->host_jit);
     moe__free(ctx, dm);
 }
 
@@ -1766,7 +1780,7 @@ static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *la
     moe_ctx *ctx;
     moe_optimizer *opt = model ? model->opt : NULL;
     int i;
-    int64_t T, widest, host_f = 0, host_i = 0, kept_total = 0;
+    int64_t T, widest, host_f = 0, host_i = 0, kept_total = 0, jit = 0;
     moe_result r;
     *out = NULL;
     ctx = cl->ctx;
@@ -1813,6 +1827,7 @@ static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *la
         const moe_layer_desc *d = &dm->src[i].d;
         widest = moe__max64(widest, d->d_out);
         host_f = moe__max64(host_f, T * d->d_out);
+        if (d->kind == MOE_LAYER_MOE && d->jitter > 0.0f) jit = moe__max64(jit, T * d->d_in);
         if (d->kind == MOE_LAYER_MOE) {
             host_f = moe__max64(host_f, d->n_experts + 2);
             host_i = moe__max64(host_i, moe__max64(T * d->top_k, 2 * (int64_t)d->n_experts));
@@ -1822,7 +1837,8 @@ static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *la
     dm->host_f = (float *)moe__malloc(ctx, (size_t)host_f * sizeof(float));
     dm->host_i = (int32_t *)moe__malloc(ctx, (size_t)host_i * sizeof(int32_t));
     dm->host_kept = (int64_t *)moe__calloc(ctx, (size_t)(kept_total + 1) * sizeof(int64_t));
-    if (!dm->mems || !dm->layers || !dm->host_f || !dm->host_i || !dm->host_kept) {
+    dm->host_jit = jit ? (float *)moe__malloc(ctx, (size_t)jit * sizeof(float)) : NULL;
+    if (!dm->mems || !dm->layers || !dm->host_f || !dm->host_i || !dm->host_kept || (jit && !dm->host_jit)) {
         moe_cl_model_destroy(dm);
         return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "OpenCL model tables");
     }
@@ -1844,6 +1860,7 @@ static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *la
         moe__cl_layer *cl_l = &dm->layers[i];
         cl_l->l = &dm->src[i];
         cl_l->poff = cl_l->l->params - dm->host_params;
+        cl_l->noise_step = cl_l->l->noise_step;
         cl_l->kept_host = dm->host_kept + kept_total;
         if (cl_l->l->d.kind == MOE_LAYER_MOE) kept_total += cl_l->l->d.n_experts;
         moe__cl_layer_alloc(dm, cl_l);
@@ -1874,6 +1891,7 @@ MOEDEF moe_result moe_cl_layer_upload(moe_cl_ctx *cl, moe_layer *layer, moe_cl_m
 
 MOEDEF moe_result moe_cl_model_download(moe_cl_model *dm) {
     size_t bytes;
+    int i;
     if (!dm) return MOE_ERR_INVALID_ARGUMENT;
     if (dm->fallback) return MOE_OK;
     bytes = (size_t)dm->n_params * sizeof(float);
@@ -1882,6 +1900,7 @@ MOEDEF moe_result moe_cl_model_download(moe_cl_model *dm) {
     if (dm->m) MOE__TRY(moe__cl_read(dm, dm->m, 0, dm->model->opt->m, bytes));
     if (dm->v) MOE__TRY(moe__cl_read(dm, dm->v, 0, dm->model->opt->v, bytes));
     if (dm->model) dm->model->opt->step = dm->step;
+    for (i = 0; i < dm->n_layers; i++) dm->src[i].noise_step = dm->layers[i].noise_step;  /* the random streams go on from here */
     return MOE_OK;
 }
 
@@ -1924,7 +1943,21 @@ static moe_result moe__cl_bank_forward(moe_cl_model *dm, moe__cl_layer *cl_l, in
     return MOE_OK;
 }
 
-static moe_result moe__cl_moe_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe__cl_mem x, int64_t T) {
+/* Router input with jitter (training): x times 1 - jitter + 2 jitter U, U from the CPU's stream. */
+static moe_result moe__cl_jitter(moe_cl_model *dm, moe__cl_layer *cl_l, moe__cl_mem x, int64_t T) {
+    const moe_layer *l = cl_l->l;
+    float jit = l->d.jitter;
+    int64_t n = T * l->d.d_in, i;
+    uint64_t stream = moe__stream(MOE__STREAM_JITTER, l->index, cl_l->noise_step);
+    moe__cl_args a;
+    for (i = 0; i < n; i++) dm->host_jit[i] = 1.0f - jit + 2.0f * jit * moe_rng_uniform(l->ctx->seed, stream, (uint64_t)i);
+    MOE__TRY(moe__cl_write(dm, cl_l->jit, dm->host_jit, (size_t)n * sizeof(float)));
+    a = moe__cl_begin(dm->cl, MOE__CLK_mul);
+    moe__cl_long_arg(&a, n); moe__cl_mem_arg(&a, x); moe__cl_mem_arg(&a, cl_l->jit); moe__cl_mem_arg(&a, cl_l->xr);
+    return moe__cl_run(&a, 1, (size_t)n, 1, 1, NULL);
+}
+
+static moe_result moe__cl_moe_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe__cl_mem x, int64_t T, int training) {
     moe_cl_ctx *cl = dm->cl;
     const moe_layer *l = cl_l->l;
     const moe_layer_desc *d = &l->d;
@@ -1935,7 +1968,12 @@ static moe_result moe__cl_moe_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe
         double c = ceil((double)d->capacity_factor * (double)T * (double)K / (double)E);
         cap = c < 1.0 ? 1 : (int64_t)c;
     }
-    g = moe__cl_gemm_make(MOE__NT, T, E, D, moe__cl_mat_of(x, 0, D), moe__cl_mat_of(dm->params, cl_l->poff + l->router.w, D),
+    cl_l->u = x;
+    if (training && cl_l->xr) {
+        MOE__TRY(moe__cl_jitter(dm, cl_l, x, T));
+        cl_l->u = cl_l->xr;
+    }
+    g = moe__cl_gemm_make(MOE__NT, T, E, D, moe__cl_mat_of(cl_l->u, 0, D), moe__cl_mat_of(dm->params, cl_l->poff + l->router.w, D),
                           moe__cl_mat_of(cl_l->clean, 0, E));
     if (l->router.b >= 0) { g.bias = dm->params; g.bias_off = cl_l->poff + l->router.b; }
     MOE__TRY(moe__cl_weight_gemm(dm, &g));
@@ -1971,7 +2009,7 @@ static moe_result moe__cl_moe_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe
     return moe__cl_run(&a, 2, (size_t)O, (size_t)T, 1, NULL);
 }
 
-static moe_result moe__cl_layer_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe__cl_mem x, int64_t T) {
+static moe_result moe__cl_layer_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe__cl_mem x, int64_t T, int training) {
     const moe_layer *l = cl_l->l;
     const moe_layer_desc *d = &l->d;
     if (d->kind == MOE_LAYER_DENSE) {
@@ -1991,7 +2029,7 @@ static moe_result moe__cl_layer_forward(moe_cl_model *dm, moe__cl_layer *cl_l, m
         moe__cl_mem_arg(&a, cl_l->mean); moe__cl_mem_arg(&a, cl_l->rstd); moe__cl_mem_arg(&a, cl_l->out);
         return moe__cl_run(&a, 1, (size_t)T, 1, 1, NULL);
     }
-    return moe__cl_moe_forward(dm, cl_l, x, T);
+    return moe__cl_moe_forward(dm, cl_l, x, T, training);
 }
 
 static moe_result moe__cl_check_call(moe_cl_model *dm, const float *x, int64_t T) {
@@ -2001,14 +2039,15 @@ static moe_result moe__cl_check_call(moe_cl_model *dm, const float *x, int64_t T
     return MOE_OK;
 }
 
-static moe_result moe__cl_model_forward(moe_cl_model *dm, const float *x, int64_t T) {
+static moe_result moe__cl_model_forward(moe_cl_model *dm, const float *x, int64_t T, int training) {
     moe__cl_mem in = dm->x;
     int i;
     MOE__TRY(moe__cl_check_call(dm, x, T));
     dm->has_forward = 0;
     MOE__TRY(moe__cl_write(dm, dm->x, x, (size_t)(T * dm->d_in) * sizeof(float)));
     for (i = 0; i < dm->n_layers; i++) {
-        MOE__TRY(moe__cl_layer_forward(dm, &dm->layers[i], in, T));
+        MOE__TRY(moe__cl_layer_forward(dm, &dm->layers[i], in, T, training));
+        if (training) dm->layers[i].noise_step++;
         in = dm->layers[i].out;
     }
     dm->T = T;
@@ -2020,7 +2059,7 @@ MOEDEF moe_result moe_cl_model_forward(moe_cl_model *dm, const float *x, int64_t
     if (!dm) return MOE_ERR_INVALID_ARGUMENT;
     if (dm->fallback)
         return dm->model ? moe_model_forward(dm->model, x, n_tokens, y, opts) : moe_layer_forward(dm->layer, x, n_tokens, y ? y : dm->fallback_y, opts);
-    MOE__TRY(moe__cl_model_forward(dm, x, n_tokens));
+    MOE__TRY(moe__cl_model_forward(dm, x, n_tokens, opts && opts->training));
     if (y) return moe__cl_read(dm, dm->layers[dm->n_layers - 1].out, 0, y, (size_t)(n_tokens * dm->d_out) * sizeof(float));
     return MOE_OK;
 }
@@ -2184,7 +2223,7 @@ static moe_result moe__cl_moe_backward(moe_cl_model *dm, moe__cl_layer *cl_l, mo
     moe__cl_mem_arg(&a, cl_l->p); moe__cl_mem_arg(&a, cl_l->gate); moe__cl_mem_arg(&a, cl_l->dgate); moe__cl_mem_arg(&a, cl_l->sel);
     moe__cl_mem_arg(&a, cl_l->chosen); moe__cl_mem_arg(&a, cl_l->lse); moe__cl_mem_arg(&a, cl_l->dh);
     MOE__TRY(moe__cl_run(&a, 1, (size_t)T, 1, 1, NULL));
-    g = moe__cl_gemm_make(MOE__TN, E, D, T, moe__cl_mat_of(cl_l->dh, 0, E), moe__cl_mat_of(x, 0, D), moe__cl_mat_of(dm->grads, cl_l->poff + l->router.w, D));
+    g = moe__cl_gemm_make(MOE__TN, E, D, T, moe__cl_mat_of(cl_l->dh, 0, E), moe__cl_mat_of(cl_l->u, 0, D), moe__cl_mat_of(dm->grads, cl_l->poff + l->router.w, D));
     g.accumulate = 1;
     MOE__TRY(moe__cl_gemm_run(cl, &g));
     if (l->router.b >= 0) MOE__TRY(moe__cl_colsum(cl, T, E, cl_l->dh, E, NULL, 0, dm->grads, cl_l->poff + l->router.b, 0));
@@ -2195,7 +2234,8 @@ static moe_result moe__cl_moe_backward(moe_cl_model *dm, moe__cl_layer *cl_l, mo
     a = moe__cl_begin(cl, MOE__CLK_moe_dx);
     moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, D); moe__cl_int_arg(&a, O); moe__cl_int_arg(&a, K); moe__cl_int_arg(&a, d->residual);
     moe__cl_mem_arg(&a, dy); moe__cl_mem_arg(&a, cl_l->pos); moe__cl_mem_arg(&a, cl_l->bank[0].bdxr); moe__cl_mem_arg(&a, cl_l->dxu);
-    moe__cl_int_arg(&a, l->n_banks > 1 ? l->bank[1].n : 0); moe__cl_mem_arg(&a, cl_l->bank[1].bdxr); moe__cl_mem_arg(&a, dx);
+    moe__cl_int_arg(&a, l->n_banks > 1 ? l->bank[1].n : 0); moe__cl_mem_arg(&a, cl_l->bank[1].bdxr);
+    moe__cl_int_arg(&a, cl_l->u != x); moe__cl_mem_arg(&a, cl_l->jit); moe__cl_mem_arg(&a, dx);
     return moe__cl_run(&a, 2, (size_t)D, (size_t)T, 1, NULL);
 }
 
@@ -2305,7 +2345,7 @@ MOEDEF moe_result moe_cl_model_train_step(moe_cl_model *dm, const float *x, cons
         if (!target->values) return moe__fail(dm->ctx, MOE_ERR_INVALID_ARGUMENT, "this loss needs target->values");
         MOE__TRY(moe__cl_write(dm, dm->values, target->values, (size_t)(T * C) * sizeof(float)));
     }
-    MOE__TRY(moe__cl_model_forward(dm, x, T));
+    MOE__TRY(moe__cl_model_forward(dm, x, T, 1));
     a = moe__cl_begin(cl, MOE__CLK_task_loss);
     moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, C); moe__cl_int_arg(&a, (int)model->desc.loss);
     moe__cl_mem_arg(&a, dm->layers[dm->n_layers - 1].out); moe__cl_mem_arg(&a, dm->labels); moe__cl_mem_arg(&a, dm->values);

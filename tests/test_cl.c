@@ -324,13 +324,13 @@ static void add_cases(void) {
     c->layers[0].kind = MOE_LAYER_MOE; c->layers[0].router = MOE_ROUTER_SWITCH; c->layers[0].n_experts = 4;
     c->layers[0].expert = MOE_EXPERT_LINEAR; c->layers[0].capacity_factor = 0.6f; c->layers[0].balance_loss = 0.02f;
     c->opt.kind = MOE_OPTIMIZER_SGD; c->opt.momentum = 0.9f; c->opt.lr = 0.05f;
-    /* shared experts (two MLP, one SwiGLU layer further on) beside the routed ones */
+    /* shared experts (two MLP, one SwiGLU layer further on) beside the routed ones; jitter */
     c = &cases[n_cases++];
     c->name = "shared_experts"; c->d_in = 18; c->tokens = 29; c->n_layers = 2; c->loss = MOE_LOSS_MSE;
     c->layers[0].kind = MOE_LAYER_MOE; c->layers[0].n_experts = 4; c->layers[0].top_k = 1; c->layers[0].n_shared_experts = 2;
     c->layers[0].d_shared_hidden = 11; c->layers[0].balance_loss = 0.01f;
     c->layers[1].kind = MOE_LAYER_MOE; c->layers[1].n_experts = 3; c->layers[1].top_k = 2; c->layers[1].expert = MOE_EXPERT_SWIGLU;
-    c->layers[1].n_shared_experts = 1; c->layers[1].d_out = 5; c->layers[1].capacity_factor = 0.7f;
+    c->layers[1].n_shared_experts = 1; c->layers[1].d_out = 5; c->layers[1].capacity_factor = 0.7f; c->layers[1].jitter = 0.2f;
     c->opt.kind = MOE_OPTIMIZER_ADAMW;
     /* SwiGLU experts without renormalisation, top-3 of 8, layer norm in front, BCE */
     c = &cases[n_cases++];

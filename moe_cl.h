@@ -55,8 +55,8 @@
    Dense, RMSNorm and LayerNorm layers; MoE layers with the top-k and switch routers (capacity,
    balance and z losses), linear, MLP and SwiGLU experts, shared experts; the three losses; SGD,
    Adam and AdamW with clipping and the schedule, router jitter (its factors drawn on the host
-   from the same random streams as the CPU). Not yet: noisy top-k, the importance and load
-   losses: moe_cl_model_upload returns MOE_ERR_UNSUPPORTED naming the layer.
+   from the same random streams as the CPU), the importance loss. Not yet: the noisy top-k router
+   (and its load loss): moe_cl_model_upload returns MOE_ERR_UNSUPPORTED naming the layer.
 
    The device model is a copy: train it, then moe_cl_model_download to bring parameters,
    gradients and optimizer state back into the moe_model (to save it, or go on on the CPU).
@@ -364,7 +364,7 @@ static void moe__cl_unload(moe__cl_api *api) {
 #define MOE__CL_KERNELS(X) \
     X(gemm_nt) X(gemm_nn) X(gemm_tn) X(colsum) X(transpose) X(route_topk) X(dispatch_count) X(dispatch_scatter) \
     X(moe_sums) X(moe_combine) X(moe_dgate) X(swiglu_back) X(router_back) X(moe_dx) X(act_fwd) \
-    X(act_back) X(add_to) X(norm_fwd) X(norm_wgrad) X(norm_dx) X(task_loss) X(sumsq) X(opt_step) X(shared_rows) X(mul)
+    X(act_back) X(add_to) X(norm_fwd) X(norm_wgrad) X(norm_dx) X(task_loss) X(sumsq) X(opt_step) X(shared_rows) X(mul) X(importance) X(dgate_add)
 
 enum {
 #define MOE__CL_KENUM(name) MOE__CLK_##name,
@@ -866,6 +866,20 @@ static const char *const moe__cl_source[] = {
     "    int a = get_global_id(0);\n",
     "    if (a <= n) offsets[a] = a * T;\n",
     "    if (a < n * T) row_token[a] = a % T;\n",
+    "}\n",
+    "/* importance[e] = sum of the gates of the (token, slot) pairs that chose e, in pair order */\n",
+    "kernel void importance(int n_pairs, int E, global const int *sel, global const float *gate, global float *imp) {\n",
+    "    int e = get_global_id(0);\n",
+    "    if (e >= E) return;\n",
+    "    float s = 0.0f;\n",
+    "    for (int a = 0; a < n_pairs; a++)\n",
+    "        if (sel[a] == e) s += gate[a];\n",
+    "    imp[e] = s;\n",
+    "}\n",
+    "/* dgate[a] += g[sel[a]]: the importance loss's gradient at the gates */\n",
+    "kernel void dgate_add(int n_pairs, global const int *sel, global const float *g, global float *dgate) {\n",
+    "    int a = get_global_id(0);\n",
+    "    if (a < n_pairs) dgate[a] += g[sel[a]];\n",
     "}\n",
     "/* y = act(z) (+ r: residual) */\n",
     "kernel void act_fwd(long n, int act, global const float *z, global float *y, global const float *r, int use_r) {\n",
@@ -1585,6 +1599,7 @@ typedef struct moe__cl_layer {
     moe__cl_mem out;            /* [T, d_out] */
     moe__cl_mem z, dz, mean, rstd;  /* dense [T, d_out]; norms [T] */
     moe__cl_mem clean, p, lse, entropy, sel, pos, gate, chosen, kept, sums;
+    moe__cl_mem importance, dimportance;  /* [E] with the importance loss: sums of gates, gradient */
     moe__cl_bank bank[2];
     moe__cl_mem dgate, dh, dxu;
     moe__cl_mem xr, jit;        /* jitter: [T, D] router input and its factors */
@@ -1664,7 +1679,6 @@ static const char *moe__cl_unsupported(const moe_layer *l) {
     const moe_layer_desc *d = &l->d;
     if (d->kind != MOE_LAYER_MOE) return NULL;
     if (d->router == MOE_ROUTER_NOISY_TOPK) return "the noisy top-k router";
-    if (d->importance_loss > 0.0f || d->load_loss > 0.0f) return "the importance and load losses";
     return NULL;
 }
 
@@ -1692,6 +1706,8 @@ static void moe__cl_layer_alloc(moe_cl_model *dm, moe__cl_layer *cl_l) {
         cl_l->chosen = moe__cl_buffer(dm, E, sizeof(int32_t));
         cl_l->kept = moe__cl_buffer(dm, E, sizeof(int32_t));
         cl_l->sums = moe__cl_buffer(dm, E + 2, sizeof(float));
+        cl_l->importance = d->importance_loss > 0.0f ? moe__cl_buffer(dm, E, sizeof(float)) : NULL;
+        cl_l->dimportance = d->importance_loss > 0.0f ? moe__cl_buffer(dm, E, sizeof(float)) : NULL;
         for (bi = 0; bi < l->n_banks; bi++) {
             const moe__bank *b = &l->bank[bi];
             moe__cl_bank *cb = &cl_l->bank[bi];
@@ -1829,7 +1845,7 @@ static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *la
         host_f = moe__max64(host_f, T * d->d_out);
         if (d->kind == MOE_LAYER_MOE && d->jitter > 0.0f) jit = moe__max64(jit, T * d->d_in);
         if (d->kind == MOE_LAYER_MOE) {
-            host_f = moe__max64(host_f, d->n_experts + 2);
+            host_f = moe__max64(host_f, 2 * (int64_t)d->n_experts + 2);
             host_i = moe__max64(host_i, moe__max64(T * d->top_k, 2 * (int64_t)d->n_experts));
             kept_total += d->n_experts;
         }
@@ -1995,6 +2011,12 @@ static moe_result moe__cl_moe_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe
     moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E);
     moe__cl_mem_arg(&a, cl_l->p); moe__cl_mem_arg(&a, cl_l->lse); moe__cl_mem_arg(&a, cl_l->entropy); moe__cl_mem_arg(&a, cl_l->sums);
     MOE__TRY(moe__cl_run(&a, 1, (size_t)E + 2, 1, 1, NULL));
+    if (cl_l->importance) {
+        a = moe__cl_begin(cl, MOE__CLK_importance);
+        moe__cl_int_arg(&a, T * K); moe__cl_int_arg(&a, E); moe__cl_mem_arg(&a, cl_l->sel); moe__cl_mem_arg(&a, cl_l->gate);
+        moe__cl_mem_arg(&a, cl_l->importance);
+        MOE__TRY(moe__cl_run(&a, 1, (size_t)E, 1, 1, NULL));
+    }
     MOE__TRY(moe__cl_bank_forward(dm, cl_l, 0, x, T));
     if (l->n_banks > 1) {
         a = moe__cl_begin(cl, MOE__CLK_shared_rows);
@@ -2102,7 +2124,11 @@ static moe_result moe__cl_layer_stats(moe_cl_model *dm, int i, moe_stats *st) {
         st->balance_loss = (float)((double)d->balance_loss * (double)E * sum);
     }
     if (d->z_loss > 0.0f) st->z_loss = (float)((double)d->z_loss * (double)sums[E] / (double)T);
-    st->aux_loss = st->balance_loss + st->z_loss;
+    if (cl_l->importance) {
+        MOE__TRY(moe__cl_read(dm, cl_l->importance, 0, sums + E + 2, (size_t)E * sizeof(float)));
+        st->importance_loss = (float)((double)d->importance_loss * moe__cv2(sums + E + 2, E, NULL));
+    }
+    st->aux_loss = st->balance_loss + st->z_loss + st->importance_loss;
     st->router_entropy = (float)((double)sums[E + 1] / (double)T);
     for (e = 0; e < E; e++) {
         cl_l->kept_host[e] = counts[E + e];
@@ -2208,6 +2234,17 @@ static moe_result moe__cl_moe_backward(moe_cl_model *dm, moe__cl_layer *cl_l, mo
     moe__cl_mem_arg(&a, cl_l->gate); moe__cl_mem_arg(&a, cl_l->bank[0].bout); moe__cl_mem_arg(&a, cl_l->bank[0].bdz[l->bank[0].n_linears - 1]);
     moe__cl_mem_arg(&a, cl_l->dgate);
     MOE__TRY(moe__cl_run(&a, 1, (size_t)(T * K), 1, 1, NULL));
+    if (aux && cl_l->importance) {  /* dCV^2/dimportance on the host (E values), added to the gates */
+        float *imp = dm->host_f, *grad = dm->host_f + E;
+        int64_t e;
+        MOE__TRY(moe__cl_read(dm, cl_l->importance, 0, imp, (size_t)E * sizeof(float)));
+        moe__cv2(imp, E, grad);
+        for (e = 0; e < E; e++) grad[e] *= d->importance_loss;
+        MOE__TRY(moe__cl_write(dm, cl_l->dimportance, grad, (size_t)E * sizeof(float)));
+        a = moe__cl_begin(cl, MOE__CLK_dgate_add);
+        moe__cl_int_arg(&a, T * K); moe__cl_mem_arg(&a, cl_l->sel); moe__cl_mem_arg(&a, cl_l->dimportance); moe__cl_mem_arg(&a, cl_l->dgate);
+        MOE__TRY(moe__cl_run(&a, 1, (size_t)(T * K), 1, 1, NULL));
+    }
     MOE__TRY(moe__cl_bank_backward(dm, cl_l, 0, x, T, dx != NULL));
     if (l->n_banks > 1) {  /* every shared expert's output gradient is dy */
         int64_t q;
@@ -2356,7 +2393,7 @@ MOEDEF moe_result moe_cl_model_train_step(moe_cl_model *dm, const float *x, cons
     loss = (float)(sum / (double)T);
     for (i = 0; i < dm->n_layers; i++) {
         const moe_layer_desc *d = &dm->layers[i].l->d;
-        if (d->kind == MOE_LAYER_MOE && (d->balance_loss > 0.0f || d->z_loss > 0.0f)) {
+        if (d->kind == MOE_LAYER_MOE && (d->balance_loss > 0.0f || d->z_loss > 0.0f || d->importance_loss > 0.0f)) {
             moe_stats st;
             MOE__TRY(moe__cl_layer_stats(dm, i, &st));
             aux += st.aux_loss;

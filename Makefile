@@ -1,7 +1,7 @@
 # moe.h — build the examples, tests and bench into build/.
 #   make          everything
 #   make test     the whole suite: with OpenMP, without, and under ASan+UBSan
-#   make demo     train the digits classifier (the main job)
+#   make demo     train the digits classifier (the main job); build/cl_train does it on OpenCL
 #   make mnist    the MNIST run (needs the MNIST IDX files, see README)
 #   make bench    the benchmark
 #   make cross    other platforms and compilers: aarch64 (qemu), 32-bit x86, Windows (MinGW, wine), clang
@@ -14,11 +14,13 @@ CFLAGS  ?= $(OPT) -g
 STD      = -std=c99 -Wall -Wextra -Wpedantic
 OPENMP  ?= -fopenmp
 LDLIBS   = -lm
+# moe_cl.h opens the OpenCL loader with dlopen (in libc itself since glibc 2.34)
+CL_LIBS ?= -ldl
 MNIST   ?= ../shared/data/mnist
 FUZZ_CC ?= clang
 FUZZ_SECONDS ?= 60
 
-EXAMPLES = build/moe build/digits
+EXAMPLES = build/moe build/digits build/cl_train
 BENCH_ARGS ?= --shape all --mode all
 .PHONY: all test demo mnist bench cross cmake-check fuzz clean
 
@@ -29,7 +31,11 @@ build/%: examples/%.c moe.h | build
 
 # no -march: moe.h and the bench choose their instructions at run time
 build/bench_moe: bench/bench_moe.c moe.h | build
-	$(CC) $(STD) $(CFLAGS) $(OPENMP) -o $@ bench/bench_moe.c $(LDLIBS)
+	$(CC) $(STD) $(CFLAGS) $(OPENMP) -DMOE_BENCH_CL -o $@ bench/bench_moe.c $(LDLIBS) $(CL_LIBS)
+
+# the digits demo on an OpenCL device (compiles digits.c itself)
+build/cl_train: examples/cl_train.c examples/digits.c moe.h moe_cl.h | build
+	$(CC) $(STD) $(CFLAGS) $(OPENMP) -o $@ $< $(LDLIBS) $(CL_LIBS)
 
 build:
 	mkdir -p build

@@ -33,6 +33,15 @@ check "plain C kernels (MOE_NO_VECTOR_EXTENSIONS) match the reference" sh -c \
     "$CC $C99 -O2 -DMOE_NO_VECTOR_EXTENSIONS -DTMP_DIR='\"$OUT\"' tests/test_gemm.c -o $OUT/gemm_plain -lm && $OUT/gemm_plain"
 check "plain C MoE kernels, decode and reduced weights (MOE_NO_VECTOR_EXTENSIONS)" sh -c \
     "$CC $C99 -O2 -DMOE_NO_VECTOR_EXTENSIONS tests/test_kernels.c -o $OUT/kernels_plain -lm && $OUT/kernels_plain"
+# moe_cl.h: C++, and linked to libOpenCL where the OpenCL headers are installed
+check "moe_cl.h C++11 -Werror" sh -c "$CXX -std=c++11 -Wall -Wextra -Werror tests/compile/cl_cpp.cpp -o $OUT/cl_cpp -lm -ldl && $OUT/cl_cpp"
+if printf '#include <CL/cl.h>\nint main(void) { return clGetPlatformIDs(0, 0, 0) == 1; }\n' |
+   $CC -x c - -o "$OUT/cl_probe" -lOpenCL > /dev/null 2>&1; then
+    check "moe_cl.h with MOE_CL_LINKED (-lOpenCL)" sh -c \
+        "$CC $C99 -O2 -DMOE_CL_LINKED -DTMP_DIR='\"$OUT\"' tests/test_cl.c -o $OUT/test_cl_linked -lm -lOpenCL && $OUT/test_cl_linked"
+else
+    skip "moe_cl.h with MOE_CL_LINKED" "no OpenCL headers or libOpenCL to link"
+fi
 if have clang; then
     check "clang C99 -Werror" clang $C99 -c tests/compile/impl.c -o "$OUT/impl_clang.o"
     check "clang C++11 -Werror" clang++ -std=c++11 -Wall -Wextra -Werror -c tests/compile/cpp.cpp -o "$OUT/cpp_clang.o"
@@ -62,7 +71,9 @@ for cfg in $CONFIGS; do
     for src in tests/test_*.c; do
         t=$(basename "$src" .c)
         [ "$t" = test_cli ] && continue
-        if ! $CC -std=c99 $WARN $(flags "$cfg") -DTMP_DIR="\"$OUT/$cfg/tmp_$t\"" "$src" -o "$OUT/$cfg/$t" -lm >> "$LOG" 2>&1; then
+        libs=-lm
+        [ "$t" = test_cl ] && libs="-lm -ldl"
+        if ! $CC -std=c99 $WARN $(flags "$cfg") -DTMP_DIR="\"$OUT/$cfg/tmp_$t\"" "$src" -o "$OUT/$cfg/$t" $libs >> "$LOG" 2>&1; then
             bad "$cfg/$t does not compile"
             continue
         fi
@@ -106,14 +117,16 @@ else
 fi
 
 echo "== bench"
-# a fast run of build/bench_moe: the edge shape checked against the reference kernels, decode
-# with bf16 weights (skipped while moe_layer_quantize lacks them), every line well formed
-if $CC $C99 -O2 -fopenmp bench/bench_moe.c -o "$OUT/bench_moe" -lm >> "$LOG" 2>&1; then
+# a fast run of build/bench_moe: the edge shape checked against the reference kernels (CPU, and
+# the OpenCL device when there is one), decode with bf16 weights, every line well formed
+if $CC $C99 -O2 -fopenmp -DMOE_BENCH_CL bench/bench_moe.c -o "$OUT/bench_moe" -lm -ldl >> "$LOG" 2>&1; then
     ok "bench_moe compiles"
     check "bench_moe --shape edge --mode all --check" sh -c \
         "timeout 300 $OUT/bench_moe --shape edge --mode all --runs 1 --check > $OUT/bench_edge.txt && awk -v expect=2 -f bench/table.awk $OUT/bench_edge.txt"
     check "bench_moe --shape decode --dtype bf16" sh -c \
         "timeout 300 $OUT/bench_moe --shape decode --dtype bf16 --runs 1 > $OUT/bench_decode.txt && awk -v expect=1 -f bench/table.awk $OUT/bench_decode.txt"
+    check "bench_moe --backend cl (a device, or a skipped line)" sh -c \
+        "timeout 300 $OUT/bench_moe --backend cl --shape edge --mode fwd --runs 1 --check > $OUT/bench_cl.txt && awk -v expect=1 -f bench/table.awk $OUT/bench_cl.txt"
     if "$OUT/bench_moe" --shape nosuch > /dev/null 2>&1; [ $? -eq 2 ]; then
         ok "bench_moe refuses a bad flag with status 2"
     else
@@ -121,6 +134,20 @@ if $CC $C99 -O2 -fopenmp bench/bench_moe.c -o "$OUT/bench_moe" -lm >> "$LOG" 2>&
     fi
 else
     bad "bench_moe compiles"
+fi
+
+echo "== OpenCL without a platform"
+# the ICD loader with no vendor files (ocl-icd reads OCL_ICD_VENDORS): the device cases must skip
+if [ -x "$OUT/noomp/test_cl" ]; then
+    OCL_ICD_VENDORS=/nonexistent "$OUT/noomp/test_cl" > "$OUT/cl_no_platform.out" 2>&1
+    if grep -q '^no OpenCL device' "$OUT/cl_no_platform.out"; then
+        check "test_cl reports its device cases skipped without a platform" \
+            grep -q '^RESULT passed=[0-9]* failed=0 skipped=[1-9]' "$OUT/cl_no_platform.out"
+    else
+        skip "test_cl without a platform" "this OpenCL loader ignores OCL_ICD_VENDORS"
+    fi
+else
+    skip "test_cl without a platform" "needs the noomp configuration"
 fi
 
 echo "== README quick start"
@@ -143,5 +170,25 @@ fi
     echo '}'
 } > "$OUT/manual_quickstart.c"
 check "moe.h manual quick start compiles and runs" sh -c "$CC $C99 -Wno-unused-variable -I. $OUT/manual_quickstart.c -o $OUT/manual_quickstart -lm && cd $OUT && ./manual_quickstart"
+
+# the fragment in moe_cl.h's manual, the same way (on the CPU fallback when there is no OpenCL)
+{
+    echo '#define MOE_IMPLEMENTATION'
+    echo '#include "moe.h"'
+    echo '#define MOE_CL_IMPLEMENTATION'
+    echo '#include "moe_cl.h"'
+    echo '#include <stdio.h>'
+    echo 'int main(void) {'
+    echo '    moe_ctx ctx; moe_model *model; moe_layer_desc layers[1] = {{ .kind = MOE_LAYER_MOE }};'
+    echo '    float x[4 * 8] = {0}, y[4 * 8] = {0}; moe_target target = { NULL, y }; int64_t batch = 4; moe_step_info info;'
+    echo '    moe_ctx_init(&ctx, NULL);'
+    echo '    if (moe_model_create(&ctx, &(moe_model_desc){ .d_in = 8, .n_layers = 1, .layers = layers, .loss = MOE_LOSS_MSE }, &model) != MOE_OK) return 1;'
+    sed -n '1,40p' moe_cl.h | sed -n '/^       moe_cl_ctx \*cl;/,/^       moe_cl_ctx_destroy(cl);/p'
+    echo '    moe_model_destroy(model);'
+    echo '    return 0;'
+    echo '}'
+} > "$OUT/manual_cl.c"
+check "moe_cl.h manual quick start compiles and runs" sh -c "$CC $C99 -Wno-unused-result -I. $OUT/manual_cl.c -o $OUT/manual_cl -lm -ldl && $OUT/manual_cl"
+
 
 finish

@@ -4946,6 +4946,18 @@ static void moe__model_tensor_name(char *out, size_t cap, int layer, const char 
    exact shape and a float dtype, and the file has no other "layers." tensor. So the parameters,
    gradients and optimizer state a model of this configuration allocates are backed by the file's
    own bytes, whatever sizes the configuration claims. */
+/* "<weight>_scale": the int8 scales of a weight in files, [n, out, groups]. */
+static void moe__scale_name(char *out, size_t cap, const char *weight) { moe__concat(out, cap, weight, "_scale", ""); }
+
+/* Whether layer tensor `index` is the stacked weight of a routed or shared expert linear. */
+static int moe__is_expert_weight(const moe_layer *l, int index) {
+    int b, j;
+    for (b = 0; b < l->n_banks; b++)
+        for (j = 0; j < l->bank[b].n_linears; j++)
+            if (l->bank[b].lin[j].w == l->tensors[index].offset) return 1;
+    return 0;
+}
+
 static moe_result moe__file_matches_config(moe_ctx *ctx, const moe_model_desc *desc, const moe_tensor_file *f) {
     moe_model_desc d;
     moe_layer *l;
@@ -4974,7 +4986,19 @@ static moe_result moe__file_matches_config(moe_ctx *ctx, const moe_model_desc *d
             ft = moe_tensor_file_find(f, name);
             if (!ft) { r = moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\" is missing", name); break; }
             seen[ft - moe_tensor_file_get(f, 0)] = 1;
-            if (ft->dtype != MOE_DTYPE_F32 && ft->dtype != MOE_DTYPE_F64 && ft->dtype != MOE_DTYPE_F16 && ft->dtype != MOE_DTYPE_BF16)
+            if (ft->dtype == MOE_DTYPE_I8 && td->ndim == 3 && moe__is_expert_weight(l, t)) {
+                /* int8 expert weights: their scales [n, out, groups] come along */
+                char scale[MOE__NAME_MAX + 56];
+                const moe_file_tensor *sc;
+                moe__scale_name(scale, sizeof scale, name);
+                sc = moe_tensor_file_find(f, scale);
+                if (!sc || sc->dtype != MOE_DTYPE_F32 || sc->ndim != 3 || sc->shape[0] != td->shape[0] || sc->shape[1] != td->shape[1] ||
+                    sc->shape[2] != (td->shape[2] + MOE__QGROUP - 1) / MOE__QGROUP)
+                    r = moe__fail(ctx, MOE_ERR_FORMAT, "int8 tensor \"%s\" needs \"%s\", F32 [%lld, %lld, %lld]", name, scale,
+                                  (long long)td->shape[0], (long long)td->shape[1], (long long)((td->shape[2] + MOE__QGROUP - 1) / MOE__QGROUP));
+                else
+                    seen[sc - moe_tensor_file_get(f, 0)] = 1;
+            } else if (ft->dtype != MOE_DTYPE_F32 && ft->dtype != MOE_DTYPE_F64 && ft->dtype != MOE_DTYPE_F16 && ft->dtype != MOE_DTYPE_BF16)
                 r = moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\" is %s; parameters must be a float type", name, moe__dtype_names[ft->dtype]);
             else if (ft->ndim != td->ndim)
                 r = moe__fail(ctx, MOE_ERR_SHAPE, "tensor \"%s\" has %d dimensions, expected %d", name, ft->ndim, td->ndim);
@@ -5012,6 +5036,16 @@ static void moe__moment_pack(moe_model *m, float *blob, float *packed, int to_pa
     }
 }
 
+/* The reduced copy (moe_layer_quantize) of layer tensor `index`, or NULL: expert weights only. */
+static const moe__mat *moe__tensor_quant(const moe_layer *l, int index) {
+    int b, j;
+    if (l->wdtype == MOE_DTYPE_F32) return NULL;
+    for (b = 0; b < l->n_banks; b++)
+        for (j = 0; j < l->bank[b].n_linears; j++)
+            if (l->bank[b].lin[j].w == l->tensors[index].offset) return &l->bank[b].qw[j];
+    return NULL;
+}
+
 static moe_result moe__model_write(moe_model *m, const char *path, int checkpoint) {
     moe_tensor_writer *w = NULL;
     moe__sb cfg, state;
@@ -5027,10 +5061,29 @@ static moe_result moe__model_write(moe_model *m, const char *path, int checkpoin
     r = moe_tensor_writer_create(m->ctx, &w);
     if (r == MOE_OK) r = moe_tensor_writer_metadata(w, "format", "pt");
     if (r == MOE_OK) r = moe_tensor_writer_metadata(w, "moe.config", cfg.buf);
+    for (i = 0; r == MOE_OK && i < m->n_layers && m->layers[i].wdtype == MOE_DTYPE_F32; i++) {}
+    if (r == MOE_OK && i < m->n_layers) {
+        if (checkpoint) r = moe__fail(m->ctx, MOE_ERR_STATE, "layer %d holds reduced-precision weights: checkpoints are for training", i);
+        else r = moe_tensor_writer_metadata(w, "moe.weights", "reduced");
+    }
     for (i = 0; r == MOE_OK && i < m->n_tensors; i++) {
         moe_tensor t;
+        const moe__mat *q;
         r = moe_model_tensor(m, i, &t);
-        if (r == MOE_OK) r = moe_tensor_writer_add(w, t.name, MOE_DTYPE_F32, t.ndim, t.shape, t.data);
+        q = r == MOE_OK ? moe__tensor_quant(&m->layers[m->tensors[i].layer], m->tensors[i].index) : NULL;
+        if (r != MOE_OK) break;
+        if (q && q->bf16) {
+            r = moe_tensor_writer_add(w, t.name, MOE_DTYPE_BF16, t.ndim, t.shape, q->bf16);
+        } else if (q) {
+            char scale[MOE__NAME_MAX + 32];
+            int64_t shape[3];
+            shape[0] = t.shape[0]; shape[1] = t.shape[1]; shape[2] = q->groups;
+            moe__scale_name(scale, sizeof scale, t.name);
+            r = moe_tensor_writer_add(w, t.name, MOE_DTYPE_I8, t.ndim, t.shape, q->q8);
+            if (r == MOE_OK) r = moe_tensor_writer_add(w, scale, MOE_DTYPE_F32, 3, shape, q->scale);
+        } else {
+            r = moe_tensor_writer_add(w, t.name, MOE_DTYPE_F32, t.ndim, t.shape, t.data);
+        }
     }
     if (r == MOE_OK && checkpoint) {
         moe__sb_printf(&state, "{\"version\":1,\"step\":%lld,\"seed\":\"%llu\",\"noise_steps\":[", (long long)m->opt->step,
@@ -5130,6 +5183,61 @@ done:
     return r;
 }
 
+/* A parameter from its file tensor: any float type, or int8 times its scales. */
+static moe_result moe__load_param(moe_ctx *ctx, const moe_tensor_file *f, moe_tensor *t) {
+    const moe_file_tensor *ft = moe_tensor_file_find(f, t->name), *sc;
+    char scale[MOE__NAME_MAX + 56];
+    int64_t i, groups;
+    if (ft->dtype != MOE_DTYPE_I8) return moe_file_tensor_to_f32(ctx, ft, t->data, t->size);
+    moe__scale_name(scale, sizeof scale, t->name);
+    sc = moe_tensor_file_find(f, scale);
+    groups = sc->shape[2];
+    for (i = 0; i < t->size; i++) {
+        int64_t row = i / t->shape[2], k = i % t->shape[2];
+        float s;
+        memcpy(&s, (const char *)sc->data + (size_t)(row * groups + k / MOE__QGROUP) * sizeof(float), sizeof s);
+        t->data[i] = (float)((const int8_t *)ft->data)[i] * s;
+    }
+    return MOE_OK;
+}
+
+/* In a file saved with reduced-precision weights (__metadata__ "moe.weights"), a MoE layer whose
+   expert weights are all bf16, or all int8, keeps exactly those as its reduced copy: the loaded
+   model runs inference as the saved one did. */
+static moe_result moe__load_quant(const moe_tensor_file *f, moe_layer *l) {
+    moe_dtype dtype = MOE_DTYPE_COUNT;
+    int t, b, j;
+    if (!moe_tensor_file_metadata(f, "moe.weights")) return MOE_OK;
+    for (t = 0; t < l->n_tensors; t++) {
+        char name[MOE__NAME_MAX + 24];
+        const moe_file_tensor *ft;
+        if (!moe__is_expert_weight(l, t)) continue;
+        moe__model_tensor_name(name, sizeof name, l->index, l->tensors[t].name);
+        ft = moe_tensor_file_find(f, name);
+        if (ft->dtype != MOE_DTYPE_BF16 && ft->dtype != MOE_DTYPE_I8) return MOE_OK;
+        if (dtype != MOE_DTYPE_COUNT && dtype != ft->dtype) return MOE_OK;
+        dtype = ft->dtype;
+    }
+    if (dtype == MOE_DTYPE_COUNT) return MOE_OK;
+    MOE__TRY(moe_layer_quantize(l, dtype));
+    if (dtype == MOE_DTYPE_BF16) return MOE_OK;  /* bf16 values round-trip exactly */
+    for (b = 0; b < l->n_banks; b++)
+        for (j = 0; j < l->bank[b].n_linears; j++) {
+            const moe__linear *lin = &l->bank[b].lin[j];
+            moe__mat *q = &l->bank[b].qw[j];
+            char name[MOE__NAME_MAX + 24], scale[MOE__NAME_MAX + 56];
+            const moe_file_tensor *ft, *sc;
+            for (t = 0; t < l->n_tensors && l->tensors[t].offset != lin->w; t++) {}
+            moe__model_tensor_name(name, sizeof name, l->index, l->tensors[t].name);
+            moe__scale_name(scale, sizeof scale, name);
+            ft = moe_tensor_file_find(f, name);
+            sc = moe_tensor_file_find(f, scale);
+            memcpy((int8_t *)q->q8, ft->data, (size_t)(l->bank[b].n * lin->out * lin->in));
+            memcpy((float *)q->scale, sc->data, (size_t)(l->bank[b].n * lin->out * q->groups) * sizeof(float));
+        }
+    return MOE_OK;
+}
+
 static moe_result moe__model_from_file(moe_ctx *ctx, const moe_tensor_file *f, int64_t max_tokens, int checkpoint, moe_model **out) {
     const char *cfg = moe_tensor_file_metadata(f, "moe.config");
     moe_model_desc desc;
@@ -5147,10 +5255,12 @@ static moe_result moe__model_from_file(moe_ctx *ctx, const moe_tensor_file *f, i
     for (i = 0; i < m->n_tensors; i++) {
         moe_tensor t;
         moe_model_tensor(m, i, &t);
-        r = moe_file_tensor_to_f32(ctx, moe_tensor_file_find(f, t.name), t.data, t.size);
+        r = moe__load_param(ctx, f, &t);
         if (r == MOE_OK && !moe__all_finite(t.data, t.size)) r = moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\" holds NaN or Inf", t.name);
         if (r != MOE_OK) goto fail;
     }
+    for (i = 0; i < m->n_layers; i++)
+        if ((r = moe__load_quant(f, &m->layers[i])) != MOE_OK) goto fail;
     if (checkpoint && (r = moe__checkpoint_restore(ctx, f, m)) != MOE_OK) goto fail;
     *out = m;
     return MOE_OK;

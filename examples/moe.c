@@ -44,7 +44,8 @@ enum {
     OPT_TOP_K = 1 << 6,
     OPT_TOP_P = 1 << 7,
     OPT_CHECKPOINT = 1 << 8,
-    OPT_EVERY = 1 << 9
+    OPT_EVERY = 1 << 9,
+    OPT_DTYPE = 1 << 10
 };
 
 typedef struct options {
@@ -59,6 +60,7 @@ typedef struct options {
     float top_p;                /* 0: off */
     const char *checkpoint;     /* train: checkpoint file (NULL: none) */
     int64_t every;              /* train: steps between checkpoints (0: one epoch) */
+    moe_dtype dtype;            /* quantize: MOE_DTYPE_BF16 or MOE_DTYPE_I8 */
 } options;
 
 /* What every command gets: the library context and the command's name for messages. */
@@ -82,6 +84,7 @@ static int run_init(tool *t);
 static int run_forward(tool *t);
 static int run_backward(tool *t);
 static int run_train(tool *t);
+static int run_quantize(tool *t);
 
 static const command commands[] = {
     {"info", 1, OPT_JSON, run_info, "info MODEL [--json]",
@@ -96,6 +99,8 @@ static const command commands[] = {
      "train MODEL DATA OUT [--epochs N] [--batch N] [--lr X] [--seed S] [--threads N] [--checkpoint PATH [--every N]]",
      "DATA: x and labels (cross_entropy) or y (mse, bce); one line per epoch; saves OUT;\n"
      "      --checkpoint: save one every N steps (default every epoch), resume from it when it exists"},
+    {"quantize", 2, OPT_DTYPE, run_quantize, "quantize MODEL OUT --dtype bf16|q8",
+     "OUT: MODEL with its expert weights in bf16, or int8 with one scale per 32 (inference only)"},
 };
 #define N_COMMANDS (int)(sizeof commands / sizeof commands[0])
 
@@ -149,7 +154,7 @@ static int parse_options(const command *c, int argc, char **argv, options *o) {
         {"--epochs", OPT_EPOCHS}, {"--batch", OPT_BATCH}, {"--lr", OPT_LR},
         {"--seed", OPT_SEED}, {"--threads", OPT_THREADS}, {"--json", OPT_JSON},
         {"--top-k", OPT_TOP_K}, {"--top-p", OPT_TOP_P},
-        {"--checkpoint", OPT_CHECKPOINT}, {"--every", OPT_EVERY},
+        {"--checkpoint", OPT_CHECKPOINT}, {"--every", OPT_EVERY}, {"--dtype", OPT_DTYPE},
     };
     int i, q;
     memset(o, 0, sizeof *o);
@@ -179,6 +184,10 @@ static int parse_options(const command *c, int argc, char **argv, options *o) {
         } else if (bit == OPT_CHECKPOINT) {
             if (!value[0]) return usage_error("--checkpoint needs a file name");
             o->checkpoint = value;
+        } else if (bit == OPT_DTYPE) {
+            if (strcmp(value, "bf16") == 0) o->dtype = MOE_DTYPE_BF16;
+            else if (strcmp(value, "q8") == 0) o->dtype = MOE_DTYPE_I8;
+            else return usage_error("--dtype: \"%s\" is not bf16 or q8", value);
         } else if (bit == OPT_EVERY) {
             if (!parse_int(value, 1, INT64_C(1) << 40, &o->every)) return usage_error("--every: \"%s\" is not a positive integer", value);
         } else if (bit == OPT_THREADS) {
@@ -416,6 +425,19 @@ static int run_init(tool *t) {
     }
     moe_model_destroy(m);
     free(json);
+    return rc;
+}
+
+static int run_quantize(tool *t) {
+    const char *in_path = t->opt->args[0], *out_path = t->opt->args[1];
+    moe_model *m = NULL;
+    int rc = 0;
+    if (!(t->opt->given & OPT_DTYPE)) return usage_error("quantize needs --dtype bf16 or --dtype q8");
+    if (moe_model_load(&t->ctx, in_path, 0, &m) != MOE_OK) return fail_lib(t, "cannot load", in_path);
+    if (moe_model_quantize(m, t->opt->dtype) != MOE_OK) rc = fail_lib(t, "cannot quantize", in_path);
+    else if (moe_model_save(m, out_path) != MOE_OK) rc = fail_lib(t, "cannot write", out_path);
+    else printf("%s: expert weights in %s\n", out_path, t->opt->dtype == MOE_DTYPE_BF16 ? "bf16" : "int8 (q8)");
+    moe_model_destroy(m);
     return rc;
 }
 

@@ -6,6 +6,10 @@
 #include "../moe.h"
 #include "test.h"
 
+#ifndef TMP_DIR
+#define TMP_DIR "build/tests/tmp_kernels"
+#endif
+
 /* Documented error bounds of reduced-precision expert weights (README "Performance"): the
    largest |y - y_f32| over the largest |y_f32| of a forward, on these layers. */
 #define BF16_BOUND 1e-2
@@ -216,11 +220,86 @@ static int test_decode_threads(void) {
     return 0;
 }
 
+/* Quantized model files: a model with reduced-precision expert weights saves them as bf16, or as
+   int8 plus "<name>_scale" [n, out, groups] F32; loading gives back the same reduced weights
+   (the same outputs, bit for bit), a file saved again is byte-identical, training is refused, and
+   an int8 weight without its scales is a format error. */
+static unsigned char *slurp(const char *path, size_t *n) {
+    FILE *fp = fopen(path, "rb");
+    unsigned char *buf = NULL;
+    long len;
+    if (!fp) return NULL;
+    if (fseek(fp, 0, SEEK_END) == 0 && (len = ftell(fp)) > 0 && fseek(fp, 0, SEEK_SET) == 0 &&
+        (buf = (unsigned char *)malloc((size_t)len)) != NULL && fread(buf, 1, (size_t)len, fp) != (size_t)len) {
+        free(buf);
+        buf = NULL;
+    }
+    *n = buf ? (size_t)len : 0;
+    fclose(fp);
+    return buf;
+}
+
+static void check_quantized_file(moe_dtype dtype) {
+    moe_layer_desc layers[2] = {shapes[0].d, {.kind = MOE_LAYER_DENSE, .d_out = 5}};
+    moe_ctx ctx;
+    moe_model *m = NULL, *back = NULL;
+    float x[9 * 300], ya[9 * 5], yb[9 * 5];
+    int32_t label[1] = {0};
+    const char *p1 = TMP_DIR "/quantized_a.safetensors", *p2 = TMP_DIR "/quantized_b.safetensors";
+    unsigned char *f1, *f2;
+    size_t n1, n2;
+    layers[0].d_in = 0;
+    moe_ctx_init(&ctx, &(moe_ctx_desc){.seed = 5});
+    CHECK_OK(moe_model_create(&ctx, &(moe_model_desc){.d_in = 300, .n_layers = 2, .layers = layers, .max_tokens = 9}, &m), &ctx);
+    if (!m) return;
+    fill(x, 9 * 300, 6, 1.0f);
+    CHECK_OK(moe_model_quantize(m, dtype), &ctx);
+    CHECK_OK(moe_model_forward(m, x, 9, ya, NULL), &ctx);
+    CHECK_RESULT(moe_model_save_checkpoint(m, p1), MOE_ERR_STATE, &ctx);
+    CHECK_OK(moe_model_save(m, p1), &ctx);
+    CHECK_OK(moe_model_load(&ctx, p1, 0, &back), &ctx);
+    if (back) {
+        CHECK_OK(moe_model_forward(back, x, 9, yb, NULL), &ctx);
+        CHECK(memcmp(ya, yb, sizeof ya) == 0, "dtype %d: the loaded model computes other bits", (int)dtype);
+        CHECK_RESULT(moe_model_train_step(back, x, &(moe_target){.labels = label}, 1, NULL), MOE_ERR_STATE, &ctx);
+        CHECK_OK(moe_model_save(back, p2), &ctx);
+        f1 = slurp(p1, &n1);
+        f2 = slurp(p2, &n2);
+        CHECK(f1 && f2 && n1 == n2 && memcmp(f1, f2, n1) == 0, "dtype %d: save(load(file)) differs (%zu vs %zu bytes)", (int)dtype, n1, n2);
+        if (dtype == MOE_DTYPE_I8 && f1) {
+            /* drop the scales' name: the int8 weight loses them */
+            unsigned char *hit = NULL;
+            size_t i;
+            for (i = 0; i + 6 < n1 && !hit; i++)
+                if (memcmp(f1 + i, "_scale", 6) == 0) hit = f1 + i;
+            CHECK(hit != NULL, "the int8 file names its scales");
+            if (hit) {
+                moe_model *bad = NULL;
+                memcpy(hit, "_scalX", 6);
+                CHECK_RESULT(moe_model_load_memory(&ctx, f1, n1, 0, &bad), MOE_ERR_FORMAT, &ctx);
+                CHECK(bad == NULL, "no model from a bad file");
+            }
+        }
+        free(f1);
+        free(f2);
+        moe_model_destroy(back);
+    }
+    moe_model_destroy(m);
+}
+
+static int test_quantized_files(void) {
+    test_make_dir(TMP_DIR);
+    check_quantized_file(MOE_DTYPE_BF16);
+    check_quantized_file(MOE_DTYPE_I8);
+    return 0;
+}
+
 int main(void) {
     printf("test_kernels\n");
     RUN(test_fast_vs_reference);
     RUN(test_bf16);
     RUN(test_int8);
     RUN(test_decode_threads);
+    RUN(test_quantized_files);
     TEST_END();
 }

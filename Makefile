@@ -3,6 +3,7 @@
 #   make test     the whole suite: with OpenMP, without, and under ASan+UBSan
 #   make demo     train the digits classifier (the main job); build/cl_train does it on OpenCL
 #   make mnist    the MNIST run (needs the MNIST IDX files, see README)
+#   make embed    the game-loop example: 10,000 inferences, latency, heap_allocations=0
 #   make bench    the benchmark
 #   make cross    other platforms and compilers: aarch64 (qemu), 32-bit x86, Windows (MinGW, wine), clang
 #   make cmake-check  the CMake package (add_subdirectory, FetchContent, find_package) and moe.pc
@@ -20,9 +21,9 @@ MNIST   ?= ../shared/data/mnist
 FUZZ_CC ?= clang
 FUZZ_SECONDS ?= 60
 
-EXAMPLES = build/moe build/digits build/cl_train
+EXAMPLES = build/moe build/digits build/cl_train build/embed
 BENCH_ARGS ?= --shape all --mode all
-.PHONY: all test demo mnist bench cross cmake-check fuzz clean
+.PHONY: all test demo embed mnist bench cross cmake-check fuzz clean
 
 all: $(EXAMPLES) build/bench_moe
 
@@ -57,6 +58,11 @@ build/mnist/train-images-idx3-ubyte: | build
 	mkdir -p build/mnist
 	for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do \
 	  gunzip -c $(MNIST)/$$f.gz > build/mnist/$$f || exit 1; done
+
+# the game-loop example on the model `make demo` saves (trains it first when it is missing)
+embed: build/embed build/digits
+	@[ -f build/digits.safetensors ] || ./build/digits
+	./build/embed build/digits.safetensors
 
 mnist: build/digits build/mnist/train-images-idx3-ubyte
 	./build/digits --mnist build/mnist

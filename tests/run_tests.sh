@@ -150,6 +150,17 @@ else
     skip "test_cl without a platform" "needs the noomp configuration"
 fi
 
+echo "== embedding example"
+# examples/embed.c on a one-epoch digits model: runs its game loop without touching the heap
+if $CC $C99 -O2 -fopenmp examples/digits.c -o "$OUT/digits" -lm >> "$LOG" 2>&1 &&
+   $CC $C99 -O2 -fopenmp examples/embed.c -o "$OUT/embed" -lm >> "$LOG" 2>&1 &&
+   "$OUT/digits" --epochs 1 --threads 1 --out "$OUT/embed_model.safetensors" >> "$LOG" 2>&1; then
+    check "embed: 2000 frames with k changing per call, heap_allocations=0" sh -c \
+        "$OUT/embed $OUT/embed_model.safetensors --frames 2000 > $OUT/embed.txt && grep -q '^heap_allocations=0$' $OUT/embed.txt && grep -q '^latency_p99_us=' $OUT/embed.txt"
+else
+    bad "embed: build the example and a model for it"
+fi
+
 echo "== README quick start"
 if sed -n '/<!-- quickstart -->/,/<!-- \/quickstart -->/p' README.md | sed '1,2d;$d' | sed '$d' > "$OUT/quickstart.c" && [ -s "$OUT/quickstart.c" ]; then
     check "README quick start compiles" $CC $C99 -O2 -fopenmp "$OUT/quickstart.c" -I. -o "$OUT/quickstart" -lm

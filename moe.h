@@ -3373,7 +3373,7 @@ static int moe__optimizer_chunk(moe_optimizer *o, float *params, float *grads, i
                                 float b1c, float b2c_sqrt, int write) {
     const moe_optimizer_desc *d = &o->d;
     int64_t i, i1 = moe__min64((c + 1) * MOE__CHUNK, o->n);
-    float wd = d->weight_decay, acc = 0.0f;
+    float wd = d->weight_decay, acc = 0.0f, bound = fabsf(lr / b1c) / d->eps;
     int kind = (int)d->kind;
     for (i = c * MOE__CHUNK; i < i1; i++) {
         float g = grads[i], p = params[i], m = o->m ? o->m[i] : 0.0f, v = o->v ? o->v[i] : 0.0f, gs;
@@ -3388,6 +3388,9 @@ static int moe__optimizer_chunk(moe_optimizer *o, float *params, float *grads, i
             else g += wd * p;
             m = d->beta1 * m + (1.0f - d->beta1) * g;
             v = d->beta2 * v + (1.0f - d->beta2) * g * g;
+            /* the try pass skips the square root and division where a bound already shows the new
+               parameter finite: |p'| <= |p| + |lr / b1c| |m| / eps */
+            if (!write && fabsf(p) + bound * fabsf(m) < 1e37f && v - v == 0.0f) continue;
             p = p - (lr / b1c) * m / (sqrtf(v) / b2c_sqrt + d->eps);
         }
         if (!write) { acc += p * 0.0f + m * 0.0f + v * 0.0f; continue; }  /* NaN or Inf anywhere makes acc NaN */

@@ -219,6 +219,8 @@ typedef enum moe_expert {
     MOE_EXPERT_LINEAR,      /* x W^T + b */
     MOE_EXPERT_MLP,         /* linear -> act (-> linear -> act)* -> linear */
     MOE_EXPERT_SWIGLU,      /* w2(silu(w1 x) * (w3 x)) */
+    MOE_EXPERT_GAUSSIAN,    /* mixture density: MLP whose last linear gives a mean and a log-std per output;
+                               the layer outputs (log pi [E] | means [E, d_out] | log-stds [E, d_out]) */
     MOE_EXPERT_COUNT
 } moe_expert;
 
@@ -227,6 +229,7 @@ typedef enum moe_loss {
     MOE_LOSS_CROSS_ENTROPY, /* softmax cross-entropy on int32 class labels, mean over tokens */
     MOE_LOSS_MSE,           /* mean over all elements of (y - target)^2 */
     MOE_LOSS_BCE,           /* binary cross-entropy on logits, mean over all elements */
+    MOE_LOSS_MIXTURE_NLL,   /* -log sum_e pi_e N(y; mu_e, sigma_e^2) of a Gaussian-expert last layer, mean over tokens */
     MOE_LOSS_COUNT
 } moe_loss;
 
@@ -408,6 +411,21 @@ MOEDEF moe_result moe_layer_quantize(moe_layer *layer, moe_dtype dtype);
    layer (and keep that optimizer off "router.selection_bias"). Other layers: no-op. */
 MOEDEF moe_result moe_layer_update_bias(moe_layer *layer);
 
+/* Mixture density (MOE_EXPERT_GAUSSIAN): a layer with E experts and d_out outputs emits, per
+   token, the packed mixture (log pi [E] | means [E, d_out] | log-stds [E, d_out]), E (1 + 2 d_out)
+   floats. Components the router did not choose (top_k < E) have log pi = -inf. Log-stds are
+   clamped to [MOE_MIXTURE_LOG_STD_MIN, MOE_MIXTURE_LOG_STD_MAX]. README "Gaussian experts". */
+#define MOE_MIXTURE_LOG_STD_MIN (-10.0f)
+#define MOE_MIXTURE_LOG_STD_MAX 10.0f
+/* mixture [T, E (1 + 2 d_out)] -> out [T, d_out]: the mixture mean sum_e pi_e mu_e. */
+MOEDEF moe_result moe_mixture_mean(moe_ctx *ctx, const float *mixture, int64_t n_tokens, int n_components, int64_t d_out, float *out);
+/* -> out [T, d_out]: the mean of the component with the largest pi (ties: the lower index). */
+MOEDEF moe_result moe_mixture_top_mean(moe_ctx *ctx, const float *mixture, int64_t n_tokens, int n_components, int64_t d_out, float *out);
+/* -> out [T, d_out]: one draw from each token's mixture, a pure function of (ctx seed, draw, token):
+   the same arguments give the same samples; another `draw` gives fresh ones. */
+MOEDEF moe_result moe_mixture_sample(moe_ctx *ctx, const float *mixture, int64_t n_tokens, int n_components, int64_t d_out,
+                                     uint64_t draw, float *out);
+
 // >>optimizer ---------------------------------------------------------------
 typedef struct moe_optimizer_desc {
     moe_optimizer_kind kind;
@@ -455,7 +473,8 @@ typedef struct moe_model_desc {
 
 typedef struct moe_model moe_model;
 
-/* Training targets: labels for cross-entropy, values [T, d_out] for MSE and BCE. */
+/* Training targets: labels for cross-entropy, values [T, d_out] for MSE and BCE, values [T, d_out of
+   the Gaussian-expert last layer] (not the packed width) for the mixture NLL. */
 typedef struct moe_target {
     const int32_t *labels;
     const float *values;
@@ -1688,6 +1707,11 @@ static int moe__flag(moe_flag f, int def) { return f == MOE_FLAG_DEFAULT ? def :
 
 static int moe__dims_ok(int64_t a) { return a > 0 && a <= ((int64_t)1 << 31); }
 
+/* Width of a layer's output: d_out, or for Gaussian experts the packed mixture E (1 + 2 d_out). */
+static int64_t moe__layer_width(const moe_layer_desc *d) {
+    return d->kind == MOE_LAYER_MOE && d->expert == MOE_EXPERT_GAUSSIAN ? (int64_t)d->n_experts * (1 + 2 * d->d_out) : d->d_out;
+}
+
 /* The router-specific fields of a MoE desc whose common fields are resolved. */
 static moe_result moe__router_resolve(moe_ctx *ctx, moe_layer_desc *d, int where) {
     int sigmoid = d->router == MOE_ROUTER_SIGMOID, ec = d->router == MOE_ROUTER_EXPERT_CHOICE, hash = d->router == MOE_ROUTER_HASH;
@@ -1785,7 +1809,7 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
                 return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: the switch router has top_k 1 (got %d)", where, d.top_k);
             d.top_k = 1;
         }
-        if (d.top_k == 0) d.top_k = d.n_experts < 2 ? d.n_experts : 2;
+        if (d.top_k == 0) d.top_k = d.expert == MOE_EXPERT_GAUSSIAN || d.n_experts < 2 ? d.n_experts : 2;
         if (d.top_k < 1 || d.top_k > d.n_experts)
             return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: top_k %d must be in 1..n_experts (%d)", where, d.top_k, d.n_experts);
         if (d.d_hidden == 0) d.d_hidden = d.d_in;
@@ -1816,6 +1840,15 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
         if (!(d.balance_loss >= 0.0f) || !(d.z_loss >= 0.0f) || !(d.importance_loss >= 0.0f) || !(d.load_loss >= 0.0f) ||
             !moe__finite(d.balance_loss) || !moe__finite(d.z_loss) || !moe__finite(d.importance_loss) || !moe__finite(d.load_loss))
             return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: auxiliary loss coefficients must be finite and >= 0", where);
+        if (d.expert == MOE_EXPERT_GAUSSIAN) {
+            /* the layer's output is a mixture density, not a sum: nothing may be added to it or dropped from it */
+            if (d.router != MOE_ROUTER_TOPK)
+                return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "layer %d: Gaussian experts take the softmax top-k router", where);
+            if (d.n_shared_experts || d.residual || d.capacity_factor > 0.0f || d.renormalize == MOE_FLAG_OFF)
+                return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: Gaussian experts take no shared experts, residual, capacity_factor or renormalize off", where);
+            if (!moe__dims_ok(moe__layer_width(&d)))
+                return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: the mixture output E (1 + 2 d_out) is too wide", where);
+        }
         MOE__TRY(moe__router_resolve(ctx, &d, where));
     } else {
         /* fields of other kinds are not part of this layer */
@@ -1881,7 +1914,7 @@ static void moe__bank_plan(moe_layer *l, moe__bank *b, const char *prefix, int n
     b->act = d->activation;
     b->d_in = d->d_in;
     b->d_hidden = hidden;
-    b->d_out = d->d_out;
+    b->d_out = d->expert == MOE_EXPERT_GAUSSIAN ? 2 * d->d_out : d->d_out;  /* Gaussian: mean | raw log-std */
     b->max_rows = max_rows;
     if (d->expert == MOE_EXPERT_SWIGLU) {
         b->n_linears = 3;
@@ -1896,7 +1929,7 @@ static void moe__bank_plan(moe_layer *l, moe__bank *b, const char *prefix, int n
         int L = d->n_hidden_layers;
         b->n_linears = L + 1;
         for (j = 0; j <= L; j++) {
-            int64_t in = j == 0 ? d->d_in : hidden, out = j == L ? d->d_out : hidden;
+            int64_t in = j == 0 ? d->d_in : hidden, out = j == L ? b->d_out : hidden;
             snprintf(name, sizeof name, "%s.fc%d", prefix, j);
             b->lin[j] = moe__add_linear(l, name, n, in, out, bias, MOE__INIT_UNIFORM);
             b->lin[j].input = j - 1;
@@ -2712,6 +2745,41 @@ static void moe__run_step(moe_layer *l, double work, const float *x) {
     for (i = 0; i < l->n_tiles; i++) moe__run_tile(l, &l->tiles[i], x);
 }
 
+static float moe__clamp_log_std(float v) {
+    return v < MOE_MIXTURE_LOG_STD_MIN ? MOE_MIXTURE_LOG_STD_MIN : v > MOE_MIXTURE_LOG_STD_MAX ? MOE_MIXTURE_LOG_STD_MAX : v;
+}
+
+/* Gaussian experts: y [T, E (1 + 2 O)] = (log pi | means | log-stds). log pi of a chosen expert is the
+   log of its renormalised gate, computed from the logits; unchosen experts get -inf, mean and log-std 0. */
+static void moe__gaussian_pack(moe_layer *l, int64_t T, float *y) {
+    int64_t E = l->d.n_experts, K = l->slots, O = l->d.d_out, W = E * (1 + 2 * O), t;
+    const moe__bank *b = &l->bank[0];
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)W * 2.0)
+    for (t = 0; t < T; t++) {
+        float *yt = y + t * W, m, sum = 0.0f, lz;
+        const float *h = l->h + t * E;
+        const int32_t *sel = l->sel + t * K, *pos = l->pos + t * K;
+        int64_t s, j;
+        for (j = 0; j < E; j++) yt[j] = -INFINITY;
+        for (j = E; j < W; j++) yt[j] = 0.0f;
+        m = h[sel[0]];  /* slot 0 holds the largest logit */
+        for (s = 0; s < K; s++)
+            if (sel[s] >= 0) sum += expf(h[sel[s]] - m);
+        lz = logf(sum);
+        for (s = 0; s < K; s++) {
+            int64_t e = sel[s];
+            const float *o;
+            if (e < 0) continue;
+            o = b->out + (int64_t)pos[s] * 2 * O;
+            yt[e] = (h[e] - m) - lz;
+            for (j = 0; j < O; j++) {
+                yt[E + e * O + j] = o[j];
+                yt[E + E * O + e * O + j] = moe__clamp_log_std(o[O + j]);
+            }
+        }
+    }
+}
+
 static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, const float *noise) {
     const moe_layer_desc *d = &l->d;
     int64_t E = d->n_experts, K = l->slots, D = d->d_in, O = d->d_out, t, i;
@@ -2757,6 +2825,7 @@ static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, 
     /* 5. every expert's rows, stage by stage, in tiles over all experts */
     for (q = 0; q < moe__bank_stages(&l->bank[0]); q++)
         moe__run_step(l, moe__use_decode(l, T) ? moe__plan_decode(l, q) : moe__plan_step(l, 0, q, 0), x);
+    if (d->expert == MOE_EXPERT_GAUSSIAN) { moe__gaussian_pack(l, T, y); return; }
     /* 6. combine in slot order, then shared experts */
     MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)O * (double)(K + l->n_banks))
     for (t = 0; t < T; t++) {
@@ -2809,10 +2878,12 @@ static void moe__router_backward_token(moe_layer *l, int64_t t, int aux, float b
     for (e = 0; e < E; e++) dot += p[e] * dh[e];
     for (e = 0; e < E; e++) dh[e] = p[e] * (dh[e] - dot);
     if (d->renormalize == MOE_FLAG_ON) {
+        /* Gaussian experts: dg is the gradient at log g, and d log g_s / dh = onehot_s - g */
+        int lg = d->expert == MOE_EXPERT_GAUSSIAN;
         float gs = 0.0f;
-        for (s = 0; s < K; s++) gs += gate[s] * dg[s];
+        for (s = 0; s < K; s++) gs += lg ? dg[s] : gate[s] * dg[s];
         for (s = 0; s < K; s++)
-            if (sel[s] >= 0) dh[sel[s]] += gate[s] * (dg[s] - gs);
+            if (sel[s] >= 0) dh[sel[s]] += lg ? dg[s] - gate[s] * gs : gate[s] * (dg[s] - gs);
     }
     if (aux && d->z_loss > 0.0f) {
         float c = 2.0f * d->z_loss * l->lse[t] / (float)l->T;
@@ -2837,37 +2908,68 @@ static void moe__router_backward_token(moe_layer *l, int64_t t, int aux, float b
     }
 }
 
+/* Gaussian experts: dy [T, E (1 + 2 O)] into dgate (at log g of each chosen expert) and the expert
+   outputs' gradient (mean | log-std, zero where the clamp held the log-std). */
+static void moe__gaussian_unpack_grad(moe_layer *l, const float *dy) {
+    int64_t T = l->T, E = l->d.n_experts, K = l->slots, O = l->d.d_out, W = E * (1 + 2 * O), t;
+    moe__bank *b = &l->bank[0];
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)W * 2.0)
+    for (t = 0; t < T; t++) {
+        const float *dyt = dy + t * W;
+        int64_t s, j;
+        for (s = 0; s < K; s++) {
+            int64_t e = l->sel[t * K + s], r = l->pos[t * K + s];
+            const float *o;
+            float *dout;
+            if (e < 0 || r < 0) { l->dgate[t * K + s] = 0.0f; continue; }
+            o = b->out + r * 2 * O;
+            dout = b->dz[b->n_linears - 1] + r * 2 * O;
+            l->dgate[t * K + s] = dyt[e];
+            for (j = 0; j < O; j++) {
+                float v = o[O + j];
+                dout[j] = dyt[E + e * O + j];
+                dout[O + j] = v > MOE_MIXTURE_LOG_STD_MIN && v < MOE_MIXTURE_LOG_STD_MAX ? dyt[E + E * O + e * O + j] : 0.0f;
+            }
+        }
+    }
+}
+
 static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flags) {
     const moe_layer_desc *d = &l->d;
     int64_t T = l->T, E = d->n_experts, K = l->slots, D = d->d_in, O = d->d_out, t, i;
     int aux = (flags & MOE_BACKWARD_AUX) != 0, noisy = d->router == MOE_ROUTER_NOISY_TOPK, routed = l->router.w >= 0, q;
     moe__bank *rb = &l->bank[0];
     float bal_scale = d->balance_loss * (float)E / ((float)(T * l->call_k) * (float)T);
+    int64_t W = moe__layer_width(d);
     moe__gemm g;
     /* gradients at the gates and at the expert outputs */
-    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)O * (double)(2 * K + 1))
-    for (t = 0; t < T; t++) {
-        const float *dyt = dy + t * O;
-        int64_t s, j, q;
-        for (s = 0; s < K; s++) {
-            int32_t r = l->pos[t * K + s];
-            float acc = 0.0f, gw = l->gate[t * K + s];
-            float *dout;
-            const float *o;
-            if (r < 0) { l->dgate[t * K + s] = 0.0f; continue; }
-            o = rb->out + (int64_t)r * O;
-            dout = rb->dz[rb->n_linears - 1] + (int64_t)r * O;
-            for (j = 0; j < O; j++) { acc += dyt[j] * o[j]; dout[j] = gw * dyt[j]; }
-            l->dgate[t * K + s] = acc;
+    if (d->expert == MOE_EXPERT_GAUSSIAN) moe__gaussian_unpack_grad(l, dy);
+    else {
+        MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)O * (double)(2 * K + 1))
+        for (t = 0; t < T; t++) {
+            const float *dyt = dy + t * O;
+            int64_t s, j, q;
+            for (s = 0; s < K; s++) {
+                int32_t r = l->pos[t * K + s];
+                float acc = 0.0f, gw = l->gate[t * K + s];
+                float *dout;
+                const float *o;
+                if (r < 0) { l->dgate[t * K + s] = 0.0f; continue; }
+                o = rb->out + (int64_t)r * O;
+                dout = rb->dz[rb->n_linears - 1] + (int64_t)r * O;
+                for (j = 0; j < O; j++) { acc += dyt[j] * o[j]; dout[j] = gw * dyt[j]; }
+                l->dgate[t * K + s] = acc;
+            }
+            if (l->n_banks > 1)
+                for (q = 0; q < l->bank[1].n; q++)
+                    memcpy(l->bank[1].dz[l->bank[1].n_linears - 1] + (q * T + t) * O, dyt, (size_t)O * sizeof(float));
         }
-        if (l->n_banks > 1)
-            for (q = 0; q < l->bank[1].n; q++)
-                memcpy(l->bank[1].dz[l->bank[1].n_linears - 1] + (q * T + t) * O, dyt, (size_t)O * sizeof(float));
     }
     if (aux && d->importance_loss > 0.0f) {
         moe__cv2(l->importance, E, l->dimportance);
         for (i = 0; i < T * K; i++)
-            if (l->sel[i] >= 0) l->dgate[i] += d->importance_loss * l->dimportance[l->sel[i]];
+            if (l->sel[i] >= 0)  /* Gaussian experts: dgate is at log g, so times g */
+                l->dgate[i] += d->importance_loss * l->dimportance[l->sel[i]] * (d->expert == MOE_EXPERT_GAUSSIAN ? l->gate[i] : 1.0f);
     }
     if (aux && d->load_loss > 0.0f && l->call_k < E && noisy) {
         moe__cv2(l->load, E, l->dload);
@@ -2904,7 +3006,7 @@ static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flag
         MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)D * (double)(K + 3))
         for (t = 0; t < T; t++) {
             float *dxt = dx + t * D;
-            const float *dyt = dy + t * O;
+            const float *dyt = dy + t * W;
             int64_t s, j, q;
             int pass = l->passthrough[t] && !d->residual && O == D;
             for (j = 0; j < D; j++) dxt[j] = (d->residual || pass) ? dyt[j] : 0.0f;
@@ -3285,6 +3387,134 @@ static moe_result moe__loss(moe_ctx *ctx, const moe__exec *ex, moe_loss kind, co
     return MOE_OK;
 }
 
+/* Log of component e's density at v [O] (mu, s: its means and log-stds, each [O]). */
+static double moe__gaussian_log_density(const float *v, const float *mu, const float *s, int64_t O) {
+    double acc = 0.0;
+    int64_t j;
+    for (j = 0; j < O; j++) {
+        double z = ((double)v[j] - (double)mu[j]) * exp(-(double)s[j]);
+        acc += -0.5 * z * z - (double)s[j] - 0.9189385332046727;  /* log sqrt(2 pi) */
+    }
+    return acc;
+}
+
+/* log sum_e exp(lp_e) over the components with lp_e > -inf (there is always one). */
+static double moe__mixture_lse(const float *lp, int64_t E) {
+    double m = -HUGE_VAL, sum = 0.0;
+    int64_t e;
+    for (e = 0; e < E; e++) m = lp[e] > m ? lp[e] : m;
+    for (e = 0; e < E; e++) sum += exp((double)lp[e] - m);
+    return m + log(sum);
+}
+
+/* Gaussian-mixture NLL of y [T, E (1 + 2 O)] = (log pi | means | log-stds) against values [T, O]:
+   tok[t] = -log sum_e pi_e N(v; mu_e, diag sigma_e^2), by log-sum-exp; dy (may be NULL) gets
+   dLoss/dy: with responsibilities r_e, -r_e / T at log pi, -r_e z / sigma / T at the means and
+   -r_e (z^2 - 1) / T at the log-stds (z = (v - mu) / sigma); unchosen components (log pi = -inf) 0. */
+static moe_result moe__mixture_nll(moe_ctx *ctx, const moe__exec *ex, const float *y, int64_t T, int64_t E, int64_t O,
+                                   const moe_target *target, float *tok, float *dy, float *loss) {
+    int64_t W = E * (1 + 2 * O), t;
+    double sum = 0.0;
+    if (!target) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "target is NULL");
+    if (!target->values) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "the mixture NLL needs target->values [T, %lld]", (long long)O);
+    MOE__PARALLEL_FOR(ex->n_threads, (double)T * (double)W * 20.0)
+    for (t = 0; t < T; t++) {
+        const float *yt = y + t * W, *v = target->values + t * O;
+        float *dyt = dy ? dy + t * W : NULL;
+        double m = -HUGE_VAL, acc = 0.0, lse;
+        int64_t e, j;
+        for (e = 0; e < E; e++) {  /* online log-sum-exp over the components */
+            double le;
+            if (yt[e] == -INFINITY) continue;
+            le = (double)yt[e] + moe__gaussian_log_density(v, yt + E + e * O, yt + E + E * O + e * O, O);
+            if (le > m) { acc = acc * exp(m - le) + 1.0; m = le; }
+            else acc += exp(le - m);
+        }
+        lse = m + log(acc);
+        tok[t] = (float)-lse;
+        if (!dyt) continue;
+        for (e = 0; e < W; e++) dyt[e] = 0.0f;
+        for (e = 0; e < E; e++) {
+            const float *mu = yt + E + e * O, *s = yt + E + E * O + e * O;
+            double r;
+            if (yt[e] == -INFINITY) continue;
+            r = exp((double)yt[e] + moe__gaussian_log_density(v, mu, s, O) - lse) / (double)T;
+            dyt[e] = (float)-r;
+            for (j = 0; j < O; j++) {
+                double is = exp(-(double)s[j]), z = ((double)v[j] - (double)mu[j]) * is;
+                dyt[E + e * O + j] = (float)(-r * z * is);
+                dyt[E + E * O + e * O + j] = (float)(-r * (z * z - 1.0));
+            }
+        }
+    }
+    for (t = 0; t < T; t++) sum += tok[t];
+    *loss = (float)(sum / (double)T);
+    return MOE_OK;
+}
+
+static moe_result moe__mixture_check(moe_ctx *ctx, const float *mixture, int64_t T, int E, int64_t O, const float *out) {
+    if (!ctx) return MOE_ERR_INVALID_ARGUMENT;
+    if (!mixture || !out) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "mixture and out must not be NULL");
+    if (T < 1 || E < 1 || !moe__dims_ok(O) || !moe__dims_ok((int64_t)E * (1 + 2 * O)))
+        return moe__fail(ctx, MOE_ERR_SHAPE, "mixture of %lld tokens, %d components, d_out %lld: each must be at least 1", (long long)T, E, (long long)O);
+    return MOE_OK;
+}
+
+/* out[t] = sum_e softmax(log pi)_e mu_e (mode 0), or the mean of the largest log pi (mode 1). */
+static moe_result moe__mixture_point(moe_ctx *ctx, const float *mixture, int64_t T, int E, int64_t O, float *out, int mode) {
+    int64_t W = (int64_t)E * (1 + 2 * O), t, e, j;
+    MOE__TRY(moe__mixture_check(ctx, mixture, T, E, O, out));
+    for (t = 0; t < T; t++) {
+        const float *yt = mixture + t * W;
+        float *ot = out + t * O;
+        int64_t best = 0;
+        double lse = moe__mixture_lse(yt, E);
+        for (e = 1; e < E; e++)
+            if (yt[e] > yt[best]) best = e;
+        for (j = 0; j < O; j++) ot[j] = mode ? yt[E + best * O + j] : 0.0f;
+        for (e = 0; e < E && !mode; e++) {
+            float w = (float)exp((double)yt[e] - lse);
+            for (j = 0; j < O; j++) ot[j] += w * yt[E + e * O + j];
+        }
+    }
+    return MOE_OK;
+}
+
+MOEDEF moe_result moe_mixture_mean(moe_ctx *ctx, const float *mixture, int64_t n_tokens, int n_components, int64_t d_out, float *out) {
+    return moe__mixture_point(ctx, mixture, n_tokens, n_components, d_out, out, 0);
+}
+
+MOEDEF moe_result moe_mixture_top_mean(moe_ctx *ctx, const float *mixture, int64_t n_tokens, int n_components, int64_t d_out, float *out) {
+    return moe__mixture_point(ctx, mixture, n_tokens, n_components, d_out, out, 1);
+}
+
+enum { MOE__STREAM_MIXTURE_SAMPLE = 12 };
+
+/* stream = 12 << 56 xor draw. Token t draws u = uniform(seed, stream, t (O + 1)) for the component (the first whose cumulative
+   pi exceeds u, in index order) and normal(seed, stream, t (O + 1) + 1 + j) for dimension j. */
+MOEDEF moe_result moe_mixture_sample(moe_ctx *ctx, const float *mixture, int64_t n_tokens, int n_components, int64_t d_out,
+                                     uint64_t draw, float *out) {
+    int64_t E = n_components, O = d_out, W, t, e, j;
+    uint64_t stream = ((uint64_t)MOE__STREAM_MIXTURE_SAMPLE << 56) ^ draw;
+    MOE__TRY(moe__mixture_check(ctx, mixture, n_tokens, n_components, d_out, out));
+    W = E * (1 + 2 * O);
+    for (t = 0; t < n_tokens; t++) {
+        const float *yt = mixture + t * W;
+        uint64_t c0 = (uint64_t)t * (uint64_t)(O + 1);
+        double u = (double)moe_rng_uniform(ctx->seed, stream, c0), lse = moe__mixture_lse(yt, E), cum = 0.0;
+        int64_t pick = -1;
+        for (e = 0; e < E; e++) {
+            if (yt[e] == -INFINITY) continue;
+            pick = e;  /* rounding can leave the sum a hair under u: the last component then */
+            cum += exp((double)yt[e] - lse);
+            if (u < cum) break;
+        }
+        for (j = 0; j < O; j++)
+            out[t * O + j] = yt[E + pick * O + j] + expf(yt[E + E * O + pick * O + j]) * moe_rng_normal(ctx->seed, stream, c0 + 1 + (uint64_t)j);
+    }
+    return MOE_OK;
+}
+
 // >>optimizer ---------------------------------------------------------------
 struct moe_optimizer {
     moe_ctx *ctx;
@@ -3543,8 +3773,18 @@ MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe
         scratch = b > scratch ? b : scratch;
         m->n_params += l->n_params;
         nt += l->n_tensors;
-        prev = l->d.d_out;
+        prev = moe__layer_width(&l->d);
         widest = moe__max64(widest, prev);
+    }
+    {
+        const moe_layer_desc *last = &m->layer_descs[d.n_layers - 1];
+        int mixture = last->kind == MOE_LAYER_MOE && last->expert == MOE_EXPERT_GAUSSIAN;
+        if (mixture && desc->loss == MOE_LOSS_DEFAULT) d.loss = MOE_LOSS_MIXTURE_NLL;
+        if ((d.loss == MOE_LOSS_MIXTURE_NLL) != mixture) {
+            r = moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, mixture ? "the last layer has Gaussian experts: its loss is mixture_nll"
+                                                                 : "the mixture_nll loss needs a last layer with Gaussian experts");
+            goto fail;
+        }
     }
     d.layers = m->layer_descs;
     m->desc = d;
@@ -3555,7 +3795,7 @@ MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe
         block = NULL;
         for (pass = 0; pass < 2; pass++) {
             rest.base = block ? block + saved + scratch : NULL; rest.used = 0; rest.overflow = 0;
-            for (i = 0; i < d.n_layers; i++) m->outs[i] = MOE__CARVE(&rest, float, T * m->layers[i].d.d_out);
+            for (i = 0; i < d.n_layers; i++) m->outs[i] = MOE__CARVE(&rest, float, T * moe__layer_width(&m->layers[i].d));
             m->dbuf[0] = MOE__CARVE(&rest, float, T * widest);
             m->dbuf[1] = MOE__CARVE(&rest, float, T * widest);
             m->dloss = MOE__CARVE(&rest, float, T * prev);
@@ -3616,7 +3856,7 @@ fail:
 MOEDEF const moe_model_desc *moe_model_get_desc(const moe_model *model) { return model ? &model->desc : NULL; }
 
 MOEDEF int64_t moe_model_d_out(const moe_model *model) {
-    return model ? model->layers[model->n_layers - 1].d.d_out : 0;
+    return model ? moe__layer_width(&model->layers[model->n_layers - 1].d) : 0;
 }
 
 static moe_result moe__model_forward(moe_model *m, const float *x, int64_t T, const moe_forward_opts *opts) {
@@ -3656,7 +3896,12 @@ MOEDEF moe_result moe_model_loss(moe_model *m, const moe_target *target, float *
     float l = 0.0f;
     if (!m) return MOE_ERR_INVALID_ARGUMENT;
     if (!m->has_forward) return moe__fail(m->ctx, MOE_ERR_STATE, "loss before any forward");
-    MOE__TRY(moe__loss(m->ctx, &m->ex, m->desc.loss, m->outs[m->n_layers - 1], m->T, moe_model_d_out(m), target, m->tok, dy, &l));
+    if (m->desc.loss == MOE_LOSS_MIXTURE_NLL) {
+        const moe_layer_desc *d = &m->layers[m->n_layers - 1].d;
+        MOE__TRY(moe__mixture_nll(m->ctx, &m->ex, m->outs[m->n_layers - 1], m->T, d->n_experts, d->d_out, target, m->tok, dy, &l));
+    } else {
+        MOE__TRY(moe__loss(m->ctx, &m->ex, m->desc.loss, m->outs[m->n_layers - 1], m->T, moe_model_d_out(m), target, m->tok, dy, &l));
+    }
     if (loss) *loss = l;
     return MOE_OK;
 }
@@ -4633,8 +4878,8 @@ MOEDEF moe_result moe_tensor_writer_save(moe_tensor_writer *w, const char *path)
 static const char *const moe__kind_names[] = {"", "dense", "moe", "rmsnorm", "layernorm"};
 static const char *const moe__act_names[] = {"", "identity", "relu", "gelu", "silu", "tanh", "sigmoid"};
 static const char *const moe__router_names[] = {"", "topk", "noisy_topk", "switch", "sigmoid", "expert_choice", "hash"};
-static const char *const moe__expert_names[] = {"", "linear", "mlp", "swiglu"};
-static const char *const moe__loss_names[] = {"", "cross_entropy", "mse", "bce"};
+static const char *const moe__expert_names[] = {"", "linear", "mlp", "swiglu", "gaussian"};
+static const char *const moe__loss_names[] = {"", "cross_entropy", "mse", "bce", "mixture_nll"};
 static const char *const moe__opt_names[] = {"", "sgd", "adam", "adamw"};
 
 static void moe__config_write(const moe_model *m, moe__sb *b) {
@@ -5009,7 +5254,7 @@ static moe_result moe__file_matches_config(moe_ctx *ctx, const moe_model_desc *d
                 if (ft->shape[q] != td->shape[q])
                     r = moe__fail(ctx, MOE_ERR_SHAPE, "tensor \"%s\" dimension %d is %lld, expected %lld", name, q, (long long)ft->shape[q], (long long)td->shape[q]);
         }
-        prev = l->d.d_out;
+        prev = moe__layer_width(&l->d);
     }
     for (i = 0; r == MOE_OK && i < n; i++)
         if (!seen[i] && strncmp(moe_tensor_file_get(f, i)->name, "layers.", 7) == 0)

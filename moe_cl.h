@@ -56,7 +56,8 @@
    balance and z losses), linear, MLP and SwiGLU experts, shared experts; the three losses; SGD,
    Adam and AdamW with clipping and the schedule, router jitter (its factors drawn on the host
    from the same random streams as the CPU), the importance loss. Not yet: the noisy top-k router
-   (and its load loss): moe_cl_model_upload returns MOE_ERR_UNSUPPORTED naming the layer.
+   (and its load loss), Gaussian experts (mixture density, the mixture NLL): moe_cl_model_upload
+   returns MOE_ERR_UNSUPPORTED naming the layer.
 
    The device model is a copy: train it, then moe_cl_model_download to bring parameters,
    gradients and optimizer state back into the moe_model (to save it, or go on on the CPU).
@@ -1680,6 +1681,7 @@ static const char *moe__cl_unsupported(const moe_layer *l) {
     if (d->kind != MOE_LAYER_MOE) return NULL;
     if (l->wdtype != MOE_DTYPE_F32) return "reduced-precision expert weights (moe_layer_quantize)";
     if (d->router == MOE_ROUTER_NOISY_TOPK) return "the noisy top-k router";
+    if (d->expert == MOE_EXPERT_GAUSSIAN) return "Gaussian experts (mixture density)";
     if (d->router != MOE_ROUTER_TOPK && d->router != MOE_ROUTER_SWITCH) return "this router (the device runs top-k and switch)";
     if (d->max_top_k > d->top_k) return "max_top_k (per-call k)";
     return NULL;
@@ -1814,7 +1816,7 @@ static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *la
     dm->host_grads = model ? model->grads : layer->grads;
     dm->n_params = model ? model->n_params : layer->n_params;
     dm->d_in = model ? model->desc.d_in : layer->d.d_in;
-    dm->d_out = dm->src[dm->n_layers - 1].d.d_out;
+    dm->d_out = moe__layer_width(&dm->src[dm->n_layers - 1].d);
     T = model ? model->desc.max_tokens : layer->max_tokens;
     dm->max_tokens = T;
     dm->ctx = ctx;

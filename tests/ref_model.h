@@ -65,7 +65,7 @@ static void ref_linear(const double *W, const double *b, const double *x, int64_
 /* One expert of bank `prefix` ("experts" or "shared"), expert index e, on one input row. */
 static void ref_expert(ref_run *r, int layer, const moe_layer_desc *d, const char *prefix, int e, int64_t H, const double *x, double *y) {
     char name[96];
-    int64_t D = d->d_in, O = d->d_out, i;
+    int64_t D = d->d_in, O = d->expert == MOE_EXPERT_GAUSSIAN ? 2 * d->d_out : d->d_out, i;  /* Gaussian: mean | log-std */
     int bias = d->bias == MOE_FLAG_ON;
     if (d->expert == MOE_EXPERT_SWIGLU) {
         double *a = (double *)malloc(sizeof(double) * (size_t)H), *g = (double *)malloc(sizeof(double) * (size_t)H);
@@ -165,8 +165,10 @@ static void ref_moe(ref_run *r, int layer, const moe_layer_desc *d, const double
     double *key = (double *)calloc((size_t)E, sizeof(double)), *gsc = (double *)calloc((size_t)E, sizeof(double));
     int64_t *gidx = (int64_t *)calloc((size_t)E + 1, sizeof(int64_t));
     int64_t *count = (int64_t *)calloc((size_t)E, sizeof(int64_t)), *chosen = (int64_t *)calloc((size_t)E, sizeof(int64_t));
-    double *fx = (double *)malloc(sizeof(double) * (size_t)O);
+    double *fx = (double *)malloc(sizeof(double) * (size_t)(2 * O));
     double *aux = r->aux[layer];
+    int gauss = d->expert == MOE_EXPERT_GAUSSIAN;
+    int64_t W = gauss ? E * (1 + 2 * O) : O;
     int64_t cap = 0;
     /* step 1 */
     for (t = 0; t < T; t++)
@@ -280,7 +282,23 @@ static void ref_moe(ref_run *r, int layer, const moe_layer_desc *d, const double
     for (e = 0; e < E && e < 64; e++) r->kept[layer][e] = (double)count[e];
     r->dropped[layer] = 0;
     /* steps 5-6 */
-    for (t = 0; t < T; t++) {
+    for (t = 0; t < T && gauss; t++) {  /* the packed mixture (log pi | means | clamped log-stds) */
+        double *yt = y + t * W;
+        for (j = 0; j < W; j++) yt[j] = j < E ? -INFINITY : 0.0;
+        for (s = 0; s < KS; s++) {
+            if (!kept[t * KS + s]) continue;
+            e = sel[t * KS + s];
+            ref_expert(r, layer, d, "experts", (int)e, d->d_hidden, x + t * D, fx);
+            yt[e] = log(gate[t * KS + s]);
+            for (j = 0; j < O; j++) {
+                double ls = fx[O + j];
+                ref_decide(r, (uint64_t)(ls < MOE_MIXTURE_LOG_STD_MIN) + 2u * (uint64_t)(ls > MOE_MIXTURE_LOG_STD_MAX));
+                yt[E + e * O + j] = fx[j];
+                yt[E + E * O + e * O + j] = ls < MOE_MIXTURE_LOG_STD_MIN ? MOE_MIXTURE_LOG_STD_MIN : ls > MOE_MIXTURE_LOG_STD_MAX ? MOE_MIXTURE_LOG_STD_MAX : ls;
+            }
+        }
+    }
+    for (t = 0; t < T && !gauss; t++) {
         double *yt = y + t * O;
         const double *xt = x + t * D;
         int any = 0;
@@ -346,6 +364,11 @@ static void ref_moe(ref_run *r, int layer, const moe_layer_desc *d, const double
     free(key); free(gsc); free(gidx);
 }
 
+/* Output width of a layer: d_out, or the packed mixture E (1 + 2 d_out) of Gaussian experts. */
+static int64_t ref_width(const moe_layer_desc *d) {
+    return d->kind == MOE_LAYER_MOE && d->expert == MOE_EXPERT_GAUSSIAN ? (int64_t)d->n_experts * (1 + 2 * d->d_out) : d->d_out;
+}
+
 static void ref_layer(ref_run *r, int layer, const moe_layer_desc *d, const double *x, int64_t T, double *y) {
     int64_t D = d->d_in, O = d->d_out, t, j;
     if (d->kind == MOE_LAYER_MOE) { ref_moe(r, layer, d, x, T, y); return; }
@@ -379,13 +402,13 @@ static double ref_model_forward(ref_run *r, const float *x, int64_t T, double *y
     for (i = 0; i < T * width; i++) cur[i] = x[i];
     for (l = 0; l < md->n_layers; l++) {
         const moe_layer_desc *d = &md->layers[l];
-        double *nxt = (double *)malloc(sizeof(double) * (size_t)(T * d->d_out));
+        double *nxt = (double *)malloc(sizeof(double) * (size_t)(T * ref_width(d)));
         for (q = 0; q < 4; q++) r->aux[l][q] = 0;
         ref_layer(r, l, d, cur, T, nxt);
         for (q = 0; q < 4; q++) aux += r->aux[l][q];
         free(cur);
         cur = nxt;
-        width = d->d_out;
+        width = ref_width(d);
     }
     memcpy(y, cur, sizeof(double) * (size_t)(T * width));
     free(cur);
@@ -411,6 +434,28 @@ static TEST_UNUSED double ref_task_loss(moe_loss kind, const double *y, int64_t 
             }
             sum += s / (double)C;
         }
+    }
+    return sum / (double)T;
+}
+
+/* Gaussian-mixture NLL (README.md, Model reference, section 4) of y [T, E (1 + 2 O)] against values [T, O]. */
+static TEST_UNUSED double ref_mixture_nll(const double *y, int64_t T, int64_t E, int64_t O, const float *values) {
+    double sum = 0;
+    int64_t t, e, j, W = E * (1 + 2 * O);
+    for (t = 0; t < T; t++) {
+        const double *yt = y + t * W;
+        double m = -INFINITY, z = 0, *le = (double *)malloc(sizeof(double) * (size_t)E);
+        for (e = 0; e < E; e++) {
+            le[e] = yt[e];
+            for (j = 0; j < O; j++) {
+                double mu = yt[E + e * O + j], ls = yt[E + E * O + e * O + j], q = ((double)values[t * O + j] - mu) / exp(ls);
+                le[e] += -0.5 * q * q - ls - 0.5 * log(2.0 * 3.14159265358979323846);
+            }
+            m = le[e] > m ? le[e] : m;
+        }
+        for (e = 0; e < E; e++) z += exp(le[e] - m);
+        sum += -(m + log(z));
+        free(le);
     }
     return sum / (double)T;
 }

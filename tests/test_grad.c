@@ -33,13 +33,16 @@ static double objective(ref_run *r, const float *x, int64_t T, int mode, const i
     int64_t C = moe_model_d_out(r->model), i;
     double *y = (double *)malloc(sizeof(double) * (size_t)(T * C)), v;
     double aux = ref_model_forward(r, x, T, y);
-    if (mode == 0) {
+    if (mode == 0 && loss == MOE_LOSS_MIXTURE_NLL) {
+        const moe_layer_desc *last = &md->layers[md->n_layers - 1];
+        v = ref_mixture_nll(y, T, last->n_experts, last->d_out, values) + aux;
+    } else if (mode == 0) {
         v = ref_task_loss(loss, y, T, C, labels, values) + aux;
     } else {
         v = 0;
-        for (i = 0; i < T * C; i++) v += y[i] * dy[i];
+        for (i = 0; i < T * C; i++)
+            if (y[i] != -INFINITY) v += y[i] * dy[i];  /* log pi of a component the router left out */
     }
-    (void)md;
     free(y);
     return v;
 }
@@ -349,6 +352,23 @@ static int test_hash(void) {
     return run_case(&gc);
 }
 
+static int test_gaussian_dense(void) {
+    grad_case gc = {"gaussian mixture k=E nll", 5, 12, 2, {
+        {.kind = MOE_LAYER_DENSE, .d_out = 6, .activation = MOE_ACT_TANH},
+        {.kind = MOE_LAYER_MOE, .expert = MOE_EXPERT_GAUSSIAN, .n_experts = 3, .d_out = 2, .d_hidden = 5,
+         .activation = MOE_ACT_TANH, .balance_loss = 0.1f, .z_loss = 0.05f, .importance_loss = 0.2f, .jitter = 0.1f}},
+        MOE_LOSS_MIXTURE_NLL, 1, 0, 0.0f};
+    return run_case(&gc);
+}
+
+static int test_gaussian_sparse(void) {
+    grad_case gc = {"gaussian top-2 of 4, mlp2", 5, 12, 1, {
+        {.kind = MOE_LAYER_MOE, .expert = MOE_EXPERT_GAUSSIAN, .n_experts = 4, .top_k = 2, .d_out = 3, .d_hidden = 4,
+         .n_hidden_layers = 2, .activation = MOE_ACT_GELU, .router_bias = MOE_FLAG_ON, .z_loss = 0.05f}},
+        MOE_LOSS_MIXTURE_NLL, 1, 0, 0.0f};
+    return run_case(&gc);
+}
+
 int main(void) {
     printf("test_grad\n");
     RUN(test_dense_activations);
@@ -365,5 +385,7 @@ int main(void) {
     RUN(test_call_top_k);
     RUN(test_call_top_p);
     RUN(test_hash);
+    RUN(test_gaussian_dense);
+    RUN(test_gaussian_sparse);
     TEST_END();
 }

@@ -14,7 +14,8 @@
    - backward: IN holds x and dy [T, d_out]; OUT gets y, dx [T, d_in] and grad.<name> for every
                tensor of the model: the gradients of sum(y * dy) at inference, without aux losses.
    - train:    DATA holds x and either labels [N] (I32 or I64, cross_entropy models) or y [N, d_out]
-               (float, mse and bce models). OUT is MODEL with the trained parameters; its
+               (float, mse and bce models; mixture_nll: y [N, d_out of the Gaussian-expert last
+               layer], the target, not the packed mixture). OUT is MODEL with the trained parameters; its
                configuration (optimizer settings and max_tokens included) is MODEL's.
                --checkpoint PATH saves a checkpoint every N steps (--every; default: every
                epoch) and, when PATH exists, resumes from it: the same command line then ends
@@ -305,8 +306,8 @@ static const char *name_of(const char *const *names, int count, int value) {
 static const char *const kind_names[] = {"default", "dense", "moe", "rmsnorm", "layernorm"};
 static const char *const act_names[] = {"default", "identity", "relu", "gelu", "silu", "tanh", "sigmoid"};
 static const char *const router_names[] = {"default", "topk", "noisy_topk", "switch", "sigmoid", "expert_choice", "hash"};
-static const char *const expert_names[] = {"default", "linear", "mlp", "swiglu"};
-static const char *const loss_names[] = {"default", "cross_entropy", "mse", "bce"};
+static const char *const expert_names[] = {"default", "linear", "mlp", "swiglu", "gaussian"};
+static const char *const loss_names[] = {"default", "cross_entropy", "mse", "bce", "mixture_nll"};
 static const char *const optimizer_names[] = {"default", "sgd", "adam", "adamw"};
 #define NAME(table, value) name_of(table, (int)(sizeof table / sizeof table[0]), (int)(value))
 
@@ -328,6 +329,8 @@ static void print_layer(int i, const moe_layer_desc *l) {
         else
             printf("        experts %s: d_hidden %lld, hidden_layers %d, activation %s, bias %s\n", NAME(expert_names, l->expert),
                    (long long)l->d_hidden, l->n_hidden_layers, NAME(act_names, l->activation), l->bias == MOE_FLAG_ON ? "yes" : "no");
+        if (l->expert == MOE_EXPERT_GAUSSIAN)
+            printf("        mixture density: output (log pi | means | log-stds) of width %lld\n", (long long)l->n_experts * (1 + 2 * l->d_out));
         if (l->router == MOE_ROUTER_SIGMOID)
             printf("        routed_scaling_factor %g, groups %d (top %d), bias_update_rate %g\n", (double)l->routed_scaling_factor,
                    l->n_groups, l->top_k_groups, (double)l->bias_update_rate);
@@ -528,6 +531,7 @@ static int read_dataset(tool *t, const char *path, const moe_model *m, dataset *
     int rc = 1;
     data->d_in = d->d_in;
     data->d_out = moe_model_d_out(m);
+    if (d->loss == MOE_LOSS_MIXTURE_NLL) data->d_out = d->layers[d->n_layers - 1].d_out;  /* y is the target, not the mixture */
     if (moe_tensor_file_read(&t->ctx, path, &f) != MOE_OK) return fail_lib(t, "cannot read data", path);
     if (!(data->x = read_matrix(t, f, path, "x", -1, data->d_in, &data->n))) goto done;
     if (d->loss != MOE_LOSS_CROSS_ENTROPY) {

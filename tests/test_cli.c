@@ -609,6 +609,48 @@ static int test_train_regression(void) {
     return 0;
 }
 
+/* A mixture density model from a moe.config: init, info, train on y [N, 1] (not the packed width),
+   forward gives the packed mixture [T, E (1 + 2 d_out)]. */
+static const char *mixture_config =
+    "{\"format\": \"moe.h\", \"version\": 1, \"d_in\": 2, \"loss\": \"mixture_nll\",\n"
+    " \"layers\": [{\"kind\": \"dense\", \"d_out\": 8, \"activation\": \"tanh\"},\n"
+    "             {\"kind\": \"moe\", \"d_out\": 1, \"experts\": 2, \"expert\": \"gaussian\", \"d_hidden\": 8}],\n"
+    " \"optimizer\": {\"kind\": \"adam\", \"lr\": 0.01}}\n";
+
+static int test_train_mixture(void) {
+    char cfg_path[1024], model_path[1024], data_path[1024], out_path[1024], in_path[1024], y_path[1024];
+    float x[REG_N * 2], y[REG_N];
+    double loss[32], acc[32];
+    moe_tensor_file *f = NULL;
+    int n, has_acc, i;
+    write_bytes(TMP(cfg_path, "mixture.json"), mixture_config, strlen(mixture_config));
+    CHECK_RUN_OK("init", cfg_path, TMP(model_path, "mixture.safetensors"));
+    CHECK_RUN_OK("info", model_path);
+    CHECK(strstr(tool_out, "gaussian") && strstr(tool_out, "mixture_nll") && strstr(tool_out, "width 6"),
+          "info misses the Gaussian experts, the loss or the mixture width:\n%s", tool_out);
+    /* two branches: y = +|x0| or -|x0| by the sign of a hidden coin */
+    fill_normal(x, REG_N * 2, 21, 1.0f);
+    for (i = 0; i < REG_N; i++) y[i] = (moe_rng_uniform(5, 6, (uint64_t)i) < 0.5f ? 1.0f : -1.0f) * fabsf(x[2 * i]);
+    write_tensors(TMP(data_path, "mixture_data.safetensors"),
+                  (const wtensor[]){{"x", MOE_DTYPE_F32, 2, {REG_N, 2}, x}, {"y", MOE_DTYPE_F32, 2, {REG_N, 1}, y}, {NULL, MOE_DTYPE_F32, 0, {0, 0}, NULL}});
+    CHECK_RUN_OK("train", model_path, data_path, TMP(out_path, "mixture_out.safetensors"), "--epochs", "12", "--batch", "16");
+    n = parse_epochs(tool_out, loss, acc, 32, &has_acc);
+    CHECK(n == 12 && !has_acc, "expected 12 epoch lines without accuracy, got %d:\n%s", n, tool_out);
+    if (n == 12) CHECK(loss[11] < loss[0] - 0.2, "the mixture NLL did not fall: %g -> %g", loss[0], loss[11]);
+    write_tensors(TMP(in_path, "mixture_in.safetensors"), (const wtensor[]){{"x", MOE_DTYPE_F32, 2, {4, 2}, x}, {NULL, MOE_DTYPE_F32, 0, {0, 0}, NULL}});
+    CHECK_RUN_OK("forward", out_path, in_path, TMP(y_path, "mixture_y.safetensors"));
+    CHECK_OK(moe_tensor_file_read(&ctx, y_path, &f), &ctx);
+    if (f) {
+        const moe_file_tensor *t = moe_tensor_file_find(f, "y");
+        CHECK(t && t->ndim == 2 && t->shape[0] == 4 && t->shape[1] == 6, "forward of a 2-component, 1-output mixture is not y [4, 6]");
+        moe_tensor_file_close(f);
+    }
+    /* training data with y of the packed width is refused */
+    write_tensors(data_path, (const wtensor[]){{"x", MOE_DTYPE_F32, 2, {2, 2}, x}, {"y", MOE_DTYPE_F32, 2, {2, 6}, y}, {NULL, MOE_DTYPE_F32, 0, {0, 0}, NULL}});
+    CHECK_FAILS(1, out_path, "train", model_path, data_path, out_path);
+    return 0;
+}
+
 /* ---- 4. init and info ---------------------------------------------------------------------- */
 static const char *init_config =
     "{\"format\": \"moe.h\", \"version\": 1, \"d_in\": 5, \"loss\": \"cross_entropy\",\n"
@@ -894,6 +936,7 @@ int main(int argc, char **argv) {
     RUN(test_train_classifier);
     RUN(test_train_checkpoint);
     RUN(test_train_regression);
+    RUN(test_train_mixture);
     RUN(test_init_info);
     RUN(test_usage);
     RUN(test_bad_files);

@@ -15,7 +15,7 @@
 static const char *const fixtures[] = {
     "dense_mlp", "dense_mse", "dense_bce", "topk2_swiglu_shared", "soft_mixture_mlp", "switch_capacity",
     "noisy_topk", "topk_norenorm_aux", "noisy_capacity_passthrough", "topk1_mlp3_residual",
-    "sigmoid_groups_bias", "expert_choice", "call_top_k_top_p", "hash_tokens",
+    "sigmoid_groups_bias", "expert_choice", "call_top_k_top_p", "hash_tokens", "gaussian_mixture",
 };
 
 static moe_ctx ctx;
@@ -97,8 +97,10 @@ static void run_fixture(const char *fixture) {
         target.labels = labels;
     }
     if ((tt = moe_tensor_file_find(f, "target")) != NULL) {
-        values = (float *)malloc(sizeof(float) * (size_t)(T * C));
-        CHECK_OK(moe_file_tensor_to_f32(&ctx, tt, values, T * C), &ctx);
+        /* the mixture NLL's target has the Gaussian layer's d_out, not the packed width */
+        int64_t TC = T * (md->loss == MOE_LOSS_MIXTURE_NLL ? md->layers[md->n_layers - 1].d_out : C);
+        values = (float *)malloc(sizeof(float) * (size_t)TC);
+        CHECK_OK(moe_file_tensor_to_f32(&ctx, tt, values, TC), &ctx);
         target.values = values;
     }
     for (l = 0; l < md->n_layers && l < 8; l++) {

@@ -83,7 +83,7 @@ def moe(d_in, d_out=None, **kw):
         "kind": "moe", "d_in": d_in, "d_out": d_in if d_out is None else d_out,
         "residual": kw.get("residual", False),
         "router": router, "experts": experts,
-        "top_k": kw.get("top_k", 1 if router == "switch" else min(2, experts)),
+        "top_k": kw.get("top_k", 1 if router == "switch" else experts if expert == "gaussian" else min(2, experts)),
         "renormalize": kw.get("renormalize", router not in ("switch", "expert_choice", "hash")),
         "router_bias": kw.get("router_bias", False),
         "expert": expert, "d_hidden": d_hidden,
@@ -123,11 +123,11 @@ def expert_shapes(prefix, c, n, hidden):
         out.append((prefix + "fc0.weight", [n, O, D], D))
         if c["bias"]:
             out.append((prefix + "fc0.bias", [n, O], D))
-    elif kind == "mlp":
+    elif kind in ("mlp", "gaussian"):
         L = c["hidden_layers"]
         for j in range(L + 1):
             fan_in = D if j == 0 else hidden
-            fan_out = O if j == L else hidden
+            fan_out = (2 * O if kind == "gaussian" else O) if j == L else hidden   # gaussian: mean | log-std
             out.append((prefix + "fc%d.weight" % j, [n, fan_out, fan_in], fan_in))
             if c["bias"]:
                 out.append((prefix + "fc%d.bias" % j, [n, fan_out], fan_in))
@@ -245,7 +245,7 @@ def experts_forward(P, prefix, c, x, chk):
         if bias:
             y = y + P[prefix + "fc0.bias"][:, None, :]
         return y
-    if kind == "mlp":
+    if kind in ("mlp", "gaussian"):
         L = c["hidden_layers"]
         a = torch.einsum("td,ehd->eth", x, P[prefix + "fc0.weight"])
         if bias:
@@ -438,15 +438,32 @@ def moe_forward(P, p, c, x, train, noise, chk, call, layer):
             if keep[t, si]:
                 kept_per_expert[int(sel[t, si])] += 1
     # step 5/6: experts and combine
-    fx = experts_forward(P, p + "experts.", c, x, chk)          # [E, T, O]
+    fx = experts_forward(P, p + "experts.", c, x, chk)          # [E, T, O] (gaussian: [E, T, 2 O])
     ar = torch.arange(T)
-    routed = torch.zeros(T, O)
-    for si in range(slots):
-        w = gates[:, si] * keep[:, si].double()
-        routed = routed + w[:, None] * fx[sel[:, si].clamp(min=0), ar]
-    if not c["residual"] and O == D:
-        routed = torch.where(dropped[:, None], x, routed)       # pass-through
-    y = x + routed if c["residual"] else routed
+    if c["expert"] == "gaussian":
+        # README 3.6: y = (log pi [E] | means [E, O] | log-stds [E, O]); unchosen: -inf, 0, 0
+        logpi = torch.full((T, E), -math.inf)
+        mean = torch.zeros(T, E, O)
+        logstd = torch.zeros(T, E, O)
+        for t in range(T):
+            for si in range(slots):
+                e = int(sel[t, si])
+                if e < 0:
+                    continue
+                logpi[t, e] = torch.log(gates[t, si])
+                mean[t, e] = fx[e, t, :O]
+                ls = fx[e, t, O:]
+                chk.min_fine_gap = min(chk.min_fine_gap, float((ls.detach().abs() - 10).abs().min()))
+                logstd[t, e] = torch.clamp(ls, -10, 10)
+        y = torch.cat([logpi, mean.reshape(T, E * O), logstd.reshape(T, E * O)], dim=1)
+    if c["expert"] != "gaussian":
+        routed = torch.zeros(T, O)
+        for si in range(slots):
+            w = gates[:, si] * keep[:, si].double()
+            routed = routed + w[:, None] * fx[sel[:, si].clamp(min=0), ar]
+        if not c["residual"] and O == D:
+            routed = torch.where(dropped[:, None], x, routed)   # pass-through
+        y = x + routed if c["residual"] else routed
     if c["shared_experts"] > 0:
         sx = experts_forward(P, p + "shared.", c, x, chk)       # [S, T, O]
         for j in range(c["shared_experts"]):
@@ -503,7 +520,15 @@ def model_forward(cfg, P, x, train, noises, chk, call=None):
     return h, auxes, stats
 
 
-def task_loss(kind, y, target):
+def task_loss(kind, y, target, last=None):
+    if kind == "mixture_nll":
+        # README 4: -log sum_e pi_e N(target; mu_e, diag sigma_e^2), mean over tokens
+        E, O = last["experts"], last["d_out"]
+        logpi, mu = y[:, :E], y[:, E:E + E * O].reshape(-1, E, O)
+        ls = y[:, E + E * O:].reshape(-1, E, O)
+        z = (target[:, None, :] - mu) * torch.exp(-ls)
+        logn = (-0.5 * z * z - ls - 0.5 * math.log(2 * math.pi)).sum(dim=2)
+        return -torch.logsumexp(logpi + logn, dim=1).mean()
     if kind == "cross_entropy":
         return (torch.logsumexp(y, dim=1) - y.gather(1, target[:, None].long())[:, 0]).mean()
     if kind == "mse":
@@ -515,7 +540,7 @@ def task_loss(kind, y, target):
 
 def train_objective(cfg, P, x, target, noises, chk, call=None):
     y, auxes, stats = model_forward(cfg, P, x, True, noises, chk, call)
-    loss = task_loss(cfg["loss"], y, target)
+    loss = task_loss(cfg["loss"], y, target, cfg["layers"][-1])
     aux_total = torch.zeros(())
     for i in sorted(auxes):
         for a in auxes[i]:
@@ -574,13 +599,15 @@ def build_case(name, cfg, T, seed, check=None, call_opts=None):
     x = torch.randn(T, d_in, generator=g, dtype=torch.float32).double()
     if cfg["loss"] == "cross_entropy":
         target = torch.randint(0, d_out, (T,), generator=g).to(torch.int32)
-    elif cfg["loss"] == "mse":
+    elif cfg["loss"] in ("mse", "mixture_nll"):
         target = torch.randn(T, d_out, generator=g, dtype=torch.float32).double()
     else:
         target = torch.rand(T, d_out, generator=g, dtype=torch.float32).double()
     noises = {i: torch.randn(T, c["experts"], generator=g, dtype=torch.float32).double()
               for i, c in enumerate(layers) if c["kind"] == "moe" and c["router"] == "noisy_topk"}
-    dy = torch.randn(T, d_out, generator=g, dtype=torch.float32).double()
+    last = layers[-1]
+    width = last["experts"] * (1 + 2 * d_out) if last.get("expert") == "gaussian" else d_out
+    dy = torch.randn(T, width, generator=g, dtype=torch.float32).double()
     call = dict(call_opts or {})
     if any(c["kind"] == "moe" and c["router"] == "hash" for c in layers):
         call["token_ids"] = torch.randint(-1000, 100000, (T,), generator=g).to(torch.int32)
@@ -838,6 +865,12 @@ CASES = [
                            expert="linear"),
                        dense(8, 4)], "cross_entropy"),
      20, check_dropped),
+    # mixture density (README 3.6, loss mixture_nll of README 4)
+    ("gaussian_mixture",
+     model_config(6, [dense(6, 10, "tanh"),
+                      moe(10, 2, router="topk", experts=3, expert="gaussian", d_hidden=8,
+                          activation="tanh", balance_loss=0.01, z_loss=0.001)], "mixture_nll"),
+     16, None),
 ]
 
 

@@ -100,9 +100,9 @@ def expected_params(cfg):
                     out[q + "fc0.weight"] = [n, O, D]
                     if c["bias"]:
                         out[q + "fc0.bias"] = [n, O]
-                elif c["expert"] == "mlp":
+                elif c["expert"] in ("mlp", "gaussian"):
                     L = c["hidden_layers"]
-                    dims = [D] + [H] * L + [O]
+                    dims = [D] + [H] * L + [2 * O if c["expert"] == "gaussian" else O]
                     for j in range(L + 1):
                         out[q + "fc%d.weight" % j] = [n, dims[j + 1], dims[j]]
                         if c["bias"]:
@@ -125,14 +125,15 @@ def expected_fixture(cfg, T, present):
     for n in ("call.top_k", "call.top_p"):     # optional per-call options
         if n in present:
             shapes[n] = [1]
-    d_in, d_out = cfg["d_in"], cfg["layers"][-1]["d_out"]
+    last = cfg["layers"][-1]
+    d_in, d_out = cfg["d_in"], last["d_out"]
     shapes["x"] = [T, d_in]
     if cfg["loss"] == "cross_entropy":
         shapes["labels"] = [T]
     else:
         shapes["target"] = [T, d_out]
-    for n in ["y", "dy", "eval.y"]:
-        shapes[n] = [T, d_out]
+    for n in ["y", "dy", "eval.y"]:   # Gaussian experts: the packed mixture E (1 + 2 d_out)
+        shapes[n] = [T, last["experts"] * (1 + 2 * d_out) if last.get("expert") == "gaussian" else d_out]
     shapes["loss"] = shapes["aux_loss"] = [1]
     shapes["dx"] = shapes["eval.dx"] = [T, d_in]
     for i, c in enumerate(cfg["layers"]):
@@ -171,7 +172,7 @@ def expert(P, q, c, e, v):
     b = c["bias"]
     if c["expert"] == "linear":
         return P[q + "fc0.weight"][e] @ v + (P[q + "fc0.bias"][e] if b else 0)
-    if c["expert"] == "mlp":
+    if c["expert"] in ("mlp", "gaussian"):
         a = v
         L = c["hidden_layers"]
         for j in range(L):
@@ -192,8 +193,21 @@ def cv2(v):
 def combine(P, p, c, X, slots, keep):
     """Steps 5-6: slots[t] = [(expert, gate)], keep[t] = [kept?]; pass-through and shared experts."""
     Y, tokens_per_expert, dropped = [], [0] * c["experts"], 0
+    E, O = c["experts"], c["d_out"]
     for t in range(len(X)):
         x = X[t]
+        if c["expert"] == "gaussian":          # README 3.6: (log pi | means | clamped log-stds)
+            lp = [torch.tensor(-math.inf)] * E
+            mu = [torch.zeros(O)] * E
+            ls = [torch.zeros(O)] * E
+            for (e, g), kp in zip(slots[t], keep[t]):
+                f = expert(P, p + "experts.", c, e, x)
+                lp[e] = torch.log(g)
+                mu[e] = f[:O]
+                ls[e] = torch.clamp(f[O:], -10.0, 10.0)
+                tokens_per_expert[e] += 1
+            Y.append(torch.cat([torch.stack(lp)] + mu + ls))
+            continue
         routed = torch.zeros(c["d_out"])
         for (e, g), kp in zip(slots[t], keep[t]):
             if kp:
@@ -377,8 +391,21 @@ def forward(cfg, P, x, train, noise, call):
     return h, auxes, stats
 
 
-def task_loss(kind, y, tgt):
+def task_loss(kind, y, tgt, last):
     T = y.shape[0]
+    if kind == "mixture_nll":                  # README 4, token by token, component by component
+        E, O = last["experts"], last["d_out"]
+        total = 0
+        for t in range(T):
+            terms = []
+            for e in range(E):
+                lv = y[t, e]
+                for j in range(O):
+                    mu, ls = y[t, E + e * O + j], y[t, E + E * O + e * O + j]
+                    lv = lv - 0.5 * ((tgt[t, j] - mu) / torch.exp(ls)) ** 2 - ls - 0.5 * math.log(2 * math.pi)
+                terms.append(lv)
+            total = total - torch.logsumexp(torch.stack(terms), 0)
+        return total / T
     if kind == "cross_entropy":
         return sum(torch.logsumexp(y[t], 0) - y[t, int(tgt[t])] for t in range(T)) / T
     if kind == "mse":
@@ -388,7 +415,7 @@ def task_loss(kind, y, tgt):
 
 def objectives(cfg, P, x, tgt, noise, call):
     y, auxes, stats = forward(cfg, P, x, True, noise, call)
-    loss = task_loss(cfg["loss"], y, tgt)
+    loss = task_loss(cfg["loss"], y, tgt, cfg["layers"][-1])
     aux = sum(sum(a) for a in auxes.values()) if auxes else torch.zeros(())
     return loss, aux, y, auxes, stats
 

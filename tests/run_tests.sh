@@ -161,6 +161,16 @@ else
     bad "embed: build the example and a model for it"
 fi
 
+echo "== mixture density example"
+# examples/mdn.c, shortened: every result line, an SVG, and a mixture NLL clearly below the
+# single-Gaussian reading of the MSE network (which cannot represent the three branches)
+if $CC $C99 -O2 -fopenmp examples/mdn.c -o "$OUT/mdn" -lm >> "$LOG" 2>&1; then
+    check "mdn: 60 epochs, test_nll at least 0.3 below the single-Gaussian baseline, SVG written" sh -c \
+        "$OUT/mdn $OUT/mdn.svg --epochs 60 > $OUT/mdn.txt && for k in test_nll test_nll_gaussian_baseline test_mse_baseline test_mse_mixture_mean test_mse_top_mean; do grep -q \"^\$k=\" $OUT/mdn.txt || exit 1; done && awk -F= '/^test_nll=/ { n = \$2 } /^test_nll_gaussian_baseline=/ { b = \$2 } END { exit !(n != \"\" && b != \"\" && n < b - 0.3) }' $OUT/mdn.txt && grep -q '</svg>' $OUT/mdn.svg"
+else
+    bad "mdn: build the example"
+fi
+
 echo "== README quick start"
 if sed -n '/<!-- quickstart -->/,/<!-- \/quickstart -->/p' README.md | sed '1,2d;$d' | sed '$d' > "$OUT/quickstart.c" && [ -s "$OUT/quickstart.c" ]; then
     check "README quick start compiles" $CC $C99 -O2 -fopenmp "$OUT/quickstart.c" -I. -o "$OUT/quickstart" -lm

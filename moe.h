@@ -64,7 +64,8 @@
      moe_ctx_desc       n_threads all OpenMP threads; seed 0; allocator MOE_MALLOC/MOE_FREE
      moe_layer_desc     kind dense; d_in the previous layer's width; d_out d_in; activation
                         identity (dense) / relu (MLP experts); bias on (SwiGLU experts: off);
-                        eps 1e-5; n_experts 4; top_k 2 (switch: 1); router top-k; expert MLP;
+                        eps 1e-5; n_experts 4; top_k 2 (switch: 1; Gaussian experts: n_experts);
+                        router top-k; expert MLP;
                         d_hidden d_in; n_hidden_layers 1; d_shared_hidden d_hidden; renormalize
                         on (switch, expert choice, hash: off); router_bias off; capacity_factor
                         1.25 for switch, 1 for expert choice, else 0 = unlimited; jitter and every
@@ -72,7 +73,8 @@
                         routed_scaling_factor 1, n_groups 1, top_k_groups n_groups,
                         bias_update_rate 0 (off); hash_seed 0
      moe_forward_opts   NULL or all zero: inference, the layers' top_k, no top_p, no token ids
-     moe_model_desc     loss cross-entropy; max_tokens 256; optimizer as below
+     moe_model_desc     loss cross-entropy (mixture NLL when the last layer has Gaussian experts);
+                        max_tokens 256; optimizer as below
      moe_optimizer_desc AdamW; lr 1e-3; beta1 0.9; beta2 0.999; eps 1e-8; everything else 0
    (Consequence: a field cannot be set to exactly 0 where 0 means a non-zero default, e.g. lr.)
 
@@ -306,7 +308,8 @@ MOEDEF const char *moe_ctx_error(const moe_ctx *ctx);
 typedef struct moe_layer_desc {
     moe_layer_kind kind;
     int64_t d_in;              /* input width; 0 inside a model: the previous layer's output width */
-    int64_t d_out;             /* output width; 0: d_in (norm layers always keep d_in) */
+    int64_t d_out;             /* output width; 0: d_in (norm layers always keep d_in; Gaussian
+                                  experts: the modelled dimensions, the output is E (1 + 2 d_out)) */
     moe_activation activation; /* dense: on the output; MLP experts: on every hidden layer */
     moe_flag bias;             /* biases of dense and expert linears (default on; SwiGLU: off) */
     int residual;              /* nonzero: y = x + layer(x); needs d_out == d_in */
@@ -314,7 +317,7 @@ typedef struct moe_layer_desc {
 
     /* MoE layers */
     int n_experts;             /* E (default 4) */
-    int top_k;                 /* k, 1..E (default 2, or E if E < 2; switch: 1) */
+    int top_k;                 /* k, 1..E (default 2, or E if E < 2; switch: 1; Gaussian experts: E) */
     moe_router router;
     moe_expert expert;
     int64_t d_hidden;          /* expert hidden width (default d_in) */
@@ -2909,7 +2912,7 @@ static void moe__router_backward_token(moe_layer *l, int64_t t, int aux, float b
 }
 
 /* Gaussian experts: dy [T, E (1 + 2 O)] into dgate (at log g of each chosen expert) and the expert
-   outputs' gradient (mean | log-std, zero where the clamp held the log-std). */
+   outputs' gradient (mean | log-std, zero where the clamp moved the log-std, as torch.clamp). */
 static void moe__gaussian_unpack_grad(moe_layer *l, const float *dy) {
     int64_t T = l->T, E = l->d.n_experts, K = l->slots, O = l->d.d_out, W = E * (1 + 2 * O), t;
     moe__bank *b = &l->bank[0];
@@ -2928,7 +2931,7 @@ static void moe__gaussian_unpack_grad(moe_layer *l, const float *dy) {
             for (j = 0; j < O; j++) {
                 float v = o[O + j];
                 dout[j] = dyt[E + e * O + j];
-                dout[O + j] = v > MOE_MIXTURE_LOG_STD_MIN && v < MOE_MIXTURE_LOG_STD_MAX ? dyt[E + E * O + e * O + j] : 0.0f;
+                dout[O + j] = v >= MOE_MIXTURE_LOG_STD_MIN && v <= MOE_MIXTURE_LOG_STD_MAX ? dyt[E + E * O + e * O + j] : 0.0f;
             }
         }
     }

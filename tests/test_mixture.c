@@ -157,6 +157,15 @@ static int test_model_output(void) {
         want += -(lse + log(s)) / 64;
     }
     CHECK(test_close(loss, want, 1e-5, 1e-6), "mixture NLL %.7g, direct formula %.7g", loss, want);
+    {   /* two tokens take the decode path (and bf16 weights): the same mixture, to rounding */
+        float few[2 * 20];
+        CHECK_OK(moe_model_forward(m, x, 2, few, NULL), &ctx);
+        CHECK(test_worst(few, out, 2 * 20, 1e-4, 1e-5, NULL) <= 1.0, "the decode path gives another mixture");
+        CHECK_OK(moe_model_quantize(m, MOE_DTYPE_BF16), &ctx);
+        CHECK_OK(moe_model_forward(m, x, 2, few, NULL), &ctx);
+        CHECK(test_worst(few, out, 2 * 20, 2e-2, 2e-2, NULL) <= 1.0, "bf16 expert weights give a far other mixture");
+        CHECK_OK(moe_model_quantize(m, MOE_DTYPE_F32), &ctx);
+    }
     /* per-call top_k 2: two components per token, the others -inf with zero mean and log-std */
     CHECK_OK(moe_model_forward(m, x, 64, out, &(moe_forward_opts){.top_k = 2}), &ctx);
     for (t = 0; t < 64; t++) {

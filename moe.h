@@ -393,7 +393,8 @@ typedef struct moe_tensor {
 
 MOEDEF moe_result moe_layer_create(moe_ctx *ctx, const moe_layer_desc *desc, int64_t max_tokens, moe_layer **out);
 MOEDEF void moe_layer_destroy(moe_layer *layer);
-/* x [T, d_in] -> y [T, d_out]. x and y must stay untouched until the matching backward. */
+/* x [T, d_in] -> y [T, d_out] (Gaussian experts: [T, E (1 + 2 d_out)]). x and y must stay untouched
+   until the matching backward. */
 MOEDEF moe_result moe_layer_forward(moe_layer *layer, const float *x, int64_t n_tokens, float *y, const moe_forward_opts *opts);
 /* dy [T, d_out] -> dx [T, d_in] (overwritten; NULL: not wanted). Parameter gradients accumulate. */
 MOEDEF moe_result moe_layer_backward(moe_layer *layer, const float *dy, float *dx, int flags);
@@ -3455,11 +3456,18 @@ static moe_result moe__mixture_nll(moe_ctx *ctx, const moe__exec *ex, const floa
     return MOE_OK;
 }
 
+/* Arguments of the mixture helpers: sizes, and every token with a component to use. */
 static moe_result moe__mixture_check(moe_ctx *ctx, const float *mixture, int64_t T, int E, int64_t O, const float *out) {
+    int64_t W = (int64_t)E * (1 + 2 * O), t, e;
     if (!ctx) return MOE_ERR_INVALID_ARGUMENT;
     if (!mixture || !out) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "mixture and out must not be NULL");
     if (T < 1 || E < 1 || !moe__dims_ok(O) || !moe__dims_ok((int64_t)E * (1 + 2 * O)))
         return moe__fail(ctx, MOE_ERR_SHAPE, "mixture of %lld tokens, %d components, d_out %lld: each must be at least 1", (long long)T, E, (long long)O);
+    for (t = 0; t < T; t++) {
+        int any = 0;
+        for (e = 0; e < E; e++) any |= mixture[t * W + e] > -INFINITY && mixture[t * W + e] <= FLT_MAX;
+        if (!any) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "mixture token %lld has no component with a finite log pi", (long long)t);
+    }
     return MOE_OK;
 }
 

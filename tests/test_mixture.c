@@ -279,6 +279,13 @@ static int test_errors(void) {
     CHECK_RESULT(moe_mixture_sample(&ctx, hand, 1, 0, 2, 0, out), MOE_ERR_SHAPE, &ctx);
     CHECK_RESULT(moe_mixture_sample(&ctx, hand, 1, 3, 0, 0, out), MOE_ERR_SHAPE, &ctx);
     CHECK_RESULT(moe_mixture_sample(NULL, hand, 1, 3, 2, 0, out), MOE_ERR_INVALID_ARGUMENT, &ctx);
+    {   /* a token without any component */
+        float none[W3];
+        memcpy(none, hand, sizeof none);
+        none[0] = none[1] = none[2] = -INFINITY;
+        CHECK_RESULT(moe_mixture_sample(&ctx, none, 1, E3, O2, 0, out), MOE_ERR_INVALID_ARGUMENT, &ctx);
+        CHECK_RESULT(moe_mixture_mean(&ctx, none, 1, E3, O2, out), MOE_ERR_INVALID_ARGUMENT, &ctx);
+    }
     return 0;
 }
 

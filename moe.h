@@ -70,7 +70,7 @@
                         1.25 for switch, 1 for expert choice, else 0 = unlimited; jitter and every
                         aux-loss coefficient 0 (off); max_top_k top_k; sigmoid router:
                         routed_scaling_factor 1, n_groups 1, top_k_groups n_groups,
-                        bias_update_rate 0 (off); hash_seed 0
+                        bias_update_rate 0 (off); hash_seed 0; shared_gate off
      moe_forward_opts   NULL or all zero: inference, the layers' top_k, no top_p, no token ids
      moe_model_desc     loss cross-entropy; max_tokens 256; optimizer as below
      moe_optimizer_desc AdamW; lr 1e-3; beta1 0.9; beta2 0.999; eps 1e-8; everything else 0
@@ -336,6 +336,9 @@ typedef struct moe_layer_desc {
     float bias_update_rate;    /* gamma of the selection-bias update after each optimizer step (default 0: off) */
     /* hash router */
     uint32_t hash_seed;        /* mixed with the token id and the layer index (default 0) */
+    /* shared experts */
+    moe_flag shared_gate;      /* on: shared expert q's output times sigmoid(x . g_q), g = "shared.gate.weight"
+                                  [n_shared_experts, d_in] (Qwen2-MoE; default off) */
 } moe_layer_desc;
 
 typedef struct moe_layer moe_layer;
@@ -1682,6 +1685,9 @@ struct moe_layer {
     float *group_score;         /* sigmoid with groups: [T, n_groups] */
     int32_t *group_sel;         /* sigmoid with groups: [T, n_groups] */
     float *bias_keep;           /* sigmoid: [E] the selection bias held across an optimizer step */
+    int64_t shared_gate_w;      /* shared_gate: offset of shared.gate.weight [S, D]; else -1 */
+    float *shared_gate_v;       /* shared_gate: [T, S] sigmoid(x g_q^T) of the last forward */
+    float *dshared_gate;        /* shared_gate: [T, S] gradient at the gate logits */
 };
 
 static int moe__flag(moe_flag f, int def) { return f == MOE_FLAG_DEFAULT ? def : f == MOE_FLAG_ON; }
@@ -1764,7 +1770,7 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
     if ((int)d.activation < 0 || d.activation >= MOE_ACT_COUNT)
         return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: unknown activation %d", where, (int)d.activation);
     if ((int)d.bias < 0 || d.bias >= MOE_FLAG_COUNT || (int)d.renormalize < 0 || d.renormalize >= MOE_FLAG_COUNT ||
-        (int)d.router_bias < 0 || d.router_bias >= MOE_FLAG_COUNT)
+        (int)d.router_bias < 0 || d.router_bias >= MOE_FLAG_COUNT || (int)d.shared_gate < 0 || d.shared_gate >= MOE_FLAG_COUNT)
         return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: a moe_flag field is out of range", where);
     if (d.kind == MOE_LAYER_DENSE) {
         if (d.activation == MOE_ACT_DEFAULT) d.activation = MOE_ACT_IDENTITY;
@@ -1806,6 +1812,9 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
         if (d.d_shared_hidden == 0) d.d_shared_hidden = d.d_hidden;
         if (!moe__dims_ok(d.d_shared_hidden))
             return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: d_shared_hidden out of range", where);
+        d.shared_gate = moe__flag(d.shared_gate, 0) ? MOE_FLAG_ON : MOE_FLAG_OFF;
+        if (d.shared_gate == MOE_FLAG_ON && d.n_shared_experts == 0)
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: shared_gate needs n_shared_experts > 0", where);
         d.renormalize = moe__flag(d.renormalize, d.router != MOE_ROUTER_SWITCH) ? MOE_FLAG_ON : MOE_FLAG_OFF;
         d.router_bias = moe__flag(d.router_bias, 0) ? MOE_FLAG_ON : MOE_FLAG_OFF;
         if (d.capacity_factor == 0.0f && d.router == MOE_ROUTER_SWITCH) d.capacity_factor = 1.25f;
@@ -1824,6 +1833,7 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
         d.renormalize = MOE_FLAG_DEFAULT; d.router_bias = MOE_FLAG_DEFAULT; d.capacity_factor = 0.0f;
         d.jitter = 0.0f; d.balance_loss = d.z_loss = d.importance_loss = d.load_loss = 0.0f;
         d.max_top_k = 0; d.routed_scaling_factor = 0.0f; d.n_groups = 0; d.top_k_groups = 0; d.bias_update_rate = 0.0f; d.hash_seed = 0;
+        d.shared_gate = MOE_FLAG_DEFAULT;
         if (d.kind != MOE_LAYER_DENSE) { d.activation = MOE_ACT_DEFAULT; d.bias = MOE_FLAG_DEFAULT; }
     }
     if (d.kind != MOE_LAYER_RMSNORM && d.kind != MOE_LAYER_LAYERNORM) d.eps = 0.0f;
@@ -1910,6 +1920,7 @@ static void moe__layer_plan(moe_layer *l) {
     l->n_tensors = 0;
     l->n_params = 0;
     l->n_banks = 0;
+    l->shared_gate_w = -1;
     switch (d->kind) {
     case MOE_LAYER_DENSE:
         l->lin = moe__add_linear(l, "", 0, d->d_in, d->d_out, d->bias == MOE_FLAG_ON, MOE__INIT_UNIFORM);
@@ -1937,6 +1948,9 @@ static void moe__layer_plan(moe_layer *l) {
         if (d->n_shared_experts > 0) {
             moe__bank_plan(l, &l->bank[1], "shared", d->n_shared_experts, d->d_shared_hidden, T * d->n_shared_experts);
             l->n_banks = 2;
+            if (d->shared_gate == MOE_FLAG_ON)
+                l->shared_gate_w = moe__add_tensor(l, "shared.gate.weight", 2, d->n_shared_experts, d->d_in, 0, MOE__INIT_UNIFORM,
+                                                   1.0f / sqrtf((float)d->d_in));
         }
         break;
     }
@@ -1983,6 +1997,8 @@ static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scra
         l->group_score = sigmoid && d->n_groups > 1 ? MOE__CARVE(saved, float, T * d->n_groups) : NULL;
         l->group_sel = sigmoid && d->n_groups > 1 ? MOE__CARVE(saved, int32_t, T * d->n_groups) : NULL;
         l->bias_keep = sigmoid ? MOE__CARVE(saved, float, E) : NULL;
+        l->shared_gate_v = l->shared_gate_w >= 0 ? MOE__CARVE(saved, float, T * d->n_shared_experts) : NULL;
+        l->dshared_gate = l->shared_gate_w >= 0 ? MOE__CARVE(scratch, float, T * d->n_shared_experts) : NULL;
         l->xr = d->jitter > 0.0f ? MOE__CARVE(saved, float, T * D) : NULL;
         l->clean = MOE__CARVE(saved, float, T * E);
         l->raw = noisy ? MOE__CARVE(saved, float, T * E) : NULL;
@@ -2757,6 +2773,13 @@ static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, 
     /* 5. every expert's rows, stage by stage, in tiles over all experts */
     for (q = 0; q < moe__bank_stages(&l->bank[0]); q++)
         moe__run_step(l, moe__use_decode(l, T) ? moe__plan_decode(l, q) : moe__plan_step(l, 0, q, 0), x);
+    /* shared-expert gates sigmoid(x G^T) [T, S] */
+    if (l->shared_gate_v) {
+        int64_t S = d->n_shared_experts;
+        g = moe__gemm_make(MOE__NT, T, S, D, moe__mat_of(x, D), moe__mat_of(moe__w(l, l->shared_gate_w), D), l->shared_gate_v, S, 0, NULL);
+        moe__gemm_run(&l->ex, &g);
+        for (i = 0; i < T * S; i++) l->shared_gate_v[i] = moe__sigmoid(l->shared_gate_v[i]);
+    }
     /* 6. combine in slot order, then shared experts */
     MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)O * (double)(K + l->n_banks))
     for (t = 0; t < T; t++) {
@@ -2776,7 +2799,8 @@ static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, 
         if (l->n_banks > 1)
             for (q = 0; q < l->bank[1].n; q++) {
                 const float *o = l->bank[1].out + (q * T + t) * O;
-                for (j = 0; j < O; j++) yt[j] += o[j];
+                float gq = l->shared_gate_v ? l->shared_gate_v[t * l->bank[1].n + q] : 1.0f;
+                for (j = 0; j < O; j++) yt[j] += gq * o[j];
             }
     }
 }
@@ -2861,8 +2885,16 @@ static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flag
             l->dgate[t * K + s] = acc;
         }
         if (l->n_banks > 1)
-            for (q = 0; q < l->bank[1].n; q++)
-                memcpy(l->bank[1].dz[l->bank[1].n_linears - 1] + (q * T + t) * O, dyt, (size_t)O * sizeof(float));
+            for (q = 0; q < l->bank[1].n; q++) {
+                float *dout = l->bank[1].dz[l->bank[1].n_linears - 1] + (q * T + t) * O;
+                const float *o = l->bank[1].out + (q * T + t) * O;
+                int64_t S = l->bank[1].n;
+                float gq, acc = 0.0f;
+                if (!l->shared_gate_v) { memcpy(dout, dyt, (size_t)O * sizeof(float)); continue; }
+                gq = l->shared_gate_v[t * S + q];
+                for (j = 0; j < O; j++) { acc += dyt[j] * o[j]; dout[j] = gq * dyt[j]; }
+                l->dshared_gate[t * S + q] = acc * gq * (1.0f - gq);  /* sigmoid' = g (1 - g) */
+            }
     }
     if (aux && d->importance_loss > 0.0f) {
         moe__cv2(l->importance, E, l->dimportance);
@@ -2885,6 +2917,11 @@ static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flag
     if (l->router.b >= 0) moe__colsum_acc(&l->ex, l->dclean, T, E, E, moe__g(l, l->router.b));
     if (noisy) {
         g = moe__gemm_make(MOE__TN, E, D, T, moe__mat_of(l->dstd, E), moe__mat_of(l->u, D), moe__g(l, l->noise.w), D, 1, NULL);
+        moe__gemm_run(&l->ex, &g);
+    }
+    if (l->shared_gate_v) {  /* the gates read x itself, never the jittered router input */
+        g = moe__gemm_make(MOE__TN, d->n_shared_experts, D, T, moe__mat_of(l->dshared_gate, d->n_shared_experts), moe__mat_of(l->x, D),
+                           moe__g(l, l->shared_gate_w), D, 1, NULL);
         moe__gemm_run(&l->ex, &g);
     }
     if (!dx) return;
@@ -2919,6 +2956,11 @@ static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flag
                 for (q = 0; q < l->bank[1].n; q++) {
                     const float *v = l->bank[1].dxr + (q * T + t) * D;
                     for (j = 0; j < D; j++) dxt[j] += v[j];
+                    if (l->shared_gate_v) {
+                        const float *gw = moe__w(l, l->shared_gate_w) + q * D;
+                        float c = l->dshared_gate[t * l->bank[1].n + q];
+                        for (j = 0; j < D; j++) dxt[j] += c * gw[j];
+                    }
                 }
             for (j = 0; j < D; j++) {
                 float v = l->dxu[t * D + j];
@@ -4675,6 +4717,7 @@ static void moe__config_write(const moe_model *m, moe__sb *b) {
                 moe__sb_float(b, l->bias_update_rate);
             }
             if (l->router == MOE_ROUTER_HASH) moe__sb_printf(b, ",\"hash_seed\":%lu", (unsigned long)l->hash_seed);
+            if (l->shared_gate == MOE_FLAG_ON) moe__sb_str(b, ",\"shared_gate\":true");
         }
         moe__sb_str(b, "}");
     }
@@ -4738,6 +4781,7 @@ static const moe__field moe__layer_fields[] = {
     MOE__LF("top_k_groups", MOE__F_INT, top_k_groups, NULL, 0, MOE__K_MOE),
     MOE__LF("bias_update_rate", MOE__F_FLOAT, bias_update_rate, NULL, 0, MOE__K_MOE),
     MOE__LF("hash_seed", MOE__F_U32, hash_seed, NULL, 0, MOE__K_MOE),
+    MOE__LF("shared_gate", MOE__F_FLAG, shared_gate, NULL, 0, MOE__K_MOE),
 };
 
 #define MOE__OF(name, type, field, names, n) {name, type, offsetof(moe_optimizer_desc, field), names, n, 0}

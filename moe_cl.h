@@ -1682,6 +1682,7 @@ static const char *moe__cl_unsupported(const moe_layer *l) {
     if (d->router == MOE_ROUTER_NOISY_TOPK) return "the noisy top-k router";
     if (d->router != MOE_ROUTER_TOPK && d->router != MOE_ROUTER_SWITCH) return "this router (the device runs top-k and switch)";
     if (d->max_top_k > d->top_k) return "max_top_k (per-call k)";
+    if (d->shared_gate == MOE_FLAG_ON) return "gated shared experts (shared_gate)";
     return NULL;
 }
 

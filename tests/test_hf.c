@@ -9,7 +9,7 @@
 #ifndef TMP_DIR
 #define TMP_DIR "build/tmp_test_hf"
 #endif
-#define FIXTURE_DIR "tests/ref"
+#define FIXTURE_DIR "tests/ref/hf"
 /* fixture outputs are float64 results stored as float32 (|y| < 1); our float32 forward differs by
    rounding only (measured: <= 1.2e-7) */
 #define HF_RTOL 1e-4
@@ -38,11 +38,11 @@ static int fixture_open(int c, fixture *fx) {
     char path[256];
     const moe_file_tensor *x, *y;
     memset(fx, 0, sizeof *fx);
-    snprintf(path, sizeof path, "%s/hf_%s.safetensors", FIXTURE_DIR, cases[c]);
+    snprintf(path, sizeof path, "%s/%s.safetensors", FIXTURE_DIR, cases[c]);
     if (moe_tensor_file_read(&ctx, path, &fx->file) != MOE_OK) { fprintf(stderr, "%s\n", moe_ctx_error(&ctx)); return 0; }
-    snprintf(path, sizeof path, "%s/hf_%s.io.safetensors", FIXTURE_DIR, cases[c]);
+    snprintf(path, sizeof path, "%s/%s.io.safetensors", FIXTURE_DIR, cases[c]);
     if (moe_tensor_file_read(&ctx, path, &fx->io) != MOE_OK) return 0;
-    snprintf(path, sizeof path, "%s/hf_%s.config.json", FIXTURE_DIR, cases[c]);
+    snprintf(path, sizeof path, "%s/%s.config.json", FIXTURE_DIR, cases[c]);
     if (!(fx->config = read_text(path))) return 0;
     x = moe_tensor_file_find(fx->io, "x");
     y = moe_tensor_file_find(fx->io, "y");
@@ -292,7 +292,7 @@ static int test_bad_files(void) {
     /* truncated and damaged files never get as far as the importer */
     {
         char path[256];
-        snprintf(path, sizeof path, "%s/hf_qwen2_moe.safetensors", FIXTURE_DIR);
+        snprintf(path, sizeof path, "%s/qwen2_moe.safetensors", FIXTURE_DIR);
         bytes = test_read_file(path, &size);
     }
     CHECK(bytes != NULL, "read the fixture");

@@ -5,13 +5,13 @@ Usage:
 
     /usr/bin/python3 tests/ref/gen_hf.py [outdir]
 
-For each case (mixtral, qwen2_moe, deepseek_v3) it writes, into `outdir` (default: this
-script's directory):
+For each case (mixtral, qwen2_moe, deepseek_v3) it writes, into `outdir` (default: tests/ref/hf/,
+a folder of its own, so that the tools that walk tests/ref/*.safetensors never see these files):
 
-    hf_<case>.safetensors     a checkpoint fragment with the block under Hugging Face's names
+    <case>.safetensors        a checkpoint fragment with the block under Hugging Face's names
                               (plus a few unrelated tensors the importer must skip)
-    hf_<case>.config.json     the model's config.json (the keys the block's equations read)
-    hf_<case>.io.safetensors  x [T, d] (F32) and the block's output y [T, d] (F32)
+    <case>.config.json        the model's config.json (the keys the block's equations read)
+    <case>.io.safetensors     x [T, d] (F32) and the block's output y [T, d] (F32)
 
 The blocks are written here from the models' published equations, not from moe.h or its README:
 
@@ -216,19 +216,19 @@ CASES = [("mixtral", case_mixtral), ("qwen2_moe", case_qwen2_moe), ("deepseek_v3
 
 
 def main():
-    out = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))
+    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf")
     for i, (name, make) in enumerate(CASES):
         g = torch.Generator().manual_seed(1000 + i)
         tensors, config, prefix, (d, T), block = make(g)
-        W = save(os.path.join(out, "hf_%s.safetensors" % name), tensors)
-        with open(os.path.join(out, "hf_%s.config.json" % name), "w") as f:
+        W = save(os.path.join(out, "%s.safetensors" % name), tensors)
+        with open(os.path.join(out, "%s.config.json" % name), "w") as f:
             json.dump(config, f, indent=2)
             f.write("\n")
         run = block(W)
         # inputs are float32 values, so the C side reads exactly these
         x, y = pick_tokens(lambda: uniform(g, (2 * T, d), 2.0).to(torch.float32).to(torch.float64), run, T)
-        save(os.path.join(out, "hf_%s.io.safetensors" % name), [("x", "F32", x), ("y", "F32", y)])
-        print("hf_%s: block %s, T=%d, |y|max=%.3f" % (name, prefix, T, float(y.abs().max())))
+        save(os.path.join(out, "%s.io.safetensors" % name), [("x", "F32", x), ("y", "F32", y)])
+        print("%s: block %s, T=%d, |y|max=%.3f" % (name, prefix, T, float(y.abs().max())))
 
 
 if __name__ == "__main__":

@@ -75,6 +75,9 @@
      moe_forward_opts   NULL or all zero: inference, the layers' top_k, no top_p, no token ids
      moe_model_desc     loss cross-entropy; max_tokens 256; optimizer as below
      moe_optimizer_desc AdamW; lr 1e-3; beta1 0.9; beta2 0.999; eps 1e-8; everything else 0
+     moe_hf_desc        arch from config.json's model_type, else the tensor names; prefix the
+                        lowest-numbered MoE block; top_k, norm_topk_prob, groups and scaling
+                        from config.json (README "Importing Hugging Face MoE blocks")
    (Consequence: a field cannot be set to exactly 0 where 0 means a non-zero default, e.g. lr.)
 
    MEMORY

@@ -56,7 +56,8 @@
    balance and z losses), linear, MLP and SwiGLU experts, shared experts; the three losses; SGD,
    Adam and AdamW with clipping and the schedule, router jitter (its factors drawn on the host
    from the same random streams as the CPU), the importance loss. Not yet: the noisy top-k router
-   (and its load loss): moe_cl_model_upload returns MOE_ERR_UNSUPPORTED naming the layer.
+   (and its load loss), gated shared experts (shared_gate): moe_cl_model_upload returns
+   MOE_ERR_UNSUPPORTED naming the layer.
 
    The device model is a copy: train it, then moe_cl_model_download to bring parameters,
    gradients and optimizer state back into the moe_model (to save it, or go on on the CPU).

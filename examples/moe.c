@@ -364,7 +364,8 @@ static void print_layer(int i, const moe_layer_desc *l) {
         if (l->router == MOE_ROUTER_HASH) printf("        hash_seed %lu\n", (unsigned long)l->hash_seed);
         if (l->max_top_k != l->top_k) printf("        max_top_k %d\n", l->max_top_k);
         if (l->n_shared_experts > 0)
-            printf("        shared experts %d: d_shared_hidden %lld\n", l->n_shared_experts, (long long)l->d_shared_hidden);
+            printf("        shared experts %d: d_shared_hidden %lld%s\n", l->n_shared_experts, (long long)l->d_shared_hidden,
+                   l->shared_gate == MOE_FLAG_ON ? ", gated by sigmoid(x . shared.gate)" : "");
         printf("        aux losses: balance %g, z %g, importance %g, load %g\n", (double)l->balance_loss, (double)l->z_loss,
                (double)l->importance_loss, (double)l->load_loss);
     }

@@ -914,6 +914,10 @@ static int test_import(void) {
         }
         moe_tensor_file_close(f);
         moe_tensor_file_close(ref);
+        if (c == 1) {
+            CHECK_RUN_OK("info", model);
+            CHECK(strstr(tool_out, "gated") && strstr(tool_out, "layers.0.shared.gate.weight"), "info of the qwen2_moe model:\n%s", tool_out);
+        }
         if (c == 0) {  /* without config.json: the block of --layer 1 with --top-k 2 is the same model */
             CHECK_RUN_OK("import", src, TMP(model2, "hf_model2.safetensors"), "--layer", "1", "--top-k", "2");
             CHECK(test_same_files(model, model2), "mixtral: --layer 1 --top-k 2 gave another file than --config");

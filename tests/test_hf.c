@@ -116,6 +116,82 @@ static int test_blocks(void) {
     return 0;
 }
 
+/* Our tensor (and expert index) for a block tensor named rel relative to the block prefix. */
+static int our_tensor(const char *rel, char *ours, size_t cap, int *index) {
+    static const char *const projs[6] = {"w1", "w3", "w2", "gate_proj", "up_proj", "down_proj"};
+    static const char *const mine[3] = {"w1", "w3", "w2"};
+    char proj[32];
+    int e, n = 0, j;
+    *index = 0;
+    if (strcmp(rel, "gate.weight") == 0) { snprintf(ours, cap, "router.weight"); return 1; }
+    if (strcmp(rel, "gate.e_score_correction_bias") == 0) { snprintf(ours, cap, "router.selection_bias"); return 1; }
+    if (strcmp(rel, "shared_expert_gate.weight") == 0) { snprintf(ours, cap, "shared.gate.weight"); return 1; }
+    if (sscanf(rel, "experts.%d.%31[a-z_0-9].weight%n", &e, proj, &n) == 2 && rel[n] == 0) *index = e;
+    else if (sscanf(rel, "shared_expert.%31[a-z_0-9].weight%n", proj, &n) == 1 && rel[n] == 0) e = -1;
+    else if (sscanf(rel, "shared_experts.%31[a-z_0-9].weight%n", proj, &n) == 1 && rel[n] == 0) e = -1;
+    else return 0;
+    for (j = 0; j < 6; j++)
+        if (strcmp(proj, projs[j]) == 0) { snprintf(ours, cap, "%s.%s.weight", e >= 0 ? "experts" : "shared", mine[j % 3]); return 1; }
+    return 0;
+}
+
+/* Backward of sum(y * dy) after an inference forward: dx and every parameter gradient against
+   PyTorch's autograd through the same block (routing choices constant). */
+static int test_gradients(void) {
+    int c;
+    for (c = 0; c < 3; c++) {
+        fixture fx;
+        moe_hf_desc hd;
+        moe_layer *l = NULL;
+        int64_t n = 0, i, where;
+        float *y, *dy, *dx, *want;
+        int checked = 0;
+        if (!fixture_open(c, &fx)) { CHECK(0, "fixture %s missing", cases[c]); fixture_close(&fx); continue; }
+        memset(&hd, 0, sizeof hd);
+        hd.config_json = fx.config;
+        n = fx.T * fx.d;
+        y = (float *)malloc(sizeof(float) * (size_t)n);
+        dy = (float *)malloc(sizeof(float) * (size_t)n);
+        dx = (float *)malloc(sizeof(float) * (size_t)n);
+        want = (float *)malloc(sizeof(float) * 4096);
+        CHECK_OK(moe_layer_import_hf(&ctx, fx.file, &hd, fx.T, &l), &ctx);
+        CHECK_OK(moe_file_tensor_to_f32(&ctx, moe_tensor_file_find(fx.io, "dy"), dy, n), &ctx);
+        if (l) {
+            CHECK_OK(moe_layer_forward(l, fx.x, fx.T, y, NULL), &ctx);
+            CHECK_OK(moe_layer_backward(l, dy, dx, 0), &ctx);
+            CHECK_OK(moe_file_tensor_to_f32(&ctx, moe_tensor_file_find(fx.io, "dx"), want, n), &ctx);
+            CHECK(test_worst(dx, want, (long)n, HF_RTOL, HF_ATOL, &where) <= 1.0, "%s: dx[%ld] %.8f, PyTorch %.8f", cases[c], where,
+                  where >= 0 ? dx[where] : 0.0, where >= 0 ? want[where] : 0.0);
+            for (i = 0; i < moe_tensor_file_count(fx.io); i++) {
+                const moe_file_tensor *t = moe_tensor_file_get(fx.io, i);
+                char ours[64];
+                int index, k;
+                int64_t m = t->ndim == 2 ? t->shape[0] * t->shape[1] : t->shape[0];
+                if (strncmp(t->name, "grad.", 5) != 0) continue;
+                CHECK(our_tensor(t->name + 5, ours, sizeof ours, &index), "%s: %s maps to no tensor", cases[c], t->name);
+                if (m > 4096 || moe_file_tensor_to_f32(&ctx, t, want, m) != MOE_OK) { CHECK(0, "%s: %s", cases[c], t->name); continue; }
+                for (k = 0; k < moe_layer_tensor_count(l); k++) {
+                    moe_tensor lt;
+                    moe_layer_tensor(l, k, &lt);
+                    if (strcmp(lt.name, ours) != 0) continue;
+                    CHECK(test_worst(lt.grad + index * m, want, (long)m, HF_RTOL, HF_ATOL, &where) <= 1.0,
+                          "%s: d/d %s[%d] (%s) element %ld: %.8f, PyTorch %.8f", cases[c], ours, index, t->name, where,
+                          where >= 0 ? lt.grad[index * m + where] : 0.0, where >= 0 ? want[where] : 0.0);
+                    checked++;
+                }
+            }
+            CHECK(checked >= 3 * moe_layer_get_desc(l)->n_experts + 1, "%s: only %d gradients compared", cases[c], checked);
+        }
+        moe_layer_destroy(l);
+        free(y);
+        free(dy);
+        free(dx);
+        free(want);
+        fixture_close(&fx);
+    }
+    return 0;
+}
+
 /* What maps to what: the layer's desc and a few tensors against the file's. */
 static int test_mapping(void) {
     fixture fx;
@@ -313,6 +389,7 @@ int main(void) {
     RUN(test_blocks);
     moe_ctx_init(&ctx, NULL);
     RUN(test_mapping);
+    RUN(test_gradients);
     RUN(test_without_config);
     RUN(test_bad_config);
     RUN(test_bad_files);

@@ -11,7 +11,9 @@ a folder of its own, so that the tools that walk tests/ref/*.safetensors never s
     <case>.safetensors        a checkpoint fragment with the block under Hugging Face's names
                               (plus a few unrelated tensors the importer must skip)
     <case>.config.json        the model's config.json (the keys the block's equations read)
-    <case>.io.safetensors     x [T, d] (F32) and the block's output y [T, d] (F32)
+    <case>.io.safetensors     x [T, d] (F32), the block's output y [T, d], and for the objective
+                              sum(y * dy) with the stored dy [T, d]: dx and grad.<name> for every
+                              tensor of the block, <name> relative to the block prefix (all F32)
 
 The blocks are written here from the models' published equations, not from moe.h or its README:
 
@@ -89,24 +91,21 @@ def gap_ok(keys, k):
 
 def softmax_block(x, W, experts, k, norm):
     p = torch.softmax(x @ W["gate"].T, dim=-1)
-    y = torch.zeros_like(x)
-    ok = []
+    rows, ok = [], []
     for t in range(x.shape[0]):
-        ok.append(gap_ok(p[t], k))
+        ok.append(gap_ok(p[t].detach(), k))
         val, idx = torch.topk(p[t], k)
         if norm:
             val = val / val.sum()
-        for v, e in zip(val.tolist(), idx.tolist()):
-            y[t] += v * swiglu(x[t], *experts[e])
-    return y, ok
+        rows.append(sum(val[j] * swiglu(x[t], *experts[int(idx[j])]) for j in range(k)))
+    return torch.stack(rows), ok
 
 
 def deepseek_block(x, W, experts, k, n_group, topk_group, norm, scale):
     s = torch.sigmoid(x @ W["gate"].T)
-    biased = s + W["bias"]
+    biased = (s + W["bias"]).detach()  # the selection keys: they choose, they carry no gradient
     E = s.shape[1]
-    y = torch.zeros_like(x)
-    ok = []
+    rows, ok = [], []
     for t in range(x.shape[0]):
         groups = biased[t].view(n_group, E // n_group)
         gscore = torch.topk(groups, 2, dim=-1).values.sum(-1)
@@ -121,9 +120,8 @@ def deepseek_block(x, W, experts, k, n_group, topk_group, norm, scale):
         if norm:
             w = w / (w.sum() + 1e-20)
         w = w * scale
-        for v, e in zip(w.tolist(), idx.tolist()):
-            y[t] += v * swiglu(x[t], *experts[e])
-    return y, ok
+        rows.append(sum(w[j] * swiglu(x[t], *experts[int(idx[j])]) for j in range(k)))
+    return torch.stack(rows), ok
 
 
 def pick_tokens(make_x, block, T):
@@ -226,8 +224,18 @@ def main():
             f.write("\n")
         run = block(W)
         # inputs are float32 values, so the C side reads exactly these
-        x, y = pick_tokens(lambda: uniform(g, (2 * T, d), 2.0).to(torch.float32).to(torch.float64), run, T)
-        save(os.path.join(out, "%s.io.safetensors" % name), [("x", "F32", x), ("y", "F32", y)])
+        with torch.no_grad():
+            x, _ = pick_tokens(lambda: uniform(g, (2 * T, d), 2.0).to(torch.float32).to(torch.float64), run, T)
+        dy = uniform(g, (T, d), 1.0).to(torch.float32).to(torch.float64)
+        x.requires_grad_(True)
+        for t in W.values():
+            t.requires_grad_(True)
+        y, _ = run(x)
+        (y * dy).sum().backward()
+        io = [("x", "F32", x.detach()), ("y", "F32", y.detach()), ("dy", "F32", dy), ("dx", "F32", x.grad)]
+        io += [("grad." + n[len(prefix):], "F32", t.grad if t.grad is not None else torch.zeros_like(t))
+               for n, t in W.items() if n.startswith(prefix)]
+        save(os.path.join(out, "%s.io.safetensors" % name), io)
         print("%s: block %s, T=%d, |y|max=%.3f" % (name, prefix, T, float(y.abs().max())))
 
 

@@ -578,8 +578,8 @@ typedef struct moe_hf_desc {
                                   "model.layers.3." (NULL: the lowest-numbered MoE block in the file) */
     /* override config.json (0: its value) */
     int top_k;                 /* num_experts_per_tok */
-    moe_flag norm_topk_prob;   /* renormalise the k gates (Mixtral: always; default: config, else off
-                                  for Qwen2-MoE, on for DeepSeek-V3) */
+    moe_flag norm_topk_prob;   /* renormalise the k gates (default: config.json's, else off for
+                                  Qwen2-MoE, on for DeepSeek-V3; Mixtral: on) */
     int n_groups;              /* DeepSeek-V3 n_group (default: config, else 1) */
     int top_k_groups;          /* DeepSeek-V3 topk_group (default: config, else n_groups) */
     float routed_scaling_factor; /* DeepSeek-V3 (default: config, else 1) */
@@ -5554,14 +5554,18 @@ static moe_result moe__hf_plan_json(moe_ctx *ctx, const moe_tensor_file *f, cons
     MOE__TRY(moe__hf_cfg_size(ctx, j, "hidden_size", D, what));
     snprintf(what, sizeof what, "%sexperts.0.%s.weight", P, moe__hf_proj(arch, 0));
     MOE__TRY(moe__hf_cfg_size(ctx, j, arch == MOE_HF_MIXTRAL ? "intermediate_size" : "moe_intermediate_size", H, what));
-    if (sw1 && arch == MOE_HF_QWEN2_MOE) MOE__TRY(moe__hf_cfg_size(ctx, j, "shared_expert_intermediate_size", sw1->shape[0], "the shared expert"));
+    if (arch != MOE_HF_MIXTRAL) {  /* a shared-expert size in config.json needs the tensors, of that width */
+        const char *key = arch == MOE_HF_QWEN2_MOE ? "shared_expert_intermediate_size" : "n_shared_experts";
+        if ((got = moe__hf_cfg_int(ctx, j, key, 0, INT64_C(1) << 40, &v, &r)) < 0) return r;
+        if (arch == MOE_HF_DEEPSEEK_V3) v *= H;
+        if (got && v > 0 && !sw1)
+            return moe__fail(ctx, MOE_ERR_FORMAT, "config.json has %s but the file has no tensor \"%s\"", key, name);
+        if (got && sw1 && v != sw1->shape[0])
+            return moe__fail(ctx, MOE_ERR_SHAPE, "config.json: %s gives shared experts %lld wide, the file %lld", key, (long long)v, (long long)sw1->shape[0]);
+    }
     if (arch == MOE_HF_DEEPSEEK_V3) {
         MOE__TRY(moe__hf_cfg_is(ctx, j, "scoring_func", "sigmoid"));
         MOE__TRY(moe__hf_cfg_is(ctx, j, "topk_method", "noaux_tc"));
-        if (sw1 && moe__hf_cfg_int(ctx, j, "n_shared_experts", 1, 1 << 20, &v, &r) > 0 && v * H != sw1->shape[0])
-            return moe__fail(ctx, MOE_ERR_SHAPE, "config.json: n_shared_experts %lld x moe_intermediate_size %lld but the shared experts are %lld wide",
-                             (long long)v, (long long)H, (long long)sw1->shape[0]);
-        if (r != MOE_OK) return r;
     }
     memset(d, 0, sizeof *d);
     d->kind = MOE_LAYER_MOE;

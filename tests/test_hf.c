@@ -309,6 +309,26 @@ static int test_bad_config(void) {
     hd.arch = MOE_HF_ARCH_DEFAULT;
     CHECK_RESULT(moe_layer_import_hf(&ctx, NULL, &hd, 4, &l), MOE_ERR_INVALID_ARGUMENT, &ctx);
     fixture_close(&fx);
+    if (fixture_open(2, &fx)) {  /* DeepSeek-V3: config.json against the shared experts and the routing it needs */
+        static const struct { const char *from, *to; moe_result want; } edits[] = {
+            {"\"n_shared_experts\": 2", "\"n_shared_experts\": 3", MOE_ERR_SHAPE},
+            {"\"scoring_func\": \"sigmoid\"", "\"scoring_func\": \"softmax\"", MOE_ERR_UNSUPPORTED},
+            {"\"topk_method\": \"noaux_tc\"", "\"topk_method\": \"greedy\"", MOE_ERR_UNSUPPORTED},
+            {"\"n_group\": 4", "\"n_group\": 3", MOE_ERR_INVALID_ARGUMENT},
+            {"\"routed_scaling_factor\": 2.5", "\"routed_scaling_factor\": -1", MOE_ERR_FORMAT},
+        };
+        char text[4096];
+        for (i = 0; i < sizeof edits / sizeof edits[0]; i++) {
+            const char *at = strstr(fx.config, edits[i].from);
+            CHECK(at != NULL && strlen(fx.config) + 16 < sizeof text, "config.json lacks %s", edits[i].from);
+            if (!at) continue;
+            snprintf(text, sizeof text, "%.*s%s%s", (int)(at - fx.config), fx.config, edits[i].to, at + strlen(edits[i].from));
+            memset(&hd, 0, sizeof hd);
+            hd.config_json = text;
+            CHECK_RESULT(moe_layer_import_hf(&ctx, fx.file, &hd, 4, &l), edits[i].want, &ctx);
+        }
+    } else CHECK(0, "fixture missing");
+    fixture_close(&fx);
     return 0;
 }
 
@@ -360,6 +380,8 @@ static int test_bad_files(void) {
     snprintf(name, sizeof name, "%sshared_expert_gate.weight", P);
     CHECK_RESULT(import_modified(&fx, name, 0, NULL, MOE_DTYPE_F32), MOE_ERR_FORMAT, &ctx);
     snprintf(name, sizeof name, "%sshared_expert.up_proj.weight", P);
+    CHECK_RESULT(import_modified(&fx, name, 0, NULL, MOE_DTYPE_F32), MOE_ERR_FORMAT, &ctx);
+    snprintf(name, sizeof name, "%sshared_expert.gate_proj.weight", P);  /* config.json says there is one */
     CHECK_RESULT(import_modified(&fx, name, 0, NULL, MOE_DTYPE_F32), MOE_ERR_FORMAT, &ctx);
     snprintf(name, sizeof name, "%sgate.weight", P);
     CHECK_RESULT(import_modified(&fx, name, 2, gate3, MOE_DTYPE_F32), MOE_ERR_SHAPE, &ctx);  /* config says 6 experts */

@@ -5556,8 +5556,9 @@ static moe_result moe__hf_plan_json(moe_ctx *ctx, const moe_tensor_file *f, cons
     MOE__TRY(moe__hf_cfg_size(ctx, j, arch == MOE_HF_MIXTRAL ? "intermediate_size" : "moe_intermediate_size", H, what));
     if (arch != MOE_HF_MIXTRAL) {  /* a shared-expert size in config.json needs the tensors, of that width */
         const char *key = arch == MOE_HF_QWEN2_MOE ? "shared_expert_intermediate_size" : "n_shared_experts";
-        if ((got = moe__hf_cfg_int(ctx, j, key, 0, INT64_C(1) << 40, &v, &r)) < 0) return r;
-        if (arch == MOE_HF_DEEPSEEK_V3) v *= H;
+        v = 0;
+        if ((got = moe__hf_cfg_int(ctx, j, key, 0, arch == MOE_HF_QWEN2_MOE ? INT64_C(1) << 40 : 65536, &v, &r)) < 0) return r;
+        if (arch == MOE_HF_DEEPSEEK_V3) v *= H;  /* at most 2^16 * 2^31 */
         if (got && v > 0 && !sw1)
             return moe__fail(ctx, MOE_ERR_FORMAT, "config.json has %s but the file has no tensor \"%s\"", key, name);
         if (got && sw1 && v != sw1->shape[0])

@@ -5558,7 +5558,7 @@ static moe_result moe__hf_plan_json(moe_ctx *ctx, const moe_tensor_file *f, cons
         const char *key = arch == MOE_HF_QWEN2_MOE ? "shared_expert_intermediate_size" : "n_shared_experts";
         v = 0;
         if ((got = moe__hf_cfg_int(ctx, j, key, 0, arch == MOE_HF_QWEN2_MOE ? INT64_C(1) << 40 : 65536, &v, &r)) < 0) return r;
-        if (arch == MOE_HF_DEEPSEEK_V3) v *= H;  /* at most 2^16 * 2^31 */
+        if (arch == MOE_HF_DEEPSEEK_V3) v *= H;  /* H < file bytes: no overflow */
         if (got && v > 0 && !sw1)
             return moe__fail(ctx, MOE_ERR_FORMAT, "config.json has %s but the file has no tensor \"%s\"", key, name);
         if (got && sw1 && v != sw1->shape[0])

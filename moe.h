@@ -58,6 +58,7 @@
      >>moe_backward expert, weight and router gradients
      >>layer_api >>loss >>optimizer >>model
      >>json >>safetensors >>model_config >>model_io   files
+     >>hf_import    one MoE block of a Hugging Face checkpoint (Mixtral, Qwen2-MoE, DeepSeek-V3)
 
    DEFAULTS (every desc field left 0 means its default)
    --------
@@ -71,11 +72,14 @@
                         1.25 for switch, 1 for expert choice, else 0 = unlimited; jitter and every
                         aux-loss coefficient 0 (off); max_top_k top_k; sigmoid router:
                         routed_scaling_factor 1, n_groups 1, top_k_groups n_groups,
-                        bias_update_rate 0 (off); hash_seed 0
+                        bias_update_rate 0 (off); hash_seed 0; shared_gate off
      moe_forward_opts   NULL or all zero: inference, the layers' top_k, no top_p, no token ids
      moe_model_desc     loss cross-entropy (mixture NLL when the last layer has Gaussian experts);
                         max_tokens 256; optimizer as below
      moe_optimizer_desc AdamW; lr 1e-3; beta1 0.9; beta2 0.999; eps 1e-8; everything else 0
+     moe_hf_desc        arch from config.json's model_type, else the tensor names; prefix the
+                        lowest-numbered MoE block; top_k, norm_topk_prob, groups and scaling
+                        from config.json (README "Importing Hugging Face MoE blocks")
    (Consequence: a field cannot be set to exactly 0 where 0 means a non-zero default, e.g. lr.)
 
    MEMORY
@@ -342,6 +346,9 @@ typedef struct moe_layer_desc {
     float bias_update_rate;    /* gamma of the selection-bias update after each optimizer step (default 0: off) */
     /* hash router */
     uint32_t hash_seed;        /* mixed with the token id and the layer index (default 0) */
+    /* shared experts */
+    moe_flag shared_gate;      /* on: shared expert q's output times sigmoid(x . g_q), g = "shared.gate.weight"
+                                  [n_shared_experts, d_in] (Qwen2-MoE; default off) */
 } moe_layer_desc;
 
 typedef struct moe_layer moe_layer;
@@ -574,6 +581,39 @@ MOEDEF moe_result moe_tensor_writer_metadata(moe_tensor_writer *writer, const ch
 /* Atomic: temporary file, then rename. */
 MOEDEF moe_result moe_tensor_writer_save(moe_tensor_writer *writer, const char *path);
 MOEDEF void moe_tensor_writer_destroy(moe_tensor_writer *writer);
+
+// >>hf_import ---------------------------------------------------------------
+/* One MoE block of a Hugging Face checkpoint (per-expert tensor names) as a moe.h MoE layer:
+   Mixtral, Qwen2-MoE (gated shared expert) and DeepSeek-V3 (sigmoid scores, correction bias,
+   groups, shared experts). README "Importing Hugging Face MoE blocks" has the name mapping. */
+typedef enum moe_hf_arch {
+    MOE_HF_ARCH_DEFAULT = 0,   /* config.json's "model_type", else guessed from the block's tensor names */
+    MOE_HF_MIXTRAL,            /* block_sparse_moe.gate, experts.<e>.w1/w2/w3 */
+    MOE_HF_QWEN2_MOE,          /* mlp.gate, experts.<e>.gate_proj/up_proj/down_proj, shared_expert(_gate) */
+    MOE_HF_DEEPSEEK_V3,        /* mlp.gate (+ e_score_correction_bias), experts.<e>.*, shared_experts.* */
+    MOE_HF_ARCH_COUNT
+} moe_hf_arch;
+
+typedef struct moe_hf_desc {
+    moe_hf_arch arch;
+    const char *config_json;   /* text of the model's config.json, or NULL (then top_k must be given) */
+    const char *prefix;        /* the block's name prefix, "model.layers.3.mlp.", or a decoder layer's,
+                                  "model.layers.3." (NULL: the lowest-numbered MoE block in the file) */
+    /* override config.json (0: its value) */
+    int top_k;                 /* num_experts_per_tok */
+    moe_flag norm_topk_prob;   /* renormalise the k gates (default: config.json's, else off for
+                                  Qwen2-MoE, on for DeepSeek-V3; Mixtral: on) */
+    int n_groups;              /* DeepSeek-V3 n_group (default: config, else 1) */
+    int top_k_groups;          /* DeepSeek-V3 topk_group (default: config, else n_groups) */
+    float routed_scaling_factor; /* DeepSeek-V3 (default: config, else 1) */
+} moe_hf_desc;
+
+/* A standalone MoE layer holding the block (d_in = d_out = hidden size, SwiGLU experts). Every
+   tensor is checked (present, 2-D/1-D shape as the block implies, F32/F16/BF16/F64) before
+   anything is allocated. desc NULL: all defaults. */
+MOEDEF moe_result moe_layer_import_hf(moe_ctx *ctx, const moe_tensor_file *file, const moe_hf_desc *desc, int64_t max_tokens, moe_layer **out);
+/* The same block as a one-layer model (loss MSE, default optimizer), ready for moe_model_save. */
+MOEDEF moe_result moe_model_import_hf(moe_ctx *ctx, const moe_tensor_file *file, const moe_hf_desc *desc, int64_t max_tokens, moe_model **out);
 
 // >>rng ---------------------------------------------------------------------
 /* Counter-based random numbers: pure functions of (seed, stream, counter). */
@@ -1705,6 +1745,9 @@ struct moe_layer {
     float *group_score;         /* sigmoid with groups: [T, n_groups] */
     int32_t *group_sel;         /* sigmoid with groups: [T, n_groups] */
     float *bias_keep;           /* sigmoid: [E] the selection bias held across an optimizer step */
+    int64_t shared_gate_w;      /* shared_gate: offset of shared.gate.weight [S, D]; else -1 */
+    float *shared_gate_v;       /* shared_gate: [T, S] sigmoid(x g_q^T) of the last forward */
+    float *dshared_gate;        /* shared_gate: [T, S] gradient at the gate logits */
 };
 
 static int moe__flag(moe_flag f, int def) { return f == MOE_FLAG_DEFAULT ? def : f == MOE_FLAG_ON; }
@@ -1792,7 +1835,7 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
     if ((int)d.activation < 0 || d.activation >= MOE_ACT_COUNT)
         return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: unknown activation %d", where, (int)d.activation);
     if ((int)d.bias < 0 || d.bias >= MOE_FLAG_COUNT || (int)d.renormalize < 0 || d.renormalize >= MOE_FLAG_COUNT ||
-        (int)d.router_bias < 0 || d.router_bias >= MOE_FLAG_COUNT)
+        (int)d.router_bias < 0 || d.router_bias >= MOE_FLAG_COUNT || (int)d.shared_gate < 0 || d.shared_gate >= MOE_FLAG_COUNT)
         return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: a moe_flag field is out of range", where);
     if (d.kind == MOE_LAYER_DENSE) {
         if (d.activation == MOE_ACT_DEFAULT) d.activation = MOE_ACT_IDENTITY;
@@ -1834,6 +1877,9 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
         if (d.d_shared_hidden == 0) d.d_shared_hidden = d.d_hidden;
         if (!moe__dims_ok(d.d_shared_hidden))
             return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: d_shared_hidden out of range", where);
+        d.shared_gate = moe__flag(d.shared_gate, 0) ? MOE_FLAG_ON : MOE_FLAG_OFF;
+        if (d.shared_gate == MOE_FLAG_ON && d.n_shared_experts == 0)
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: shared_gate needs n_shared_experts > 0", where);
         d.renormalize = moe__flag(d.renormalize, d.router != MOE_ROUTER_SWITCH) ? MOE_FLAG_ON : MOE_FLAG_OFF;
         d.router_bias = moe__flag(d.router_bias, 0) ? MOE_FLAG_ON : MOE_FLAG_OFF;
         if (d.capacity_factor == 0.0f && d.router == MOE_ROUTER_SWITCH) d.capacity_factor = 1.25f;
@@ -1861,6 +1907,7 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
         d.renormalize = MOE_FLAG_DEFAULT; d.router_bias = MOE_FLAG_DEFAULT; d.capacity_factor = 0.0f;
         d.jitter = 0.0f; d.balance_loss = d.z_loss = d.importance_loss = d.load_loss = 0.0f;
         d.max_top_k = 0; d.routed_scaling_factor = 0.0f; d.n_groups = 0; d.top_k_groups = 0; d.bias_update_rate = 0.0f; d.hash_seed = 0;
+        d.shared_gate = MOE_FLAG_DEFAULT;
         if (d.kind != MOE_LAYER_DENSE) { d.activation = MOE_ACT_DEFAULT; d.bias = MOE_FLAG_DEFAULT; }
     }
     if (d.kind != MOE_LAYER_RMSNORM && d.kind != MOE_LAYER_LAYERNORM) d.eps = 0.0f;
@@ -1947,6 +1994,7 @@ static void moe__layer_plan(moe_layer *l) {
     l->n_tensors = 0;
     l->n_params = 0;
     l->n_banks = 0;
+    l->shared_gate_w = -1;
     switch (d->kind) {
     case MOE_LAYER_DENSE:
         l->lin = moe__add_linear(l, "", 0, d->d_in, d->d_out, d->bias == MOE_FLAG_ON, MOE__INIT_UNIFORM);
@@ -1974,6 +2022,9 @@ static void moe__layer_plan(moe_layer *l) {
         if (d->n_shared_experts > 0) {
             moe__bank_plan(l, &l->bank[1], "shared", d->n_shared_experts, d->d_shared_hidden, T * d->n_shared_experts);
             l->n_banks = 2;
+            if (d->shared_gate == MOE_FLAG_ON)
+                l->shared_gate_w = moe__add_tensor(l, "shared.gate.weight", 2, d->n_shared_experts, d->d_in, 0, MOE__INIT_UNIFORM,
+                                                   1.0f / sqrtf((float)d->d_in));
         }
         break;
     }
@@ -2020,6 +2071,8 @@ static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scra
         l->group_score = sigmoid && d->n_groups > 1 ? MOE__CARVE(saved, float, T * d->n_groups) : NULL;
         l->group_sel = sigmoid && d->n_groups > 1 ? MOE__CARVE(saved, int32_t, T * d->n_groups) : NULL;
         l->bias_keep = sigmoid ? MOE__CARVE(saved, float, E) : NULL;
+        l->shared_gate_v = l->shared_gate_w >= 0 ? MOE__CARVE(saved, float, T * d->n_shared_experts) : NULL;
+        l->dshared_gate = l->shared_gate_w >= 0 ? MOE__CARVE(scratch, float, T * d->n_shared_experts) : NULL;
         l->xr = d->jitter > 0.0f ? MOE__CARVE(saved, float, T * D) : NULL;
         l->clean = MOE__CARVE(saved, float, T * E);
         l->raw = noisy ? MOE__CARVE(saved, float, T * E) : NULL;
@@ -2829,6 +2882,13 @@ static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, 
     /* 5. every expert's rows, stage by stage, in tiles over all experts */
     for (q = 0; q < moe__bank_stages(&l->bank[0]); q++)
         moe__run_step(l, moe__use_decode(l, T) ? moe__plan_decode(l, q) : moe__plan_step(l, 0, q, 0), x);
+    /* shared-expert gates sigmoid(x G^T) [T, S] */
+    if (l->shared_gate_v) {
+        int64_t S = d->n_shared_experts;
+        g = moe__gemm_make(MOE__NT, T, S, D, moe__mat_of(x, D), moe__mat_of(moe__w(l, l->shared_gate_w), D), l->shared_gate_v, S, 0, NULL);
+        moe__gemm_run(&l->ex, &g);
+        for (i = 0; i < T * S; i++) l->shared_gate_v[i] = moe__sigmoid(l->shared_gate_v[i]);
+    }
     if (d->expert == MOE_EXPERT_GAUSSIAN) { moe__gaussian_pack(l, T, y); return; }
     /* 6. combine in slot order, then shared experts */
     MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)O * (double)(K + l->n_banks))
@@ -2849,7 +2909,8 @@ static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, 
         if (l->n_banks > 1)
             for (q = 0; q < l->bank[1].n; q++) {
                 const float *o = l->bank[1].out + (q * T + t) * O;
-                for (j = 0; j < O; j++) yt[j] += o[j];
+                float gq = l->shared_gate_v ? l->shared_gate_v[t * l->bank[1].n + q] : 1.0f;
+                for (j = 0; j < O; j++) yt[j] += gq * o[j];
             }
     }
 }
@@ -2965,8 +3026,16 @@ static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flag
                 l->dgate[t * K + s] = acc;
             }
             if (l->n_banks > 1)
-                for (q = 0; q < l->bank[1].n; q++)
-                    memcpy(l->bank[1].dz[l->bank[1].n_linears - 1] + (q * T + t) * O, dyt, (size_t)O * sizeof(float));
+                for (q = 0; q < l->bank[1].n; q++) {
+                    float *dout = l->bank[1].dz[l->bank[1].n_linears - 1] + (q * T + t) * O;
+                    const float *o = l->bank[1].out + (q * T + t) * O;
+                    int64_t S = l->bank[1].n;
+                    float gq, acc = 0.0f;
+                    if (!l->shared_gate_v) { memcpy(dout, dyt, (size_t)O * sizeof(float)); continue; }
+                    gq = l->shared_gate_v[t * S + q];
+                    for (j = 0; j < O; j++) { acc += dyt[j] * o[j]; dout[j] = gq * dyt[j]; }
+                    l->dshared_gate[t * S + q] = acc * gq * (1.0f - gq);  /* sigmoid' = g (1 - g) */
+                }
         }
     }
     if (aux && d->importance_loss > 0.0f) {
@@ -2991,6 +3060,11 @@ static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flag
     if (l->router.b >= 0) moe__colsum_acc(&l->ex, l->dclean, T, E, E, moe__g(l, l->router.b));
     if (noisy) {
         g = moe__gemm_make(MOE__TN, E, D, T, moe__mat_of(l->dstd, E), moe__mat_of(l->u, D), moe__g(l, l->noise.w), D, 1, NULL);
+        moe__gemm_run(&l->ex, &g);
+    }
+    if (l->shared_gate_v) {  /* the gates read x itself, never the jittered router input */
+        g = moe__gemm_make(MOE__TN, d->n_shared_experts, D, T, moe__mat_of(l->dshared_gate, d->n_shared_experts), moe__mat_of(l->x, D),
+                           moe__g(l, l->shared_gate_w), D, 1, NULL);
         moe__gemm_run(&l->ex, &g);
     }
     if (!dx) return;
@@ -3025,6 +3099,11 @@ static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flag
                 for (q = 0; q < l->bank[1].n; q++) {
                     const float *v = l->bank[1].dxr + (q * T + t) * D;
                     for (j = 0; j < D; j++) dxt[j] += v[j];
+                    if (l->shared_gate_v) {
+                        const float *gw = moe__w(l, l->shared_gate_w) + q * D;
+                        float c = l->dshared_gate[t * l->bank[1].n + q];
+                        for (j = 0; j < D; j++) dxt[j] += c * gw[j];
+                    }
                 }
             for (j = 0; j < D; j++) {
                 float v = l->dxu[t * D + j];
@@ -4931,6 +5010,7 @@ static void moe__config_write(const moe_model *m, moe__sb *b) {
                 moe__sb_float(b, l->bias_update_rate);
             }
             if (l->router == MOE_ROUTER_HASH) moe__sb_printf(b, ",\"hash_seed\":%lu", (unsigned long)l->hash_seed);
+            if (l->shared_gate == MOE_FLAG_ON) moe__sb_str(b, ",\"shared_gate\":true");
         }
         moe__sb_str(b, "}");
     }
@@ -4994,6 +5074,7 @@ static const moe__field moe__layer_fields[] = {
     MOE__LF("top_k_groups", MOE__F_INT, top_k_groups, NULL, 0, MOE__K_MOE),
     MOE__LF("bias_update_rate", MOE__F_FLOAT, bias_update_rate, NULL, 0, MOE__K_MOE),
     MOE__LF("hash_seed", MOE__F_U32, hash_seed, NULL, 0, MOE__K_MOE),
+    MOE__LF("shared_gate", MOE__F_FLAG, shared_gate, NULL, 0, MOE__K_MOE),
 };
 
 #define MOE__OF(name, type, field, names, n) {name, type, offsetof(moe_optimizer_desc, field), names, n, 0}
@@ -5565,6 +5646,333 @@ MOEDEF moe_result moe_model_load_checkpoint_memory(moe_ctx *ctx, const void *dat
 
 MOEDEF moe_result moe_model_load_checkpoint(moe_ctx *ctx, const char *path, int64_t max_tokens, moe_model **out) {
     return moe__model_load(ctx, path, max_tokens, 1, out);
+}
+
+// >>hf_import ---------------------------------------------------------------
+/* A Hugging Face MoE block: its architecture, tensor-name prefix and the moe.h layer for it. */
+typedef struct moe__hf_block {
+    moe_hf_arch arch;
+    char prefix[160];
+    moe_layer_desc d;
+} moe__hf_block;
+
+static const char *const moe__hf_arch_names[] = {"", "mixtral", "qwen2_moe", "deepseek_v3"};
+
+/* HF names of the gate (w1), up (w3) and down (w2) projections */
+static const char *moe__hf_proj(moe_hf_arch arch, int j) {
+    static const char *const mixtral[3] = {"w1", "w3", "w2"}, *const glu[3] = {"gate_proj", "up_proj", "down_proj"};
+    return arch == MOE_HF_MIXTRAL ? mixtral[j] : glu[j];
+}
+
+static int moe__ends_with(const char *s, size_t n, const char *suffix) {
+    size_t m = strlen(suffix);
+    return n >= m && memcmp(s + n - m, suffix, m) == 0;
+}
+
+/* The file's tensor named prefix + printf(fmt, ...), its name left in name[256]. */
+static const moe_file_tensor *moe__hf_get(const moe_tensor_file *f, char *name, const char *prefix, const char *fmt, ...) {
+    va_list ap;
+    size_t n = moe__strlcpy(name, prefix, 256);
+    if (n >= 256) return NULL;
+    va_start(ap, fmt);
+    vsnprintf(name + n, 256 - n, fmt, ap);
+    va_end(ap);
+    return moe_tensor_file_find(f, name);
+}
+
+/* The block prefix: the one asked for (itself, or a decoder layer's + "block_sparse_moe." or
+   "mlp."), else the lowest-numbered P with a 2-D P"gate.weight" and P"experts.0.<gate proj>". */
+static moe_result moe__hf_prefix(moe_ctx *ctx, const moe_tensor_file *f, const char *want, char *out) {
+    static const char *const subs[3] = {"", "block_sparse_moe.", "mlp."};
+    char name[256];
+    int i, q, best = INT_MAX;
+    out[0] = 0;
+    if (want) {
+        if (strlen(want) >= 128) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "prefix \"%.40s...\" too long", want);
+        for (q = 0; q < 3; q++)
+            if (moe__hf_get(f, name, want, "%sgate.weight", subs[q])) { moe__concat(out, 160, want, subs[q], ""); return MOE_OK; }
+        return moe__fail(ctx, MOE_ERR_FORMAT, "no MoE block at \"%s\": no %sgate.weight, %sblock_sparse_moe.gate.weight or %smlp.gate.weight",
+                         want, want, want, want);
+    }
+    for (i = 0; i < moe_tensor_file_count(f); i++) {
+        const moe_file_tensor *t = moe_tensor_file_get(f, i);
+        size_t n = strlen(t->name);
+        char p[160];
+        const char *lp;
+        long layer = 0;
+        if (t->ndim != 2 || !moe__ends_with(t->name, n, "gate.weight")) continue;
+        n -= strlen("gate.weight");
+        if (n >= 128) continue;
+        memcpy(p, t->name, n);
+        p[n] = 0;
+        if (!moe__ends_with(p, n, "block_sparse_moe.") && !moe__ends_with(p, n, "mlp.")) continue;
+        if (!moe__hf_get(f, name, p, "experts.0.w1.weight") && !moe__hf_get(f, name, p, "experts.0.gate_proj.weight")) continue;
+        lp = strstr(p, "layers.");
+        if (lp) layer = strtol(lp + 7, NULL, 10);
+        if (layer < 0 || layer >= INT_MAX) layer = INT_MAX - 1;
+        if ((int)layer < best) { best = (int)layer; memcpy(out, p, n + 1); }
+    }
+    if (!out[0]) return moe__fail(ctx, MOE_ERR_FORMAT, "no MoE block in the file (a P\"gate.weight\" [E, d] with P\"experts.0.w1.weight\" or P\"experts.0.gate_proj.weight\")");
+    return MOE_OK;
+}
+
+/* config.json members: 1 found (value in *v), 0 absent, -1 present with another type */
+static int moe__hf_cfg_num(const moe__json *j, const char *key, double *v) {
+    int32_t t = j->tok ? moe__json_member(j, 0, key) : -1;
+    if (t < 0 || j->tok[t].type == MOE__J_NULL) return 0;
+    return moe__json_double(j, t, v) ? 1 : -1;
+}
+
+static int moe__hf_cfg_bool(const moe__json *j, const char *key, int *v) {
+    int32_t t = j->tok ? moe__json_member(j, 0, key) : -1;
+    if (t < 0 || j->tok[t].type == MOE__J_NULL) return 0;
+    if (j->tok[t].type != MOE__J_TRUE && j->tok[t].type != MOE__J_FALSE) return -1;
+    *v = j->tok[t].type == MOE__J_TRUE;
+    return 1;
+}
+
+/* A whole number in lo..hi from config.json: 1 found, 0 absent; failure sets the error. */
+static int moe__hf_cfg_int(moe_ctx *ctx, const moe__json *j, const char *key, int64_t lo, int64_t hi, int64_t *v, moe_result *r) {
+    double x;
+    int got = moe__hf_cfg_num(j, key, &x);
+    if (got == 0) return 0;
+    if (got < 0 || x != floor(x) || x < (double)lo || x > (double)hi) {
+        *r = moe__fail(ctx, MOE_ERR_FORMAT, "config.json: \"%s\" must be a whole number in %lld..%lld", key, (long long)lo, (long long)hi);
+        return -1;
+    }
+    *v = (int64_t)x;
+    return 1;
+}
+
+/* config.json's size `key`, if given, must equal what the tensors say. */
+static moe_result moe__hf_cfg_size(moe_ctx *ctx, const moe__json *j, const char *key, int64_t value, const char *what) {
+    int64_t v;
+    moe_result r = MOE_OK;
+    int got = moe__hf_cfg_int(ctx, j, key, 1, INT64_C(1) << 40, &v, &r);
+    if (got < 0) return r;
+    if (got && v != value)
+        return moe__fail(ctx, MOE_ERR_SHAPE, "config.json: \"%s\" is %lld but %s gives %lld", key, (long long)v, what, (long long)value);
+    return MOE_OK;
+}
+
+/* config.json's string `key`, if given, must be `want`. */
+static moe_result moe__hf_cfg_is(moe_ctx *ctx, const moe__json *j, const char *key, const char *want) {
+    int32_t t = j->tok ? moe__json_member(j, 0, key) : -1;
+    if (t >= 0 && j->tok[t].type != MOE__J_NULL && !moe__json_eq(j, t, want))
+        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "config.json: \"%s\" must be \"%s\" for this import", key, want);
+    return MOE_OK;
+}
+
+static moe_result moe__hf_plan_json(moe_ctx *ctx, const moe_tensor_file *f, const moe_hf_desc *hd, const moe__json *j, moe__hf_block *b) {
+    static const char *const experts_key[4] = {"", "num_local_experts", "num_experts", "n_routed_experts"};
+    moe_layer_desc *d = &b->d;
+    moe_hf_arch arch = hd->arch;
+    const moe_file_tensor *g, *w1, *sw1;
+    const char *P = b->prefix;
+    char name[256], what[300];
+    int64_t E, D, H, v;
+    moe_result r = MOE_OK;
+    int got, norm, q;
+    double x;
+    if ((int)arch < 0 || arch >= MOE_HF_ARCH_COUNT) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "unknown arch %d", (int)arch);
+    if ((int)hd->norm_topk_prob < 0 || hd->norm_topk_prob >= MOE_FLAG_COUNT) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "norm_topk_prob out of range");
+    if (j->tok && j->tok[0].type != MOE__J_OBJECT) return moe__fail(ctx, MOE_ERR_FORMAT, "config.json is not a JSON object");
+    if (arch == MOE_HF_ARCH_DEFAULT && j->tok && moe__json_member(j, 0, "model_type") >= 0) {
+        int32_t t = moe__json_member(j, 0, "model_type");
+        for (q = 1; q < MOE_HF_ARCH_COUNT; q++)
+            if (moe__json_eq(j, t, moe__hf_arch_names[q])) arch = (moe_hf_arch)q;
+        if (moe__json_eq(j, t, "qwen3_moe")) arch = MOE_HF_QWEN2_MOE;  /* the same block without the shared expert */
+        if (arch == MOE_HF_ARCH_DEFAULT)
+            return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "config.json: model_type is not mixtral, qwen2_moe, qwen3_moe or deepseek_v3");
+    }
+    MOE__TRY(moe__hf_prefix(ctx, f, hd->prefix, b->prefix));
+    if (arch == MOE_HF_ARCH_DEFAULT)
+        arch = moe__hf_get(f, name, P, "experts.0.w1.weight") ? MOE_HF_MIXTRAL
+             : moe__hf_get(f, name, P, "gate.e_score_correction_bias") || moe__hf_get(f, name, P, "shared_experts.gate_proj.weight") ? MOE_HF_DEEPSEEK_V3
+             : MOE_HF_QWEN2_MOE;
+    b->arch = arch;
+    /* sizes from the tensors */
+    g = moe__hf_get(f, name, P, "gate.weight");
+    if (g->ndim != 2 || g->shape[0] < 1 || g->shape[0] > 65536 || g->shape[1] < 1)
+        return moe__fail(ctx, MOE_ERR_SHAPE, "tensor \"%s\": a router [n_experts <= 65536, hidden] expected", name);
+    E = g->shape[0];
+    D = g->shape[1];
+    w1 = moe__hf_get(f, name, P, "experts.0.%s.weight", moe__hf_proj(arch, 0));
+    if (!w1) return moe__fail(ctx, MOE_ERR_FORMAT, "no tensor \"%s\" in the file", name);
+    if (w1->ndim != 2) return moe__fail(ctx, MOE_ERR_SHAPE, "tensor \"%s\": 2-D [intermediate, hidden] expected", name);
+    H = w1->shape[0];
+    sw1 = arch == MOE_HF_MIXTRAL ? NULL : moe__hf_get(f, name, P, "%s.gate_proj.weight", arch == MOE_HF_QWEN2_MOE ? "shared_expert" : "shared_experts");
+    if (sw1 && sw1->ndim != 2) return moe__fail(ctx, MOE_ERR_SHAPE, "tensor \"%s\": 2-D [intermediate, hidden] expected", name);
+    /* config.json: checks and hyper-parameters; desc fields override */
+    snprintf(what, sizeof what, "%sgate.weight", P);
+    MOE__TRY(moe__hf_cfg_is(ctx, j, "hidden_act", "silu"));
+    MOE__TRY(moe__hf_cfg_size(ctx, j, experts_key[arch], E, what));
+    MOE__TRY(moe__hf_cfg_size(ctx, j, "hidden_size", D, what));
+    snprintf(what, sizeof what, "%sexperts.0.%s.weight", P, moe__hf_proj(arch, 0));
+    MOE__TRY(moe__hf_cfg_size(ctx, j, arch == MOE_HF_MIXTRAL ? "intermediate_size" : "moe_intermediate_size", H, what));
+    if (arch != MOE_HF_MIXTRAL) {  /* a shared-expert size in config.json needs the tensors, of that width */
+        const char *key = arch == MOE_HF_QWEN2_MOE ? "shared_expert_intermediate_size" : "n_shared_experts";
+        v = 0;
+        if ((got = moe__hf_cfg_int(ctx, j, key, 0, arch == MOE_HF_QWEN2_MOE ? INT64_C(1) << 40 : 65536, &v, &r)) < 0) return r;
+        if (arch == MOE_HF_DEEPSEEK_V3) v *= H;  /* H < file bytes: no overflow */
+        if (got && v > 0 && !sw1)
+            return moe__fail(ctx, MOE_ERR_FORMAT, "config.json has %s but the file has no tensor \"%s\"", key, name);
+        if (got && sw1 && v != sw1->shape[0])
+            return moe__fail(ctx, MOE_ERR_SHAPE, "config.json: %s gives shared experts %lld wide, the file %lld", key, (long long)v, (long long)sw1->shape[0]);
+    }
+    if (arch == MOE_HF_DEEPSEEK_V3) {
+        MOE__TRY(moe__hf_cfg_is(ctx, j, "scoring_func", "sigmoid"));
+        MOE__TRY(moe__hf_cfg_is(ctx, j, "topk_method", "noaux_tc"));
+    }
+    memset(d, 0, sizeof *d);
+    d->kind = MOE_LAYER_MOE;
+    d->d_in = d->d_out = D;
+    d->n_experts = (int)E;
+    d->expert = MOE_EXPERT_SWIGLU;
+    d->d_hidden = H;
+    d->router = arch == MOE_HF_DEEPSEEK_V3 ? MOE_ROUTER_SIGMOID : MOE_ROUTER_TOPK;
+    d->top_k = hd->top_k;
+    if (!d->top_k) {
+        got = moe__hf_cfg_int(ctx, j, "num_experts_per_tok", 1, E, &v, &r);
+        if (got < 0) return r;
+        if (!got) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "top_k: set moe_hf_desc.top_k or give a config.json with num_experts_per_tok");
+        d->top_k = (int)v;
+    }
+    norm = arch != MOE_HF_QWEN2_MOE;
+    if (arch != MOE_HF_MIXTRAL && (got = moe__hf_cfg_bool(j, "norm_topk_prob", &norm)) < 0)
+        return moe__fail(ctx, MOE_ERR_FORMAT, "config.json: \"norm_topk_prob\" must be true or false");
+    if (hd->norm_topk_prob != MOE_FLAG_DEFAULT) norm = hd->norm_topk_prob == MOE_FLAG_ON;
+    d->renormalize = norm ? MOE_FLAG_ON : MOE_FLAG_OFF;
+    if (sw1) {
+        d->n_shared_experts = 1;
+        d->d_shared_hidden = sw1->shape[0];
+        if (arch == MOE_HF_QWEN2_MOE) d->shared_gate = MOE_FLAG_ON;
+    }
+    if (arch == MOE_HF_DEEPSEEK_V3) {
+        d->n_groups = hd->n_groups;
+        if (!d->n_groups && (got = moe__hf_cfg_int(ctx, j, "n_group", 1, E, &v, &r)) != 0) { if (got < 0) return r; d->n_groups = (int)v; }
+        d->top_k_groups = hd->top_k_groups;
+        if (!d->top_k_groups && (got = moe__hf_cfg_int(ctx, j, "topk_group", 1, E, &v, &r)) != 0) { if (got < 0) return r; d->top_k_groups = (int)v; }
+        d->routed_scaling_factor = hd->routed_scaling_factor;
+        if (d->routed_scaling_factor == 0.0f && (got = moe__hf_cfg_num(j, "routed_scaling_factor", &x)) != 0) {
+            if (got < 0 || !(x > 0.0 && x <= FLT_MAX)) return moe__fail(ctx, MOE_ERR_FORMAT, "config.json: \"routed_scaling_factor\" must be a number > 0");
+            d->routed_scaling_factor = (float)x;
+        }
+    } else if (hd->n_groups || hd->top_k_groups || hd->routed_scaling_factor != 0.0f) {
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "n_groups, top_k_groups and routed_scaling_factor belong to deepseek_v3 blocks");
+    }
+    return MOE_OK;
+}
+
+static moe_result moe__hf_plan(moe_ctx *ctx, const moe_tensor_file *f, const moe_hf_desc *hd, moe__hf_block *b) {
+    moe__json j;
+    moe_result r;
+    memset(&j, 0, sizeof j);
+    memset(b, 0, sizeof *b);
+    if (hd->config_json) MOE__TRY(moe__json_parse(ctx, hd->config_json, strlen(hd->config_json), &j, "config.json"));
+    r = moe__hf_plan_json(ctx, f, hd, &j, b);
+    moe__json_free(ctx, &j);
+    return r;
+}
+
+/* Check the file's tensor `name` is a float [rows, cols] (cols 0: [rows]); with a layer, convert
+   it into row block `index` of the layer's tensor `ours`. */
+static moe_result moe__hf_tensor(moe_ctx *ctx, const moe_tensor_file *f, const char *name, int64_t rows, int64_t cols,
+                                 moe_layer *l, const char *ours, int64_t index) {
+    const moe_file_tensor *t = moe_tensor_file_find(f, name);
+    int64_t n = rows * (cols ? cols : 1);
+    int i;
+    if (!t) return moe__fail(ctx, MOE_ERR_FORMAT, "no tensor \"%s\" in the file", name);
+    if (t->dtype != MOE_DTYPE_F32 && t->dtype != MOE_DTYPE_F16 && t->dtype != MOE_DTYPE_BF16 && t->dtype != MOE_DTYPE_F64)
+        return moe__fail(ctx, MOE_ERR_FORMAT, "tensor \"%s\" is %s: F32, F16, BF16 or F64 expected", name, moe__dtype_names[t->dtype]);
+    if (t->ndim != (cols ? 2 : 1) || t->shape[0] != rows || (cols && t->shape[1] != cols)) {
+        if (cols) return moe__fail(ctx, MOE_ERR_SHAPE, "tensor \"%s\": shape [%lld, %lld] expected", name, (long long)rows, (long long)cols);
+        return moe__fail(ctx, MOE_ERR_SHAPE, "tensor \"%s\": shape [%lld] expected", name, (long long)rows);
+    }
+    if (!l) return MOE_OK;
+    for (i = 0; i < l->n_tensors; i++)
+        if (strcmp(l->tensors[i].name, ours) == 0) return moe_file_tensor_to_f32(ctx, t, l->params + l->tensors[i].offset + index * n, n);
+    MOE_ASSERT(0);
+    return moe__fail(ctx, MOE_ERR_STATE, "no layer tensor %s", ours);
+}
+
+/* Every tensor of the block: checked (l NULL) or copied into layer l. */
+static moe_result moe__hf_walk(moe_ctx *ctx, const moe_tensor_file *f, const moe__hf_block *b, moe_layer *l) {
+    static const char *const routed[3] = {"experts.w1.weight", "experts.w3.weight", "experts.w2.weight"};
+    static const char *const shared[3] = {"shared.w1.weight", "shared.w3.weight", "shared.w2.weight"};
+    const moe_layer_desc *d = &b->d;
+    const char *P = b->prefix;
+    int64_t E = d->n_experts, D = d->d_in, H = d->d_hidden, S = d->d_shared_hidden, e;
+    char name[256];
+    int j;
+    moe__hf_get(f, name, P, "gate.weight");
+    MOE__TRY(moe__hf_tensor(ctx, f, name, E, D, l, "router.weight", 0));
+    if (b->arch == MOE_HF_DEEPSEEK_V3) {
+        moe__hf_get(f, name, P, "gate.e_score_correction_bias");
+        MOE__TRY(moe__hf_tensor(ctx, f, name, E, 0, l, "router.selection_bias", 0));
+    }
+    for (e = 0; e < E; e++)
+        for (j = 0; j < 3; j++) {
+            moe__hf_get(f, name, P, "experts.%lld.%s.weight", (long long)e, moe__hf_proj(b->arch, j));
+            MOE__TRY(moe__hf_tensor(ctx, f, name, j < 2 ? H : D, j < 2 ? D : H, l, routed[j], e));
+        }
+    if (d->n_shared_experts) {
+        for (j = 0; j < 3; j++) {
+            moe__hf_get(f, name, P, "%s.%s.weight", b->arch == MOE_HF_QWEN2_MOE ? "shared_expert" : "shared_experts", moe__hf_proj(b->arch, j));
+            MOE__TRY(moe__hf_tensor(ctx, f, name, j < 2 ? S : D, j < 2 ? D : S, l, shared[j], 0));
+        }
+        if (d->shared_gate == MOE_FLAG_ON) {
+            moe__hf_get(f, name, P, "shared_expert_gate.weight");
+            MOE__TRY(moe__hf_tensor(ctx, f, name, 1, D, l, "shared.gate.weight", 0));
+        }
+    }
+    return MOE_OK;
+}
+
+/* Plan and check every tensor before anything is allocated. */
+static moe_result moe__hf_prepare(moe_ctx *ctx, const moe_tensor_file *f, const moe_hf_desc *hd, moe__hf_block *b) {
+    moe_hf_desc zero;
+    moe_layer_desc resolved;
+    if (!f) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "file is NULL");
+    if (!hd) { memset(&zero, 0, sizeof zero); hd = &zero; }
+    MOE__TRY(moe__hf_plan(ctx, f, hd, b));
+    MOE__TRY(moe__layer_resolve(ctx, &b->d, 0, 0, &resolved));
+    return moe__hf_walk(ctx, f, b, NULL);
+}
+
+MOEDEF moe_result moe_layer_import_hf(moe_ctx *ctx, const moe_tensor_file *file, const moe_hf_desc *desc, int64_t max_tokens, moe_layer **out) {
+    moe__hf_block b;
+    moe_layer *l = NULL;
+    moe_result r;
+    if (!ctx || !out) return MOE_ERR_INVALID_ARGUMENT;
+    *out = NULL;
+    MOE__TRY(moe__hf_prepare(ctx, file, desc, &b));
+    MOE__TRY(moe_layer_create(ctx, &b.d, max_tokens, &l));
+    r = moe__hf_walk(ctx, file, &b, l);
+    if (r != MOE_OK) { moe_layer_destroy(l); return r; }
+    *out = l;
+    return MOE_OK;
+}
+
+MOEDEF moe_result moe_model_import_hf(moe_ctx *ctx, const moe_tensor_file *file, const moe_hf_desc *desc, int64_t max_tokens, moe_model **out) {
+    moe__hf_block b;
+    moe_model_desc md;
+    moe_model *m = NULL;
+    moe_result r;
+    if (!ctx || !out) return MOE_ERR_INVALID_ARGUMENT;
+    *out = NULL;
+    MOE__TRY(moe__hf_prepare(ctx, file, desc, &b));
+    memset(&md, 0, sizeof md);
+    md.d_in = b.d.d_in;
+    md.n_layers = 1;
+    md.layers = &b.d;
+    md.loss = MOE_LOSS_MSE;
+    md.max_tokens = max_tokens;
+    MOE__TRY(moe_model_create(ctx, &md, &m));
+    r = moe__hf_walk(ctx, file, &b, &m->layers[0]);
+    if (r != MOE_OK) { moe_model_destroy(m); return r; }
+    *out = m;
+    return MOE_OK;
 }
 
 #endif /* MOE_IMPLEMENTATION_INCLUDED */

@@ -56,8 +56,8 @@
    balance and z losses), linear, MLP and SwiGLU experts, shared experts; the three losses; SGD,
    Adam and AdamW with clipping and the schedule, router jitter (its factors drawn on the host
    from the same random streams as the CPU), the importance loss. Not yet: the noisy top-k router
-   (and its load loss), Gaussian experts (mixture density, the mixture NLL): moe_cl_model_upload
-   returns MOE_ERR_UNSUPPORTED naming the layer.
+   (and its load loss), Gaussian experts (mixture density, the mixture NLL), gated shared experts
+   (shared_gate): moe_cl_model_upload returns MOE_ERR_UNSUPPORTED naming the layer.
 
    The device model is a copy: train it, then moe_cl_model_download to bring parameters,
    gradients and optimizer state back into the moe_model (to save it, or go on on the CPU).
@@ -1684,6 +1684,7 @@ static const char *moe__cl_unsupported(const moe_layer *l) {
     if (d->expert == MOE_EXPERT_GAUSSIAN) return "Gaussian experts (mixture density)";
     if (d->router != MOE_ROUTER_TOPK && d->router != MOE_ROUTER_SWITCH) return "this router (the device runs top-k and switch)";
     if (d->max_top_k > d->top_k) return "max_top_k (per-call k)";
+    if (d->shared_gate == MOE_FLAG_ON) return "gated shared experts (shared_gate)";
     return NULL;
 }
 

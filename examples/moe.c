@@ -6,6 +6,8 @@
      build/moe backward MODEL IN OUT [--threads N] [--top-k K] [--top-p P]
      build/moe train MODEL DATA OUT [--epochs N] [--batch N] [--lr X] [--seed S] [--threads N]
                      [--checkpoint PATH [--every N]]
+     build/moe import HF.safetensors OUT [--arch mixtral|qwen2_moe|deepseek_v3] [--config config.json]
+                      [--layer N | --prefix P] [--top-k K]
 
    MODEL, IN, DATA and OUT are safetensors files (README.md (Model reference) sections 6 and 7):
    - forward:  IN holds x [T, d_in] (any float dtype); OUT gets y [T, d_out] (F32). Inference mode.
@@ -20,6 +22,9 @@
                --checkpoint PATH saves a checkpoint every N steps (--every; default: every
                epoch) and, when PATH exists, resumes from it: the same command line then ends
                with the same OUT as a run that was never interrupted.
+   - import:   one MoE block of a Hugging Face checkpoint (README "Importing Hugging Face MoE
+               blocks") as a one-layer model file: d_in = d_out = the hidden size, loss mse.
+               --layer N: the block of decoder layer N; default: the lowest-numbered one.
    Errors go to stderr and give exit status 1; a malformed command line gives status 2.
 
    Build: make build/moe   (or: cc -std=c99 -O2 -fopenmp examples/moe.c -lm -o build/moe) */
@@ -46,7 +51,11 @@ enum {
     OPT_TOP_P = 1 << 7,
     OPT_CHECKPOINT = 1 << 8,
     OPT_EVERY = 1 << 9,
-    OPT_DTYPE = 1 << 10
+    OPT_DTYPE = 1 << 10,
+    OPT_ARCH = 1 << 11,
+    OPT_CONFIG = 1 << 12,
+    OPT_LAYER = 1 << 13,
+    OPT_PREFIX = 1 << 14
 };
 
 typedef struct options {
@@ -62,6 +71,10 @@ typedef struct options {
     const char *checkpoint;     /* train: checkpoint file (NULL: none) */
     int64_t every;              /* train: steps between checkpoints (0: one epoch) */
     moe_dtype dtype;            /* quantize: MOE_DTYPE_BF16 or MOE_DTYPE_I8 */
+    moe_hf_arch arch;           /* import: 0 = from config.json or the tensor names */
+    const char *config;         /* import: config.json path (NULL: none) */
+    int64_t layer;              /* import: decoder layer */
+    const char *prefix;         /* import: block prefix (NULL: --layer, else the first block) */
 } options;
 
 /* What every command gets: the library context and the command's name for messages. */
@@ -86,6 +99,7 @@ static int run_forward(tool *t);
 static int run_backward(tool *t);
 static int run_train(tool *t);
 static int run_quantize(tool *t);
+static int run_import(tool *t);
 
 static const command commands[] = {
     {"info", 1, OPT_JSON, run_info, "info MODEL [--json]",
@@ -102,6 +116,9 @@ static const command commands[] = {
      "      --checkpoint: save one every N steps (default every epoch), resume from it when it exists"},
     {"quantize", 2, OPT_DTYPE, run_quantize, "quantize MODEL OUT --dtype bf16|q8",
      "OUT: MODEL with its expert weights in bf16, or int8 with one scale per 32 (inference only)"},
+    {"import", 2, OPT_ARCH | OPT_CONFIG | OPT_LAYER | OPT_PREFIX | OPT_TOP_K, run_import,
+     "import HF.safetensors OUT [--arch mixtral|qwen2_moe|deepseek_v3] [--config config.json] [--layer N | --prefix P] [--top-k K]",
+     "OUT: a one-layer model holding one MoE block of a Hugging Face checkpoint (default: the first)"},
 };
 #define N_COMMANDS (int)(sizeof commands / sizeof commands[0])
 
@@ -156,6 +173,7 @@ static int parse_options(const command *c, int argc, char **argv, options *o) {
         {"--seed", OPT_SEED}, {"--threads", OPT_THREADS}, {"--json", OPT_JSON},
         {"--top-k", OPT_TOP_K}, {"--top-p", OPT_TOP_P},
         {"--checkpoint", OPT_CHECKPOINT}, {"--every", OPT_EVERY}, {"--dtype", OPT_DTYPE},
+        {"--arch", OPT_ARCH}, {"--config", OPT_CONFIG}, {"--layer", OPT_LAYER}, {"--prefix", OPT_PREFIX},
     };
     int i, q;
     memset(o, 0, sizeof *o);
@@ -189,6 +207,17 @@ static int parse_options(const command *c, int argc, char **argv, options *o) {
             if (strcmp(value, "bf16") == 0) o->dtype = MOE_DTYPE_BF16;
             else if (strcmp(value, "q8") == 0) o->dtype = MOE_DTYPE_I8;
             else return usage_error("--dtype: \"%s\" is not bf16 or q8", value);
+        } else if (bit == OPT_ARCH) {
+            if (strcmp(value, "mixtral") == 0) o->arch = MOE_HF_MIXTRAL;
+            else if (strcmp(value, "qwen2_moe") == 0) o->arch = MOE_HF_QWEN2_MOE;
+            else if (strcmp(value, "deepseek_v3") == 0) o->arch = MOE_HF_DEEPSEEK_V3;
+            else return usage_error("--arch: \"%s\" is not mixtral, qwen2_moe or deepseek_v3", value);
+        } else if (bit == OPT_CONFIG || bit == OPT_PREFIX) {
+            if (!value[0]) return usage_error("%s needs a value", a);
+            if (bit == OPT_CONFIG) o->config = value;
+            else o->prefix = value;
+        } else if (bit == OPT_LAYER) {
+            if (!parse_int(value, 0, INT64_C(1) << 30, &o->layer)) return usage_error("--layer: \"%s\" is not in 0..2^30", value);
         } else if (bit == OPT_EVERY) {
             if (!parse_int(value, 1, INT64_C(1) << 40, &o->every)) return usage_error("--every: \"%s\" is not a positive integer", value);
         } else if (bit == OPT_THREADS) {
@@ -210,6 +239,7 @@ static int parse_options(const command *c, int argc, char **argv, options *o) {
     }
     if (o->n_args != c->n_args) return usage_error("usage: moe %s", c->usage);
     if ((o->given & OPT_EVERY) && !(o->given & OPT_CHECKPOINT)) return usage_error("--every needs --checkpoint");
+    if ((o->given & OPT_LAYER) && (o->given & OPT_PREFIX)) return usage_error("give --layer or --prefix, not both");
     return 0;
 }
 
@@ -337,7 +367,8 @@ static void print_layer(int i, const moe_layer_desc *l) {
         if (l->router == MOE_ROUTER_HASH) printf("        hash_seed %lu\n", (unsigned long)l->hash_seed);
         if (l->max_top_k != l->top_k) printf("        max_top_k %d\n", l->max_top_k);
         if (l->n_shared_experts > 0)
-            printf("        shared experts %d: d_shared_hidden %lld\n", l->n_shared_experts, (long long)l->d_shared_hidden);
+            printf("        shared experts %d: d_shared_hidden %lld%s\n", l->n_shared_experts, (long long)l->d_shared_hidden,
+                   l->shared_gate == MOE_FLAG_ON ? ", gated by sigmoid(x . shared.gate)" : "");
         printf("        aux losses: balance %g, z %g, importance %g, load %g\n", (double)l->balance_loss, (double)l->z_loss,
                (double)l->importance_loss, (double)l->load_loss);
     }
@@ -441,6 +472,42 @@ static int run_quantize(tool *t) {
     else if (moe_model_save(m, out_path) != MOE_OK) rc = fail_lib(t, "cannot write", out_path);
     else printf("%s: expert weights in %s\n", out_path, t->opt->dtype == MOE_DTYPE_BF16 ? "bf16" : "int8 (q8)");
     moe_model_destroy(m);
+    return rc;
+}
+
+static int run_import(tool *t) {
+    const char *src = t->opt->args[0], *out_path = t->opt->args[1];
+    moe_tensor_file *f = NULL;
+    moe_model *m = NULL;
+    moe_hf_desc hd;
+    char prefix[64], *json = NULL;
+    int rc = 0;
+    memset(&hd, 0, sizeof hd);
+    hd.arch = t->opt->arch;
+    hd.top_k = t->opt->top_k;
+    hd.prefix = t->opt->prefix;
+    if (t->opt->given & OPT_LAYER) {
+        snprintf(prefix, sizeof prefix, "model.layers.%lld.", (long long)t->opt->layer);
+        hd.prefix = prefix;
+    }
+    if (t->opt->config && !(json = read_text(t, t->opt->config))) return 1;
+    hd.config_json = json;
+    if (moe_tensor_file_read(&t->ctx, src, &f) != MOE_OK) rc = fail_lib(t, "cannot read", src);
+    else if (moe_model_import_hf(&t->ctx, f, &hd, 0, &m) != MOE_OK) rc = fail_lib(t, "cannot import a block of", src);
+    else if (moe_model_save(m, out_path) != MOE_OK) rc = fail_lib(t, "cannot write", out_path);
+    else {
+        const moe_layer_desc *d = &moe_model_get_desc(m)->layers[0];
+        printf("%s: d %lld, %d experts, top %d (%s router%s), SwiGLU width %lld", out_path, (long long)d->d_in, d->n_experts,
+               d->top_k, d->router == MOE_ROUTER_SIGMOID ? "sigmoid" : "softmax", d->renormalize == MOE_FLAG_ON ? ", renormalised" : "",
+               (long long)d->d_hidden);
+        if (d->router == MOE_ROUTER_SIGMOID)
+            printf(", groups %d/%d, scale %g", d->top_k_groups, d->n_groups, (double)d->routed_scaling_factor);
+        if (d->n_shared_experts) printf(", shared expert width %lld%s", (long long)d->d_shared_hidden, d->shared_gate == MOE_FLAG_ON ? " (gated)" : "");
+        printf("; %lld parameters\n", (long long)moe_model_parameter_count(m));
+    }
+    moe_model_destroy(m);
+    moe_tensor_file_close(f);
+    free(json);
     return rc;
 }
 

@@ -311,8 +311,15 @@ static void ref_moe(ref_run *r, int layer, const moe_layer_desc *d, const double
             for (j = 0; j < O; j++) yt[j] += gate[t * KS + s] * fx[j];
         }
         for (s = 0; s < d->n_shared_experts; s++) {
+            double gq = 1.0;
             ref_expert(r, layer, d, "shared", (int)s, d->d_shared_hidden, xt, fx);
-            for (j = 0; j < O; j++) yt[j] += fx[j];
+            if (d->shared_gate == MOE_FLAG_ON) {  /* sigmoid(x . g_s) */
+                const double *G = ref_tensor(r, layer, "shared.gate.weight") + s * D;
+                double z = 0.0;
+                for (j = 0; j < D; j++) z += G[j] * xt[j];
+                gq = 1.0 / (1.0 + exp(-z));
+            }
+            for (j = 0; j < O; j++) yt[j] += gq * fx[j];
         }
     }
     /* auxiliary losses */

@@ -179,6 +179,20 @@ else
     bad "README.md has no quick start between <!-- quickstart --> markers"
 fi
 
+# the README's Hugging Face import fragment, inside a function that declares what it uses (compiled only: it names a checkpoint)
+{
+    echo '#define MOE_IMPLEMENTATION'
+    echo '#include "moe.h"'
+    echo 'int main(void) {'
+    echo '    moe_ctx ctx; const char *config_text = NULL;'
+    echo '    moe_ctx_init(&ctx, NULL);'
+    sed -n '/<!-- hf_import -->/,/<!-- \/hf_import -->/p' README.md | sed '1,2d;$d' | sed '$d'
+    echo '    moe_layer_destroy(block);'
+    echo '    return 0;'
+    echo '}'
+} > "$OUT/readme_hf_import.c"
+check "README Hugging Face import fragment compiles" $CC $C99 -Wall -Werror -I. -c "$OUT/readme_hf_import.c" -o "$OUT/readme_hf_import.o"
+
 # the fragment in moe.h's manual, inside a function that declares what it uses
 {
     echo '#define MOE_IMPLEMENTATION'

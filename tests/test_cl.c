@@ -173,6 +173,14 @@ static int test_upload_errors(void) {
     CHECK_RESULT(moe_cl_model_upload(device, m, &dm), MOE_ERR_UNSUPPORTED, &ctx);
     CHECK(dm == NULL && strstr(moe_ctx_error(&ctx), "Gaussian") != NULL, "message: %s", moe_ctx_error(&ctx));
     moe_model_destroy(m);
+    layers[0].expert = MOE_EXPERT_DEFAULT;
+    d.loss = MOE_LOSS_MSE;
+    layers[0].n_shared_experts = 1;  /* Qwen2-MoE's sigmoid-gated shared expert */
+    layers[0].shared_gate = MOE_FLAG_ON;
+    CHECK_OK(moe_model_create(&ctx, &d, &m), &ctx);
+    CHECK_RESULT(moe_cl_model_upload(device, m, &dm), MOE_ERR_UNSUPPORTED, &ctx);
+    CHECK(dm == NULL && strstr(moe_ctx_error(&ctx), "shared_gate") != NULL, "message: %s", moe_ctx_error(&ctx));
+    moe_model_destroy(m);
     m = small_model();
     memset(&desc, 0, sizeof desc);
     desc.no_tuning = 1;

@@ -920,6 +920,82 @@ static int test_bad_training_data(void) {
     return 0;
 }
 
+/* ---- 6. import of Hugging Face MoE blocks ---------------------------------------------------- */
+/* `moe import` of each tests/ref/gen_hf.py fixture, then `moe forward` of the model file against
+   the PyTorch block's output; the same block found by --layer / --top-k without config.json;
+   bad command lines and files. */
+static int test_import(void) {
+    static const char *const archs[3] = {"mixtral", "qwen2_moe", "deepseek_v3"};
+    char src[1024], cfg[1024], io[1024], model[1024], model2[1024], out[1024], cut[1024];
+    int c;
+    for (c = 0; c < 3; c++) {
+        moe_tensor_file *f = NULL, *ref = NULL;
+        snprintf(src, sizeof src, "%s/hf/%s.safetensors", fixture_dir, archs[c]);
+        snprintf(cfg, sizeof cfg, "%s/hf/%s.config.json", fixture_dir, archs[c]);
+        snprintf(io, sizeof io, "%s/hf/%s.io.safetensors", fixture_dir, archs[c]);
+        CHECK_RUN_OK("import", src, TMP(model, "hf_model.safetensors"), "--arch", archs[c], "--config", cfg);
+        CHECK(strstr(tool_out, "experts") != NULL, "import prints no summary: %s", tool_out);
+        CHECK_RUN_OK("forward", model, io, TMP(out, "hf_y.safetensors"));
+        CHECK_OK(moe_tensor_file_read(&ctx, out, &f), &ctx);
+        CHECK_OK(moe_tensor_file_read(&ctx, io, &ref), &ctx);
+        if (f && ref) {
+            const moe_file_tensor *y = moe_tensor_file_find(f, "y"), *want = moe_tensor_file_find(ref, "y");
+            CHECK(y && want && y->ndim == 2 && want->ndim == 2 && y->shape[0] == want->shape[0] && y->shape[1] == want->shape[1], "%s: y shape", archs[c]);
+            if (y && want && y->ndim == 2 && want->ndim == 2 && y->shape[0] == want->shape[0] && y->shape[1] == want->shape[1]) {
+                int64_t n = y->shape[0] * y->shape[1], where;
+                float *a = (float *)malloc(sizeof(float) * (size_t)n), *b = (float *)malloc(sizeof(float) * (size_t)n);
+                double worst;
+                moe_file_tensor_to_f32(&ctx, y, a, n);
+                moe_file_tensor_to_f32(&ctx, want, b, n);
+                worst = worst_error(a, b, n, 1e-4, 1e-2, &where);
+                CHECK(worst <= 1.0, "%s: moe forward of the imported block: y[%lld] %.8f, PyTorch %.8f", archs[c], (long long)where,
+                      where >= 0 ? a[where] : 0.0, where >= 0 ? b[where] : 0.0);
+                free(a);
+                free(b);
+            }
+        }
+        moe_tensor_file_close(f);
+        moe_tensor_file_close(ref);
+        if (c == 1) {
+            CHECK_RUN_OK("info", model);
+            CHECK(strstr(tool_out, "gated") && strstr(tool_out, "layers.0.shared.gate.weight"), "info of the qwen2_moe model:\n%s", tool_out);
+        }
+        if (c == 0) {  /* without config.json: the block of --layer 1 with --top-k 2 is the same model */
+            CHECK_RUN_OK("import", src, TMP(model2, "hf_model2.safetensors"), "--layer", "1", "--top-k", "2");
+            CHECK(test_same_files(model, model2), "mixtral: --layer 1 --top-k 2 gave another file than --config");
+            CHECK_RUN_OK("import", src, model2, "--prefix", "model.layers.1.block_sparse_moe.", "--top-k", "2", "--arch", "mixtral");
+            CHECK(test_same_files(model, model2), "mixtral: --prefix gave another file than --config");
+            CHECK_RUN_OK("info", model);
+            CHECK(strstr(tool_out, "layers.0.experts.w1.weight") != NULL, "info of the imported model:\n%s", tool_out);
+        }
+    }
+    snprintf(src, sizeof src, "%s/hf/mixtral.safetensors", fixture_dir);
+    snprintf(cfg, sizeof cfg, "%s/hf/mixtral.config.json", fixture_dir);
+    TMP(out, "hf_bad.safetensors");
+    CHECK_FAILS(2, out, "import", src);
+    CHECK_FAILS(2, out, "import", src, out, "--arch", "llama");
+    CHECK_FAILS(2, out, "import", src, out, "--layer", "-1");
+    CHECK_FAILS(2, out, "import", src, out, "--layer", "1", "--prefix", "model.layers.1.");
+    CHECK_FAILS(2, out, "import", src, out, "--config", "");
+    CHECK_FAILS(1, out, "import", src, out);                                  /* no top_k */
+    CHECK_FAILS(1, out, "import", src, out, "--config", cfg, "--layer", "5");  /* no such block */
+    CHECK_FAILS(1, out, "import", src, out, "--config", cfg, "--top-k", "5");  /* more than E */
+    CHECK_FAILS(1, out, "import", src, out, "--config", TMP(cut, "no_such_config.json"));
+    CHECK_FAILS(1, out, "import", src, out, "--config", cfg, "--arch", "qwen2_moe");  /* no gate_proj */
+    CHECK_FAILS(1, out, "import", TMP(cut, "no_such_file.safetensors"), out, "--config", cfg);
+    {
+        size_t size;
+        unsigned char *bytes = test_read_file(src, &size);
+        CHECK(bytes != NULL, "read %s", src);
+        if (bytes) {
+            write_bytes(TMP(cut, "hf_cut.safetensors"), bytes, size - 5);
+            CHECK_FAILS(1, out, "import", cut, out, "--config", cfg);
+        }
+        free(bytes);
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc > 1) tool_path = argv[1];
     if (argc > 2) tmp_dir = argv[2];
@@ -941,5 +1017,6 @@ int main(int argc, char **argv) {
     RUN(test_usage);
     RUN(test_bad_files);
     RUN(test_bad_training_data);
+    RUN(test_import);
     TEST_END();
 }

@@ -21,7 +21,7 @@ static const moe_layer_desc layers[] = {
     {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_SIGMOID, .n_experts = 8, .top_k = 3, .n_groups = 4, .top_k_groups = 2,
      .bias_update_rate = 0.01f, .routed_scaling_factor = 1.5f, .d_hidden = 20, .residual = 1, .jitter = 0.05f},
     {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_EXPERT_CHOICE, .n_experts = 5, .top_k = 2, .expert = MOE_EXPERT_SWIGLU,
-     .d_hidden = 30, .residual = 1, .z_loss = 0.001f, .n_shared_experts = 1},
+     .d_hidden = 30, .residual = 1, .z_loss = 0.001f, .n_shared_experts = 1, .shared_gate = MOE_FLAG_ON},
     {.kind = MOE_LAYER_LAYERNORM},
     {.kind = MOE_LAYER_DENSE, .d_out = 10},
 };

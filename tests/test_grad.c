@@ -313,6 +313,14 @@ static int test_sigmoid_groups(void) {
     return run_case(&gc);
 }
 
+static int test_shared_gate(void) {
+    grad_case gc = {"gated shared experts (Qwen2-MoE)", 6, 12, 2, {
+        {.kind = MOE_LAYER_MOE, .n_experts = 4, .top_k = 2, .renormalize = MOE_FLAG_OFF, .expert = MOE_EXPERT_SWIGLU,
+         .d_hidden = 5, .n_shared_experts = 2, .d_shared_hidden = 3, .shared_gate = MOE_FLAG_ON, .jitter = 0.1f},
+        {.kind = MOE_LAYER_DENSE, .d_out = 3}}, MOE_LOSS_MSE, 1, 0, 0.0f};
+    return run_case(&gc);
+}
+
 static int test_expert_choice(void) {
     grad_case gc = {"expert choice + pass-through", 6, 16, 3, {
         {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_EXPERT_CHOICE, .n_experts = 4, .top_k = 2, .d_hidden = 5,
@@ -381,6 +389,7 @@ int main(void) {
     RUN(test_jitter_deep_mlp);
     RUN(test_relu_experts);
     RUN(test_sigmoid_groups);
+    RUN(test_shared_gate);
     RUN(test_expert_choice);
     RUN(test_call_top_k);
     RUN(test_call_top_p);

@@ -20,7 +20,7 @@ static const char *tmp(const char *name) {
 static const moe_layer_desc layers[] = {
     {.kind = MOE_LAYER_MOE, .d_out = 6, .router = MOE_ROUTER_NOISY_TOPK, .n_experts = 3, .top_k = 2, .expert = MOE_EXPERT_MLP,
      .n_hidden_layers = 2, .activation = MOE_ACT_GELU, .n_shared_experts = 1, .d_shared_hidden = 3, .router_bias = MOE_FLAG_ON,
-     .importance_loss = 0.25f, .load_loss = 0.125f, .jitter = 0.01f},
+     .importance_loss = 0.25f, .load_loss = 0.125f, .jitter = 0.01f, .shared_gate = MOE_FLAG_ON},
     {.kind = MOE_LAYER_LAYERNORM, .eps = 1e-3f, .residual = 1},
     {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_SWITCH, .n_experts = 2, .expert = MOE_EXPERT_SWIGLU, .d_hidden = 5, .residual = 1,
      .capacity_factor = 1.5f, .balance_loss = 0.01f, .z_loss = 0.001f},

@@ -1,6 +1,7 @@
 /* Fuzz target of the file reader and model loaders: moe_tensor_file_parse, moe_model_load_memory,
-   moe_model_load_checkpoint_memory and moe_model_from_config, each on every input (so one corpus
-   holds model files, checkpoints and configurations alike).
+   moe_model_load_checkpoint_memory, moe_model_from_config and, on every file that parses, the
+   Hugging Face block importer moe_model_import_hf (top_k 1, no config.json), each on every input
+   (so one corpus holds model files, checkpoints, Hugging Face blocks and configurations alike).
 
    Besides what the sanitizers catch, a counting allocator (the context's allocator) checks:
    - the allocation bound: while reading a file of n bytes, no single allocation exceeds
@@ -90,6 +91,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     moe_ctx_desc cd;
     moe_tensor_file *f = NULL;
     moe_model *m = NULL;
+    moe_hf_desc hd;
     char *text;
     int64_t max_tokens[2] = {1, 0};
     int i, checkpoint;
@@ -111,6 +113,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             const moe_file_tensor *t = moe_tensor_file_get(f, i);
             if (!moe_tensor_file_find(f, t->name)) fuzz_die("a listed tensor cannot be found", 0);
         }
+        fuzz_call = "moe_model_import_hf";
+        memset(&hd, 0, sizeof hd);
+        hd.top_k = 1;
+        if (moe_model_import_hf(&ctx, f, &hd, 1, &m) == MOE_OK) {
+            fuzz_exercise(m);
+            moe_model_destroy(m);
+        } else if (m) fuzz_die("a failed import returned a model", 0);
+        m = NULL;
         moe_tensor_file_close(f);
     } else if (f) fuzz_die("a failed parse returned a file", 0);
     fuzz_expect_nothing_live();
@@ -195,7 +205,7 @@ int main(int argc, char **argv) {
         } else if (fuzz_replay_file(argv[i])) files++;
         else unreadable++;
     }
-    printf("replayed %d inputs through moe_tensor_file_parse, moe_model_load_memory, moe_model_load_checkpoint_memory, moe_model_from_config\n", files);
+    printf("replayed %d inputs through moe_tensor_file_parse, moe_model_import_hf, moe_model_load_memory, moe_model_load_checkpoint_memory, moe_model_from_config\n", files);
     printf("RESULT passed=%d failed=%d skipped=0\n", files > 0, files == 0 || unreadable > 0);
     return files > 0 && unreadable == 0 ? 0 : 1;
 }

@@ -219,6 +219,7 @@ typedef enum moe_expert {
     MOE_EXPERT_LINEAR,      /* x W^T + b */
     MOE_EXPERT_MLP,         /* linear -> act (-> linear -> act)* -> linear */
     MOE_EXPERT_SWIGLU,      /* w2(silu(w1 x) * (w3 x)) */
+    MOE_EXPERT_GEGLU,       /* w2(gelu(w1 x) * (w3 x)), gelu exact (erf); tensors as SwiGLU */
     MOE_EXPERT_COUNT
 } moe_expert;
 
@@ -844,7 +845,9 @@ typedef enum moe__epi {
     MOE__EPI_ACT,          /* out0 = act(C)                                   a  = act(z)          */
     MOE__EPI_SWIGLU,       /* out0 = silu(C) * C2                             a  = silu(z1) * z3   */
     MOE__EPI_ACT_GRAD,     /* C *= act'(in0)                                  dz = da * act'(z)    */
-    MOE__EPI_SWIGLU_GRAD   /* out0 = C * in1 * silu'(in0); out1 = C * silu(in0)   dz1, dz3 from da */
+    MOE__EPI_SWIGLU_GRAD,  /* out0 = C * in1 * silu'(in0); out1 = C * silu(in0)   dz1, dz3 from da */
+    MOE__EPI_GEGLU,        /* out0 = gelu(C) * C2                             a  = gelu(z1) * z3   */
+    MOE__EPI_GEGLU_GRAD    /* out0 = C * in1 * gelu'(in0); out1 = C * gelu(in0)   dz1, dz3 from da */
 } moe__epi;
 
 typedef struct moe__mat {
@@ -893,6 +896,8 @@ typedef struct moe__kernel {
     moe__swiglu_fn swiglu;
     moe__swiglu_grad_fn swiglu_grad;
     moe__dot_fn dot;
+    moe__swiglu_fn geglu;       /* a[j] = gelu(z1[j]) * z3[j] */
+    moe__swiglu_grad_fn geglu_grad;
     int mr, nr;
     const char *name;
 } moe__kernel;
@@ -991,6 +996,19 @@ static void moe__swiglu_grad_rows(const float *da, const float *z1, const float 
     }
 }
 
+static void moe__geglu_rows(const float *z1, const float *z3, float *a, int64_t n) {
+    int64_t j;
+    for (j = 0; j < n; j++) a[j] = moe__act(MOE_ACT_GELU, z1[j]) * z3[j];
+}
+
+static void moe__geglu_grad_rows(const float *da, const float *z1, const float *z3, float *dz1, float *dz3, int64_t n) {
+    int64_t j;
+    for (j = 0; j < n; j++) {
+        dz1[j] = da[j] * z3[j] * moe__act_grad(MOE_ACT_GELU, z1[j]);
+        dz3[j] = da[j] * moe__act(MOE_ACT_GELU, z1[j]);
+    }
+}
+
 /* Bias, then the epilogue, on rows r0..r1 and columns c0..c1 of a finished C. */
 static void moe__gemm_finish(const moe__gemm *g, const moe__kernel *kn, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
     int64_t i, j, ld = g->ldc;
@@ -1010,6 +1028,12 @@ static void moe__gemm_finish(const moe__gemm *g, const moe__kernel *kn, int64_t 
             break;
         case MOE__EPI_SWIGLU_GRAD:
             kn->swiglu_grad(c + c0, g->in0 + i * ld + c0, g->in1 + i * ld + c0, g->out0 + i * ld + c0, g->out1 + i * ld + c0, c1 - c0);
+            break;
+        case MOE__EPI_GEGLU:
+            kn->geglu(c + c0, c2 + c0, g->out0 + i * ld + c0, c1 - c0);
+            break;
+        case MOE__EPI_GEGLU_GRAD:
+            kn->geglu_grad(c + c0, g->in0 + i * ld + c0, g->in1 + i * ld + c0, g->out0 + i * ld + c0, g->out1 + i * ld + c0, c1 - c0);
             break;
         default: break;
         }
@@ -1451,6 +1475,7 @@ static void moe__dot_rows_avx512(const moe__mat *W, int64_t j, const float *cons
 static moe__kernel moe__kernel_make(moe__micro_fn micro, int mr, int nr, const char *name) {
     moe__kernel k;
     k.micro = micro; k.pack_t = moe__pack_t; k.swiglu = moe__swiglu_rows; k.swiglu_grad = moe__swiglu_grad_rows; k.dot = moe__dot_rows;
+    k.geglu = moe__geglu_rows; k.geglu_grad = moe__geglu_grad_rows;
     k.mr = mr; k.nr = nr; k.name = name;
     return k;
 }
@@ -1684,6 +1709,9 @@ struct moe_layer {
     float *bias_keep;           /* sigmoid: [E] the selection bias held across an optimizer step */
 };
 
+/* Gated experts w2(act(w1 x) * (w3 x)): SwiGLU and GeGLU share tensors, stages and buffers. */
+static int moe__glu_kind(moe_expert kind) { return kind == MOE_EXPERT_SWIGLU || kind == MOE_EXPERT_GEGLU; }
+
 static int moe__flag(moe_flag f, int def) { return f == MOE_FLAG_DEFAULT ? def : f == MOE_FLAG_ON; }
 
 static int moe__dims_ok(int64_t a) { return a > 0 && a <= ((int64_t)1 << 31); }
@@ -1792,15 +1820,16 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
         if (!moe__dims_ok(d.d_hidden))
             return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: d_hidden %lld out of range", where, (long long)d.d_hidden);
         if (d.expert == MOE_EXPERT_LINEAR) d.n_hidden_layers = 0;
-        else if (d.expert == MOE_EXPERT_SWIGLU) d.n_hidden_layers = 1;
+        else if (moe__glu_kind(d.expert)) d.n_hidden_layers = 1;
         else if (d.n_hidden_layers == 0) d.n_hidden_layers = 1;
         if (d.n_hidden_layers < 0 || d.n_hidden_layers > MOE__MAX_LINEARS - 1)
             return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: n_hidden_layers %d out of range 1..%d", where, d.n_hidden_layers, MOE__MAX_LINEARS - 1);
-        /* linear experts have no activation and SwiGLU's is silu: the field is ignored for them */
+        /* linear experts have no activation, SwiGLU's is silu, GeGLU's gelu: the field is ignored for them */
         if (d.activation == MOE_ACT_DEFAULT) d.activation = MOE_ACT_RELU;
         if (d.expert == MOE_EXPERT_SWIGLU) d.activation = MOE_ACT_SILU;
+        if (d.expert == MOE_EXPERT_GEGLU) d.activation = MOE_ACT_GELU;
         if (d.expert == MOE_EXPERT_LINEAR) d.activation = MOE_ACT_IDENTITY;
-        d.bias = moe__flag(d.bias, d.expert != MOE_EXPERT_SWIGLU) ? MOE_FLAG_ON : MOE_FLAG_OFF;
+        d.bias = moe__flag(d.bias, !moe__glu_kind(d.expert)) ? MOE_FLAG_ON : MOE_FLAG_OFF;
         if (d.n_shared_experts < 0 || d.n_shared_experts > 64)
             return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: n_shared_experts %d out of range 0..64", where, d.n_shared_experts);
         if (d.d_shared_hidden == 0) d.d_shared_hidden = d.d_hidden;
@@ -1883,7 +1912,7 @@ static void moe__bank_plan(moe_layer *l, moe__bank *b, const char *prefix, int n
     b->d_hidden = hidden;
     b->d_out = d->d_out;
     b->max_rows = max_rows;
-    if (d->expert == MOE_EXPERT_SWIGLU) {
+    if (moe__glu_kind(d->expert)) {
         b->n_linears = 3;
         snprintf(name, sizeof name, "%s.w1", prefix);
         b->lin[0] = moe__add_linear(l, name, n, d->d_in, hidden, bias, MOE__INIT_UNIFORM);
@@ -2009,10 +2038,10 @@ static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scra
             int64_t R = k->max_rows;
             k->offsets = MOE__CARVE(saved, int64_t, k->n + 1);
             k->row_token = MOE__CARVE(saved, int32_t, R);
-            if (k->kind == MOE_EXPERT_SWIGLU) {
+            if (moe__glu_kind(k->kind)) {
                 k->z[0] = MOE__CARVE(saved, float, R * k->d_hidden);   /* x W1^T + b1 */
                 k->z[1] = MOE__CARVE(saved, float, R * k->d_hidden);   /* x W3^T + b3 */
-                k->a[0] = MOE__CARVE(saved, float, R * k->d_hidden);   /* silu(z0) * z1 */
+                k->a[0] = MOE__CARVE(saved, float, R * k->d_hidden);   /* act(z0) * z1 */
             } else {
                 for (j = 0; j + 1 < k->n_linears; j++) {
                     k->z[j] = MOE__CARVE(saved, float, R * k->d_hidden);
@@ -2021,7 +2050,7 @@ static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scra
             }
             k->out = MOE__CARVE(saved, float, R * k->d_out);
             for (j = 0; j < k->n_linears; j++) k->dz[j] = MOE__CARVE(scratch, float, R * k->lin[j].out);
-            k->da = k->kind == MOE_EXPERT_SWIGLU ? MOE__CARVE(scratch, float, R * k->d_hidden) : NULL;
+            k->da = moe__glu_kind(k->kind) ? MOE__CARVE(scratch, float, R * k->d_hidden) : NULL;
             k->dxr = MOE__CARVE(scratch, float, R * k->d_in);
         }
         l->dgate = MOE__CARVE(scratch, float, T * K);
@@ -2470,9 +2499,9 @@ static moe__mat moe__expert_weights(const moe_layer *l, const moe__bank *b, int 
     return m;
 }
 
-/* Forward stages: SwiGLU w1 paired with w3, then w2; MLP one stage per linear. */
-static int moe__bank_stages(const moe__bank *b) { return b->kind == MOE_EXPERT_SWIGLU ? 2 : b->n_linears; }
-static int moe__stage_linear(const moe__bank *b, int s) { return b->kind == MOE_EXPERT_SWIGLU && s == 1 ? 2 : s; }
+/* Forward stages: SwiGLU / GeGLU w1 paired with w3, then w2; MLP one stage per linear. */
+static int moe__bank_stages(const moe__bank *b) { return moe__glu_kind(b->kind) ? 2 : b->n_linears; }
+static int moe__stage_linear(const moe__bank *b, int s) { return moe__glu_kind(b->kind) && s == 1 ? 2 : s; }
 
 /* Forward stage s for rows r0..r1 of expert e (the product's rows count from r0). */
 static moe__gemm moe__forward_gemm(const moe_layer *l, const moe__bank *b, int64_t e, int s, int64_t r0, int64_t r1, const float *x) {
@@ -2483,12 +2512,12 @@ static moe__gemm moe__forward_gemm(const moe_layer *l, const moe__bank *b, int64
                                  moe__expert_weights(l, b, moe__stage_linear(b, s), e), last ? b->out + r0 * b->d_out : b->z[s] + r0 * H,
                                  lin->out, 0, moe__expert_b(l, lin, e));
     if (last) return g;
-    if (b->kind == MOE_EXPERT_SWIGLU) {
+    if (moe__glu_kind(b->kind)) {
         g.pair = 1;
         g.B2 = moe__expert_weights(l, b, 1, e);
         g.C2 = b->z[1] + r0 * H;
         g.bias2 = moe__expert_b(l, &b->lin[1], e);
-        g.epi = MOE__EPI_SWIGLU;
+        g.epi = b->kind == MOE_EXPERT_GEGLU ? MOE__EPI_GEGLU : MOE__EPI_SWIGLU;
     } else {
         g.epi = MOE__EPI_ACT;
         g.act = b->act;
@@ -2499,7 +2528,7 @@ static moe__gemm moe__forward_gemm(const moe_layer *l, const moe__bank *b, int64
 
 /* Backward steps: SwiGLU w2, then w1 and w3 together; MLP one step per linear, last first. */
 static int moe__bank_back_steps(const moe__bank *b) { return moe__bank_stages(b); }
-static int moe__back_linear(const moe__bank *b, int q) { return b->kind == MOE_EXPERT_SWIGLU ? (q == 0 ? 2 : 0) : b->n_linears - 1 - q; }
+static int moe__back_linear(const moe__bank *b, int q) { return moe__glu_kind(b->kind) ? (q == 0 ? 2 : 0) : b->n_linears - 1 - q; }
 
 /* Gradient at the input of linear j for rows r0..r1 of expert e: dz[j] W_j, then through the
    previous activation (SwiGLU w2: into dz1, dz3); for j = 0 into dxr (second: the w3 half). */
@@ -2508,9 +2537,9 @@ static moe__gemm moe__input_grad_gemm(const moe_layer *l, const moe__bank *b, in
     int64_t H = b->d_hidden, ldz = lin->out;
     moe__gemm g = moe__gemm_make(MOE__NN, r1 - r0, lin->in, lin->out, moe__mat_of(b->dz[second ? 1 : j] + r0 * ldz, ldz),
                                  moe__mat_of(moe__expert_w(l, lin, e), lin->in), NULL, lin->in, second, NULL);
-    if (b->kind == MOE_EXPERT_SWIGLU && j == 2) {
+    if (moe__glu_kind(b->kind) && j == 2) {
         g.C = b->da + r0 * H;
-        g.epi = MOE__EPI_SWIGLU_GRAD;
+        g.epi = b->kind == MOE_EXPERT_GEGLU ? MOE__EPI_GEGLU_GRAD : MOE__EPI_SWIGLU_GRAD;
         g.in0 = b->z[0] + r0 * H; g.in1 = b->z[1] + r0 * H;
         g.out0 = b->dz[0] + r0 * H; g.out1 = b->dz[1] + r0 * H;
     } else if (j > 0) {
@@ -2555,7 +2584,7 @@ static void moe__run_tile(const moe_layer *l, const moe__tile *t, const float *x
     case MOE__TILE_INPUT_GRAD:
         g = moe__input_grad_gemm(l, b, t->expert, t->linear, 0, t->r0, t->r1);
         moe__gemm_block(&l->ex, &g, 0, t->r1 - t->r0, t->c0, t->c1);
-        if (b->kind == MOE_EXPERT_SWIGLU && t->linear == 0) {
+        if (moe__glu_kind(b->kind) && t->linear == 0) {
             g = moe__input_grad_gemm(l, b, t->expert, 0, 1, t->r0, t->r1);
             moe__gemm_block(&l->ex, &g, 0, t->r1 - t->r0, t->c0, t->c1);
         }
@@ -2625,11 +2654,11 @@ static double moe__plan_step(moe_layer *l, int backward, int q, int want_dx) {
             const moe__bank *k = &l->bank[b];
             if (!backward) {
                 const moe__linear *lin = &k->lin[moe__stage_linear(k, q)];
-                int pair = k->kind == MOE_EXPERT_SWIGLU && q == 0;
+                int pair = moe__glu_kind(k->kind) && q == 0;
                 moe__plan_rows(l, b, q, MOE__TILE_FORWARD, lin->out, pair ? MOE__NB / 2 : MOE__NB,
                                (double)lin->in * (pair ? 2.0 : 1.0), rows);
             } else {
-                int j = moe__back_linear(k, q), two = k->kind == MOE_EXPERT_SWIGLU && j == 0;
+                int j = moe__back_linear(k, q), two = moe__glu_kind(k->kind) && j == 0;
                 if (j > 0 || want_dx)
                     moe__plan_rows(l, b, j, MOE__TILE_INPUT_GRAD, k->lin[j].in, MOE__NB, (double)k->lin[j].out * (two ? 2.0 : 1.0), rows);
                 moe__plan_weights(l, b, j);
@@ -2647,7 +2676,7 @@ static double moe__plan_step(moe_layer *l, int backward, int q, int want_dx) {
 /* Decode tile: weight rows c0..c1 of forward stage `linear` of one expert, for all its rows. */
 static void moe__decode_tile(const moe_layer *l, const moe__tile *t, const float *x) {
     const moe__bank *b = &l->bank[t->bank];
-    int s = t->linear, j = moe__stage_linear(b, s), last = s == moe__bank_stages(b) - 1, pair = b->kind == MOE_EXPERT_SWIGLU && s == 0;
+    int s = t->linear, j = moe__stage_linear(b, s), last = s == moe__bank_stages(b) - 1, pair = moe__glu_kind(b->kind) && s == 0;
     const moe__linear *lin = &b->lin[j];
     int64_t e = t->expert, r0 = b->offsets[e], H = b->d_hidden, o, ld = lin->out;
     int m = (int)(b->offsets[e + 1] - r0), r;
@@ -2669,7 +2698,7 @@ static void moe__decode_tile(const moe_layer *l, const moe__tile *t, const float
             if (pair) {
                 float z3 = v2[r] + (bias2 ? bias2[o] : 0.0f);
                 b->z[1][(r0 + r) * H + o] = z3;
-                b->a[0][(r0 + r) * H + o] = z * moe__sigmoid(z) * z3;
+                b->a[0][(r0 + r) * H + o] = moe__act(b->act, z) * z3;  /* silu or gelu: as the epilogue */
             } else if (!last) {
                 b->a[s][(r0 + r) * H + o] = moe__act(b->act, z);
             }
@@ -4633,7 +4662,7 @@ MOEDEF moe_result moe_tensor_writer_save(moe_tensor_writer *w, const char *path)
 static const char *const moe__kind_names[] = {"", "dense", "moe", "rmsnorm", "layernorm"};
 static const char *const moe__act_names[] = {"", "identity", "relu", "gelu", "silu", "tanh", "sigmoid"};
 static const char *const moe__router_names[] = {"", "topk", "noisy_topk", "switch", "sigmoid", "expert_choice", "hash"};
-static const char *const moe__expert_names[] = {"", "linear", "mlp", "swiglu"};
+static const char *const moe__expert_names[] = {"", "linear", "mlp", "swiglu", "geglu"};
 static const char *const moe__loss_names[] = {"", "cross_entropy", "mse", "bce"};
 static const char *const moe__opt_names[] = {"", "sgd", "adam", "adamw"};
 

@@ -305,7 +305,7 @@ static const char *name_of(const char *const *names, int count, int value) {
 static const char *const kind_names[] = {"default", "dense", "moe", "rmsnorm", "layernorm"};
 static const char *const act_names[] = {"default", "identity", "relu", "gelu", "silu", "tanh", "sigmoid"};
 static const char *const router_names[] = {"default", "topk", "noisy_topk", "switch", "sigmoid", "expert_choice", "hash"};
-static const char *const expert_names[] = {"default", "linear", "mlp", "swiglu"};
+static const char *const expert_names[] = {"default", "linear", "mlp", "swiglu", "geglu"};
 static const char *const loss_names[] = {"default", "cross_entropy", "mse", "bce"};
 static const char *const optimizer_names[] = {"default", "sgd", "adam", "adamw"};
 #define NAME(table, value) name_of(table, (int)(sizeof table / sizeof table[0]), (int)(value))
@@ -323,8 +323,9 @@ static void print_layer(int i, const moe_layer_desc *l) {
                l->router_bias == MOE_FLAG_ON ? "yes" : "no", (double)l->capacity_factor, (double)l->jitter);
         if (l->expert == MOE_EXPERT_LINEAR)
             printf("        experts linear: bias %s\n", l->bias == MOE_FLAG_ON ? "yes" : "no");
-        else if (l->expert == MOE_EXPERT_SWIGLU)
-            printf("        experts swiglu: d_hidden %lld, bias %s\n", (long long)l->d_hidden, l->bias == MOE_FLAG_ON ? "yes" : "no");
+        else if (l->expert == MOE_EXPERT_SWIGLU || l->expert == MOE_EXPERT_GEGLU)
+            printf("        experts %s: d_hidden %lld, bias %s\n", NAME(expert_names, l->expert), (long long)l->d_hidden,
+                   l->bias == MOE_FLAG_ON ? "yes" : "no");
         else
             printf("        experts %s: d_hidden %lld, hidden_layers %d, activation %s, bias %s\n", NAME(expert_names, l->expert),
                    (long long)l->d_hidden, l->n_hidden_layers, NAME(act_names, l->activation), l->bias == MOE_FLAG_ON ? "yes" : "no");

@@ -67,7 +67,7 @@ static void ref_expert(ref_run *r, int layer, const moe_layer_desc *d, const cha
     char name[96];
     int64_t D = d->d_in, O = d->d_out, i;
     int bias = d->bias == MOE_FLAG_ON;
-    if (d->expert == MOE_EXPERT_SWIGLU) {
+    if (d->expert == MOE_EXPERT_SWIGLU || d->expert == MOE_EXPERT_GEGLU) {
         double *a = (double *)malloc(sizeof(double) * (size_t)H), *g = (double *)malloc(sizeof(double) * (size_t)H);
         const double *W1, *W2, *W3, *b1 = NULL, *b2 = NULL, *b3 = NULL;
         snprintf(name, sizeof name, "%s.w1.weight", prefix); W1 = ref_tensor(r, layer, name);
@@ -80,7 +80,8 @@ static void ref_expert(ref_run *r, int layer, const moe_layer_desc *d, const cha
         }
         ref_linear(W1 + e * H * D, b1, x, D, H, a);
         ref_linear(W3 + e * H * D, b3, x, D, H, g);
-        for (i = 0; i < H; i++) a[i] = a[i] / (1.0 + exp(-a[i])) * g[i];
+        for (i = 0; i < H; i++)
+            a[i] = (d->expert == MOE_EXPERT_GEGLU ? 0.5 * a[i] * (1.0 + erf(a[i] / sqrt(2.0))) : a[i] / (1.0 + exp(-a[i]))) * g[i];
         ref_linear(W2 + e * O * H, b2, a, H, O, y);
         free(a);
         free(g);

@@ -250,6 +250,14 @@ static int test_topk_swiglu_shared(void) {
     return run_case(&gc);
 }
 
+static int test_topk_geglu(void) {
+    grad_case gc = {"topk2 geglu bias + shared", 7, 12, 2, {
+        {.kind = MOE_LAYER_MOE, .n_experts = 4, .top_k = 2, .expert = MOE_EXPERT_GEGLU, .d_hidden = 6, .d_out = 5,
+         .bias = MOE_FLAG_ON, .n_shared_experts = 1, .d_shared_hidden = 3, .balance_loss = 0.2f},
+        {.kind = MOE_LAYER_DENSE, .d_out = 3}}, MOE_LOSS_CROSS_ENTROPY, 1, 0, 0.0f};
+    return run_case(&gc);
+}
+
 static int test_soft_mixture(void) {
     grad_case gc = {"soft mixture k=E mlp2", 5, 10, 1, {
         {.kind = MOE_LAYER_MOE, .n_experts = 4, .top_k = 4, .expert = MOE_EXPERT_MLP, .n_hidden_layers = 2, .d_hidden = 6,
@@ -354,6 +362,7 @@ int main(void) {
     RUN(test_dense_activations);
     RUN(test_norms_mse);
     RUN(test_topk_swiglu_shared);
+    RUN(test_topk_geglu);
     RUN(test_soft_mixture);
     RUN(test_topk_norenorm_bce);
     RUN(test_switch_capacity);

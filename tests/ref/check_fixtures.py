@@ -180,7 +180,8 @@ def expert(P, q, c, e, v):
         return P[q + "fc%d.weight" % L][e] @ a + (P[q + "fc%d.bias" % L][e] if b else 0)
     z1 = P[q + "w1.weight"][e] @ v + (P[q + "w1.bias"][e] if b else 0)
     z3 = P[q + "w3.weight"][e] @ v + (P[q + "w3.bias"][e] if b else 0)
-    return P[q + "w2.weight"][e] @ (act("silu", z1) * z3) + (P[q + "w2.bias"][e] if b else 0)
+    glu = {"swiglu": "silu", "geglu": "gelu"}[c["expert"]]
+    return P[q + "w2.weight"][e] @ (act(glu, z1) * z3) + (P[q + "w2.bias"][e] if b else 0)
 
 
 def cv2(v):

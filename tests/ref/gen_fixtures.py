@@ -89,7 +89,7 @@ def moe(d_in, d_out=None, **kw):
         "expert": expert, "d_hidden": d_hidden,
         "hidden_layers": kw.get("hidden_layers", 0 if expert == "linear" else 1),
         "activation": kw.get("activation", "relu"),
-        "bias": kw.get("bias", expert != "swiglu"),
+        "bias": kw.get("bias", expert not in ("swiglu", "geglu")),
         "shared_experts": kw.get("shared_experts", 0),
         "d_shared_hidden": kw.get("d_shared_hidden", d_hidden),
         "capacity_factor": kw.get("capacity_factor", {"switch": 1.25, "expert_choice": 1}.get(router, 0)),
@@ -131,7 +131,7 @@ def expert_shapes(prefix, c, n, hidden):
             out.append((prefix + "fc%d.weight" % j, [n, fan_out, fan_in], fan_in))
             if c["bias"]:
                 out.append((prefix + "fc%d.bias" % j, [n, fan_out], fan_in))
-    elif kind == "swiglu":
+    elif kind in ("swiglu", "geglu"):
         out.append((prefix + "w1.weight", [n, hidden, D], D))
         out.append((prefix + "w3.weight", [n, hidden, D], D))
         out.append((prefix + "w2.weight", [n, O, hidden], hidden))
@@ -258,13 +258,14 @@ def experts_forward(P, prefix, c, x, chk):
             if j < L:
                 a = activation(c["activation"], a, chk)
         return a
-    if kind == "swiglu":
+    if kind in ("swiglu", "geglu"):
         a1 = torch.einsum("td,ehd->eth", x, P[prefix + "w1.weight"])
         a3 = torch.einsum("td,ehd->eth", x, P[prefix + "w3.weight"])
         if bias:
             a1 = a1 + P[prefix + "w1.bias"][:, None, :]
             a3 = a3 + P[prefix + "w3.bias"][:, None, :]
-        y = torch.einsum("eth,eoh->eto", activation("silu", a1, None) * a3, P[prefix + "w2.weight"])
+        act = "silu" if kind == "swiglu" else "gelu"
+        y = torch.einsum("eth,eoh->eto", activation(act, a1, None) * a3, P[prefix + "w2.weight"])
         if bias:
             y = y + P[prefix + "w2.bias"][:, None, :]
         return y
@@ -838,6 +839,12 @@ CASES = [
                            expert="linear"),
                        dense(8, 4)], "cross_entropy"),
      20, check_dropped),
+    # GeGLU experts
+    ("topk2_geglu_bias",
+     model_config(10, [moe(10, 8, router="topk", experts=4, top_k=2, expert="geglu", d_hidden=12,
+                           bias=True, shared_experts=1, d_shared_hidden=6, balance_loss=0.01),
+                       dense(8, 4)], "cross_entropy"),
+     16, None),
 ]
 
 

@@ -223,6 +223,19 @@ typedef enum moe_expert {
     MOE_EXPERT_COUNT
 } moe_expert;
 
+/* How a MoE layer turns its experts' outputs into y (README "Combine"). */
+typedef enum moe_combine {
+    MOE_COMBINE_DEFAULT = 0,   /* weighted sum */
+    MOE_COMBINE_SUM,           /* y = sum over chosen experts of gate * expert(x) */
+    MOE_COMBINE_STACK,         /* y = W [gate_0 f_0(x), ..., gate_E-1 f_E-1(x)] + b: a learned output linear over
+                                  the concatenated gated outputs (zeros for experts not chosen) */
+    MOE_COMBINE_VOTE,          /* classification: training forwards give the weighted sum of the experts' logits;
+                                  inference y[c] = sum of the gates of the chosen experts whose argmax is c */
+    MOE_COMBINE_VOTE_MAJORITY, /* as VOTE, but inference y[c] = the number of those experts, ties between classes
+                                  broken by the gate sums: y[c] = count_c + 0.5 * gates_c / sum of gates */
+    MOE_COMBINE_COUNT
+} moe_combine;
+
 typedef enum moe_loss {
     MOE_LOSS_DEFAULT = 0,   /* cross-entropy */
     MOE_LOSS_CROSS_ENTROPY, /* softmax cross-entropy on int32 class labels, mean over tokens */
@@ -337,6 +350,10 @@ typedef struct moe_layer_desc {
     float bias_update_rate;    /* gamma of the selection-bias update after each optimizer step (default 0: off) */
     /* hash router */
     uint32_t hash_seed;        /* mixed with the token id and the layer index (default 0) */
+    /* combine */
+    moe_combine combine;       /* how expert outputs make y (default: weighted sum) */
+    int64_t d_expert_out;      /* routed experts' output width (default d_out; other than d_out only with
+                                  MOE_COMBINE_STACK, whose combine.weight is [d_out, n_experts * d_expert_out]) */
 } moe_layer_desc;
 
 typedef struct moe_layer moe_layer;
@@ -1707,6 +1724,12 @@ struct moe_layer {
     float *group_score;         /* sigmoid with groups: [T, n_groups] */
     int32_t *group_sel;         /* sigmoid with groups: [T, n_groups] */
     float *bias_keep;           /* sigmoid: [E] the selection bias held across an optimizer step */
+
+    /* combines beyond the weighted sum */
+    moe__linear combine;        /* stack: combine.weight [d_out, E * d_expert_out], combine.bias [d_out] */
+    float *cat;                 /* stack: [T, E * d_expert_out] the concatenated gated expert outputs */
+    float *dcat;                /* stack: [T, E * d_expert_out] its gradient */
+    int voted;                  /* vote: the last forward voted (inference), so it has no backward */
 };
 
 /* Gated experts w2(act(w1 x) * (w3 x)): SwiGLU and GeGLU share tensors, stages and buffers. */
@@ -1751,6 +1774,26 @@ static moe_result moe__router_resolve(moe_ctx *ctx, moe_layer_desc *d, int where
         (int64_t)d->top_k_groups * (d->n_experts / d->n_groups) < d->max_top_k)
         return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: n_groups %d must divide n_experts %d, and top_k_groups %d groups must hold max_top_k %d experts",
                          where, d->n_groups, d->n_experts, d->top_k_groups, d->max_top_k);
+    return MOE_OK;
+}
+
+static int moe__vote_combine(moe_combine c) { return c == MOE_COMBINE_VOTE || c == MOE_COMBINE_VOTE_MAJORITY; }
+
+/* The combine fields of a MoE desc whose other fields are resolved. */
+static moe_result moe__combine_resolve(moe_ctx *ctx, moe_layer_desc *d, int where) {
+    if ((int)d->combine < 0 || d->combine >= MOE_COMBINE_COUNT)
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: unknown combine %d", where, (int)d->combine);
+    if (d->combine == MOE_COMBINE_DEFAULT) d->combine = MOE_COMBINE_SUM;
+    if (d->d_expert_out == 0) d->d_expert_out = d->d_out;
+    if (!moe__dims_ok(d->d_expert_out))
+        return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: d_expert_out %lld out of range", where, (long long)d->d_expert_out);
+    if (d->combine != MOE_COMBINE_STACK && d->d_expert_out != d->d_out)
+        return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: d_expert_out %lld differs from d_out %lld; only the stacking combine allows that", where,
+                         (long long)d->d_expert_out, (long long)d->d_out);
+    if (d->combine != MOE_COMBINE_SUM && d->n_shared_experts > 0)
+        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "layer %d: shared experts need the weighted-sum combine", where);
+    if (moe__vote_combine(d->combine) && d->residual)
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: a voting layer outputs votes; it cannot be residual", where);
     return MOE_OK;
 }
 
@@ -1846,6 +1889,7 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
             !moe__finite(d.balance_loss) || !moe__finite(d.z_loss) || !moe__finite(d.importance_loss) || !moe__finite(d.load_loss))
             return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: auxiliary loss coefficients must be finite and >= 0", where);
         MOE__TRY(moe__router_resolve(ctx, &d, where));
+        MOE__TRY(moe__combine_resolve(ctx, &d, where));
     } else {
         /* fields of other kinds are not part of this layer */
         d.n_experts = 0; d.top_k = 0; d.router = MOE_ROUTER_DEFAULT; d.expert = MOE_EXPERT_DEFAULT;
@@ -1853,13 +1897,15 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
         d.renormalize = MOE_FLAG_DEFAULT; d.router_bias = MOE_FLAG_DEFAULT; d.capacity_factor = 0.0f;
         d.jitter = 0.0f; d.balance_loss = d.z_loss = d.importance_loss = d.load_loss = 0.0f;
         d.max_top_k = 0; d.routed_scaling_factor = 0.0f; d.n_groups = 0; d.top_k_groups = 0; d.bias_update_rate = 0.0f; d.hash_seed = 0;
+        d.combine = MOE_COMBINE_DEFAULT; d.d_expert_out = 0;
         if (d.kind != MOE_LAYER_DENSE) { d.activation = MOE_ACT_DEFAULT; d.bias = MOE_FLAG_DEFAULT; }
     }
     if (d.kind != MOE_LAYER_RMSNORM && d.kind != MOE_LAYER_LAYERNORM) d.eps = 0.0f;
     {   /* parameter counts far beyond any machine would overflow the offsets: refuse them here */
-        double w = (double)moe__max64(moe__max64(d.d_in, d.d_out), moe__max64(d.d_hidden, d.d_shared_hidden));
+        double w = (double)moe__max64(moe__max64(moe__max64(d.d_in, d.d_out), moe__max64(d.d_hidden, d.d_shared_hidden)), d.d_expert_out);
         double est = d.kind == MOE_LAYER_MOE ? (double)(d.n_experts + d.n_shared_experts + 1) * (double)(d.n_hidden_layers + 3) * w * w
                                              : (double)d.d_in * (double)d.d_out + 2.0 * w;
+        if (d.combine == MOE_COMBINE_STACK) est += (double)d.n_experts * (double)d.d_expert_out * (double)d.d_out;
         if (est > (double)MOE__MAX_BYTES / 8.0)
             return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "layer %d: about %.3g parameters: too large", where, est);
     }
@@ -1900,7 +1946,7 @@ static moe__linear moe__add_linear(moe_layer *l, const char *prefix, int n, int6
     return lin;
 }
 
-static void moe__bank_plan(moe_layer *l, moe__bank *b, const char *prefix, int n, int64_t hidden, int64_t max_rows) {
+static void moe__bank_plan(moe_layer *l, moe__bank *b, const char *prefix, int n, int64_t hidden, int64_t d_out, int64_t max_rows) {
     const moe_layer_desc *d = &l->d;
     char name[MOE__NAME_MAX];
     int j, bias = d->bias == MOE_FLAG_ON;
@@ -1910,7 +1956,7 @@ static void moe__bank_plan(moe_layer *l, moe__bank *b, const char *prefix, int n
     b->act = d->activation;
     b->d_in = d->d_in;
     b->d_hidden = hidden;
-    b->d_out = d->d_out;
+    b->d_out = d_out;
     b->max_rows = max_rows;
     if (moe__glu_kind(d->expert)) {
         b->n_linears = 3;
@@ -1919,13 +1965,13 @@ static void moe__bank_plan(moe_layer *l, moe__bank *b, const char *prefix, int n
         snprintf(name, sizeof name, "%s.w3", prefix);
         b->lin[1] = moe__add_linear(l, name, n, d->d_in, hidden, bias, MOE__INIT_UNIFORM);
         snprintf(name, sizeof name, "%s.w2", prefix);
-        b->lin[2] = moe__add_linear(l, name, n, hidden, d->d_out, bias, MOE__INIT_UNIFORM);
+        b->lin[2] = moe__add_linear(l, name, n, hidden, d_out, bias, MOE__INIT_UNIFORM);
         b->lin[2].input = 0;
     } else {
         int L = d->n_hidden_layers;
         b->n_linears = L + 1;
         for (j = 0; j <= L; j++) {
-            int64_t in = j == 0 ? d->d_in : hidden, out = j == L ? d->d_out : hidden;
+            int64_t in = j == 0 ? d->d_in : hidden, out = j == L ? d_out : hidden;
             snprintf(name, sizeof name, "%s.fc%d", prefix, j);
             b->lin[j] = moe__add_linear(l, name, n, in, out, bias, MOE__INIT_UNIFORM);
             b->lin[j].input = j - 1;
@@ -1961,12 +2007,16 @@ static void moe__layer_plan(moe_layer *l) {
             l->noise.in = d->d_in; l->noise.out = d->n_experts; l->noise.b = -1; l->noise.input = -1;
             l->noise.w = moe__add_tensor(l, "router.noise_weight", 2, d->n_experts, d->d_in, 0, MOE__INIT_ZEROS, 0.0f);
         }
-        moe__bank_plan(l, &l->bank[0], "experts", d->n_experts, d->d_hidden, rows);
+        moe__bank_plan(l, &l->bank[0], "experts", d->n_experts, d->d_hidden, d->d_expert_out, rows);
         l->n_banks = 1;
         if (d->n_shared_experts > 0) {
-            moe__bank_plan(l, &l->bank[1], "shared", d->n_shared_experts, d->d_shared_hidden, T * d->n_shared_experts);
+            moe__bank_plan(l, &l->bank[1], "shared", d->n_shared_experts, d->d_shared_hidden, d->d_out, T * d->n_shared_experts);
             l->n_banks = 2;
         }
+        memset(&l->combine, 0, sizeof l->combine);
+        l->combine.w = l->combine.b = -1;
+        if (d->combine == MOE_COMBINE_STACK)
+            l->combine = moe__add_linear(l, "combine", 0, (int64_t)d->n_experts * d->d_expert_out, d->d_out, 1, MOE__INIT_UNIFORM);
         break;
     }
     default: break;
@@ -2060,6 +2110,11 @@ static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scra
         l->dxu = MOE__CARVE(scratch, float, T * D);
         l->dimportance = MOE__CARVE(scratch, float, E);
         l->dload = MOE__CARVE(scratch, float, E);
+        if (d->combine == MOE_COMBINE_STACK) {  /* T * E * d_expert_out may pass int64 at absurd sizes: then the carver refuses */
+            size_t ncat = (double)T * (double)E * (double)d->d_expert_out > (double)MOE__MAX_BYTES ? SIZE_MAX : (size_t)(T * E * d->d_expert_out);
+            l->cat = MOE__CARVE(saved, float, ncat);
+            l->dcat = MOE__CARVE(scratch, float, ncat);
+        }
         break;
     }
     default: break;
@@ -2741,6 +2796,67 @@ static void moe__run_step(moe_layer *l, double work, const float *x) {
     for (i = 0; i < l->n_tiles; i++) moe__run_tile(l, &l->tiles[i], x);
 }
 
+static int64_t moe__argmax(const float *v, int64_t n) {
+    int64_t i, best = 0;
+    for (i = 1; i < n; i++)
+        if (v[i] > v[best]) best = i;
+    return best;
+}
+
+/* Stacking: cat[t, e De + j] = gate * f_e(x_t)[j] (zeros for experts not chosen), then
+   y = cat Wc^T + bc, on top of x for residual layers and pass-through tokens. */
+static void moe__stack_forward(moe_layer *l, const float *x, int64_t T, float *y) {
+    const moe_layer_desc *d = &l->d;
+    int64_t K = l->slots, De = d->d_expert_out, W = d->n_experts * De, D = d->d_in, O = d->d_out, t;
+    moe__gemm g;
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)(W + O))
+    for (t = 0; t < T; t++) {
+        float *ct = l->cat + t * W, *yt = y + t * O;
+        const float *xt = x + t * D;
+        int64_t s, j;
+        int pass = l->passthrough[t] && !d->residual && O == D;
+        memset(ct, 0, (size_t)W * sizeof(float));
+        for (s = 0; s < K; s++) {
+            int32_t r = l->pos[t * K + s];
+            float gw = l->gate[t * K + s], *dst;
+            const float *o;
+            if (r < 0) continue;
+            o = l->bank[0].out + (int64_t)r * De;
+            dst = ct + (int64_t)l->sel[t * K + s] * De;
+            for (j = 0; j < De; j++) dst[j] = gw * o[j];
+        }
+        for (j = 0; j < O; j++) yt[j] = (d->residual || pass) ? xt[j] : 0.0f;
+    }
+    g = moe__gemm_make(MOE__NT, T, O, W, moe__mat_of(l->cat, W), moe__mat_of(moe__w(l, l->combine.w), W), y, O, 1, moe__w(l, l->combine.b));
+    moe__gemm_run(&l->ex, &g);
+}
+
+/* Voting (inference): every chosen expert votes for the argmax of its logits (ties: the lower
+   class). VOTE: y[c] = sum of the voters' gates; VOTE_MAJORITY: y[c] = count_c + 0.5 * gates_c / G. */
+static void moe__vote_forward(moe_layer *l, int64_t T, float *y) {
+    const moe_layer_desc *d = &l->d;
+    int64_t K = l->slots, O = d->d_out, t;
+    int majority = d->combine == MOE_COMBINE_VOTE_MAJORITY;
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)O * (double)K)
+    for (t = 0; t < T; t++) {
+        float *yt = y + t * O, total = 0.0f;
+        int64_t s, c;
+        memset(yt, 0, (size_t)O * sizeof(float));
+        for (s = 0; s < K; s++) {
+            int32_t r = l->pos[t * K + s];
+            if (r < 0) continue;
+            yt[moe__argmax(l->bank[0].out + (int64_t)r * O, O)] += l->gate[t * K + s];
+            total += l->gate[t * K + s];
+        }
+        if (!majority) continue;
+        for (c = 0; c < O; c++) yt[c] = total > 0.0f ? 0.5f * yt[c] / total : 0.0f;
+        for (s = 0; s < K; s++) {
+            int32_t r = l->pos[t * K + s];
+            if (r >= 0) yt[moe__argmax(l->bank[0].out + (int64_t)r * O, O)] += 1.0f;
+        }
+    }
+}
+
 static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, const float *noise) {
     const moe_layer_desc *d = &l->d;
     int64_t E = d->n_experts, K = l->slots, D = d->d_in, O = d->d_out, t, i;
@@ -2787,6 +2903,9 @@ static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, 
     for (q = 0; q < moe__bank_stages(&l->bank[0]); q++)
         moe__run_step(l, moe__use_decode(l, T) ? moe__plan_decode(l, q) : moe__plan_step(l, 0, q, 0), x);
     /* 6. combine in slot order, then shared experts */
+    l->voted = moe__vote_combine(d->combine) && !l->training;
+    if (d->combine == MOE_COMBINE_STACK) { moe__stack_forward(l, x, T, y); return; }
+    if (l->voted) { moe__vote_forward(l, T, y); return; }
     MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)O * (double)(K + l->n_banks))
     for (t = 0; t < T; t++) {
         float *yt = y + t * O;
@@ -2872,7 +2991,16 @@ static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flag
     int aux = (flags & MOE_BACKWARD_AUX) != 0, noisy = d->router == MOE_ROUTER_NOISY_TOPK, routed = l->router.w >= 0, q;
     moe__bank *rb = &l->bank[0];
     float bal_scale = d->balance_loss * (float)E / ((float)(T * l->call_k) * (float)T);
+    int64_t De = rb->d_out, W = E * De;  /* expert output width; stack: width of the concatenation */
+    int stack = d->combine == MOE_COMBINE_STACK;
     moe__gemm g;
+    if (stack) {  /* dWc += dy^T cat, dbc += sum dy, dcat = dy Wc */
+        g = moe__gemm_make(MOE__TN, O, W, T, moe__mat_of(dy, O), moe__mat_of(l->cat, W), moe__g(l, l->combine.w), W, 1, NULL);
+        moe__gemm_run(&l->ex, &g);
+        moe__colsum_acc(&l->ex, dy, T, O, O, moe__g(l, l->combine.b));
+        g = moe__gemm_make(MOE__NN, T, W, O, moe__mat_of(dy, O), moe__mat_of(moe__w(l, l->combine.w), W), l->dcat, W, 0, NULL);
+        moe__gemm_run(&l->ex, &g);
+    }
     /* gradients at the gates and at the expert outputs */
     MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)O * (double)(2 * K + 1))
     for (t = 0; t < T; t++) {
@@ -2882,11 +3010,12 @@ static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flag
             int32_t r = l->pos[t * K + s];
             float acc = 0.0f, gw = l->gate[t * K + s];
             float *dout;
-            const float *o;
+            const float *o, *dsrc;
             if (r < 0) { l->dgate[t * K + s] = 0.0f; continue; }
-            o = rb->out + (int64_t)r * O;
-            dout = rb->dz[rb->n_linears - 1] + (int64_t)r * O;
-            for (j = 0; j < O; j++) { acc += dyt[j] * o[j]; dout[j] = gw * dyt[j]; }
+            o = rb->out + (int64_t)r * De;
+            dout = rb->dz[rb->n_linears - 1] + (int64_t)r * De;
+            dsrc = stack ? l->dcat + t * W + (int64_t)l->sel[t * K + s] * De : dyt;  /* gradient at gate * f_e(x_t) */
+            for (j = 0; j < De; j++) { acc += dsrc[j] * o[j]; dout[j] = gw * dsrc[j]; }
             l->dgate[t * K + s] = acc;
         }
         if (l->n_banks > 1)
@@ -3084,6 +3213,13 @@ static moe_result moe__check_trainable(const moe_layer *l) {
     return moe__fail(l->ctx, MOE_ERR_STATE, "layer %d holds reduced-precision weights (inference only); moe_layer_quantize(layer, MOE_DTYPE_F32) restores training", l->index);
 }
 
+/* A vote has no gradient: backward follows a training forward of a voting layer. */
+static moe_result moe__check_backward(const moe_layer *l) {
+    MOE__TRY(moe__check_trainable(l));
+    if (!l->voted) return MOE_OK;
+    return moe__fail(l->ctx, MOE_ERR_STATE, "layer %d votes at inference, which has no gradient; backward needs a training forward (moe_forward_opts.training)", l->index);
+}
+
 MOEDEF moe_result moe_layer_forward(moe_layer *l, const float *x, int64_t n_tokens, float *y, const moe_forward_opts *opts) {
     if (!l) return MOE_ERR_INVALID_ARGUMENT;
     if (!x || !y) return moe__fail(l->ctx, MOE_ERR_INVALID_ARGUMENT, "x and y must not be NULL");
@@ -3100,7 +3236,7 @@ MOEDEF moe_result moe_layer_backward(moe_layer *l, const float *dy, float *dx, i
     if (!l) return MOE_ERR_INVALID_ARGUMENT;
     if (!l->has_forward) return moe__fail(l->ctx, MOE_ERR_STATE, "backward before any forward");
     if (!dy) return moe__fail(l->ctx, MOE_ERR_INVALID_ARGUMENT, "dy is NULL");
-    MOE__TRY(moe__check_trainable(l));
+    MOE__TRY(moe__check_backward(l));
     moe__layer_backward_impl(l, dy, dx, flags);
     return MOE_OK;
 }
@@ -3695,7 +3831,7 @@ MOEDEF moe_result moe_model_backward(moe_model *m, const float *dy, float *dx, i
     if (!m) return MOE_ERR_INVALID_ARGUMENT;
     if (!m->has_forward) return moe__fail(m->ctx, MOE_ERR_STATE, "backward before any forward");
     if (!dy) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "dy is NULL");
-    for (i = 0; i < m->n_layers; i++) MOE__TRY(moe__check_trainable(&m->layers[i]));
+    for (i = 0; i < m->n_layers; i++) MOE__TRY(moe__check_backward(&m->layers[i]));
     for (i = m->n_layers - 1; i >= 0; i--) {
         float *dst = i > 0 ? m->dbuf[i & 1] : dx;
         moe__layer_backward_impl(&m->layers[i], dy, dst, flags);
@@ -4664,6 +4800,7 @@ static const char *const moe__act_names[] = {"", "identity", "relu", "gelu", "si
 static const char *const moe__router_names[] = {"", "topk", "noisy_topk", "switch", "sigmoid", "expert_choice", "hash"};
 static const char *const moe__expert_names[] = {"", "linear", "mlp", "swiglu", "geglu"};
 static const char *const moe__loss_names[] = {"", "cross_entropy", "mse", "bce"};
+static const char *const moe__combine_names[] = {"", "sum", "stack", "vote", "vote_majority"};
 static const char *const moe__opt_names[] = {"", "sgd", "adam", "adamw"};
 
 static void moe__config_write(const moe_model *m, moe__sb *b) {
@@ -4704,6 +4841,8 @@ static void moe__config_write(const moe_model *m, moe__sb *b) {
                 moe__sb_float(b, l->bias_update_rate);
             }
             if (l->router == MOE_ROUTER_HASH) moe__sb_printf(b, ",\"hash_seed\":%lu", (unsigned long)l->hash_seed);
+            if (l->combine != MOE_COMBINE_SUM) moe__sb_printf(b, ",\"combine\":\"%s\"", moe__combine_names[l->combine]);
+            if (l->combine == MOE_COMBINE_STACK) moe__sb_printf(b, ",\"d_expert_out\":%lld", (long long)l->d_expert_out);
         }
         moe__sb_str(b, "}");
     }
@@ -4767,6 +4906,8 @@ static const moe__field moe__layer_fields[] = {
     MOE__LF("top_k_groups", MOE__F_INT, top_k_groups, NULL, 0, MOE__K_MOE),
     MOE__LF("bias_update_rate", MOE__F_FLOAT, bias_update_rate, NULL, 0, MOE__K_MOE),
     MOE__LF("hash_seed", MOE__F_U32, hash_seed, NULL, 0, MOE__K_MOE),
+    MOE__LF("combine", MOE__F_ENUM, combine, moe__combine_names, MOE_COMBINE_COUNT, MOE__K_MOE),
+    MOE__LF("d_expert_out", MOE__F_I64, d_expert_out, NULL, 0, MOE__K_MOE),
 };
 
 #define MOE__OF(name, type, field, names, n) {name, type, offsetof(moe_optimizer_desc, field), names, n, 0}

@@ -307,6 +307,7 @@ static const char *const act_names[] = {"default", "identity", "relu", "gelu", "
 static const char *const router_names[] = {"default", "topk", "noisy_topk", "switch", "sigmoid", "expert_choice", "hash"};
 static const char *const expert_names[] = {"default", "linear", "mlp", "swiglu", "geglu"};
 static const char *const loss_names[] = {"default", "cross_entropy", "mse", "bce"};
+static const char *const combine_names[] = {"default", "sum", "stack", "vote", "vote_majority"};
 static const char *const optimizer_names[] = {"default", "sgd", "adam", "adamw"};
 #define NAME(table, value) name_of(table, (int)(sizeof table / sizeof table[0]), (int)(value))
 
@@ -334,6 +335,10 @@ static void print_layer(int i, const moe_layer_desc *l) {
                    l->n_groups, l->top_k_groups, (double)l->bias_update_rate);
         if (l->router == MOE_ROUTER_HASH) printf("        hash_seed %lu\n", (unsigned long)l->hash_seed);
         if (l->max_top_k != l->top_k) printf("        max_top_k %d\n", l->max_top_k);
+        if (l->combine == MOE_COMBINE_STACK)
+            printf("        combine stack: d_expert_out %lld\n", (long long)l->d_expert_out);
+        else if (l->combine != MOE_COMBINE_SUM)
+            printf("        combine %s\n", NAME(combine_names, l->combine));
         if (l->n_shared_experts > 0)
             printf("        shared experts %d: d_shared_hidden %lld\n", l->n_shared_experts, (long long)l->d_shared_hidden);
         printf("        aux losses: balance %g, z %g, importance %g, load %g\n", (double)l->balance_loss, (double)l->z_loss,

@@ -79,6 +79,8 @@ def moe(d_in, d_out=None, **kw):
     if router == "sigmoid" and extra["top_k_groups"] is None:
         extra["top_k_groups"] = extra["groups"]
     max_top_k = kw.pop("max_top_k", None)
+    combine = kw.pop("combine", "sum")
+    d_expert_out = kw.pop("d_expert_out", None)
     c = {
         "kind": "moe", "d_in": d_in, "d_out": d_in if d_out is None else d_out,
         "residual": kw.get("residual", False),
@@ -102,7 +104,16 @@ def moe(d_in, d_out=None, **kw):
     if max_top_k is not None and max_top_k != c["top_k"]:
         c["max_top_k"] = max_top_k          # written only where it differs from top_k (6.1)
     c.update(extra)                         # a router's own fields, only for that router
+    if combine != "sum":                    # written only where not the weighted sum (6.1)
+        c["combine"] = combine
+    if combine == "stack":
+        c["d_expert_out"] = c["d_out"] if d_expert_out is None else d_expert_out
     return c
+
+
+def expert_out(c):
+    """Width of the routed experts' outputs: d_expert_out (stacking), else d_out."""
+    return c.get("d_expert_out", c["d_out"])
 
 
 def model_config(d_in, layers, loss, **opt):
@@ -115,9 +126,9 @@ def model_config(d_in, layers, loss, **opt):
 # ----------------------------------------------------------------------------------------------
 # Parameter names and shapes (README.md section 3, in its order)
 
-def expert_shapes(prefix, c, n, hidden):
-    """Stacked expert tensors for n experts of kind c['expert'] with hidden width `hidden`."""
-    D, O, kind = c["d_in"], c["d_out"], c["expert"]
+def expert_shapes(prefix, c, n, hidden, O):
+    """Stacked expert tensors for n experts of kind c['expert'], hidden width `hidden`, output O."""
+    D, kind = c["d_in"], c["expert"]
     out = []
     if kind == "linear":
         out.append((prefix + "fc0.weight", [n, O, D], D))
@@ -168,12 +179,16 @@ def param_specs(cfg):
                 specs.append((p + "router.noise_weight", [E, D], "lin", D))
             if c["router"] == "sigmoid":
                 specs.append((p + "router.selection_bias", [E], "selb", 0))
-            for name, shape, fan in expert_shapes(p + "experts.", c, E, c["d_hidden"]):
+            for name, shape, fan in expert_shapes(p + "experts.", c, E, c["d_hidden"], expert_out(c)):
                 specs.append((name, shape, "lin", fan))
             if c["shared_experts"] > 0:
                 for name, shape, fan in expert_shapes(p + "shared.", c, c["shared_experts"],
-                                                      c["d_shared_hidden"]):
+                                                      c["d_shared_hidden"], c["d_out"]):
                     specs.append((name, shape, "lin", fan))
+            if c.get("combine") == "stack":
+                W = E * c["d_expert_out"]
+                specs.append((p + "combine.weight", [c["d_out"], W], "lin", W))
+                specs.append((p + "combine.bias", [c["d_out"]], "lin", W))
         else:
             raise ValueError(c["kind"])
     return specs
@@ -439,14 +454,24 @@ def moe_forward(P, p, c, x, train, noise, chk, call, layer):
             if keep[t, si]:
                 kept_per_expert[int(sel[t, si])] += 1
     # step 5/6: experts and combine
-    fx = experts_forward(P, p + "experts.", c, x, chk)          # [E, T, O]
+    fx = experts_forward(P, p + "experts.", c, x, chk)          # [E, T, O] (stack: [E, T, d_expert_out])
     ar = torch.arange(T)
-    routed = torch.zeros(T, O)
-    for si in range(slots):
-        w = gates[:, si] * keep[:, si].double()
-        routed = routed + w[:, None] * fx[sel[:, si].clamp(min=0), ar]
+    stack = c.get("combine") == "stack"
+    if stack:                               # gated outputs side by side, then the output linear
+        G = torch.zeros(T, E)
+        for si in range(slots):
+            w = gates[:, si] * keep[:, si].double()
+            G = G + w[:, None] * torch.nn.functional.one_hot(sel[:, si].clamp(min=0), E).double()
+        cat = (G.T[:, :, None] * fx).permute(1, 0, 2).reshape(T, -1)
+        routed = cat @ P[p + "combine.weight"].T + P[p + "combine.bias"]
+    else:
+        routed = torch.zeros(T, O)
+        for si in range(slots):
+            w = gates[:, si] * keep[:, si].double()
+            routed = routed + w[:, None] * fx[sel[:, si].clamp(min=0), ar]
     if not c["residual"] and O == D:
-        routed = torch.where(dropped[:, None], x, routed)       # pass-through
+        # pass-through; stacking adds x to the output linear (for such a token, its bias)
+        routed = torch.where(dropped[:, None], x + routed if stack else x, routed)
     y = x + routed if c["residual"] else routed
     if c["shared_experts"] > 0:
         sx = experts_forward(P, p + "shared.", c, x, chk)       # [S, T, O]
@@ -845,6 +870,14 @@ CASES = [
                            bias=True, shared_experts=1, d_shared_hidden=6, balance_loss=0.01),
                        dense(8, 4)], "cross_entropy"),
      16, None),
+    # stacking combine (the second layer drops tokens: pass-through plus the output linear)
+    ("stack_combine",
+     model_config(10, [moe(10, 8, router="topk", experts=4, top_k=2, expert="mlp", d_hidden=8,
+                           activation="tanh", combine="stack", d_expert_out=5, balance_loss=0.01),
+                       moe(8, 8, router="switch", experts=3, expert="linear", capacity_factor=0.5,
+                           combine="stack", d_expert_out=3),
+                       dense(8, 4)], "cross_entropy"),
+     16, check_dropped),
 ]
 
 

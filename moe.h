@@ -63,14 +63,15 @@
    --------
      moe_ctx_desc       n_threads all OpenMP threads; seed 0; allocator MOE_MALLOC/MOE_FREE
      moe_layer_desc     kind dense; d_in the previous layer's width; d_out d_in; activation
-                        identity (dense) / relu (MLP experts); bias on (SwiGLU experts: off);
+                        identity (dense) / relu (MLP experts); bias on (SwiGLU, GeGLU experts: off);
                         eps 1e-5; n_experts 4; top_k 2 (switch: 1); router top-k; expert MLP;
                         d_hidden d_in; n_hidden_layers 1; d_shared_hidden d_hidden; renormalize
                         on (switch, expert choice, hash: off); router_bias off; capacity_factor
                         1.25 for switch, 1 for expert choice, else 0 = unlimited; jitter and every
                         aux-loss coefficient 0 (off); max_top_k top_k; sigmoid router:
                         routed_scaling_factor 1, n_groups 1, top_k_groups n_groups,
-                        bias_update_rate 0 (off); hash_seed 0
+                        bias_update_rate 0 (off); hash_seed 0; combine weighted sum;
+                        d_expert_out d_out; expert GeGLU: gelu exact (erf), bias off
      moe_forward_opts   NULL or all zero: inference, the layers' top_k, no top_p, no token ids
      moe_model_desc     loss cross-entropy; max_tokens 256; optimizer as below
      moe_optimizer_desc AdamW; lr 1e-3; beta1 0.9; beta2 0.999; eps 1e-8; everything else 0
@@ -319,7 +320,7 @@ typedef struct moe_layer_desc {
     int64_t d_in;              /* input width; 0 inside a model: the previous layer's output width */
     int64_t d_out;             /* output width; 0: d_in (norm layers always keep d_in) */
     moe_activation activation; /* dense: on the output; MLP experts: on every hidden layer */
-    moe_flag bias;             /* biases of dense and expert linears (default on; SwiGLU: off) */
+    moe_flag bias;             /* biases of dense and expert linears (default on; SwiGLU, GeGLU: off) */
     int residual;              /* nonzero: y = x + layer(x); needs d_out == d_in */
     float eps;                 /* norm layers: added to the variance (default 1e-5) */
 

@@ -224,7 +224,7 @@ typedef enum moe_expert {
     MOE_EXPERT_COUNT
 } moe_expert;
 
-/* How a MoE layer turns its experts' outputs into y (README "Combine"). */
+/* How a MoE layer turns its experts' outputs into y (README model reference 3.4, step 6). */
 typedef enum moe_combine {
     MOE_COMBINE_DEFAULT = 0,   /* weighted sum */
     MOE_COMBINE_SUM,           /* y = sum over chosen experts of gate * expert(x) */

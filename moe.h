@@ -1396,30 +1396,6 @@ static __m512 moe__sigmoid_avx512(__m512 x) {
     return _mm512_div_ps(one, _mm512_add_ps(one, moe__exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
 }
 
-__attribute__((target("avx512f")))
-static void moe__swiglu_avx512(const float *z1, const float *z3, float *a, int64_t n) {
-    int64_t j;
-    for (j = 0; j < n; j += 16) {
-        __mmask16 m = (__mmask16)moe__lanes(n - j);
-        __m512 x = _mm512_maskz_loadu_ps(m, z1 + j), y = _mm512_maskz_loadu_ps(m, z3 + j);
-        _mm512_mask_storeu_ps(a + j, m, _mm512_mul_ps(_mm512_mul_ps(x, moe__sigmoid_avx512(x)), y));
-    }
-}
-
-__attribute__((target("avx512f")))
-static void moe__swiglu_grad_avx512(const float *da, const float *z1, const float *z3, float *dz1, float *dz3, int64_t n) {
-    __m512 one = _mm512_set1_ps(1.0f);
-    int64_t j;
-    for (j = 0; j < n; j += 16) {
-        __mmask16 m = (__mmask16)moe__lanes(n - j);
-        __m512 g = _mm512_maskz_loadu_ps(m, da + j), x = _mm512_maskz_loadu_ps(m, z1 + j), y = _mm512_maskz_loadu_ps(m, z3 + j);
-        __m512 s = moe__sigmoid_avx512(x), gs = _mm512_mul_ps(g, s);
-        __m512 d1 = _mm512_mul_ps(_mm512_mul_ps(gs, y), _mm512_add_ps(one, _mm512_mul_ps(x, _mm512_sub_ps(one, s))));
-        _mm512_mask_storeu_ps(dz1 + j, m, d1);
-        _mm512_mask_storeu_ps(dz3 + j, m, _mm512_mul_ps(gs, x));
-    }
-}
-
 /* Phi(z) = 0.5 erfc(-z / sqrt 2), erfc(u) = t exp(P(t) - u^2), t = 1 / (1 + u / 2): the Chebyshev fit of
    Numerical Recipes' erfcc (relative error below 1.2e-7 for every u >= 0). */
 __attribute__((target("avx512f")))
@@ -1435,13 +1411,34 @@ static __m512 moe__phi_avx512(__m512 z) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GE_OQ), q, _mm512_sub_ps(one, q));
 }
 
+/* a = z1 * s(z1) * z3 with s = sigmoid (SwiGLU: silu) or Phi (GeGLU: gelu) */
 __attribute__((target("avx512f")))
-static void moe__geglu_avx512(const float *z1, const float *z3, float *a, int64_t n) {
+static void moe__glu_avx512(const float *z1, const float *z3, float *a, int64_t n, int gelu) {
     int64_t j;
     for (j = 0; j < n; j += 16) {
         __mmask16 m = (__mmask16)moe__lanes(n - j);
         __m512 x = _mm512_maskz_loadu_ps(m, z1 + j), y = _mm512_maskz_loadu_ps(m, z3 + j);
-        _mm512_mask_storeu_ps(a + j, m, _mm512_mul_ps(_mm512_mul_ps(x, moe__phi_avx512(x)), y));
+        _mm512_mask_storeu_ps(a + j, m, _mm512_mul_ps(_mm512_mul_ps(x, gelu ? moe__phi_avx512(x) : moe__sigmoid_avx512(x)), y));
+    }
+}
+
+__attribute__((target("avx512f")))
+static void moe__swiglu_avx512(const float *z1, const float *z3, float *a, int64_t n) { moe__glu_avx512(z1, z3, a, n, 0); }
+
+__attribute__((target("avx512f")))
+static void moe__geglu_avx512(const float *z1, const float *z3, float *a, int64_t n) { moe__glu_avx512(z1, z3, a, n, 1); }
+
+__attribute__((target("avx512f")))
+static void moe__swiglu_grad_avx512(const float *da, const float *z1, const float *z3, float *dz1, float *dz3, int64_t n) {
+    __m512 one = _mm512_set1_ps(1.0f);
+    int64_t j;
+    for (j = 0; j < n; j += 16) {
+        __mmask16 m = (__mmask16)moe__lanes(n - j);
+        __m512 g = _mm512_maskz_loadu_ps(m, da + j), x = _mm512_maskz_loadu_ps(m, z1 + j), y = _mm512_maskz_loadu_ps(m, z3 + j);
+        __m512 s = moe__sigmoid_avx512(x), gs = _mm512_mul_ps(g, s);
+        __m512 d1 = _mm512_mul_ps(_mm512_mul_ps(gs, y), _mm512_add_ps(one, _mm512_mul_ps(x, _mm512_sub_ps(one, s))));
+        _mm512_mask_storeu_ps(dz1 + j, m, d1);
+        _mm512_mask_storeu_ps(dz3 + j, m, _mm512_mul_ps(gs, x));
     }
 }
 

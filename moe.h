@@ -64,7 +64,7 @@
    --------
      moe_ctx_desc       n_threads all OpenMP threads; seed 0; allocator MOE_MALLOC/MOE_FREE
      moe_layer_desc     kind dense; d_in the previous layer's width; d_out d_in; activation
-                        identity (dense) / relu (MLP experts); bias on (SwiGLU experts: off);
+                        identity (dense) / relu (MLP experts); bias on (SwiGLU, GeGLU experts: off);
                         eps 1e-5; n_experts 4; top_k 2 (switch: 1; Gaussian experts: n_experts);
                         router top-k; expert MLP;
                         d_hidden d_in; n_hidden_layers 1; d_shared_hidden d_hidden; renormalize
@@ -72,7 +72,8 @@
                         1.25 for switch, 1 for expert choice, else 0 = unlimited; jitter and every
                         aux-loss coefficient 0 (off); max_top_k top_k; sigmoid router:
                         routed_scaling_factor 1, n_groups 1, top_k_groups n_groups,
-                        bias_update_rate 0 (off); hash_seed 0; shared_gate off
+                        bias_update_rate 0 (off); hash_seed 0; shared_gate off; combine weighted sum;
+                        d_expert_out d_out; expert GeGLU: gelu exact (erf), bias off
      moe_forward_opts   NULL or all zero: inference, the layers' top_k, no top_p, no token ids
      moe_model_desc     loss cross-entropy (mixture NLL when the last layer has Gaussian experts);
                         max_tokens 256; optimizer as below
@@ -227,8 +228,22 @@ typedef enum moe_expert {
     MOE_EXPERT_SWIGLU,      /* w2(silu(w1 x) * (w3 x)) */
     MOE_EXPERT_GAUSSIAN,    /* mixture density: MLP whose last linear gives a mean and a log-std per output;
                                the layer outputs (log pi [E] | means [E, d_out] | log-stds [E, d_out]) */
+    MOE_EXPERT_GEGLU,       /* w2(gelu(w1 x) * (w3 x)), gelu exact (erf); tensors as SwiGLU */
     MOE_EXPERT_COUNT
 } moe_expert;
+
+/* How a MoE layer turns its experts' outputs into y (README model reference 3.4, step 6). */
+typedef enum moe_combine {
+    MOE_COMBINE_DEFAULT = 0,   /* weighted sum */
+    MOE_COMBINE_SUM,           /* y = sum over chosen experts of gate * expert(x) */
+    MOE_COMBINE_STACK,         /* y = W [gate_0 f_0(x), ..., gate_E-1 f_E-1(x)] + b: a learned output linear over
+                                  the concatenated gated outputs (zeros for experts not chosen) */
+    MOE_COMBINE_VOTE,          /* classification: training forwards give the weighted sum of the experts' logits;
+                                  inference y[c] = sum of the gates of the chosen experts whose argmax is c */
+    MOE_COMBINE_VOTE_MAJORITY, /* as VOTE, but inference y[c] = the number of those experts, ties between classes
+                                  broken by the gate sums: y[c] = count_c + 0.5 * gates_c / sum of gates */
+    MOE_COMBINE_COUNT
+} moe_combine;
 
 typedef enum moe_loss {
     MOE_LOSS_DEFAULT = 0,   /* cross-entropy */
@@ -315,7 +330,7 @@ typedef struct moe_layer_desc {
     int64_t d_out;             /* output width; 0: d_in (norm layers always keep d_in; Gaussian
                                   experts: the modelled dimensions, the output is E (1 + 2 d_out)) */
     moe_activation activation; /* dense: on the output; MLP experts: on every hidden layer */
-    moe_flag bias;             /* biases of dense and expert linears (default on; SwiGLU: off) */
+    moe_flag bias;             /* biases of dense and expert linears (default on; SwiGLU, GeGLU: off) */
     int residual;              /* nonzero: y = x + layer(x); needs d_out == d_in */
     float eps;                 /* norm layers: added to the variance (default 1e-5) */
 
@@ -349,6 +364,10 @@ typedef struct moe_layer_desc {
     /* shared experts */
     moe_flag shared_gate;      /* on: shared expert q's output times sigmoid(x . g_q), g = "shared.gate.weight"
                                   [n_shared_experts, d_in] (Qwen2-MoE; default off) */
+    /* combine */
+    moe_combine combine;       /* how expert outputs make y (default: weighted sum) */
+    int64_t d_expert_out;      /* routed experts' output width (default d_out; other than d_out only with
+                                  MOE_COMBINE_STACK, whose combine.weight is [d_out, n_experts * d_expert_out]) */
 } moe_layer_desc;
 
 typedef struct moe_layer moe_layer;
@@ -907,7 +926,9 @@ typedef enum moe__epi {
     MOE__EPI_ACT,          /* out0 = act(C)                                   a  = act(z)          */
     MOE__EPI_SWIGLU,       /* out0 = silu(C) * C2                             a  = silu(z1) * z3   */
     MOE__EPI_ACT_GRAD,     /* C *= act'(in0)                                  dz = da * act'(z)    */
-    MOE__EPI_SWIGLU_GRAD   /* out0 = C * in1 * silu'(in0); out1 = C * silu(in0)   dz1, dz3 from da */
+    MOE__EPI_SWIGLU_GRAD,  /* out0 = C * in1 * silu'(in0); out1 = C * silu(in0)   dz1, dz3 from da */
+    MOE__EPI_GEGLU,        /* out0 = gelu(C) * C2                             a  = gelu(z1) * z3   */
+    MOE__EPI_GEGLU_GRAD    /* out0 = C * in1 * gelu'(in0); out1 = C * gelu(in0)   dz1, dz3 from da */
 } moe__epi;
 
 typedef struct moe__mat {
@@ -956,6 +977,8 @@ typedef struct moe__kernel {
     moe__swiglu_fn swiglu;
     moe__swiglu_grad_fn swiglu_grad;
     moe__dot_fn dot;
+    moe__swiglu_fn geglu;       /* a[j] = gelu(z1[j]) * z3[j] */
+    moe__swiglu_grad_fn geglu_grad;
     int mr, nr;
     const char *name;
 } moe__kernel;
@@ -1054,6 +1077,19 @@ static void moe__swiglu_grad_rows(const float *da, const float *z1, const float 
     }
 }
 
+static void moe__geglu_rows(const float *z1, const float *z3, float *a, int64_t n) {
+    int64_t j;
+    for (j = 0; j < n; j++) a[j] = moe__act(MOE_ACT_GELU, z1[j]) * z3[j];
+}
+
+static void moe__geglu_grad_rows(const float *da, const float *z1, const float *z3, float *dz1, float *dz3, int64_t n) {
+    int64_t j;
+    for (j = 0; j < n; j++) {
+        dz1[j] = da[j] * z3[j] * moe__act_grad(MOE_ACT_GELU, z1[j]);
+        dz3[j] = da[j] * moe__act(MOE_ACT_GELU, z1[j]);
+    }
+}
+
 /* Bias, then the epilogue, on rows r0..r1 and columns c0..c1 of a finished C. */
 static void moe__gemm_finish(const moe__gemm *g, const moe__kernel *kn, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
     int64_t i, j, ld = g->ldc;
@@ -1073,6 +1109,12 @@ static void moe__gemm_finish(const moe__gemm *g, const moe__kernel *kn, int64_t 
             break;
         case MOE__EPI_SWIGLU_GRAD:
             kn->swiglu_grad(c + c0, g->in0 + i * ld + c0, g->in1 + i * ld + c0, g->out0 + i * ld + c0, g->out1 + i * ld + c0, c1 - c0);
+            break;
+        case MOE__EPI_GEGLU:
+            kn->geglu(c + c0, c2 + c0, g->out0 + i * ld + c0, c1 - c0);
+            break;
+        case MOE__EPI_GEGLU_GRAD:
+            kn->geglu_grad(c + c0, g->in0 + i * ld + c0, g->in1 + i * ld + c0, g->out0 + i * ld + c0, g->out1 + i * ld + c0, c1 - c0);
             break;
         default: break;
         }
@@ -1417,15 +1459,37 @@ static __m512 moe__sigmoid_avx512(__m512 x) {
     return _mm512_div_ps(one, _mm512_add_ps(one, moe__exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
 }
 
+/* Phi(z) = 0.5 erfc(-z / sqrt 2), erfc(u) = t exp(P(t) - u^2), t = 1 / (1 + u / 2): the Chebyshev fit of
+   Numerical Recipes' erfcc (relative error below 1.2e-7 for every u >= 0). */
 __attribute__((target("avx512f")))
-static void moe__swiglu_avx512(const float *z1, const float *z3, float *a, int64_t n) {
+static __m512 moe__phi_avx512(__m512 z) {
+    static const float c[10] = {0.17087277f, -0.82215223f, 1.48851587f, -1.13520398f, 0.27886807f,
+                                -0.18628806f, 0.09678418f, 0.37409196f, 1.00002368f, -1.26551223f};
+    __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
+    __m512 u = _mm512_mul_ps(_mm512_abs_ps(z), _mm512_set1_ps(0.70710678118654752f));
+    __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(half, u, one)), p = _mm512_set1_ps(c[0]), q;
+    int i;
+    for (i = 1; i < 10; i++) p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(c[i]));
+    q = _mm512_mul_ps(half, _mm512_mul_ps(t, moe__exp_avx512(_mm512_fnmadd_ps(u, u, p))));  /* Phi(-|z|) */
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GE_OQ), q, _mm512_sub_ps(one, q));
+}
+
+/* a = z1 * s(z1) * z3 with s = sigmoid (SwiGLU: silu) or Phi (GeGLU: gelu) */
+__attribute__((target("avx512f")))
+static void moe__glu_avx512(const float *z1, const float *z3, float *a, int64_t n, int gelu) {
     int64_t j;
     for (j = 0; j < n; j += 16) {
         __mmask16 m = (__mmask16)moe__lanes(n - j);
         __m512 x = _mm512_maskz_loadu_ps(m, z1 + j), y = _mm512_maskz_loadu_ps(m, z3 + j);
-        _mm512_mask_storeu_ps(a + j, m, _mm512_mul_ps(_mm512_mul_ps(x, moe__sigmoid_avx512(x)), y));
+        _mm512_mask_storeu_ps(a + j, m, _mm512_mul_ps(_mm512_mul_ps(x, gelu ? moe__phi_avx512(x) : moe__sigmoid_avx512(x)), y));
     }
 }
+
+__attribute__((target("avx512f")))
+static void moe__swiglu_avx512(const float *z1, const float *z3, float *a, int64_t n) { moe__glu_avx512(z1, z3, a, n, 0); }
+
+__attribute__((target("avx512f")))
+static void moe__geglu_avx512(const float *z1, const float *z3, float *a, int64_t n) { moe__glu_avx512(z1, z3, a, n, 1); }
 
 __attribute__((target("avx512f")))
 static void moe__swiglu_grad_avx512(const float *da, const float *z1, const float *z3, float *dz1, float *dz3, int64_t n) {
@@ -1438,6 +1502,20 @@ static void moe__swiglu_grad_avx512(const float *da, const float *z1, const floa
         __m512 d1 = _mm512_mul_ps(_mm512_mul_ps(gs, y), _mm512_add_ps(one, _mm512_mul_ps(x, _mm512_sub_ps(one, s))));
         _mm512_mask_storeu_ps(dz1 + j, m, d1);
         _mm512_mask_storeu_ps(dz3 + j, m, _mm512_mul_ps(gs, x));
+    }
+}
+
+/* gelu'(z) = Phi(z) + z phi(z), phi(z) = exp(-z^2 / 2) / sqrt(2 pi) */
+__attribute__((target("avx512f")))
+static void moe__geglu_grad_avx512(const float *da, const float *z1, const float *z3, float *dz1, float *dz3, int64_t n) {
+    int64_t j;
+    for (j = 0; j < n; j += 16) {
+        __mmask16 m = (__mmask16)moe__lanes(n - j);
+        __m512 g = _mm512_maskz_loadu_ps(m, da + j), x = _mm512_maskz_loadu_ps(m, z1 + j), y = _mm512_maskz_loadu_ps(m, z3 + j);
+        __m512 P = moe__phi_avx512(x), gp = _mm512_mul_ps(g, P);
+        __m512 pdf = _mm512_mul_ps(_mm512_set1_ps(0.39894228040143268f), moe__exp_avx512(_mm512_mul_ps(_mm512_set1_ps(-0.5f), _mm512_mul_ps(x, x))));
+        _mm512_mask_storeu_ps(dz1 + j, m, _mm512_mul_ps(_mm512_mul_ps(g, y), _mm512_fmadd_ps(x, pdf, P)));
+        _mm512_mask_storeu_ps(dz3 + j, m, _mm512_mul_ps(gp, x));
     }
 }
 #endif
@@ -1514,6 +1592,7 @@ static void moe__dot_rows_avx512(const moe__mat *W, int64_t j, const float *cons
 static moe__kernel moe__kernel_make(moe__micro_fn micro, int mr, int nr, const char *name) {
     moe__kernel k;
     k.micro = micro; k.pack_t = moe__pack_t; k.swiglu = moe__swiglu_rows; k.swiglu_grad = moe__swiglu_grad_rows; k.dot = moe__dot_rows;
+    k.geglu = moe__geglu_rows; k.geglu_grad = moe__geglu_grad_rows;
     k.mr = mr; k.nr = nr; k.name = name;
     return k;
 }
@@ -1529,6 +1608,8 @@ static moe__kernel moe__kernel_select(void) {
         k.pack_t = moe__pack_t_avx512;
         k.swiglu = moe__swiglu_avx512;
         k.swiglu_grad = moe__swiglu_grad_avx512;
+        k.geglu = moe__geglu_avx512;
+        k.geglu_grad = moe__geglu_grad_avx512;
         k.dot = moe__dot_rows_avx512;
         return k;
     }
@@ -1748,7 +1829,16 @@ struct moe_layer {
     int64_t shared_gate_w;      /* shared_gate: offset of shared.gate.weight [S, D]; else -1 */
     float *shared_gate_v;       /* shared_gate: [T, S] sigmoid(x g_q^T) of the last forward */
     float *dshared_gate;        /* shared_gate: [T, S] gradient at the gate logits */
+
+    /* combines beyond the weighted sum */
+    moe__linear combine;        /* stack: combine.weight [d_out, E * d_expert_out], combine.bias [d_out] */
+    float *cat;                 /* stack: [T, E * d_expert_out] the concatenated gated expert outputs */
+    float *dcat;                /* stack: [T, E * d_expert_out] its gradient */
+    int voted;                  /* vote: the last forward voted (inference), so it has no backward */
 };
+
+/* Gated experts w2(act(w1 x) * (w3 x)): SwiGLU and GeGLU share tensors, stages and buffers. */
+static int moe__glu_kind(moe_expert kind) { return kind == MOE_EXPERT_SWIGLU || kind == MOE_EXPERT_GEGLU; }
 
 static int moe__flag(moe_flag f, int def) { return f == MOE_FLAG_DEFAULT ? def : f == MOE_FLAG_ON; }
 
@@ -1794,6 +1884,26 @@ static moe_result moe__router_resolve(moe_ctx *ctx, moe_layer_desc *d, int where
         (int64_t)d->top_k_groups * (d->n_experts / d->n_groups) < d->max_top_k)
         return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: n_groups %d must divide n_experts %d, and top_k_groups %d groups must hold max_top_k %d experts",
                          where, d->n_groups, d->n_experts, d->top_k_groups, d->max_top_k);
+    return MOE_OK;
+}
+
+static int moe__vote_combine(moe_combine c) { return c == MOE_COMBINE_VOTE || c == MOE_COMBINE_VOTE_MAJORITY; }
+
+/* The combine fields of a MoE desc whose other fields are resolved. */
+static moe_result moe__combine_resolve(moe_ctx *ctx, moe_layer_desc *d, int where) {
+    if ((int)d->combine < 0 || d->combine >= MOE_COMBINE_COUNT)
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: unknown combine %d", where, (int)d->combine);
+    if (d->combine == MOE_COMBINE_DEFAULT) d->combine = MOE_COMBINE_SUM;
+    if (d->d_expert_out == 0) d->d_expert_out = d->d_out;
+    if (!moe__dims_ok(d->d_expert_out))
+        return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: d_expert_out %lld out of range", where, (long long)d->d_expert_out);
+    if (d->combine != MOE_COMBINE_STACK && d->d_expert_out != d->d_out)
+        return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: d_expert_out %lld differs from d_out %lld; only the stacking combine allows that", where,
+                         (long long)d->d_expert_out, (long long)d->d_out);
+    if (d->combine != MOE_COMBINE_SUM && d->n_shared_experts > 0)
+        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "layer %d: shared experts need the weighted-sum combine", where);
+    if (moe__vote_combine(d->combine) && d->residual)
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: a voting layer outputs votes; it cannot be residual", where);
     return MOE_OK;
 }
 
@@ -1863,15 +1973,16 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
         if (!moe__dims_ok(d.d_hidden))
             return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: d_hidden %lld out of range", where, (long long)d.d_hidden);
         if (d.expert == MOE_EXPERT_LINEAR) d.n_hidden_layers = 0;
-        else if (d.expert == MOE_EXPERT_SWIGLU) d.n_hidden_layers = 1;
+        else if (moe__glu_kind(d.expert)) d.n_hidden_layers = 1;
         else if (d.n_hidden_layers == 0) d.n_hidden_layers = 1;
         if (d.n_hidden_layers < 0 || d.n_hidden_layers > MOE__MAX_LINEARS - 1)
             return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: n_hidden_layers %d out of range 1..%d", where, d.n_hidden_layers, MOE__MAX_LINEARS - 1);
-        /* linear experts have no activation and SwiGLU's is silu: the field is ignored for them */
+        /* linear experts have no activation, SwiGLU's is silu, GeGLU's gelu: the field is ignored for them */
         if (d.activation == MOE_ACT_DEFAULT) d.activation = MOE_ACT_RELU;
         if (d.expert == MOE_EXPERT_SWIGLU) d.activation = MOE_ACT_SILU;
+        if (d.expert == MOE_EXPERT_GEGLU) d.activation = MOE_ACT_GELU;
         if (d.expert == MOE_EXPERT_LINEAR) d.activation = MOE_ACT_IDENTITY;
-        d.bias = moe__flag(d.bias, d.expert != MOE_EXPERT_SWIGLU) ? MOE_FLAG_ON : MOE_FLAG_OFF;
+        d.bias = moe__flag(d.bias, !moe__glu_kind(d.expert)) ? MOE_FLAG_ON : MOE_FLAG_OFF;
         if (d.n_shared_experts < 0 || d.n_shared_experts > 64)
             return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: n_shared_experts %d out of range 0..64", where, d.n_shared_experts);
         if (d.d_shared_hidden == 0) d.d_shared_hidden = d.d_hidden;
@@ -1894,12 +2005,14 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
             /* the layer's output is a mixture density, not a sum: nothing may be added to it or dropped from it */
             if (d.router != MOE_ROUTER_TOPK)
                 return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "layer %d: Gaussian experts take the softmax top-k router", where);
-            if (d.n_shared_experts || d.residual || d.capacity_factor > 0.0f || d.renormalize == MOE_FLAG_OFF)
-                return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: Gaussian experts take no shared experts, residual, capacity_factor or renormalize off", where);
+            if (d.n_shared_experts || d.residual || d.capacity_factor > 0.0f || d.renormalize == MOE_FLAG_OFF ||
+                d.combine > MOE_COMBINE_SUM || (d.d_expert_out && d.d_expert_out != d.d_out))
+                return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: Gaussian experts take no shared experts, residual, capacity_factor, renormalize off, combine or d_expert_out", where);
             if (!moe__dims_ok(moe__layer_width(&d)))
                 return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: the mixture output E (1 + 2 d_out) is too wide", where);
         }
         MOE__TRY(moe__router_resolve(ctx, &d, where));
+        MOE__TRY(moe__combine_resolve(ctx, &d, where));
     } else {
         /* fields of other kinds are not part of this layer */
         d.n_experts = 0; d.top_k = 0; d.router = MOE_ROUTER_DEFAULT; d.expert = MOE_EXPERT_DEFAULT;
@@ -1908,13 +2021,15 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
         d.jitter = 0.0f; d.balance_loss = d.z_loss = d.importance_loss = d.load_loss = 0.0f;
         d.max_top_k = 0; d.routed_scaling_factor = 0.0f; d.n_groups = 0; d.top_k_groups = 0; d.bias_update_rate = 0.0f; d.hash_seed = 0;
         d.shared_gate = MOE_FLAG_DEFAULT;
+        d.combine = MOE_COMBINE_DEFAULT; d.d_expert_out = 0;
         if (d.kind != MOE_LAYER_DENSE) { d.activation = MOE_ACT_DEFAULT; d.bias = MOE_FLAG_DEFAULT; }
     }
     if (d.kind != MOE_LAYER_RMSNORM && d.kind != MOE_LAYER_LAYERNORM) d.eps = 0.0f;
     {   /* parameter counts far beyond any machine would overflow the offsets: refuse them here */
-        double w = (double)moe__max64(moe__max64(d.d_in, d.d_out), moe__max64(d.d_hidden, d.d_shared_hidden));
+        double w = (double)moe__max64(moe__max64(moe__max64(d.d_in, d.d_out), moe__max64(d.d_hidden, d.d_shared_hidden)), d.d_expert_out);
         double est = d.kind == MOE_LAYER_MOE ? (double)(d.n_experts + d.n_shared_experts + 1) * (double)(d.n_hidden_layers + 3) * w * w
                                              : (double)d.d_in * (double)d.d_out + 2.0 * w;
+        if (d.combine == MOE_COMBINE_STACK) est += (double)d.n_experts * (double)d.d_expert_out * (double)d.d_out;
         if (est > (double)MOE__MAX_BYTES / 8.0)
             return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "layer %d: about %.3g parameters: too large", where, est);
     }
@@ -1955,7 +2070,7 @@ static moe__linear moe__add_linear(moe_layer *l, const char *prefix, int n, int6
     return lin;
 }
 
-static void moe__bank_plan(moe_layer *l, moe__bank *b, const char *prefix, int n, int64_t hidden, int64_t max_rows) {
+static void moe__bank_plan(moe_layer *l, moe__bank *b, const char *prefix, int n, int64_t hidden, int64_t d_out, int64_t max_rows) {
     const moe_layer_desc *d = &l->d;
     char name[MOE__NAME_MAX];
     int j, bias = d->bias == MOE_FLAG_ON;
@@ -1965,16 +2080,16 @@ static void moe__bank_plan(moe_layer *l, moe__bank *b, const char *prefix, int n
     b->act = d->activation;
     b->d_in = d->d_in;
     b->d_hidden = hidden;
-    b->d_out = d->expert == MOE_EXPERT_GAUSSIAN ? 2 * d->d_out : d->d_out;  /* Gaussian: mean | raw log-std */
+    b->d_out = d->expert == MOE_EXPERT_GAUSSIAN ? 2 * d_out : d_out;  /* Gaussian: mean | raw log-std */
     b->max_rows = max_rows;
-    if (d->expert == MOE_EXPERT_SWIGLU) {
+    if (moe__glu_kind(d->expert)) {
         b->n_linears = 3;
         snprintf(name, sizeof name, "%s.w1", prefix);
         b->lin[0] = moe__add_linear(l, name, n, d->d_in, hidden, bias, MOE__INIT_UNIFORM);
         snprintf(name, sizeof name, "%s.w3", prefix);
         b->lin[1] = moe__add_linear(l, name, n, d->d_in, hidden, bias, MOE__INIT_UNIFORM);
         snprintf(name, sizeof name, "%s.w2", prefix);
-        b->lin[2] = moe__add_linear(l, name, n, hidden, d->d_out, bias, MOE__INIT_UNIFORM);
+        b->lin[2] = moe__add_linear(l, name, n, hidden, d_out, bias, MOE__INIT_UNIFORM);
         b->lin[2].input = 0;
     } else {
         int L = d->n_hidden_layers;
@@ -2017,15 +2132,19 @@ static void moe__layer_plan(moe_layer *l) {
             l->noise.in = d->d_in; l->noise.out = d->n_experts; l->noise.b = -1; l->noise.input = -1;
             l->noise.w = moe__add_tensor(l, "router.noise_weight", 2, d->n_experts, d->d_in, 0, MOE__INIT_ZEROS, 0.0f);
         }
-        moe__bank_plan(l, &l->bank[0], "experts", d->n_experts, d->d_hidden, rows);
+        moe__bank_plan(l, &l->bank[0], "experts", d->n_experts, d->d_hidden, d->d_expert_out, rows);
         l->n_banks = 1;
         if (d->n_shared_experts > 0) {
-            moe__bank_plan(l, &l->bank[1], "shared", d->n_shared_experts, d->d_shared_hidden, T * d->n_shared_experts);
+            moe__bank_plan(l, &l->bank[1], "shared", d->n_shared_experts, d->d_shared_hidden, d->d_out, T * d->n_shared_experts);
             l->n_banks = 2;
             if (d->shared_gate == MOE_FLAG_ON)
                 l->shared_gate_w = moe__add_tensor(l, "shared.gate.weight", 2, d->n_shared_experts, d->d_in, 0, MOE__INIT_UNIFORM,
                                                    1.0f / sqrtf((float)d->d_in));
         }
+        memset(&l->combine, 0, sizeof l->combine);
+        l->combine.w = l->combine.b = -1;
+        if (d->combine == MOE_COMBINE_STACK)
+            l->combine = moe__add_linear(l, "combine", 0, (int64_t)d->n_experts * d->d_expert_out, d->d_out, 1, MOE__INIT_UNIFORM);
         break;
     }
     default: break;
@@ -2099,10 +2218,10 @@ static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scra
             int64_t R = k->max_rows;
             k->offsets = MOE__CARVE(saved, int64_t, k->n + 1);
             k->row_token = MOE__CARVE(saved, int32_t, R);
-            if (k->kind == MOE_EXPERT_SWIGLU) {
+            if (moe__glu_kind(k->kind)) {
                 k->z[0] = MOE__CARVE(saved, float, R * k->d_hidden);   /* x W1^T + b1 */
                 k->z[1] = MOE__CARVE(saved, float, R * k->d_hidden);   /* x W3^T + b3 */
-                k->a[0] = MOE__CARVE(saved, float, R * k->d_hidden);   /* silu(z0) * z1 */
+                k->a[0] = MOE__CARVE(saved, float, R * k->d_hidden);   /* act(z0) * z1 */
             } else {
                 for (j = 0; j + 1 < k->n_linears; j++) {
                     k->z[j] = MOE__CARVE(saved, float, R * k->d_hidden);
@@ -2111,7 +2230,7 @@ static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scra
             }
             k->out = MOE__CARVE(saved, float, R * k->d_out);
             for (j = 0; j < k->n_linears; j++) k->dz[j] = MOE__CARVE(scratch, float, R * k->lin[j].out);
-            k->da = k->kind == MOE_EXPERT_SWIGLU ? MOE__CARVE(scratch, float, R * k->d_hidden) : NULL;
+            k->da = moe__glu_kind(k->kind) ? MOE__CARVE(scratch, float, R * k->d_hidden) : NULL;
             k->dxr = MOE__CARVE(scratch, float, R * k->d_in);
         }
         l->dgate = MOE__CARVE(scratch, float, T * K);
@@ -2121,6 +2240,11 @@ static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scra
         l->dxu = MOE__CARVE(scratch, float, T * D);
         l->dimportance = MOE__CARVE(scratch, float, E);
         l->dload = MOE__CARVE(scratch, float, E);
+        if (d->combine == MOE_COMBINE_STACK) {  /* T * E * d_expert_out may pass int64 at absurd sizes: then the carver refuses */
+            size_t ncat = (double)T * (double)E * (double)d->d_expert_out > (double)MOE__MAX_BYTES ? SIZE_MAX : (size_t)(T * E * d->d_expert_out);
+            l->cat = MOE__CARVE(saved, float, ncat);
+            l->dcat = MOE__CARVE(scratch, float, ncat);
+        }
         break;
     }
     default: break;
@@ -2560,9 +2684,9 @@ static moe__mat moe__expert_weights(const moe_layer *l, const moe__bank *b, int 
     return m;
 }
 
-/* Forward stages: SwiGLU w1 paired with w3, then w2; MLP one stage per linear. */
-static int moe__bank_stages(const moe__bank *b) { return b->kind == MOE_EXPERT_SWIGLU ? 2 : b->n_linears; }
-static int moe__stage_linear(const moe__bank *b, int s) { return b->kind == MOE_EXPERT_SWIGLU && s == 1 ? 2 : s; }
+/* Forward stages: SwiGLU / GeGLU w1 paired with w3, then w2; MLP one stage per linear. */
+static int moe__bank_stages(const moe__bank *b) { return moe__glu_kind(b->kind) ? 2 : b->n_linears; }
+static int moe__stage_linear(const moe__bank *b, int s) { return moe__glu_kind(b->kind) && s == 1 ? 2 : s; }
 
 /* Forward stage s for rows r0..r1 of expert e (the product's rows count from r0). */
 static moe__gemm moe__forward_gemm(const moe_layer *l, const moe__bank *b, int64_t e, int s, int64_t r0, int64_t r1, const float *x) {
@@ -2573,12 +2697,12 @@ static moe__gemm moe__forward_gemm(const moe_layer *l, const moe__bank *b, int64
                                  moe__expert_weights(l, b, moe__stage_linear(b, s), e), last ? b->out + r0 * b->d_out : b->z[s] + r0 * H,
                                  lin->out, 0, moe__expert_b(l, lin, e));
     if (last) return g;
-    if (b->kind == MOE_EXPERT_SWIGLU) {
+    if (moe__glu_kind(b->kind)) {
         g.pair = 1;
         g.B2 = moe__expert_weights(l, b, 1, e);
         g.C2 = b->z[1] + r0 * H;
         g.bias2 = moe__expert_b(l, &b->lin[1], e);
-        g.epi = MOE__EPI_SWIGLU;
+        g.epi = b->kind == MOE_EXPERT_GEGLU ? MOE__EPI_GEGLU : MOE__EPI_SWIGLU;
     } else {
         g.epi = MOE__EPI_ACT;
         g.act = b->act;
@@ -2589,7 +2713,7 @@ static moe__gemm moe__forward_gemm(const moe_layer *l, const moe__bank *b, int64
 
 /* Backward steps: SwiGLU w2, then w1 and w3 together; MLP one step per linear, last first. */
 static int moe__bank_back_steps(const moe__bank *b) { return moe__bank_stages(b); }
-static int moe__back_linear(const moe__bank *b, int q) { return b->kind == MOE_EXPERT_SWIGLU ? (q == 0 ? 2 : 0) : b->n_linears - 1 - q; }
+static int moe__back_linear(const moe__bank *b, int q) { return moe__glu_kind(b->kind) ? (q == 0 ? 2 : 0) : b->n_linears - 1 - q; }
 
 /* Gradient at the input of linear j for rows r0..r1 of expert e: dz[j] W_j, then through the
    previous activation (SwiGLU w2: into dz1, dz3); for j = 0 into dxr (second: the w3 half). */
@@ -2598,9 +2722,9 @@ static moe__gemm moe__input_grad_gemm(const moe_layer *l, const moe__bank *b, in
     int64_t H = b->d_hidden, ldz = lin->out;
     moe__gemm g = moe__gemm_make(MOE__NN, r1 - r0, lin->in, lin->out, moe__mat_of(b->dz[second ? 1 : j] + r0 * ldz, ldz),
                                  moe__mat_of(moe__expert_w(l, lin, e), lin->in), NULL, lin->in, second, NULL);
-    if (b->kind == MOE_EXPERT_SWIGLU && j == 2) {
+    if (moe__glu_kind(b->kind) && j == 2) {
         g.C = b->da + r0 * H;
-        g.epi = MOE__EPI_SWIGLU_GRAD;
+        g.epi = b->kind == MOE_EXPERT_GEGLU ? MOE__EPI_GEGLU_GRAD : MOE__EPI_SWIGLU_GRAD;
         g.in0 = b->z[0] + r0 * H; g.in1 = b->z[1] + r0 * H;
         g.out0 = b->dz[0] + r0 * H; g.out1 = b->dz[1] + r0 * H;
     } else if (j > 0) {
@@ -2645,7 +2769,7 @@ static void moe__run_tile(const moe_layer *l, const moe__tile *t, const float *x
     case MOE__TILE_INPUT_GRAD:
         g = moe__input_grad_gemm(l, b, t->expert, t->linear, 0, t->r0, t->r1);
         moe__gemm_block(&l->ex, &g, 0, t->r1 - t->r0, t->c0, t->c1);
-        if (b->kind == MOE_EXPERT_SWIGLU && t->linear == 0) {
+        if (moe__glu_kind(b->kind) && t->linear == 0) {
             g = moe__input_grad_gemm(l, b, t->expert, 0, 1, t->r0, t->r1);
             moe__gemm_block(&l->ex, &g, 0, t->r1 - t->r0, t->c0, t->c1);
         }
@@ -2715,11 +2839,11 @@ static double moe__plan_step(moe_layer *l, int backward, int q, int want_dx) {
             const moe__bank *k = &l->bank[b];
             if (!backward) {
                 const moe__linear *lin = &k->lin[moe__stage_linear(k, q)];
-                int pair = k->kind == MOE_EXPERT_SWIGLU && q == 0;
+                int pair = moe__glu_kind(k->kind) && q == 0;
                 moe__plan_rows(l, b, q, MOE__TILE_FORWARD, lin->out, pair ? MOE__NB / 2 : MOE__NB,
                                (double)lin->in * (pair ? 2.0 : 1.0), rows);
             } else {
-                int j = moe__back_linear(k, q), two = k->kind == MOE_EXPERT_SWIGLU && j == 0;
+                int j = moe__back_linear(k, q), two = moe__glu_kind(k->kind) && j == 0;
                 if (j > 0 || want_dx)
                     moe__plan_rows(l, b, j, MOE__TILE_INPUT_GRAD, k->lin[j].in, MOE__NB, (double)k->lin[j].out * (two ? 2.0 : 1.0), rows);
                 moe__plan_weights(l, b, j);
@@ -2737,7 +2861,7 @@ static double moe__plan_step(moe_layer *l, int backward, int q, int want_dx) {
 /* Decode tile: weight rows c0..c1 of forward stage `linear` of one expert, for all its rows. */
 static void moe__decode_tile(const moe_layer *l, const moe__tile *t, const float *x) {
     const moe__bank *b = &l->bank[t->bank];
-    int s = t->linear, j = moe__stage_linear(b, s), last = s == moe__bank_stages(b) - 1, pair = b->kind == MOE_EXPERT_SWIGLU && s == 0;
+    int s = t->linear, j = moe__stage_linear(b, s), last = s == moe__bank_stages(b) - 1, pair = moe__glu_kind(b->kind) && s == 0;
     const moe__linear *lin = &b->lin[j];
     int64_t e = t->expert, r0 = b->offsets[e], H = b->d_hidden, o, ld = lin->out;
     int m = (int)(b->offsets[e + 1] - r0), r;
@@ -2759,7 +2883,7 @@ static void moe__decode_tile(const moe_layer *l, const moe__tile *t, const float
             if (pair) {
                 float z3 = v2[r] + (bias2 ? bias2[o] : 0.0f);
                 b->z[1][(r0 + r) * H + o] = z3;
-                b->a[0][(r0 + r) * H + o] = z * moe__sigmoid(z) * z3;
+                b->a[0][(r0 + r) * H + o] = moe__act(b->act, z) * z3;  /* silu or gelu: as the epilogue */
             } else if (!last) {
                 b->a[s][(r0 + r) * H + o] = moe__act(b->act, z);
             }
@@ -2837,6 +2961,67 @@ static void moe__gaussian_pack(moe_layer *l, int64_t T, float *y) {
     }
 }
 
+static int64_t moe__argmax(const float *v, int64_t n) {
+    int64_t i, best = 0;
+    for (i = 1; i < n; i++)
+        if (v[i] > v[best]) best = i;
+    return best;
+}
+
+/* Stacking: cat[t, e De + j] = gate * f_e(x_t)[j] (zeros for experts not chosen), then
+   y = cat Wc^T + bc, on top of x for residual layers and pass-through tokens. */
+static void moe__stack_forward(moe_layer *l, const float *x, int64_t T, float *y) {
+    const moe_layer_desc *d = &l->d;
+    int64_t K = l->slots, De = d->d_expert_out, W = d->n_experts * De, D = d->d_in, O = d->d_out, t;
+    moe__gemm g;
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)(W + O))
+    for (t = 0; t < T; t++) {
+        float *ct = l->cat + t * W, *yt = y + t * O;
+        const float *xt = x + t * D;
+        int64_t s, j;
+        int pass = l->passthrough[t] && !d->residual && O == D;
+        memset(ct, 0, (size_t)W * sizeof(float));
+        for (s = 0; s < K; s++) {
+            int32_t r = l->pos[t * K + s];
+            float gw = l->gate[t * K + s], *dst;
+            const float *o;
+            if (r < 0) continue;
+            o = l->bank[0].out + (int64_t)r * De;
+            dst = ct + (int64_t)l->sel[t * K + s] * De;
+            for (j = 0; j < De; j++) dst[j] = gw * o[j];
+        }
+        for (j = 0; j < O; j++) yt[j] = (d->residual || pass) ? xt[j] : 0.0f;
+    }
+    g = moe__gemm_make(MOE__NT, T, O, W, moe__mat_of(l->cat, W), moe__mat_of(moe__w(l, l->combine.w), W), y, O, 1, moe__w(l, l->combine.b));
+    moe__gemm_run(&l->ex, &g);
+}
+
+/* Voting (inference): every chosen expert votes for the argmax of its logits (ties: the lower
+   class). VOTE: y[c] = sum of the voters' gates; VOTE_MAJORITY: y[c] = count_c + 0.5 * gates_c / G. */
+static void moe__vote_forward(moe_layer *l, int64_t T, float *y) {
+    const moe_layer_desc *d = &l->d;
+    int64_t K = l->slots, O = d->d_out, t;
+    int majority = d->combine == MOE_COMBINE_VOTE_MAJORITY;
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)O * (double)K)
+    for (t = 0; t < T; t++) {
+        float *yt = y + t * O, total = 0.0f;
+        int64_t s, c;
+        memset(yt, 0, (size_t)O * sizeof(float));
+        for (s = 0; s < K; s++) {
+            int32_t r = l->pos[t * K + s];
+            if (r < 0) continue;
+            yt[moe__argmax(l->bank[0].out + (int64_t)r * O, O)] += l->gate[t * K + s];
+            total += l->gate[t * K + s];
+        }
+        if (!majority) continue;
+        for (c = 0; c < O; c++) yt[c] = total > 0.0f ? 0.5f * yt[c] / total : 0.0f;
+        for (s = 0; s < K; s++) {
+            int32_t r = l->pos[t * K + s];
+            if (r >= 0) yt[moe__argmax(l->bank[0].out + (int64_t)r * O, O)] += 1.0f;
+        }
+    }
+}
+
 static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, const float *noise) {
     const moe_layer_desc *d = &l->d;
     int64_t E = d->n_experts, K = l->slots, D = d->d_in, O = d->d_out, t, i;
@@ -2891,6 +3076,9 @@ static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, 
     }
     if (d->expert == MOE_EXPERT_GAUSSIAN) { moe__gaussian_pack(l, T, y); return; }
     /* 6. combine in slot order, then shared experts */
+    l->voted = moe__vote_combine(d->combine) && !l->training;
+    if (d->combine == MOE_COMBINE_STACK) { moe__stack_forward(l, x, T, y); return; }
+    if (l->voted) { moe__vote_forward(l, T, y); return; }
     MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)O * (double)(K + l->n_banks))
     for (t = 0; t < T; t++) {
         float *yt = y + t * O;
@@ -3005,8 +3193,17 @@ static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flag
     int aux = (flags & MOE_BACKWARD_AUX) != 0, noisy = d->router == MOE_ROUTER_NOISY_TOPK, routed = l->router.w >= 0, q;
     moe__bank *rb = &l->bank[0];
     float bal_scale = d->balance_loss * (float)E / ((float)(T * l->call_k) * (float)T);
-    int64_t W = moe__layer_width(d);
+    int64_t Wy = moe__layer_width(d);  /* width of y and dy */
+    int64_t De = rb->d_out, W = E * De;  /* expert output width; stack: width of the concatenation */
+    int stack = d->combine == MOE_COMBINE_STACK;
     moe__gemm g;
+    if (stack) {  /* dWc += dy^T cat, dbc += sum dy, dcat = dy Wc */
+        g = moe__gemm_make(MOE__TN, O, W, T, moe__mat_of(dy, O), moe__mat_of(l->cat, W), moe__g(l, l->combine.w), W, 1, NULL);
+        moe__gemm_run(&l->ex, &g);
+        moe__colsum_acc(&l->ex, dy, T, O, O, moe__g(l, l->combine.b));
+        g = moe__gemm_make(MOE__NN, T, W, O, moe__mat_of(dy, O), moe__mat_of(moe__w(l, l->combine.w), W), l->dcat, W, 0, NULL);
+        moe__gemm_run(&l->ex, &g);
+    }
     /* gradients at the gates and at the expert outputs */
     if (d->expert == MOE_EXPERT_GAUSSIAN) moe__gaussian_unpack_grad(l, dy);
     else {
@@ -3018,11 +3215,12 @@ static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flag
                 int32_t r = l->pos[t * K + s];
                 float acc = 0.0f, gw = l->gate[t * K + s];
                 float *dout;
-                const float *o;
+                const float *o, *dsrc;
                 if (r < 0) { l->dgate[t * K + s] = 0.0f; continue; }
-                o = rb->out + (int64_t)r * O;
-                dout = rb->dz[rb->n_linears - 1] + (int64_t)r * O;
-                for (j = 0; j < O; j++) { acc += dyt[j] * o[j]; dout[j] = gw * dyt[j]; }
+                o = rb->out + (int64_t)r * De;
+                dout = rb->dz[rb->n_linears - 1] + (int64_t)r * De;
+                dsrc = stack ? l->dcat + t * W + (int64_t)l->sel[t * K + s] * De : dyt;  /* gradient at gate * f_e(x_t) */
+                for (j = 0; j < De; j++) { acc += dsrc[j] * o[j]; dout[j] = gw * dsrc[j]; }
                 l->dgate[t * K + s] = acc;
             }
             if (l->n_banks > 1)
@@ -3084,7 +3282,7 @@ static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flag
         MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)D * (double)(K + 3))
         for (t = 0; t < T; t++) {
             float *dxt = dx + t * D;
-            const float *dyt = dy + t * W;
+            const float *dyt = dy + t * Wy;
             int64_t s, j, q;
             int pass = l->passthrough[t] && !d->residual && O == D;
             for (j = 0; j < D; j++) dxt[j] = (d->residual || pass) ? dyt[j] : 0.0f;
@@ -3240,6 +3438,13 @@ static moe_result moe__check_trainable(const moe_layer *l) {
     return moe__fail(l->ctx, MOE_ERR_STATE, "layer %d holds reduced-precision weights (inference only); moe_layer_quantize(layer, MOE_DTYPE_F32) restores training", l->index);
 }
 
+/* A vote has no gradient: backward follows a training forward of a voting layer. */
+static moe_result moe__check_backward(const moe_layer *l) {
+    MOE__TRY(moe__check_trainable(l));
+    if (!l->voted) return MOE_OK;
+    return moe__fail(l->ctx, MOE_ERR_STATE, "layer %d votes at inference, which has no gradient; backward needs a training forward (moe_forward_opts.training)", l->index);
+}
+
 MOEDEF moe_result moe_layer_forward(moe_layer *l, const float *x, int64_t n_tokens, float *y, const moe_forward_opts *opts) {
     if (!l) return MOE_ERR_INVALID_ARGUMENT;
     if (!x || !y) return moe__fail(l->ctx, MOE_ERR_INVALID_ARGUMENT, "x and y must not be NULL");
@@ -3256,7 +3461,7 @@ MOEDEF moe_result moe_layer_backward(moe_layer *l, const float *dy, float *dx, i
     if (!l) return MOE_ERR_INVALID_ARGUMENT;
     if (!l->has_forward) return moe__fail(l->ctx, MOE_ERR_STATE, "backward before any forward");
     if (!dy) return moe__fail(l->ctx, MOE_ERR_INVALID_ARGUMENT, "dy is NULL");
-    MOE__TRY(moe__check_trainable(l));
+    MOE__TRY(moe__check_backward(l));
     moe__layer_backward_impl(l, dy, dx, flags);
     return MOE_OK;
 }
@@ -4001,7 +4206,7 @@ MOEDEF moe_result moe_model_backward(moe_model *m, const float *dy, float *dx, i
     if (!m) return MOE_ERR_INVALID_ARGUMENT;
     if (!m->has_forward) return moe__fail(m->ctx, MOE_ERR_STATE, "backward before any forward");
     if (!dy) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "dy is NULL");
-    for (i = 0; i < m->n_layers; i++) MOE__TRY(moe__check_trainable(&m->layers[i]));
+    for (i = 0; i < m->n_layers; i++) MOE__TRY(moe__check_backward(&m->layers[i]));
     for (i = m->n_layers - 1; i >= 0; i--) {
         float *dst = i > 0 ? m->dbuf[i & 1] : dx;
         moe__layer_backward_impl(&m->layers[i], dy, dst, flags);
@@ -4968,8 +5173,9 @@ MOEDEF moe_result moe_tensor_writer_save(moe_tensor_writer *w, const char *path)
 static const char *const moe__kind_names[] = {"", "dense", "moe", "rmsnorm", "layernorm"};
 static const char *const moe__act_names[] = {"", "identity", "relu", "gelu", "silu", "tanh", "sigmoid"};
 static const char *const moe__router_names[] = {"", "topk", "noisy_topk", "switch", "sigmoid", "expert_choice", "hash"};
-static const char *const moe__expert_names[] = {"", "linear", "mlp", "swiglu", "gaussian"};
+static const char *const moe__expert_names[] = {"", "linear", "mlp", "swiglu", "gaussian", "geglu"};
 static const char *const moe__loss_names[] = {"", "cross_entropy", "mse", "bce", "mixture_nll"};
+static const char *const moe__combine_names[] = {"", "sum", "stack", "vote", "vote_majority"};
 static const char *const moe__opt_names[] = {"", "sgd", "adam", "adamw"};
 
 static void moe__config_write(const moe_model *m, moe__sb *b) {
@@ -5011,6 +5217,8 @@ static void moe__config_write(const moe_model *m, moe__sb *b) {
             }
             if (l->router == MOE_ROUTER_HASH) moe__sb_printf(b, ",\"hash_seed\":%lu", (unsigned long)l->hash_seed);
             if (l->shared_gate == MOE_FLAG_ON) moe__sb_str(b, ",\"shared_gate\":true");
+            if (l->combine != MOE_COMBINE_SUM) moe__sb_printf(b, ",\"combine\":\"%s\"", moe__combine_names[l->combine]);
+            if (l->combine == MOE_COMBINE_STACK) moe__sb_printf(b, ",\"d_expert_out\":%lld", (long long)l->d_expert_out);
         }
         moe__sb_str(b, "}");
     }
@@ -5075,6 +5283,8 @@ static const moe__field moe__layer_fields[] = {
     MOE__LF("bias_update_rate", MOE__F_FLOAT, bias_update_rate, NULL, 0, MOE__K_MOE),
     MOE__LF("hash_seed", MOE__F_U32, hash_seed, NULL, 0, MOE__K_MOE),
     MOE__LF("shared_gate", MOE__F_FLAG, shared_gate, NULL, 0, MOE__K_MOE),
+    MOE__LF("combine", MOE__F_ENUM, combine, moe__combine_names, MOE_COMBINE_COUNT, MOE__K_MOE),
+    MOE__LF("d_expert_out", MOE__F_I64, d_expert_out, NULL, 0, MOE__K_MOE),
 };
 
 #define MOE__OF(name, type, field, names, n) {name, type, offsetof(moe_optimizer_desc, field), names, n, 0}

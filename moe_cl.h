@@ -1685,6 +1685,9 @@ static const char *moe__cl_unsupported(const moe_layer *l) {
     if (d->router != MOE_ROUTER_TOPK && d->router != MOE_ROUTER_SWITCH) return "this router (the device runs top-k and switch)";
     if (d->max_top_k > d->top_k) return "max_top_k (per-call k)";
     if (d->shared_gate == MOE_FLAG_ON) return "gated shared experts (shared_gate)";
+    if (d->expert == MOE_EXPERT_GEGLU) return "GeGLU experts";
+    if (d->combine == MOE_COMBINE_STACK) return "the stacking combine";
+    if (d->combine == MOE_COMBINE_VOTE || d->combine == MOE_COMBINE_VOTE_MAJORITY) return "a voting combine";
     return NULL;
 }
 

@@ -336,8 +336,9 @@ static const char *name_of(const char *const *names, int count, int value) {
 static const char *const kind_names[] = {"default", "dense", "moe", "rmsnorm", "layernorm"};
 static const char *const act_names[] = {"default", "identity", "relu", "gelu", "silu", "tanh", "sigmoid"};
 static const char *const router_names[] = {"default", "topk", "noisy_topk", "switch", "sigmoid", "expert_choice", "hash"};
-static const char *const expert_names[] = {"default", "linear", "mlp", "swiglu", "gaussian"};
+static const char *const expert_names[] = {"default", "linear", "mlp", "swiglu", "gaussian", "geglu"};
 static const char *const loss_names[] = {"default", "cross_entropy", "mse", "bce", "mixture_nll"};
+static const char *const combine_names[] = {"default", "sum", "stack", "vote", "vote_majority"};
 static const char *const optimizer_names[] = {"default", "sgd", "adam", "adamw"};
 #define NAME(table, value) name_of(table, (int)(sizeof table / sizeof table[0]), (int)(value))
 
@@ -354,8 +355,9 @@ static void print_layer(int i, const moe_layer_desc *l) {
                l->router_bias == MOE_FLAG_ON ? "yes" : "no", (double)l->capacity_factor, (double)l->jitter);
         if (l->expert == MOE_EXPERT_LINEAR)
             printf("        experts linear: bias %s\n", l->bias == MOE_FLAG_ON ? "yes" : "no");
-        else if (l->expert == MOE_EXPERT_SWIGLU)
-            printf("        experts swiglu: d_hidden %lld, bias %s\n", (long long)l->d_hidden, l->bias == MOE_FLAG_ON ? "yes" : "no");
+        else if (l->expert == MOE_EXPERT_SWIGLU || l->expert == MOE_EXPERT_GEGLU)
+            printf("        experts %s: d_hidden %lld, bias %s\n", NAME(expert_names, l->expert), (long long)l->d_hidden,
+                   l->bias == MOE_FLAG_ON ? "yes" : "no");
         else
             printf("        experts %s: d_hidden %lld, hidden_layers %d, activation %s, bias %s\n", NAME(expert_names, l->expert),
                    (long long)l->d_hidden, l->n_hidden_layers, NAME(act_names, l->activation), l->bias == MOE_FLAG_ON ? "yes" : "no");
@@ -366,6 +368,10 @@ static void print_layer(int i, const moe_layer_desc *l) {
                    l->n_groups, l->top_k_groups, (double)l->bias_update_rate);
         if (l->router == MOE_ROUTER_HASH) printf("        hash_seed %lu\n", (unsigned long)l->hash_seed);
         if (l->max_top_k != l->top_k) printf("        max_top_k %d\n", l->max_top_k);
+        if (l->combine == MOE_COMBINE_STACK)
+            printf("        combine stack: d_expert_out %lld\n", (long long)l->d_expert_out);
+        else if (l->combine != MOE_COMBINE_SUM)
+            printf("        combine %s\n", NAME(combine_names, l->combine));
         if (l->n_shared_experts > 0)
             printf("        shared experts %d: d_shared_hidden %lld%s\n", l->n_shared_experts, (long long)l->d_shared_hidden,
                    l->shared_gate == MOE_FLAG_ON ? ", gated by sigmoid(x . shared.gate)" : "");

@@ -65,9 +65,10 @@ static void ref_linear(const double *W, const double *b, const double *x, int64_
 /* One expert of bank `prefix` ("experts" or "shared"), expert index e, on one input row. */
 static void ref_expert(ref_run *r, int layer, const moe_layer_desc *d, const char *prefix, int e, int64_t H, const double *x, double *y) {
     char name[96];
-    int64_t D = d->d_in, O = d->expert == MOE_EXPERT_GAUSSIAN ? 2 * d->d_out : d->d_out, i;  /* Gaussian: mean | log-std */
+    int64_t D = d->d_in, i;  /* README: d_expert_out; Gaussian: mean | log-std */
+    int64_t O = (strcmp(prefix, "experts") == 0 ? d->d_expert_out : d->d_out) * (d->expert == MOE_EXPERT_GAUSSIAN ? 2 : 1);
     int bias = d->bias == MOE_FLAG_ON;
-    if (d->expert == MOE_EXPERT_SWIGLU) {
+    if (d->expert == MOE_EXPERT_SWIGLU || d->expert == MOE_EXPERT_GEGLU) {
         double *a = (double *)malloc(sizeof(double) * (size_t)H), *g = (double *)malloc(sizeof(double) * (size_t)H);
         const double *W1, *W2, *W3, *b1 = NULL, *b2 = NULL, *b3 = NULL;
         snprintf(name, sizeof name, "%s.w1.weight", prefix); W1 = ref_tensor(r, layer, name);
@@ -80,7 +81,8 @@ static void ref_expert(ref_run *r, int layer, const moe_layer_desc *d, const cha
         }
         ref_linear(W1 + e * H * D, b1, x, D, H, a);
         ref_linear(W3 + e * H * D, b3, x, D, H, g);
-        for (i = 0; i < H; i++) a[i] = a[i] / (1.0 + exp(-a[i])) * g[i];
+        for (i = 0; i < H; i++)
+            a[i] = (d->expert == MOE_EXPERT_GEGLU ? 0.5 * a[i] * (1.0 + erf(a[i] / sqrt(2.0))) : a[i] / (1.0 + exp(-a[i]))) * g[i];
         ref_linear(W2 + e * O * H, b2, a, H, O, y);
         free(a);
         free(g);
@@ -165,7 +167,10 @@ static void ref_moe(ref_run *r, int layer, const moe_layer_desc *d, const double
     double *key = (double *)calloc((size_t)E, sizeof(double)), *gsc = (double *)calloc((size_t)E, sizeof(double));
     int64_t *gidx = (int64_t *)calloc((size_t)E + 1, sizeof(int64_t));
     int64_t *count = (int64_t *)calloc((size_t)E, sizeof(int64_t)), *chosen = (int64_t *)calloc((size_t)E, sizeof(int64_t));
-    double *fx = (double *)malloc(sizeof(double) * (size_t)(2 * O));
+    int64_t De = d->d_expert_out;
+    int stack = d->combine == MOE_COMBINE_STACK;
+    double *fx = (double *)malloc(sizeof(double) * (size_t)(2 * (O > De ? O : De)));  /* Gaussian: mean | log-std */
+    double *cat = (double *)calloc((size_t)(E * De), sizeof(double));
     double *aux = r->aux[layer];
     int gauss = d->expert == MOE_EXPERT_GAUSSIAN;
     int64_t W = gauss ? E * (1 + 2 * O) : O;
@@ -305,10 +310,17 @@ static void ref_moe(ref_run *r, int layer, const moe_layer_desc *d, const double
         for (s = 0; s < KS; s++) any |= kept[t * KS + s];
         if (!any) r->dropped[layer] += 1;
         for (j = 0; j < O; j++) yt[j] = (d->residual || (!any && O == D)) ? xt[j] : 0.0;
+        for (j = 0; j < E * De; j++) cat[j] = 0.0;
         for (s = 0; s < KS; s++) {
             if (!kept[t * KS + s]) continue;
             ref_expert(r, layer, d, "experts", (int)sel[t * KS + s], d->d_hidden, xt, fx);
-            for (j = 0; j < O; j++) yt[j] += gate[t * KS + s] * fx[j];
+            if (stack) for (j = 0; j < De; j++) cat[sel[t * KS + s] * De + j] = gate[t * KS + s] * fx[j];
+            else for (j = 0; j < O; j++) yt[j] += gate[t * KS + s] * fx[j];
+        }
+        if (stack) {  /* y += Wc cat + bc */
+            const double *Wc = ref_tensor(r, layer, "combine.weight"), *bc = ref_tensor(r, layer, "combine.bias");
+            ref_linear(Wc, bc, cat, E * De, O, fx);
+            for (j = 0; j < O; j++) yt[j] += fx[j];
         }
         for (s = 0; s < d->n_shared_experts; s++) {
             double gq = 1.0;
@@ -367,7 +379,7 @@ static void ref_moe(ref_run *r, int layer, const moe_layer_desc *d, const double
         free(load);
         free(sorted);
     }
-    free(u); free(c); free(sd); free(h); free(p); free(lse); free(gate); free(sel); free(kept); free(count); free(chosen); free(fx);
+    free(u); free(c); free(sd); free(h); free(p); free(lse); free(gate); free(sel); free(kept); free(count); free(chosen); free(fx); free(cat);
     free(key); free(gsc); free(gidx);
 }
 

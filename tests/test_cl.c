@@ -181,6 +181,23 @@ static int test_upload_errors(void) {
     CHECK_RESULT(moe_cl_model_upload(device, m, &dm), MOE_ERR_UNSUPPORTED, &ctx);
     CHECK(dm == NULL && strstr(moe_ctx_error(&ctx), "shared_gate") != NULL, "message: %s", moe_ctx_error(&ctx));
     moe_model_destroy(m);
+    layers[0].n_shared_experts = 0;
+    layers[0].shared_gate = MOE_FLAG_DEFAULT;
+    /* GeGLU experts and the stacking and voting combines stay on the CPU */
+    {
+        const char *const what[] = {"GeGLU", "stacking", "voting", "voting"};
+        int q;
+        for (q = 0; q < 4; q++) {
+            layers[0].expert = q == 0 ? MOE_EXPERT_GEGLU : MOE_EXPERT_MLP;
+            layers[0].combine = q == 0 ? MOE_COMBINE_DEFAULT : q == 1 ? MOE_COMBINE_STACK : q == 2 ? MOE_COMBINE_VOTE : MOE_COMBINE_VOTE_MAJORITY;
+            CHECK_OK(moe_model_create(&ctx, &d, &m), &ctx);
+            CHECK_RESULT(moe_cl_model_upload(device, m, &dm), MOE_ERR_UNSUPPORTED, &ctx);
+            CHECK(dm == NULL && strstr(moe_ctx_error(&ctx), what[q]) != NULL, "message: %s", moe_ctx_error(&ctx));
+            moe_model_destroy(m);
+        }
+        layers[0].expert = MOE_EXPERT_DEFAULT;
+        layers[0].combine = MOE_COMBINE_DEFAULT;
+    }
     m = small_model();
     memset(&desc, 0, sizeof desc);
     desc.no_tuning = 1;

@@ -657,6 +657,7 @@ static const char *init_config =
     " \"layers\": [{\"kind\": \"moe\", \"d_out\": 6, \"experts\": 3, \"top_k\": 2, \"expert\": \"swiglu\", \"d_hidden\": 4,\n"
     "              \"shared_experts\": 1, \"balance_loss\": 0.01},\n"
     "             {\"kind\": \"rmsnorm\"},\n"
+    "             {\"kind\": \"moe\", \"experts\": 2, \"expert\": \"geglu\", \"d_hidden\": 3, \"combine\": \"stack\", \"d_expert_out\": 2},\n"
     "             {\"kind\": \"dense\", \"d_out\": 3}],\n"
     " \"optimizer\": {\"kind\": \"sgd\", \"lr\": 0.1, \"momentum\": 0.9}}\n";
 
@@ -688,6 +689,7 @@ static int test_init_info(void) {
     CHECK(strstr(tool_out, expect) != NULL, "info does not print \"%s\":\n%s", expect, tool_out);
     CHECK(strstr(tool_out, "swiglu") && strstr(tool_out, "rmsnorm") && strstr(tool_out, "sgd") && strstr(tool_out, "cross_entropy"),
           "info misses the layer kinds, loss or optimizer:\n%s", tool_out);
+    CHECK(strstr(tool_out, "experts geglu") && strstr(tool_out, "combine stack: d_expert_out 2"), "info misses GeGLU or stacking:\n%s", tool_out);
     for (i = 0; i < moe_model_tensor_count(m); i++) {
         moe_tensor t;
         char line[256];

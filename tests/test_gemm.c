@@ -108,14 +108,14 @@ static int test_zero_k_and_large_k(void) {
     return 0;
 }
 
-/* A SwiGLU pair with each epilogue: C = A B^T (+bias), C2 = A B2^T (+bias2), then the epilogue;
+/* A SwiGLU / GeGLU pair with each epilogue: C = A B^T (+bias), C2 = A B2^T (+bias2), then the epilogue;
    every output buffer against the reference, and 1 vs 2 threads bitwise. */
 static void check_epilogue(moe__epi epi, int64_t M, int64_t N, int64_t K) {
     moe_ctx fast, ref, one;
     float *s[3];
     moe__exec ex[3];
     moe_ctx *ctxs[3];
-    int pair = epi == MOE__EPI_SWIGLU, v, b;
+    int pair = epi == MOE__EPI_SWIGLU || epi == MOE__EPI_GEGLU, v, b;
     moe__gemm_op op = pair ? MOE__NT : MOE__NN;
     int64_t n = M * N, i;
     float *A = random_matrix(M * K, 11), *B = random_matrix(N * K, 12), *B2 = random_matrix(N * K, 13);
@@ -164,7 +164,7 @@ static void check_epilogue(moe__epi epi, int64_t M, int64_t N, int64_t K) {
 static int test_pairs_and_epilogues(void) {
     const int64_t sizes[][3] = {{1, 1, 1}, {7, 17, 5}, {17, 255, 33}, {255, 40, 300}, {100, 600, 20}};
     int e, i;
-    for (e = MOE__EPI_NONE; e <= MOE__EPI_SWIGLU_GRAD; e++)
+    for (e = MOE__EPI_NONE; e <= MOE__EPI_GEGLU_GRAD; e++)
         for (i = 0; i < 5; i++) check_epilogue((moe__epi)e, sizes[i][0], sizes[i][1], sizes[i][2]);
     return 0;
 }
@@ -178,6 +178,8 @@ static void check_kernel(moe__kernel k) {
     check_product(MOE__NT, 255, 1, 17, 1, 0, 0);
     check_epilogue(MOE__EPI_SWIGLU, 17, 40, 70);
     check_epilogue(MOE__EPI_SWIGLU_GRAD, 13, 33, 7);
+    check_epilogue(MOE__EPI_GEGLU, 17, 40, 70);
+    check_epilogue(MOE__EPI_GEGLU_GRAD, 13, 33, 7);
     forced = 0;
 }
 

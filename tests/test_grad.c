@@ -59,7 +59,7 @@ static int run_case(const grad_case *gc) {
     double *params;
     ref_run r;
     int mode, t, l;
-    int checked = 0, skipped = 0;
+    int checked = 0, skipped = 0, votes;
     memset(&desc, 0, sizeof desc);
     desc.d_in = D;
     desc.n_layers = gc->n_layers;
@@ -111,7 +111,10 @@ static int run_case(const grad_case *gc) {
     float *pf = moe_model_params(m, &n_params);
     params = (double *)malloc(sizeof(double) * (size_t)n_params);
     gfloat = (float *)malloc(sizeof(float) * (size_t)n_params);
-    for (mode = 0; mode < 2; mode++) {
+    for (l = 0, votes = 0; l < gc->n_layers; l++)
+        votes |= gc->layers[l].combine == MOE_COMBINE_VOTE || gc->layers[l].combine == MOE_COMBINE_VOTE_MAJORITY;
+    /* a voting layer's inference output has no gradient (tests/test_combine.c): training only */
+    for (mode = 0; mode < (votes ? 1 : 2); mode++) {
         moe_forward_opts opts;
         int training = mode == 0 && gc->training;
         double worst_fwd = 0;
@@ -253,6 +256,32 @@ static int test_topk_swiglu_shared(void) {
     return run_case(&gc);
 }
 
+static int test_topk_geglu(void) {
+    grad_case gc = {"topk2 geglu bias + shared", 7, 12, 2, {
+        {.kind = MOE_LAYER_MOE, .n_experts = 4, .top_k = 2, .expert = MOE_EXPERT_GEGLU, .d_hidden = 6, .d_out = 5,
+         .bias = MOE_FLAG_ON, .n_shared_experts = 1, .d_shared_hidden = 3, .balance_loss = 0.2f},
+        {.kind = MOE_LAYER_DENSE, .d_out = 3}}, MOE_LOSS_CROSS_ENTROPY, 1, 0, 0.0f};
+    return run_case(&gc);
+}
+
+static int test_stack_combine(void) {
+    grad_case gc = {"stacking combine, d_e 3", 6, 14, 3, {
+        {.kind = MOE_LAYER_MOE, .n_experts = 4, .top_k = 2, .d_hidden = 5, .d_out = 6, .combine = MOE_COMBINE_STACK, .d_expert_out = 3,
+         .activation = MOE_ACT_TANH, .residual = 1, .balance_loss = 0.1f},
+        {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_SWITCH, .n_experts = 3, .capacity_factor = 0.5f, .expert = MOE_EXPERT_GEGLU,
+         .d_hidden = 4, .combine = MOE_COMBINE_STACK},
+        {.kind = MOE_LAYER_DENSE, .d_out = 3}}, MOE_LOSS_CROSS_ENTROPY, 1, 0, 0.0f};
+    return run_case(&gc);
+}
+
+static int test_vote_training(void) {
+    grad_case gc = {"voting combine (training forward)", 6, 12, 2, {
+        {.kind = MOE_LAYER_MOE, .n_experts = 4, .top_k = 2, .d_hidden = 5, .activation = MOE_ACT_GELU, .d_out = 6},
+        {.kind = MOE_LAYER_MOE, .n_experts = 3, .top_k = 2, .d_hidden = 4, .d_out = 4, .combine = MOE_COMBINE_VOTE_MAJORITY,
+         .z_loss = 0.05f}}, MOE_LOSS_CROSS_ENTROPY, 1, 0, 0.0f};
+    return run_case(&gc);
+}
+
 static int test_soft_mixture(void) {
     grad_case gc = {"soft mixture k=E mlp2", 5, 10, 1, {
         {.kind = MOE_LAYER_MOE, .n_experts = 4, .top_k = 4, .expert = MOE_EXPERT_MLP, .n_hidden_layers = 2, .d_hidden = 6,
@@ -382,6 +411,9 @@ int main(void) {
     RUN(test_dense_activations);
     RUN(test_norms_mse);
     RUN(test_topk_swiglu_shared);
+    RUN(test_topk_geglu);
+    RUN(test_stack_combine);
+    RUN(test_vote_training);
     RUN(test_soft_mixture);
     RUN(test_topk_norenorm_bce);
     RUN(test_switch_capacity);

@@ -33,6 +33,8 @@ static const shape shapes[] = {
                                     .n_hidden_layers = 2, .activation = MOE_ACT_GELU, .residual = 1}, 1},
     {"swiglu, empty experts (tied router)", {.kind = MOE_LAYER_MOE, .d_in = 20, .d_out = 17, .n_experts = 8, .top_k = 2,
                                     .expert = MOE_EXPERT_SWIGLU, .d_hidden = 40}, 0},
+    {"geglu 70->19, h 45, E 5, bias", {.kind = MOE_LAYER_MOE, .d_in = 70, .d_out = 19, .n_experts = 5, .top_k = 2,
+                                    .expert = MOE_EXPERT_GEGLU, .d_hidden = 45, .bias = MOE_FLAG_ON, .n_shared_experts = 1}, 1},
 };
 
 static moe_layer *make(moe_ctx *ctx, const shape *s, int64_t T) {
@@ -143,8 +145,7 @@ static void dequantize_rows(float *w, int64_t rows, int64_t cols, moe_dtype dtyp
 /* A quantized layer gives exactly the outputs of an f32 layer whose expert weights were rounded
    the documented way (bitwise, batched and decode paths, 1 and 2 threads), stays within the
    documented bound of the unrounded layer, refuses training, and quantize(F32) restores it. */
-static void check_quantized(moe_dtype dtype) {
-    const shape *s = &shapes[0];
+static void check_quantized(moe_dtype dtype, const shape *s) {
     const int64_t counts[] = {3, 255};
     double bound = dtype == MOE_DTYPE_BF16 ? BF16_BOUND : INT8_BOUND;
     int c;
@@ -193,8 +194,9 @@ static void check_quantized(moe_dtype dtype) {
     }
 }
 
-static int test_bf16(void) { check_quantized(MOE_DTYPE_BF16); return 0; }
-static int test_int8(void) { check_quantized(MOE_DTYPE_I8); return 0; }
+/* SwiGLU and GeGLU experts (shapes 0 and 3) */
+static int test_bf16(void) { check_quantized(MOE_DTYPE_BF16, &shapes[0]); check_quantized(MOE_DTYPE_BF16, &shapes[3]); return 0; }
+static int test_int8(void) { check_quantized(MOE_DTYPE_I8, &shapes[0]); check_quantized(MOE_DTYPE_I8, &shapes[3]); return 0; }
 
 /* The decode path (inference, T <= 8) reads each weight once per token set; its outputs do not
    depend on the thread count. */

@@ -91,10 +91,13 @@ def expected_params(cfg):
                 out[p + "router.noise_weight"] = [E, D]
             if c["router"] == "sigmoid":
                 out[p + "router.selection_bias"] = [E]
-            groups = [("experts.", E, c["d_hidden"])]
+            groups = [("experts.", E, c["d_hidden"], c.get("d_expert_out", O))]
             if c["shared_experts"]:
-                groups.append(("shared.", c["shared_experts"], c["d_shared_hidden"]))
-            for g, n, H in groups:
+                groups.append(("shared.", c["shared_experts"], c["d_shared_hidden"], O))
+            if c.get("combine") == "stack":
+                out[p + "combine.weight"] = [O, E * c["d_expert_out"]]
+                out[p + "combine.bias"] = [O]
+            for g, n, H, O in groups:
                 q = p + g
                 if c["expert"] == "linear":
                     out[q + "fc0.weight"] = [n, O, D]
@@ -181,7 +184,8 @@ def expert(P, q, c, e, v):
         return P[q + "fc%d.weight" % L][e] @ a + (P[q + "fc%d.bias" % L][e] if b else 0)
     z1 = P[q + "w1.weight"][e] @ v + (P[q + "w1.bias"][e] if b else 0)
     z3 = P[q + "w3.weight"][e] @ v + (P[q + "w3.bias"][e] if b else 0)
-    return P[q + "w2.weight"][e] @ (act("silu", z1) * z3) + (P[q + "w2.bias"][e] if b else 0)
+    glu = {"swiglu": "silu", "geglu": "gelu"}[c["expert"]]
+    return P[q + "w2.weight"][e] @ (act(glu, z1) * z3) + (P[q + "w2.bias"][e] if b else 0)
 
 
 def cv2(v):
@@ -209,14 +213,21 @@ def combine(P, p, c, X, slots, keep):
             Y.append(torch.cat([torch.stack(lp)] + mu + ls))
             continue
         routed = torch.zeros(c["d_out"])
+        stack = c.get("combine") == "stack"
+        parts = [torch.zeros(c.get("d_expert_out", 0))] * c["experts"]
         for (e, g), kp in zip(slots[t], keep[t]):
             if kp:
-                routed = routed + g * expert(P, p + "experts.", c, e, x)
+                if stack:
+                    parts[e] = g * expert(P, p + "experts.", c, e, x)
+                else:
+                    routed = routed + g * expert(P, p + "experts.", c, e, x)
                 tokens_per_expert[e] += 1
+        if stack:                       # README: y = Wc [g_0 f_0(x), ..., g_E-1 f_E-1(x)] + bc
+            routed = P[p + "combine.weight"] @ torch.cat(parts) + P[p + "combine.bias"]
         if not any(keep[t]):
             dropped += 1
             if not c["residual"] and c["d_out"] == c["d_in"]:
-                routed = x
+                routed = x + routed if stack else x
         y = x + routed if c["residual"] else routed
         for j in range(c["shared_experts"]):
             y = y + expert(P, p + "shared.", c, j, x)

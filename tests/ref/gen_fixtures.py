@@ -79,6 +79,8 @@ def moe(d_in, d_out=None, **kw):
     if router == "sigmoid" and extra["top_k_groups"] is None:
         extra["top_k_groups"] = extra["groups"]
     max_top_k = kw.pop("max_top_k", None)
+    combine = kw.pop("combine", "sum")
+    d_expert_out = kw.pop("d_expert_out", None)
     c = {
         "kind": "moe", "d_in": d_in, "d_out": d_in if d_out is None else d_out,
         "residual": kw.get("residual", False),
@@ -89,7 +91,7 @@ def moe(d_in, d_out=None, **kw):
         "expert": expert, "d_hidden": d_hidden,
         "hidden_layers": kw.get("hidden_layers", 0 if expert == "linear" else 1),
         "activation": kw.get("activation", "relu"),
-        "bias": kw.get("bias", expert != "swiglu"),
+        "bias": kw.get("bias", expert not in ("swiglu", "geglu")),
         "shared_experts": kw.get("shared_experts", 0),
         "d_shared_hidden": kw.get("d_shared_hidden", d_hidden),
         "capacity_factor": kw.get("capacity_factor", {"switch": 1.25, "expert_choice": 1}.get(router, 0)),
@@ -102,7 +104,16 @@ def moe(d_in, d_out=None, **kw):
     if max_top_k is not None and max_top_k != c["top_k"]:
         c["max_top_k"] = max_top_k          # written only where it differs from top_k (6.1)
     c.update(extra)                         # a router's own fields, only for that router
+    if combine != "sum":                    # written only where not the weighted sum (6.1)
+        c["combine"] = combine
+    if combine == "stack":
+        c["d_expert_out"] = c["d_out"] if d_expert_out is None else d_expert_out
     return c
+
+
+def expert_out(c):
+    """Width of the routed experts' outputs: d_expert_out (stacking), else d_out."""
+    return c.get("d_expert_out", c["d_out"])
 
 
 def model_config(d_in, layers, loss, **opt):
@@ -115,9 +126,9 @@ def model_config(d_in, layers, loss, **opt):
 # ----------------------------------------------------------------------------------------------
 # Parameter names and shapes (README.md section 3, in its order)
 
-def expert_shapes(prefix, c, n, hidden):
-    """Stacked expert tensors for n experts of kind c['expert'] with hidden width `hidden`."""
-    D, O, kind = c["d_in"], c["d_out"], c["expert"]
+def expert_shapes(prefix, c, n, hidden, O):
+    """Stacked expert tensors for n experts of kind c['expert'], hidden width `hidden`, output O."""
+    D, kind = c["d_in"], c["expert"]
     out = []
     if kind == "linear":
         out.append((prefix + "fc0.weight", [n, O, D], D))
@@ -131,7 +142,7 @@ def expert_shapes(prefix, c, n, hidden):
             out.append((prefix + "fc%d.weight" % j, [n, fan_out, fan_in], fan_in))
             if c["bias"]:
                 out.append((prefix + "fc%d.bias" % j, [n, fan_out], fan_in))
-    elif kind == "swiglu":
+    elif kind in ("swiglu", "geglu"):
         out.append((prefix + "w1.weight", [n, hidden, D], D))
         out.append((prefix + "w3.weight", [n, hidden, D], D))
         out.append((prefix + "w2.weight", [n, O, hidden], hidden))
@@ -168,12 +179,16 @@ def param_specs(cfg):
                 specs.append((p + "router.noise_weight", [E, D], "lin", D))
             if c["router"] == "sigmoid":
                 specs.append((p + "router.selection_bias", [E], "selb", 0))
-            for name, shape, fan in expert_shapes(p + "experts.", c, E, c["d_hidden"]):
+            for name, shape, fan in expert_shapes(p + "experts.", c, E, c["d_hidden"], expert_out(c)):
                 specs.append((name, shape, "lin", fan))
             if c["shared_experts"] > 0:
                 for name, shape, fan in expert_shapes(p + "shared.", c, c["shared_experts"],
-                                                      c["d_shared_hidden"]):
+                                                      c["d_shared_hidden"], c["d_out"]):
                     specs.append((name, shape, "lin", fan))
+            if c.get("combine") == "stack":
+                W = E * c["d_expert_out"]
+                specs.append((p + "combine.weight", [c["d_out"], W], "lin", W))
+                specs.append((p + "combine.bias", [c["d_out"]], "lin", W))
         else:
             raise ValueError(c["kind"])
     return specs
@@ -258,13 +273,14 @@ def experts_forward(P, prefix, c, x, chk):
             if j < L:
                 a = activation(c["activation"], a, chk)
         return a
-    if kind == "swiglu":
+    if kind in ("swiglu", "geglu"):
         a1 = torch.einsum("td,ehd->eth", x, P[prefix + "w1.weight"])
         a3 = torch.einsum("td,ehd->eth", x, P[prefix + "w3.weight"])
         if bias:
             a1 = a1 + P[prefix + "w1.bias"][:, None, :]
             a3 = a3 + P[prefix + "w3.bias"][:, None, :]
-        y = torch.einsum("eth,eoh->eto", activation("silu", a1, None) * a3, P[prefix + "w2.weight"])
+        act = "silu" if kind == "swiglu" else "gelu"
+        y = torch.einsum("eth,eoh->eto", activation(act, a1, None) * a3, P[prefix + "w2.weight"])
         if bias:
             y = y + P[prefix + "w2.bias"][:, None, :]
         return y
@@ -438,8 +454,9 @@ def moe_forward(P, p, c, x, train, noise, chk, call, layer):
             if keep[t, si]:
                 kept_per_expert[int(sel[t, si])] += 1
     # step 5/6: experts and combine
-    fx = experts_forward(P, p + "experts.", c, x, chk)          # [E, T, O] (gaussian: [E, T, 2 O])
+    fx = experts_forward(P, p + "experts.", c, x, chk)          # [E, T, O] (gaussian: [E, T, 2 O]; stack: [E, T, d_expert_out])
     ar = torch.arange(T)
+    stack = c.get("combine") == "stack"
     if c["expert"] == "gaussian":
         # README 3.6: y = (log pi [E] | means [E, O] | log-stds [E, O]); unchosen: -inf, 0, 0
         logpi = torch.full((T, E), -math.inf)
@@ -457,12 +474,21 @@ def moe_forward(P, p, c, x, train, noise, chk, call, layer):
                 logstd[t, e] = torch.clamp(ls, -10, 10)
         y = torch.cat([logpi, mean.reshape(T, E * O), logstd.reshape(T, E * O)], dim=1)
     if c["expert"] != "gaussian":
-        routed = torch.zeros(T, O)
-        for si in range(slots):
-            w = gates[:, si] * keep[:, si].double()
-            routed = routed + w[:, None] * fx[sel[:, si].clamp(min=0), ar]
+        if stack:                               # gated outputs side by side, then the output linear
+            G = torch.zeros(T, E)
+            for si in range(slots):
+                w = gates[:, si] * keep[:, si].double()
+                G = G + w[:, None] * torch.nn.functional.one_hot(sel[:, si].clamp(min=0), E).double()
+            cat = (G.T[:, :, None] * fx).permute(1, 0, 2).reshape(T, -1)
+            routed = cat @ P[p + "combine.weight"].T + P[p + "combine.bias"]
+        else:
+            routed = torch.zeros(T, O)
+            for si in range(slots):
+                w = gates[:, si] * keep[:, si].double()
+                routed = routed + w[:, None] * fx[sel[:, si].clamp(min=0), ar]
         if not c["residual"] and O == D:
-            routed = torch.where(dropped[:, None], x, routed)   # pass-through
+            # pass-through; stacking adds x to the output linear (for such a token, its bias)
+            routed = torch.where(dropped[:, None], x + routed if stack else x, routed)
         y = x + routed if c["residual"] else routed
     if c["shared_experts"] > 0:
         sx = experts_forward(P, p + "shared.", c, x, chk)       # [S, T, O]
@@ -871,6 +897,20 @@ CASES = [
                       moe(10, 2, router="topk", experts=3, expert="gaussian", d_hidden=8,
                           activation="tanh", balance_loss=0.01, z_loss=0.001)], "mixture_nll"),
      16, None),
+    # GeGLU experts
+    ("topk2_geglu_bias",
+     model_config(10, [moe(10, 8, router="topk", experts=4, top_k=2, expert="geglu", d_hidden=12,
+                           bias=True, shared_experts=1, d_shared_hidden=6, balance_loss=0.01),
+                       dense(8, 4)], "cross_entropy"),
+     16, None),
+    # stacking combine (the second layer drops tokens: pass-through plus the output linear)
+    ("stack_combine",
+     model_config(10, [moe(10, 8, router="topk", experts=4, top_k=2, expert="mlp", d_hidden=8,
+                           activation="tanh", combine="stack", d_expert_out=5, balance_loss=0.01),
+                       moe(8, 8, router="switch", experts=3, expert="linear", capacity_factor=0.5,
+                           combine="stack", d_expert_out=3),
+                       dense(8, 4)], "cross_entropy"),
+     16, check_dropped),
 ]
 
 

@@ -304,7 +304,7 @@ static const char *name_of(const char *const *names, int count, int value) {
 
 static const char *const kind_names[] = {"default", "dense", "moe", "rmsnorm", "layernorm"};
 static const char *const act_names[] = {"default", "identity", "relu", "gelu", "silu", "tanh", "sigmoid"};
-static const char *const router_names[] = {"default", "topk", "noisy_topk", "switch", "sigmoid", "expert_choice", "hash"};
+static const char *const router_names[] = {"default", "topk", "noisy_topk", "switch", "sigmoid", "expert_choice", "hash", "soft", "hierarchical"};
 static const char *const expert_names[] = {"default", "linear", "mlp", "swiglu"};
 static const char *const loss_names[] = {"default", "cross_entropy", "mse", "bce"};
 static const char *const optimizer_names[] = {"default", "sgd", "adam", "adamw"};

@@ -332,6 +332,11 @@ static void print_layer(int i, const moe_layer_desc *l) {
             printf("        routed_scaling_factor %g, groups %d (top %d), bias_update_rate %g\n", (double)l->routed_scaling_factor,
                    l->n_groups, l->top_k_groups, (double)l->bias_update_rate);
         if (l->router == MOE_ROUTER_HASH) printf("        hash_seed %lu\n", (unsigned long)l->hash_seed);
+        if (l->router == MOE_ROUTER_SOFT)
+            printf("        slots_per_expert %d, soft_group_tokens %lld\n", l->slots_per_expert, (long long)l->soft_group_tokens);
+        if (l->router == MOE_ROUTER_HIERARCHICAL)
+            printf("        groups %d (top %d), group_router %s, expert_router %s\n", l->n_groups, l->top_k_groups,
+                   NAME(router_names, l->group_router), NAME(router_names, l->expert_router));
         if (l->max_top_k != l->top_k) printf("        max_top_k %d\n", l->max_top_k);
         if (l->n_shared_experts > 0)
             printf("        shared experts %d: d_shared_hidden %lld\n", l->n_shared_experts, (long long)l->d_shared_hidden);

@@ -2456,13 +2456,7 @@ static void moe__route_token(moe_layer *l, int64_t t) {
         l->thr_out[t] = sel[K - 1];
         l->thr_in[t] = next;
     }
-    if (d->renormalize == MOE_FLAG_ON) {
-        float m = h[sel[0]], sum = 0.0f;
-        for (s = 0; s < n; s++) { gate[s] = expf(h[sel[s]] - m); sum += gate[s]; }
-        for (s = 0; s < n; s++) gate[s] /= sum;
-    } else {
-        for (s = 0; s < n; s++) gate[s] = p[sel[s]];
-    }
+    moe__chosen_gates(h, p, sel, n, d->renormalize == MOE_FLAG_ON, gate);
     for (s = n; s < K; s++) { sel[s] = -1; gate[s] = 0.0f; }
 }
 

@@ -452,6 +452,10 @@ static int test_soft_router(void) {
     CHECK_OK(moe_model_forward(m, x, 12, y2, NULL), &ctx);
     CHECK(memcmp(y + 20, y2 + 20, sizeof(float) * 40) == 0, "a token changed the outputs of another group");
     CHECK(memcmp(y + 5, y2 + 5, sizeof(float) * 15) != 0, "a token did not change its own group");
+    CHECK_OK(moe_model_quantize(m, MOE_DTYPE_BF16), &ctx);  /* slot rows go through the reduced weights too */
+    CHECK_OK(moe_model_forward(m, x, 12, y, NULL), &ctx);
+    for (i = 0; i < 60; i++) CHECK(fabsf(y[i] - y2[i]) < 0.02f, "bf16 soft forward: y[%d] %g vs %g", i, y[i], y2[i]);
+    CHECK_OK(moe_model_quantize(m, MOE_DTYPE_F32), &ctx);
     CHECK_RESULT(moe_model_forward(m, x, 10, y, NULL), MOE_ERR_SHAPE, &ctx);
     CHECK_RESULT(moe_model_forward(m, x, 8, y, &(moe_forward_opts){.top_k = 2}), MOE_ERR_UNSUPPORTED, &ctx);
     CHECK_RESULT(moe_model_forward(m, x, 8, y, &(moe_forward_opts){.top_p = 0.5f}), MOE_ERR_UNSUPPORTED, &ctx);

@@ -11,7 +11,7 @@ list).  Needs only torch and numpy (the `safetensors` package is not used: the f
 the README model reference section 6 is written by hand).
 
 Every model is an independent re-implementation of the README's model reference: dense / rmsnorm / layernorm / moe
-layers, the topk / noisy_topk / switch / sigmoid / expert_choice / hash routers (3.4, 3.5), per-call top_k
+layers, the topk / noisy_topk / switch / sigmoid / expert_choice / hash / soft / hierarchical routers (3.4-3.7), per-call top_k
 and top_p, the selection-bias update, capacity with dropping and pass-through, linear /
 mlp / swiglu experts, shared experts, the four auxiliary losses, the three task losses, gradient
 clipping and AdamW.  Parameters and inputs are drawn in float32 (so the stored values are exactly

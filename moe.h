@@ -357,7 +357,8 @@ typedef struct moe_forward_opts {
     int training;              /* nonzero: router noise and jitter are on */
     /* Noisy top-k layers only, while training: the standard-normal noise to use,
        indexed [layer][T * E] (model) or [0][T * E] (single layer); a NULL array or
-       entry draws it from the context's seed instead. */
+       entry draws it from the context's seed instead. Hierarchical layers take
+       T * E + T * n_groups values: the expert noise [T, E], then the group noise [T, n_groups]. */
     const float *const *router_noise;
     int top_k;                 /* experts per token for this call: 0 = the layer's top_k; 1..max_top_k
                                   (expert choice: the k of its capacity) */
@@ -1787,7 +1788,7 @@ static moe_result moe__router_resolve(moe_ctx *ctx, moe_layer_desc *d, int where
     if (d->router == MOE_ROUTER_SOFT || d->router == MOE_ROUTER_HIERARCHICAL) return moe__router_resolve_soft_hierarchical(ctx, d, where);
     if (!sigmoid) {
         if (d->routed_scaling_factor != 0.0f || d->n_groups != 0 || d->top_k_groups != 0 || d->bias_update_rate != 0.0f)
-            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: routed_scaling_factor, n_groups, top_k_groups and bias_update_rate belong to the sigmoid router", where);
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: routed_scaling_factor, n_groups, top_k_groups and bias_update_rate belong to the sigmoid router (n_groups and top_k_groups also to the hierarchical router)", where);
         return MOE_OK;
     }
     if (d->routed_scaling_factor == 0.0f) d->routed_scaling_factor = 1.0f;

@@ -376,7 +376,11 @@ static int test_hierarchical(void) {
         {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_HIERARCHICAL, .n_experts = 6, .n_groups = 3, .top_k = 2, .group_router = MOE_ROUTER_NOISY_TOPK,
          .capacity_factor = 0.8f, .expert = MOE_EXPERT_LINEAR, .jitter = 0.1f, .importance_loss = 0.2f},
         {.kind = MOE_LAYER_DENSE, .d_out = 3}}, MOE_LOSS_CROSS_ENTROPY, 1, 0, 0.0f};
-    return run_case(&gc) || run_case(&gc2) || run_case(&gc3);
+    grad_case gc4 = {"hierarchical per-call k=2 of max 2", 6, 10, 2, {
+        {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_HIERARCHICAL, .n_experts = 9, .n_groups = 3, .top_k_groups = 2, .top_k = 1,
+         .max_top_k = 2, .d_hidden = 4, .balance_loss = 0.1f},
+        {.kind = MOE_LAYER_DENSE, .d_out = 3}}, MOE_LOSS_CROSS_ENTROPY, 1, 2, 0.0f};
+    return run_case(&gc) || run_case(&gc2) || run_case(&gc3) || run_case(&gc4);
 }
 
 int main(void) {

@@ -1700,6 +1700,7 @@ struct moe_layer {
     int64_t soft_groups;        /* groups of the last forward: T / soft_group_tokens */
     float *combine, *dispatch;  /* [T, E*S] softmax over a token's slots / over a group's tokens per slot */
     float *slot_x;              /* [groups * E * S, D] slot inputs, group-major (row g*E*S + e*S + s) */
+    int32_t *slot_row;          /* [groups * E * S] the expert-bank row of each slot (inverse of row_token) */
     float *ddispatch;           /* backward: [T, E*S] */
     /* hierarchical router (expert-level logits in clean/raw/h as for noisy top-k, [T, E]) */
     moe__linear group_router, group_noise; /* [G, D] (+ bias [G]); noise weights [G, D] (group_noise.w < 0: none) */
@@ -2145,6 +2146,7 @@ static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scra
             l->combine = MOE__CARVE(saved, float, T * L);
             l->dispatch = MOE__CARVE(saved, float, T * L);
             l->slot_x = MOE__CARVE(saved, float, l->bank[0].max_rows * D);
+            l->slot_row = MOE__CARVE(saved, int32_t, l->bank[0].max_rows);
             l->ddispatch = MOE__CARVE(scratch, float, T * L);
         }
         if (hier) {
@@ -2905,38 +2907,33 @@ static void moe__soft_forward(moe_layer *l, const float *x, int64_t T, float *y)
             if (c[j] > 0.0f) ent -= c[j] * logf(c[j]);
         l->entropy[t] = ent;
     }
-    /* dispatch weights and slot inputs, each slot summing its group's tokens in order */
-    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)L * (double)(D + 20))
-    for (i = 0; i < G * L; i++) {
-        int64_t t0 = (i / L) * m, j = i % L, k, c;
-        float mx = -FLT_MAX, sum = 0.0f, *xs = l->slot_x + i * D, *dw = l->dispatch + t0 * L + j;
-        const float *lg = l->clean + t0 * L + j;
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)L * 20.0)
+    for (i = 0; i < G * L; i++) {  /* dispatch weights: softmax of slot j's column over group g's tokens */
+        int64_t t0 = (i / L) * m, k;
+        float mx = -FLT_MAX, sum = 0.0f, *dw = l->dispatch + t0 * L + i % L;
+        const float *lg = l->clean + t0 * L + i % L;
         for (k = 0; k < m; k++) mx = lg[k * L] > mx ? lg[k * L] : mx;
         for (k = 0; k < m; k++) { dw[k * L] = expf(lg[k * L] - mx); sum += dw[k * L]; }
         for (k = 0; k < m; k++) dw[k * L] /= sum;
-        for (c = 0; c < D; c++) xs[c] = 0.0f;
-        for (k = 0; k < m; k++) {
-            const float *xr = x + (t0 + k) * D;
-            float w = dw[k * L];
-            for (c = 0; c < D; c++) xs[c] += w * xr[c];
-        }
+    }
+    for (i = 0; i < G; i++) {  /* slot inputs of group i: Dw^T x */
+        g = moe__gemm_make(MOE__TN, L, D, m, moe__mat_of(l->dispatch + i * m * L, L), moe__mat_of(x + i * m * D, D), l->slot_x + i * L * D, D, 0, NULL);
+        moe__gemm_run(&l->ex, &g);
     }
     b->offsets[0] = 0;
     for (e = 0; e < E; e++) { b->offsets[e + 1] = (e + 1) * G * S; l->chosen[e] = l->kept[e] = G * S; }
-    for (i = 0; i < G * L; i++) b->row_token[moe__soft_row(G, S, i / L, i % L)] = (int32_t)i;
+    for (i = 0; i < G * L; i++) {
+        l->slot_row[i] = (int32_t)moe__soft_row(G, S, i / L, i % L);
+        b->row_token[l->slot_row[i]] = (int32_t)i;
+    }
     for (t = 0; t < T; t++) l->passthrough[t] = 0;
     moe__aux_forward(l, T);
     for (q = 0; q < moe__bank_stages(b); q++) moe__run_step(l, moe__plan_step(l, 0, q, 0), l->slot_x);
-    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)O * (double)L)
-    for (t = 0; t < T; t++) {
-        float *yt = y + t * O;
-        const float *c = l->combine + t * L;
-        int64_t j, k;
-        for (k = 0; k < O; k++) yt[k] = d->residual ? x[t * D + k] : 0.0f;
-        for (j = 0; j < L; j++) {
-            const float *o = b->out + moe__soft_row(G, S, t / m, j) * O;
-            for (k = 0; k < O; k++) yt[k] += c[j] * o[k];
-        }
+    if (d->residual) memcpy(y, x, (size_t)(T * O) * sizeof(float));
+    for (i = 0; i < G; i++) {  /* y of group i (+= with residual): C Y~, the slots' rows gathered */
+        g = moe__gemm_make(MOE__NN, m, O, L, moe__mat_of(l->combine + i * m * L, L), moe__mat_rows(b->out, O, l->slot_row + i * L),
+                           y + i * m * O, O, d->residual, NULL);
+        moe__gemm_run(&l->ex, &g);
     }
 }
 
@@ -3164,74 +3161,55 @@ static void moe__group_backward(moe_layer *l, float *dxu) {
 
 /* Soft router backward: dY~ = C^T dy per group; dC and dD through their softmaxes into the logits'
    gradient dh [T, E*S]; the experts down to the slot inputs (dX~ in dxr); dPhi = dh^T x;
-   dx = dh Phi + D dX~ (+ dy with residual). */
+   dx = dh Phi + Dw dX~ (+ dy with residual). Every product is a GEMM with the slots' rows gathered. */
 static void moe__soft_backward(moe_layer *l, const float *dy, float *dx) {
     const moe_layer_desc *d = &l->d;
-    int64_t E = d->n_experts, S = d->slots_per_expert, L = E * S, D = d->d_in, O = d->d_out, T = l->T, G = l->soft_groups, m = T / G, t, i;
+    int64_t E = d->n_experts, S = d->slots_per_expert, L = E * S, D = d->d_in, O = d->d_out, T = l->T, G = l->soft_groups, m = T / G, t, i, e;
     const float *x = l->x;
     moe__bank *b = &l->bank[0];
     float *dout = b->dz[b->n_linears - 1];
     moe__gemm g;
     int q;
-    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)L * (double)O)
-    for (i = 0; i < G * L; i++) {
-        int64_t t0 = (i / L) * m, j = i % L, k, c;
-        float *dz = dout + moe__soft_row(G, S, i / L, j) * O;
-        for (c = 0; c < O; c++) dz[c] = 0.0f;
-        for (k = 0; k < m; k++) {
-            const float *dyr = dy + (t0 + k) * O;
-            float w = l->combine[(t0 + k) * L + j];
-            for (c = 0; c < O; c++) dz[c] += w * dyr[c];
+    for (i = 0; i < G; i++) {
+        for (e = 0; e < E; e++) {  /* expert e's S slot rows of group i: their combine columns^T dy */
+            g = moe__gemm_make(MOE__TN, S, O, m, moe__mat_of(l->combine + i * m * L + e * S, L), moe__mat_of(dy + i * m * O, O),
+                               dout + (e * G * S + i * S) * O, O, 0, NULL);
+            moe__gemm_run(&l->ex, &g);
         }
+        g = moe__gemm_make(MOE__NT, m, L, O, moe__mat_of(dy + i * m * O, O), moe__mat_rows(b->out, O, l->slot_row + i * L), l->dh + i * m * L, L, 0, NULL);
+        moe__gemm_run(&l->ex, &g);  /* dC */
     }
-    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)L * (double)O)
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)L * 4.0)
     for (t = 0; t < T; t++) {
-        const float *c = l->combine + t * L, *dyt = dy + t * O;
+        const float *c = l->combine + t * L;
         float *dl = l->dh + t * L, dot = 0.0f;
-        int64_t j, k;
-        for (j = 0; j < L; j++) {
-            const float *o = b->out + moe__soft_row(G, S, t / m, j) * O;
-            float v = 0.0f;
-            for (k = 0; k < O; k++) v += dyt[k] * o[k];
-            dl[j] = v;
-            dot += c[j] * v;
-        }
+        int64_t j;
+        for (j = 0; j < L; j++) dot += c[j] * dl[j];
         for (j = 0; j < L; j++) dl[j] = c[j] * (dl[j] - dot);
     }
     for (q = 0; q < moe__bank_back_steps(b); q++) moe__run_step(l, moe__plan_step(l, 1, q, 1), l->slot_x);
-    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)L * (double)D)
-    for (i = 0; i < G * L; i++) {
-        int64_t t0 = (i / L) * m, j = i % L, k, c;
-        const float *dxs = b->dxr + moe__soft_row(G, S, i / L, j) * D;
+    for (i = 0; i < G; i++) {  /* dD = x dX~^T */
+        g = moe__gemm_make(MOE__NT, m, L, D, moe__mat_of(x + i * m * D, D), moe__mat_rows(b->dxr, D, l->slot_row + i * L), l->ddispatch + i * m * L, L, 0, NULL);
+        moe__gemm_run(&l->ex, &g);
+    }
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)L * 4.0)
+    for (i = 0; i < G * L; i++) {  /* through the column softmax of slot j over group g's tokens */
+        int64_t t0 = (i / L) * m, a0 = t0 * L + i % L, k;
         float dot = 0.0f;
-        for (k = 0; k < m; k++) {
-            const float *xr = x + (t0 + k) * D;
-            float v = 0.0f;
-            for (c = 0; c < D; c++) v += xr[c] * dxs[c];
-            l->ddispatch[(t0 + k) * L + j] = v;
-            dot += l->dispatch[(t0 + k) * L + j] * v;
-        }
-        for (k = 0; k < m; k++) {
-            int64_t a = (t0 + k) * L + j;
-            l->dh[a] += l->dispatch[a] * (l->ddispatch[a] - dot);
-        }
+        for (k = 0; k < m; k++) dot += l->dispatch[a0 + k * L] * l->ddispatch[a0 + k * L];
+        for (k = 0; k < m; k++) l->dh[a0 + k * L] += l->dispatch[a0 + k * L] * (l->ddispatch[a0 + k * L] - dot);
     }
     g = moe__gemm_make(MOE__TN, L, D, T, moe__mat_of(l->dh, L), moe__mat_of(x, D), moe__g(l, l->router.w), D, 1, NULL);
     moe__gemm_run(&l->ex, &g);
     if (!dx) return;
-    g = moe__gemm_make(MOE__NN, T, D, L, moe__mat_of(l->dh, L), moe__mat_of(moe__w(l, l->router.w), D), l->dxu, D, 0, NULL);
+    g = moe__gemm_make(MOE__NN, T, D, L, moe__mat_of(l->dh, L), moe__mat_of(moe__w(l, l->router.w), D), dx, D, 0, NULL);
     moe__gemm_run(&l->ex, &g);
-    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)L * (double)D)
-    for (t = 0; t < T; t++) {
-        float *dxt = dx + t * D;
-        const float *w = l->dispatch + t * L;
-        int64_t j, k;
-        for (k = 0; k < D; k++) dxt[k] = l->dxu[t * D + k] + (d->residual ? dy[t * O + k] : 0.0f);
-        for (j = 0; j < L; j++) {
-            const float *v = b->dxr + moe__soft_row(G, S, t / m, j) * D;
-            for (k = 0; k < D; k++) dxt[k] += w[j] * v[k];
-        }
+    for (i = 0; i < G; i++) {
+        g = moe__gemm_make(MOE__NN, m, D, L, moe__mat_of(l->dispatch + i * m * L, L), moe__mat_rows(b->dxr, D, l->slot_row + i * L), dx + i * m * D, D, 1, NULL);
+        moe__gemm_run(&l->ex, &g);
     }
+    if (d->residual)
+        for (i = 0; i < T * D; i++) dx[i] += dy[i];
 }
 
 static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flags) {

@@ -1921,7 +1921,8 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
     if (d.kind != MOE_LAYER_RMSNORM && d.kind != MOE_LAYER_LAYERNORM) d.eps = 0.0f;
     {   /* parameter counts far beyond any machine would overflow the offsets: refuse them here */
         double w = (double)moe__max64(moe__max64(d.d_in, d.d_out), moe__max64(d.d_hidden, d.d_shared_hidden));
-        double est = d.kind == MOE_LAYER_MOE ? (double)(d.n_experts + d.n_shared_experts + 1) * (double)(d.n_hidden_layers + 3) * w * w
+        double est = d.kind == MOE_LAYER_MOE ? (double)(d.n_experts + d.n_shared_experts + 1) * (double)(d.n_hidden_layers + 3) * w * w +
+                                                   (double)d.n_experts * (double)d.slots_per_expert * w  /* soft router: Phi */
                                              : (double)d.d_in * (double)d.d_out + 2.0 * w;
         if (est > (double)MOE__MAX_BYTES / 8.0)
             return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "layer %d: about %.3g parameters: too large", where, est);

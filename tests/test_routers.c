@@ -591,6 +591,37 @@ static int test_soft_hierarchical_round_trip(void) {
     return 0;
 }
 
+/* A hierarchical layer with noise at both levels resumes from a checkpoint bit for bit. */
+static int test_hierarchical_checkpoint(void) {
+    moe_layer_desc layers[] = {
+        {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_HIERARCHICAL, .n_experts = 6, .n_groups = 3, .top_k_groups = 2, .top_k = 1,
+         .group_router = MOE_ROUTER_NOISY_TOPK, .expert_router = MOE_ROUTER_NOISY_TOPK, .d_hidden = 8, .balance_loss = 0.01f},
+        {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_SOFT, .n_experts = 3, .slots_per_expert = 2, .soft_group_tokens = 8, .residual = 1},
+        {.kind = MOE_LAYER_DENSE, .d_out = 3},
+    };
+    moe_model *a = make(&ctx, 6, 3, layers, 16, NULL), *b = NULL;
+    float x[16 * 6], v[16 * 3];
+    int64_t n;
+    int s;
+    if (!a) return 0;
+    fill(x, 96, 27, 1.0f);
+    fill(v, 48, 28, 1.0f);
+    for (s = 0; s < 2; s++) CHECK_OK(moe_model_train_step(a, x, &(moe_target){.values = v}, 16, NULL), &ctx);
+    CHECK_OK(moe_model_save_checkpoint(a, TMP_DIR "/hier.ckpt"), &ctx);
+    CHECK_OK(moe_model_load_checkpoint(&ctx, TMP_DIR "/hier.ckpt", 0, &b), &ctx);
+    for (s = 0; s < 3; s++) {
+        CHECK_OK(moe_model_train_step(a, x, &(moe_target){.values = v}, 16, NULL), &ctx);
+        if (b) CHECK_OK(moe_model_train_step(b, x, &(moe_target){.values = v}, 16, NULL), &ctx);
+    }
+    if (b) {
+        float *pa = moe_model_params(a, &n);
+        CHECK(memcmp(pa, moe_model_params(b, NULL), sizeof(float) * (size_t)n) == 0, "the resumed model trains differently");
+        moe_model_destroy(b);
+    }
+    moe_model_destroy(a);
+    return 0;
+}
+
 int main(void) {
     char cmd[200];
     printf("test_routers\n");
@@ -610,5 +641,6 @@ int main(void) {
     RUN(test_hierarchical_router);
     RUN(test_soft_hierarchical_errors);
     RUN(test_soft_hierarchical_round_trip);
+    RUN(test_hierarchical_checkpoint);
     TEST_END();
 }

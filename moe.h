@@ -52,9 +52,9 @@
      >>gemm         the one matrix-multiply entry point: packed kernels + plain reference twin
      >>ops          activations, softmax, column sums
      >>dense >>norm dense layers, RMSNorm, LayerNorm: forward and backward
-     >>routing      every router (softmax top-k, sigmoid + bias, expert choice, hash), top-p, gates,
+     >>routing      every router (softmax top-k, sigmoid + bias, expert choice, hash, hierarchical), top-p, gates,
                     capacity, the deterministic counting sort, aux losses
-     >>moe_forward  grouped expert computation over (expert, row-tile) tiles, weighted combine
+     >>moe_forward  grouped expert computation over (expert, row-tile) tiles, weighted combine; soft MoE
      >>moe_backward expert, weight and router gradients
      >>layer_api >>loss >>optimizer >>model
      >>json >>safetensors >>model_config >>model_io   files
@@ -73,7 +73,11 @@
                         aux-loss coefficient 0 (off); max_top_k top_k; sigmoid router:
                         routed_scaling_factor 1, n_groups 1, top_k_groups n_groups,
                         bias_update_rate 0 (off); hash_seed 0; shared_gate off; combine weighted sum;
-                        d_expert_out d_out; expert GeGLU: gelu exact (erf), bias off
+                        d_expert_out d_out; expert GeGLU: gelu exact (erf), bias off; soft router:
+                        top_k n_experts, slots_per_expert 1, soft_group_tokens 0 (the whole call is
+                        one group); hierarchical router: n_groups 2 (1 if n_experts is odd),
+                        top_k_groups 1, top_k min(2, n_experts / n_groups) per chosen group,
+                        group_router and expert_router topk
      moe_forward_opts   NULL or all zero: inference, the layers' top_k, no top_p, no token ids
      moe_model_desc     loss cross-entropy (mixture NLL when the last layer has Gaussian experts);
                         max_tokens 256; optimizer as below
@@ -218,6 +222,8 @@ typedef enum moe_router {
     MOE_ROUTER_SIGMOID,     /* DeepSeek-V3: sigmoid scores, selection bias (aux-loss-free balance), group-limited top-k */
     MOE_ROUTER_EXPERT_CHOICE, /* Zhou 2022: each expert takes its top-C tokens by softmax score */
     MOE_ROUTER_HASH,        /* k experts from a fixed hash of the token id, gates 1/k; no parameters */
+    MOE_ROUTER_SOFT,        /* Puigcerver 2023 soft MoE: slots mix the tokens of a group, softmax dispatch and combine */
+    MOE_ROUTER_HIERARCHICAL, /* Shazeer 2017 B: a gate over n_groups groups, then a gate inside each chosen group */
     MOE_ROUTER_COUNT
 } moe_router;
 
@@ -368,6 +374,12 @@ typedef struct moe_layer_desc {
     moe_combine combine;       /* how expert outputs make y (default: weighted sum) */
     int64_t d_expert_out;      /* routed experts' output width (default d_out; other than d_out only with
                                   MOE_COMBINE_STACK, whose combine.weight is [d_out, n_experts * d_expert_out]) */
+    /* soft router */
+    int slots_per_expert;      /* S: slots each expert processes per group (default 1) */
+    int64_t soft_group_tokens; /* tokens per group; a call's T must be a multiple (default 0: the whole call is one group) */
+    /* hierarchical router (n_groups groups, top_k_groups chosen, top_k experts inside each chosen group) */
+    moe_router group_router;   /* first-level gate: MOE_ROUTER_TOPK (default) or MOE_ROUTER_NOISY_TOPK */
+    moe_router expert_router;  /* second-level gate inside a group: MOE_ROUTER_TOPK (default) or MOE_ROUTER_NOISY_TOPK */
 } moe_layer_desc;
 
 typedef struct moe_layer moe_layer;
@@ -377,7 +389,8 @@ typedef struct moe_forward_opts {
     int training;              /* nonzero: router noise and jitter are on */
     /* Noisy top-k layers only, while training: the standard-normal noise to use,
        indexed [layer][T * E] (model) or [0][T * E] (single layer); a NULL array or
-       entry draws it from the context's seed instead. */
+       entry draws it from the context's seed instead. Hierarchical layers take
+       T * E + T * n_groups values: the expert noise [T, E], then the group noise [T, n_groups]. */
     const float *const *router_noise;
     int top_k;                 /* experts per token for this call: 0 = the layer's top_k; 1..max_top_k
                                   (expert choice: the k of its capacity) */
@@ -719,7 +732,7 @@ MOEDEF float moe_rng_normal(uint64_t seed, uint64_t stream, uint64_t counter);  
 #endif
 #define MOE__MAX_BYTES ((size_t)MOE_MAX_BYTES)
 #define MOE__MAX_LINEARS 9          /* MLP experts: up to 8 hidden layers */
-#define MOE__MAX_TENSORS 40         /* per layer: router weight, bias, noise weight + two banks of 9 linears with biases */
+#define MOE__MAX_TENSORS 44         /* per layer: up to 6 router tensors (hierarchical) + two banks of 9 linears with biases */
 #define MOE__NAME_MAX 64
 
 static size_t moe__strlcpy(char *dst, const char *src, size_t cap) {
@@ -1835,10 +1848,38 @@ struct moe_layer {
     float *cat;                 /* stack: [T, E * d_expert_out] the concatenated gated expert outputs */
     float *dcat;                /* stack: [T, E * d_expert_out] its gradient */
     int voted;                  /* vote: the last forward voted (inference), so it has no backward */
+
+    /* soft router (logits in clean, dL in dh: [T, E*S]) */
+    int64_t soft_groups;        /* groups of the last forward: T / soft_group_tokens */
+    float *soft_combine, *dispatch; /* [T, E*S] softmax over a token's slots / over a group's tokens per slot */
+    float *slot_x;              /* [groups * E * S, D] slot inputs, group-major (row g*E*S + e*S + s) */
+    int32_t *slot_row;          /* [groups * E * S] the expert-bank row of each slot (inverse of row_token) */
+    float *ddispatch;           /* backward: [T, E*S] */
+    /* hierarchical router (expert-level logits in clean/raw/h as for noisy top-k, [T, E]) */
+    moe__linear group_router, group_noise; /* [G, D] (+ bias [G]); noise weights [G, D] (group_noise.w < 0: none) */
+    float *gclean, *graw, *gnoise, *gh, *gp; /* [T, G] group logits, noise logits, noise, noisy logits, softmax */
+    float *pw;                  /* [T, E] softmax inside each group (l->p holds the product gp * pw) */
+    float *ggate;               /* [T, top_k_groups] gates of the chosen groups (chosen groups in group_sel) */
+    float *dgh, *dgclean, *dgstd; /* backward: [T, G] */
+    float *dggate;              /* backward: [T, top_k_groups] */
 };
 
 /* Gated experts w2(act(w1 x) * (w3 x)): SwiGLU and GeGLU share tensors, stages and buffers. */
 static int moe__glu_kind(moe_expert kind) { return kind == MOE_EXPERT_SWIGLU || kind == MOE_EXPERT_GEGLU; }
+
+static int moe__expert_noisy(const moe_layer_desc *d) {
+    return d->router == MOE_ROUTER_NOISY_TOPK || (d->router == MOE_ROUTER_HIERARCHICAL && d->expert_router == MOE_ROUTER_NOISY_TOPK);
+}
+
+/* Routing entries per token in sel/pos/gate for a call with k: hierarchical top_k_groups * k, expert choice E. */
+static int64_t moe__slots_for(const moe_layer_desc *d, int64_t k) {
+    return d->router == MOE_ROUTER_EXPERT_CHOICE || d->router == MOE_ROUTER_SOFT ? d->n_experts
+         : d->router == MOE_ROUTER_HIERARCHICAL ? (int64_t)d->top_k_groups * k : k;
+}
+
+/* Soft router: slots per expert and group, and groups of a call of T tokens. */
+static int64_t moe__soft_slots(const moe_layer_desc *d) { return (int64_t)d->n_experts * d->slots_per_expert; }
+static int64_t moe__soft_groups(const moe_layer_desc *d, int64_t T) { return d->soft_group_tokens > 0 ? T / d->soft_group_tokens : 1; }
 
 static int moe__flag(moe_flag f, int def) { return f == MOE_FLAG_DEFAULT ? def : f == MOE_FLAG_ON; }
 
@@ -1847,6 +1888,38 @@ static int moe__dims_ok(int64_t a) { return a > 0 && a <= ((int64_t)1 << 31); }
 /* Width of a layer's output: d_out, or for Gaussian experts the packed mixture E (1 + 2 d_out). */
 static int64_t moe__layer_width(const moe_layer_desc *d) {
     return d->kind == MOE_LAYER_MOE && d->expert == MOE_EXPERT_GAUSSIAN ? (int64_t)d->n_experts * (1 + 2 * d->d_out) : d->d_out;
+}
+
+/* Soft and hierarchical routers: their own fields; the sigmoid router's must stay 0. */
+static moe_result moe__router_resolve_soft_hierarchical(moe_ctx *ctx, moe_layer_desc *d, int where) {
+    if (d->routed_scaling_factor != 0.0f || d->bias_update_rate != 0.0f || (d->router == MOE_ROUTER_SOFT && (d->n_groups != 0 || d->top_k_groups != 0)))
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: routed_scaling_factor and bias_update_rate belong to the sigmoid router; n_groups and top_k_groups to the sigmoid and hierarchical routers", where);
+    if (d->router == MOE_ROUTER_SOFT) {
+        if (d->slots_per_expert == 0) d->slots_per_expert = 1;
+        if (d->slots_per_expert < 1 || (int64_t)d->slots_per_expert * d->n_experts > ((int64_t)1 << 20))
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: slots_per_expert %d must be >= 1 with n_experts * slots_per_expert <= 2^20", where, d->slots_per_expert);
+        if (d->soft_group_tokens < 0 || d->soft_group_tokens > ((int64_t)1 << 28))
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: soft_group_tokens %lld out of range 0..2^28", where, (long long)d->soft_group_tokens);
+        if (d->balance_loss > 0.0f || d->z_loss > 0.0f || d->importance_loss > 0.0f || d->load_loss > 0.0f)
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: the soft router takes no auxiliary losses (every slot is filled: it balances by construction)", where);
+        if (d->router_bias == MOE_FLAG_ON || d->jitter > 0.0f || d->capacity_factor > 0.0f || d->n_shared_experts > 0)
+            return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "layer %d: the soft router takes no router_bias, jitter, capacity_factor or shared experts", where);
+        d->renormalize = MOE_FLAG_OFF;
+        return MOE_OK;
+    }
+    if (d->group_router == MOE_ROUTER_DEFAULT) d->group_router = MOE_ROUTER_TOPK;
+    if (d->expert_router == MOE_ROUTER_DEFAULT) d->expert_router = MOE_ROUTER_TOPK;
+    if ((d->group_router != MOE_ROUTER_TOPK && d->group_router != MOE_ROUTER_NOISY_TOPK) ||
+        (d->expert_router != MOE_ROUTER_TOPK && d->expert_router != MOE_ROUTER_NOISY_TOPK))
+        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "layer %d: group_router and expert_router of a hierarchical router may be topk or noisy_topk (got %d, %d)",
+                         where, (int)d->group_router, (int)d->expert_router);
+    if (d->top_k_groups == 0) d->top_k_groups = 1;
+    if (d->top_k_groups < 1 || d->top_k_groups > d->n_groups || d->max_top_k > d->n_experts / d->n_groups)
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: top_k_groups %d must be in 1..n_groups (%d) and max_top_k %d at most the %d experts of a group",
+                         where, d->top_k_groups, d->n_groups, d->max_top_k, d->n_experts / d->n_groups);
+    if (d->z_loss > 0.0f || d->load_loss > 0.0f)
+        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "layer %d: the hierarchical router takes balance_loss and importance_loss (not z_loss or load_loss)", where);
+    return MOE_OK;
 }
 
 /* The router-specific fields of a MoE desc whose common fields are resolved. */
@@ -1870,9 +1943,14 @@ static moe_result moe__router_resolve(moe_ctx *ctx, moe_layer_desc *d, int where
         d->renormalize = MOE_FLAG_OFF;
     }
     if (!hash) d->hash_seed = 0;
+    if (d->router != MOE_ROUTER_SOFT && (d->slots_per_expert != 0 || d->soft_group_tokens != 0))
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: slots_per_expert and soft_group_tokens belong to the soft router", where);
+    if (d->router != MOE_ROUTER_HIERARCHICAL && (d->group_router != MOE_ROUTER_DEFAULT || d->expert_router != MOE_ROUTER_DEFAULT))
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: group_router and expert_router belong to the hierarchical router", where);
+    if (d->router == MOE_ROUTER_SOFT || d->router == MOE_ROUTER_HIERARCHICAL) return moe__router_resolve_soft_hierarchical(ctx, d, where);
     if (!sigmoid) {
         if (d->routed_scaling_factor != 0.0f || d->n_groups != 0 || d->top_k_groups != 0 || d->bias_update_rate != 0.0f)
-            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: routed_scaling_factor, n_groups, top_k_groups and bias_update_rate belong to the sigmoid router", where);
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: routed_scaling_factor, n_groups, top_k_groups and bias_update_rate belong to the sigmoid router (n_groups and top_k_groups also to the hierarchical router)", where);
         return MOE_OK;
     }
     if (d->routed_scaling_factor == 0.0f) d->routed_scaling_factor = 1.0f;
@@ -1902,6 +1980,8 @@ static moe_result moe__combine_resolve(moe_ctx *ctx, moe_layer_desc *d, int wher
                          (long long)d->d_expert_out, (long long)d->d_out);
     if (d->combine != MOE_COMBINE_SUM && d->n_shared_experts > 0)
         return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "layer %d: shared experts need the weighted-sum combine", where);
+    if (d->combine != MOE_COMBINE_SUM && d->router == MOE_ROUTER_SOFT)
+        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "layer %d: the soft router combines through its slots: it takes only the weighted-sum combine", where);
     if (moe__vote_combine(d->combine) && d->residual)
         return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: a voting layer outputs votes; it cannot be residual", where);
     return MOE_OK;
@@ -1966,6 +2046,19 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
                 return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: the switch router has top_k 1 (got %d)", where, d.top_k);
             d.top_k = 1;
         }
+        if (d.router == MOE_ROUTER_SOFT) {  /* every token reaches every expert through the slots */
+            if ((d.top_k != 0 && d.top_k != d.n_experts) || (d.max_top_k != 0 && d.max_top_k != d.n_experts))
+                return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: the soft router has no top_k (every token reaches all %d experts through the slots): leave top_k and max_top_k 0", where, d.n_experts);
+            d.top_k = d.n_experts;
+        }
+        if (d.router == MOE_ROUTER_HIERARCHICAL) {  /* top_k counts the experts chosen inside each chosen group */
+            if (d.n_groups == 0) d.n_groups = d.n_experts % 2 == 0 ? 2 : 1;
+            if (d.n_groups < 1 || d.n_experts % d.n_groups != 0)
+                return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: n_groups %d must divide n_experts %d", where, d.n_groups, d.n_experts);
+            if (d.top_k == 0) d.top_k = d.n_experts / d.n_groups < 2 ? d.n_experts / d.n_groups : 2;
+            if (d.top_k < 1 || d.top_k > d.n_experts / d.n_groups)
+                return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: top_k %d must be in 1..%d, the experts of one group", where, d.top_k, d.n_experts / d.n_groups);
+        }
         if (d.top_k == 0) d.top_k = d.expert == MOE_EXPERT_GAUSSIAN || d.n_experts < 2 ? d.n_experts : 2;
         if (d.top_k < 1 || d.top_k > d.n_experts)
             return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: top_k %d must be in 1..n_experts (%d)", where, d.top_k, d.n_experts);
@@ -2022,12 +2115,14 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
         d.max_top_k = 0; d.routed_scaling_factor = 0.0f; d.n_groups = 0; d.top_k_groups = 0; d.bias_update_rate = 0.0f; d.hash_seed = 0;
         d.shared_gate = MOE_FLAG_DEFAULT;
         d.combine = MOE_COMBINE_DEFAULT; d.d_expert_out = 0;
+        d.slots_per_expert = 0; d.soft_group_tokens = 0; d.group_router = MOE_ROUTER_DEFAULT; d.expert_router = MOE_ROUTER_DEFAULT;
         if (d.kind != MOE_LAYER_DENSE) { d.activation = MOE_ACT_DEFAULT; d.bias = MOE_FLAG_DEFAULT; }
     }
     if (d.kind != MOE_LAYER_RMSNORM && d.kind != MOE_LAYER_LAYERNORM) d.eps = 0.0f;
     {   /* parameter counts far beyond any machine would overflow the offsets: refuse them here */
         double w = (double)moe__max64(moe__max64(moe__max64(d.d_in, d.d_out), moe__max64(d.d_hidden, d.d_shared_hidden)), d.d_expert_out);
-        double est = d.kind == MOE_LAYER_MOE ? (double)(d.n_experts + d.n_shared_experts + 1) * (double)(d.n_hidden_layers + 3) * w * w
+        double est = d.kind == MOE_LAYER_MOE ? (double)(d.n_experts + d.n_shared_experts + 1) * (double)(d.n_hidden_layers + 3) * w * w +
+                                                   (double)d.n_experts * (double)d.slots_per_expert * w  /* soft router: Phi */
                                              : (double)d.d_in * (double)d.d_out + 2.0 * w;
         if (d.combine == MOE_COMBINE_STACK) est += (double)d.n_experts * (double)d.d_expert_out * (double)d.d_out;
         if (est > (double)MOE__MAX_BYTES / 8.0)
@@ -2124,13 +2219,29 @@ static void moe__layer_plan(moe_layer *l) {
         int64_t rows = T * d->max_top_k;
         memset(&l->router, 0, sizeof l->router);
         l->router.w = l->router.b = -1;
-        if (d->router != MOE_ROUTER_HASH)
+        l->group_router.w = l->group_router.b = l->group_noise.w = -1;
+        if (d->router == MOE_ROUTER_SOFT) {  /* Phi [E*S, D]; random, so that the slots of one expert differ */
+            l->router = moe__add_linear(l, "router", 0, d->d_in, moe__soft_slots(d), 0, MOE__INIT_ZEROS);  /* weights U(+-1/sqrt(D)) */
+            rows = moe__soft_slots(d) * moe__max64(1, moe__soft_groups(d, T));
+        } else if (d->router == MOE_ROUTER_HIERARCHICAL) {  /* router.weight [G, E/G, D] is [E, D] in memory */
+            int G = d->n_groups;
+            l->router = moe__add_linear(l, "router", G, d->d_in, d->n_experts / G, d->router_bias == MOE_FLAG_ON, MOE__INIT_ZEROS);
+            l->group_router = moe__add_linear(l, "router.group", 0, d->d_in, G, d->router_bias == MOE_FLAG_ON, MOE__INIT_ZEROS);
+            if (d->group_router == MOE_ROUTER_NOISY_TOPK) {
+                l->group_noise = l->group_router;
+                l->group_noise.b = -1;
+                l->group_noise.w = moe__add_tensor(l, "router.group.noise_weight", 2, G, d->d_in, 0, MOE__INIT_ZEROS, 0.0f);
+            }
+            rows = T * moe__slots_for(d, d->max_top_k);
+        } else if (d->router != MOE_ROUTER_HASH)
             l->router = moe__add_linear(l, "router", 0, d->d_in, d->n_experts, d->router_bias == MOE_FLAG_ON, MOE__INIT_ZEROS);
         l->selection_bias = d->router == MOE_ROUTER_SIGMOID ? moe__add_tensor(l, "router.selection_bias", 1, d->n_experts, 0, 0, MOE__INIT_ZEROS, 0.0f) : -1;
         if (d->router == MOE_ROUTER_EXPERT_CHOICE) rows = d->n_experts * moe__expert_choice_tokens(d, T, d->max_top_k);
-        if (d->router == MOE_ROUTER_NOISY_TOPK) {
+        if (moe__expert_noisy(d)) {
             l->noise.in = d->d_in; l->noise.out = d->n_experts; l->noise.b = -1; l->noise.input = -1;
-            l->noise.w = moe__add_tensor(l, "router.noise_weight", 2, d->n_experts, d->d_in, 0, MOE__INIT_ZEROS, 0.0f);
+            l->noise.w = d->router == MOE_ROUTER_HIERARCHICAL
+                       ? moe__add_tensor(l, "router.noise_weight", 3, d->n_groups, d->n_experts / d->n_groups, d->d_in, MOE__INIT_ZEROS, 0.0f)
+                       : moe__add_tensor(l, "router.noise_weight", 2, d->n_experts, d->d_in, 0, MOE__INIT_ZEROS, 0.0f);
         }
         moe__bank_plan(l, &l->bank[0], "experts", d->n_experts, d->d_hidden, d->d_expert_out, rows);
         l->n_banks = 1;
@@ -2184,16 +2295,19 @@ static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scra
         l->rstd = MOE__CARVE(saved, float, T);
         break;
     case MOE_LAYER_MOE: {
-        int64_t E = d->n_experts, K = d->router == MOE_ROUTER_EXPERT_CHOICE ? E : d->max_top_k, D = d->d_in;
-        int noisy = d->router == MOE_ROUTER_NOISY_TOPK, sigmoid = d->router == MOE_ROUTER_SIGMOID;
+        int64_t E = d->n_experts, K = moe__slots_for(d, d->max_top_k), D = d->d_in;
+        int noisy = moe__expert_noisy(d), sigmoid = d->router == MOE_ROUTER_SIGMOID;
+        int64_t L = d->router == MOE_ROUTER_SOFT ? moe__soft_slots(d) : E;  /* router logits per token */
+        int hier = d->router == MOE_ROUTER_HIERARCHICAL, gnoisy = hier && d->group_router == MOE_ROUTER_NOISY_TOPK;
+        int64_t G = hier ? d->n_groups : 0;
         l->key = sigmoid ? MOE__CARVE(saved, float, T * E) : NULL;
         l->group_score = sigmoid && d->n_groups > 1 ? MOE__CARVE(saved, float, T * d->n_groups) : NULL;
-        l->group_sel = sigmoid && d->n_groups > 1 ? MOE__CARVE(saved, int32_t, T * d->n_groups) : NULL;
+        l->group_sel = (sigmoid && d->n_groups > 1) || hier ? MOE__CARVE(saved, int32_t, T * d->n_groups) : NULL;
         l->bias_keep = sigmoid ? MOE__CARVE(saved, float, E) : NULL;
         l->shared_gate_v = l->shared_gate_w >= 0 ? MOE__CARVE(saved, float, T * d->n_shared_experts) : NULL;
         l->dshared_gate = l->shared_gate_w >= 0 ? MOE__CARVE(scratch, float, T * d->n_shared_experts) : NULL;
         l->xr = d->jitter > 0.0f ? MOE__CARVE(saved, float, T * D) : NULL;
-        l->clean = MOE__CARVE(saved, float, T * E);
+        l->clean = MOE__CARVE(saved, float, T * L);
         l->raw = noisy ? MOE__CARVE(saved, float, T * E) : NULL;
         l->noise_n = noisy ? MOE__CARVE(saved, float, T * E) : NULL;
         l->h = noisy ? MOE__CARVE(saved, float, T * E) : l->clean;
@@ -2234,7 +2348,7 @@ static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scra
             k->dxr = MOE__CARVE(scratch, float, R * k->d_in);
         }
         l->dgate = MOE__CARVE(scratch, float, T * K);
-        l->dh = MOE__CARVE(scratch, float, T * E);
+        l->dh = MOE__CARVE(scratch, float, T * L);
         l->dclean = noisy ? MOE__CARVE(scratch, float, T * E) : l->dh;
         l->dstd = noisy ? MOE__CARVE(scratch, float, T * E) : NULL;
         l->dxu = MOE__CARVE(scratch, float, T * D);
@@ -2244,6 +2358,26 @@ static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scra
             size_t ncat = (double)T * (double)E * (double)d->d_expert_out > (double)MOE__MAX_BYTES ? SIZE_MAX : (size_t)(T * E * d->d_expert_out);
             l->cat = MOE__CARVE(saved, float, ncat);
             l->dcat = MOE__CARVE(scratch, float, ncat);
+        }
+        if (d->router == MOE_ROUTER_SOFT) {
+            l->soft_combine = MOE__CARVE(saved, float, T * L);
+            l->dispatch = MOE__CARVE(saved, float, T * L);
+            l->slot_x = MOE__CARVE(saved, float, l->bank[0].max_rows * D);
+            l->slot_row = MOE__CARVE(saved, int32_t, l->bank[0].max_rows);
+            l->ddispatch = MOE__CARVE(scratch, float, T * L);
+        }
+        if (hier) {
+            l->gclean = MOE__CARVE(saved, float, T * G);
+            l->graw = gnoisy ? MOE__CARVE(saved, float, T * G) : NULL;
+            l->gnoise = gnoisy ? MOE__CARVE(saved, float, T * G) : NULL;
+            l->gh = gnoisy ? MOE__CARVE(saved, float, T * G) : l->gclean;
+            l->gp = MOE__CARVE(saved, float, T * G);
+            l->pw = MOE__CARVE(saved, float, T * E);
+            l->ggate = MOE__CARVE(saved, float, T * d->top_k_groups);
+            l->dgh = MOE__CARVE(scratch, float, T * G);
+            l->dgclean = gnoisy ? MOE__CARVE(scratch, float, T * G) : l->dgh;
+            l->dgstd = gnoisy ? MOE__CARVE(scratch, float, T * G) : NULL;
+            l->dggate = MOE__CARVE(scratch, float, T * d->top_k_groups);
         }
         break;
     }
@@ -2463,6 +2597,49 @@ static void moe__route_hash(moe_layer *l, int64_t t, int K) {
     l->lse[t] = 0.0f;
 }
 
+/* Gates of the chosen entries sel[0..n) of a softmax p over logits h: renormalised over the chosen
+   (a softmax of their logits) or the probabilities themselves. */
+static void moe__chosen_gates(const float *h, const float *p, const int32_t *sel, int64_t n, int renormalize, float *gate) {
+    int64_t s;
+    float sum = 0.0f;
+    if (!renormalize) {
+        for (s = 0; s < n; s++) gate[s] = p[sel[s]];
+        return;
+    }
+    for (s = 0; s < n; s++) { gate[s] = expf(h[sel[s]] - h[sel[0]]); sum += gate[s]; }
+    for (s = 0; s < n; s++) gate[s] /= sum;
+}
+
+/* Hierarchical router, token t: softmax gp over the group logits gh and the top_k_groups best
+   groups; inside every group a softmax pw over its experts' logits (l->p = gp * pw, the
+   probability of each expert); in each chosen group, best first, the k best experts. Gate = gate
+   of the group * gate inside it, each renormalised over its level's choice when renormalize is on. */
+static void moe__route_hierarchical(moe_layer *l, int64_t t) {
+    const moe_layer_desc *d = &l->d;
+    int64_t E = d->n_experts, G = d->n_groups, n = E / G, K = l->call_k, Kg = d->top_k_groups, e, q, i, j;
+    int renorm = d->renormalize == MOE_FLAG_ON;
+    const float *h = l->h + t * E, *gh = l->gh + t * G;
+    float *gp = l->gp + t * G, *pw = l->pw + t * E, *p = l->p + t * E, *gg = l->ggate + t * Kg, *gate = l->gate + t * l->slots;
+    float ent = 0.0f;
+    int32_t *gsel = l->group_sel + t * G, *sel = l->sel + t * l->slots;
+    moe__softmax_row(gh, gp, G);
+    moe__top_n(gh, G, (int)Kg, gsel);
+    moe__chosen_gates(gh, gp, gsel, Kg, renorm, gg);
+    for (q = 0; q < G; q++) moe__softmax_row(h + q * n, pw + q * n, n);
+    for (e = 0; e < E; e++) {
+        p[e] = gp[e / n] * pw[e];
+        if (p[e] > 0.0f) ent -= p[e] * logf(p[e]);
+    }
+    l->entropy[t] = ent;
+    l->lse[t] = 0.0f;
+    for (i = 0; i < Kg; i++) {
+        int64_t base = (int64_t)gsel[i] * n;
+        moe__top_n(h + base, n, (int)K, sel + i * K);
+        moe__chosen_gates(h + base, pw + base, sel + i * K, K, renorm, gate + i * K);
+        for (j = 0; j < K; j++) { sel[i * K + j] += (int32_t)base; gate[i * K + j] *= gg[i]; }
+    }
+}
+
 /* Router scores, the k chosen experts of token t (unused slots: -1) and their gates. */
 static void moe__route_token(moe_layer *l, int64_t t) {
     const moe_layer_desc *d = &l->d;
@@ -2472,6 +2649,7 @@ static void moe__route_token(moe_layer *l, int64_t t) {
     float *gate = l->gate + t * l->slots;
     int32_t *sel = l->sel + t * l->slots;
     if (d->router == MOE_ROUTER_EXPERT_CHOICE) { moe__route_softmax(l, t); return; }  /* experts choose in dispatch */
+    if (d->router == MOE_ROUTER_HIERARCHICAL) { moe__route_hierarchical(l, t); return; }
     if (d->router == MOE_ROUTER_HASH) {
         moe__route_hash(l, t, K);
         for (s = 0; s < K; s++) gate[s] = 1.0f / (float)K;
@@ -2498,13 +2676,7 @@ static void moe__route_token(moe_layer *l, int64_t t) {
         l->thr_out[t] = sel[K - 1];
         l->thr_in[t] = next;
     }
-    if (d->renormalize == MOE_FLAG_ON) {
-        float m = h[sel[0]], sum = 0.0f;
-        for (s = 0; s < n; s++) { gate[s] = expf(h[sel[s]] - m); sum += gate[s]; }
-        for (s = 0; s < n; s++) gate[s] /= sum;
-    } else {
-        for (s = 0; s < n; s++) gate[s] = p[sel[s]];
-    }
+    moe__chosen_gates(h, p, sel, n, d->renormalize == MOE_FLAG_ON, gate);
     for (s = n; s < K; s++) { sel[s] = -1; gate[s] = 0.0f; }
 }
 
@@ -2608,6 +2780,7 @@ static int32_t moe__load_threshold(const moe_layer *l, int64_t t, int64_t e) {
 static void moe__aux_forward(moe_layer *l, int64_t T) {
     const moe_layer_desc *d = &l->d;
     int64_t E = d->n_experts, K = l->call_k, t, e, a;
+    int64_t KS = l->slots;      /* (token, expert) entries per token: the balance loss's denominator */
     moe_stats *st = &l->stats;
     double sum, mean, var;
     memset(st, 0, sizeof *st);
@@ -2620,7 +2793,7 @@ static void moe__aux_forward(moe_layer *l, int64_t T) {
         for (e = 0; e < E; e++) {
             double P = 0.0;
             for (t = 0; t < T; t++) P += l->p[t * E + e];
-            sum += ((double)l->chosen[e] / (double)(T * K)) * (P / (double)T);
+            sum += ((double)l->chosen[e] / (double)(T * KS)) * (P / (double)T);
         }
         st->balance_loss = (float)((double)d->balance_loss * (double)E * sum);
     }
@@ -3022,13 +3195,87 @@ static void moe__vote_forward(moe_layer *l, int64_t T, float *y) {
     }
 }
 
+/* Soft router: slot j = e*S + s of group g is row e*G*S + g*S + s of the expert bank. */
+static int64_t moe__soft_row(int64_t G, int64_t S, int64_t g, int64_t j) { return (j / S) * G * S + g * S + j % S; }
+
+/* Soft MoE (Puigcerver 2023) over G groups of m tokens: logits L = x Phi^T [T, E*S]; combine
+   weights C = softmax of each token's row; dispatch weights D = softmax of each slot's column over
+   the tokens of its group; slot inputs X~ = D^T x per group; expert e runs its S slots of every
+   group as its rows of the grouped GEMM; y_t = sum_j C[t, j] Y~[g(t), j] (+ x_t with residual). */
+static void moe__soft_forward(moe_layer *l, const float *x, int64_t T, float *y) {
+    const moe_layer_desc *d = &l->d;
+    int64_t E = d->n_experts, S = d->slots_per_expert, L = E * S, D = d->d_in, O = d->d_out, G = moe__soft_groups(d, T), m = T / G, t, i, e;
+    moe__bank *b = &l->bank[0];
+    int q;
+    moe__gemm g = moe__gemm_make(MOE__NT, T, L, D, moe__mat_of(x, D), moe__mat_of(moe__w(l, l->router.w), D), l->clean, L, 0, NULL);
+    moe__gemm_run(&l->ex, &g);
+    l->soft_groups = G;
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)L * 20.0)
+    for (t = 0; t < T; t++) {
+        const float *c = l->soft_combine + t * L;
+        float ent = 0.0f;
+        int64_t j;
+        l->lse[t] = moe__softmax_row(l->clean + t * L, l->soft_combine + t * L, L);
+        for (j = 0; j < L; j++)
+            if (c[j] > 0.0f) ent -= c[j] * logf(c[j]);
+        l->entropy[t] = ent;
+    }
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)L * 20.0)
+    for (i = 0; i < G * L; i++) {  /* dispatch weights: softmax of slot j's column over group g's tokens */
+        int64_t t0 = (i / L) * m, k;
+        float mx = -FLT_MAX, sum = 0.0f, *dw = l->dispatch + t0 * L + i % L;
+        const float *lg = l->clean + t0 * L + i % L;
+        for (k = 0; k < m; k++) mx = lg[k * L] > mx ? lg[k * L] : mx;
+        for (k = 0; k < m; k++) { dw[k * L] = expf(lg[k * L] - mx); sum += dw[k * L]; }
+        for (k = 0; k < m; k++) dw[k * L] /= sum;
+    }
+    for (i = 0; i < G; i++) {  /* slot inputs of group i: Dw^T x */
+        g = moe__gemm_make(MOE__TN, L, D, m, moe__mat_of(l->dispatch + i * m * L, L), moe__mat_of(x + i * m * D, D), l->slot_x + i * L * D, D, 0, NULL);
+        moe__gemm_run(&l->ex, &g);
+    }
+    b->offsets[0] = 0;
+    for (e = 0; e < E; e++) { b->offsets[e + 1] = (e + 1) * G * S; l->chosen[e] = l->kept[e] = G * S; }
+    for (i = 0; i < G * L; i++) {
+        l->slot_row[i] = (int32_t)moe__soft_row(G, S, i / L, i % L);
+        b->row_token[l->slot_row[i]] = (int32_t)i;
+    }
+    for (t = 0; t < T; t++) l->passthrough[t] = 0;
+    moe__aux_forward(l, T);
+    for (q = 0; q < moe__bank_stages(b); q++) moe__run_step(l, moe__plan_step(l, 0, q, 0), l->slot_x);
+    if (d->residual) memcpy(y, x, (size_t)(T * O) * sizeof(float));
+    for (i = 0; i < G; i++) {  /* y of group i (+= with residual): C Y~, the slots' rows gathered */
+        g = moe__gemm_make(MOE__NN, m, O, L, moe__mat_of(l->soft_combine + i * m * L, L), moe__mat_rows(b->out, O, l->slot_row + i * L),
+                           y + i * m * O, O, d->residual, NULL);
+        moe__gemm_run(&l->ex, &g);
+    }
+}
+
+/* Hierarchical router: group logits gclean = u Wg^T (+ bg) [T, G]; with a noisy group gate also
+   gh = gclean + n * softplus(u Wgn^T), n standard normal while training (router_noise[T*E + i]). */
+static void moe__group_logits(moe_layer *l, const float *u, int64_t T, const float *noise) {
+    int64_t G = l->d.n_groups, D = l->d.d_in, E = l->d.n_experts, i;
+    moe__gemm g = moe__gemm_make(MOE__NT, T, G, D, moe__mat_of(u, D), moe__mat_of(moe__w(l, l->group_router.w), D), l->gclean, G, 0,
+                                 l->group_router.b >= 0 ? moe__w(l, l->group_router.b) : NULL);
+    uint64_t stream = moe__stream(MOE__STREAM_NOISE, l->index, l->noise_step);
+    moe__gemm_run(&l->ex, &g);
+    if (l->group_noise.w < 0) return;
+    g = moe__gemm_make(MOE__NT, T, G, D, moe__mat_of(u, D), moe__mat_of(moe__w(l, l->group_noise.w), D), l->graw, G, 0, NULL);
+    moe__gemm_run(&l->ex, &g);
+    for (i = 0; i < T * G; i++) {
+        float n = !l->training ? 0.0f : noise ? noise[T * E + i] : moe_rng_normal(l->ctx->seed, stream, (uint64_t)(T * E + i));
+        l->gnoise[i] = n;
+        l->gh[i] = l->gclean[i] + n * moe__softplus(l->graw[i]);
+    }
+}
+
 static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, const float *noise) {
     const moe_layer_desc *d = &l->d;
     int64_t E = d->n_experts, K = l->slots, D = d->d_in, O = d->d_out, t, i;
     int q;
-    int noisy = d->router == MOE_ROUTER_NOISY_TOPK;
+    int noisy = moe__expert_noisy(d);
     const float *u = x;
     moe__gemm g;
+    if (d->router == MOE_ROUTER_SOFT) { moe__soft_forward(l, x, T, y); return; }
     /* 1. router logits (the hash router has none) */
     if (l->xr) {
         if (l->training) {
@@ -3057,6 +3304,7 @@ static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, 
             l->h[i] = l->clean[i] + n * moe__softplus(l->raw[i]);
         }
     }
+    if (d->router == MOE_ROUTER_HIERARCHICAL) moe__group_logits(l, u, T, noise);
     l->u = u;
     /* 2-3. softmax, top-k, gates */
     MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)E * (double)(K + 20))
@@ -3104,6 +3352,62 @@ static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, 
 }
 
 // >>moe_backward ------------------------------------------------------------
+/* Noisy gate h = c + n softplus(raw): dc = dh, d raw = dh n sigmoid(raw). */
+static void moe__noise_backward(const float *dh, const float *n, const float *raw, int64_t count, float *dc, float *draw) {
+    int64_t i;
+    for (i = 0; i < count; i++) { dc[i] = dh[i]; draw[i] = dh[i] * n[i] * moe__sigmoid(raw[i]); }
+}
+
+/* Hierarchical router, token t: from dgate to the expert logits (dh, through each group's softmax)
+   and the group logits (dgh), with the balance loss on p = gp * pw; then through the noise. */
+static void moe__router_backward_hierarchical(moe_layer *l, int64_t t, int aux, float bal_scale) {
+    const moe_layer_desc *d = &l->d;
+    int64_t E = d->n_experts, G = d->n_groups, n = E / G, K = l->call_k, Kg = d->top_k_groups, e, q, i, j;
+    int renorm = d->renormalize == MOE_FLAG_ON;
+    const float *gp = l->gp + t * G, *pw = l->pw + t * E, *gg = l->ggate + t * Kg, *dg = l->dgate + t * l->slots;
+    const int32_t *gsel = l->group_sel + t * G, *sel = l->sel + t * l->slots;
+    float *dh = l->dh + t * E, *dgl = l->dgh + t * G, *dgg = l->dggate + t * Kg, dot;
+    for (e = 0; e < E; e++) dh[e] = 0.0f;
+    for (q = 0; q < G; q++) dgl[q] = 0.0f;
+    /* gate = gg_i * gw_ij: the chosen groups' gate gradients; without renormalising, gradients at pw and gp */
+    for (i = 0; i < Kg; i++) {
+        float S = 0.0f;
+        dgg[i] = 0.0f;
+        for (j = 0; j < K; j++) S += pw[sel[i * K + j]];
+        for (j = 0; j < K; j++) {
+            e = sel[i * K + j];
+            dgg[i] += dg[i * K + j] * (renorm ? pw[e] / S : pw[e]);
+            if (!renorm) dh[e] += dg[i * K + j] * gg[i];
+        }
+        if (!renorm) dgl[gsel[i]] += dgg[i];
+    }
+    if (aux && d->balance_loss > 0.0f)
+        for (e = 0; e < E; e++) {
+            float c = bal_scale * (float)l->chosen[e];
+            dh[e] += c * gp[e / n];
+            dgl[e / n] += c * pw[e];
+        }
+    /* through the softmax inside every group and the softmax over the groups */
+    for (q = 0; q < G; q++) {
+        for (dot = 0.0f, e = q * n; e < (q + 1) * n; e++) dot += pw[e] * dh[e];
+        for (e = q * n; e < (q + 1) * n; e++) dh[e] = pw[e] * (dh[e] - dot);
+    }
+    for (dot = 0.0f, q = 0; q < G; q++) dot += gp[q] * dgl[q];
+    for (q = 0; q < G; q++) dgl[q] = gp[q] * (dgl[q] - dot);
+    if (renorm) {  /* gates renormalised over the chosen: softmaxes of the chosen logits */
+        for (i = 0; i < Kg; i++) {
+            float S = 0.0f, gs = 0.0f;
+            for (j = 0; j < K; j++) S += pw[sel[i * K + j]];
+            for (j = 0; j < K; j++) gs += pw[sel[i * K + j]] / S * dg[i * K + j] * gg[i];
+            for (j = 0; j < K; j++) dh[sel[i * K + j]] += pw[sel[i * K + j]] / S * (dg[i * K + j] * gg[i] - gs);
+        }
+        for (dot = 0.0f, i = 0; i < Kg; i++) dot += gg[i] * dgg[i];
+        for (i = 0; i < Kg; i++) dgl[gsel[i]] += gg[i] * (dgg[i] - dot);
+    }
+    if (moe__expert_noisy(d)) moe__noise_backward(dh, l->noise_n + t * E, l->raw + t * E, E, l->dclean + t * E, l->dstd + t * E);
+    if (l->group_noise.w >= 0) moe__noise_backward(dgl, l->gnoise + t * G, l->graw + t * G, G, l->dgclean + t * G, l->dgstd + t * G);
+}
+
 /* dh for token t: through the gates, the softmax and (with aux) the auxiliary losses. */
 static void moe__router_backward_token(moe_layer *l, int64_t t, int aux, float bal_scale) {
     const moe_layer_desc *d = &l->d;
@@ -3113,6 +3417,7 @@ static void moe__router_backward_token(moe_layer *l, int64_t t, int aux, float b
     const int32_t *sel = l->sel + t * K;
     float *dh = l->dh + t * E;
     float dot = 0.0f;
+    if (d->router == MOE_ROUTER_HIERARCHICAL) { moe__router_backward_hierarchical(l, t, aux, bal_scale); return; }
     for (e = 0; e < E; e++) dh[e] = 0.0f;
     if (d->router == MOE_ROUTER_SIGMOID) {
         /* g_s = c p_s / S (S = sum of the chosen p; renormalize off: g_s = c p_s); dc = dp * p (1 - p) */
@@ -3187,16 +3492,90 @@ static void moe__gaussian_unpack_grad(moe_layer *l, const float *dy) {
     }
 }
 
+/* Hierarchical router: gradients of the group gate's weights (dx NULL) or its part of dxu. */
+static void moe__group_backward(moe_layer *l, float *dxu) {
+    int64_t T = l->T, G = l->d.n_groups, D = l->d.d_in;
+    moe__gemm g;
+    if (!dxu) {
+        g = moe__gemm_make(MOE__TN, G, D, T, moe__mat_of(l->dgclean, G), moe__mat_of(l->u, D), moe__g(l, l->group_router.w), D, 1, NULL);
+        moe__gemm_run(&l->ex, &g);
+        if (l->group_router.b >= 0) moe__colsum_acc(&l->ex, l->dgclean, T, G, G, moe__g(l, l->group_router.b));
+        if (l->group_noise.w < 0) return;
+        g = moe__gemm_make(MOE__TN, G, D, T, moe__mat_of(l->dgstd, G), moe__mat_of(l->u, D), moe__g(l, l->group_noise.w), D, 1, NULL);
+        moe__gemm_run(&l->ex, &g);
+        return;
+    }
+    g = moe__gemm_make(MOE__NN, T, D, G, moe__mat_of(l->dgclean, G), moe__mat_of(moe__w(l, l->group_router.w), D), dxu, D, 1, NULL);
+    moe__gemm_run(&l->ex, &g);
+    if (l->group_noise.w < 0) return;
+    g = moe__gemm_make(MOE__NN, T, D, G, moe__mat_of(l->dgstd, G), moe__mat_of(moe__w(l, l->group_noise.w), D), dxu, D, 1, NULL);
+    moe__gemm_run(&l->ex, &g);
+}
+
+/* Soft router backward: dY~ = C^T dy per group; dC and dD through their softmaxes into the logits'
+   gradient dh [T, E*S]; the experts down to the slot inputs (dX~ in dxr); dPhi = dh^T x;
+   dx = dh Phi + Dw dX~ (+ dy with residual). Every product is a GEMM with the slots' rows gathered. */
+static void moe__soft_backward(moe_layer *l, const float *dy, float *dx) {
+    const moe_layer_desc *d = &l->d;
+    int64_t E = d->n_experts, S = d->slots_per_expert, L = E * S, D = d->d_in, O = d->d_out, T = l->T, G = l->soft_groups, m = T / G, t, i, e;
+    const float *x = l->x;
+    moe__bank *b = &l->bank[0];
+    float *dout = b->dz[b->n_linears - 1];
+    moe__gemm g;
+    int q;
+    for (i = 0; i < G; i++) {
+        for (e = 0; e < E; e++) {  /* expert e's S slot rows of group i: their combine columns^T dy */
+            g = moe__gemm_make(MOE__TN, S, O, m, moe__mat_of(l->soft_combine + i * m * L + e * S, L), moe__mat_of(dy + i * m * O, O),
+                               dout + (e * G * S + i * S) * O, O, 0, NULL);
+            moe__gemm_run(&l->ex, &g);
+        }
+        g = moe__gemm_make(MOE__NT, m, L, O, moe__mat_of(dy + i * m * O, O), moe__mat_rows(b->out, O, l->slot_row + i * L), l->dh + i * m * L, L, 0, NULL);
+        moe__gemm_run(&l->ex, &g);  /* dC */
+    }
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)L * 4.0)
+    for (t = 0; t < T; t++) {
+        const float *c = l->soft_combine + t * L;
+        float *dl = l->dh + t * L, dot = 0.0f;
+        int64_t j;
+        for (j = 0; j < L; j++) dot += c[j] * dl[j];
+        for (j = 0; j < L; j++) dl[j] = c[j] * (dl[j] - dot);
+    }
+    for (q = 0; q < moe__bank_back_steps(b); q++) moe__run_step(l, moe__plan_step(l, 1, q, 1), l->slot_x);
+    for (i = 0; i < G; i++) {  /* dD = x dX~^T */
+        g = moe__gemm_make(MOE__NT, m, L, D, moe__mat_of(x + i * m * D, D), moe__mat_rows(b->dxr, D, l->slot_row + i * L), l->ddispatch + i * m * L, L, 0, NULL);
+        moe__gemm_run(&l->ex, &g);
+    }
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)L * 4.0)
+    for (i = 0; i < G * L; i++) {  /* through the column softmax of slot j over group g's tokens */
+        int64_t t0 = (i / L) * m, a0 = t0 * L + i % L, k;
+        float dot = 0.0f;
+        for (k = 0; k < m; k++) dot += l->dispatch[a0 + k * L] * l->ddispatch[a0 + k * L];
+        for (k = 0; k < m; k++) l->dh[a0 + k * L] += l->dispatch[a0 + k * L] * (l->ddispatch[a0 + k * L] - dot);
+    }
+    g = moe__gemm_make(MOE__TN, L, D, T, moe__mat_of(l->dh, L), moe__mat_of(x, D), moe__g(l, l->router.w), D, 1, NULL);
+    moe__gemm_run(&l->ex, &g);
+    if (!dx) return;
+    g = moe__gemm_make(MOE__NN, T, D, L, moe__mat_of(l->dh, L), moe__mat_of(moe__w(l, l->router.w), D), dx, D, 0, NULL);
+    moe__gemm_run(&l->ex, &g);
+    for (i = 0; i < G; i++) {
+        g = moe__gemm_make(MOE__NN, m, D, L, moe__mat_of(l->dispatch + i * m * L, L), moe__mat_rows(b->dxr, D, l->slot_row + i * L), dx + i * m * D, D, 1, NULL);
+        moe__gemm_run(&l->ex, &g);
+    }
+    if (d->residual)
+        for (i = 0; i < T * D; i++) dx[i] += dy[i];
+}
+
 static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flags) {
     const moe_layer_desc *d = &l->d;
     int64_t T = l->T, E = d->n_experts, K = l->slots, D = d->d_in, O = d->d_out, t, i;
-    int aux = (flags & MOE_BACKWARD_AUX) != 0, noisy = d->router == MOE_ROUTER_NOISY_TOPK, routed = l->router.w >= 0, q;
+    int aux = (flags & MOE_BACKWARD_AUX) != 0, noisy = moe__expert_noisy(d), routed = l->router.w >= 0, q;
     moe__bank *rb = &l->bank[0];
-    float bal_scale = d->balance_loss * (float)E / ((float)(T * l->call_k) * (float)T);
+    float bal_scale = d->balance_loss * (float)E / ((float)(T * l->slots) * (float)T);
     int64_t Wy = moe__layer_width(d);  /* width of y and dy */
     int64_t De = rb->d_out, W = E * De;  /* expert output width; stack: width of the concatenation */
     int stack = d->combine == MOE_COMBINE_STACK;
     moe__gemm g;
+    if (d->router == MOE_ROUTER_SOFT) { moe__soft_backward(l, dy, dx); return; }
     if (stack) {  /* dWc += dy^T cat, dbc += sum dy, dcat = dy Wc */
         g = moe__gemm_make(MOE__TN, O, W, T, moe__mat_of(dy, O), moe__mat_of(l->cat, W), moe__g(l, l->combine.w), W, 1, NULL);
         moe__gemm_run(&l->ex, &g);
@@ -3265,6 +3644,7 @@ static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flag
                            moe__g(l, l->shared_gate_w), D, 1, NULL);
         moe__gemm_run(&l->ex, &g);
     }
+    if (d->router == MOE_ROUTER_HIERARCHICAL) moe__group_backward(l, NULL);
     if (!dx) return;
     if (routed) {
         g = moe__gemm_make(MOE__NN, T, D, E, moe__mat_of(l->dclean, E), moe__mat_of(moe__w(l, l->router.w), D), l->dxu, D, 0, NULL);
@@ -3276,6 +3656,7 @@ static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flag
         g = moe__gemm_make(MOE__NN, T, D, E, moe__mat_of(l->dstd, E), moe__mat_of(moe__w(l, l->noise.w), D), l->dxu, D, 1, NULL);
         moe__gemm_run(&l->ex, &g);
     }
+    if (d->router == MOE_ROUTER_HIERARCHICAL) moe__group_backward(l, l->dxu);
     {
         uint64_t stream = moe__stream(MOE__STREAM_JITTER, l->index, l->forward_step);
         int jitter = l->u != l->x;
@@ -3325,8 +3706,18 @@ static moe_result moe__call_check(moe_layer *l, const moe_forward_opts *o) {
         return moe__fail(l->ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: top_p must be in (0, 1] (0: off)", l->index);
     if (top_p != 0.0f && d->router != MOE_ROUTER_TOPK && d->router != MOE_ROUTER_NOISY_TOPK && d->router != MOE_ROUTER_SWITCH)
         return moe__fail(l->ctx, MOE_ERR_UNSUPPORTED, "layer %d: top_p needs a softmax token-choice router (topk, noisy_topk, switch)", l->index);
+    if (d->router == MOE_ROUTER_SOFT && k != d->n_experts)
+        return moe__fail(l->ctx, MOE_ERR_UNSUPPORTED, "layer %d: the soft router has no per-call top_k (every token reaches every expert)", l->index);
     if (d->router == MOE_ROUTER_HASH && !(o && o->token_ids))
         return moe__fail(l->ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: the hash router needs moe_forward_opts.token_ids", l->index);
+    return MOE_OK;
+}
+
+/* Soft router: a call's tokens must fill whole groups. */
+static moe_result moe__group_check(moe_layer *l, int64_t T) {
+    int64_t m = l->d.soft_group_tokens;
+    if (l->d.kind == MOE_LAYER_MOE && l->d.router == MOE_ROUTER_SOFT && m > 0 && T % m != 0)
+        return moe__fail(l->ctx, MOE_ERR_SHAPE, "layer %d: n_tokens %lld is not a multiple of soft_group_tokens %lld", l->index, (long long)T, (long long)m);
     return MOE_OK;
 }
 
@@ -3335,7 +3726,7 @@ static void moe__layer_forward_impl(moe_layer *l, const float *x, int64_t T, flo
     l->call_k = o && o->top_k ? o->top_k : l->d.top_k;
     l->call_top_p = o ? o->top_p : 0.0f;
     l->token_ids = o ? o->token_ids : NULL;
-    l->slots = l->d.router == MOE_ROUTER_EXPERT_CHOICE ? l->d.n_experts : l->call_k;
+    l->slots = moe__slots_for(&l->d, l->call_k);
     l->x = x;
     l->y = y;
     l->T = T;
@@ -3452,6 +3843,7 @@ MOEDEF moe_result moe_layer_forward(moe_layer *l, const float *x, int64_t n_toke
     if (!moe__all_finite(x, n_tokens * l->d.d_in)) return moe__fail(l->ctx, MOE_ERR_NONFINITE, "x holds NaN or Inf");
     if (opts && opts->training) MOE__TRY(moe__check_trainable(l));
     MOE__TRY(moe__call_check(l, opts));
+    MOE__TRY(moe__group_check(l, n_tokens));
     moe__layer_forward_impl(l, x, n_tokens, y, opts && opts->training,
                             opts && opts->router_noise ? opts->router_noise[0] : NULL, opts);
     return MOE_OK;
@@ -4163,6 +4555,7 @@ static moe_result moe__model_forward(moe_model *m, const float *x, int64_t T, co
     for (i = 0; i < m->n_layers; i++) {
         if (opts && opts->training) MOE__TRY(moe__check_trainable(&m->layers[i]));
         MOE__TRY(moe__call_check(&m->layers[i], opts));
+        MOE__TRY(moe__group_check(&m->layers[i], T));
     }
     m->has_forward = 0;
     for (i = 0; i < m->n_layers; i++) {
@@ -5172,7 +5565,7 @@ MOEDEF moe_result moe_tensor_writer_save(moe_tensor_writer *w, const char *path)
 // >>model_config ------------------------------------------------------------
 static const char *const moe__kind_names[] = {"", "dense", "moe", "rmsnorm", "layernorm"};
 static const char *const moe__act_names[] = {"", "identity", "relu", "gelu", "silu", "tanh", "sigmoid"};
-static const char *const moe__router_names[] = {"", "topk", "noisy_topk", "switch", "sigmoid", "expert_choice", "hash"};
+static const char *const moe__router_names[] = {"", "topk", "noisy_topk", "switch", "sigmoid", "expert_choice", "hash", "soft", "hierarchical"};
 static const char *const moe__expert_names[] = {"", "linear", "mlp", "swiglu", "gaussian", "geglu"};
 static const char *const moe__loss_names[] = {"", "cross_entropy", "mse", "bce", "mixture_nll"};
 static const char *const moe__combine_names[] = {"", "sum", "stack", "vote", "vote_majority"};
@@ -5219,6 +5612,11 @@ static void moe__config_write(const moe_model *m, moe__sb *b) {
             if (l->shared_gate == MOE_FLAG_ON) moe__sb_str(b, ",\"shared_gate\":true");
             if (l->combine != MOE_COMBINE_SUM) moe__sb_printf(b, ",\"combine\":\"%s\"", moe__combine_names[l->combine]);
             if (l->combine == MOE_COMBINE_STACK) moe__sb_printf(b, ",\"d_expert_out\":%lld", (long long)l->d_expert_out);
+            if (l->router == MOE_ROUTER_SOFT)
+                moe__sb_printf(b, ",\"slots_per_expert\":%d,\"soft_group_tokens\":%lld", l->slots_per_expert, (long long)l->soft_group_tokens);
+            if (l->router == MOE_ROUTER_HIERARCHICAL)
+                moe__sb_printf(b, ",\"groups\":%d,\"top_k_groups\":%d,\"group_router\":\"%s\",\"expert_router\":\"%s\"", l->n_groups, l->top_k_groups,
+                               moe__router_names[l->group_router], moe__router_names[l->expert_router]);
         }
         moe__sb_str(b, "}");
     }
@@ -5285,6 +5683,10 @@ static const moe__field moe__layer_fields[] = {
     MOE__LF("shared_gate", MOE__F_FLAG, shared_gate, NULL, 0, MOE__K_MOE),
     MOE__LF("combine", MOE__F_ENUM, combine, moe__combine_names, MOE_COMBINE_COUNT, MOE__K_MOE),
     MOE__LF("d_expert_out", MOE__F_I64, d_expert_out, NULL, 0, MOE__K_MOE),
+    MOE__LF("slots_per_expert", MOE__F_INT, slots_per_expert, NULL, 0, MOE__K_MOE),
+    MOE__LF("soft_group_tokens", MOE__F_I64, soft_group_tokens, NULL, 0, MOE__K_MOE),
+    MOE__LF("group_router", MOE__F_ENUM, group_router, moe__router_names, MOE_ROUTER_COUNT, MOE__K_MOE),
+    MOE__LF("expert_router", MOE__F_ENUM, expert_router, moe__router_names, MOE_ROUTER_COUNT, MOE__K_MOE),
 };
 
 #define MOE__OF(name, type, field, names, n) {name, type, offsetof(moe_optimizer_desc, field), names, n, 0}

@@ -335,7 +335,7 @@ static const char *name_of(const char *const *names, int count, int value) {
 
 static const char *const kind_names[] = {"default", "dense", "moe", "rmsnorm", "layernorm"};
 static const char *const act_names[] = {"default", "identity", "relu", "gelu", "silu", "tanh", "sigmoid"};
-static const char *const router_names[] = {"default", "topk", "noisy_topk", "switch", "sigmoid", "expert_choice", "hash"};
+static const char *const router_names[] = {"default", "topk", "noisy_topk", "switch", "sigmoid", "expert_choice", "hash", "soft", "hierarchical"};
 static const char *const expert_names[] = {"default", "linear", "mlp", "swiglu", "gaussian", "geglu"};
 static const char *const loss_names[] = {"default", "cross_entropy", "mse", "bce", "mixture_nll"};
 static const char *const combine_names[] = {"default", "sum", "stack", "vote", "vote_majority"};
@@ -367,6 +367,11 @@ static void print_layer(int i, const moe_layer_desc *l) {
             printf("        routed_scaling_factor %g, groups %d (top %d), bias_update_rate %g\n", (double)l->routed_scaling_factor,
                    l->n_groups, l->top_k_groups, (double)l->bias_update_rate);
         if (l->router == MOE_ROUTER_HASH) printf("        hash_seed %lu\n", (unsigned long)l->hash_seed);
+        if (l->router == MOE_ROUTER_SOFT)
+            printf("        slots_per_expert %d, soft_group_tokens %lld\n", l->slots_per_expert, (long long)l->soft_group_tokens);
+        if (l->router == MOE_ROUTER_HIERARCHICAL)
+            printf("        groups %d (top %d), group_router %s, expert_router %s\n", l->n_groups, l->top_k_groups,
+                   NAME(router_names, l->group_router), NAME(router_names, l->expert_router));
         if (l->max_top_k != l->top_k) printf("        max_top_k %d\n", l->max_top_k);
         if (l->combine == MOE_COMBINE_STACK)
             printf("        combine stack: d_expert_out %lld\n", (long long)l->d_expert_out);

@@ -149,11 +149,61 @@ static void ref_pick(ref_run *r, const double *v, int64_t m, int64_t n, int64_t 
     }
 }
 
+/* Soft MoE (README, soft router): logits over E*S slots, combine = softmax over a token's slots,
+   dispatch = softmax over the tokens of the group per slot; slot j belongs to expert j / S. */
+static void ref_soft(ref_run *r, int layer, const moe_layer_desc *d, const double *x, int64_t T, double *y) {
+    int64_t E = d->n_experts, S = d->slots_per_expert, L = E * S, D = d->d_in, O = d->d_out;
+    int64_t m = d->soft_group_tokens > 0 ? d->soft_group_tokens : T, G = T / m, t, j, k, c, g;
+    const double *Phi = ref_tensor(r, layer, "router.weight");
+    double *lg = (double *)malloc(sizeof(double) * (size_t)(T * L)), *C = (double *)malloc(sizeof(double) * (size_t)(T * L));
+    double *Dw = (double *)malloc(sizeof(double) * (size_t)(T * L)), *xs = (double *)malloc(sizeof(double) * (size_t)D);
+    double *ys = (double *)malloc(sizeof(double) * (size_t)(L * O));
+    for (t = 0; t < T; t++) ref_linear(Phi, NULL, x + t * D, D, L, lg + t * L);
+    for (t = 0; t < T; t++) {
+        double mx = -DBL_MAX, z = 0;
+        for (j = 0; j < L; j++) mx = lg[t * L + j] > mx ? lg[t * L + j] : mx;
+        for (j = 0; j < L; j++) z += exp(lg[t * L + j] - mx);
+        for (j = 0; j < L; j++) C[t * L + j] = exp(lg[t * L + j] - mx) / z;
+    }
+    for (g = 0; g < G; g++) {
+        for (j = 0; j < L; j++) {
+            double mx = -DBL_MAX, z = 0;
+            for (k = g * m; k < (g + 1) * m; k++) mx = lg[k * L + j] > mx ? lg[k * L + j] : mx;
+            for (k = g * m; k < (g + 1) * m; k++) z += exp(lg[k * L + j] - mx);
+            for (k = g * m; k < (g + 1) * m; k++) Dw[k * L + j] = exp(lg[k * L + j] - mx) / z;
+            for (c = 0; c < D; c++) xs[c] = 0;
+            for (k = g * m; k < (g + 1) * m; k++)
+                for (c = 0; c < D; c++) xs[c] += Dw[k * L + j] * x[k * D + c];
+            ref_expert(r, layer, d, "experts", (int)(j / S), d->d_hidden, xs, ys + j * O);
+        }
+        for (k = g * m; k < (g + 1) * m; k++)
+            for (c = 0; c < O; c++) {
+                double v = d->residual ? x[k * D + c] : 0.0;
+                for (j = 0; j < L; j++) v += C[k * L + j] * ys[j * O + c];
+                y[k * O + c] = v;
+            }
+    }
+    for (j = 0; j < E && j < 64; j++) r->kept[layer][j] = (double)(G * S);
+    r->dropped[layer] = 0;
+    r->aux[layer][0] = r->aux[layer][1] = r->aux[layer][2] = r->aux[layer][3] = 0;
+    free(lg); free(C); free(Dw); free(xs); free(ys);
+}
+
 static void ref_moe(ref_run *r, int layer, const moe_layer_desc *d, const double *x, int64_t T, double *y) {
     int64_t E = d->n_experts, K = r->top_k ? r->top_k : d->top_k, D = d->d_in, O = d->d_out, t, e, s, j;
-    int noisy = d->router == MOE_ROUTER_NOISY_TOPK, sigmoid = d->router == MOE_ROUTER_SIGMOID;
+    int hier = d->router == MOE_ROUTER_HIERARCHICAL;
+    int noisy = d->router == MOE_ROUTER_NOISY_TOPK || (hier && d->expert_router == MOE_ROUTER_NOISY_TOPK), sigmoid = d->router == MOE_ROUTER_SIGMOID;
     int ec = d->router == MOE_ROUTER_EXPERT_CHOICE, hash = d->router == MOE_ROUTER_HASH;
-    int64_t KS = ec ? E : K;  /* slots per token */
+    int64_t kg = K;           /* hierarchical: experts per chosen group; K becomes the entries per token */
+    int64_t KS = ec ? E : hier ? (K = d->top_k_groups * kg) : K;  /* slots per token */
+    int64_t HG = hier ? d->n_groups : 1;
+    const double *Wg = hier ? ref_tensor(r, layer, "router.group.weight") : NULL;
+    const double *bg = hier && d->router_bias == MOE_FLAG_ON ? ref_tensor(r, layer, "router.group.bias") : NULL;
+    const double *Wgn = hier && d->group_router == MOE_ROUTER_NOISY_TOPK ? ref_tensor(r, layer, "router.group.noise_weight") : NULL;
+    double *ga = (double *)calloc((size_t)(HG + 1), sizeof(double)), *gsd = (double *)calloc((size_t)(HG + 1), sizeof(double));
+    double *gpr = (double *)calloc((size_t)(HG + 1), sizeof(double)), *pwt = (double *)calloc((size_t)E, sizeof(double));
+    int64_t *hidx = (int64_t *)calloc((size_t)(E + 2), sizeof(int64_t));
+    if (d->router == MOE_ROUTER_SOFT) { free(ga); free(gsd); free(gpr); free(pwt); free(hidx); ref_soft(r, layer, d, x, T, y); return; }
     const double *Wr = ref_tensor(r, layer, "router.weight");
     const double *sbias = sigmoid ? ref_tensor(r, layer, "router.selection_bias") : NULL;
     const double *br = d->router_bias == MOE_FLAG_ON ? ref_tensor(r, layer, "router.bias") : NULL;
@@ -215,6 +265,41 @@ static void ref_moe(ref_run *r, int layer, const moe_layer_desc *d, const double
                 if (!seen) st[got++] = e;
             }
             for (s = 0; s < K; s++) { gt[s] = 1.0 / (double)K; chosen[st[s]]++; }
+            continue;
+        }
+        if (hier) {  /* group softmax, the best top_k_groups groups; softmax inside each group; k best in each chosen */
+            int64_t G = d->n_groups, gn = E / G, q, i2, Kg = d->top_k_groups;
+            double gm = -DBL_MAX, gz = 0, gs2 = 0;
+            ref_linear(Wg, bg, u + t * D, D, G, ga);
+            if (Wgn) {
+                ref_linear(Wgn, NULL, u + t * D, D, G, gsd);
+                for (q = 0; q < G; q++) {
+                    double nz = r->training && r->noise && r->noise[layer] ? (double)r->noise[layer][T * E + t * G + q] : 0.0;
+                    ga[q] += nz * ref_softplus(gsd[q]);
+                }
+            }
+            for (q = 0; q < G; q++) gm = ga[q] > gm ? ga[q] : gm;
+            for (q = 0; q < G; q++) gz += exp(ga[q] - gm);
+            for (q = 0; q < G; q++) gpr[q] = exp(ga[q] - gm) / gz;
+            ref_pick(r, ga, G, Kg, gidx);
+            for (i2 = 0; i2 < Kg; i2++) gs2 += exp(ga[gidx[i2]] - ga[gidx[0]]);
+            for (q = 0; q < G; q++) {
+                double wm = -DBL_MAX, wz = 0;
+                for (e = q * gn; e < (q + 1) * gn; e++) wm = ht[e] > wm ? ht[e] : wm;
+                for (e = q * gn; e < (q + 1) * gn; e++) wz += exp(ht[e] - wm);
+                for (e = q * gn; e < (q + 1) * gn; e++) { pwt[e] = exp(ht[e] - wm) / wz; pt[e] = gpr[q] * pwt[e]; }
+            }
+            for (i2 = 0; i2 < Kg; i2++) {
+                int64_t base = gidx[i2] * gn;
+                double ggi = d->renormalize == MOE_FLAG_ON ? exp(ga[gidx[i2]] - ga[gidx[0]]) / gs2 : gpr[gidx[i2]], ws = 0;
+                ref_pick(r, ht + base, gn, kg, hidx);
+                for (s = 0; s < kg; s++) ws += exp(ht[base + hidx[s]] - ht[base + hidx[0]]);
+                for (s = 0; s < kg; s++) {
+                    st[i2 * kg + s] = base + hidx[s];
+                    gt[i2 * kg + s] = ggi * (d->renormalize == MOE_FLAG_ON ? exp(ht[base + hidx[s]] - ht[base + hidx[0]]) / ws : pwt[base + hidx[s]]);
+                    chosen[base + hidx[s]]++;
+                }
+            }
             continue;
         }
         if (sigmoid) {
@@ -381,6 +466,7 @@ static void ref_moe(ref_run *r, int layer, const moe_layer_desc *d, const double
     }
     free(u); free(c); free(sd); free(h); free(p); free(lse); free(gate); free(sel); free(kept); free(count); free(chosen); free(fx); free(cat);
     free(key); free(gsc); free(gidx);
+    free(ga); free(gsd); free(gpr); free(pwt); free(hidx);
 }
 
 /* Output width of a layer: d_out, or the packed mixture E (1 + 2 d_out) of Gaussian experts. */

@@ -161,6 +161,16 @@ static int test_upload_errors(void) {
     CHECK_OK(moe_model_create(&ctx, &d, &m), &ctx);
     CHECK_RESULT(moe_cl_model_upload(device, m, &dm), MOE_ERR_UNSUPPORTED, &ctx);
     moe_model_destroy(m);
+    layers[0].router = MOE_ROUTER_SOFT;
+    CHECK_OK(moe_model_create(&ctx, &d, &m), &ctx);
+    CHECK_RESULT(moe_cl_model_upload(device, m, &dm), MOE_ERR_UNSUPPORTED, &ctx);
+    CHECK(dm == NULL && strstr(moe_ctx_error(&ctx), "router") != NULL, "message: %s", moe_ctx_error(&ctx));
+    moe_model_destroy(m);
+    layers[0].router = MOE_ROUTER_HIERARCHICAL;
+    CHECK_OK(moe_model_create(&ctx, &d, &m), &ctx);
+    CHECK_RESULT(moe_cl_model_upload(device, m, &dm), MOE_ERR_UNSUPPORTED, &ctx);
+    CHECK(dm == NULL && strstr(moe_ctx_error(&ctx), "router") != NULL, "message: %s", moe_ctx_error(&ctx));
+    moe_model_destroy(m);
     layers[0].router = MOE_ROUTER_TOPK;
     CHECK_OK(moe_model_create(&ctx, &d, &m), &ctx);
     CHECK_OK(moe_model_quantize(m, MOE_DTYPE_BF16), &ctx);

@@ -16,7 +16,7 @@ static const char *const fixtures[] = {
     "dense_mlp", "dense_mse", "dense_bce", "topk2_swiglu_shared", "soft_mixture_mlp", "switch_capacity",
     "noisy_topk", "topk_norenorm_aux", "noisy_capacity_passthrough", "topk1_mlp3_residual",
     "sigmoid_groups_bias", "expert_choice", "call_top_k_top_p", "hash_tokens", "gaussian_mixture",
-    "topk2_geglu_bias", "stack_combine",
+    "topk2_geglu_bias", "stack_combine", "soft_slots_groups", "hierarchical_noisy",
 };
 
 static moe_ctx ctx;
@@ -108,7 +108,7 @@ static void run_fixture(const char *fixture) {
         const moe_file_tensor *tn;
         snprintf(name, sizeof name, "noise.%d", l);
         if ((tn = moe_tensor_file_find(f, name)) != NULL) {
-            int64_t n = T * md->layers[l].n_experts;
+            int64_t n = T * (md->layers[l].n_experts + (md->layers[l].router == MOE_ROUTER_HIERARCHICAL ? md->layers[l].n_groups : 0));
             noise[l] = (float *)malloc(sizeof(float) * (size_t)n);
             CHECK_OK(moe_file_tensor_to_f32(&ctx, tn, noise[l], n), &ctx);
         }

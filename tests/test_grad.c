@@ -102,9 +102,10 @@ static int run_case(const grad_case *gc) {
     }
     for (l = 0; l < gc->n_layers; l++) {
         const moe_layer_desc *d = &moe_model_get_desc(m)->layers[l];
-        if (d->kind == MOE_LAYER_MOE && d->router == MOE_ROUTER_NOISY_TOPK) {
-            noise[l] = (float *)malloc(sizeof(float) * (size_t)(T * d->n_experts));
-            for (i = 0; i < T * d->n_experts; i++) noise[l][i] = moe_rng_normal(7, 10 + (uint64_t)l, (uint64_t)i);
+        if (d->kind == MOE_LAYER_MOE && (d->router == MOE_ROUTER_NOISY_TOPK || d->router == MOE_ROUTER_HIERARCHICAL)) {
+            int64_t n = T * (d->n_experts + (d->router == MOE_ROUTER_HIERARCHICAL ? d->n_groups : 0));  /* hierarchical: then group noise */
+            noise[l] = (float *)malloc(sizeof(float) * (size_t)n);
+            for (i = 0; i < n; i++) noise[l][i] = moe_rng_normal(7, 10 + (uint64_t)l, (uint64_t)i);
         }
         noise_c[l] = noise[l];
     }
@@ -406,6 +407,39 @@ static int test_gaussian_sparse(void) {
     return run_case(&gc);
 }
 
+static int test_soft(void) {
+    grad_case gc = {"soft moe S=2 groups of 4", 5, 8, 2, {
+        {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_SOFT, .n_experts = 3, .slots_per_expert = 2, .soft_group_tokens = 4,
+         .d_hidden = 6, .d_out = 4, .activation = MOE_ACT_GELU},
+        {.kind = MOE_LAYER_DENSE, .d_out = 3}}, MOE_LOSS_CROSS_ENTROPY, 1, 0, 0.0f};
+    grad_case gc2 = {"soft moe swiglu residual", 6, 7, 1, {
+        {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_SOFT, .n_experts = 2, .expert = MOE_EXPERT_SWIGLU, .d_hidden = 5,
+         .residual = 1}}, MOE_LOSS_MSE, 1, 0, 0.0f};
+    return run_case(&gc) || run_case(&gc2);
+}
+
+static int test_hierarchical(void) {
+    grad_case gc = {"hierarchical noisy/noisy", 6, 12, 2, {
+        {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_HIERARCHICAL, .n_experts = 8, .n_groups = 4, .top_k_groups = 2, .top_k = 1,
+         .group_router = MOE_ROUTER_NOISY_TOPK, .expert_router = MOE_ROUTER_NOISY_TOPK, .router_bias = MOE_FLAG_ON, .d_hidden = 5,
+         .activation = MOE_ACT_TANH, .balance_loss = 0.3f, .importance_loss = 0.4f},
+        {.kind = MOE_LAYER_DENSE, .d_out = 3}}, MOE_LOSS_CROSS_ENTROPY, 1, 0, 0.0f};
+    grad_case gc2 = {"hierarchical dense no-renorm", 5, 10, 2, {
+        {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_HIERARCHICAL, .n_experts = 6, .n_groups = 2, .top_k_groups = 2, .top_k = 3,
+         .renormalize = MOE_FLAG_OFF, .expert_router = MOE_ROUTER_NOISY_TOPK, .d_hidden = 4, .n_shared_experts = 1,
+         .balance_loss = 0.2f, .residual = 1},
+        {.kind = MOE_LAYER_DENSE, .d_out = 2}}, MOE_LOSS_MSE, 1, 0, 0.0f};
+    grad_case gc3 = {"hierarchical top-1 of 3 groups, capacity", 6, 12, 2, {
+        {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_HIERARCHICAL, .n_experts = 6, .n_groups = 3, .top_k = 2, .group_router = MOE_ROUTER_NOISY_TOPK,
+         .capacity_factor = 0.8f, .expert = MOE_EXPERT_LINEAR, .jitter = 0.1f, .importance_loss = 0.2f},
+        {.kind = MOE_LAYER_DENSE, .d_out = 3}}, MOE_LOSS_CROSS_ENTROPY, 1, 0, 0.0f};
+    grad_case gc4 = {"hierarchical per-call k=2 of max 2", 6, 10, 2, {
+        {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_HIERARCHICAL, .n_experts = 9, .n_groups = 3, .top_k_groups = 2, .top_k = 1,
+         .max_top_k = 2, .d_hidden = 4, .balance_loss = 0.1f},
+        {.kind = MOE_LAYER_DENSE, .d_out = 3}}, MOE_LOSS_CROSS_ENTROPY, 1, 2, 0.0f};
+    return run_case(&gc) || run_case(&gc2) || run_case(&gc3) || run_case(&gc4);
+}
+
 int main(void) {
     printf("test_grad\n");
     RUN(test_dense_activations);
@@ -428,5 +462,7 @@ int main(void) {
     RUN(test_hash);
     RUN(test_gaussian_dense);
     RUN(test_gaussian_sparse);
+    RUN(test_soft);
+    RUN(test_hierarchical);
     TEST_END();
 }

@@ -431,6 +431,197 @@ static int test_round_trip(void) {
     return 0;
 }
 
+/* Soft MoE: every expert processes soft_group_tokens-sized groups' slots (stats), tokens only
+   interact within their group, and what the router refuses. */
+static int test_soft_router(void) {
+    moe_layer_desc layers[] = {
+        {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_SOFT, .n_experts = 3, .slots_per_expert = 2, .soft_group_tokens = 4, .d_hidden = 8},
+    };
+    moe_model *m = make(&ctx, 5, 1, layers, 12, NULL);
+    float x[12 * 5], y[12 * 5], y2[12 * 5];
+    moe_stats st;
+    int i;
+    if (!m) return 0;
+    fill(x, 60, 21, 1.0f);
+    CHECK_OK(moe_model_forward(m, x, 12, y, NULL), &ctx);
+    CHECK_OK(moe_model_stats(m, 0, &st), &ctx);
+    for (i = 0; i < 3; i++) CHECK(st.tokens_per_expert[i] == 3 * 2, "expert %d processed %lld slot rows, not groups * S = 6", i, (long long)st.tokens_per_expert[i]);
+    CHECK(st.load_cv == 0.0f && st.dropped_tokens == 0 && st.top_k == 3, "soft stats: cv %g, dropped %lld, top_k %d", st.load_cv, (long long)st.dropped_tokens, st.top_k);
+    CHECK(st.router_entropy > 0.0f && st.router_entropy <= logf(6.0f) + 1e-5f, "combine entropy %g out of (0, log 6]", st.router_entropy);
+    x[0] += 1.0f;  /* token 0 is in group 0: groups 1 and 2 must not change, group 0 must */
+    CHECK_OK(moe_model_forward(m, x, 12, y2, NULL), &ctx);
+    CHECK(memcmp(y + 20, y2 + 20, sizeof(float) * 40) == 0, "a token changed the outputs of another group");
+    CHECK(memcmp(y + 5, y2 + 5, sizeof(float) * 15) != 0, "a token did not change its own group");
+    CHECK_OK(moe_model_quantize(m, MOE_DTYPE_BF16), &ctx);  /* slot rows go through the reduced weights too */
+    CHECK_OK(moe_model_forward(m, x, 12, y, NULL), &ctx);
+    for (i = 0; i < 60; i++) CHECK(fabsf(y[i] - y2[i]) < 0.02f, "bf16 soft forward: y[%d] %g vs %g", i, y[i], y2[i]);
+    CHECK_OK(moe_model_quantize(m, MOE_DTYPE_F32), &ctx);
+    CHECK_RESULT(moe_model_forward(m, x, 10, y, NULL), MOE_ERR_SHAPE, &ctx);
+    CHECK_RESULT(moe_model_forward(m, x, 8, y, &(moe_forward_opts){.top_k = 2}), MOE_ERR_UNSUPPORTED, &ctx);
+    CHECK_RESULT(moe_model_forward(m, x, 8, y, &(moe_forward_opts){.top_p = 0.5f}), MOE_ERR_UNSUPPORTED, &ctx);
+    moe_model_destroy(m);
+    return 0;
+}
+
+/* Hierarchical: each token's gates (read off one-hot linear experts) cover exactly top_k experts in
+   each of top_k_groups distinct groups and sum to 1 (renormalised at both levels). */
+static int test_hierarchical_router(void) {
+    moe_layer_desc layers[] = {
+        {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_HIERARCHICAL, .n_experts = 8, .n_groups = 4, .top_k_groups = 2, .top_k = 1,
+         .expert = MOE_EXPERT_LINEAR, .d_out = 8},
+    };
+    moe_model *m = make(&ctx, 8, 1, layers, 16, NULL);
+    float x[16 * 8], y[16 * 8];
+    moe_stats st;
+    int t, e;
+    if (!m) return 0;
+    one_hot_experts(m, 8);
+    fill(tensor(m, "layers.0.router.weight", NULL), 64, 22, 1.0f);
+    fill(tensor(m, "layers.0.router.group.weight", NULL), 32, 23, 1.0f);
+    fill(x, 128, 24, 1.0f);
+    CHECK_OK(moe_model_forward(m, x, 16, y, NULL), &ctx);
+    for (t = 0; t < 16; t++) {
+        int used = 0, groups[4] = {0, 0, 0, 0};
+        float sum = 0.0f;
+        for (e = 0; e < 8; e++)
+            if (y[t * 8 + e] != 0.0f) { used++; groups[e / 2]++; sum += y[t * 8 + e]; }
+        CHECK(used == 2 && groups[0] <= 1 && groups[1] <= 1 && groups[2] <= 1 && groups[3] <= 1 && fabsf(sum - 1.0f) < 1e-5f,
+              "token %d: %d experts, gates sum %g", t, used, sum);
+    }
+    CHECK_OK(moe_model_stats(m, 0, &st), &ctx);
+    {
+        int64_t total = 0;
+        for (e = 0; e < 8; e++) total += st.tokens_per_expert[e];
+        CHECK(total == 32, "%lld assignments, expected 16 tokens * 2 groups * 1", (long long)total);
+    }
+    moe_model_destroy(m);
+    return 0;
+}
+
+/* Configuration errors of the soft and hierarchical routers. */
+static int test_soft_hierarchical_errors(void) {
+    moe_layer *l = NULL;
+    const struct { moe_layer_desc d; moe_result r; } bad[] = {
+        {{.kind = MOE_LAYER_MOE, .d_in = 4, .router = MOE_ROUTER_SOFT, .top_k = 2}, MOE_ERR_INVALID_ARGUMENT},
+        {{.kind = MOE_LAYER_MOE, .d_in = 4, .router = MOE_ROUTER_SOFT, .balance_loss = 0.1f}, MOE_ERR_INVALID_ARGUMENT},
+        {{.kind = MOE_LAYER_MOE, .d_in = 4, .router = MOE_ROUTER_SOFT, .slots_per_expert = -1}, MOE_ERR_INVALID_ARGUMENT},
+        {{.kind = MOE_LAYER_MOE, .d_in = 4, .router = MOE_ROUTER_SOFT, .n_shared_experts = 1}, MOE_ERR_UNSUPPORTED},
+        {{.kind = MOE_LAYER_MOE, .d_in = 4, .router = MOE_ROUTER_SOFT, .n_groups = 2}, MOE_ERR_INVALID_ARGUMENT},
+        {{.kind = MOE_LAYER_MOE, .d_in = 4, .router = MOE_ROUTER_TOPK, .slots_per_expert = 2}, MOE_ERR_INVALID_ARGUMENT},
+        {{.kind = MOE_LAYER_MOE, .d_in = 4, .router = MOE_ROUTER_TOPK, .group_router = MOE_ROUTER_TOPK}, MOE_ERR_INVALID_ARGUMENT},
+        {{.kind = MOE_LAYER_MOE, .d_in = 4, .router = MOE_ROUTER_HIERARCHICAL, .n_experts = 8, .n_groups = 3}, MOE_ERR_INVALID_ARGUMENT},
+        {{.kind = MOE_LAYER_MOE, .d_in = 4, .router = MOE_ROUTER_HIERARCHICAL, .n_experts = 8, .n_groups = 4, .top_k = 3}, MOE_ERR_INVALID_ARGUMENT},
+        {{.kind = MOE_LAYER_MOE, .d_in = 4, .router = MOE_ROUTER_HIERARCHICAL, .n_experts = 8, .top_k_groups = 3}, MOE_ERR_INVALID_ARGUMENT},
+        {{.kind = MOE_LAYER_MOE, .d_in = 4, .router = MOE_ROUTER_HIERARCHICAL, .group_router = MOE_ROUTER_SWITCH}, MOE_ERR_UNSUPPORTED},
+        {{.kind = MOE_LAYER_MOE, .d_in = 4, .router = MOE_ROUTER_HIERARCHICAL, .expert_router = MOE_ROUTER_HIERARCHICAL}, MOE_ERR_UNSUPPORTED},
+        {{.kind = MOE_LAYER_MOE, .d_in = 4, .router = MOE_ROUTER_HIERARCHICAL, .z_loss = 0.1f}, MOE_ERR_UNSUPPORTED},
+        {{.kind = MOE_LAYER_MOE, .d_in = 4, .router = MOE_ROUTER_HIERARCHICAL, .load_loss = 0.1f}, MOE_ERR_UNSUPPORTED},
+    };
+    size_t i;
+    for (i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        CHECK_RESULT(moe_layer_create(&ctx, &bad[i].d, 8, &l), bad[i].r, &ctx);
+        CHECK(l == NULL, "case %zu: a layer was returned", i);
+    }
+    CHECK_OK(moe_layer_create(&ctx, &(moe_layer_desc){.kind = MOE_LAYER_MOE, .d_in = 4, .router = MOE_ROUTER_HIERARCHICAL}, 8, &l), &ctx);
+    if (l) {
+        const moe_layer_desc *d = moe_layer_get_desc(l);
+        CHECK(d->n_experts == 4 && d->n_groups == 2 && d->top_k_groups == 1 && d->top_k == 2 && d->group_router == MOE_ROUTER_TOPK &&
+              d->expert_router == MOE_ROUTER_TOPK && d->renormalize == MOE_FLAG_ON, "hierarchical defaults");
+        moe_layer_destroy(l);
+    }
+    CHECK_OK(moe_layer_create(&ctx, &(moe_layer_desc){.kind = MOE_LAYER_MOE, .d_in = 4, .router = MOE_ROUTER_SOFT}, 8, &l), &ctx);
+    if (l) {
+        const moe_layer_desc *d = moe_layer_get_desc(l);
+        CHECK(d->slots_per_expert == 1 && d->soft_group_tokens == 0 && d->top_k == d->n_experts, "soft defaults");
+        moe_layer_destroy(l);
+    }
+    return 0;
+}
+
+/* Both routers: config text, file round trip, and the same bits on 1, 2 and 3 threads after training. */
+static uint64_t soft_hierarchical_train(int n_threads, const char *path) {
+    moe_layer_desc layers[] = {
+        {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_SOFT, .n_experts = 8, .slots_per_expert = 4, .soft_group_tokens = 50, .d_hidden = 48},
+        {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_HIERARCHICAL, .n_experts = 8, .n_groups = 4, .top_k_groups = 2, .top_k = 2,
+         .group_router = MOE_ROUTER_NOISY_TOPK, .expert_router = MOE_ROUTER_NOISY_TOPK, .router_bias = MOE_FLAG_ON, .jitter = 0.05f,
+         .balance_loss = 0.01f, .importance_loss = 0.01f, .d_hidden = 40, .residual = 1, .n_shared_experts = 1},
+        {.kind = MOE_LAYER_DENSE, .d_out = 6},
+    };
+    moe_ctx c;
+    moe_model *m;
+    float x[200 * 32], v[200 * 6];
+    int64_t n;
+    uint64_t h = 1469598103934665603ull;
+    size_t i;
+    int s;
+    moe_ctx_init(&c, &(moe_ctx_desc){.seed = 5, .n_threads = n_threads});
+    m = make(&c, 32, 3, layers, 200, NULL);
+    if (!m) return 0;
+    fill(x, 200 * 32, 25, 1.0f);
+    fill(v, 200 * 6, 26, 1.0f);
+    for (s = 0; s < 4; s++) CHECK_OK(moe_model_train_step(m, x, &(moe_target){.values = v}, 200, NULL), &c);
+    if (path) CHECK_OK(moe_model_save(m, path), &c);
+    {
+        const unsigned char *b = (const unsigned char *)moe_model_params(m, &n);
+        for (i = 0; i < (size_t)n * sizeof(float); i++) h = (h ^ b[i]) * 0x100000001B3ull;
+    }
+    moe_model_destroy(m);
+    return h;
+}
+
+static int test_soft_hierarchical_round_trip(void) {
+    uint64_t h1 = soft_hierarchical_train(1, TMP_DIR "/soft_hier.safetensors"), h2 = soft_hierarchical_train(2, NULL), h3 = soft_hierarchical_train(3, NULL);
+    moe_model *a = NULL, *b = NULL;
+    char ja[4096], jb[4096];
+    float x[200 * 32], ya[200 * 6], yb[200 * 6];
+    CHECK(h1 == h2 && h1 == h3, "soft/hierarchical training differs between 1, 2 and 3 threads");
+    CHECK_OK(moe_model_load(&ctx, TMP_DIR "/soft_hier.safetensors", 0, &a), &ctx);
+    if (!a) return 0;
+    moe_model_config_json(a, ja, sizeof ja);
+    CHECK(strstr(ja, "\"router\":\"soft\"") && strstr(ja, "\"slots_per_expert\":4") && strstr(ja, "\"soft_group_tokens\":50") &&
+          strstr(ja, "\"router\":\"hierarchical\"") && strstr(ja, "\"group_router\":\"noisy_topk\"") &&
+          strstr(ja, "\"expert_router\":\"noisy_topk\"") && strstr(ja, "\"groups\":4") && strstr(ja, "\"top_k_groups\":2"),
+          "config text misses a field: %s", ja);
+    CHECK_OK(moe_model_from_config(&ctx, ja, 0, &b), &ctx);
+    if (b) { moe_model_config_json(b, jb, sizeof jb); CHECK(strcmp(ja, jb) == 0, "config changed:\n%s\n%s", ja, jb); moe_model_destroy(b); }
+    fill(x, 200 * 32, 25, 1.0f);
+    CHECK_OK(moe_model_forward(a, x, 200, ya, NULL), &ctx);
+    CHECK(moe_model_forward(a, x, 200, yb, NULL) == MOE_OK && memcmp(ya, yb, sizeof ya) == 0, "forward is not repeatable");
+    moe_model_destroy(a);
+    return 0;
+}
+
+/* A hierarchical layer with noise at both levels resumes from a checkpoint bit for bit. */
+static int test_hierarchical_checkpoint(void) {
+    moe_layer_desc layers[] = {
+        {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_HIERARCHICAL, .n_experts = 6, .n_groups = 3, .top_k_groups = 2, .top_k = 1,
+         .group_router = MOE_ROUTER_NOISY_TOPK, .expert_router = MOE_ROUTER_NOISY_TOPK, .d_hidden = 8, .balance_loss = 0.01f},
+        {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_SOFT, .n_experts = 3, .slots_per_expert = 2, .soft_group_tokens = 8, .residual = 1},
+        {.kind = MOE_LAYER_DENSE, .d_out = 3},
+    };
+    moe_model *a = make(&ctx, 6, 3, layers, 16, NULL), *b = NULL;
+    float x[16 * 6], v[16 * 3];
+    int64_t n;
+    int s;
+    if (!a) return 0;
+    fill(x, 96, 27, 1.0f);
+    fill(v, 48, 28, 1.0f);
+    for (s = 0; s < 2; s++) CHECK_OK(moe_model_train_step(a, x, &(moe_target){.values = v}, 16, NULL), &ctx);
+    CHECK_OK(moe_model_save_checkpoint(a, TMP_DIR "/hier.ckpt"), &ctx);
+    CHECK_OK(moe_model_load_checkpoint(&ctx, TMP_DIR "/hier.ckpt", 0, &b), &ctx);
+    for (s = 0; s < 3; s++) {
+        CHECK_OK(moe_model_train_step(a, x, &(moe_target){.values = v}, 16, NULL), &ctx);
+        if (b) CHECK_OK(moe_model_train_step(b, x, &(moe_target){.values = v}, 16, NULL), &ctx);
+    }
+    if (b) {
+        float *pa = moe_model_params(a, &n);
+        CHECK(memcmp(pa, moe_model_params(b, NULL), sizeof(float) * (size_t)n) == 0, "the resumed model trains differently");
+        moe_model_destroy(b);
+    }
+    moe_model_destroy(a);
+    return 0;
+}
+
 int main(void) {
     char cmd[200];
     printf("test_routers\n");
@@ -446,5 +637,10 @@ int main(void) {
     RUN(test_hash_router);
     RUN(test_router_errors);
     RUN(test_round_trip);
+    RUN(test_soft_router);
+    RUN(test_hierarchical_router);
+    RUN(test_soft_hierarchical_errors);
+    RUN(test_soft_hierarchical_round_trip);
+    RUN(test_hierarchical_checkpoint);
     TEST_END();
 }

@@ -83,9 +83,23 @@ def expected_params(cfg):
             out[p + "bias"] = [D]
         else:
             E = c["experts"]
-            if c["router"] != "hash":
+            if c["router"] == "soft":
+                out[p + "router.weight"] = [E * c["slots_per_expert"], D]
+            elif c["router"] == "hierarchical":
+                G = c["groups"]
+                out[p + "router.weight"] = [G, E // G, D]
+                if c["router_bias"]:
+                    out[p + "router.bias"] = [G, E // G]
+                out[p + "router.group.weight"] = [G, D]
+                if c["router_bias"]:
+                    out[p + "router.group.bias"] = [G]
+                if c["group_router"] == "noisy_topk":
+                    out[p + "router.group.noise_weight"] = [G, D]
+                if c["expert_router"] == "noisy_topk":
+                    out[p + "router.noise_weight"] = [G, E // G, D]
+            elif c["router"] != "hash":
                 out[p + "router.weight"] = [E, D]
-            if c["router_bias"]:
+            if c["router_bias"] and c["router"] != "hierarchical":
                 out[p + "router.bias"] = [E]
             if c["router"] == "noisy_topk":
                 out[p + "router.noise_weight"] = [E, D]
@@ -146,6 +160,8 @@ def expected_fixture(cfg, T, present):
             shapes["stats.%d.dropped_tokens" % i] = [1]
             if c["router"] == "noisy_topk":
                 shapes["noise.%d" % i] = [T, c["experts"]]
+            if c["router"] == "hierarchical":       # T*E expert noise, then T*G group noise
+                shapes["noise.%d" % i] = [T * (c["experts"] + c["groups"])]
     for n, s in expected_params(cfg).items():
         shapes["grad." + n] = s
         shapes["eval.grad." + n] = s
@@ -262,6 +278,10 @@ def moe_layer(P, i, c, X, train, noise, call):
     top_p = call.get("top_p", 0.0)
     if router in ("sigmoid", "expert_choice", "hash"):
         return other_router_layer(P, p, i, c, X, train, k, call)
+    if router == "soft":
+        return soft_layer(P, p, c, X)
+    if router == "hierarchical":
+        return hierarchical_layer(P, p, c, X, train, k, noise)
     cs, ss, hs, ps, chosen, gates = [], [], [], [], [], []
     for t in range(T):
         u = X[t]
@@ -375,6 +395,81 @@ def other_router_layer(P, p, i, c, X, train, k, call):
     aux = [torch.zeros(()) for _ in range(4)]
     if train and router == "expert_choice" and c["z_loss"]:
         aux[1] = c["z_loss"] * sum(torch.logsumexp(h, 0) ** 2 for h in hs) / T
+    return Y, aux, (tokens_per_expert, dropped, load)
+
+
+def softmax_list(vals):
+    m = max(float(v) for v in vals)
+    ex = [torch.exp(v - m) for v in vals]
+    tot = sum(ex)
+    return [v / tot for v in ex]
+
+
+def soft_layer(P, p, c, X):
+    """README 3.6, slot by slot: dispatch over a group's tokens, combine over a token's slots."""
+    T, E, S = len(X), c["experts"], c["slots_per_expert"]
+    L, m = E * S, c["soft_group_tokens"] or len(X)
+    lg = [P[p + "router.weight"] @ X[t] for t in range(T)]
+    Y = []
+    for g0 in range(0, T, m):
+        toks = list(range(g0, g0 + m))
+        outs = []
+        for j in range(L):
+            w = softmax_list([lg[t][j] for t in toks])
+            xs = sum(w[a] * X[t] for a, t in enumerate(toks))
+            outs.append(expert(P, p + "experts.", c, j // S, xs))
+        for t in toks:
+            cmb = softmax_list([lg[t][j] for j in range(L)])
+            y = sum(cmb[j] * outs[j] for j in range(L))
+            Y.append(X[t] + y if c["residual"] else y)
+    per = (T // m) * S
+    return torch.stack(Y), [torch.zeros(()) for _ in range(4)], ([per] * E, 0, [per] * E)
+
+
+def hierarchical_layer(P, p, c, X, train, k, noise):
+    """README 3.7, token by token: groups by the group gate, then k experts inside each."""
+    T, E, G, Kg = len(X), c["experts"], c["groups"], c["top_k_groups"]
+    n, D = E // G, c["d_in"]
+    slots, probs = [], []
+    for t in range(T):
+        u = X[t]
+        a = P[p + "router.group.weight"] @ u + (P[p + "router.group.bias"] if c["router_bias"] else 0)
+        if c["group_router"] == "noisy_topk" and train:
+            a = a + noise[T * E + t * G:T * E + (t + 1) * G] * softplus(P[p + "router.group.noise_weight"] @ u)
+        h = P[p + "router.weight"].reshape(E, D) @ u + (P[p + "router.bias"].reshape(E) if c["router_bias"] else 0)
+        if c["expert_router"] == "noisy_topk" and train:
+            h = h + noise[t * E:(t + 1) * E] * softplus(P[p + "router.noise_weight"].reshape(E, D) @ u)
+        gp = softmax_list([a[q] for q in range(G)])
+        pw = []
+        for q in range(G):
+            pw += softmax_list([h[e] for e in range(q * n, (q + 1) * n)])
+        probs.append([gp[e // n] * pw[e] for e in range(E)])
+        groups = sorted(range(G), key=lambda q: (-float(a[q]), q))[:Kg]
+        gg = softmax_list([a[q] for q in groups]) if c["renormalize"] else [gp[q] for q in groups]
+        sl = []
+        for i, q in enumerate(groups):
+            ch = sorted(range(q * n, (q + 1) * n), key=lambda e: (-float(h[e]), e))[:k]
+            w = softmax_list([h[e] for e in ch]) if c["renormalize"] else [pw[e] for e in ch]
+            sl += [(e, gg[i] * wj) for e, wj in zip(ch, w)]
+        slots.append(sl)
+    K = Kg * k
+    keep = [[True] * K for _ in range(T)]
+    if c["capacity_factor"] > 0:
+        C = math.ceil(c["capacity_factor"] * T * K / E)
+        held = [0] * E
+        for s in range(K):
+            for t in range(T):
+                e = slots[t][s][0]
+                keep[t][s] = held[e] < C
+                held[e] += keep[t][s]
+    Y, tokens_per_expert, dropped = combine(P, p, c, X, slots, keep)
+    load = [sum(1 for sl in slots for e, _ in sl if e == x) for x in range(E)]
+    aux = [torch.zeros(()) for _ in range(4)]
+    if train and c["balance_loss"]:
+        aux[0] = c["balance_loss"] * E * sum(load[e] / (T * K) * sum(probs[t][e] for t in range(T)) / T for e in range(E))
+    if train and c["importance_loss"]:
+        I = [sum(sum((g for e2, g in slots[t] if e2 == e), torch.zeros(())) for t in range(T)) for e in range(E)]
+        aux[2] = c["importance_loss"] * cv2(I)
     return Y, aux, (tokens_per_expert, dropped, load)
 
 

@@ -11,7 +11,7 @@ list).  Needs only torch and numpy (the `safetensors` package is not used: the f
 the README model reference section 6 is written by hand).
 
 Every model is an independent re-implementation of the README's model reference: dense / rmsnorm / layernorm / moe
-layers, the topk / noisy_topk / switch / sigmoid / expert_choice / hash routers (3.4, 3.5), per-call top_k
+layers, the topk / noisy_topk / switch / sigmoid / expert_choice / hash / soft / hierarchical routers (3.4-3.8), per-call top_k
 and top_p, the selection-bias update, capacity with dropping and pass-through, linear /
 mlp / swiglu experts, shared experts, the four auxiliary losses, the three task losses, gradient
 clipping and AdamW.  Parameters and inputs are drawn in float32 (so the stored values are exactly
@@ -72,7 +72,9 @@ def moe(d_in, d_out=None, **kw):
     expert = kw.get("expert", "mlp")
     d_hidden = kw.get("d_hidden", d_in)
     own = {"sigmoid": {"routed_scaling_factor": 1, "groups": 1, "top_k_groups": None, "bias_update_rate": 0},
-           "hash": {"hash_seed": 0}}.get(router, {})
+           "hash": {"hash_seed": 0},
+           "soft": {"slots_per_expert": 1, "soft_group_tokens": 0},
+           "hierarchical": {"groups": 2, "top_k_groups": 1, "group_router": "topk", "expert_router": "topk"}}.get(router, {})
     extra = {}
     for f, default in own.items():
         extra[f] = kw.pop(f, default)
@@ -81,12 +83,17 @@ def moe(d_in, d_out=None, **kw):
     max_top_k = kw.pop("max_top_k", None)
     combine = kw.pop("combine", "sum")
     d_expert_out = kw.pop("d_expert_out", None)
+    default_k = 1 if router == "switch" else experts if expert == "gaussian" else min(2, experts)
+    if router == "soft":
+        default_k = experts                 # every token reaches every expert through the slots
+    if router == "hierarchical":
+        default_k = min(2, experts // extra["groups"])
     c = {
         "kind": "moe", "d_in": d_in, "d_out": d_in if d_out is None else d_out,
         "residual": kw.get("residual", False),
         "router": router, "experts": experts,
-        "top_k": kw.get("top_k", 1 if router == "switch" else experts if expert == "gaussian" else min(2, experts)),
-        "renormalize": kw.get("renormalize", router not in ("switch", "expert_choice", "hash")),
+        "top_k": kw.get("top_k", default_k),
+        "renormalize": kw.get("renormalize", router not in ("switch", "expert_choice", "hash", "soft")),
         "router_bias": kw.get("router_bias", False),
         "expert": expert, "d_hidden": d_hidden,
         "hidden_layers": kw.get("hidden_layers", 0 if expert == "linear" else 1),
@@ -171,9 +178,23 @@ def param_specs(cfg):
             specs.append((p + "bias", [c["d_in"]], "normb", 0))
         elif c["kind"] == "moe":
             E, D = c["experts"], c["d_in"]
-            if c["router"] != "hash":
+            if c["router"] == "soft":
+                specs.append((p + "router.weight", [E * c["slots_per_expert"], D], "lin", D))
+            elif c["router"] == "hierarchical":
+                G = c["groups"]
+                specs.append((p + "router.weight", [G, E // G, D], "router", D))
+                if c["router_bias"]:
+                    specs.append((p + "router.bias", [G, E // G], "routerb", D))
+                specs.append((p + "router.group.weight", [G, D], "router", D))
+                if c["router_bias"]:
+                    specs.append((p + "router.group.bias", [G], "routerb", D))
+                if c["group_router"] == "noisy_topk":
+                    specs.append((p + "router.group.noise_weight", [G, D], "lin", D))
+                if c["expert_router"] == "noisy_topk":
+                    specs.append((p + "router.noise_weight", [G, E // G, D], "lin", D))
+            elif c["router"] != "hash":
                 specs.append((p + "router.weight", [E, D], "router", D))
-            if c["router_bias"]:
+            if c["router_bias"] and c["router"] != "hierarchical":
                 specs.append((p + "router.bias", [E], "routerb", D))
             if c["router"] == "noisy_topk":
                 specs.append((p + "router.noise_weight", [E, D], "lin", D))
@@ -323,6 +344,28 @@ def gap_check(chk, vals, fine=True):
                 chk.min_gap = min(chk.min_gap, a - b)
 
 
+def soft_forward(P, p, c, x, chk):
+    """README soft router: slots mix the tokens of a group; slot j belongs to expert j // S."""
+    T, D = x.shape
+    E, O, S = c["experts"], c["d_out"], c["slots_per_expert"]
+    L = E * S
+    m = c["soft_group_tokens"] or T
+    G = T // m
+    logits = x @ P[p + "router.weight"].T                     # [T, E*S]
+    comb = torch.softmax(logits, dim=1)                         # over a token's slots
+    disp = torch.softmax(logits.reshape(G, m, L), dim=1)        # over a group's tokens
+    xs = torch.einsum("gml,gmd->gld", disp, x.reshape(G, m, D)).reshape(G * L, D)
+    fx = experts_forward(P, p + "experts.", c, xs, chk).reshape(E, G, L, O)
+    owner = torch.arange(L) // S
+    ys = fx[owner, :, torch.arange(L)]                          # [L, G, O]: slot j through expert j // S
+    y = torch.einsum("gml,lgo->gmo", comb.reshape(G, m, L), ys).reshape(T, O)
+    if c["residual"]:
+        y = x + y
+    zero = torch.zeros(())
+    per = torch.full((E,), float(G * S))
+    return y, [zero, zero, zero, zero], {"tokens_per_expert": per, "dropped_tokens": 0.0, "capacity": None, "load": per}
+
+
 def moe_forward(P, p, c, x, train, noise, chk, call, layer):
     """Returns (y, [balance, z, importance, load] (coefficients applied), stats dict)."""
     T, D = x.shape
@@ -331,20 +374,26 @@ def moe_forward(P, p, c, x, train, noise, chk, call, layer):
     top_p = call.get("top_p", 0)
     if router == "switch":
         k = 1
+    if router == "soft":
+        return soft_forward(P, p, c, x, chk)
+    hier = router == "hierarchical"
+    noise_g = None
+    if hier and noise is not None:                              # [T*E expert noise, then T*G group noise]
+        noise, noise_g = noise[:T * E].reshape(T, E), noise[T * E:].reshape(T, c["groups"])
     # step 1: router logits (jitter is 0 in every fixture, so u = x); none for the hash router
     u = x
     cl = s = probs = None
     if router != "hash":
-        cl = u @ P[p + "router.weight"].T
+        cl = u @ P[p + "router.weight"].reshape(E, D).T
         if c["router_bias"]:
-            cl = cl + P[p + "router.bias"]
-    if router == "noisy_topk":
-        s = softplus(u @ P[p + "router.noise_weight"].T)
+            cl = cl + P[p + "router.bias"].reshape(E)
+    if router == "noisy_topk" or (hier and c["expert_router"] == "noisy_topk"):
+        s = softplus(u @ P[p + "router.noise_weight"].reshape(E, D).T)
         h = cl + noise * s if train else cl
     else:
         h = cl
     ec = router == "expert_choice"
-    slots = E if ec else k
+    slots = E if ec else c["top_k_groups"] * k if hier else k
     sel = torch.full((T, slots), -1, dtype=torch.long)          # -1: slot not chosen
     gates = torch.zeros(T, slots)
     if router in ("topk", "noisy_topk", "switch"):
@@ -400,6 +449,37 @@ def moe_forward(P, p, c, x, train, noise, chk, call, layer):
             g_t = chosen / chosen.sum() if c["renormalize"] else chosen
             rows.append(c["routed_scaling_factor"] * g_t)
         gates = torch.stack(rows)
+    elif hier:
+        # README hierarchical router: group gate over groups, then a gate inside each chosen group
+        G, Kg = c["groups"], c["top_k_groups"]
+        gn = E // G
+        a = u @ P[p + "router.group.weight"].T
+        if c["router_bias"]:
+            a = a + P[p + "router.group.bias"]
+        if c["group_router"] == "noisy_topk" and train:
+            a = a + noise_g * softplus(u @ P[p + "router.group.noise_weight"].T)
+        gp = torch.softmax(a, dim=1)
+        pw = torch.softmax(h.reshape(T, G, gn), dim=2)
+        probs = (gp[:, :, None] * pw).reshape(T, E)
+        ad, hd = a.detach(), h.detach()
+        rows = []
+        for t in range(T):
+            gorder = torch.sort(ad[t], descending=True, stable=True).indices
+            if Kg < G:
+                gap_check(chk, ad[t, gorder[:Kg + 1]], fine=False)
+            chosen = gorder[:Kg]
+            gg = torch.softmax(a[t, chosen], dim=0) if c["renormalize"] else gp[t, chosen]
+            row = []
+            for i, q in enumerate(chosen.tolist()):
+                order = torch.sort(hd[t, q * gn:(q + 1) * gn], descending=True, stable=True).indices
+                if k < gn:
+                    gap_check(chk, hd[t, q * gn + order[:k + 1]], fine=False)
+                e_t = q * gn + order[:k]
+                sel[t, i * k:(i + 1) * k] = e_t
+                gw = torch.softmax(h[t, e_t], dim=0) if c["renormalize"] else pw[t, q, order[:k]]
+                row.append(gg[i] * gw)
+            rows.append(torch.cat(row))
+        gates = torch.stack(rows)
     elif ec:
         probs = torch.softmax(h, dim=1)
         for t in range(T):
@@ -436,7 +516,7 @@ def moe_forward(P, p, c, x, train, noise, chk, call, layer):
             keep[order[:cap], e] = True
         load[:] = cap
     elif c["capacity_factor"] > 0:
-        cap = math.ceil(c["capacity_factor"] * T * k / E)
+        cap = math.ceil(c["capacity_factor"] * T * slots / E)
         held = [0] * E
         for si in range(slots):
             for t in range(T):
@@ -499,7 +579,7 @@ def moe_forward(P, p, c, x, train, noise, chk, call, layer):
     aux = [zero, zero, zero, zero]
     if train and router not in ("sigmoid", "hash"):
         if c["balance_loss"]:
-            f = load / (T * k)
+            f = load / (T * slots)
             aux[0] = c["balance_loss"] * E * (f * probs.mean(dim=0)).sum()
         if c["z_loss"]:
             aux[1] = c["z_loss"] * (torch.logsumexp(h, dim=1) ** 2).mean()
@@ -631,6 +711,9 @@ def build_case(name, cfg, T, seed, check=None, call_opts=None):
         target = torch.rand(T, d_out, generator=g, dtype=torch.float32).double()
     noises = {i: torch.randn(T, c["experts"], generator=g, dtype=torch.float32).double()
               for i, c in enumerate(layers) if c["kind"] == "moe" and c["router"] == "noisy_topk"}
+    for i, c in enumerate(layers):          # hierarchical: T*E expert noise, then T*G group noise, flat
+        if c["kind"] == "moe" and c["router"] == "hierarchical":
+            noises[i] = torch.randn(T * (c["experts"] + c["groups"]), generator=g, dtype=torch.float32).double()
     last = layers[-1]
     width = last["experts"] * (1 + 2 * d_out) if last.get("expert") == "gaussian" else d_out
     dy = torch.randn(T, width, generator=g, dtype=torch.float32).double()
@@ -884,6 +967,23 @@ CASES = [
                            renormalize=False, expert="linear", load_loss=0.1, residual=True),
                        dense(8, 3)], "mse"),
      20, check_top_p, {"top_k": 3, "top_p": 0.75}),
+    # soft and hierarchical routers (README 3.7, 3.8)
+    ("soft_slots_groups",
+     model_config(10, [moe(10, 8, router="soft", experts=3, slots_per_expert=2, soft_group_tokens=6,
+                           expert="mlp", d_hidden=8, activation="gelu"),
+                       moe(8, 8, router="soft", experts=2, expert="swiglu", d_hidden=6, residual=True),
+                       dense(8, 4)], "cross_entropy"),
+     18, check_adam_safe),
+    ("hierarchical_noisy",
+     model_config(10, [moe(10, 8, router="hierarchical", experts=8, groups=4, top_k_groups=2, top_k=1,
+                           group_router="noisy_topk", expert_router="noisy_topk", router_bias=True,
+                           expert="mlp", d_hidden=8, activation="tanh", balance_loss=0.01,
+                           importance_loss=0.05),
+                       moe(8, 8, router="hierarchical", experts=6, groups=2, top_k_groups=2, top_k=3,
+                           renormalize=False, expert="linear", residual=True, shared_experts=1,
+                           balance_loss=0.01),
+                       dense(8, 4)], "cross_entropy"),
+     20, check_adam_safe),
     ("hash_tokens",
      model_config(10, [moe(10, 8, router="hash", experts=5, top_k=2, hash_seed=123456789,
                            expert="mlp", d_hidden=8, shared_experts=1),

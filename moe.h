@@ -3992,9 +3992,9 @@ static moe_result moe__task_losses(moe_model *m, const moe_target *target, float
         moe_result r = moe__loss(m->ctx, &m->ex, d->task_loss[i], m->outs[m->n_layers - 1] + off, m->T, d->task_d_out[i], W, &target->tasks[i],
                                  m->tok, dy ? dy + off : NULL, d->task_weight[i], &li);
         if (r != MOE_OK) {
-            char why[sizeof m->ctx->error];
-            moe__strlcpy(why, m->ctx->error, sizeof why);
-            return moe__fail(m->ctx, r, "task %d: %s", i, why);
+            char head[24];
+            snprintf(head, sizeof head, "task %d", i);
+            return moe__fail_prefix(m->ctx, r, head);
         }
         m->task_loss[i] = li;
         total += (double)d->task_weight[i] * (double)li;

@@ -73,7 +73,7 @@ static int model_layers(const char *name, moe_layer_desc *l) {
     memset(l, 0, sizeof(moe_layer_desc) * 4);
     if (strcmp(name, "shared_bottom") == 0) {
         /* one shared hidden layer, then a tower per task on it */
-        l[0] = (moe_layer_desc){.kind = MOE_LAYER_DENSE, .d_out = 64, .activation = MOE_ACT_RELU};
+        l[0] = (moe_layer_desc){.kind = MOE_LAYER_DENSE, .d_out = 160, .activation = MOE_ACT_RELU};
         l[1] = (moe_layer_desc){.kind = MOE_LAYER_TASK_TOWERS, .n_tasks = 2, .task_input = MOE_TASK_INPUT_SINGLE, .d_hidden = 8, .d_out = 2};
         return 2;
     }

@@ -56,6 +56,7 @@
                     capacity, the deterministic counting sort, aux losses
      >>moe_forward  grouped expert computation over (expert, row-tile) tiles, weighted combine
      >>moe_backward expert, weight and router gradients
+     >>multigate    multi-task layers (MMoE, PLE levels, task towers): experts on input slices, softmax gates
      >>layer_api >>loss >>optimizer >>model
      >>json >>safetensors >>model_config >>model_io   files
 
@@ -70,9 +71,12 @@
                         1.25 for switch, 1 for expert choice, else 0 = unlimited; jitter and every
                         aux-loss coefficient 0 (off); max_top_k top_k; sigmoid router:
                         routed_scaling_factor 1, n_groups 1, top_k_groups n_groups,
-                        bias_update_rate 0 (off); hash_seed 0
+                        bias_update_rate 0 (off); hash_seed 0; multigate / task towers: n_tasks 2,
+                        n_experts 4 (towers: none), n_task_experts 0 (towers: 1), task_input single
+                        (towers: tasks), d_out = output slices * input slice width, d_hidden the slice width
      moe_forward_opts   NULL or all zero: inference, the layers' top_k, no top_p, no token ids
-     moe_model_desc     loss cross-entropy; max_tokens 256; optimizer as below
+     moe_model_desc     loss cross-entropy; max_tokens 256; optimizer as below; n_tasks 0 (one task);
+                        with tasks: task_loss = loss, task_weight 1, task_d_out = d_out / n_tasks
      moe_optimizer_desc AdamW; lr 1e-3; beta1 0.9; beta2 0.999; eps 1e-8; everything else 0
    (Consequence: a field cannot be set to exactly 0 where 0 means a non-zero default, e.g. lr.)
 

@@ -1822,7 +1822,7 @@ static moe_result moe__multitask_resolve(moe_ctx *ctx, moe_layer_desc *d, int wh
     if (d->task_input == MOE_TASK_INPUT_DEFAULT) d->task_input = towers ? MOE_TASK_INPUT_TASKS : MOE_TASK_INPUT_SINGLE;
     d->shared_output = d->shared_output ? 1 : 0;
     if (towers) {
-        if (d->n_experts != 0 || d->n_task_experts != 0 || d->shared_output)
+        if (d->n_experts != 0 || (d->n_task_experts != 0 && d->n_task_experts != 1) || d->shared_output)
             return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: task towers have one network per task (no n_experts, n_task_experts, shared_output)", where);
         if (d->task_input == MOE_TASK_INPUT_TASKS_SHARED)
             return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: task towers read a single input or task slices, not a shared slice", where);

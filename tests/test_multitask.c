@@ -80,6 +80,13 @@ static int test_tensors(void) {
     }
     /* the level-2 gates of the tasks mix one own and one shared expert; a gate over one expert has no tensor */
     CHECK_RESULT(moe_model_find_tensor(m, "layers.2.gates.0.weight", &t), MOE_ERR_INVALID_ARGUMENT, &ctx);
+    {   /* a resolved desc resolves to itself */
+        moe_model *again = NULL;
+        moe_model_desc rd = *moe_model_get_desc(m);
+        CHECK_OK(moe_model_create(&ctx, &rd, &again), &ctx);
+        CHECK(again && moe_model_parameter_count(again) == moe_model_parameter_count(m), "re-created from its resolved desc");
+        moe_model_destroy(again);
+    }
     CHECK(moe_model_get_desc(m)->layers[0].d_in == D_IN && moe_model_get_desc(m)->layers[1].d_in == 15 &&
           moe_model_get_desc(m)->layers[1].d_out == 10 && moe_model_get_desc(m)->layers[2].d_hidden == 4, "resolved widths");
     moe_model_destroy(m);

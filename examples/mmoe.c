@@ -13,6 +13,7 @@
    model trains on the same rows (Adam, batch 64) and prints one line per model:
      corr=0.50 model=mmoe task0_mse=0.0xxx task1_mse=0.0xxx params=NNNN seconds=N.N
    with the test-set MSE of each task (the noise alone gives 0.01). */
+#define _POSIX_C_SOURCE 199309L   /* clock_gettime */
 #define MOE_IMPLEMENTATION
 #include "../moe.h"
 

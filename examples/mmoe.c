@@ -73,10 +73,11 @@ static void make_rows(uint64_t seed, double p, uint64_t stream, int n, float *x,
 static int model_layers(const char *name, moe_layer_desc *l) {
     memset(l, 0, sizeof(moe_layer_desc) * 4);
     if (strcmp(name, "shared_bottom") == 0) {
-        /* one shared hidden layer, then a tower per task on it */
-        l[0] = (moe_layer_desc){.kind = MOE_LAYER_DENSE, .d_out = 160, .activation = MOE_ACT_RELU};
-        l[1] = (moe_layer_desc){.kind = MOE_LAYER_TASK_TOWERS, .n_tasks = 2, .task_input = MOE_TASK_INPUT_SINGLE, .d_hidden = 8, .d_out = 2};
-        return 2;
+        /* a shared bottom as deep as an expert (100 -> 128 relu -> 32), then a tower per task on it */
+        l[0] = (moe_layer_desc){.kind = MOE_LAYER_DENSE, .d_out = 128, .activation = MOE_ACT_RELU};
+        l[1] = (moe_layer_desc){.kind = MOE_LAYER_DENSE, .d_out = 32};
+        l[2] = (moe_layer_desc){.kind = MOE_LAYER_TASK_TOWERS, .n_tasks = 2, .task_input = MOE_TASK_INPUT_SINGLE, .d_hidden = 8, .d_out = 2};
+        return 3;
     }
     if (strcmp(name, "mmoe") == 0) {
         /* 8 shared experts (100 -> 16 relu -> 16), a softmax gate per task, towers on the task slices */

@@ -155,7 +155,7 @@ static int parse(int argc, char **argv, run_options *o) {
     int i;
     o->corr[0] = 0.5; o->corr[1] = 0.9; o->n_corr = 2;
     o->epochs = 12; o->n_train = 8192; o->n_threads = 1; o->seed = 1;
-    for (i = 1; i < argc; i++) {
+    for (i = 1; i < argc; i += 2) {      /* every option takes a value */
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!v) return 0;
         if (strcmp(argv[i], "--corr") == 0) {
@@ -180,7 +180,6 @@ static int parse(int argc, char **argv, run_options *o) {
         } else {
             return 0;
         }
-        i++;
     }
     return o->n_corr > 0 && o->epochs > 0 && o->n_train >= BATCH && o->n_train <= 1000000 && o->n_threads >= 0;
 }

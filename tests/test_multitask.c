@@ -210,6 +210,14 @@ static int test_layer_api(void) {
     for (i = 0; i < T_ROWS * 12; i++) dy[i] = moe_rng_normal(3, 3, (uint64_t)i);
     CHECK_OK(moe_layer_backward(l, dy, dx, 0), &ctx);
     CHECK_RESULT(moe_layer_stats(l, &(moe_stats){0}), MOE_ERR_INVALID_ARGUMENT, &ctx);
+    {   /* few rows take the decode path: the same outputs as inside a large batch, to rounding */
+        float small[5 * 12];
+        double worst = 0;
+        CHECK_OK(moe_layer_forward(l, xs, T_ROWS, y, NULL), &ctx);
+        CHECK_OK(moe_layer_forward(l, xs, 5, small, NULL), &ctx);
+        for (i = 0; i < 5 * 12; i++) worst = fmax(worst, fabs(small[i] - y[i]) / (1e-6 + fabs(y[i])));
+        CHECK(worst < 1e-4, "decode path differs by %g", worst);
+    }
     moe_layer_destroy(l);
     return 0;
 }

@@ -1822,8 +1822,8 @@ static moe_result moe__multitask_resolve(moe_ctx *ctx, moe_layer_desc *d, int wh
     if (d->task_input == MOE_TASK_INPUT_DEFAULT) d->task_input = towers ? MOE_TASK_INPUT_TASKS : MOE_TASK_INPUT_SINGLE;
     d->shared_output = d->shared_output ? 1 : 0;
     if (towers) {
-        if (d->n_experts != 0 || (d->n_task_experts != 0 && d->n_task_experts != 1) || d->shared_output)
-            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: task towers have one network per task (no n_experts, n_task_experts, shared_output)", where);
+        if (d->n_experts != 0 || (d->n_task_experts != 0 && d->n_task_experts != 1) || d->shared_output || d->top_k != 0)
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: task towers have one network per task (no n_experts, n_task_experts, shared_output, top_k)", where);
         if (d->task_input == MOE_TASK_INPUT_TASKS_SHARED)
             return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: task towers read a single input or task slices, not a shared slice", where);
         d->n_task_experts = 1;
@@ -1834,6 +1834,8 @@ static moe_result moe__multitask_resolve(moe_ctx *ctx, moe_layer_desc *d, int wh
                              d->n_experts, d->n_task_experts);
         if (d->task_input == MOE_TASK_INPUT_TASKS)
             return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: shared experts need a single input or a shared slice (task_input tasks_shared)", where);
+        if (d->top_k < 0 || d->top_k > 65536)
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: top_k %d of the gates must be >= 0 (0: dense gates)", where, d->top_k);
     }
     if (d->residual) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: multi-task layers are not residual", where);
     gin = moe__task_groups_in(d);
@@ -1918,7 +1920,8 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
         int multitask = moe__is_multitask(d.kind);
         if (!multitask) { d.n_experts = 0; d.expert = MOE_EXPERT_DEFAULT; d.d_hidden = 0; d.n_hidden_layers = 0; }
         else MOE__TRY(moe__expert_resolve(ctx, &d, d.d_in / moe__task_groups_in(&d), where));
-        d.top_k = 0; d.router = MOE_ROUTER_DEFAULT; d.n_shared_experts = 0; d.d_shared_hidden = 0;
+        if (d.kind != MOE_LAYER_MULTIGATE) d.top_k = 0;
+        d.router = MOE_ROUTER_DEFAULT; d.n_shared_experts = 0; d.d_shared_hidden = 0;
         d.renormalize = MOE_FLAG_DEFAULT; d.router_bias = MOE_FLAG_DEFAULT; d.capacity_factor = 0.0f;
         d.jitter = 0.0f; d.balance_loss = d.z_loss = d.importance_loss = d.load_loss = 0.0f;
         d.max_top_k = 0; d.routed_scaling_factor = 0.0f; d.n_groups = 0; d.top_k_groups = 0; d.bias_update_rate = 0.0f; d.hash_seed = 0;
@@ -3105,6 +3108,31 @@ static int64_t moe__mg_expert(const moe_layer *l, int g, int64_t c, int *bank) {
     return c - own;
 }
 
+/* In place: logits z [n] -> gates. Dense: softmax. top_k in 1..n-1: the k largest logits (ties to
+   the lower index) get the softmax over those k, the others 0. Backward needs nothing more: the
+   gradient p (dp - sum p dp) vanishes where p = 0 and is the k-way softmax's elsewhere. */
+static void moe__mg_gate_row(float *z, int64_t n, int64_t top_k) {
+    int64_t c, q;
+    if (top_k <= 0 || top_k >= n) { moe__softmax_row(z, z, n); return; }
+    {
+        float kth = 0.0f, m = -FLT_MAX, s = 0.0f;
+        int64_t last = -1;
+        /* the k-th largest (value, index) pair: count how many pairs precede each entry */
+        for (c = 0; c < n; c++) {
+            int64_t ahead = 0;
+            for (q = 0; q < n; q++) ahead += z[q] > z[c] || (z[q] == z[c] && q < c);
+            if (ahead == top_k - 1) { kth = z[c]; last = c; }
+        }
+        for (c = 0; c < n; c++) m = z[c] > m ? z[c] : m;
+        for (c = 0; c < n; c++) {
+            int keep = z[c] > kth || (z[c] == kth && c <= last);
+            z[c] = keep ? expf(z[c] - m) : 0.0f;
+            s += z[c];
+        }
+        for (c = 0; c < n; c++) z[c] /= s;
+    }
+}
+
 /* x [T, gin * D] -> y [T, gout * O]. */
 static void moe__multitask_forward(moe_layer *l, const float *x, int64_t T, float *y) {
     const moe_layer_desc *d = &l->d;
@@ -3130,7 +3158,7 @@ static void moe__multitask_forward(moe_layer *l, const float *x, int64_t T, floa
             moe__gemm gm = moe__gemm_make(MOE__NT, T, n, D, moe__mat_of(x + moe__mg_gate_slice(l, g) * D, gin * D),
                                           moe__mat_of(moe__w(l, l->mg_gate_w[g]), D), l->mg_p + col, C, 0, NULL);
             moe__gemm_run(&l->ex, &gm);
-            for (t = 0; t < T; t++) moe__softmax_row(l->mg_p + t * C + col, l->mg_p + t * C + col, n);
+            for (t = 0; t < T; t++) moe__mg_gate_row(l->mg_p + t * C + col, n, d->top_k);
         }
     }
     /* y[t, g-th slice] = sum over gate g's columns c of p * expert output, in column order */
@@ -5039,8 +5067,8 @@ static void moe__config_write(const moe_model *m, moe__sb *b) {
         if (moe__is_multitask(l->kind)) {
             moe__sb_printf(b, ",\"tasks\":%d,\"task_input\":\"%s\"", l->n_tasks, moe__task_input_names[l->task_input]);
             if (l->kind == MOE_LAYER_MULTIGATE)
-                moe__sb_printf(b, ",\"experts\":%d,\"task_experts\":%d,\"shared_output\":%s", l->n_experts, l->n_task_experts,
-                               l->shared_output ? "true" : "false");
+                moe__sb_printf(b, ",\"experts\":%d,\"task_experts\":%d,\"shared_output\":%s,\"top_k\":%d", l->n_experts, l->n_task_experts,
+                               l->shared_output ? "true" : "false", l->top_k);
             moe__sb_printf(b, ",\"expert\":\"%s\",\"d_hidden\":%lld,\"hidden_layers\":%d,\"activation\":\"%s\",\"bias\":%s",
                            moe__expert_names[l->expert], (long long)l->d_hidden, l->n_hidden_layers, moe__act_names[l->activation],
                            l->bias == MOE_FLAG_ON ? "true" : "false");
@@ -5097,7 +5125,7 @@ static const moe__field moe__layer_fields[] = {
     MOE__LF("eps", MOE__F_FLOAT, eps, NULL, 0, MOE__K_NORM),
     MOE__LF("router", MOE__F_ENUM, router, moe__router_names, MOE_ROUTER_COUNT, MOE__K_MOE),
     MOE__LF("experts", MOE__F_INT, n_experts, NULL, 0, MOE__K_MOE | MOE__K_MG),
-    MOE__LF("top_k", MOE__F_INT, top_k, NULL, 0, MOE__K_MOE),
+    MOE__LF("top_k", MOE__F_INT, top_k, NULL, 0, MOE__K_MOE | MOE__K_MG),
     MOE__LF("renormalize", MOE__F_FLAG, renormalize, NULL, 0, MOE__K_MOE),
     MOE__LF("router_bias", MOE__F_FLAG, router_bias, NULL, 0, MOE__K_MOE),
     MOE__LF("expert", MOE__F_ENUM, expert, moe__expert_names, MOE_EXPERT_COUNT, MOE__K_MOE | MOE__K_MT),

@@ -356,7 +356,7 @@ static void ref_multitask(ref_run *r, int layer, const moe_layer_desc *d, const 
     int64_t D = d->d_in / gin, O = d->d_out / gout, n_all = (int64_t)nt * et + S, t, k, j, c;
     moe_layer_desc e = *d;
     double *fx = (double *)malloc(sizeof(double) * (size_t)(n_all * O)), *z = (double *)malloc(sizeof(double) * (size_t)n_all);
-    int64_t *member = (int64_t *)malloc(sizeof(int64_t) * (size_t)n_all);
+    int64_t *member = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * n_all));   /* gate members, then kept flags */
     e.d_in = D;
     e.d_out = O;
     for (t = 0; t < T; t++) {
@@ -380,7 +380,20 @@ static void ref_multitask(ref_run *r, int layer, const moe_layer_desc *d, const 
                 W = ref_tensor(r, layer, name);
                 ref_linear(W, NULL, xt + (single ? 0 : g) * D, D, n, z);
                 for (c = 0; c < n; c++) m = z[c] > m ? z[c] : m;
-                for (c = 0; c < n; c++) { z[c] = exp(z[c] - m); sum += z[c]; }
+                if (d->top_k > 0 && d->top_k < n) {
+                    /* top-k gate: the k largest logits (ties: lower index), softmax over them, others 0 */
+                    int64_t q;
+                    for (c = 0; c < n; c++) {
+                        int64_t ahead = 0;
+                        for (q = 0; q < n; q++) ahead += z[q] > z[c] || (z[q] == z[c] && q < c);
+                        member[n + c] = ahead < d->top_k;
+                        ref_decide(r, (uint64_t)(ahead * 64 + c));
+                    }
+                    for (c = 0; c < n; c++) z[c] = member[n + c] ? exp(z[c] - m) : 0.0;
+                } else {
+                    for (c = 0; c < n; c++) z[c] = exp(z[c] - m);
+                }
+                for (c = 0; c < n; c++) sum += z[c];
                 for (c = 0; c < n; c++) z[c] /= sum;
             }
             for (j = 0; j < O; j++) {

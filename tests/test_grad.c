@@ -399,6 +399,17 @@ static int test_ple(void) {
     return run_case_tasks(&gc, &tk);
 }
 
+static int test_mmoe_top_k(void) {
+    /* MMoE with top-2 of 5 gates (renormalised over the two), PLE-style task experts, towers */
+    grad_case gc = {"mmoe top-2 gates", 6, 12, 2, {
+        {.kind = MOE_LAYER_MULTIGATE, .n_tasks = 2, .n_experts = 3, .n_task_experts = 2, .top_k = 2, .d_hidden = 4, .d_out = 2 * 4,
+         .activation = MOE_ACT_SILU},
+        {.kind = MOE_LAYER_TASK_TOWERS, .n_tasks = 2, .expert = MOE_EXPERT_LINEAR, .d_out = 2 * 2}},
+        MOE_LOSS_MSE, 1, 0, 0.0f};
+    grad_tasks tk = {2, {MOE_LOSS_MSE, MOE_LOSS_BCE, MOE_LOSS_DEFAULT}, {1.0f, 1.0f, 0.0f}, {0, 0, 0}};
+    return run_case_tasks(&gc, &tk);
+}
+
 static int test_shared_bottom_towers(void) {
     /* shared bottom (dense) -> towers reading the one representation (task_input single), relu */
     grad_case gc = {"shared bottom + towers", 5, 12, 2, {
@@ -428,6 +439,7 @@ int main(void) {
     RUN(test_hash);
     RUN(test_mmoe);
     RUN(test_ple);
+    RUN(test_mmoe_top_k);
     RUN(test_shared_bottom_towers);
     TEST_END();
 }

@@ -222,6 +222,29 @@ static int test_layer_api(void) {
     return 0;
 }
 
+/* Top-k gates: the same parameters give other outputs than dense gates (the values themselves are
+   checked against the reference in test_grad.c). */
+static int test_top_k_gates(void) {
+    moe_layer *dense = NULL, *top1 = NULL;
+    float yd[T_ROWS * 12], y1[T_ROWS * 12];
+    int64_t n;
+    int i, matches = 0;
+    CHECK_OK(moe_layer_create(&ctx, &(moe_layer_desc){.kind = MOE_LAYER_MULTIGATE, .d_in = D_IN, .n_experts = 3}, T_ROWS, &dense), &ctx);
+    CHECK_OK(moe_layer_create(&ctx, &(moe_layer_desc){.kind = MOE_LAYER_MULTIGATE, .d_in = D_IN, .n_experts = 3, .top_k = 1}, T_ROWS, &top1), &ctx);
+    if (!dense || !top1) { moe_layer_destroy(dense); moe_layer_destroy(top1); return 0; }
+    {
+        float *dst = moe_layer_params(top1, &n);
+        memcpy(dst, moe_layer_params(dense, NULL), sizeof(float) * (size_t)n);
+    }
+    CHECK_OK(moe_layer_forward(dense, xs, T_ROWS, yd, NULL), &ctx);
+    CHECK_OK(moe_layer_forward(top1, xs, T_ROWS, y1, NULL), &ctx);
+    for (i = 0; i < T_ROWS * 12; i++) matches += yd[i] != y1[i];
+    CHECK(matches > 0, "top-1 gates change the outputs");
+    moe_layer_destroy(dense);
+    moe_layer_destroy(top1);
+    return 0;
+}
+
 static int test_errors(void) {
     moe_layer_desc bad[2];
     moe_model_desc d = ple_desc();
@@ -242,10 +265,14 @@ static int test_errors(void) {
     CHECK_RESULT(moe_layer_create(&ctx, &bad[0], 8, (moe_layer **)&m), MOE_ERR_SHAPE, &ctx);
     bad[0].d_out = 0; bad[0].residual = 1;
     CHECK_RESULT(moe_layer_create(&ctx, &bad[0], 8, (moe_layer **)&m), MOE_ERR_INVALID_ARGUMENT, &ctx);
+    bad[0].residual = 0; bad[0].top_k = -1;
+    CHECK_RESULT(moe_layer_create(&ctx, &bad[0], 8, (moe_layer **)&m), MOE_ERR_INVALID_ARGUMENT, &ctx);
     memset(bad, 0, sizeof bad);
     bad[0].kind = MOE_LAYER_TASK_TOWERS; bad[0].d_in = 6; bad[0].n_experts = 2;
     CHECK_RESULT(moe_layer_create(&ctx, &bad[0], 8, (moe_layer **)&m), MOE_ERR_INVALID_ARGUMENT, &ctx);
-    bad[0].n_experts = 0; bad[0].task_input = MOE_TASK_INPUT_TASKS_SHARED;
+    bad[0].n_experts = 0; bad[0].top_k = 1;
+    CHECK_RESULT(moe_layer_create(&ctx, &bad[0], 8, (moe_layer **)&m), MOE_ERR_INVALID_ARGUMENT, &ctx);
+    bad[0].top_k = 0; bad[0].task_input = MOE_TASK_INPUT_TASKS_SHARED;
     CHECK_RESULT(moe_layer_create(&ctx, &bad[0], 8, (moe_layer **)&m), MOE_ERR_INVALID_ARGUMENT, &ctx);
     bad[0].task_input = (moe_task_input)9;
     CHECK_RESULT(moe_layer_create(&ctx, &bad[0], 8, (moe_layer **)&m), MOE_ERR_INVALID_ARGUMENT, &ctx);
@@ -308,6 +335,7 @@ int main(void) {
     RUN(test_task_losses);
     RUN(test_round_trip_threads);
     RUN(test_layer_api);
+    RUN(test_top_k_gates);
     RUN(test_errors);
     TEST_END();
 }

@@ -73,7 +73,8 @@
                         routed_scaling_factor 1, n_groups 1, top_k_groups n_groups,
                         bias_update_rate 0 (off); hash_seed 0; multigate / task towers: n_tasks 2,
                         n_experts 4 (towers: none), n_task_experts 0 (towers: 1), task_input single
-                        (towers: tasks), d_out = output slices * input slice width, d_hidden the slice width
+                        (towers: tasks), top_k 0 (dense gates), d_out = output slices * input slice width,
+                        d_hidden the slice width
      moe_forward_opts   NULL or all zero: inference, the layers' top_k, no top_p, no token ids
      moe_model_desc     loss cross-entropy; max_tokens 256; optimizer as below; n_tasks 0 (one task);
                         with tasks: task_loss = loss, task_weight 1, task_d_out = d_out / n_tasks
@@ -330,7 +331,7 @@ typedef struct moe_layer_desc {
 
     /* MoE layers */
     int n_experts;             /* E (default 4) */
-    int top_k;                 /* k, 1..E (default 2, or E if E < 2; switch: 1) */
+    int top_k;                 /* k, 1..E (default 2, or E if E < 2; switch: 1); multigate: experts each gate keeps (default 0: all) */
     moe_router router;
     moe_expert expert;
     int64_t d_hidden;          /* expert hidden width (default d_in) */

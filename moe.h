@@ -1932,8 +1932,8 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
     if (d.kind != MOE_LAYER_RMSNORM && d.kind != MOE_LAYER_LAYERNORM) d.eps = 0.0f;
     {   /* parameter counts far beyond any machine would overflow the offsets: refuse them here */
         double w = (double)moe__max64(moe__max64(d.d_in, d.d_out), moe__max64(d.d_hidden, d.d_shared_hidden));
-        double est = d.kind == MOE_LAYER_MOE || moe__is_multitask(d.kind)
-                         ? (double)(d.n_experts + d.n_shared_experts + d.n_tasks * d.n_task_experts + d.n_tasks + 2) * (double)(d.n_hidden_layers + 3) * w * w
+        double est = d.kind == MOE_LAYER_MOE ? (double)(d.n_experts + d.n_shared_experts + 1) * (double)(d.n_hidden_layers + 3) * w * w
+                   : moe__is_multitask(d.kind) ? (double)(d.n_experts + d.n_tasks * d.n_task_experts + d.n_tasks + 1) * (double)(d.n_hidden_layers + 3) * w * w
                                              : (double)d.d_in * (double)d.d_out + 2.0 * w;
         if (est > (double)MOE__MAX_BYTES / 8.0)
             return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "layer %d: about %.3g parameters: too large", where, est);
@@ -3309,6 +3309,9 @@ static moe_result moe__check_tokens(moe_ctx *ctx, int64_t T, int64_t max_tokens)
 /* Sizes of one layer's memory for its resolved desc and max_tokens. */
 static moe_result moe__layer_sizes(moe_layer *l, size_t *saved, size_t *scratch) {
     moe__carver a = {NULL, 0, 0}, b = {NULL, 0, 0};
+    if (moe__is_multitask(l->d.kind) && l->max_tokens * moe__task_groups_in(&l->d) > INT32_MAX)   /* row indices are int32 */
+        return moe__fail(l->ctx, MOE_ERR_OUT_OF_MEMORY, "layer %d: max_tokens %lld times %d input slices is too many rows", l->index,
+                         (long long)l->max_tokens, moe__task_groups_in(&l->d));
     moe__layer_carve(l, &a, &b);
     if (a.overflow || b.overflow)
         return moe__fail(l->ctx, MOE_ERR_OUT_OF_MEMORY, "layer %d: activation memory for max_tokens %lld overflows", l->index, (long long)l->max_tokens);

@@ -5,6 +5,7 @@
 #   make mnist    the MNIST run (needs the MNIST IDX files, see README)
 #   make embed    the game-loop example: 10,000 inferences, latency, heap_allocations=0
 #   make mdn      the mixture-density example (Bishop's inverse problem), plot in build/mdn.svg
+#   make mmoe     multi-task learning: shared-bottom, MMoE and PLE on the MMoE paper's synthetic data
 #   make bench    the benchmark
 #   make cross    other platforms and compilers: aarch64 (qemu), 32-bit x86, Windows (MinGW, wine), clang
 #   make cmake-check  the CMake package (add_subdirectory, FetchContent, find_package) and moe.pc
@@ -22,9 +23,9 @@ MNIST   ?= ../shared/data/mnist
 FUZZ_CC ?= clang
 FUZZ_SECONDS ?= 60
 
-EXAMPLES = build/moe build/digits build/cl_train build/embed build/mdn
+EXAMPLES = build/moe build/digits build/cl_train build/embed build/mdn build/mmoe
 BENCH_ARGS ?= --shape all --mode all
-.PHONY: all test demo embed mdn mnist bench cross cmake-check fuzz clean
+.PHONY: all test demo embed mdn mmoe mnist bench cross cmake-check fuzz clean
 
 all: $(EXAMPLES) build/bench_moe
 
@@ -67,6 +68,10 @@ embed: build/embed build/digits
 
 mdn: build/mdn
 	./build/mdn build/mdn.svg
+
+# multi-task learning: shared-bottom, MMoE and PLE on the MMoE paper's synthetic data
+mmoe: build/mmoe
+	./build/mmoe
 
 mnist: build/digits build/mnist/train-images-idx3-ubyte
 	./build/digits --mnist build/mnist

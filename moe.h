@@ -56,6 +56,7 @@
                     capacity, the deterministic counting sort, aux losses
      >>moe_forward  grouped expert computation over (expert, row-tile) tiles, weighted combine; soft MoE
      >>moe_backward expert, weight and router gradients
+     >>multigate    multi-task layers (MMoE, PLE levels, task towers): experts on input slices, softmax gates
      >>layer_api >>loss >>optimizer >>model
      >>json >>safetensors >>model_config >>model_io   files
      >>hf_import    one MoE block of a Hugging Face checkpoint (Mixtral, Qwen2-MoE, DeepSeek-V3)
@@ -77,10 +78,14 @@
                         top_k n_experts, slots_per_expert 1, soft_group_tokens 0 (the whole call is
                         one group); hierarchical router: n_groups 2 (1 if n_experts is odd),
                         top_k_groups 1, top_k min(2, n_experts / n_groups) per chosen group,
-                        group_router and expert_router topk
+                        group_router and expert_router topk; multigate / task towers: n_tasks 2,
+                        n_experts 4 (towers: none), n_task_experts 0 (towers: 1), task_input single
+                        (towers: tasks), top_k 0 (dense gates), d_out = output slices * input slice width,
+                        d_hidden the slice width
      moe_forward_opts   NULL or all zero: inference, the layers' top_k, no top_p, no token ids
      moe_model_desc     loss cross-entropy (mixture NLL when the last layer has Gaussian experts);
-                        max_tokens 256; optimizer as below
+                        max_tokens 256; optimizer as below; n_tasks 0 (one task); with tasks:
+                        task_loss = loss, task_weight 1, task_d_out = d_out / n_tasks
      moe_optimizer_desc AdamW; lr 1e-3; beta1 0.9; beta2 0.999; eps 1e-8; everything else 0
      moe_hf_desc        arch from config.json's model_type, else the tensor names; prefix the
                         lowest-numbered MoE block; top_k, norm_topk_prob, groups and scaling
@@ -200,8 +205,23 @@ typedef enum moe_layer_kind {
     MOE_LAYER_MOE,          /* mixture of experts */
     MOE_LAYER_RMSNORM,      /* y = x / sqrt(mean(x^2) + eps) * w */
     MOE_LAYER_LAYERNORM,    /* y = (x - mean) / sqrt(var + eps) * w + b */
+    MOE_LAYER_MULTIGATE,    /* multi-task: MMoE (one softmax gate per task over shared experts) or a PLE level */
+    MOE_LAYER_TASK_TOWERS,  /* multi-task: one independent expert network per task slice (block-diagonal) */
     MOE_LAYER_COUNT
 } moe_layer_kind;
+
+/* Most tasks of a multi-task layer or model. */
+#define MOE_MAX_TASKS 8
+
+/* Layout of the input of a multi-task layer [T, d_in]: one representation, or one slice of
+   width d_in / groups per task (then the shared slice), as a previous multi-task layer writes them. */
+typedef enum moe_task_input {
+    MOE_TASK_INPUT_DEFAULT = 0, /* multigate: single; task towers: tasks */
+    MOE_TASK_INPUT_SINGLE,      /* x [T, D] read by every expert and gate */
+    MOE_TASK_INPUT_TASKS,       /* [T, n_tasks * D]: task i's experts and gate read slice i */
+    MOE_TASK_INPUT_TASKS_SHARED,/* [T, (n_tasks + 1) * D]: the last slice feeds shared experts and the shared gate */
+    MOE_TASK_INPUT_COUNT
+} moe_task_input;
 
 typedef enum moe_activation {
     MOE_ACT_DEFAULT = 0,    /* identity for dense layers, relu for MLP experts */
@@ -342,7 +362,7 @@ typedef struct moe_layer_desc {
 
     /* MoE layers */
     int n_experts;             /* E (default 4) */
-    int top_k;                 /* k, 1..E (default 2, or E if E < 2; switch: 1; Gaussian experts: E) */
+    int top_k;                 /* k, 1..E (default 2, or E if E < 2; switch: 1; Gaussian experts: E); multigate: experts each gate keeps (default 0: all) */
     moe_router router;
     moe_expert expert;
     int64_t d_hidden;          /* expert hidden width (default d_in) */
@@ -380,6 +400,12 @@ typedef struct moe_layer_desc {
     /* hierarchical router (n_groups groups, top_k_groups chosen, top_k experts inside each chosen group) */
     moe_router group_router;   /* first-level gate: MOE_ROUTER_TOPK (default) or MOE_ROUTER_NOISY_TOPK */
     moe_router expert_router;  /* second-level gate inside a group: MOE_ROUTER_TOPK (default) or MOE_ROUTER_NOISY_TOPK */
+    /* multi-task layers (multigate: n_experts are the shared experts; expert, d_hidden,
+       n_hidden_layers, activation and bias describe every expert and tower) */
+    int n_tasks;               /* tasks, 1..MOE_MAX_TASKS (default 2) */
+    int n_task_experts;        /* multigate: experts of each task (PLE; default 0: MMoE) */
+    moe_task_input task_input; /* layout of the input (default: multigate single, task towers tasks) */
+    int shared_output;         /* multigate: nonzero also outputs the shared representation (PLE levels before the last) */
 } moe_layer_desc;
 
 typedef struct moe_layer moe_layer;
@@ -492,6 +518,7 @@ typedef struct moe_step_info {
     float grad_norm;           /* global L2 norm before clipping */
     float lr;                  /* learning rate used by this step */
     int64_t step;              /* steps taken so far, this one included */
+    float task_loss[MOE_MAX_TASKS]; /* multi-task models: each task's loss, unweighted (loss is their weighted sum) */
 } moe_step_info;
 
 MOEDEF moe_result moe_optimizer_create(moe_ctx *ctx, const moe_optimizer_desc *desc, int64_t n_params, moe_optimizer **out);
@@ -512,6 +539,12 @@ typedef struct moe_model_desc {
     moe_loss loss;
     int64_t max_tokens;        /* most rows per call (default 256); sizes the activation arena */
     moe_optimizer_desc optimizer;
+    /* multi-task models: the output [T, d_out] is n_tasks slices side by side, each with its own
+       loss and target; the training loss is sum_i task_weight[i] * loss_i */
+    int n_tasks;               /* 0: one task (loss above) */
+    moe_loss task_loss[MOE_MAX_TASKS];   /* default: loss */
+    float task_weight[MOE_MAX_TASKS];    /* > 0 (default 1) */
+    int64_t task_d_out[MOE_MAX_TASKS];   /* slice widths summing to d_out (default d_out / n_tasks each) */
 } moe_model_desc;
 
 typedef struct moe_model moe_model;
@@ -521,6 +554,7 @@ typedef struct moe_model moe_model;
 typedef struct moe_target {
     const int32_t *labels;
     const float *values;
+    const struct moe_target *tasks; /* multi-task models: [n_tasks] targets, task i's values [T, task_d_out[i]] */
 } moe_target;
 
 MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe_model **out);
@@ -732,7 +766,7 @@ MOEDEF float moe_rng_normal(uint64_t seed, uint64_t stream, uint64_t counter);  
 #endif
 #define MOE__MAX_BYTES ((size_t)MOE_MAX_BYTES)
 #define MOE__MAX_LINEARS 9          /* MLP experts: up to 8 hidden layers */
-#define MOE__MAX_TENSORS 44         /* per layer: up to 6 router tensors (hierarchical) + two banks of 9 linears with biases */
+#define MOE__MAX_TENSORS 48         /* per layer: router weight, bias, noise weight (or 9 multi-task gates) + two banks of 9 linears with biases */
 #define MOE__NAME_MAX 64
 
 static size_t moe__strlcpy(char *dst, const char *src, size_t cap) {
@@ -1862,6 +1896,17 @@ struct moe_layer {
     float *ggate;               /* [T, top_k_groups] gates of the chosen groups (chosen groups in group_sel) */
     float *dgh, *dgclean, *dgstd; /* backward: [T, G] */
     float *dggate;              /* backward: [T, top_k_groups] */
+
+    /* multi-task layers: the shared experts and the task experts (or towers) are banks; every
+       expert takes all T tokens, expert e of a bank holding rows e*T..(e+1)*T */
+    int mg_shared_bank, mg_task_bank; /* index into bank[]; -1: none */
+    int mg_gates;               /* one gate per task, then the shared gate when shared_output */
+    int64_t mg_gate_w[MOE_MAX_TASKS + 1];     /* offset of gates.<g>.weight [width, D]; -1: a gate over one expert (weight 1) */
+    int64_t mg_gate_width[MOE_MAX_TASKS + 1]; /* experts gate g mixes */
+    int64_t mg_gate_col[MOE_MAX_TASKS + 1];   /* first column of gate g in mg_p */
+    int64_t mg_cols;            /* sum of the gate widths */
+    float *mg_p;                /* [T, mg_cols] gate probabilities */
+    float *mg_dp;               /* [T, mg_cols] backward: gradient at the gate probabilities, then logits */
 };
 
 /* Gated experts w2(act(w1 x) * (w3 x)): SwiGLU and GeGLU share tensors, stages and buffers. */
@@ -1998,6 +2043,77 @@ static int64_t moe__expert_choice_tokens(const moe_layer_desc *d, int64_t T, int
     return moe__min64(T, moe__capacity(d->capacity_factor, T, k, d->n_experts));
 }
 
+/* The expert fields (kind, hidden width, hidden layers, activation, bias) of a MoE or multi-task desc. */
+static moe_result moe__expert_resolve(moe_ctx *ctx, moe_layer_desc *d, int64_t default_hidden, int where) {
+    if ((int)d->expert < 0 || d->expert >= MOE_EXPERT_COUNT)
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: unknown expert kind %d", where, (int)d->expert);
+    if (d->expert == MOE_EXPERT_DEFAULT) d->expert = MOE_EXPERT_MLP;
+    if (d->d_hidden == 0) d->d_hidden = default_hidden;
+    if (!moe__dims_ok(d->d_hidden))
+        return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: d_hidden %lld out of range", where, (long long)d->d_hidden);
+    if (d->expert == MOE_EXPERT_LINEAR) d->n_hidden_layers = 0;
+    else if (moe__glu_kind(d->expert)) d->n_hidden_layers = 1;
+    else if (d->n_hidden_layers == 0) d->n_hidden_layers = 1;
+    if (d->n_hidden_layers < 0 || d->n_hidden_layers > MOE__MAX_LINEARS - 1)
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: n_hidden_layers %d out of range 1..%d", where, d->n_hidden_layers, MOE__MAX_LINEARS - 1);
+    /* linear experts have no activation, SwiGLU's is silu, GeGLU's gelu: the field is ignored for them */
+    if (d->activation == MOE_ACT_DEFAULT) d->activation = MOE_ACT_RELU;
+    if (d->expert == MOE_EXPERT_SWIGLU) d->activation = MOE_ACT_SILU;
+    if (d->expert == MOE_EXPERT_GEGLU) d->activation = MOE_ACT_GELU;
+    if (d->expert == MOE_EXPERT_LINEAR) d->activation = MOE_ACT_IDENTITY;
+    d->bias = moe__flag(d->bias, !moe__glu_kind(d->expert)) ? MOE_FLAG_ON : MOE_FLAG_OFF;
+    return MOE_OK;
+}
+
+static int moe__is_multitask(moe_layer_kind k) { return k == MOE_LAYER_MULTIGATE || k == MOE_LAYER_TASK_TOWERS; }
+
+/* Slices of a multi-task layer's input and output. */
+static int moe__task_groups_in(const moe_layer_desc *d) {
+    return d->task_input == MOE_TASK_INPUT_TASKS ? d->n_tasks : d->task_input == MOE_TASK_INPUT_TASKS_SHARED ? d->n_tasks + 1 : 1;
+}
+static int moe__task_groups_out(const moe_layer_desc *d) { return d->n_tasks + (d->shared_output ? 1 : 0); }
+
+/* Multi-task layers: tasks, experts, input and output slices. d_in is resolved. */
+static moe_result moe__multitask_resolve(moe_ctx *ctx, moe_layer_desc *d, int where) {
+    int towers = d->kind == MOE_LAYER_TASK_TOWERS, gin, gout;
+    int64_t D;
+    if (d->n_tasks == 0) d->n_tasks = 2;
+    if (d->n_tasks < 1 || d->n_tasks > MOE_MAX_TASKS)
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: n_tasks %d out of range 1..%d", where, d->n_tasks, MOE_MAX_TASKS);
+    if ((int)d->task_input < 0 || d->task_input >= MOE_TASK_INPUT_COUNT)
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: unknown task_input %d", where, (int)d->task_input);
+    if (d->task_input == MOE_TASK_INPUT_DEFAULT) d->task_input = towers ? MOE_TASK_INPUT_TASKS : MOE_TASK_INPUT_SINGLE;
+    d->shared_output = d->shared_output ? 1 : 0;
+    if (d->expert == MOE_EXPERT_GAUSSIAN)
+        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "layer %d: Gaussian experts belong to moe layers (a mixture density head), not to multi-task layers", where);
+    if (towers) {
+        if (d->n_experts != 0 || (d->n_task_experts != 0 && d->n_task_experts != 1) || d->shared_output || d->top_k != 0)
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: task towers have one network per task (no n_experts, n_task_experts, shared_output, top_k)", where);
+        if (d->task_input == MOE_TASK_INPUT_TASKS_SHARED)
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: task towers read a single input or task slices, not a shared slice", where);
+        d->n_task_experts = 1;
+    } else {
+        if (d->n_experts == 0) d->n_experts = 4;
+        if (d->n_experts < 1 || d->n_experts > 256 || d->n_task_experts < 0 || d->n_task_experts > 256)
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: n_experts %d (1..256) or n_task_experts %d (0..256) out of range", where,
+                             d->n_experts, d->n_task_experts);
+        if (d->task_input == MOE_TASK_INPUT_TASKS)
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: shared experts need a single input or a shared slice (task_input tasks_shared)", where);
+        if (d->top_k < 0 || d->top_k > 65536)
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: top_k %d of the gates must be >= 0 (0: dense gates)", where, d->top_k);
+    }
+    if (d->residual) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: multi-task layers are not residual", where);
+    gin = moe__task_groups_in(d);
+    gout = moe__task_groups_out(d);
+    if (d->d_in % gin != 0)
+        return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: d_in %lld is not %d equal slices", where, (long long)d->d_in, gin);
+    D = d->d_in / gin;
+    if (d->d_out == 0) d->d_out = gout * D;
+    if (!moe__dims_ok(d->d_out) || d->d_out % gout != 0)
+        return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: d_out %lld must be %d equal slices", where, (long long)d->d_out, gout);
+    return MOE_OK;
+}
+
 /* Fill defaults and validate. prev_width: the previous layer's output (0 if none). */
 static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int64_t prev_width, int where, moe_layer_desc *out) {
     moe_layer_desc d = *in;
@@ -2016,6 +2132,7 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
         if (!(d.eps > 0.0f) || !moe__finite(d.eps))
             return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: eps must be > 0", where);
     }
+    if (moe__is_multitask(d.kind)) MOE__TRY(moe__multitask_resolve(ctx, &d, where));
     if (d.d_out == 0) d.d_out = d.d_in;
     if (!moe__dims_ok(d.d_out))
         return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: d_out %lld out of range", where, (long long)d.d_out);
@@ -2034,10 +2151,7 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
     if (d.kind == MOE_LAYER_MOE) {
         if ((int)d.router < 0 || d.router >= MOE_ROUTER_COUNT)
             return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: unknown router %d", where, (int)d.router);
-        if ((int)d.expert < 0 || d.expert >= MOE_EXPERT_COUNT)
-            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: unknown expert kind %d", where, (int)d.expert);
         if (d.router == MOE_ROUTER_DEFAULT) d.router = MOE_ROUTER_TOPK;
-        if (d.expert == MOE_EXPERT_DEFAULT) d.expert = MOE_EXPERT_MLP;
         if (d.n_experts == 0) d.n_experts = 4;
         if (d.n_experts < 1 || d.n_experts > 65536)
             return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: n_experts %d out of range 1..65536", where, d.n_experts);
@@ -2062,20 +2176,7 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
         if (d.top_k == 0) d.top_k = d.expert == MOE_EXPERT_GAUSSIAN || d.n_experts < 2 ? d.n_experts : 2;
         if (d.top_k < 1 || d.top_k > d.n_experts)
             return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: top_k %d must be in 1..n_experts (%d)", where, d.top_k, d.n_experts);
-        if (d.d_hidden == 0) d.d_hidden = d.d_in;
-        if (!moe__dims_ok(d.d_hidden))
-            return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: d_hidden %lld out of range", where, (long long)d.d_hidden);
-        if (d.expert == MOE_EXPERT_LINEAR) d.n_hidden_layers = 0;
-        else if (moe__glu_kind(d.expert)) d.n_hidden_layers = 1;
-        else if (d.n_hidden_layers == 0) d.n_hidden_layers = 1;
-        if (d.n_hidden_layers < 0 || d.n_hidden_layers > MOE__MAX_LINEARS - 1)
-            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: n_hidden_layers %d out of range 1..%d", where, d.n_hidden_layers, MOE__MAX_LINEARS - 1);
-        /* linear experts have no activation, SwiGLU's is silu, GeGLU's gelu: the field is ignored for them */
-        if (d.activation == MOE_ACT_DEFAULT) d.activation = MOE_ACT_RELU;
-        if (d.expert == MOE_EXPERT_SWIGLU) d.activation = MOE_ACT_SILU;
-        if (d.expert == MOE_EXPERT_GEGLU) d.activation = MOE_ACT_GELU;
-        if (d.expert == MOE_EXPERT_LINEAR) d.activation = MOE_ACT_IDENTITY;
-        d.bias = moe__flag(d.bias, !moe__glu_kind(d.expert)) ? MOE_FLAG_ON : MOE_FLAG_OFF;
+        MOE__TRY(moe__expert_resolve(ctx, &d, d.d_in, where));
         if (d.n_shared_experts < 0 || d.n_shared_experts > 64)
             return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: n_shared_experts %d out of range 0..64", where, d.n_shared_experts);
         if (d.d_shared_hidden == 0) d.d_shared_hidden = d.d_hidden;
@@ -2108,21 +2209,26 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
         MOE__TRY(moe__combine_resolve(ctx, &d, where));
     } else {
         /* fields of other kinds are not part of this layer */
-        d.n_experts = 0; d.top_k = 0; d.router = MOE_ROUTER_DEFAULT; d.expert = MOE_EXPERT_DEFAULT;
-        d.d_hidden = 0; d.n_hidden_layers = 0; d.n_shared_experts = 0; d.d_shared_hidden = 0;
+        int multitask = moe__is_multitask(d.kind);
+        if (!multitask) { d.n_experts = 0; d.expert = MOE_EXPERT_DEFAULT; d.d_hidden = 0; d.n_hidden_layers = 0; }
+        else MOE__TRY(moe__expert_resolve(ctx, &d, d.d_in / moe__task_groups_in(&d), where));
+        if (d.kind != MOE_LAYER_MULTIGATE) d.top_k = 0;
+        d.router = MOE_ROUTER_DEFAULT; d.n_shared_experts = 0; d.d_shared_hidden = 0;
         d.renormalize = MOE_FLAG_DEFAULT; d.router_bias = MOE_FLAG_DEFAULT; d.capacity_factor = 0.0f;
         d.jitter = 0.0f; d.balance_loss = d.z_loss = d.importance_loss = d.load_loss = 0.0f;
         d.max_top_k = 0; d.routed_scaling_factor = 0.0f; d.n_groups = 0; d.top_k_groups = 0; d.bias_update_rate = 0.0f; d.hash_seed = 0;
         d.shared_gate = MOE_FLAG_DEFAULT;
         d.combine = MOE_COMBINE_DEFAULT; d.d_expert_out = 0;
         d.slots_per_expert = 0; d.soft_group_tokens = 0; d.group_router = MOE_ROUTER_DEFAULT; d.expert_router = MOE_ROUTER_DEFAULT;
-        if (d.kind != MOE_LAYER_DENSE) { d.activation = MOE_ACT_DEFAULT; d.bias = MOE_FLAG_DEFAULT; }
+        if (d.kind != MOE_LAYER_DENSE && !multitask) { d.activation = MOE_ACT_DEFAULT; d.bias = MOE_FLAG_DEFAULT; }
     }
+    if (!moe__is_multitask(d.kind)) { d.n_tasks = 0; d.n_task_experts = 0; d.task_input = MOE_TASK_INPUT_DEFAULT; d.shared_output = 0; }
     if (d.kind != MOE_LAYER_RMSNORM && d.kind != MOE_LAYER_LAYERNORM) d.eps = 0.0f;
     {   /* parameter counts far beyond any machine would overflow the offsets: refuse them here */
         double w = (double)moe__max64(moe__max64(moe__max64(d.d_in, d.d_out), moe__max64(d.d_hidden, d.d_shared_hidden)), d.d_expert_out);
         double est = d.kind == MOE_LAYER_MOE ? (double)(d.n_experts + d.n_shared_experts + 1) * (double)(d.n_hidden_layers + 3) * w * w +
                                                    (double)d.n_experts * (double)d.slots_per_expert * w  /* soft router: Phi */
+                   : moe__is_multitask(d.kind) ? (double)(d.n_experts + d.n_tasks * d.n_task_experts + d.n_tasks + 1) * (double)(d.n_hidden_layers + 3) * w * w
                                              : (double)d.d_in * (double)d.d_out + 2.0 * w;
         if (d.combine == MOE_COMBINE_STACK) est += (double)d.n_experts * (double)d.d_expert_out * (double)d.d_out;
         if (est > (double)MOE__MAX_BYTES / 8.0)
@@ -2165,7 +2271,7 @@ static moe__linear moe__add_linear(moe_layer *l, const char *prefix, int n, int6
     return lin;
 }
 
-static void moe__bank_plan(moe_layer *l, moe__bank *b, const char *prefix, int n, int64_t hidden, int64_t d_out, int64_t max_rows) {
+static void moe__bank_plan(moe_layer *l, moe__bank *b, const char *prefix, int n, int64_t in, int64_t hidden, int64_t out, int64_t max_rows) {
     const moe_layer_desc *d = &l->d;
     char name[MOE__NAME_MAX];
     int j, bias = d->bias == MOE_FLAG_ON;
@@ -2173,28 +2279,61 @@ static void moe__bank_plan(moe_layer *l, moe__bank *b, const char *prefix, int n
     b->n = n;
     b->kind = d->expert;
     b->act = d->activation;
-    b->d_in = d->d_in;
+    b->d_in = in;
     b->d_hidden = hidden;
-    b->d_out = d->expert == MOE_EXPERT_GAUSSIAN ? 2 * d_out : d_out;  /* Gaussian: mean | raw log-std */
+    b->d_out = out;
     b->max_rows = max_rows;
     if (moe__glu_kind(d->expert)) {
         b->n_linears = 3;
         snprintf(name, sizeof name, "%s.w1", prefix);
-        b->lin[0] = moe__add_linear(l, name, n, d->d_in, hidden, bias, MOE__INIT_UNIFORM);
+        b->lin[0] = moe__add_linear(l, name, n, in, hidden, bias, MOE__INIT_UNIFORM);
         snprintf(name, sizeof name, "%s.w3", prefix);
-        b->lin[1] = moe__add_linear(l, name, n, d->d_in, hidden, bias, MOE__INIT_UNIFORM);
+        b->lin[1] = moe__add_linear(l, name, n, in, hidden, bias, MOE__INIT_UNIFORM);
         snprintf(name, sizeof name, "%s.w2", prefix);
-        b->lin[2] = moe__add_linear(l, name, n, hidden, d_out, bias, MOE__INIT_UNIFORM);
+        b->lin[2] = moe__add_linear(l, name, n, hidden, out, bias, MOE__INIT_UNIFORM);
         b->lin[2].input = 0;
     } else {
         int L = d->n_hidden_layers;
         b->n_linears = L + 1;
         for (j = 0; j <= L; j++) {
-            int64_t in = j == 0 ? d->d_in : hidden, out = j == L ? b->d_out : hidden;
+            int64_t a = j == 0 ? in : hidden, z = j == L ? out : hidden;
             snprintf(name, sizeof name, "%s.fc%d", prefix, j);
-            b->lin[j] = moe__add_linear(l, name, n, in, out, bias, MOE__INIT_UNIFORM);
+            b->lin[j] = moe__add_linear(l, name, n, a, z, bias, MOE__INIT_UNIFORM);
             b->lin[j].input = j - 1;
         }
+    }
+}
+
+/* Multi-task layers: gates (task gates mix their own task's experts, then the shared ones; the
+   shared gate mixes every task expert, task by task, then the shared ones), then the banks. */
+static void moe__multitask_plan(moe_layer *l) {
+    const moe_layer_desc *d = &l->d;
+    int gin = moe__task_groups_in(d), gout = moe__task_groups_out(d), g;
+    int64_t D = d->d_in / gin, O = d->d_out / gout, T = l->max_tokens, n_task = (int64_t)d->n_tasks * d->n_task_experts;
+    int64_t S = d->kind == MOE_LAYER_MULTIGATE ? d->n_experts : 0;
+    char name[MOE__NAME_MAX];
+    l->mg_gates = gout;
+    l->mg_cols = 0;
+    for (g = 0; g < gout; g++) {
+        int64_t n = (g < d->n_tasks ? d->n_task_experts : n_task) + S;
+        l->mg_gate_width[g] = n;
+        l->mg_gate_col[g] = l->mg_cols;
+        l->mg_cols += n;
+        l->mg_gate_w[g] = -1;
+        if (n > 1) {
+            snprintf(name, sizeof name, "gates.%d.weight", g);
+            l->mg_gate_w[g] = moe__add_tensor(l, name, 2, n, D, 0, MOE__INIT_UNIFORM, 1.0f / sqrtf((float)D));
+        }
+    }
+    l->mg_shared_bank = l->mg_task_bank = -1;
+    if (S > 0) {
+        l->mg_shared_bank = l->n_banks++;
+        moe__bank_plan(l, &l->bank[l->mg_shared_bank], "experts", (int)S, D, d->d_hidden, O, S * T);
+    }
+    if (n_task > 0) {
+        l->mg_task_bank = l->n_banks++;
+        moe__bank_plan(l, &l->bank[l->mg_task_bank], d->kind == MOE_LAYER_TASK_TOWERS ? "towers" : "task_experts", (int)n_task, D,
+                       d->d_hidden, O, n_task * T);
     }
 }
 
@@ -2243,10 +2382,11 @@ static void moe__layer_plan(moe_layer *l) {
                        ? moe__add_tensor(l, "router.noise_weight", 3, d->n_groups, d->n_experts / d->n_groups, d->d_in, MOE__INIT_ZEROS, 0.0f)
                        : moe__add_tensor(l, "router.noise_weight", 2, d->n_experts, d->d_in, 0, MOE__INIT_ZEROS, 0.0f);
         }
-        moe__bank_plan(l, &l->bank[0], "experts", d->n_experts, d->d_hidden, d->d_expert_out, rows);
+        moe__bank_plan(l, &l->bank[0], "experts", d->n_experts, d->d_in, d->d_hidden,
+                       d->expert == MOE_EXPERT_GAUSSIAN ? 2 * d->d_expert_out : d->d_expert_out, rows);  /* Gaussian: mean | raw log-std */
         l->n_banks = 1;
         if (d->n_shared_experts > 0) {
-            moe__bank_plan(l, &l->bank[1], "shared", d->n_shared_experts, d->d_shared_hidden, d->d_out, T * d->n_shared_experts);
+            moe__bank_plan(l, &l->bank[1], "shared", d->n_shared_experts, d->d_in, d->d_shared_hidden, d->d_out, T * d->n_shared_experts);
             l->n_banks = 2;
             if (d->shared_gate == MOE_FLAG_ON)
                 l->shared_gate_w = moe__add_tensor(l, "shared.gate.weight", 2, d->n_shared_experts, d->d_in, 0, MOE__INIT_UNIFORM,
@@ -2258,6 +2398,10 @@ static void moe__layer_plan(moe_layer *l) {
             l->combine = moe__add_linear(l, "combine", 0, (int64_t)d->n_experts * d->d_expert_out, d->d_out, 1, MOE__INIT_UNIFORM);
         break;
     }
+    case MOE_LAYER_MULTIGATE:
+    case MOE_LAYER_TASK_TOWERS:
+        moe__multitask_plan(l);
+        break;
     default: break;
     }
 }
@@ -2279,11 +2423,12 @@ static int64_t moe__max_tiles(const moe_layer *l) {
     return n + 1;
 }
 
+static void moe__banks_carve(moe_layer *l, moe__carver *saved, moe__carver *scratch);
+
 /* Assign every activation buffer for max_tokens. Called with NULL bases to size. */
 static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scratch) {
     const moe_layer_desc *d = &l->d;
     int64_t T = l->max_tokens;
-    int b, j;
     switch (d->kind) {
     case MOE_LAYER_DENSE:
         l->z = MOE__CARVE(saved, float, T * d->d_out);
@@ -2325,28 +2470,7 @@ static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scra
         l->chosen_cursor = MOE__CARVE(saved, int64_t, E);
         l->importance = MOE__CARVE(saved, float, E);
         l->load = MOE__CARVE(saved, float, E);
-        l->max_tiles = moe__max_tiles(l);
-        l->tiles = MOE__CARVE(saved, moe__tile, l->max_tiles);
-        for (b = 0; b < l->n_banks; b++) {
-            moe__bank *k = &l->bank[b];
-            int64_t R = k->max_rows;
-            k->offsets = MOE__CARVE(saved, int64_t, k->n + 1);
-            k->row_token = MOE__CARVE(saved, int32_t, R);
-            if (moe__glu_kind(k->kind)) {
-                k->z[0] = MOE__CARVE(saved, float, R * k->d_hidden);   /* x W1^T + b1 */
-                k->z[1] = MOE__CARVE(saved, float, R * k->d_hidden);   /* x W3^T + b3 */
-                k->a[0] = MOE__CARVE(saved, float, R * k->d_hidden);   /* act(z0) * z1 */
-            } else {
-                for (j = 0; j + 1 < k->n_linears; j++) {
-                    k->z[j] = MOE__CARVE(saved, float, R * k->d_hidden);
-                    k->a[j] = MOE__CARVE(saved, float, R * k->d_hidden);
-                }
-            }
-            k->out = MOE__CARVE(saved, float, R * k->d_out);
-            for (j = 0; j < k->n_linears; j++) k->dz[j] = MOE__CARVE(scratch, float, R * k->lin[j].out);
-            k->da = moe__glu_kind(k->kind) ? MOE__CARVE(scratch, float, R * k->d_hidden) : NULL;
-            k->dxr = MOE__CARVE(scratch, float, R * k->d_in);
-        }
+        moe__banks_carve(l, saved, scratch);
         l->dgate = MOE__CARVE(scratch, float, T * K);
         l->dh = MOE__CARVE(scratch, float, T * L);
         l->dclean = noisy ? MOE__CARVE(scratch, float, T * E) : l->dh;
@@ -2381,7 +2505,40 @@ static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scra
         }
         break;
     }
+    case MOE_LAYER_MULTIGATE:
+    case MOE_LAYER_TASK_TOWERS:
+        l->mg_p = MOE__CARVE(saved, float, T * l->mg_cols);
+        moe__banks_carve(l, saved, scratch);
+        l->mg_dp = MOE__CARVE(scratch, float, T * l->mg_cols);
+        break;
     default: break;
+    }
+}
+
+/* The tiles and every bank's buffers. */
+static void moe__banks_carve(moe_layer *l, moe__carver *saved, moe__carver *scratch) {
+    int b, j;
+    l->max_tiles = moe__max_tiles(l);
+    l->tiles = MOE__CARVE(saved, moe__tile, l->max_tiles);
+    for (b = 0; b < l->n_banks; b++) {
+        moe__bank *k = &l->bank[b];
+        int64_t R = k->max_rows;
+        k->offsets = MOE__CARVE(saved, int64_t, k->n + 1);
+        k->row_token = MOE__CARVE(saved, int32_t, R);
+        if (moe__glu_kind(k->kind)) {
+            k->z[0] = MOE__CARVE(saved, float, R * k->d_hidden);   /* x W1^T + b1 */
+            k->z[1] = MOE__CARVE(saved, float, R * k->d_hidden);   /* x W3^T + b3 */
+            k->a[0] = MOE__CARVE(saved, float, R * k->d_hidden);   /* act(z0) * z1 */
+        } else {
+            for (j = 0; j + 1 < k->n_linears; j++) {
+                k->z[j] = MOE__CARVE(saved, float, R * k->d_hidden);
+                k->a[j] = MOE__CARVE(saved, float, R * k->d_hidden);
+            }
+        }
+        k->out = MOE__CARVE(saved, float, R * k->d_out);
+        for (j = 0; j < k->n_linears; j++) k->dz[j] = MOE__CARVE(scratch, float, R * k->lin[j].out);
+        k->da = moe__glu_kind(k->kind) ? MOE__CARVE(scratch, float, R * k->d_hidden) : NULL;
+        k->dxr = MOE__CARVE(scratch, float, R * k->d_in);
     }
 }
 
@@ -3693,6 +3850,167 @@ static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flag
     }
 }
 
+// >>multigate ---------------------------------------------------------------
+/* Multi-task layers (MMoE, PLE levels, task towers). Every expert takes every token; gate g of
+   token t mixes its experts' outputs with softmax(x_slice W_g^T) (README "multigate"). */
+
+/* Input slice that gate g reads. */
+static int moe__mg_gate_slice(const moe_layer *l, int g) {
+    return l->d.task_input == MOE_TASK_INPUT_SINGLE ? 0 : g;   /* the shared gate is g = n_tasks: the shared slice */
+}
+
+/* Input slice that expert e of bank b reads. */
+static int moe__mg_expert_slice(const moe_layer *l, int b, int64_t e) {
+    if (l->d.task_input == MOE_TASK_INPUT_SINGLE) return 0;
+    return b == l->mg_task_bank ? (int)(e / l->d.n_task_experts) : l->d.n_tasks;
+}
+
+/* Expert behind column c of gate g: its bank and index. */
+static int64_t moe__mg_expert(const moe_layer *l, int g, int64_t c, int *bank) {
+    int64_t own = g < l->d.n_tasks ? l->d.n_task_experts : (int64_t)l->d.n_tasks * l->d.n_task_experts;
+    if (c < own) {
+        *bank = l->mg_task_bank;
+        return g < l->d.n_tasks ? (int64_t)g * l->d.n_task_experts + c : c;
+    }
+    *bank = l->mg_shared_bank;
+    return c - own;
+}
+
+/* In place: logits z [n] -> gates. Dense: softmax. top_k in 1..n-1: the k largest logits (ties to
+   the lower index) get the softmax over those k, the others 0. Backward needs nothing more: the
+   gradient p (dp - sum p dp) vanishes where p = 0 and is the k-way softmax's elsewhere. */
+static void moe__mg_gate_row(float *z, int64_t n, int64_t top_k) {
+    int64_t c, q;
+    if (top_k <= 0 || top_k >= n) { moe__softmax_row(z, z, n); return; }
+    {
+        float kth = 0.0f, m = -FLT_MAX, s = 0.0f;
+        int64_t last = -1;
+        /* the k-th largest (value, index) pair: count how many pairs precede each entry */
+        for (c = 0; c < n; c++) {
+            int64_t ahead = 0;
+            for (q = 0; q < n; q++) ahead += z[q] > z[c] || (z[q] == z[c] && q < c);
+            if (ahead == top_k - 1) { kth = z[c]; last = c; }
+        }
+        for (c = 0; c < n; c++) m = z[c] > m ? z[c] : m;
+        for (c = 0; c < n; c++) {
+            int keep = z[c] > kth || (z[c] == kth && c <= last);
+            z[c] = keep ? expf(z[c] - m) : 0.0f;
+            s += z[c];
+        }
+        for (c = 0; c < n; c++) z[c] /= s;
+    }
+}
+
+/* x [T, gin * D] -> y [T, gout * O]. */
+static void moe__multitask_forward(moe_layer *l, const float *x, int64_t T, float *y) {
+    const moe_layer_desc *d = &l->d;
+    int gin = moe__task_groups_in(d), gout = moe__task_groups_out(d), g, b, q;
+    int64_t D = d->d_in / gin, O = d->d_out / gout, C = l->mg_cols, t;
+    /* expert e of a bank owns rows e*T..(e+1)*T; row t reads row t*gin + slice of x viewed as [T*gin, D] */
+    for (b = 0; b < l->n_banks; b++) {
+        moe__bank *k = &l->bank[b];
+        int64_t e;
+        for (e = 0; e <= k->n; e++) k->offsets[e] = e * T;
+        for (e = 0; e < k->n; e++) {
+            int sl = moe__mg_expert_slice(l, b, e);
+            for (t = 0; t < T; t++) k->row_token[e * T + t] = (int32_t)(t * gin + sl);
+        }
+    }
+    for (q = 0; q < moe__bank_stages(&l->bank[0]); q++)
+        moe__run_step(l, moe__use_decode(l, T) ? moe__plan_decode(l, q) : moe__plan_step(l, 0, q, 0), x);
+    for (g = 0; g < l->mg_gates; g++) {
+        int64_t n = l->mg_gate_width[g], col = l->mg_gate_col[g];
+        if (l->mg_gate_w[g] < 0) {
+            for (t = 0; t < T; t++) l->mg_p[t * C + col] = 1.0f;
+        } else {
+            moe__gemm gm = moe__gemm_make(MOE__NT, T, n, D, moe__mat_of(x + moe__mg_gate_slice(l, g) * D, gin * D),
+                                          moe__mat_of(moe__w(l, l->mg_gate_w[g]), D), l->mg_p + col, C, 0, NULL);
+            moe__gemm_run(&l->ex, &gm);
+            for (t = 0; t < T; t++) moe__mg_gate_row(l->mg_p + t * C + col, n, d->top_k);
+        }
+    }
+    /* y[t, g-th slice] = sum over gate g's columns c of p * expert output, in column order */
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)C * (double)O)
+    for (t = 0; t < T; t++) {
+        int gg;
+        for (gg = 0; gg < gout; gg++) {
+            float *yt = y + t * d->d_out + gg * O;
+            int64_t c, j;
+            for (j = 0; j < O; j++) yt[j] = 0.0f;
+            for (c = 0; c < l->mg_gate_width[gg]; c++) {
+                int bk;
+                int64_t e = moe__mg_expert(l, gg, c, &bk);
+                float p = l->mg_p[t * C + l->mg_gate_col[gg] + c];
+                const float *o = l->bank[bk].out + (e * T + t) * O;
+                for (j = 0; j < O; j++) yt[j] += p * o[j];
+            }
+        }
+    }
+}
+
+static void moe__multitask_backward(moe_layer *l, const float *dy, float *dx) {
+    const moe_layer_desc *d = &l->d;
+    int gin = moe__task_groups_in(d), gout = moe__task_groups_out(d), g, q;
+    int64_t D = d->d_in / gin, O = d->d_out / gout, C = l->mg_cols, T = l->T, t;
+    moe__gemm gm;
+    /* gradients at the expert outputs (summed over the gates in order) and at the gate logits */
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)C * (double)O * 2.0)
+    for (t = 0; t < T; t++) {
+        int b, gg;
+        int64_t e, c, j;
+        for (b = 0; b < l->n_banks; b++) {
+            moe__bank *k = &l->bank[b];
+            for (e = 0; e < k->n; e++) memset(k->dz[k->n_linears - 1] + (e * T + t) * O, 0, (size_t)O * sizeof(float));
+        }
+        for (gg = 0; gg < gout; gg++) {
+            const float *dyt = dy + t * d->d_out + gg * O;
+            float *p = l->mg_p + t * C + l->mg_gate_col[gg], *dp = l->mg_dp + t * C + l->mg_gate_col[gg], dot = 0.0f;
+            for (c = 0; c < l->mg_gate_width[gg]; c++) {
+                int bk;
+                moe__bank *k;
+                const float *o;
+                float *dz, acc = 0.0f;
+                e = moe__mg_expert(l, gg, c, &bk);
+                k = &l->bank[bk];
+                o = k->out + (e * T + t) * O;
+                dz = k->dz[k->n_linears - 1] + (e * T + t) * O;
+                for (j = 0; j < O; j++) { acc += dyt[j] * o[j]; dz[j] += p[c] * dyt[j]; }
+                dp[c] = acc;
+            }
+            for (c = 0; c < l->mg_gate_width[gg]; c++) dot += p[c] * dp[c];
+            for (c = 0; c < l->mg_gate_width[gg]; c++) dp[c] = p[c] * (dp[c] - dot);
+        }
+    }
+    for (q = 0; q < moe__bank_back_steps(&l->bank[0]); q++) moe__run_step(l, moe__plan_step(l, 1, q, dx != NULL), l->x);
+    for (g = 0; g < l->mg_gates; g++) {
+        if (l->mg_gate_w[g] < 0) continue;
+        gm = moe__gemm_make(MOE__TN, l->mg_gate_width[g], D, T, moe__mat_of(l->mg_dp + l->mg_gate_col[g], C),
+                            moe__mat_of(l->x + moe__mg_gate_slice(l, g) * D, gin * D), moe__g(l, l->mg_gate_w[g]), D, 1, NULL);
+        moe__gemm_run(&l->ex, &gm);
+    }
+    if (!dx) return;
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)d->d_in * 2.0)
+    for (t = 0; t < T; t++) {
+        int b;
+        int64_t e, j;
+        for (j = 0; j < d->d_in; j++) dx[t * d->d_in + j] = 0.0f;
+        for (b = 0; b < l->n_banks; b++) {
+            const moe__bank *k = &l->bank[b];
+            for (e = 0; e < k->n; e++) {
+                float *dxt = dx + t * d->d_in + moe__mg_expert_slice(l, b, e) * D;
+                const float *v = k->dxr + (e * T + t) * D;
+                for (j = 0; j < D; j++) dxt[j] += v[j];
+            }
+        }
+    }
+    for (g = 0; g < l->mg_gates; g++) {
+        if (l->mg_gate_w[g] < 0) continue;
+        gm = moe__gemm_make(MOE__NN, T, D, l->mg_gate_width[g], moe__mat_of(l->mg_dp + l->mg_gate_col[g], C),
+                            moe__mat_of(moe__w(l, l->mg_gate_w[g]), D), dx + moe__mg_gate_slice(l, g) * D, gin * D, 1, NULL);
+        moe__gemm_run(&l->ex, &gm);
+    }
+}
+
 // >>layer_api ---------------------------------------------------------------
 /* The per-call routing options of a forward, checked for layer l before anything runs. */
 static moe_result moe__call_check(moe_layer *l, const moe_forward_opts *o) {
@@ -3738,6 +4056,8 @@ static void moe__layer_forward_impl(moe_layer *l, const float *x, int64_t T, flo
     case MOE_LAYER_RMSNORM:
     case MOE_LAYER_LAYERNORM: moe__norm_forward(l, x, T, y); break;
     case MOE_LAYER_MOE: moe__moe_forward(l, x, T, y, noise); break;
+    case MOE_LAYER_MULTIGATE:
+    case MOE_LAYER_TASK_TOWERS: moe__multitask_forward(l, x, T, y); break;
     default: break;
     }
     if (training) l->noise_step++;
@@ -3750,6 +4070,8 @@ static void moe__layer_backward_impl(moe_layer *l, const float *dy, float *dx, i
     case MOE_LAYER_RMSNORM:
     case MOE_LAYER_LAYERNORM: moe__norm_backward(l, dy, dx); break;
     case MOE_LAYER_MOE: moe__moe_backward(l, dy, dx, flags); break;
+    case MOE_LAYER_MULTIGATE:
+    case MOE_LAYER_TASK_TOWERS: moe__multitask_backward(l, dy, dx); break;
     default: break;
     }
 }
@@ -3764,6 +4086,9 @@ static moe_result moe__check_tokens(moe_ctx *ctx, int64_t T, int64_t max_tokens)
 /* Sizes of one layer's memory for its resolved desc and max_tokens. */
 static moe_result moe__layer_sizes(moe_layer *l, size_t *saved, size_t *scratch) {
     moe__carver a = {NULL, 0, 0}, b = {NULL, 0, 0};
+    if (moe__is_multitask(l->d.kind) && l->max_tokens * moe__task_groups_in(&l->d) > INT32_MAX)   /* row indices are int32 */
+        return moe__fail(l->ctx, MOE_ERR_OUT_OF_MEMORY, "layer %d: max_tokens %lld times %d input slices is too many rows", l->index,
+                         (long long)l->max_tokens, moe__task_groups_in(&l->d));
     moe__layer_carve(l, &a, &b);
     if (a.overflow || b.overflow)
         return moe__fail(l->ctx, MOE_ERR_OUT_OF_MEMORY, "layer %d: activation memory for max_tokens %lld overflows", l->index, (long long)l->max_tokens);
@@ -4015,10 +4340,10 @@ MOEDEF moe_result moe_layer_tensor(moe_layer *layer, int index, moe_tensor *tens
 }
 
 // >>loss --------------------------------------------------------------------
-/* Task loss of y [T, C] against target; dy (may be NULL) gets dLoss/dy. Per-token losses go
-   to tok[T] and are summed in order. */
-static moe_result moe__loss(moe_ctx *ctx, const moe__exec *ex, moe_loss kind, const float *y, int64_t T, int64_t C,
-                            const moe_target *target, float *tok, float *dy, float *loss) {
+/* Task loss of y [T, C] (rows ld apart; dy the same) against target [T, C]; dy (may be NULL) gets
+   dLoss/dy times `scale`. Per-token losses go to tok[T] and are summed in order. */
+static moe_result moe__loss(moe_ctx *ctx, const moe__exec *ex, moe_loss kind, const float *y, int64_t T, int64_t C, int64_t ld,
+                            const moe_target *target, float *tok, float *dy, float scale_dy, float *loss) {
     int64_t t;
     double sum = 0.0;
     if (!target) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "target is NULL");
@@ -4032,8 +4357,8 @@ static moe_result moe__loss(moe_ctx *ctx, const moe__exec *ex, moe_loss kind, co
     }
     MOE__PARALLEL_FOR(ex->n_threads, (double)T * (double)C * 10.0)
     for (t = 0; t < T; t++) {
-        const float *yt = y + t * C;
-        float *dyt = dy ? dy + t * C : NULL;
+        const float *yt = y + t * ld;
+        float *dyt = dy ? dy + t * ld : NULL;
         double lt = 0.0;
         int64_t c;
         if (kind == MOE_LOSS_CROSS_ENTROPY) {
@@ -4044,10 +4369,10 @@ static moe_result moe__loss(moe_ctx *ctx, const moe__exec *ex, moe_loss kind, co
             lse = m + logf(s);
             lt = (double)lse - (double)yt[label];
             if (dyt)
-                for (c = 0; c < C; c++) dyt[c] = (expf(yt[c] - lse) - (c == label ? 1.0f : 0.0f)) / (float)T;
+                for (c = 0; c < C; c++) dyt[c] = (expf(yt[c] - lse) - (c == label ? 1.0f : 0.0f)) / (float)T * scale_dy;
         } else {
             const float *tv = target->values + t * C;
-            float scale = 1.0f / ((float)T * (float)C);
+            float scale = 1.0f / ((float)T * (float)C) * scale_dy;
             for (c = 0; c < C; c++) {
                 float v = yt[c], q = tv[c];
                 if (kind == MOE_LOSS_MSE) {
@@ -4388,6 +4713,7 @@ struct moe_model {
     const float *x;
     int64_t T;
     int has_forward;
+    float task_loss[MOE_MAX_TASKS]; /* multi-task models: each task's loss of the last moe_model_loss */
 };
 
 MOEDEF void moe_model_destroy(moe_model *m) {
@@ -4406,6 +4732,44 @@ MOEDEF void moe_model_destroy(moe_model *m) {
     moe__free(ctx, m);
 }
 
+/* Multi-task fields: losses and weights (the widths need the last layer: moe__task_widths). */
+static moe_result moe__tasks_resolve(moe_ctx *ctx, moe_model_desc *d) {
+    int i;
+    if (d->n_tasks < 0 || d->n_tasks > MOE_MAX_TASKS)
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "n_tasks %d out of range 0..%d", d->n_tasks, MOE_MAX_TASKS);
+    for (i = 0; i < MOE_MAX_TASKS; i++) {
+        if (i >= d->n_tasks) {
+            d->task_loss[i] = MOE_LOSS_DEFAULT; d->task_weight[i] = 0.0f; d->task_d_out[i] = 0;
+            continue;
+        }
+        if ((int)d->task_loss[i] < 0 || d->task_loss[i] >= MOE_LOSS_COUNT) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "task %d: unknown loss %d", i, (int)d->task_loss[i]);
+        if (d->task_loss[i] == MOE_LOSS_DEFAULT) d->task_loss[i] = d->loss;
+        if (d->task_weight[i] == 0.0f) d->task_weight[i] = 1.0f;
+        if (!(d->task_weight[i] > 0.0f) || !moe__finite(d->task_weight[i]))
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "task %d: task_weight must be finite and > 0", i);
+    }
+    return MOE_OK;
+}
+
+/* Slice widths: all 0 splits d_out evenly; otherwise each >= 1 and they sum to d_out. */
+static moe_result moe__task_widths(moe_ctx *ctx, moe_model_desc *d, int64_t d_out) {
+    int64_t sum = 0;
+    int i, given = 0;
+    if (d->n_tasks == 0) return MOE_OK;
+    for (i = 0; i < d->n_tasks; i++) given |= d->task_d_out[i] != 0;
+    if (!given) {
+        if (d_out % d->n_tasks != 0) return moe__fail(ctx, MOE_ERR_SHAPE, "d_out %lld does not split into %d equal task slices", (long long)d_out, d->n_tasks);
+        for (i = 0; i < d->n_tasks; i++) d->task_d_out[i] = d_out / d->n_tasks;
+    }
+    for (i = 0; i < d->n_tasks; i++) {
+        if (d->task_d_out[i] < 1 || d->task_d_out[i] > d_out)
+            return moe__fail(ctx, MOE_ERR_SHAPE, "task %d: task_d_out %lld out of range 1..%lld", i, (long long)d->task_d_out[i], (long long)d_out);
+        sum += d->task_d_out[i];
+    }
+    if (sum != d_out) return moe__fail(ctx, MOE_ERR_SHAPE, "task_d_out sums to %lld but the model's d_out is %lld", (long long)sum, (long long)d_out);
+    return MOE_OK;
+}
+
 static moe_result moe__model_resolve(moe_ctx *ctx, const moe_model_desc *in, moe_model_desc *out) {
     moe_model_desc d = *in;
     if (d.n_layers < 1 || d.n_layers > 4096 || !d.layers)
@@ -4413,6 +4777,7 @@ static moe_result moe__model_resolve(moe_ctx *ctx, const moe_model_desc *in, moe
     if (!moe__dims_ok(d.d_in)) return moe__fail(ctx, MOE_ERR_SHAPE, "d_in %lld out of range", (long long)d.d_in);
     if ((int)d.loss < 0 || d.loss >= MOE_LOSS_COUNT) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "unknown loss %d", (int)d.loss);
     if (d.loss == MOE_LOSS_DEFAULT) d.loss = MOE_LOSS_CROSS_ENTROPY;
+    MOE__TRY(moe__tasks_resolve(ctx, &d));
     MOE__TRY(moe__check_max_tokens(ctx, &d.max_tokens));
     MOE__TRY(moe__optimizer_resolve(ctx, &d.optimizer, &d.optimizer));
     *out = d;
@@ -4473,6 +4838,8 @@ MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe
             goto fail;
         }
     }
+    r = moe__task_widths(ctx, &d, prev);
+    if (r != MOE_OK) goto fail;
     d.layers = m->layer_descs;
     m->desc = d;
     /* the activation arena: saved activations | shared scratch | outputs and model buffers */
@@ -4580,15 +4947,40 @@ MOEDEF const float *moe_model_output(const moe_model *m) {
     return m && m->has_forward ? m->outs[m->n_layers - 1] : NULL;
 }
 
+/* Multi-task models: task i's loss on its slice of the output, times its weight, summed in task order. */
+static moe_result moe__task_losses(moe_model *m, const moe_target *target, float *loss, float *dy) {
+    const moe_model_desc *d = &m->desc;
+    int64_t W = moe_model_d_out(m), off = 0;
+    double total = 0.0;
+    int i;
+    if (!target || !target->tasks) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "a multi-task model needs target->tasks [%d]", d->n_tasks);
+    for (i = 0; i < d->n_tasks; i++) {
+        float li = 0.0f;
+        moe_result r = moe__loss(m->ctx, &m->ex, d->task_loss[i], m->outs[m->n_layers - 1] + off, m->T, d->task_d_out[i], W, &target->tasks[i],
+                                 m->tok, dy ? dy + off : NULL, d->task_weight[i], &li);
+        if (r != MOE_OK) {
+            char head[24];
+            snprintf(head, sizeof head, "task %d", i);
+            return moe__fail_prefix(m->ctx, r, head);
+        }
+        m->task_loss[i] = li;
+        total += (double)d->task_weight[i] * (double)li;
+        off += d->task_d_out[i];
+    }
+    *loss = (float)total;
+    return MOE_OK;
+}
+
 MOEDEF moe_result moe_model_loss(moe_model *m, const moe_target *target, float *loss, float *dy) {
     float l = 0.0f;
     if (!m) return MOE_ERR_INVALID_ARGUMENT;
     if (!m->has_forward) return moe__fail(m->ctx, MOE_ERR_STATE, "loss before any forward");
-    if (m->desc.loss == MOE_LOSS_MIXTURE_NLL) {
+    if (m->desc.n_tasks > 0) MOE__TRY(moe__task_losses(m, target, &l, dy));
+    else if (m->desc.loss == MOE_LOSS_MIXTURE_NLL) {
         const moe_layer_desc *d = &m->layers[m->n_layers - 1].d;
         MOE__TRY(moe__mixture_nll(m->ctx, &m->ex, m->outs[m->n_layers - 1], m->T, d->n_experts, d->d_out, target, m->tok, dy, &l));
     } else {
-        MOE__TRY(moe__loss(m->ctx, &m->ex, m->desc.loss, m->outs[m->n_layers - 1], m->T, moe_model_d_out(m), target, m->tok, dy, &l));
+        MOE__TRY(moe__loss(m->ctx, &m->ex, m->desc.loss, m->outs[m->n_layers - 1], m->T, moe_model_d_out(m), moe_model_d_out(m), target, m->tok, dy, 1.0f, &l));
     }
     if (loss) *loss = l;
     return MOE_OK;
@@ -4669,6 +5061,7 @@ MOEDEF moe_result moe_model_train_step(moe_model *m, const float *x, const moe_t
     si.loss = loss;
     si.aux_loss = aux;
     si.step = moe_optimizer_steps(m->opt);
+    if (m->desc.n_tasks > 0) memcpy(si.task_loss, m->task_loss, sizeof si.task_loss);
     if (!moe__finite(loss) || !moe__finite(aux)) {
         if (info) *info = si;
         return moe__model_refuse_step(m, moe__fail(m->ctx, MOE_ERR_NONFINITE, "loss is not finite (loss %g, aux %g); parameters unchanged", (double)loss, (double)aux));
@@ -4678,6 +5071,7 @@ MOEDEF moe_result moe_model_train_step(moe_model *m, const float *x, const moe_t
     if (r == MOE_OK) r = moe__model_step(m, &si);
     si.loss = loss;
     si.aux_loss = aux;
+    memcpy(si.task_loss, m->task_loss, sizeof si.task_loss);
     if (info) *info = si;
     return r == MOE_OK ? r : moe__model_refuse_step(m, r);
 }
@@ -5563,7 +5957,8 @@ MOEDEF moe_result moe_tensor_writer_save(moe_tensor_writer *w, const char *path)
 }
 
 // >>model_config ------------------------------------------------------------
-static const char *const moe__kind_names[] = {"", "dense", "moe", "rmsnorm", "layernorm"};
+static const char *const moe__kind_names[] = {"", "dense", "moe", "rmsnorm", "layernorm", "multigate", "task_towers"};
+static const char *const moe__task_input_names[] = {"", "single", "tasks", "tasks_shared"};
 static const char *const moe__act_names[] = {"", "identity", "relu", "gelu", "silu", "tanh", "sigmoid"};
 static const char *const moe__router_names[] = {"", "topk", "noisy_topk", "switch", "sigmoid", "expert_choice", "hash", "soft", "hierarchical"};
 static const char *const moe__expert_names[] = {"", "linear", "mlp", "swiglu", "gaussian", "geglu"};
@@ -5618,7 +6013,24 @@ static void moe__config_write(const moe_model *m, moe__sb *b) {
                 moe__sb_printf(b, ",\"groups\":%d,\"top_k_groups\":%d,\"group_router\":\"%s\",\"expert_router\":\"%s\"", l->n_groups, l->top_k_groups,
                                moe__router_names[l->group_router], moe__router_names[l->expert_router]);
         }
+        if (moe__is_multitask(l->kind)) {
+            moe__sb_printf(b, ",\"tasks\":%d,\"task_input\":\"%s\"", l->n_tasks, moe__task_input_names[l->task_input]);
+            if (l->kind == MOE_LAYER_MULTIGATE)
+                moe__sb_printf(b, ",\"experts\":%d,\"task_experts\":%d,\"shared_output\":%s,\"top_k\":%d", l->n_experts, l->n_task_experts,
+                               l->shared_output ? "true" : "false", l->top_k);
+            moe__sb_printf(b, ",\"expert\":\"%s\",\"d_hidden\":%lld,\"hidden_layers\":%d,\"activation\":\"%s\",\"bias\":%s",
+                           moe__expert_names[l->expert], (long long)l->d_hidden, l->n_hidden_layers, moe__act_names[l->activation],
+                           l->bias == MOE_FLAG_ON ? "true" : "false");
+        }
         moe__sb_str(b, "}");
+    }
+    if (d->n_tasks > 0) {
+        moe__sb_str(b, "],\"tasks\":[");
+        for (i = 0; i < d->n_tasks; i++) {
+            moe__sb_printf(b, "%s{\"loss\":\"%s\",\"weight\":", i ? "," : "", moe__loss_names[d->task_loss[i]]);
+            moe__sb_float(b, d->task_weight[i]);
+            moe__sb_printf(b, ",\"d_out\":%lld}", (long long)d->task_d_out[i]);
+        }
     }
     moe__sb_printf(b, "],\"optimizer\":{\"kind\":\"%s\",\"lr\":", moe__opt_names[o->kind]);
     moe__sb_float(b, o->lr);
@@ -5645,27 +6057,29 @@ typedef struct moe__field {
     unsigned kinds;             /* layer kinds it belongs to: bit (1 << kind) */
 } moe__field;
 
-#define MOE__K_ALL 0x1E
+#define MOE__K_ALL 0x7E
 #define MOE__K_DENSE (1u << MOE_LAYER_DENSE)
 #define MOE__K_MOE (1u << MOE_LAYER_MOE)
 #define MOE__K_NORM ((1u << MOE_LAYER_RMSNORM) | (1u << MOE_LAYER_LAYERNORM))
+#define MOE__K_MG (1u << MOE_LAYER_MULTIGATE)
+#define MOE__K_MT (MOE__K_MG | (1u << MOE_LAYER_TASK_TOWERS))
 #define MOE__LF(name, type, field, names, n, kinds) {name, type, offsetof(moe_layer_desc, field), names, n, kinds}
 
 static const moe__field moe__layer_fields[] = {
     MOE__LF("d_in", MOE__F_I64, d_in, NULL, 0, MOE__K_ALL),
     MOE__LF("d_out", MOE__F_I64, d_out, NULL, 0, MOE__K_ALL),
     MOE__LF("residual", MOE__F_BOOL, residual, NULL, 0, MOE__K_ALL),
-    MOE__LF("activation", MOE__F_ENUM, activation, moe__act_names, MOE_ACT_COUNT, MOE__K_DENSE | MOE__K_MOE),
-    MOE__LF("bias", MOE__F_FLAG, bias, NULL, 0, MOE__K_DENSE | MOE__K_MOE),
+    MOE__LF("activation", MOE__F_ENUM, activation, moe__act_names, MOE_ACT_COUNT, MOE__K_DENSE | MOE__K_MOE | MOE__K_MT),
+    MOE__LF("bias", MOE__F_FLAG, bias, NULL, 0, MOE__K_DENSE | MOE__K_MOE | MOE__K_MT),
     MOE__LF("eps", MOE__F_FLOAT, eps, NULL, 0, MOE__K_NORM),
     MOE__LF("router", MOE__F_ENUM, router, moe__router_names, MOE_ROUTER_COUNT, MOE__K_MOE),
-    MOE__LF("experts", MOE__F_INT, n_experts, NULL, 0, MOE__K_MOE),
-    MOE__LF("top_k", MOE__F_INT, top_k, NULL, 0, MOE__K_MOE),
+    MOE__LF("experts", MOE__F_INT, n_experts, NULL, 0, MOE__K_MOE | MOE__K_MG),
+    MOE__LF("top_k", MOE__F_INT, top_k, NULL, 0, MOE__K_MOE | MOE__K_MG),
     MOE__LF("renormalize", MOE__F_FLAG, renormalize, NULL, 0, MOE__K_MOE),
     MOE__LF("router_bias", MOE__F_FLAG, router_bias, NULL, 0, MOE__K_MOE),
-    MOE__LF("expert", MOE__F_ENUM, expert, moe__expert_names, MOE_EXPERT_COUNT, MOE__K_MOE),
-    MOE__LF("d_hidden", MOE__F_I64, d_hidden, NULL, 0, MOE__K_MOE),
-    MOE__LF("hidden_layers", MOE__F_INT, n_hidden_layers, NULL, 0, MOE__K_MOE),
+    MOE__LF("expert", MOE__F_ENUM, expert, moe__expert_names, MOE_EXPERT_COUNT, MOE__K_MOE | MOE__K_MT),
+    MOE__LF("d_hidden", MOE__F_I64, d_hidden, NULL, 0, MOE__K_MOE | MOE__K_MT),
+    MOE__LF("hidden_layers", MOE__F_INT, n_hidden_layers, NULL, 0, MOE__K_MOE | MOE__K_MT),
     MOE__LF("shared_experts", MOE__F_INT, n_shared_experts, NULL, 0, MOE__K_MOE),
     MOE__LF("d_shared_hidden", MOE__F_I64, d_shared_hidden, NULL, 0, MOE__K_MOE),
     MOE__LF("capacity_factor", MOE__F_FLOAT, capacity_factor, NULL, 0, MOE__K_MOE),
@@ -5687,6 +6101,24 @@ static const moe__field moe__layer_fields[] = {
     MOE__LF("soft_group_tokens", MOE__F_I64, soft_group_tokens, NULL, 0, MOE__K_MOE),
     MOE__LF("group_router", MOE__F_ENUM, group_router, moe__router_names, MOE_ROUTER_COUNT, MOE__K_MOE),
     MOE__LF("expert_router", MOE__F_ENUM, expert_router, moe__router_names, MOE_ROUTER_COUNT, MOE__K_MOE),
+    MOE__LF("tasks", MOE__F_INT, n_tasks, NULL, 0, MOE__K_MT),
+    MOE__LF("task_input", MOE__F_ENUM, task_input, moe__task_input_names, MOE_TASK_INPUT_COUNT, MOE__K_MT),
+    MOE__LF("task_experts", MOE__F_INT, n_task_experts, NULL, 0, MOE__K_MG),
+    MOE__LF("shared_output", MOE__F_BOOL, shared_output, NULL, 0, MOE__K_MG),
+};
+
+/* One entry of the model's "tasks" array. */
+typedef struct moe__task_config {
+    moe_loss loss;
+    float weight;
+    int64_t d_out;
+} moe__task_config;
+
+#define MOE__TF(name, type, field, names, n) {name, type, offsetof(moe__task_config, field), names, n, 0}
+static const moe__field moe__task_fields[] = {
+    MOE__TF("loss", MOE__F_ENUM, loss, moe__loss_names, MOE_LOSS_COUNT),
+    MOE__TF("weight", MOE__F_FLOAT, weight, NULL, 0),
+    MOE__TF("d_out", MOE__F_I64, d_out, NULL, 0),
 };
 
 #define MOE__OF(name, type, field, names, n) {name, type, offsetof(moe_optimizer_desc, field), names, n, 0}
@@ -5826,6 +6258,21 @@ static moe_result moe__config_read(moe_ctx *ctx, const char *text, moe_model_des
                 for (i = 1; i < MOE_LOSS_COUNT; i++) if (moe__json_eq(&j, val, moe__loss_names[i])) break;
                 if (i == MOE_LOSS_COUNT) { moe__fail(ctx, r, "moe.config: unknown loss"); goto done; }
                 desc->loss = (moe_loss)i;
+            } else if (strcmp(key, "tasks") == 0) {
+                int32_t te = val + 1;
+                if (j.tok[val].type != MOE__J_ARRAY || j.tok[val].count < 1 || j.tok[val].count > MOE_MAX_TASKS) {
+                    moe__fail(ctx, r, "moe.config: \"tasks\" must be an array of 1..%d tasks", MOE_MAX_TASKS); goto done;
+                }
+                desc->n_tasks = j.tok[val].count;
+                for (i = 0; i < desc->n_tasks; i++, te = j.tok[te].next) {
+                    moe__task_config tc;
+                    memset(&tc, 0, sizeof tc);
+                    snprintf(where, sizeof where, "task %d", i);
+                    if (j.tok[te].type != MOE__J_OBJECT) { moe__fail(ctx, r, "moe.config: %s must be an object", where); goto done; }
+                    if (moe__fields_read(ctx, &j, te, moe__task_fields, (int)(sizeof moe__task_fields / sizeof moe__task_fields[0]), 0,
+                                         &tc, where, 0) != MOE_OK) goto done;
+                    desc->task_loss[i] = tc.loss; desc->task_weight[i] = tc.weight; desc->task_d_out[i] = tc.d_out;
+                }
             } else if (strcmp(key, "max_tokens") == 0) {
                 if (!moe__json_int(&j, val, &desc->max_tokens)) { moe__fail(ctx, r, "moe.config: bad max_tokens"); goto done; }
             } else if (strcmp(key, "optimizer") == 0) {

@@ -57,7 +57,8 @@
    Adam and AdamW with clipping and the schedule, router jitter (its factors drawn on the host
    from the same random streams as the CPU), the importance loss. Not yet: the noisy top-k router
    (and its load loss), Gaussian experts (mixture density, the mixture NLL), gated shared experts
-   (shared_gate): moe_cl_model_upload returns MOE_ERR_UNSUPPORTED naming the layer.
+   (shared_gate), the multi-task layers (multigate, task towers) and multi-task losses:
+   moe_cl_model_upload returns MOE_ERR_UNSUPPORTED naming the layer.
 
    The device model is a copy: train it, then moe_cl_model_download to bring parameters,
    gradients and optimizer state back into the moe_model (to save it, or go on on the CPU).
@@ -1678,6 +1679,7 @@ static moe_result moe__cl_read(moe_cl_model *dm, moe__cl_mem m, size_t offset, v
 /* What the device does not do yet; NULL when the layer runs there. */
 static const char *moe__cl_unsupported(const moe_layer *l) {
     const moe_layer_desc *d = &l->d;
+    if (d->kind == MOE_LAYER_MULTIGATE || d->kind == MOE_LAYER_TASK_TOWERS) return "a multi-task layer (multigate, task towers)";
     if (d->kind != MOE_LAYER_MOE) return NULL;
     if (l->wdtype != MOE_DTYPE_F32) return "reduced-precision expert weights (moe_layer_quantize)";
     if (d->router == MOE_ROUTER_NOISY_TOPK) return "the noisy top-k router";
@@ -1839,6 +1841,10 @@ static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *la
             moe__free(ctx, dm);
             return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "OpenCL: layer %d uses %s, which moe_cl.h does not run on a device yet", i, what);
         }
+    }
+    if (model && model->desc.n_tasks > 0) {
+        moe__free(ctx, dm);
+        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "OpenCL: multi-task losses (n_tasks %d) run on the CPU model only", model->desc.n_tasks);
     }
     dm->n_chunks = (dm->n_params + MOE__CHUNK - 1) / MOE__CHUNK;
     dm->step = opt ? opt->step : 0;

@@ -59,7 +59,7 @@ static int train(moe_model *m, const char *name, const float *x, const float *y,
         }
         for (start = 0; start < N_TRAIN; start += BATCH) {
             moe_step_info info;
-            moe_target target = {NULL, yb};
+            moe_target target = {NULL, yb, NULL};
             for (i = 0; i < BATCH; i++) { xb[i] = x[order[start + i]]; yb[i] = y[order[start + i]]; }
             if (moe_model_train_step(m, xb, &target, BATCH, &info) != MOE_OK) return 1;
             sum += info.loss;
@@ -185,7 +185,7 @@ int main(int argc, char **argv) {
     /* test NLL of the mixture, chunk by chunk through the model's own loss */
     for (i = 0; i < N_TEST; i += CHUNK) {
         float loss;
-        moe_target target = {NULL, yte + i};
+        moe_target target = {NULL, yte + i, NULL};
         if (moe_model_forward(mdn, xte + i, CHUNK, mix + (int64_t)i * COMPONENTS * 3, NULL) != MOE_OK ||
             moe_model_loss(mdn, &target, &loss, NULL) != MOE_OK) goto fail;
         nll += (double)loss * CHUNK / N_TEST;

@@ -333,7 +333,8 @@ static const char *name_of(const char *const *names, int count, int value) {
     return value >= 0 && value < count ? names[value] : "?";
 }
 
-static const char *const kind_names[] = {"default", "dense", "moe", "rmsnorm", "layernorm"};
+static const char *const kind_names[] = {"default", "dense", "moe", "rmsnorm", "layernorm", "multigate", "task_towers"};
+static const char *const task_input_names[] = {"default", "single", "tasks", "tasks_shared"};
 static const char *const act_names[] = {"default", "identity", "relu", "gelu", "silu", "tanh", "sigmoid"};
 static const char *const router_names[] = {"default", "topk", "noisy_topk", "switch", "sigmoid", "expert_choice", "hash", "soft", "hierarchical"};
 static const char *const expert_names[] = {"default", "linear", "mlp", "swiglu", "gaussian", "geglu"};
@@ -382,6 +383,15 @@ static void print_layer(int i, const moe_layer_desc *l) {
                    l->shared_gate == MOE_FLAG_ON ? ", gated by sigmoid(x . shared.gate)" : "");
         printf("        aux losses: balance %g, z %g, importance %g, load %g\n", (double)l->balance_loss, (double)l->z_loss,
                (double)l->importance_loss, (double)l->load_loss);
+    } else if (l->kind == MOE_LAYER_MULTIGATE || l->kind == MOE_LAYER_TASK_TOWERS) {
+        if (l->kind == MOE_LAYER_MULTIGATE)
+            printf("        %d tasks, %d shared experts, %d experts per task, task_input %s, shared output %s\n", l->n_tasks, l->n_experts,
+                   l->n_task_experts, NAME(task_input_names, l->task_input), l->shared_output ? "yes" : "no");
+        else
+            printf("        %d tasks, task_input %s\n", l->n_tasks, NAME(task_input_names, l->task_input));
+        printf("        %s %s: d_hidden %lld, hidden_layers %d, activation %s, bias %s\n", l->kind == MOE_LAYER_MULTIGATE ? "experts" : "towers",
+               NAME(expert_names, l->expert), (long long)l->d_hidden, l->n_hidden_layers, NAME(act_names, l->activation),
+               l->bias == MOE_FLAG_ON ? "yes" : "no");
     }
 }
 
@@ -410,6 +420,8 @@ static int run_info(tool *t) {
     printf("d_in       %lld\n", (long long)d->d_in);
     printf("d_out      %lld\n", (long long)moe_model_d_out(m));
     printf("loss       %s\n", NAME(loss_names, d->loss));
+    for (i = 0; i < d->n_tasks; i++)
+        printf("task %-5d %s, weight %g, d_out %lld\n", i, NAME(loss_names, d->task_loss[i]), (double)d->task_weight[i], (long long)d->task_d_out[i]);
     printf("max_tokens %lld\n", (long long)d->max_tokens);
     printf("layers     %d\n", d->n_layers);
     for (i = 0; i < d->n_layers; i++) print_layer(i, &d->layers[i]);

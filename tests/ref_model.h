@@ -66,7 +66,7 @@ static void ref_linear(const double *W, const double *b, const double *x, int64_
 static void ref_expert(ref_run *r, int layer, const moe_layer_desc *d, const char *prefix, int e, int64_t H, const double *x, double *y) {
     char name[96];
     int64_t D = d->d_in, i;  /* README: d_expert_out; Gaussian: mean | log-std */
-    int64_t O = (strcmp(prefix, "experts") == 0 ? d->d_expert_out : d->d_out) * (d->expert == MOE_EXPERT_GAUSSIAN ? 2 : 1);
+    int64_t O = (strcmp(prefix, "experts") == 0 && d->d_expert_out > 0 ? d->d_expert_out : d->d_out) * (d->expert == MOE_EXPERT_GAUSSIAN ? 2 : 1);
     int bias = d->bias == MOE_FLAG_ON;
     if (d->expert == MOE_EXPERT_SWIGLU || d->expert == MOE_EXPERT_GEGLU) {
         double *a = (double *)malloc(sizeof(double) * (size_t)H), *g = (double *)malloc(sizeof(double) * (size_t)H);
@@ -474,9 +474,70 @@ static int64_t ref_width(const moe_layer_desc *d) {
     return d->kind == MOE_LAYER_MOE && d->expert == MOE_EXPERT_GAUSSIAN ? (int64_t)d->n_experts * (1 + 2 * d->d_out) : d->d_out;
 }
 
+/* Multi-task layers (README 3.6): every expert on its input slice; gate g = softmax(W_g x_slice) over
+   its experts (task gate: the task's own experts, then the shared ones; shared gate: every task
+   expert, task by task, then the shared ones; a gate over one expert is 1). */
+static void ref_multitask(ref_run *r, int layer, const moe_layer_desc *d, const double *x, int64_t T, double *y) {
+    int towers = d->kind == MOE_LAYER_TASK_TOWERS, nt = d->n_tasks, et = d->n_task_experts, S = towers ? 0 : d->n_experts;
+    int single = d->task_input == MOE_TASK_INPUT_SINGLE;
+    int gin = single ? 1 : d->task_input == MOE_TASK_INPUT_TASKS ? nt : nt + 1, gout = nt + (d->shared_output ? 1 : 0), g;
+    int64_t D = d->d_in / gin, O = d->d_out / gout, n_all = (int64_t)nt * et + S, t, k, j, c;
+    moe_layer_desc e = *d;
+    double *fx = (double *)malloc(sizeof(double) * (size_t)(n_all * O)), *z = (double *)malloc(sizeof(double) * (size_t)n_all);
+    int64_t *member = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * n_all));   /* gate members, then kept flags */
+    e.d_in = D;
+    e.d_out = O;
+    for (t = 0; t < T; t++) {
+        const double *xt = x + t * d->d_in;
+        for (k = 0; k < (int64_t)nt * et; k++)
+            ref_expert(r, layer, &e, towers ? "towers" : "task_experts", (int)k, d->d_hidden, xt + (single ? 0 : k / et) * D, fx + k * O);
+        for (k = 0; k < S; k++) ref_expert(r, layer, &e, "experts", (int)k, d->d_hidden, xt + (single ? 0 : nt) * D, fx + (nt * et + k) * O);
+        for (g = 0; g < gout; g++) {
+            int64_t n = 0;
+            double *yt = y + t * d->d_out + g * O;
+            if (g < nt) for (k = 0; k < et; k++) member[n++] = (int64_t)g * et + k;
+            else for (k = 0; k < (int64_t)nt * et; k++) member[n++] = k;
+            for (k = 0; k < S; k++) member[n++] = (int64_t)nt * et + k;
+            if (n == 1) {
+                z[0] = 1.0;
+            } else {
+                char name[32];
+                const double *W;
+                double m = -DBL_MAX, sum = 0;
+                snprintf(name, sizeof name, "gates.%d.weight", g);
+                W = ref_tensor(r, layer, name);
+                ref_linear(W, NULL, xt + (single ? 0 : g) * D, D, n, z);
+                for (c = 0; c < n; c++) m = z[c] > m ? z[c] : m;
+                if (d->top_k > 0 && d->top_k < n) {
+                    /* top-k gate: the k largest logits (ties: lower index), softmax over them, others 0 */
+                    int64_t q;
+                    for (c = 0; c < n; c++) {
+                        int64_t ahead = 0;
+                        for (q = 0; q < n; q++) ahead += z[q] > z[c] || (z[q] == z[c] && q < c);
+                        member[n + c] = ahead < d->top_k;
+                        ref_decide(r, (uint64_t)(ahead * 64 + c));
+                    }
+                    for (c = 0; c < n; c++) z[c] = member[n + c] ? exp(z[c] - m) : 0.0;
+                } else {
+                    for (c = 0; c < n; c++) z[c] = exp(z[c] - m);
+                }
+                for (c = 0; c < n; c++) sum += z[c];
+                for (c = 0; c < n; c++) z[c] /= sum;
+            }
+            for (j = 0; j < O; j++) {
+                double s = 0;
+                for (c = 0; c < n; c++) s += z[c] * fx[member[c] * O + j];
+                yt[j] = s;
+            }
+        }
+    }
+    free(fx); free(z); free(member);
+}
+
 static void ref_layer(ref_run *r, int layer, const moe_layer_desc *d, const double *x, int64_t T, double *y) {
     int64_t D = d->d_in, O = d->d_out, t, j;
     if (d->kind == MOE_LAYER_MOE) { ref_moe(r, layer, d, x, T, y); return; }
+    if (d->kind == MOE_LAYER_MULTIGATE || d->kind == MOE_LAYER_TASK_TOWERS) { ref_multitask(r, layer, d, x, T, y); return; }
     for (t = 0; t < T; t++) {
         const double *xt = x + t * D;
         double *yt = y + t * O;
@@ -518,6 +579,24 @@ static double ref_model_forward(ref_run *r, const float *x, int64_t T, double *y
     memcpy(y, cur, sizeof(double) * (size_t)(T * width));
     free(cur);
     return aux;
+}
+
+/* Multi-task loss (README section 4): sum_i w_i * loss_i on the output's task slices; task i's
+   labels are labels[i*T ..], its values the block values[off*T ..] of [T, task_d_out[i]]. */
+static TEST_UNUSED double ref_task_loss(moe_loss kind, const double *y, int64_t T, int64_t C, const int32_t *labels, const float *values);
+static TEST_UNUSED double ref_multi_task_loss(const moe_model_desc *md, const double *y, int64_t T, int64_t C, const int32_t *labels, const float *values) {
+    double v = 0;
+    int64_t off = 0, t, j;
+    int i;
+    for (i = 0; i < md->n_tasks; i++) {
+        int64_t w = md->task_d_out[i];
+        double *ys = (double *)malloc(sizeof(double) * (size_t)(T * w));
+        for (t = 0; t < T; t++) for (j = 0; j < w; j++) ys[t * w + j] = y[t * C + off + j];
+        v += (double)md->task_weight[i] * ref_task_loss(md->task_loss[i], ys, T, w, labels + i * T, values + off * T);
+        free(ys);
+        off += w;
+    }
+    return v;
 }
 
 /* Task loss per README.md (Model reference) section 4. */

@@ -171,6 +171,15 @@ else
     bad "mdn: build the example"
 fi
 
+echo "== multi-task example"
+# examples/mmoe.c on a small run: one line per model and correlation, every MSE a finite number
+if $CC $C99 -Werror -O2 -fopenmp examples/mmoe.c -o "$OUT/mmoe" -lm >> "$LOG" 2>&1; then
+    check "mmoe: shared-bottom, MMoE and PLE lines at two correlations" sh -c \
+        "$OUT/mmoe --corr 0.3,0.9 --epochs 1 --train 1024 > $OUT/mmoe.txt && [ \$(grep -c '^corr=0\.[39]0 model=[a-z_]* task0_mse=[0-9.]* task1_mse=[0-9.]* ' $OUT/mmoe.txt) -eq 6 ]"
+else
+    bad "mmoe: build the example"
+fi
+
 echo "== README quick start"
 if sed -n '/<!-- quickstart -->/,/<!-- \/quickstart -->/p' README.md | sed '1,2d;$d' | sed '$d' > "$OUT/quickstart.c" && [ -s "$OUT/quickstart.c" ]; then
     check "README quick start compiles" $CC $C99 -O2 -fopenmp "$OUT/quickstart.c" -I. -o "$OUT/quickstart" -lm

@@ -86,7 +86,7 @@ static int train_run(moe_optimizer_kind kind, const char *ckpt, int every, int n
     else r = moe_model_create(&ctx, &d, &m);
     if (r != MOE_OK) { fprintf(stderr, "train_run: %s\n", moe_ctx_error(&ctx)); return 1; }
     for (s = moe_model_steps(m); s < STEPS; s++) {
-        moe_target target = {labels, NULL};
+        moe_target target = {labels, NULL, NULL};
         batch_of(s, x, labels);
         if (moe_model_train_step(m, x, &target, BATCH, NULL) != MOE_OK) { fprintf(stderr, "step %lld: %s\n", (long long)s, moe_ctx_error(&ctx)); break; }
         if ((s + 1) % every == 0) {
@@ -146,7 +146,7 @@ static void resume_in_process(const void *arg) {
         int64_t s;
         CHECK_OK(moe_model_create(&ctx, &d, &m), &ctx);
         for (s = 0; m && s < 13; s++) {
-            moe_target target = {labels, NULL};
+            moe_target target = {labels, NULL, NULL};
             batch_of(s, x, labels);
             CHECK_OK(moe_model_train_step(m, x, &target, BATCH, NULL), &ctx);
         }
@@ -215,7 +215,7 @@ static int test_atomic_checkpoint(void) {
     moe_model_desc d = model_desc(MOE_OPTIMIZER_ADAM);
     float x[BATCH * 6];
     int32_t labels[BATCH];
-    moe_target target = {labels, NULL};
+    moe_target target = {labels, NULL, NULL};
     unsigned char *before, *after;
     size_t nb, na;
     char cmd[700];
@@ -250,7 +250,7 @@ static int test_checkpoint_errors(void) {
     moe_ctx other;
     float x[BATCH * 6];
     int32_t labels[BATCH];
-    moe_target target = {labels, NULL};
+    moe_target target = {labels, NULL, NULL};
     CHECK_OK(moe_model_create(&ctx, &d, &m), &ctx);
     if (!m) return 0;
     batch_of(0, x, labels);
@@ -347,7 +347,7 @@ static int test_refused_train_step(void) {
     moe_model_desc d = model_desc(MOE_OPTIMIZER_ADAM);
     float x[BATCH * 6];
     int32_t labels[BATCH];
-    moe_target target = {labels, NULL};
+    moe_target target = {labels, NULL, NULL};
     char config[4096], *lr, *end;
     int s;
     CHECK_OK(moe_model_create(&ctx, &d, &m), &ctx);

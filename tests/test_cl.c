@@ -208,6 +208,22 @@ static int test_upload_errors(void) {
         layers[0].expert = MOE_EXPERT_DEFAULT;
         layers[0].combine = MOE_COMBINE_DEFAULT;
     }
+    /* multi-task layers and multi-task losses stay on the CPU */
+    memset(layers, 0, sizeof layers);
+    layers[0].kind = MOE_LAYER_MULTIGATE; layers[0].n_tasks = 2; layers[0].n_experts = 3;
+    CHECK_OK(moe_model_create(&ctx, &d, &m), &ctx);
+    CHECK_RESULT(moe_cl_model_upload(device, m, &dm), MOE_ERR_UNSUPPORTED, &ctx);
+    CHECK(dm == NULL && strstr(moe_ctx_error(&ctx), "multi-task") != NULL, "message: %s", moe_ctx_error(&ctx));
+    moe_model_destroy(m);
+    layers[0].kind = MOE_LAYER_DENSE; layers[0].n_tasks = 0; layers[0].n_experts = 0;
+    d.n_tasks = 2;
+    CHECK_OK(moe_model_create(&ctx, &d, &m), &ctx);
+    CHECK_RESULT(moe_cl_model_upload(device, m, &dm), MOE_ERR_UNSUPPORTED, &ctx);
+    CHECK(dm == NULL && strstr(moe_ctx_error(&ctx), "multi-task") != NULL, "message: %s", moe_ctx_error(&ctx));
+    moe_model_destroy(m);
+    d.n_tasks = 0;
+    memset(layers, 0, sizeof layers);
+    layers[0].kind = MOE_LAYER_MOE; layers[0].n_experts = 4;
     m = small_model();
     memset(&desc, 0, sizeof desc);
     desc.no_tuning = 1;

@@ -16,7 +16,7 @@ static const char *const fixtures[] = {
     "dense_mlp", "dense_mse", "dense_bce", "topk2_swiglu_shared", "soft_mixture_mlp", "switch_capacity",
     "noisy_topk", "topk_norenorm_aux", "noisy_capacity_passthrough", "topk1_mlp3_residual",
     "sigmoid_groups_bias", "expert_choice", "call_top_k_top_p", "hash_tokens", "gaussian_mixture",
-    "topk2_geglu_bias", "stack_combine", "soft_slots_groups", "hierarchical_noisy",
+    "topk2_geglu_bias", "stack_combine", "soft_slots_groups", "hierarchical_noisy", "mmoe_ple_tasks",
 };
 
 static moe_ctx ctx;
@@ -71,7 +71,9 @@ static void run_fixture(const char *fixture) {
     int64_t T, D, C, i;
     int l, k;
     moe_forward_opts train_opts, eval_opts;
-    moe_target target;
+    moe_target target, tasks[MOE_MAX_TASKS];
+    float *task_values[MOE_MAX_TASKS] = {0};
+    int32_t *task_labels[MOE_MAX_TASKS] = {0};
     float loss, aux;
     snprintf(path, sizeof path, "%s/%s.safetensors", FIXTURE_DIR, fixture);
     CHECK_OK(moe_tensor_file_read(&ctx, path, &f), &ctx);
@@ -103,6 +105,24 @@ static void run_fixture(const char *fixture) {
         values = (float *)malloc(sizeof(float) * (size_t)TC);
         CHECK_OK(moe_file_tensor_to_f32(&ctx, tt, values, TC), &ctx);
         target.values = values;
+    }
+    /* multi-task models: task i's labels [T] or values [T, task_d_out[i]] (README section 4) */
+    memset(tasks, 0, sizeof tasks);
+    for (k = 0; k < md->n_tasks; k++) {
+        int64_t w = md->task_d_out[k];
+        snprintf(name, sizeof name, "task.%d.labels", k);
+        if ((tl = moe_tensor_file_find(f, name)) != NULL) {
+            task_labels[k] = (int32_t *)malloc(sizeof(int32_t) * (size_t)T);
+            CHECK_OK(moe_file_tensor_to_i32(&ctx, tl, task_labels[k], T), &ctx);
+            tasks[k].labels = task_labels[k];
+        }
+        snprintf(name, sizeof name, "task.%d.target", k);
+        if ((tt = moe_tensor_file_find(f, name)) != NULL) {
+            task_values[k] = (float *)malloc(sizeof(float) * (size_t)(T * w));
+            CHECK_OK(moe_file_tensor_to_f32(&ctx, tt, task_values[k], T * w), &ctx);
+            tasks[k].values = task_values[k];
+        }
+        target.tasks = tasks;
     }
     for (l = 0; l < md->n_layers && l < 8; l++) {
         const moe_file_tensor *tn;
@@ -199,6 +219,7 @@ static void run_fixture(const char *fixture) {
     }
 done:
     for (l = 0; l < 8; l++) free(noise[l]);
+    for (k = 0; k < MOE_MAX_TASKS; k++) { free(task_labels[k]); free(task_values[k]); }
     free(x); free(dx); free(dy); free(grad_loss); free(labels); free(values); free(ids);
     moe_model_destroy(m);
     moe_tensor_file_close(f);

@@ -24,6 +24,14 @@ typedef struct grad_case {
     float top_p;                /* moe_forward_opts.top_p */
 } grad_case;
 
+/* A multi-task model's losses, weights and slice widths (moe_model_desc). */
+typedef struct grad_tasks {
+    int n_tasks;
+    moe_loss loss[3];
+    float weight[3];
+    int64_t d_out[3];
+} grad_tasks;
+
 static uint64_t fd_seed = 42;
 
 /* Objective at the reference: mode 0 = task + aux loss (training), mode 1 = sum(y * dy) (inference). */
@@ -37,7 +45,7 @@ static double objective(ref_run *r, const float *x, int64_t T, int mode, const i
         const moe_layer_desc *last = &md->layers[md->n_layers - 1];
         v = ref_mixture_nll(y, T, last->n_experts, last->d_out, values) + aux;
     } else if (mode == 0) {
-        v = ref_task_loss(loss, y, T, C, labels, values) + aux;
+        v = (md->n_tasks > 0 ? ref_multi_task_loss(md, y, T, C, labels, values) : ref_task_loss(loss, y, T, C, labels, values)) + aux;
     } else {
         v = 0;
         for (i = 0; i < T * C; i++)
@@ -47,7 +55,7 @@ static double objective(ref_run *r, const float *x, int64_t T, int mode, const i
     return v;
 }
 
-static int run_case(const grad_case *gc) {
+static int run_case_tasks(const grad_case *gc, const grad_tasks *tk) {
     moe_ctx ctx;
     moe_model *m = NULL;
     moe_model_desc desc;
@@ -66,6 +74,10 @@ static int run_case(const grad_case *gc) {
     desc.layers = gc->layers;
     desc.loss = gc->loss;
     desc.max_tokens = T;
+    if (tk) {
+        desc.n_tasks = tk->n_tasks;
+        for (i = 0; i < 3; i++) { desc.task_loss[i] = tk->loss[i]; desc.task_weight[i] = tk->weight[i]; desc.task_d_out[i] = tk->d_out[i]; }
+    }
     CHECK_OK(moe_ctx_init(&ctx, &(moe_ctx_desc){.seed = fd_seed, .n_threads = 2}), &ctx);
     CHECK_OK(moe_model_create(&ctx, &desc, &m), &ctx);
     if (!m) return 0;
@@ -76,13 +88,15 @@ static int run_case(const grad_case *gc) {
     yf = (float *)malloc(sizeof(float) * (size_t)(T * C));
     dl = (float *)malloc(sizeof(float) * (size_t)(T * C));
     values = (float *)malloc(sizeof(float) * (size_t)(T * C));
-    labels = (int32_t *)malloc(sizeof(int32_t) * (size_t)T);
+    labels = (int32_t *)malloc(sizeof(int32_t) * (size_t)(T * MOE_MAX_TASKS));
     ids = (int32_t *)malloc(sizeof(int32_t) * (size_t)T);
     for (i = 0; i < T; i++) ids[i] = (int32_t)(moe_rng_u64(7, 14, (uint64_t)i) % 1000);
     for (i = 0; i < T * D; i++) x[i] = moe_rng_normal(7, 1, (uint64_t)i);
     for (i = 0; i < T * C; i++) { dy[i] = moe_rng_normal(7, 2, (uint64_t)i); values[i] = moe_rng_uniform(7, 3, (uint64_t)i); }
     if (gc->loss == MOE_LOSS_MSE) for (i = 0; i < T * C; i++) values[i] = 2.0f * values[i] - 1.0f;
     for (i = 0; i < T; i++) labels[i] = (int32_t)(moe_rng_u64(7, 4, (uint64_t)i) % (uint64_t)C);
+    for (t = 0; t < moe_model_get_desc(m)->n_tasks; t++)   /* task t's labels [T] at labels + t*T */
+        for (i = 0; i < T; i++) labels[t * T + i] = (int32_t)(moe_rng_u64(7, 15, (uint64_t)(t * T + i)) % (uint64_t)moe_model_get_desc(m)->task_d_out[t]);
     /* make routers decisive enough to be interesting: scale router weights up */
     {
         float *p = moe_model_params(m, &n_params);
@@ -130,9 +144,18 @@ static int run_case(const grad_case *gc) {
         CHECK_OK(moe_model_forward(m, x, T, yf, &opts), &ctx);
         if (mode == 0) {
             float loss;
-            moe_target tg;
+            moe_target tg, tasks[MOE_MAX_TASKS];
+            int64_t off = 0;
+            memset(&tg, 0, sizeof tg);
+            memset(tasks, 0, sizeof tasks);
             tg.labels = labels;
             tg.values = values;
+            for (t = 0; t < moe_model_get_desc(m)->n_tasks; t++) {
+                tasks[t].labels = labels + t * T;
+                tasks[t].values = values + off * T;
+                off += moe_model_get_desc(m)->task_d_out[t];
+            }
+            if (moe_model_get_desc(m)->n_tasks > 0) tg.tasks = tasks;
             CHECK_OK(moe_model_loss(m, &tg, &loss, dl), &ctx);
             CHECK_OK(moe_model_backward(m, dl, dx, MOE_BACKWARD_AUX), &ctx);
         } else {
@@ -227,6 +250,8 @@ static int run_case(const grad_case *gc) {
     moe_model_destroy(m);
     return 0;
 }
+
+static int run_case(const grad_case *gc) { return run_case_tasks(gc, NULL); }
 
 static int test_dense_activations(void) {
     grad_case gc = {"dense+activations", 7, 9, 6, {
@@ -440,6 +465,53 @@ static int test_hierarchical(void) {
     return run_case(&gc) || run_case(&gc2) || run_case(&gc3) || run_case(&gc4);
 }
 
+static int test_mmoe(void) {
+    /* MMoE: 3 shared MLP experts, one gate per task, towers on the task slices; CE + MSE tasks, weighted */
+    grad_case gc = {"mmoe + towers, 2 tasks", 6, 12, 2, {
+        {.kind = MOE_LAYER_MULTIGATE, .n_tasks = 2, .n_experts = 3, .d_hidden = 5, .d_out = 2 * 4, .activation = MOE_ACT_TANH},
+        {.kind = MOE_LAYER_TASK_TOWERS, .n_tasks = 2, .d_hidden = 3, .d_out = 2 * 3, .activation = MOE_ACT_GELU}},
+        MOE_LOSS_MSE, 1, 0, 0.0f};
+    grad_tasks tk = {2, {MOE_LOSS_CROSS_ENTROPY, MOE_LOSS_MSE, MOE_LOSS_DEFAULT}, {1.0f, 0.5f, 0.0f}, {0, 0, 0}};
+    return run_case_tasks(&gc, &tk);
+}
+
+static int test_ple(void) {
+    /* PLE: two levels (the first with the shared gate and output), swiglu experts, then linear
+       towers on the task slices; three tasks of different widths and losses */
+    grad_case gc = {"ple 2 levels, 3 tasks", 5, 10, 4, {
+        {.kind = MOE_LAYER_MULTIGATE, .n_tasks = 3, .n_experts = 2, .n_task_experts = 2, .shared_output = 1, .d_out = 4 * 4,
+         .expert = MOE_EXPERT_SWIGLU, .d_hidden = 4},
+        {.kind = MOE_LAYER_MULTIGATE, .n_tasks = 3, .n_experts = 1, .n_task_experts = 1, .task_input = MOE_TASK_INPUT_TASKS_SHARED,
+         .d_hidden = 3, .activation = MOE_ACT_SILU, .n_hidden_layers = 2},
+        {.kind = MOE_LAYER_TASK_TOWERS, .n_tasks = 3, .expert = MOE_EXPERT_LINEAR, .d_out = 3 * 2},
+        {.kind = MOE_LAYER_DENSE, .d_out = 5}},
+        MOE_LOSS_MSE, 1, 0, 0.0f};
+    grad_tasks tk = {3, {MOE_LOSS_BCE, MOE_LOSS_CROSS_ENTROPY, MOE_LOSS_MSE}, {0.7f, 1.0f, 2.0f}, {1, 3, 1}};
+    return run_case_tasks(&gc, &tk);
+}
+
+static int test_mmoe_top_k(void) {
+    /* MMoE with top-2 of 5 gates (renormalised over the two), PLE-style task experts, towers */
+    grad_case gc = {"mmoe top-2 gates", 6, 12, 2, {
+        {.kind = MOE_LAYER_MULTIGATE, .n_tasks = 2, .n_experts = 3, .n_task_experts = 2, .top_k = 2, .d_hidden = 4, .d_out = 2 * 4,
+         .activation = MOE_ACT_SILU},
+        {.kind = MOE_LAYER_TASK_TOWERS, .n_tasks = 2, .expert = MOE_EXPERT_LINEAR, .d_out = 2 * 2}},
+        MOE_LOSS_MSE, 1, 0, 0.0f};
+    grad_tasks tk = {2, {MOE_LOSS_MSE, MOE_LOSS_BCE, MOE_LOSS_DEFAULT}, {1.0f, 1.0f, 0.0f}, {0, 0, 0}};
+    return run_case_tasks(&gc, &tk);
+}
+
+static int test_shared_bottom_towers(void) {
+    /* shared bottom (dense) -> towers reading the one representation (task_input single), relu */
+    grad_case gc = {"shared bottom + towers", 5, 12, 2, {
+        {.kind = MOE_LAYER_DENSE, .d_out = 6, .activation = MOE_ACT_TANH},
+        {.kind = MOE_LAYER_TASK_TOWERS, .n_tasks = 2, .task_input = MOE_TASK_INPUT_SINGLE, .d_hidden = 4, .d_out = 2,
+         .activation = MOE_ACT_RELU}},
+        MOE_LOSS_MSE, 1, 0, 0.0f};
+    grad_tasks tk = {2, {MOE_LOSS_DEFAULT, MOE_LOSS_DEFAULT, MOE_LOSS_DEFAULT}, {0.0f, 3.0f, 0.0f}, {0, 0, 0}};
+    return run_case_tasks(&gc, &tk);
+}
+
 int main(void) {
     printf("test_grad\n");
     RUN(test_dense_activations);
@@ -464,5 +536,9 @@ int main(void) {
     RUN(test_gaussian_sparse);
     RUN(test_soft);
     RUN(test_hierarchical);
+    RUN(test_mmoe);
+    RUN(test_ple);
+    RUN(test_mmoe_top_k);
+    RUN(test_shared_bottom_towers);
     TEST_END();
 }

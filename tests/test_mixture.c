@@ -138,7 +138,7 @@ static int test_model_output(void) {
     CHECK(moe_model_d_out(m) == 4 * (1 + 2 * 2), "model width %lld, want 20", (long long)moe_model_d_out(m));
     make_batch(x, y, 64);
     CHECK_OK(moe_model_forward(m, x, 64, out, NULL), &ctx);
-    CHECK_OK(moe_model_loss(m, &(moe_target){NULL, y}, &loss, NULL), &ctx);
+    CHECK_OK(moe_model_loss(m, &(moe_target){.values = y}, &loss, NULL), &ctx);
     for (t = 0; t < 64; t++) {
         const float *o = out + t * 20;
         double lse = -INFINITY, s = 0, l[4], pis = 0;
@@ -181,7 +181,7 @@ static int test_model_output(void) {
         }
         CHECK(n == 2 && fabs(pis - 1) < 1e-5, "token %d: %d components, weights sum %.7f", t, n, pis);
     }
-    CHECK_OK(moe_model_loss(m, &(moe_target){NULL, y}, &loss, NULL), &ctx);
+    CHECK_OK(moe_model_loss(m, &(moe_target){.values = y}, &loss, NULL), &ctx);
     CHECK(moe__finite(loss), "the sparse mixture's loss is %g", loss);
     moe_model_destroy(m);
     return 0;
@@ -202,8 +202,8 @@ static int test_train_threads_save(void) {
     if (!m1 || !m2) { moe_model_destroy(m1); moe_model_destroy(m2); return 0; }
     make_batch(x, y, 64);
     for (s = 0; s < 60; s++) {
-        CHECK_OK(moe_model_train_step(m1, x, &(moe_target){NULL, y}, 64, &i1), &c1);
-        CHECK_OK(moe_model_train_step(m2, x, &(moe_target){NULL, y}, 64, &i2), &c2);
+        CHECK_OK(moe_model_train_step(m1, x, &(moe_target){.values = y}, 64, &i1), &c1);
+        CHECK_OK(moe_model_train_step(m2, x, &(moe_target){.values = y}, 64, &i2), &c2);
         if (s == 0) first = i1.loss;
         CHECK(memcmp(&i1.loss, &i2.loss, sizeof(float)) == 0, "step %d: loss %.9g on 1 thread, %.9g on 2", s, i1.loss, i2.loss);
         if (test_case_failed) break;
@@ -271,7 +271,7 @@ static int test_errors(void) {
     if (m) {
         float x[4] = {0.1f, 0.2f, 0.3f, 0.4f}, loss;
         CHECK_OK(moe_model_forward(m, x, 1, NULL, NULL), &ctx);
-        CHECK_RESULT(moe_model_loss(m, &(moe_target){NULL, NULL}, &loss, NULL), MOE_ERR_INVALID_ARGUMENT, &ctx);
+        CHECK_RESULT(moe_model_loss(m, &(moe_target){.labels = NULL}, &loss, NULL), MOE_ERR_INVALID_ARGUMENT, &ctx);
         moe_model_destroy(m);
     }
     CHECK_RESULT(moe_mixture_mean(&ctx, NULL, 1, 3, 2, out), MOE_ERR_INVALID_ARGUMENT, &ctx);

@@ -73,9 +73,13 @@ static void fuzz_exercise(moe_model *m) {
     int64_t d_out = moe_model_d_out(m);
     float *x = (float *)calloc((size_t)d->d_in, sizeof(float)), *y = (float *)calloc((size_t)d_out, sizeof(float));
     int32_t label = 0;
-    moe_target target;
+    moe_target target, tasks[MOE_MAX_TASKS];
+    int i;
+    memset(&target, 0, sizeof target);
     target.labels = &label;
     target.values = y;
+    for (i = 0; i < MOE_MAX_TASKS; i++) tasks[i] = target;   /* multi-task models: each task's slice of y, label 0 */
+    if (d->n_tasks > 0) target.tasks = tasks;
     if (x && y) {
         moe_model_forward(m, x, 1, y, NULL);
         memset(y, 0, sizeof(float) * (size_t)d_out);

@@ -89,6 +89,11 @@ int main(int argc, char **argv) {
     static const moe_layer_desc sw[] = {{.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_SWITCH, .n_experts = 2, .expert = MOE_EXPERT_SWIGLU,
                                          .d_hidden = 3, .capacity_factor = 1.0f, .residual = 1},
                                         {.kind = MOE_LAYER_RMSNORM}};
+    static const moe_layer_desc ple[] = {{.kind = MOE_LAYER_MULTIGATE, .n_tasks = 2, .n_experts = 1, .n_task_experts = 1, .shared_output = 1,
+                                          .d_out = 3 * 2, .d_hidden = 2},
+                                         {.kind = MOE_LAYER_MULTIGATE, .n_tasks = 2, .n_experts = 2, .task_input = MOE_TASK_INPUT_TASKS_SHARED,
+                                          .expert = MOE_EXPERT_SWIGLU, .d_hidden = 2},
+                                         {.kind = MOE_LAYER_TASK_TOWERS, .n_tasks = 2, .expert = MOE_EXPERT_LINEAR, .d_out = 2}};
     moe_model *m;
     if (argc != 2) { fprintf(stderr, "usage: gen_corpus DIR\n"); return 2; }
     dir = argv[1];
@@ -122,6 +127,18 @@ int main(int argc, char **argv) {
     save(m, "moe_switch_swiglu.safetensors", 0);
     save_config(m, "moe_switch_swiglu.json");
     moe_model_destroy(m);
+
+    /* multi-task: PLE levels, towers and two task losses */
+    {
+        moe_model_desc d;
+        memset(&d, 0, sizeof d);
+        d.d_in = 3; d.n_layers = 3; d.layers = ple; d.max_tokens = 4;
+        d.n_tasks = 2; d.task_loss[0] = MOE_LOSS_BCE; d.task_loss[1] = MOE_LOSS_MSE; d.task_weight[1] = 0.5f;
+        if (moe_model_create(&ctx, &d, &m) != MOE_OK) { fprintf(stderr, "%s\n", moe_ctx_error(&ctx)); return 1; }
+        save(m, "multitask_ple.safetensors", 0);
+        save_config(m, "multitask_ple.json");
+        moe_model_destroy(m);
+    }
 
     /* PyTorch-style dtypes: BF16 and F16 weights, an extra tensor outside layers. */
     {

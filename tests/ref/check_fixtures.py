@@ -67,12 +67,39 @@ def read_safetensors(path):
 # ----------------------------------------------------------------------------------------------
 # Expected tensor names, from the config text
 
+def slices(c):
+    """Multi-task layer (README 3.9): tasks n, shared experts S, experts per task Et, input and
+    output slices, slice widths D and O."""
+    n = c["tasks"]
+    S, Et = (c["experts"], c["task_experts"]) if c["kind"] == "multigate" else (0, 1)
+    gin = {"single": 1, "tasks": n, "tasks_shared": n + 1}[c["task_input"]]
+    gout = n + (1 if c.get("shared_output") else 0)
+    return n, S, Et, gin, gout, c["d_in"] // gin, c["d_out"] // gout
+
+
+def gate_members(c, g):
+    """Gate g's experts as (bank prefix, index): a task gate its task's, then the shared ones; the
+    shared gate every task expert, task by task, then the shared ones."""
+    n, S, Et = slices(c)[:3]
+    bank = "towers." if c["kind"] == "task_towers" else "task_experts."
+    own = range(g * Et, (g + 1) * Et) if g < n else range(n * Et)
+    return [(bank, e) for e in own] + [("experts.", j) for j in range(S)]
+
+
 def expected_params(cfg):
     out = {}
     for i, c in enumerate(cfg["layers"]):
         p = "layers.%d." % i
         D, O = c["d_in"], c["d_out"]
-        if c["kind"] == "dense":
+        if c["kind"] in ("multigate", "task_towers"):
+            n, S, Et, gin, gout, D, O = slices(c)
+            for g in range(gout):
+                if len(gate_members(c, g)) > 1:
+                    out[p + "gates.%d.weight" % g] = [len(gate_members(c, g)), D]
+            groups = [("experts.", S, c["d_hidden"], O)] if S else []
+            groups.append(("towers." if c["kind"] == "task_towers" else "task_experts.", n * Et, c["d_hidden"], O))
+            groups = [gr for gr in groups if gr[1] > 0]
+        elif c["kind"] == "dense":
             out[p + "weight"] = [O, D]
             if c["bias"]:
                 out[p + "bias"] = [O]
@@ -81,7 +108,7 @@ def expected_params(cfg):
         elif c["kind"] == "layernorm":
             out[p + "weight"] = [D]
             out[p + "bias"] = [D]
-        else:
+        if c["kind"] == "moe":
             E = c["experts"]
             if c["router"] == "soft":
                 out[p + "router.weight"] = [E * c["slots_per_expert"], D]
@@ -111,6 +138,7 @@ def expected_params(cfg):
             if c.get("combine") == "stack":
                 out[p + "combine.weight"] = [O, E * c["d_expert_out"]]
                 out[p + "combine.bias"] = [O]
+        if c["kind"] in ("moe", "multigate", "task_towers"):
             for g, n, H, O in groups:
                 q = p + g
                 if c["expert"] == "linear":
@@ -145,7 +173,13 @@ def expected_fixture(cfg, T, present):
     last = cfg["layers"][-1]
     d_in, d_out = cfg["d_in"], last["d_out"]
     shapes["x"] = [T, d_in]
-    if cfg["loss"] == "cross_entropy":
+    if "tasks" in cfg:
+        for k, t in enumerate(cfg["tasks"]):
+            if t["loss"] == "cross_entropy":
+                shapes["task.%d.labels" % k] = [T]
+            else:
+                shapes["task.%d.target" % k] = [T, t["d_out"]]
+    elif cfg["loss"] == "cross_entropy":
         shapes["labels"] = [T]
     else:
         shapes["target"] = [T, d_out]
@@ -489,6 +523,26 @@ def forward(cfg, P, x, train, noise, call):
                 var = ((r - mu) ** 2).sum() / len(r)
                 rows.append((r - mu) / torch.sqrt(var + c["eps"]) * P[p + "weight"] + P[p + "bias"])
             o = torch.stack(rows)
+        elif c["kind"] in ("multigate", "task_towers"):
+            n, S, Et, gin, gout, D, O = slices(c)
+            cs = dict(c, d_in=D, d_out=O)
+            one = c["task_input"] == "single"
+            rows = []
+            for r in h:
+                xs = [r[k * D:(k + 1) * D] for k in range(gin)]
+                parts = []
+                for g in range(gout):
+                    mem = gate_members(c, g)
+                    outs = [expert(P, p + b, cs, e, xs[0 if one else (n if b == "experts." else e // Et)]) for b, e in mem]
+                    if len(mem) == 1:
+                        parts.append(outs[0])
+                    else:
+                        z = P[p + "gates.%d.weight" % g] @ xs[0 if one else g]
+                        w = torch.exp(z - z.max())
+                        w = w / w.sum()
+                        parts.append(sum(w[q] * outs[q] for q in range(len(mem))))
+                rows.append(torch.cat(parts))
+            o = torch.stack(rows)
         else:
             o, auxes[i], stats[i] = moe_layer(P, i, c, h, train, noise.get(i), call)
         if c["kind"] != "moe" and c["residual"]:
@@ -521,7 +575,13 @@ def task_loss(kind, y, tgt, last):
 
 def objectives(cfg, P, x, tgt, noise, call):
     y, auxes, stats = forward(cfg, P, x, True, noise, call)
-    loss = task_loss(cfg["loss"], y, tgt, cfg["layers"][-1])
+    if "tasks" in cfg:      # README section 4: weighted sum over the output's task slices
+        loss, off = torch.zeros(()), 0
+        for t, tg in zip(cfg["tasks"], tgt):
+            loss = loss + float(np.float32(t["weight"])) * task_loss(t["loss"], y[:, off:off + t["d_out"]], tg, None)
+            off += t["d_out"]
+    else:
+        loss = task_loss(cfg["loss"], y, tgt, cfg["layers"][-1])
     aux = sum(sum(a) for a in auxes.values()) if auxes else torch.zeros(())
     return loss, aux, y, auxes, stats
 
@@ -546,7 +606,7 @@ def check(path):
     assert set(F) == set(shapes), (set(F) ^ set(shapes))
     for n, s in shapes.items():
         assert list(F[n].shape) == s, (n, F[n].shape, s)
-        want = np.int32 if n in ("labels", "token_ids", "call.top_k") else np.float32
+        want = np.int32 if n in ("labels", "token_ids", "call.top_k") or n.endswith(".labels") else np.float32
         assert F[n].dtype == want, (n, F[n].dtype)
     names = list(expected_params(cfg))
     call = {}
@@ -557,7 +617,10 @@ def check(path):
     if "call.top_p" in F:
         call["top_p"] = float(F["call.top_p"][0])
     d = {n: torch.from_numpy(F[n].astype(np.float64)) for n in F if n not in ("labels", "token_ids", "call.top_k")}
-    tgt = torch.from_numpy(F["labels"].astype(np.int64)) if "labels" in F else d["target"]
+    tgt = torch.from_numpy(F["labels"].astype(np.int64)) if "labels" in F else d.get("target")
+    if "tasks" in cfg:
+        tgt = [torch.from_numpy(F["task.%d.labels" % k].astype(np.int64)) if "task.%d.labels" % k in F
+               else d["task.%d.target" % k] for k in range(len(cfg["tasks"]))]
     noise = {int(n.split(".")[1]): d[n] for n in d if n.startswith("noise.")}
     x0 = d["x"]
     P0 = {n: d[n] for n in names}

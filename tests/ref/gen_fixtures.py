@@ -123,11 +123,57 @@ def expert_out(c):
     return c.get("d_expert_out", c["d_out"])
 
 
-def model_config(d_in, layers, loss, **opt):
+def model_config(d_in, layers, loss, tasks=None, **opt):
     o = dict(OPTIMIZER)
     o.update(opt)
-    return {"format": "moe.h", "version": 1, "d_in": d_in, "loss": loss, "max_tokens": 256,
-            "layers": layers, "optimizer": o}
+    cfg = {"format": "moe.h", "version": 1, "d_in": d_in, "loss": loss, "max_tokens": 256,
+           "layers": layers, "optimizer": o}
+    if tasks is not None:                   # multi-task loss (README section 4): [(loss, weight, d_out)]
+        cfg["tasks"] = [{"loss": l, "weight": w, "d_out": n} for l, w, n in tasks]
+    return cfg
+
+
+def multitask(kind, d_in, tasks=2, task_input=None, d_out=None, **kw):
+    """README 3.9: kind "multigate" (experts, task_experts, shared_output) or "task_towers"."""
+    if task_input is None:
+        task_input = "single" if kind == "multigate" else "tasks"
+    gin = {"single": 1, "tasks": tasks, "tasks_shared": tasks + 1}[task_input]
+    gout = tasks + (1 if kw.get("shared_output", False) else 0)
+    D = d_in // gin
+    expert = kw.get("expert", "mlp")
+    c = {"kind": kind, "d_in": d_in, "d_out": gout * D if d_out is None else d_out, "residual": False,
+         "tasks": tasks, "task_input": task_input}
+    if kind == "multigate":
+        c.update({"experts": kw.get("experts", 4), "task_experts": kw.get("task_experts", 0),
+                  "shared_output": kw.get("shared_output", False)})
+    c.update({"expert": expert, "d_hidden": kw.get("d_hidden", D),
+              "hidden_layers": kw.get("hidden_layers", 0 if expert == "linear" else 1),
+              "activation": kw.get("activation", "identity" if expert == "linear" else "silu" if expert == "swiglu" else "relu"),
+              "bias": kw.get("bias", expert != "swiglu")})
+    unknown = set(kw) - set(c)
+    assert not unknown, unknown
+    return c
+
+
+def multitask_shape(c):
+    """(n, S, Et, Gin, Gout, D, O) of a multi-task layer."""
+    n = c["tasks"]
+    S = c["experts"] if c["kind"] == "multigate" else 0
+    Et = c["task_experts"] if c["kind"] == "multigate" else 1
+    gin = {"single": 1, "tasks": n, "tasks_shared": n + 1}[c["task_input"]]
+    gout = n + (1 if c.get("shared_output") else 0)
+    return n, S, Et, gin, gout, c["d_in"] // gin, c["d_out"] // gout
+
+
+def gate_lists(c):
+    """README 3.9: per gate, its experts as (bank, index): task gate i = own experts then shared;
+    shared gate = every task expert, task by task, then the shared ones."""
+    n, S, Et, _, gout, _, _ = multitask_shape(c)
+    lists = []
+    for g in range(gout):
+        own = [("task", g * Et + k) for k in range(Et)] if g < n else [("task", k) for k in range(n * Et)]
+        lists.append(own + [("shared", j) for j in range(S)])
+    return lists
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,6 +256,19 @@ def param_specs(cfg):
                 W = E * c["d_expert_out"]
                 specs.append((p + "combine.weight", [c["d_out"], W], "lin", W))
                 specs.append((p + "combine.bias", [c["d_out"]], "lin", W))
+        elif c["kind"] in ("multigate", "task_towers"):
+            n, S, Et, gin, gout, D, O = multitask_shape(c)
+            for g, lst in enumerate(gate_lists(c)):
+                if len(lst) > 1:
+                    specs.append((p + "gates.%d.weight" % g, [len(lst), D], "router", D))
+            cs = dict(c, d_in=D, d_out=O)
+            if S > 0:
+                for name, shape, fan in expert_shapes(p + "experts.", cs, S, c["d_hidden"], O):
+                    specs.append((name, shape, "lin", fan))
+            bank = "towers." if c["kind"] == "task_towers" else "task_experts."
+            if n * Et > 0:
+                for name, shape, fan in expert_shapes(p + bank, cs, n * Et, c["d_hidden"], O):
+                    specs.append((name, shape, "lin", fan))
         else:
             raise ValueError(c["kind"])
     return specs
@@ -600,6 +659,32 @@ def moe_forward(P, p, c, x, train, noise, chk, call, layer):
     return y, aux, stats
 
 
+def multitask_forward(P, p, c, h, chk):
+    """README 3.6: experts on their slices, a softmax gate per output slice, slices side by side."""
+    n, S, Et, gin, gout, D, O = multitask_shape(c)
+    single = c["task_input"] == "single"
+    xs = [h[:, i * D:(i + 1) * D] for i in range(gin)]
+    cs = dict(c, d_in=D, d_out=O)
+    outs = {}
+    bank = "towers." if c["kind"] == "task_towers" else "task_experts."
+    for k in range(n * Et):         # task expert i*Et + j reads slice i
+        W = {q[len(p + bank):]: v[k:k + 1] for q, v in P.items() if q.startswith(p + bank)}
+        outs[("task", k)] = experts_forward({"x." + q: v for q, v in W.items()}, "x.", cs,
+                                            xs[0 if single else k // Et], chk)[0]
+    for j in range(S):              # shared experts read the shared slice
+        W = {q[len(p + "experts."):]: v[j:j + 1] for q, v in P.items() if q.startswith(p + "experts.")}
+        outs[("shared", j)] = experts_forward({"x." + q: v for q, v in W.items()}, "x.", cs,
+                                              xs[0 if single else n], chk)[0]
+    ys = []
+    for g, lst in enumerate(gate_lists(c)):
+        if len(lst) == 1:
+            ys.append(outs[lst[0]])
+            continue
+        gate = torch.softmax(xs[0 if single else g] @ P[p + "gates.%d.weight" % g].T, dim=1)
+        ys.append(sum(gate[:, q:q + 1] * outs[e] for q, e in enumerate(lst)))
+    return torch.cat(ys, dim=1)
+
+
 def model_forward(cfg, P, x, train, noises, chk, call=None):
     """Returns y, {layer: aux list}, {layer: stats}."""
     auxes, stats = {}, {}
@@ -620,6 +705,8 @@ def model_forward(cfg, P, x, train, noises, chk, call=None):
             out = (h - mu) / torch.sqrt(var + c["eps"]) * P[p + "weight"] + P[p + "bias"]
         elif kind == "moe":
             out, auxes[i], stats[i] = moe_forward(P, p, c, h, train, noises.get(i), chk, call or {}, i)
+        elif kind in ("multigate", "task_towers"):
+            out = multitask_forward(P, p, c, h, chk)
         if kind != "moe" and c["residual"]:
             out = h + out
         h = out
@@ -646,7 +733,13 @@ def task_loss(kind, y, target, last=None):
 
 def train_objective(cfg, P, x, target, noises, chk, call=None):
     y, auxes, stats = model_forward(cfg, P, x, True, noises, chk, call)
-    loss = task_loss(cfg["loss"], y, target, cfg["layers"][-1])
+    if "tasks" in cfg:                      # README section 4: sum_i w_i * loss_i on the output's slices
+        loss, off = torch.zeros(()), 0
+        for t, tgt in zip(cfg["tasks"], target):
+            loss = loss + float(np.float32(t["weight"])) * task_loss(t["loss"], y[:, off:off + t["d_out"]], tgt)
+            off += t["d_out"]
+    else:
+        loss = task_loss(cfg["loss"], y, target, cfg["layers"][-1])
     aux_total = torch.zeros(())
     for i in sorted(auxes):
         for a in auxes[i]:
@@ -703,7 +796,16 @@ def build_case(name, cfg, T, seed, check=None, call_opts=None):
     d_in, d_out = cfg["d_in"], layers[-1]["d_out"]
     P0 = init_params(cfg, g)
     x = torch.randn(T, d_in, generator=g, dtype=torch.float32).double()
-    if cfg["loss"] == "cross_entropy":
+    if "tasks" in cfg:
+        target = []
+        for t in cfg["tasks"]:
+            if t["loss"] == "cross_entropy":
+                target.append(torch.randint(0, t["d_out"], (T,), generator=g).to(torch.int32))
+            elif t["loss"] == "mse":
+                target.append(torch.randn(T, t["d_out"], generator=g, dtype=torch.float32).double())
+            else:
+                target.append(torch.rand(T, t["d_out"], generator=g, dtype=torch.float32).double())
+    elif cfg["loss"] == "cross_entropy":
         target = torch.randint(0, d_out, (T,), generator=g).to(torch.int32)
     elif cfg["loss"] in ("mse", "mixture_nll"):
         target = torch.randn(T, d_out, generator=g, dtype=torch.float32).double()
@@ -797,7 +899,13 @@ def build_case(name, cfg, T, seed, check=None, call_opts=None):
     for n in names:
         out[n] = f32(P0[n])
     out["x"] = f32(x)
-    if cfg["loss"] == "cross_entropy":
+    if "tasks" in cfg:
+        for i, (t, tgt) in enumerate(zip(cfg["tasks"], target)):
+            if t["loss"] == "cross_entropy":
+                out["task.%d.labels" % i] = tgt.numpy().astype(np.int32)
+            else:
+                out["task.%d.target" % i] = f32(tgt)
+    elif cfg["loss"] == "cross_entropy":
         out["labels"] = target.numpy().astype(np.int32)
     else:
         out["target"] = f32(target)
@@ -925,6 +1033,15 @@ CASES = [
                            router_bias=True, expert="linear", balance_loss=0.02, z_loss=0.002,
                            importance_loss=0.1, load_loss=0.1)], "bce"),
      20, None),
+    # multi-task layers and losses (README 3.9, section 4)
+    ("mmoe_ple_tasks",
+     model_config(8, [multitask("multigate", 8, tasks=2, experts=2, task_experts=1, shared_output=True,
+                                d_out=3 * 6, d_hidden=7, activation="gelu"),
+                      multitask("multigate", 18, tasks=2, experts=3, task_input="tasks_shared",
+                                d_out=2 * 5, expert="swiglu", d_hidden=6),
+                      multitask("task_towers", 10, tasks=2, d_out=2 * 2, d_hidden=4, activation="tanh")],
+                  "mse", tasks=[("cross_entropy", 1.0, 2), ("mse", 0.5, 2)]),
+     16, None),
     # extra cases
     ("noisy_capacity_passthrough",
      model_config(10, [moe(10, 10, router="noisy_topk", experts=4, top_k=2, expert="swiglu",

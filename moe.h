@@ -657,6 +657,146 @@ static void moe__concat(char *dst, size_t cap, const char *a, const char *b, con
     if (n < cap) moe__strlcpy(dst + n, c, cap - n);
 }
 
+/* The formatter of every message and text moe.h writes, so that no build needs <stdio.h>: the
+   subset of vsnprintf that moe.h uses (flags '-' '0', width, precision and '*'; lengths l, ll, z;
+   conversions d i u x c s g %), with the same result, cut to cap bytes. %g is exact: the double's
+   decimal expansion is computed digit by digit, then rounded half to even as glibc does. */
+typedef struct moe__out { char *buf; size_t cap, len; } moe__out;
+
+static void moe__out_char(moe__out *o, char c) {
+    if (o->len + 1 < o->cap) o->buf[o->len] = c;
+    o->len++;
+}
+
+static void moe__out_field(moe__out *o, const char *s, size_t n, int width, int left, char pad) {
+    size_t i, w = width > 0 ? (size_t)width : 0;
+    int sign = pad == '0' && n > 0 && s[0] == '-';
+    if (sign) { moe__out_char(o, '-'); s++; n--; w = w ? w - 1 : 0; }
+    if (!left) for (i = n; i < w; i++) moe__out_char(o, pad);
+    for (i = 0; i < n; i++) moe__out_char(o, s[i]);
+    if (left) for (i = n; i < w; i++) moe__out_char(o, ' ');
+}
+
+/* %.<prec>g of v into s (at least 32 bytes); returns the length. */
+static size_t moe__format_g(char *s, double v, int prec) {
+    unsigned char d[1120];      /* decimal digits of the mantissa times 2^e or 5^-e, least significant first */
+    size_t nd = 0, i, at = 0, lo;
+    int e, x, exp10, P = prec < 0 ? 6 : prec == 0 ? 1 : prec > 17 ? 17 : prec, k;
+    uint64_t m;
+    if (signbit(v)) { s[at++] = '-'; v = -v; }
+    if (v != v) { memcpy(s + at, "nan", 4); return at + 3; }
+    if (v > DBL_MAX) { memcpy(s + at, "inf", 4); return at + 3; }
+    if (v == 0) { s[at++] = '0'; s[at] = 0; return at; }
+    m = (uint64_t)ldexp(frexp(v, &e), 53);
+    e -= 53;
+    for (; m; m /= 10) d[nd++] = (unsigned char)(m % 10);
+    exp10 = e < 0 ? e : 0;
+    for (; e != 0; e += e > 0 ? -1 : 1) {   /* times 2, or times 5 with the point moved left */
+        unsigned carry = 0, f = e > 0 ? 2u : 5u;
+        for (i = 0; i < nd; i++) { unsigned t = d[i] * f + carry; d[i] = (unsigned char)(t % 10); carry = t / 10; }
+        if (carry) d[nd++] = (unsigned char)carry;
+    }
+    x = (int)nd - 1 + exp10;    /* decimal exponent of the first digit */
+    lo = nd > (size_t)P ? nd - (size_t)P : 0;   /* d[lo..nd-1] are kept */
+    if (lo > 0) {
+        int up = d[lo - 1] > 5, tie = d[lo - 1] == 5;
+        for (i = 0; tie && i + 1 < lo; i++) if (d[i]) { up = 1; tie = 0; }
+        if (tie) up = d[lo] & 1;
+        for (i = lo; up && i < nd; i++) { if (d[i] == 9) d[i] = 0; else { d[i]++; up = 0; } }
+        if (up) { d[nd - 1] = 1; x++; }  /* 99.9 -> 100: the kept digits become 1 followed by zeros */
+    }
+    {
+        char dig[24];
+        int n = 0, q;
+        for (i = nd; i > lo && n < P; i--) dig[n++] = (char)('0' + d[i - 1]);
+        while (n < P) dig[n++] = '0';
+        while (n > 1 && dig[n - 1] == '0') n--;   /* %g drops trailing zeros */
+        if (x < P && x >= -4) {
+            if (x < 0) {
+                s[at++] = '0'; s[at++] = '.';
+                for (q = 0; q < -x - 1; q++) s[at++] = '0';
+                for (q = 0; q < n; q++) s[at++] = dig[q];
+            } else {
+                for (q = 0; q <= x; q++) s[at++] = q < n ? dig[q] : '0';
+                if (n > x + 1) { s[at++] = '.'; for (q = x + 1; q < n; q++) s[at++] = dig[q]; }
+            }
+        } else {
+            s[at++] = dig[0];
+            if (n > 1) { s[at++] = '.'; for (q = 1; q < n; q++) s[at++] = dig[q]; }
+            s[at++] = 'e'; s[at++] = x < 0 ? '-' : '+';
+            k = x < 0 ? -x : x;
+            if (k >= 100) s[at++] = (char)('0' + k / 100);
+            s[at++] = (char)('0' + k / 10 % 10); s[at++] = (char)('0' + k % 10);
+        }
+    }
+    s[at] = 0;
+    return at;
+}
+
+static size_t moe__vformat(char *buf, size_t cap, const char *fmt, va_list ap) {
+    moe__out o;
+    o.buf = buf; o.cap = cap; o.len = 0;
+    for (; *fmt; fmt++) {
+        char tmp[48], pad = ' ', conv;
+        int left = 0, width = 0, prec = -1, lng = 0;
+        if (*fmt != '%') { moe__out_char(&o, *fmt); continue; }
+        for (fmt++; *fmt == '-' || *fmt == '0'; fmt++) { if (*fmt == '-') left = 1; else pad = '0'; }
+        if (*fmt == '*') { width = va_arg(ap, int); fmt++; }
+        for (; *fmt >= '0' && *fmt <= '9'; fmt++) width = width * 10 + (*fmt - '0');
+        if (*fmt == '.') {
+            prec = 0;
+            if (*++fmt == '*') { prec = va_arg(ap, int); fmt++; }
+            else for (; *fmt >= '0' && *fmt <= '9'; fmt++) prec = prec * 10 + (*fmt - '0');
+        }
+        if (left) pad = ' ';
+        if (*fmt == 'z') { lng = 3; fmt++; }
+        else if (*fmt == 'l') { lng = 1; if (*++fmt == 'l') { lng = 2; fmt++; } }
+        conv = *fmt;
+        if (!conv) break;
+        if (conv == 's') {
+            const char *s = va_arg(ap, const char *);
+            size_t n = 0;
+            if (!s) s = "(null)";
+            while (s[n] && (prec < 0 || n < (size_t)prec)) n++;
+            moe__out_field(&o, s, n, width, left, ' ');
+        } else if (conv == 'g') {
+            moe__out_field(&o, tmp, moe__format_g(tmp, va_arg(ap, double), prec), width, left, pad);
+        } else if (conv == 'c') {
+            tmp[0] = (char)va_arg(ap, int);
+            moe__out_field(&o, tmp, 1, width, left, ' ');
+        } else if (conv == 'd' || conv == 'i' || conv == 'u' || conv == 'x') {
+            uint64_t u;
+            int neg = 0, base = conv == 'x' ? 16 : 10;
+            size_t n = sizeof tmp;
+            if (conv == 'd' || conv == 'i') {
+                int64_t s = lng == 2 ? (int64_t)va_arg(ap, long long) : lng == 1 ? (int64_t)va_arg(ap, long)
+                          : lng == 3 ? (int64_t)va_arg(ap, size_t) : (int64_t)va_arg(ap, int);
+                neg = s < 0;
+                u = neg ? 0 - (uint64_t)s : (uint64_t)s;
+            } else {
+                u = lng == 2 ? (uint64_t)va_arg(ap, unsigned long long) : lng == 1 ? (uint64_t)va_arg(ap, unsigned long)
+                  : lng == 3 ? (uint64_t)va_arg(ap, size_t) : (uint64_t)va_arg(ap, unsigned);
+            }
+            do { tmp[--n] = "0123456789abcdef"[u % (unsigned)base]; u /= (unsigned)base; } while (u);
+            if (neg) tmp[--n] = '-';
+            moe__out_field(&o, tmp + n, sizeof tmp - n, width, left, pad);
+        } else {
+            moe__out_char(&o, conv);   /* "%%", and anything moe.h does not use, verbatim */
+        }
+    }
+    if (cap) o.buf[o.len < cap ? o.len : cap - 1] = 0;
+    return o.len;
+}
+
+static size_t moe__format(char *buf, size_t cap, const char *fmt, ...) {
+    size_t n;
+    va_list ap;
+    va_start(ap, fmt);
+    n = moe__vformat(buf, cap, fmt, ap);
+    va_end(ap);
+    return n;
+}
+
 // >>result ------------------------------------------------------------------
 MOEDEF const char *moe_result_string(moe_result result) {
     switch (result) {
@@ -682,10 +822,10 @@ static const char *moe__result_name(moe_result result) {
 static moe_result moe__fail(moe_ctx *ctx, moe_result code, const char *fmt, ...) {
     if (ctx) {
         va_list ap;
-        int n = snprintf(ctx->error, sizeof ctx->error, "%s: ", moe__result_name(code));
-        if (n < 0 || n >= (int)sizeof ctx->error) n = 0;
+        size_t n = moe__format(ctx->error, sizeof ctx->error, "%s: ", moe__result_name(code));
+        if (n >= sizeof ctx->error) n = 0;
         va_start(ap, fmt);
-        vsnprintf(ctx->error + n, sizeof ctx->error - (size_t)n, fmt, ap);
+        moe__vformat(ctx->error + n, sizeof ctx->error - n, fmt, ap);
         va_end(ap);
         if (ctx->log) ctx->log(MOE_LOG_ERROR, ctx->error, ctx->log_user);
     }
@@ -1885,11 +2025,11 @@ static void moe__bank_plan(moe_layer *l, moe__bank *b, const char *prefix, int n
     b->max_rows = max_rows;
     if (d->expert == MOE_EXPERT_SWIGLU) {
         b->n_linears = 3;
-        snprintf(name, sizeof name, "%s.w1", prefix);
+        moe__format(name, sizeof name, "%s.w1", prefix);
         b->lin[0] = moe__add_linear(l, name, n, d->d_in, hidden, bias, MOE__INIT_UNIFORM);
-        snprintf(name, sizeof name, "%s.w3", prefix);
+        moe__format(name, sizeof name, "%s.w3", prefix);
         b->lin[1] = moe__add_linear(l, name, n, d->d_in, hidden, bias, MOE__INIT_UNIFORM);
-        snprintf(name, sizeof name, "%s.w2", prefix);
+        moe__format(name, sizeof name, "%s.w2", prefix);
         b->lin[2] = moe__add_linear(l, name, n, hidden, d->d_out, bias, MOE__INIT_UNIFORM);
         b->lin[2].input = 0;
     } else {
@@ -1897,7 +2037,7 @@ static void moe__bank_plan(moe_layer *l, moe__bank *b, const char *prefix, int n
         b->n_linears = L + 1;
         for (j = 0; j <= L; j++) {
             int64_t in = j == 0 ? d->d_in : hidden, out = j == L ? d->d_out : hidden;
-            snprintf(name, sizeof name, "%s.fc%d", prefix, j);
+            moe__format(name, sizeof name, "%s.fc%d", prefix, j);
             b->lin[j] = moe__add_linear(l, name, n, in, out, bias, MOE__INIT_UNIFORM);
             b->lin[j].input = j - 1;
         }
@@ -3596,7 +3736,7 @@ MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe
             for (t = 0; t < l->n_tensors; t++) {
                 moe__model_tensor *mt = &m->tensors[m->n_tensors++];
                 char head[24];
-                snprintf(head, sizeof head, "layers.%d.", i);
+                moe__format(head, sizeof head, "layers.%d.", i);
                 moe__concat(mt->name, sizeof mt->name, head, l->tensors[t].name, "");
                 mt->layer = i;
                 mt->index = t;
@@ -4128,12 +4268,12 @@ static void moe__sb_str(moe__sb *b, const char *s) { moe__sb_put(b, s, strlen(s)
 
 static void moe__sb_printf(moe__sb *b, const char *fmt, ...) {
     char tmp[128];
-    int n;
+    size_t n;
     va_list ap;
     va_start(ap, fmt);
-    n = vsnprintf(tmp, sizeof tmp, fmt, ap);
+    n = moe__vformat(tmp, sizeof tmp, fmt, ap);
     va_end(ap);
-    if (n > 0) moe__sb_put(b, tmp, (size_t)(n < (int)sizeof tmp ? n : (int)sizeof tmp - 1));
+    moe__sb_put(b, tmp, n < sizeof tmp ? n : sizeof tmp - 1);
 }
 
 /* Shortest-safe float text: 9 significant digits round-trip every float; the decimal point is
@@ -4143,7 +4283,7 @@ static void moe__sb_float(moe__sb *b, float v) {
     int i;
     if (!moe__finite(v)) { moe__sb_str(b, "0"); return; }
     for (i = 6; i <= 9; i++) {  /* the shortest of 6..9 significant digits that reads back as v */
-        snprintf(tmp, sizeof tmp, "%.*g", i, (double)v);
+        moe__format(tmp, sizeof tmp, "%.*g", i, (double)v);
         if ((float)strtod(tmp, NULL) == v) break;
     }
     for (i = 0; tmp[i]; i++)
@@ -4609,7 +4749,7 @@ MOEDEF moe_result moe_tensor_writer_save(moe_tensor_writer *w, const char *path)
     if (h.oom) { moe__free(w->ctx, h.buf); return moe__fail(w->ctx, MOE_ERR_OUT_OF_MEMORY, "safetensors header"); }
     hl = h.len;
     for (i = 0; i < 8; i++) len8[i] = (unsigned char)(hl >> (8 * i));
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    moe__format(tmp, sizeof tmp, "%s.tmp", path);
     fp = fopen(tmp, "wb");
     if (!fp) { moe__free(w->ctx, h.buf); return moe__fail(w->ctx, MOE_ERR_IO, "cannot create %s; %s is unchanged", tmp, path); }
     ok = fwrite(len8, 1, 8, fp) == 8 && fwrite(h.buf, 1, h.len, fp) == h.len;
@@ -4858,7 +4998,7 @@ static moe_result moe__config_read(moe_ctx *ctx, const char *text, moe_model_des
     for (i = 0; i < j.tok[arr].count; i++, e = j.tok[e].next) {
         int32_t kv = moe__json_member(&j, e, "kind");
         int q;
-        snprintf(where, sizeof where, "layer %d", i);
+        moe__format(where, sizeof where, "layer %d", i);
         if (kv < 0) { moe__fail(ctx, r, "moe.config: %s: needs a \"kind\"", where); goto done; }
         for (q = 1; q < MOE_LAYER_COUNT; q++) if (moe__json_eq(&j, kv, moe__kind_names[q])) break;
         if (q == MOE_LAYER_COUNT) { moe__fail(ctx, r, "moe.config: %s: unknown kind", where); goto done; }
@@ -4941,7 +5081,7 @@ MOEDEF size_t moe_model_config_json(const moe_model *m, char *buf, size_t cap) {
 /* "layers.<i>.<name>": the name a model gives tensor `name` of layer i. */
 static void moe__model_tensor_name(char *out, size_t cap, int layer, const char *name) {
     char head[24];
-    snprintf(head, sizeof head, "layers.%d.", layer);
+    moe__format(head, sizeof head, "layers.%d.", layer);
     moe__concat(out, cap, head, name, "");
 }
 

@@ -498,7 +498,12 @@ MOEDEF moe_result moe_model_find_tensor(moe_model *model, const char *name, moe_
 
 /* Model files: safetensors with the configuration in __metadata__["moe.config"].
    Saving writes a temporary file next to `path`, then renames it over `path`. */
+#ifndef MOE_NO_STDIO
 MOEDEF moe_result moe_model_save(moe_model *model, const char *path);
+#endif
+/* The model file's bytes into buf (cap bytes); *size gets the file's size in bytes. buf NULL:
+   only the size. cap < *size: MOE_ERR_OUT_OF_MEMORY and buf untouched. */
+MOEDEF moe_result moe_model_save_memory(moe_model *model, void *buf, size_t cap, size_t *size);
 /* A new model (fresh parameters from the context's seed) from a "moe.config" JSON text
    (README.md (Model reference) section 6.1). max_tokens 0: the text's value, else 256. */
 MOEDEF moe_result moe_model_from_config(moe_ctx *ctx, const char *json, int64_t max_tokens, moe_model **out);
@@ -506,14 +511,19 @@ MOEDEF moe_result moe_model_from_config(moe_ctx *ctx, const char *json, int64_t 
    Returns the text's length; when it is >= cap the text was cut. */
 MOEDEF size_t moe_model_config_json(const moe_model *model, char *buf, size_t cap);
 /* max_tokens 0: the value stored in the file. */
+#ifndef MOE_NO_STDIO
 MOEDEF moe_result moe_model_load(moe_ctx *ctx, const char *path, int64_t max_tokens, moe_model **out);
+#endif
 MOEDEF moe_result moe_model_load_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe_model **out);
 /* Checkpoints: a model file plus the optimizer's state (moments, step) and every layer's noise
    counter (README "Checkpoints"). A model loaded from one trains on bit for bit as the model that
    saved it would have; the context must have the seed the checkpoint was written with. A
    checkpoint is also a model file (moe_model_load reads its parameters). Saves are atomic. */
+#ifndef MOE_NO_STDIO
 MOEDEF moe_result moe_model_save_checkpoint(moe_model *model, const char *path);
 MOEDEF moe_result moe_model_load_checkpoint(moe_ctx *ctx, const char *path, int64_t max_tokens, moe_model **out);
+#endif
+MOEDEF moe_result moe_model_save_checkpoint_memory(moe_model *model, void *buf, size_t cap, size_t *size);
 MOEDEF moe_result moe_model_load_checkpoint_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe_model **out);
 
 // >>safetensors -------------------------------------------------------------
@@ -530,7 +540,9 @@ typedef struct moe_file_tensor {
 
 typedef struct moe_tensor_file moe_tensor_file;
 
+#ifndef MOE_NO_STDIO
 MOEDEF moe_result moe_tensor_file_read(moe_ctx *ctx, const char *path, moe_tensor_file **out);
+#endif
 /* data must outlive the file object; it is not copied. */
 MOEDEF moe_result moe_tensor_file_parse(moe_ctx *ctx, const void *data, size_t size, moe_tensor_file **out);
 MOEDEF void moe_tensor_file_close(moe_tensor_file *file);
@@ -549,7 +561,12 @@ MOEDEF moe_result moe_tensor_writer_create(moe_ctx *ctx, moe_tensor_writer **out
 MOEDEF moe_result moe_tensor_writer_add(moe_tensor_writer *writer, const char *name, moe_dtype dtype, int ndim, const int64_t *shape, const void *data);
 MOEDEF moe_result moe_tensor_writer_metadata(moe_tensor_writer *writer, const char *key, const char *value);
 /* Atomic: temporary file, then rename. */
+#ifndef MOE_NO_STDIO
 MOEDEF moe_result moe_tensor_writer_save(moe_tensor_writer *writer, const char *path);
+#endif
+/* The file's bytes into buf (cap bytes); *size gets the file's size. buf NULL: only the size.
+   cap < *size: MOE_ERR_OUT_OF_MEMORY and buf untouched. */
+MOEDEF moe_result moe_tensor_writer_save_memory(moe_tensor_writer *writer, void *buf, size_t cap, size_t *size);
 MOEDEF void moe_tensor_writer_destroy(moe_tensor_writer *writer);
 
 // >>rng ---------------------------------------------------------------------
@@ -576,7 +593,9 @@ MOEDEF float moe_rng_normal(uint64_t seed, uint64_t stream, uint64_t counter);  
 #include <limits.h>
 #include <math.h>
 #include <stdarg.h>
+#ifndef MOE_NO_STDIO
 #include <stdio.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -832,6 +851,7 @@ static moe_result moe__fail(moe_ctx *ctx, moe_result code, const char *fmt, ...)
     return code;
 }
 
+#ifndef MOE_NO_STDIO
 /* Re-raise the context's last error with "prefix: " in front of its text (e.g. a file name). */
 static moe_result moe__fail_prefix(moe_ctx *ctx, moe_result code, const char *prefix) {
     char msg[sizeof ctx->error];
@@ -839,6 +859,7 @@ static moe_result moe__fail_prefix(moe_ctx *ctx, moe_result code, const char *pr
     moe__strlcpy(msg, rest ? rest + 2 : ctx->error, sizeof msg);
     return moe__fail(ctx, code, "%s: %s", prefix, msg);
 }
+#endif
 
 #define MOE__TRY(expr) do { moe_result moe__r = (expr); if (moe__r != MOE_OK) return moe__r; } while (0)
 
@@ -4459,6 +4480,7 @@ fail:
     return r;
 }
 
+#ifndef MOE_NO_STDIO
 /* Bytes in an open file, or -1. ftell's long has 32 bits on Windows: files over 2 GiB need _ftelli64. */
 static int64_t moe__file_size(FILE *fp) {
     int64_t len;
@@ -4505,6 +4527,7 @@ MOEDEF moe_result moe_tensor_file_read(moe_ctx *ctx, const char *path, moe_tenso
     (*out)->owned = buf;
     return MOE_OK;
 }
+#endif /* MOE_NO_STDIO */
 
 MOEDEF int moe_tensor_file_count(const moe_tensor_file *f) { return f ? f->count : 0; }
 
@@ -4674,6 +4697,103 @@ MOEDEF moe_result moe_tensor_writer_metadata(moe_tensor_writer *w, const char *k
     return MOE_OK;
 }
 
+/* The bytes of a file go to a sink: an open file or a caller's buffer. */
+typedef struct moe__sink {
+    int (*put)(void *to, const void *data, size_t n);   /* 1: written */
+    void *to;
+} moe__sink;
+
+/* Write a little-endian copy of n elements of size sz. */
+static int moe__write_le(const moe__sink *sink, const void *data, size_t nbytes, size_t sz) {
+    const uint16_t one = 1;
+    unsigned char little;
+    memcpy(&little, &one, 1);
+    if (little || sz == 1) return sink->put(sink->to, data, nbytes);
+    {
+        unsigned char buf[4096];
+        const unsigned char *p = (const unsigned char *)data;
+        size_t done = 0;
+        while (done < nbytes) {
+            size_t n = nbytes - done < sizeof buf ? nbytes - done : sizeof buf, i, q;
+            for (i = 0; i < n; i += sz)
+                for (q = 0; q < sz; q++) buf[i + q] = p[done + i + sz - 1 - q];
+            if (!sink->put(sink->to, buf, n)) return 0;
+            done += n;
+        }
+        return 1;
+    }
+}
+
+/* The JSON header (padded to 8 bytes) into h, and the file's size in bytes. */
+static moe_result moe__writer_header(moe_tensor_writer *w, moe__sb *h, size_t *total) {
+    size_t off = 0, pad;
+    int i;
+    memset(h, 0, sizeof *h);
+    h->ctx = w->ctx;
+    moe__sb_str(h, "{");
+    if (w->meta.len) {
+        moe__sb_str(h, "\"__metadata__\":{");
+        moe__sb_put(h, w->meta.buf, w->meta.len);
+        moe__sb_str(h, "}");
+    }
+    for (i = 0; i < w->count; i++) {
+        const moe__wentry *e = &w->entries[i];
+        int q;
+        if (i || w->meta.len) moe__sb_str(h, ",");
+        moe__sb_json_string(h, e->name);
+        moe__sb_printf(h, ":{\"dtype\":\"%s\",\"shape\":[", moe__dtype_names[e->dtype]);
+        for (q = 0; q < e->ndim; q++) moe__sb_printf(h, "%s%lld", q ? "," : "", (long long)e->shape[q]);
+        moe__sb_printf(h, "],\"data_offsets\":[%llu,%llu]}", (unsigned long long)off, (unsigned long long)(off + e->nbytes));
+        off += e->nbytes;
+    }
+    moe__sb_str(h, "}");
+    pad = (8 - h->len % 8) % 8;
+    while (pad--) moe__sb_str(h, " ");
+    if (h->oom) { moe__free(w->ctx, h->buf); h->buf = NULL; return moe__fail(w->ctx, MOE_ERR_OUT_OF_MEMORY, "safetensors header"); }
+    *total = 8 + h->len + off;
+    return MOE_OK;
+}
+
+/* length, header, tensors */
+static int moe__writer_emit(const moe_tensor_writer *w, const moe__sb *h, const moe__sink *sink) {
+    unsigned char len8[8];
+    uint64_t hl = h->len;
+    int i, ok;
+    for (i = 0; i < 8; i++) len8[i] = (unsigned char)(hl >> (8 * i));
+    ok = sink->put(sink->to, len8, 8) && sink->put(sink->to, h->buf, h->len);
+    for (i = 0; ok && i < w->count; i++)
+        ok = moe__write_le(sink, w->entries[i].data, w->entries[i].nbytes, moe__dtype_sizes[w->entries[i].dtype]);
+    return ok;
+}
+
+static int moe__put_memory(void *to, const void *data, size_t n) {
+    unsigned char **at = (unsigned char **)to;
+    if (n) memcpy(*at, data, n);
+    *at += n;
+    return 1;
+}
+
+MOEDEF moe_result moe_tensor_writer_save_memory(moe_tensor_writer *w, void *buf, size_t cap, size_t *size) {
+    moe__sb h;
+    moe__sink sink;
+    unsigned char *at = (unsigned char *)buf;
+    size_t total;
+    if (!w) return MOE_ERR_INVALID_ARGUMENT;
+    if (!size) return moe__fail(w->ctx, MOE_ERR_INVALID_ARGUMENT, "size is NULL");
+    MOE__TRY(moe__writer_header(w, &h, &total));
+    *size = total;
+    if (buf && cap >= total) {
+        sink.put = moe__put_memory;
+        sink.to = &at;
+        moe__writer_emit(w, &h, &sink);
+    }
+    moe__free(w->ctx, h.buf);
+    if (buf && cap < total)
+        return moe__fail(w->ctx, MOE_ERR_OUT_OF_MEMORY, "the file needs %zu bytes, the buffer holds %zu", total, cap);
+    return MOE_OK;
+}
+
+#ifndef MOE_NO_STDIO
 #if defined(_WIN32)
 #ifndef WIN32_LEAN_AND_MEAN
 #define WIN32_LEAN_AND_MEAN
@@ -4694,67 +4814,24 @@ static int moe__sync_file(FILE *fp) { (void)fp; return 0; }
 #endif
 #endif
 
-/* Write a little-endian copy of n elements of size sz. */
-static int moe__write_le(FILE *fp, const void *data, size_t nbytes, size_t sz) {
-    const uint16_t one = 1;
-    unsigned char little;
-    memcpy(&little, &one, 1);
-    if (little || sz == 1) return fwrite(data, 1, nbytes, fp) == nbytes;
-    {
-        unsigned char buf[4096];
-        const unsigned char *p = (const unsigned char *)data;
-        size_t done = 0;
-        while (done < nbytes) {
-            size_t n = nbytes - done < sizeof buf ? nbytes - done : sizeof buf, i, q;
-            for (i = 0; i < n; i += sz)
-                for (q = 0; q < sz; q++) buf[i + q] = p[done + i + sz - 1 - q];
-            if (fwrite(buf, 1, n, fp) != n) return 0;
-            done += n;
-        }
-        return 1;
-    }
-}
+static int moe__put_file(void *to, const void *data, size_t n) { return fwrite(data, 1, n, (FILE *)to) == n; }
 
 MOEDEF moe_result moe_tensor_writer_save(moe_tensor_writer *w, const char *path) {
     moe__sb h;
+    moe__sink sink;
     char tmp[4096];
-    unsigned char len8[8];
-    size_t off = 0, pad;
-    uint64_t hl;
+    size_t total;
     FILE *fp;
-    int i, ok;
+    int ok;
     if (!w) return MOE_ERR_INVALID_ARGUMENT;
     if (!path || strlen(path) + 5 > sizeof tmp) return moe__fail(w->ctx, MOE_ERR_INVALID_ARGUMENT, "path is NULL or too long");
-    memset(&h, 0, sizeof h);
-    h.ctx = w->ctx;
-    moe__sb_str(&h, "{");
-    if (w->meta.len) {
-        moe__sb_str(&h, "\"__metadata__\":{");
-        moe__sb_put(&h, w->meta.buf, w->meta.len);
-        moe__sb_str(&h, "}");
-    }
-    for (i = 0; i < w->count; i++) {
-        const moe__wentry *e = &w->entries[i];
-        int q;
-        if (i || w->meta.len) moe__sb_str(&h, ",");
-        moe__sb_json_string(&h, e->name);
-        moe__sb_printf(&h, ":{\"dtype\":\"%s\",\"shape\":[", moe__dtype_names[e->dtype]);
-        for (q = 0; q < e->ndim; q++) moe__sb_printf(&h, "%s%lld", q ? "," : "", (long long)e->shape[q]);
-        moe__sb_printf(&h, "],\"data_offsets\":[%llu,%llu]}", (unsigned long long)off, (unsigned long long)(off + e->nbytes));
-        off += e->nbytes;
-    }
-    moe__sb_str(&h, "}");
-    pad = (8 - h.len % 8) % 8;
-    while (pad--) moe__sb_str(&h, " ");
-    if (h.oom) { moe__free(w->ctx, h.buf); return moe__fail(w->ctx, MOE_ERR_OUT_OF_MEMORY, "safetensors header"); }
-    hl = h.len;
-    for (i = 0; i < 8; i++) len8[i] = (unsigned char)(hl >> (8 * i));
+    MOE__TRY(moe__writer_header(w, &h, &total));
     moe__format(tmp, sizeof tmp, "%s.tmp", path);
     fp = fopen(tmp, "wb");
     if (!fp) { moe__free(w->ctx, h.buf); return moe__fail(w->ctx, MOE_ERR_IO, "cannot create %s; %s is unchanged", tmp, path); }
-    ok = fwrite(len8, 1, 8, fp) == 8 && fwrite(h.buf, 1, h.len, fp) == h.len;
-    for (i = 0; ok && i < w->count; i++)
-        ok = moe__write_le(fp, w->entries[i].data, w->entries[i].nbytes, moe__dtype_sizes[w->entries[i].dtype]);
+    sink.put = moe__put_file;
+    sink.to = fp;
+    ok = moe__writer_emit(w, &h, &sink);
     ok = ok && fflush(fp) == 0 && moe__sync_file(fp) == 0;
     ok = (fclose(fp) == 0) && ok;
     moe__free(w->ctx, h.buf);
@@ -4768,6 +4845,7 @@ MOEDEF moe_result moe_tensor_writer_save(moe_tensor_writer *w, const char *path)
     }
     return MOE_OK;
 }
+#endif /* MOE_NO_STDIO */
 
 // >>model_config ------------------------------------------------------------
 static const char *const moe__kind_names[] = {"", "dense", "moe", "rmsnorm", "layernorm"};
@@ -5189,7 +5267,9 @@ static const moe__mat *moe__tensor_quant(const moe_layer *l, int index) {
     return NULL;
 }
 
-static moe_result moe__model_write(moe_model *m, const char *path, int checkpoint) {
+/* The model (checkpoint: and its training state) as a file at path, or into buf when size is not
+   NULL (buf NULL: only the size). */
+static moe_result moe__model_write(moe_model *m, int checkpoint, const char *path, void *buf, size_t cap, size_t *size) {
     moe_tensor_writer *w = NULL;
     moe__sb cfg, state;
     float *packed = NULL;
@@ -5197,7 +5277,7 @@ static moe_result moe__model_write(moe_model *m, const char *path, int checkpoin
     moe_result r;
     int i;
     if (!m) return MOE_ERR_INVALID_ARGUMENT;
-    if (!path) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "path is NULL");
+    if (!path && !size) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "%s is NULL", buf ? "size" : "path");
     MOE__TRY(moe__config_string(m, &cfg));
     memset(&state, 0, sizeof state);
     state.ctx = m->ctx;
@@ -5243,7 +5323,10 @@ static moe_result moe__model_write(moe_model *m, const char *path, int checkpoin
                 r = moe_tensor_writer_add(w, moe__moment_names[i], MOE_DTYPE_F32, 1, &count, packed + i * count);
             }
     }
-    if (r == MOE_OK) r = moe_tensor_writer_save(w, path);
+#ifndef MOE_NO_STDIO
+    if (r == MOE_OK && !size) r = moe_tensor_writer_save(w, path);
+#endif
+    if (r == MOE_OK && size) r = moe_tensor_writer_save_memory(w, buf, cap, size);
     moe_tensor_writer_destroy(w);
     moe__free(m->ctx, packed);
     moe__free(m->ctx, state.buf);
@@ -5251,9 +5334,21 @@ static moe_result moe__model_write(moe_model *m, const char *path, int checkpoin
     return r;
 }
 
-MOEDEF moe_result moe_model_save(moe_model *m, const char *path) { return moe__model_write(m, path, 0); }
+#ifndef MOE_NO_STDIO
+MOEDEF moe_result moe_model_save(moe_model *m, const char *path) { return moe__model_write(m, 0, path, NULL, 0, NULL); }
 
-MOEDEF moe_result moe_model_save_checkpoint(moe_model *m, const char *path) { return moe__model_write(m, path, 1); }
+MOEDEF moe_result moe_model_save_checkpoint(moe_model *m, const char *path) { return moe__model_write(m, 1, path, NULL, 0, NULL); }
+#endif
+
+MOEDEF moe_result moe_model_save_memory(moe_model *m, void *buf, size_t cap, size_t *size) {
+    if (m && !size) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "size is NULL");
+    return moe__model_write(m, 0, NULL, buf, cap, size);
+}
+
+MOEDEF moe_result moe_model_save_checkpoint_memory(moe_model *m, void *buf, size_t cap, size_t *size) {
+    if (m && !size) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "size is NULL");
+    return moe__model_write(m, 1, NULL, buf, cap, size);
+}
 
 /* Restore the optimizer's moments and step and every layer's noise counter from a checkpoint. */
 static moe_result moe__checkpoint_restore(moe_ctx *ctx, const moe_tensor_file *f, moe_model *m) {
@@ -5423,6 +5518,7 @@ static moe_result moe__model_load_memory(moe_ctx *ctx, const void *data, size_t 
     return r;
 }
 
+#ifndef MOE_NO_STDIO
 static moe_result moe__model_load(moe_ctx *ctx, const char *path, int64_t max_tokens, int checkpoint, moe_model **out) {
     moe_tensor_file *f;
     moe_result r;
@@ -5435,20 +5531,21 @@ static moe_result moe__model_load(moe_ctx *ctx, const char *path, int64_t max_to
     return r;
 }
 
-MOEDEF moe_result moe_model_load_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe_model **out) {
-    return moe__model_load_memory(ctx, data, size, max_tokens, 0, out);
-}
-
 MOEDEF moe_result moe_model_load(moe_ctx *ctx, const char *path, int64_t max_tokens, moe_model **out) {
     return moe__model_load(ctx, path, max_tokens, 0, out);
 }
 
-MOEDEF moe_result moe_model_load_checkpoint_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe_model **out) {
-    return moe__model_load_memory(ctx, data, size, max_tokens, 1, out);
-}
-
 MOEDEF moe_result moe_model_load_checkpoint(moe_ctx *ctx, const char *path, int64_t max_tokens, moe_model **out) {
     return moe__model_load(ctx, path, max_tokens, 1, out);
+}
+#endif /* MOE_NO_STDIO */
+
+MOEDEF moe_result moe_model_load_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe_model **out) {
+    return moe__model_load_memory(ctx, data, size, max_tokens, 0, out);
+}
+
+MOEDEF moe_result moe_model_load_checkpoint_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe_model **out) {
+    return moe__model_load_memory(ctx, data, size, max_tokens, 1, out);
 }
 
 #endif /* MOE_IMPLEMENTATION_INCLUDED */

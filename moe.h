@@ -354,8 +354,10 @@ typedef struct moe_forward_opts {
     const int32_t *token_ids;  /* [T] token ids for hash routers (required by them; ignored otherwise) */
 } moe_forward_opts;
 
+#ifndef MOE_NO_TRAINING
 /* Flags of moe_layer_backward / moe_model_backward */
 #define MOE_BACKWARD_AUX 1     /* add the gradients of the layers' auxiliary losses */
+#endif
 
 /* Routing statistics of the last forward of a MoE layer. */
 typedef struct moe_stats {
@@ -389,12 +391,14 @@ MOEDEF moe_result moe_layer_create(moe_ctx *ctx, const moe_layer_desc *desc, int
 MOEDEF void moe_layer_destroy(moe_layer *layer);
 /* x [T, d_in] -> y [T, d_out]. x and y must stay untouched until the matching backward. */
 MOEDEF moe_result moe_layer_forward(moe_layer *layer, const float *x, int64_t n_tokens, float *y, const moe_forward_opts *opts);
+#ifndef MOE_NO_TRAINING
 /* dy [T, d_out] -> dx [T, d_in] (overwritten; NULL: not wanted). Parameter gradients accumulate. */
 MOEDEF moe_result moe_layer_backward(moe_layer *layer, const float *dy, float *dx, int flags);
+MOEDEF float *moe_layer_grads(moe_layer *layer, int64_t *n_params);
+#endif
 MOEDEF moe_result moe_layer_stats(const moe_layer *layer, moe_stats *stats);
 MOEDEF const moe_layer_desc *moe_layer_get_desc(const moe_layer *layer); /* defaults filled in */
 MOEDEF float *moe_layer_params(moe_layer *layer, int64_t *n_params);
-MOEDEF float *moe_layer_grads(moe_layer *layer, int64_t *n_params);
 MOEDEF int moe_layer_tensor_count(const moe_layer *layer);
 MOEDEF moe_result moe_layer_tensor(moe_layer *layer, int index, moe_tensor *tensor);
 /* Inference with reduced-precision expert weights: snapshot the expert weights of a MoE layer
@@ -402,11 +406,13 @@ MOEDEF moe_result moe_layer_tensor(moe_layer *layer, int index, moe_tensor *tens
    read those. MOE_DTYPE_F32 drops the snapshot. While one is held, backward returns
    MOE_ERR_STATE. Allocates (once, here); other layer kinds accept the call and ignore it. */
 MOEDEF moe_result moe_layer_quantize(moe_layer *layer, moe_dtype dtype);
+#ifndef MOE_NO_TRAINING
 /* Sigmoid router: the aux-loss-free selection-bias update from the load of the last forward,
    b_e += bias_update_rate * sign(mean load - load_e). moe_model_optimizer_step and
    moe_model_train_step do this themselves; call it after your own optimizer step on a standalone
    layer (and keep that optimizer off "router.selection_bias"). Other layers: no-op. */
 MOEDEF moe_result moe_layer_update_bias(moe_layer *layer);
+#endif
 
 // >>optimizer ---------------------------------------------------------------
 typedef struct moe_optimizer_desc {
@@ -422,6 +428,7 @@ typedef struct moe_optimizer_desc {
     float min_lr;
 } moe_optimizer_desc;
 
+#ifndef MOE_NO_TRAINING
 /* Optimizer state over a flat blob of n parameters. */
 typedef struct moe_optimizer moe_optimizer;
 
@@ -442,6 +449,7 @@ MOEDEF float moe_optimizer_lr(const moe_optimizer *opt, int64_t step);
    or the update would make a parameter or moment NaN or Inf (e.g. a far too large lr). */
 MOEDEF moe_result moe_optimizer_step(moe_optimizer *opt, float *params, float *grads, moe_step_info *info);
 MOEDEF int64_t moe_optimizer_steps(const moe_optimizer *opt);
+#endif /* MOE_NO_TRAINING */
 
 // >>model -------------------------------------------------------------------
 typedef struct moe_model_desc {
@@ -455,11 +463,13 @@ typedef struct moe_model_desc {
 
 typedef struct moe_model moe_model;
 
+#ifndef MOE_NO_TRAINING
 /* Training targets: labels for cross-entropy, values [T, d_out] for MSE and BCE. */
 typedef struct moe_target {
     const int32_t *labels;
     const float *values;
 } moe_target;
+#endif
 
 MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe_model **out);
 MOEDEF void moe_model_destroy(moe_model *model);
@@ -469,6 +479,7 @@ MOEDEF int64_t moe_model_d_out(const moe_model *model);
 /* x [T, d_in] -> y [T, d_out] (y may be NULL: read the output with moe_model_output). */
 MOEDEF moe_result moe_model_forward(moe_model *model, const float *x, int64_t n_tokens, float *y, const moe_forward_opts *opts);
 MOEDEF const float *moe_model_output(const moe_model *model);
+#ifndef MOE_NO_TRAINING
 /* After a forward: the task loss against target, and its gradient dL/dy into dy (NULL: not wanted). */
 MOEDEF moe_result moe_model_loss(moe_model *model, const moe_target *target, float *loss, float *dy);
 /* After a forward: back-propagate dy [T, d_out]; dx [T, d_in] may be NULL. Gradients accumulate. */
@@ -480,6 +491,8 @@ MOEDEF moe_result moe_model_optimizer_step(moe_model *model, moe_step_info *info
 MOEDEF int64_t moe_model_steps(const moe_model *model);
 /* forward (training) + loss + aux losses + backward + update. info may be NULL. */
 MOEDEF moe_result moe_model_train_step(moe_model *model, const float *x, const moe_target *target, int64_t n_tokens, moe_step_info *info);
+MOEDEF float *moe_model_grads(moe_model *model, int64_t *n_params);
+#endif /* MOE_NO_TRAINING */
 /* Argmax class per row (cross-entropy models) or per-row argmax of the outputs. */
 MOEDEF moe_result moe_model_predict(moe_model *model, const float *x, int64_t n_tokens, int32_t *classes);
 /* Routing statistics of MoE layer `layer` from the last forward. */
@@ -491,7 +504,6 @@ MOEDEF moe_result moe_model_quantize(moe_model *model, moe_dtype dtype);
    a little padding between them (zeros): moe_model_parameter_count gives the parameters. */
 MOEDEF float *moe_model_params(moe_model *model, int64_t *n_params);
 MOEDEF int64_t moe_model_parameter_count(const moe_model *model);
-MOEDEF float *moe_model_grads(moe_model *model, int64_t *n_params);
 MOEDEF int moe_model_tensor_count(const moe_model *model);
 MOEDEF moe_result moe_model_tensor(moe_model *model, int index, moe_tensor *tensor);
 MOEDEF moe_result moe_model_find_tensor(moe_model *model, const char *name, moe_tensor *tensor);
@@ -515,6 +527,7 @@ MOEDEF size_t moe_model_config_json(const moe_model *model, char *buf, size_t ca
 MOEDEF moe_result moe_model_load(moe_ctx *ctx, const char *path, int64_t max_tokens, moe_model **out);
 #endif
 MOEDEF moe_result moe_model_load_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe_model **out);
+#ifndef MOE_NO_TRAINING
 /* Checkpoints: a model file plus the optimizer's state (moments, step) and every layer's noise
    counter (README "Checkpoints"). A model loaded from one trains on bit for bit as the model that
    saved it would have; the context must have the seed the checkpoint was written with. A
@@ -525,6 +538,7 @@ MOEDEF moe_result moe_model_load_checkpoint(moe_ctx *ctx, const char *path, int6
 #endif
 MOEDEF moe_result moe_model_save_checkpoint_memory(moe_model *model, void *buf, size_t cap, size_t *size);
 MOEDEF moe_result moe_model_load_checkpoint_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe_model **out);
+#endif /* MOE_NO_TRAINING */
 
 // >>safetensors -------------------------------------------------------------
 /* A safetensors file in memory, for reading inputs and writing outputs of any kind. */
@@ -655,6 +669,11 @@ MOEDEF float moe_rng_normal(uint64_t seed, uint64_t stream, uint64_t counter);  
 #endif
 #endif
 #define MOE__MAX_BYTES ((size_t)MOE_MAX_BYTES)
+#ifdef MOE_NO_TRAINING
+#define MOE__BLOBS 1                /* parameter blob: the parameters only */
+#else
+#define MOE__BLOBS 2                /* parameter blob: the parameters, then their gradients */
+#endif
 #define MOE__MAX_LINEARS 9          /* MLP experts: up to 8 hidden layers */
 #define MOE__MAX_TENSORS 40         /* per layer: router weight, bias, noise weight + two banks of 9 linears with biases */
 #define MOE__NAME_MAX 64
@@ -1708,6 +1727,7 @@ static float moe__softmax_row(const float *x, float *p, int64_t n) {
 
 /* Standard normal CDF and density. */
 static float moe__phi_cdf(float z) { return 0.5f * erfcf(-z * 0.70710678118654752f); }
+#ifndef MOE_NO_TRAINING
 static float moe__phi_pdf(float z) { return 0.39894228040143268f * expf(-0.5f * z * z); }
 
 /* Column sums: out[j] += sum_r m[r, j] for r in 0..rows, in row order; split by columns. */
@@ -1722,6 +1742,7 @@ static void moe__colsum_acc(const moe__exec *ex, const float *m, int64_t rows, i
         }
     }
 }
+#endif /* MOE_NO_TRAINING */
 
 // >>layer -------------------------------------------------------------------
 enum { MOE__INIT_UNIFORM, MOE__INIT_ONES, MOE__INIT_ZEROS };
@@ -2130,7 +2151,9 @@ static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scra
     switch (d->kind) {
     case MOE_LAYER_DENSE:
         l->z = MOE__CARVE(saved, float, T * d->d_out);
+#ifndef MOE_NO_TRAINING
         l->dz_dense = MOE__CARVE(scratch, float, T * d->d_out);
+#endif
         break;
     case MOE_LAYER_RMSNORM:
     case MOE_LAYER_LAYERNORM:
@@ -2181,10 +2204,13 @@ static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scra
                 }
             }
             k->out = MOE__CARVE(saved, float, R * k->d_out);
+#ifndef MOE_NO_TRAINING
             for (j = 0; j < k->n_linears; j++) k->dz[j] = MOE__CARVE(scratch, float, R * k->lin[j].out);
             k->da = k->kind == MOE_EXPERT_SWIGLU ? MOE__CARVE(scratch, float, R * k->d_hidden) : NULL;
             k->dxr = MOE__CARVE(scratch, float, R * k->d_in);
+#endif
         }
+#ifndef MOE_NO_TRAINING
         l->dgate = MOE__CARVE(scratch, float, T * K);
         l->dh = MOE__CARVE(scratch, float, T * E);
         l->dclean = noisy ? MOE__CARVE(scratch, float, T * E) : l->dh;
@@ -2192,6 +2218,9 @@ static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scra
         l->dxu = MOE__CARVE(scratch, float, T * D);
         l->dimportance = MOE__CARVE(scratch, float, E);
         l->dload = MOE__CARVE(scratch, float, E);
+#else
+        (void)scratch;
+#endif
         break;
     }
     default: break;
@@ -2215,7 +2244,9 @@ static void moe__layer_init_params(moe_layer *l, int64_t stream_base) {
 }
 
 static float *moe__w(const moe_layer *l, int64_t off) { return l->params + off; }
+#ifndef MOE_NO_TRAINING
 static float *moe__g(const moe_layer *l, int64_t off) { return l->grads + off; }
+#endif
 
 // >>dense -------------------------------------------------------------------
 /* x [T, d_in] -> y [T, d_out]; saves z = x W^T + b. */
@@ -2233,6 +2264,7 @@ static void moe__dense_forward(moe_layer *l, const float *x, int64_t T, float *y
     }
 }
 
+#ifndef MOE_NO_TRAINING
 static void moe__dense_backward(moe_layer *l, const float *dy, float *dx) {
     const moe_layer_desc *d = &l->d;
     int64_t O = d->d_out, D = d->d_in, T = l->T, t;
@@ -2261,6 +2293,7 @@ static void moe__dense_backward(moe_layer *l, const float *dy, float *dx) {
         }
     }
 }
+#endif /* MOE_NO_TRAINING */
 
 // >>norm --------------------------------------------------------------------
 static void moe__norm_forward(moe_layer *l, const float *x, int64_t T, float *y) {
@@ -2293,6 +2326,7 @@ static void moe__norm_forward(moe_layer *l, const float *x, int64_t T, float *y)
     }
 }
 
+#ifndef MOE_NO_TRAINING
 static void moe__norm_backward(moe_layer *l, const float *dy, float *dx) {
     const moe_layer_desc *d = &l->d;
     int64_t D = d->d_in, T = l->T, t, cb, nb = (D + 63) / 64;
@@ -2332,6 +2366,7 @@ static void moe__norm_backward(moe_layer *l, const float *dy, float *dx) {
         }
     }
 }
+#endif /* MOE_NO_TRAINING */
 
 // >>routing -----------------------------------------------------------------
 /* Order of experts for selection: larger h first, ties to the lower index; NaN sorts last. */
@@ -2658,6 +2693,7 @@ static moe__gemm moe__forward_gemm(const moe_layer *l, const moe__bank *b, int64
     return g;
 }
 
+#ifndef MOE_NO_TRAINING
 /* Backward steps: SwiGLU w2, then w1 and w3 together; MLP one step per linear, last first. */
 static int moe__bank_back_steps(const moe__bank *b) { return moe__bank_stages(b); }
 static int moe__back_linear(const moe__bank *b, int q) { return b->kind == MOE_EXPERT_SWIGLU ? (q == 0 ? 2 : 0) : b->n_linears - 1 - q; }
@@ -2702,6 +2738,7 @@ static void moe__weight_grad_tile(const moe_layer *l, const moe__bank *b, const 
         }
     }
 }
+#endif /* MOE_NO_TRAINING */
 
 static void moe__decode_tile(const moe_layer *l, const moe__tile *t, const float *x);
 
@@ -2713,6 +2750,7 @@ static void moe__run_tile(const moe_layer *l, const moe__tile *t, const float *x
         g = moe__forward_gemm(l, b, t->expert, t->linear, t->r0, t->r1, x);
         moe__gemm_block(&l->ex, &g, 0, t->r1 - t->r0, t->c0, t->c1);
         break;
+#ifndef MOE_NO_TRAINING
     case MOE__TILE_INPUT_GRAD:
         g = moe__input_grad_gemm(l, b, t->expert, t->linear, 0, t->r0, t->r1);
         moe__gemm_block(&l->ex, &g, 0, t->r1 - t->r0, t->c0, t->c1);
@@ -2724,6 +2762,7 @@ static void moe__run_tile(const moe_layer *l, const moe__tile *t, const float *x
     case MOE__TILE_WEIGHT_GRAD:
         moe__weight_grad_tile(l, b, t, x);
         break;
+#endif
     default:
         moe__decode_tile(l, t, x);
         break;
@@ -2748,6 +2787,7 @@ static void moe__plan_rows(moe_layer *l, int b, int j, int kind, int64_t N, int6
                 moe__add_tile(l, b, e, j, kind, r, moe__min64(r + rows, k->offsets[e + 1]), c, moe__min64(c + cols, N), depth);
 }
 
+#ifndef MOE_NO_TRAINING
 static void moe__plan_weights(moe_layer *l, int b, int j) {
     const moe__bank *k = &l->bank[b];
     const moe__linear *lin = &k->lin[j];
@@ -2761,6 +2801,7 @@ static void moe__plan_weights(moe_layer *l, int b, int j) {
                               moe__min64(c + MOE__NB, lin->in), (double)n);
     }
 }
+#endif /* MOE_NO_TRAINING */
 
 static int moe__tile_cmp(const void *pa, const void *pb) {
     const moe__tile *a = (const moe__tile *)pa, *b = (const moe__tile *)pb;
@@ -2790,11 +2831,15 @@ static double moe__plan_step(moe_layer *l, int backward, int q, int want_dx) {
                 moe__plan_rows(l, b, q, MOE__TILE_FORWARD, lin->out, pair ? MOE__NB / 2 : MOE__NB,
                                (double)lin->in * (pair ? 2.0 : 1.0), rows);
             } else {
+#ifndef MOE_NO_TRAINING
                 int j = moe__back_linear(k, q), two = k->kind == MOE_EXPERT_SWIGLU && j == 0;
                 if (j > 0 || want_dx)
                     moe__plan_rows(l, b, j, MOE__TILE_INPUT_GRAD, k->lin[j].in, MOE__NB, (double)k->lin[j].out * (two ? 2.0 : 1.0), rows);
                 moe__plan_weights(l, b, j);
                 if (two) moe__plan_weights(l, b, 1);
+#else
+                (void)want_dx;
+#endif
             }
         }
         if (l->n_tiles >= 4 * (int64_t)l->ex.n_threads || rows <= 64) break;
@@ -2942,6 +2987,7 @@ static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, 
     }
 }
 
+#ifndef MOE_NO_TRAINING
 // >>moe_backward ------------------------------------------------------------
 /* dh for token t: through the gates, the softmax and (with aux) the auxiliary losses. */
 static void moe__router_backward_token(moe_layer *l, int64_t t, int aux, float bal_scale) {
@@ -3089,6 +3135,7 @@ static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flag
         }
     }
 }
+#endif /* MOE_NO_TRAINING */
 
 // >>layer_api ---------------------------------------------------------------
 /* The per-call routing options of a forward, checked for layer l before anything runs. */
@@ -3131,6 +3178,7 @@ static void moe__layer_forward_impl(moe_layer *l, const float *x, int64_t T, flo
     l->has_forward = 1;
 }
 
+#ifndef MOE_NO_TRAINING
 static void moe__layer_backward_impl(moe_layer *l, const float *dy, float *dx, int flags) {
     switch (l->d.kind) {
     case MOE_LAYER_DENSE: moe__dense_backward(l, dy, dx); break;
@@ -3140,6 +3188,7 @@ static void moe__layer_backward_impl(moe_layer *l, const float *dy, float *dx, i
     default: break;
     }
 }
+#endif /* MOE_NO_TRAINING */
 
 static moe_result moe__check_tokens(moe_ctx *ctx, int64_t T, int64_t max_tokens) {
     if (T < 1) return moe__fail(ctx, MOE_ERR_SHAPE, "n_tokens is %lld; it must be at least 1", (long long)T);
@@ -3185,17 +3234,17 @@ MOEDEF moe_result moe_layer_create(moe_ctx *ctx, const moe_layer_desc *desc, int
     moe__layer_plan(l);
     if (moe__layer_sizes(l, &saved, &scratch) != MOE_OK) { moe__free(ctx, l); return MOE_ERR_OUT_OF_MEMORY; }
     pbytes = (size_t)l->n_params * sizeof(float);
-    total = 2 * pbytes + saved + scratch + (size_t)ctx->n_threads * MOE__GEMM_SCRATCH * sizeof(float);
+    total = MOE__BLOBS * pbytes + saved + scratch + (size_t)ctx->n_threads * MOE__GEMM_SCRATCH * sizeof(float);
     block = (char *)moe__malloc(ctx, total);
     if (!block) { moe__free(ctx, l); return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "layer memory (%zu bytes)", total); }
     l->own = block;
     l->params = (float *)block;
-    l->grads = (float *)(block + pbytes);
-    a.base = block + 2 * pbytes; a.used = 0; a.overflow = 0;
-    b.base = block + 2 * pbytes + saved; b.used = 0; b.overflow = 0;
+    l->grads = MOE__BLOBS > 1 ? (float *)(block + pbytes) : NULL;
+    a.base = block + MOE__BLOBS * pbytes; a.used = 0; a.overflow = 0;
+    b.base = block + MOE__BLOBS * pbytes + saved; b.used = 0; b.overflow = 0;
     moe__layer_carve(l, &a, &b);
-    moe__exec_init(&l->ex, ctx, (float *)(block + 2 * pbytes + saved + scratch));
-    memset(l->params, 0, 2 * pbytes);  /* the padding between tensors too */
+    moe__exec_init(&l->ex, ctx, (float *)(block + MOE__BLOBS * pbytes + saved + scratch));
+    memset(l->params, 0, MOE__BLOBS * pbytes);  /* the padding between tensors too */
     moe__layer_init_params(l, 0);
     *out = l;
     return MOE_OK;
@@ -3212,6 +3261,9 @@ MOEDEF void moe_layer_destroy(moe_layer *layer) {
 
 /* Reduced-precision weights serve inference only. */
 static moe_result moe__check_trainable(const moe_layer *l) {
+#ifdef MOE_NO_TRAINING
+    return moe__fail(l->ctx, MOE_ERR_UNSUPPORTED, "layer %d: built with MOE_NO_TRAINING: inference only (moe_forward_opts.training)", l->index);
+#endif
     if (l->wdtype == MOE_DTYPE_F32) return MOE_OK;
     return moe__fail(l->ctx, MOE_ERR_STATE, "layer %d holds reduced-precision weights (inference only); moe_layer_quantize(layer, MOE_DTYPE_F32) restores training", l->index);
 }
@@ -3228,6 +3280,7 @@ MOEDEF moe_result moe_layer_forward(moe_layer *l, const float *x, int64_t n_toke
     return MOE_OK;
 }
 
+#ifndef MOE_NO_TRAINING
 MOEDEF moe_result moe_layer_backward(moe_layer *l, const float *dy, float *dx, int flags) {
     if (!l) return MOE_ERR_INVALID_ARGUMENT;
     if (!l->has_forward) return moe__fail(l->ctx, MOE_ERR_STATE, "backward before any forward");
@@ -3236,6 +3289,7 @@ MOEDEF moe_result moe_layer_backward(moe_layer *l, const float *dy, float *dx, i
     moe__layer_backward_impl(l, dy, dx, flags);
     return MOE_OK;
 }
+#endif /* MOE_NO_TRAINING */
 
 static void moe__layer_drop_quant(moe_layer *l) {
     int b, j;
@@ -3325,6 +3379,7 @@ MOEDEF moe_result moe_layer_quantize(moe_layer *l, moe_dtype dtype) {
     return MOE_OK;
 }
 
+#ifndef MOE_NO_TRAINING
 /* Sigmoid router: b_e += rate * sign(mean load - load_e), load = assignments of the last forward
    before capacity. */
 static void moe__update_selection_bias(moe_layer *l) {
@@ -3346,6 +3401,7 @@ MOEDEF moe_result moe_layer_update_bias(moe_layer *l) {
     moe__update_selection_bias(l);
     return MOE_OK;
 }
+#endif /* MOE_NO_TRAINING */
 
 static moe_result moe__stats_of(const moe_layer *l, moe_stats *stats) {
     memset(stats, 0, sizeof *stats);
@@ -3367,10 +3423,12 @@ MOEDEF float *moe_layer_params(moe_layer *layer, int64_t *n_params) {
     return layer ? layer->params : NULL;
 }
 
+#ifndef MOE_NO_TRAINING
 MOEDEF float *moe_layer_grads(moe_layer *layer, int64_t *n_params) {
     if (n_params) *n_params = layer ? layer->n_params : 0;
     return layer ? layer->grads : NULL;
 }
+#endif /* MOE_NO_TRAINING */
 
 MOEDEF int moe_layer_tensor_count(const moe_layer *layer) { return layer ? layer->n_tensors : 0; }
 
@@ -3383,7 +3441,7 @@ static void moe__tensor_view(moe_layer *l, int i, const char *name, moe_tensor *
     t->offset = td->offset;
     t->size = td->size;
     t->data = l->params + td->offset;
-    t->grad = l->grads + td->offset;
+    t->grad = l->grads ? l->grads + td->offset : NULL;
 }
 
 MOEDEF moe_result moe_layer_tensor(moe_layer *layer, int index, moe_tensor *tensor) {
@@ -3393,6 +3451,7 @@ MOEDEF moe_result moe_layer_tensor(moe_layer *layer, int index, moe_tensor *tens
     return MOE_OK;
 }
 
+#ifndef MOE_NO_TRAINING
 // >>loss --------------------------------------------------------------------
 /* Task loss of y [T, C] against target; dy (may be NULL) gets dLoss/dy. Per-token losses go
    to tok[T] and are summed in order. */
@@ -3445,8 +3504,10 @@ static moe_result moe__loss(moe_ctx *ctx, const moe__exec *ex, moe_loss kind, co
     *loss = (float)(sum / (double)T);
     return MOE_OK;
 }
+#endif /* MOE_NO_TRAINING */
 
 // >>optimizer ---------------------------------------------------------------
+#ifndef MOE_NO_TRAINING
 struct moe_optimizer {
     moe_ctx *ctx;
     moe_optimizer_desc d;
@@ -3458,6 +3519,7 @@ struct moe_optimizer {
 };
 
 #define MOE__CHUNK 8192
+#endif /* MOE_NO_TRAINING */
 
 static moe_result moe__optimizer_resolve(moe_ctx *ctx, const moe_optimizer_desc *in, moe_optimizer_desc *out) {
     moe_optimizer_desc d = *in;
@@ -3476,6 +3538,7 @@ static moe_result moe__optimizer_resolve(moe_ctx *ctx, const moe_optimizer_desc 
     return MOE_OK;
 }
 
+#ifndef MOE_NO_TRAINING
 MOEDEF moe_result moe_optimizer_create(moe_ctx *ctx, const moe_optimizer_desc *desc, int64_t n_params, moe_optimizer **out) {
     moe_optimizer *o;
     moe_optimizer_desc d, zero;
@@ -3605,6 +3668,7 @@ MOEDEF moe_result moe_optimizer_step(moe_optimizer *o, float *params, float *gra
     }
     return MOE_OK;
 }
+#endif /* MOE_NO_TRAINING */
 
 // >>model -------------------------------------------------------------------
 typedef struct moe__model_tensor {
@@ -3620,7 +3684,7 @@ struct moe_model {
     int n_layers;
     float *params, *grads;
     int64_t n_params;
-    moe_optimizer *opt;
+    struct moe_optimizer *opt;  /* NULL under MOE_NO_TRAINING */
     moe__model_tensor *tensors;
     int n_tensors;
     void *arena;
@@ -3640,7 +3704,9 @@ MOEDEF void moe_model_destroy(moe_model *m) {
     if (!m) return;
     ctx = m->ctx;
     for (i = 0; m->layers && i < m->n_layers; i++) moe__layer_drop_quant(&m->layers[i]);
+#ifndef MOE_NO_TRAINING
     moe_optimizer_destroy(m->opt);
+#endif
     moe__free(ctx, m->arena);
     moe__free(ctx, m->params);
     moe__free(ctx, m->tensors);
@@ -3717,10 +3783,12 @@ MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe
         for (pass = 0; pass < 2; pass++) {
             rest.base = block ? block + saved + scratch : NULL; rest.used = 0; rest.overflow = 0;
             for (i = 0; i < d.n_layers; i++) m->outs[i] = MOE__CARVE(&rest, float, T * m->layers[i].d.d_out);
+#ifndef MOE_NO_TRAINING
             m->dbuf[0] = MOE__CARVE(&rest, float, T * widest);
             m->dbuf[1] = MOE__CARVE(&rest, float, T * widest);
             m->dloss = MOE__CARVE(&rest, float, T * prev);
             m->tok = MOE__CARVE(&rest, float, T);
+#endif
             m->ex.scratch = MOE__CARVE(&rest, float, (size_t)ctx->n_threads * MOE__GEMM_SCRATCH);
             if (pass == 0) {
                 total = saved + scratch + rest.used;
@@ -3735,11 +3803,11 @@ MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe
             }
         }
     }
-    /* parameters and gradients: one blob of 2 * n_params floats */
-    m->params = (float *)moe__calloc(ctx, (size_t)m->n_params * 2 * sizeof(float) + MOE__ALIGN);
+    /* parameters and gradients: one blob of 2 * n_params floats (MOE_NO_TRAINING: no gradients) */
+    m->params = (float *)moe__calloc(ctx, (size_t)m->n_params * MOE__BLOBS * sizeof(float) + MOE__ALIGN);
     m->tensors = (moe__model_tensor *)moe__calloc(ctx, sizeof(moe__model_tensor) * (size_t)(nt + 1));
     if (!m->params || !m->tensors) { r = moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "parameters (%lld floats)", (long long)m->n_params); goto fail; }
-    m->grads = m->params + m->n_params;
+    m->grads = MOE__BLOBS > 1 ? m->params + m->n_params : NULL;
     sv.base = block; sv.used = 0; sv.overflow = 0;
     sc.base = block + saved; sc.used = 0; sc.overflow = 0;
     moe__exec_init(&m->ex, ctx, m->ex.scratch);
@@ -3765,8 +3833,10 @@ MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe
             off += l->n_params;
         }
     }
+#ifndef MOE_NO_TRAINING
     r = moe_optimizer_create(ctx, &d.optimizer, m->n_params, &m->opt);
     if (r != MOE_OK) goto fail;
+#endif
     *out = m;
     return MOE_OK;
 fail:
@@ -3813,6 +3883,7 @@ MOEDEF const float *moe_model_output(const moe_model *m) {
     return m && m->has_forward ? m->outs[m->n_layers - 1] : NULL;
 }
 
+#ifndef MOE_NO_TRAINING
 MOEDEF moe_result moe_model_loss(moe_model *m, const moe_target *target, float *loss, float *dy) {
     float l = 0.0f;
     if (!m) return MOE_ERR_INVALID_ARGUMENT;
@@ -3909,6 +3980,7 @@ MOEDEF moe_result moe_model_train_step(moe_model *m, const float *x, const moe_t
     if (info) *info = si;
     return r == MOE_OK ? r : moe__model_refuse_step(m, r);
 }
+#endif /* MOE_NO_TRAINING */
 
 MOEDEF moe_result moe_model_predict(moe_model *m, const float *x, int64_t n_tokens, int32_t *classes) {
     int64_t t, C;
@@ -3946,10 +4018,12 @@ MOEDEF float *moe_model_params(moe_model *m, int64_t *n_params) {
     return m ? m->params : NULL;
 }
 
+#ifndef MOE_NO_TRAINING
 MOEDEF float *moe_model_grads(moe_model *m, int64_t *n_params) {
     if (n_params) *n_params = m ? m->n_params : 0;
     return m ? m->grads : NULL;
 }
+#endif /* MOE_NO_TRAINING */
 
 MOEDEF int moe_model_tensor_count(const moe_model *m) { return m ? m->n_tensors : 0; }
 
@@ -5238,6 +5312,7 @@ done:
     return r;
 }
 
+#ifndef MOE_NO_TRAINING
 /* Checkpoint contents beyond the model file: the optimizer's moments as tensors of the parameters
    back to back (model tensor order, no padding), and a metadata entry with the step counters. */
 static const char *const moe__moment_names[2] = {"optimizer.m", "optimizer.v"};
@@ -5256,6 +5331,7 @@ static void moe__moment_pack(moe_model *m, float *blob, float *packed, int to_pa
         at += t.size;
     }
 }
+#endif /* MOE_NO_TRAINING */
 
 /* The reduced copy (moe_layer_quantize) of layer tensor `index`, or NULL: expert weights only. */
 static const moe__mat *moe__tensor_quant(const moe_layer *l, int index) {
@@ -5308,6 +5384,7 @@ static moe_result moe__model_write(moe_model *m, int checkpoint, const char *pat
             r = moe_tensor_writer_add(w, t.name, MOE_DTYPE_F32, t.ndim, t.shape, t.data);
         }
     }
+#ifndef MOE_NO_TRAINING
     if (r == MOE_OK && checkpoint) {
         moe__sb_printf(&state, "{\"version\":1,\"step\":%lld,\"seed\":\"%llu\",\"noise_steps\":[", (long long)m->opt->step,
                        (unsigned long long)m->ctx->seed);
@@ -5323,6 +5400,9 @@ static moe_result moe__model_write(moe_model *m, int checkpoint, const char *pat
                 r = moe_tensor_writer_add(w, moe__moment_names[i], MOE_DTYPE_F32, 1, &count, packed + i * count);
             }
     }
+#else
+    (void)count;
+#endif
 #ifndef MOE_NO_STDIO
     if (r == MOE_OK && !size) r = moe_tensor_writer_save(w, path);
 #endif
@@ -5336,14 +5416,17 @@ static moe_result moe__model_write(moe_model *m, int checkpoint, const char *pat
 
 #ifndef MOE_NO_STDIO
 MOEDEF moe_result moe_model_save(moe_model *m, const char *path) { return moe__model_write(m, 0, path, NULL, 0, NULL); }
-
-MOEDEF moe_result moe_model_save_checkpoint(moe_model *m, const char *path) { return moe__model_write(m, 1, path, NULL, 0, NULL); }
 #endif
 
 MOEDEF moe_result moe_model_save_memory(moe_model *m, void *buf, size_t cap, size_t *size) {
     if (m && !size) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "size is NULL");
     return moe__model_write(m, 0, NULL, buf, cap, size);
 }
+
+#ifndef MOE_NO_TRAINING
+#ifndef MOE_NO_STDIO
+MOEDEF moe_result moe_model_save_checkpoint(moe_model *m, const char *path) { return moe__model_write(m, 1, path, NULL, 0, NULL); }
+#endif
 
 MOEDEF moe_result moe_model_save_checkpoint_memory(moe_model *m, void *buf, size_t cap, size_t *size) {
     if (m && !size) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "size is NULL");
@@ -5420,6 +5503,8 @@ done:
     moe__json_free(ctx, &j);
     return r;
 }
+
+#endif /* MOE_NO_TRAINING */
 
 /* A parameter from its file tensor: any float type, or int8 times its scales. */
 static moe_result moe__load_param(moe_ctx *ctx, const moe_tensor_file *f, moe_tensor *t) {
@@ -5499,7 +5584,11 @@ static moe_result moe__model_from_file(moe_ctx *ctx, const moe_tensor_file *f, i
     }
     for (i = 0; i < m->n_layers; i++)
         if ((r = moe__load_quant(f, &m->layers[i])) != MOE_OK) goto fail;
+#ifndef MOE_NO_TRAINING
     if (checkpoint && (r = moe__checkpoint_restore(ctx, f, m)) != MOE_OK) goto fail;
+#else
+    (void)checkpoint;
+#endif
     *out = m;
     return MOE_OK;
 fail:
@@ -5535,18 +5624,22 @@ MOEDEF moe_result moe_model_load(moe_ctx *ctx, const char *path, int64_t max_tok
     return moe__model_load(ctx, path, max_tokens, 0, out);
 }
 
+#ifndef MOE_NO_TRAINING
 MOEDEF moe_result moe_model_load_checkpoint(moe_ctx *ctx, const char *path, int64_t max_tokens, moe_model **out) {
     return moe__model_load(ctx, path, max_tokens, 1, out);
 }
+#endif
 #endif /* MOE_NO_STDIO */
 
 MOEDEF moe_result moe_model_load_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe_model **out) {
     return moe__model_load_memory(ctx, data, size, max_tokens, 0, out);
 }
 
+#ifndef MOE_NO_TRAINING
 MOEDEF moe_result moe_model_load_checkpoint_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe_model **out) {
     return moe__model_load_memory(ctx, data, size, max_tokens, 1, out);
 }
+#endif /* MOE_NO_TRAINING */
 
 #endif /* MOE_IMPLEMENTATION_INCLUDED */
 #endif /* MOE_IMPLEMENTATION */

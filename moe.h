@@ -527,6 +527,19 @@ MOEDEF size_t moe_model_config_json(const moe_model *model, char *buf, size_t ca
 MOEDEF moe_result moe_model_load(moe_ctx *ctx, const char *path, int64_t max_tokens, moe_model **out);
 #endif
 MOEDEF moe_result moe_model_load_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe_model **out);
+/* Caller-owned memory ("size / init into this memory / run"): moe_model_memory_size gives the
+   bytes a model loaded from the file in data needs for max_tokens (0: the file's value) and the
+   context's n_threads; it loads the model once through the context's allocator to measure, and
+   frees it again. moe_model_init_memory then loads it into `memory` (aligned to
+   MOE_MEMORY_ALIGN bytes, memory_size bytes) without any other allocation: the model, its
+   activations and the loader's temporary tables all live there. Forward, predict and stats then
+   run as usual; moe_model_destroy frees nothing (the memory is the caller's, and free to reuse
+   after the model is no longer used) and moe_model_quantize returns MOE_ERR_STATE (quantize the
+   file instead). Too small: MOE_ERR_OUT_OF_MEMORY; misaligned: MOE_ERR_INVALID_ARGUMENT. */
+#define MOE_MEMORY_ALIGN 16
+MOEDEF moe_result moe_model_memory_size(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, size_t *bytes);
+MOEDEF moe_result moe_model_init_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, void *memory,
+                                        size_t memory_size, moe_model **out);
 #ifndef MOE_NO_TRAINING
 /* Checkpoints: a model file plus the optimizer's state (moments, step) and every layer's noise
    counter (README "Checkpoints"). A model loaded from one trains on bit for bit as the model that
@@ -3696,12 +3709,13 @@ struct moe_model {
     const float *x;
     int64_t T;
     int has_forward;
+    void *memory;               /* moe_model_init_memory: the caller's memory holding all of the model */
 };
 
 MOEDEF void moe_model_destroy(moe_model *m) {
     moe_ctx *ctx;
     int i;
-    if (!m) return;
+    if (!m || m->memory) return;  /* in caller memory: nothing of it is ours to free */
     ctx = m->ctx;
     for (i = 0; m->layers && i < m->n_layers; i++) moe__layer_drop_quant(&m->layers[i]);
 #ifndef MOE_NO_TRAINING
@@ -4009,6 +4023,7 @@ MOEDEF moe_result moe_model_stats(const moe_model *m, int layer, moe_stats *stat
 MOEDEF moe_result moe_model_quantize(moe_model *m, moe_dtype dtype) {
     int i;
     if (!m) return MOE_ERR_INVALID_ARGUMENT;
+    if (m->memory) return moe__fail(m->ctx, MOE_ERR_STATE, "a model in caller memory keeps the weights of its file (quantize the file instead)");
     for (i = 0; i < m->n_layers; i++) MOE__TRY(moe_layer_quantize(&m->layers[i], dtype));
     return MOE_OK;
 }
@@ -4851,7 +4866,7 @@ MOEDEF moe_result moe_tensor_writer_save_memory(moe_tensor_writer *w, void *buf,
     moe__sb h;
     moe__sink sink;
     unsigned char *at = (unsigned char *)buf;
-    size_t total;
+    size_t total = 0;
     if (!w) return MOE_ERR_INVALID_ARGUMENT;
     if (!size) return moe__fail(w->ctx, MOE_ERR_INVALID_ARGUMENT, "size is NULL");
     MOE__TRY(moe__writer_header(w, &h, &total));
@@ -5633,6 +5648,109 @@ MOEDEF moe_result moe_model_load_checkpoint(moe_ctx *ctx, const char *path, int6
 
 MOEDEF moe_result moe_model_load_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe_model **out) {
     return moe__model_load_memory(ctx, data, size, max_tokens, 0, out);
+}
+
+/* Caller-owned memory: a load whose allocations are carved one after the other from one block.
+   A free of the latest allocation gives its bytes back (the loader's temporary tables mostly go
+   so), any other free is a no-op. Measuring runs the very same load on the context's allocator
+   and replays the offsets, so the peak it reports is the block that load needs. */
+typedef struct moe__bump {
+    char *base;                 /* NULL: measuring (each allocation also comes from `backing`) */
+    size_t cap, used, peak, last;
+    void *last_ptr;
+    int exhausted;              /* a request did not fit into cap */
+    moe_allocator backing;
+} moe__bump;
+
+#define MOE__BUMP_ALIGN 16
+
+static void *moe__bump_alloc(size_t size, void *user) {
+    moe__bump *b = (moe__bump *)user;
+    size_t at = (b->used + MOE__BUMP_ALIGN - 1) & ~(size_t)(MOE__BUMP_ALIGN - 1);
+    void *p;
+    if (size > SIZE_MAX / 2 || at > SIZE_MAX / 2 - size) return NULL;
+    if (b->base) {
+        if (at + size > b->cap) { b->exhausted = 1; return NULL; }
+        p = b->base + at;
+    } else {
+        p = b->backing.alloc ? b->backing.alloc(size, b->backing.user) : MOE_MALLOC(size, b->backing.user);
+        if (!p) return NULL;
+    }
+    b->last = at;
+    b->last_ptr = p;
+    b->used = at + size;
+    if (b->used > b->peak) b->peak = b->used;
+    return p;
+}
+
+static void moe__bump_free(void *ptr, void *user) {
+    moe__bump *b = (moe__bump *)user;
+    if (!ptr) return;
+    if (ptr == b->last_ptr) { b->used = b->last; b->last_ptr = NULL; }
+    if (!b->base) {
+        if (b->backing.free) b->backing.free(ptr, b->backing.user);
+        else MOE_FREE(ptr, b->backing.user);
+    }
+}
+
+/* Load from data through a bump allocator over memory (NULL: measure); the model, if any, is
+   then moved over to ctx. */
+static moe_result moe__model_load_bump(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe__bump *b, moe_model **out) {
+    moe_ctx inner = *ctx;
+    moe_model *m = NULL;
+    moe_result r;
+    int i;
+    b->backing = ctx->allocator;
+    inner.allocator.alloc = moe__bump_alloc;
+    inner.allocator.free = moe__bump_free;
+    inner.allocator.user = b;
+    r = moe__model_load_memory(&inner, data, size, max_tokens, 0, &m);
+    if (r != MOE_OK) {
+        memcpy(ctx->error, inner.error, sizeof ctx->error);
+        return r;
+    }
+    if (!b->base) {             /* measured: give everything back */
+        moe_model_destroy(m);
+        return MOE_OK;
+    }
+    m->ctx = ctx;
+    m->ex.ctx = ctx;
+    for (i = 0; i < m->n_layers; i++) { m->layers[i].ctx = ctx; m->layers[i].ex.ctx = ctx; }
+#ifndef MOE_NO_TRAINING
+    m->opt->ctx = ctx;
+#endif
+    m->memory = b->base;
+    *out = m;
+    return MOE_OK;
+}
+
+MOEDEF moe_result moe_model_memory_size(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, size_t *bytes) {
+    moe__bump b;
+    moe_model *unused = NULL;
+    if (!ctx || !bytes) return MOE_ERR_INVALID_ARGUMENT;
+    *bytes = 0;
+    memset(&b, 0, sizeof b);
+    MOE__TRY(moe__model_load_bump(ctx, data, size, max_tokens, &b, &unused));
+    *bytes = b.peak;
+    return MOE_OK;
+}
+
+MOEDEF moe_result moe_model_init_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, void *memory,
+                                        size_t memory_size, moe_model **out) {
+    moe__bump b;
+    moe_result r;
+    if (!ctx || !out) return MOE_ERR_INVALID_ARGUMENT;
+    *out = NULL;
+    if (!memory) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "memory is NULL");
+    if ((uintptr_t)memory % MOE_MEMORY_ALIGN != 0)
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "memory is not aligned to MOE_MEMORY_ALIGN (%d bytes)", MOE_MEMORY_ALIGN);
+    memset(&b, 0, sizeof b);
+    b.base = (char *)memory;
+    b.cap = memory_size;
+    r = moe__model_load_bump(ctx, data, size, max_tokens, &b, out);
+    if (r == MOE_ERR_OUT_OF_MEMORY && b.exhausted)
+        return moe__fail(ctx, r, "memory of %zu bytes is too small for this model and max_tokens (moe_model_memory_size says how much)", memory_size);
+    return r;
 }
 
 #ifndef MOE_NO_TRAINING

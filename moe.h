@@ -42,6 +42,10 @@
      MOE_MAX_BYTES              refuse models/arenas larger than this up front (default 64 TiB;
                                 2 GiB where size_t has 32 bits)
      MOE_NO_VECTOR_EXTENSIONS   plain C kernels even on GCC/Clang (implied by x87 float math)
+     MOE_NO_TRAINING            inference only: no backward, loss, optimizer, gradients or checkpoints
+                                (their API is not declared); the same inference bits as a full build
+     MOE_NO_STDIO               no <stdio.h>: files only from and to memory (the *_memory functions);
+                                the path functions are not declared. Combines with MOE_NO_TRAINING
      -fopenmp (_OPENMP)         threads; without OpenMP everything runs on the calling thread
 
    SECTIONS (grep for the anchor; the first hit is the API, the second the implementation)
@@ -87,6 +91,10 @@
    loader allocates a model only once the file holds every tensor its configuration implies, so
    what it allocates is backed by the file's bytes, except the activation arena (max_tokens,
    bounded by MOE_MAX_BYTES). README "What the reader guarantees" has the measured bound.
+   Caller-owned memory: moe_model_memory_size says how many bytes a model file held in memory
+   needs for max_tokens; moe_model_init_memory places the model in your block (aligned to
+   MOE_MEMORY_ALIGN) without allocating anything; destroy then frees nothing. README "Build
+   options" has the details and the code size of each build option.
 
    ERRORS
    ------

@@ -235,6 +235,25 @@ static int test_caller_memory(void) {
     frees = c.frees;
     moe_model_destroy(mine);
     CHECK(c.frees == frees, "destroy freed caller memory");
+    {   /* two threads: a block of its own size, the same bits */
+        counter c2 = {0, 0};
+        moe_ctx ctx2 = counted_ctx(&c2);
+        moe_model *two = NULL;
+        size_t need2 = 0;
+        char *mem2;
+        ctx2.n_threads = 2;
+        CHECK_OK(moe_model_memory_size(&ctx2, file, size, 0, &need2), &ctx2);
+        mem2 = (char *)malloc(need2);
+        CHECK_OK(moe_model_init_memory(&ctx2, file, size, 0, mem2, need2, &two), &ctx2);
+        if (two) {
+            CHECK_OK(moe_model_forward(heap, x, MAX_T, y_heap, NULL), &ctx);
+            CHECK_OK(moe_model_forward(two, x, MAX_T, y_mine, NULL), &ctx2);
+            CHECK(memcmp(y_heap, y_mine, sizeof y_heap) == 0, "2 threads in caller memory differ from 1 thread");
+        }
+        moe_model_destroy(two);
+        free(mem2);
+        CHECK(c2.allocs == c2.frees, "%ld allocations, %ld frees", c2.allocs, c2.frees);
+    }
     {   /* a file with reduced-precision expert weights runs as the quantized heap model */
         unsigned char *qfile;
         size_t qsize = 0, qneed = 0;

@@ -11,12 +11,12 @@ typedef struct counter { long allocs, frees; } counter;
 static void *counted_alloc(size_t size, void *user) { ((counter *)user)->allocs++; return malloc(size); }
 static void counted_free(void *ptr, void *user) { if (ptr) ((counter *)user)->frees++; free(ptr); }
 
-static moe_ctx counted_ctx(counter *c) {
+static moe_ctx counted_ctx(counter *c, int threads) {
     moe_ctx ctx;
     moe_ctx_desc d;
     memset(&d, 0, sizeof d);
     d.seed = 7;
-    d.n_threads = 1;
+    d.n_threads = threads;
     d.allocator.alloc = counted_alloc;
     d.allocator.free = counted_free;
     d.allocator.user = c;
@@ -70,7 +70,7 @@ static unsigned char *save_to_memory(moe_model *m, size_t *size) {
 
 static int test_save_memory(void) {
     counter c = {0, 0};
-    moe_ctx ctx = counted_ctx(&c);
+    moe_ctx ctx = counted_ctx(&c, 1);
     moe_model *m = make_model(&ctx), *back = NULL;
     size_t size = 0, size2 = 0, i;
     unsigned char *buf, *small;
@@ -172,7 +172,7 @@ static int test_save_memory(void) {
    model loaded on the heap, and clear errors for a buffer too small or misaligned. */
 static int test_caller_memory(void) {
     counter c = {0, 0};
-    moe_ctx ctx = counted_ctx(&c);
+    moe_ctx ctx = counted_ctx(&c, 1);
     moe_model *m = make_model(&ctx), *heap = NULL, *mine = NULL, *bad = NULL;
     size_t size = 0, need = 0;
     unsigned char *file = m ? save_to_memory(m, &size) : NULL;
@@ -237,11 +237,10 @@ static int test_caller_memory(void) {
     CHECK(c.frees == frees, "destroy freed caller memory");
     {   /* two threads: a block of its own size, the same bits */
         counter c2 = {0, 0};
-        moe_ctx ctx2 = counted_ctx(&c2);
+        moe_ctx ctx2 = counted_ctx(&c2, 2);
         moe_model *two = NULL;
         size_t need2 = 0;
         char *mem2;
-        ctx2.n_threads = 2;
         CHECK_OK(moe_model_memory_size(&ctx2, file, size, 0, &need2), &ctx2);
         mem2 = (char *)malloc(need2);
         CHECK_OK(moe_model_init_memory(&ctx2, file, size, 0, mem2, need2, &two), &ctx2);
@@ -328,7 +327,7 @@ static const char *digest_path;
 
 static int test_digest(void) {
     counter c = {0, 0};
-    moe_ctx ctx = counted_ctx(&c);
+    moe_ctx ctx = counted_ctx(&c, 1);
     moe_model *m = make_model(&ctx), *loaded = NULL;
     size_t size = 0;
     unsigned char *file = m ? save_to_memory(m, &size) : NULL;

@@ -718,8 +718,9 @@ static void moe__concat(char *dst, size_t cap, const char *a, const char *b, con
 
 /* The formatter of every message and text moe.h writes, so that no build needs <stdio.h>: the
    subset of vsnprintf that moe.h uses (flags '-' '0', width, precision and '*'; lengths l, ll, z;
-   conversions d i u x c s g %), with the same result, cut to cap bytes. %g is exact: the double's
-   decimal expansion is computed digit by digit, then rounded half to even as glibc does. */
+   conversions d i u x c s g %; %g precision up to 17), with the same result, cut to cap bytes.
+   %g is exact: the double's decimal expansion is computed digit by digit, then rounded half to
+   even as glibc does. Returns the length the full text has (as vsnprintf). */
 typedef struct moe__out { char *buf; size_t cap, len; } moe__out;
 
 static void moe__out_char(moe__out *o, char c) {

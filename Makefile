@@ -8,6 +8,7 @@
 #   make mmoe     multi-task learning: shared-bottom, MMoE and PLE on the MMoE paper's synthetic data
 #   make bench    the benchmark
 #   make cross    other platforms and compilers: aarch64 (qemu), 32-bit x86, Windows (MinGW, wine), clang
+#   make code-size  bytes moe.h adds to a minimal inference program, per build option
 #   make cmake-check  the CMake package (add_subdirectory, FetchContent, find_package) and moe.pc
 #   make fuzz     libFuzzer on the model loader for FUZZ_SECONDS (needs clang and libclang-rt-14-dev)
 CC      ?= cc
@@ -25,7 +26,8 @@ FUZZ_SECONDS ?= 60
 
 EXAMPLES = build/moe build/digits build/cl_train build/embed build/mdn build/mmoe
 BENCH_ARGS ?= --shape all --mode all
-.PHONY: all test demo embed mdn mmoe mnist bench cross cmake-check fuzz clean
+
+.PHONY: all test demo embed mdn mmoe mnist bench cross cmake-check code-size fuzz clean
 
 all: $(EXAMPLES) build/bench_moe
 
@@ -51,6 +53,9 @@ cross:
 
 cmake-check:
 	sh tests/cmake_check.sh
+
+code-size:
+	sh tests/code_size.sh
 
 demo: build/digits
 	./build/digits

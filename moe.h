@@ -42,6 +42,10 @@
      MOE_MAX_BYTES              refuse models/arenas larger than this up front (default 64 TiB;
                                 2 GiB where size_t has 32 bits)
      MOE_NO_VECTOR_EXTENSIONS   plain C kernels even on GCC/Clang (implied by x87 float math)
+     MOE_NO_TRAINING            inference only: no backward, loss, optimizer, gradients or checkpoints
+                                (their API is not declared); the same inference bits as a full build
+     MOE_NO_STDIO               no <stdio.h>: files only from and to memory (the *_memory functions);
+                                the path functions are not declared. Combines with MOE_NO_TRAINING
      -fopenmp (_OPENMP)         threads; without OpenMP everything runs on the calling thread
 
    SECTIONS (grep for the anchor; the first hit is the API, the second the implementation)
@@ -103,6 +107,10 @@
    loader allocates a model only once the file holds every tensor its configuration implies, so
    what it allocates is backed by the file's bytes, except the activation arena (max_tokens,
    bounded by MOE_MAX_BYTES). README "What the reader guarantees" has the measured bound.
+   Caller-owned memory: moe_model_memory_size says how many bytes a model file held in memory
+   needs for max_tokens; moe_model_init_memory places the model in your block (aligned to
+   MOE_MEMORY_ALIGN) without allocating anything; destroy then frees nothing. README "Build
+   options" has the details and the code size of each build option.
 
    ERRORS
    ------
@@ -425,8 +433,10 @@ typedef struct moe_forward_opts {
     const int32_t *token_ids;  /* [T] token ids for hash routers (required by them; ignored otherwise) */
 } moe_forward_opts;
 
+#ifndef MOE_NO_TRAINING
 /* Flags of moe_layer_backward / moe_model_backward */
 #define MOE_BACKWARD_AUX 1     /* add the gradients of the layers' auxiliary losses */
+#endif
 
 /* Routing statistics of the last forward of a MoE layer. */
 typedef struct moe_stats {
@@ -461,12 +471,14 @@ MOEDEF void moe_layer_destroy(moe_layer *layer);
 /* x [T, d_in] -> y [T, d_out] (Gaussian experts: [T, E (1 + 2 d_out)]). x and y must stay untouched
    until the matching backward. */
 MOEDEF moe_result moe_layer_forward(moe_layer *layer, const float *x, int64_t n_tokens, float *y, const moe_forward_opts *opts);
+#ifndef MOE_NO_TRAINING
 /* dy [T, d_out] -> dx [T, d_in] (overwritten; NULL: not wanted). Parameter gradients accumulate. */
 MOEDEF moe_result moe_layer_backward(moe_layer *layer, const float *dy, float *dx, int flags);
+MOEDEF float *moe_layer_grads(moe_layer *layer, int64_t *n_params);
+#endif
 MOEDEF moe_result moe_layer_stats(const moe_layer *layer, moe_stats *stats);
 MOEDEF const moe_layer_desc *moe_layer_get_desc(const moe_layer *layer); /* defaults filled in */
 MOEDEF float *moe_layer_params(moe_layer *layer, int64_t *n_params);
-MOEDEF float *moe_layer_grads(moe_layer *layer, int64_t *n_params);
 MOEDEF int moe_layer_tensor_count(const moe_layer *layer);
 MOEDEF moe_result moe_layer_tensor(moe_layer *layer, int index, moe_tensor *tensor);
 /* Inference with reduced-precision expert weights: snapshot the expert weights of a MoE layer
@@ -474,11 +486,13 @@ MOEDEF moe_result moe_layer_tensor(moe_layer *layer, int index, moe_tensor *tens
    read those. MOE_DTYPE_F32 drops the snapshot. While one is held, backward returns
    MOE_ERR_STATE. Allocates (once, here); other layer kinds accept the call and ignore it. */
 MOEDEF moe_result moe_layer_quantize(moe_layer *layer, moe_dtype dtype);
+#ifndef MOE_NO_TRAINING
 /* Sigmoid router: the aux-loss-free selection-bias update from the load of the last forward,
    b_e += bias_update_rate * sign(mean load - load_e). moe_model_optimizer_step and
    moe_model_train_step do this themselves; call it after your own optimizer step on a standalone
    layer (and keep that optimizer off "router.selection_bias"). Other layers: no-op. */
 MOEDEF moe_result moe_layer_update_bias(moe_layer *layer);
+#endif
 
 /* Mixture density (MOE_EXPERT_GAUSSIAN): a layer with E experts and d_out outputs emits, per
    token, the packed mixture (log pi [E] | means [E, d_out] | log-stds [E, d_out]), E (1 + 2 d_out)
@@ -509,6 +523,7 @@ typedef struct moe_optimizer_desc {
     float min_lr;
 } moe_optimizer_desc;
 
+#ifndef MOE_NO_TRAINING
 /* Optimizer state over a flat blob of n parameters. */
 typedef struct moe_optimizer moe_optimizer;
 
@@ -530,6 +545,7 @@ MOEDEF float moe_optimizer_lr(const moe_optimizer *opt, int64_t step);
    or the update would make a parameter or moment NaN or Inf (e.g. a far too large lr). */
 MOEDEF moe_result moe_optimizer_step(moe_optimizer *opt, float *params, float *grads, moe_step_info *info);
 MOEDEF int64_t moe_optimizer_steps(const moe_optimizer *opt);
+#endif /* MOE_NO_TRAINING */
 
 // >>model -------------------------------------------------------------------
 typedef struct moe_model_desc {
@@ -549,6 +565,7 @@ typedef struct moe_model_desc {
 
 typedef struct moe_model moe_model;
 
+#ifndef MOE_NO_TRAINING
 /* Training targets: labels for cross-entropy, values [T, d_out] for MSE and BCE, values [T, d_out of
    the Gaussian-expert last layer] (not the packed width) for the mixture NLL. */
 typedef struct moe_target {
@@ -556,6 +573,7 @@ typedef struct moe_target {
     const float *values;
     const struct moe_target *tasks; /* multi-task models: [n_tasks] targets, task i's values [T, task_d_out[i]] */
 } moe_target;
+#endif
 
 MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe_model **out);
 MOEDEF void moe_model_destroy(moe_model *model);
@@ -565,6 +583,7 @@ MOEDEF int64_t moe_model_d_out(const moe_model *model);
 /* x [T, d_in] -> y [T, d_out] (y may be NULL: read the output with moe_model_output). */
 MOEDEF moe_result moe_model_forward(moe_model *model, const float *x, int64_t n_tokens, float *y, const moe_forward_opts *opts);
 MOEDEF const float *moe_model_output(const moe_model *model);
+#ifndef MOE_NO_TRAINING
 /* After a forward: the task loss against target, and its gradient dL/dy into dy (NULL: not wanted). */
 MOEDEF moe_result moe_model_loss(moe_model *model, const moe_target *target, float *loss, float *dy);
 /* After a forward: back-propagate dy [T, d_out]; dx [T, d_in] may be NULL. Gradients accumulate. */
@@ -576,6 +595,8 @@ MOEDEF moe_result moe_model_optimizer_step(moe_model *model, moe_step_info *info
 MOEDEF int64_t moe_model_steps(const moe_model *model);
 /* forward (training) + loss + aux losses + backward + update. info may be NULL. */
 MOEDEF moe_result moe_model_train_step(moe_model *model, const float *x, const moe_target *target, int64_t n_tokens, moe_step_info *info);
+MOEDEF float *moe_model_grads(moe_model *model, int64_t *n_params);
+#endif /* MOE_NO_TRAINING */
 /* Argmax class per row (cross-entropy models) or per-row argmax of the outputs. */
 MOEDEF moe_result moe_model_predict(moe_model *model, const float *x, int64_t n_tokens, int32_t *classes);
 /* Routing statistics of MoE layer `layer` from the last forward. */
@@ -587,14 +608,18 @@ MOEDEF moe_result moe_model_quantize(moe_model *model, moe_dtype dtype);
    a little padding between them (zeros): moe_model_parameter_count gives the parameters. */
 MOEDEF float *moe_model_params(moe_model *model, int64_t *n_params);
 MOEDEF int64_t moe_model_parameter_count(const moe_model *model);
-MOEDEF float *moe_model_grads(moe_model *model, int64_t *n_params);
 MOEDEF int moe_model_tensor_count(const moe_model *model);
 MOEDEF moe_result moe_model_tensor(moe_model *model, int index, moe_tensor *tensor);
 MOEDEF moe_result moe_model_find_tensor(moe_model *model, const char *name, moe_tensor *tensor);
 
 /* Model files: safetensors with the configuration in __metadata__["moe.config"].
    Saving writes a temporary file next to `path`, then renames it over `path`. */
+#ifndef MOE_NO_STDIO
 MOEDEF moe_result moe_model_save(moe_model *model, const char *path);
+#endif
+/* The model file's bytes into buf (cap bytes); *size gets the file's size in bytes. buf NULL:
+   only the size. cap < *size: MOE_ERR_OUT_OF_MEMORY and buf untouched. */
+MOEDEF moe_result moe_model_save_memory(moe_model *model, void *buf, size_t cap, size_t *size);
 /* A new model (fresh parameters from the context's seed) from a "moe.config" JSON text
    (README.md (Model reference) section 6.1). max_tokens 0: the text's value, else 256. */
 MOEDEF moe_result moe_model_from_config(moe_ctx *ctx, const char *json, int64_t max_tokens, moe_model **out);
@@ -602,15 +627,35 @@ MOEDEF moe_result moe_model_from_config(moe_ctx *ctx, const char *json, int64_t 
    Returns the text's length; when it is >= cap the text was cut. */
 MOEDEF size_t moe_model_config_json(const moe_model *model, char *buf, size_t cap);
 /* max_tokens 0: the value stored in the file. */
+#ifndef MOE_NO_STDIO
 MOEDEF moe_result moe_model_load(moe_ctx *ctx, const char *path, int64_t max_tokens, moe_model **out);
+#endif
 MOEDEF moe_result moe_model_load_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe_model **out);
+/* Caller-owned memory ("size / init into this memory / run"): moe_model_memory_size gives the
+   bytes a model loaded from the file in data needs for max_tokens (0: the file's value) and the
+   context's n_threads; it loads the model once through the context's allocator to measure, and
+   frees it again. moe_model_init_memory then loads it into `memory` (aligned to
+   MOE_MEMORY_ALIGN bytes, memory_size bytes) without any other allocation: the model, its
+   activations and the loader's temporary tables all live there. Forward, predict and stats then
+   run as usual; moe_model_destroy frees nothing (the memory is the caller's, and free to reuse
+   after the model is no longer used) and moe_model_quantize returns MOE_ERR_STATE (quantize the
+   file instead). Too small: MOE_ERR_OUT_OF_MEMORY; misaligned: MOE_ERR_INVALID_ARGUMENT. */
+#define MOE_MEMORY_ALIGN 16
+MOEDEF moe_result moe_model_memory_size(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, size_t *bytes);
+MOEDEF moe_result moe_model_init_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, void *memory,
+                                        size_t memory_size, moe_model **out);
+#ifndef MOE_NO_TRAINING
 /* Checkpoints: a model file plus the optimizer's state (moments, step) and every layer's noise
    counter (README "Checkpoints"). A model loaded from one trains on bit for bit as the model that
    saved it would have; the context must have the seed the checkpoint was written with. A
    checkpoint is also a model file (moe_model_load reads its parameters). Saves are atomic. */
+#ifndef MOE_NO_STDIO
 MOEDEF moe_result moe_model_save_checkpoint(moe_model *model, const char *path);
 MOEDEF moe_result moe_model_load_checkpoint(moe_ctx *ctx, const char *path, int64_t max_tokens, moe_model **out);
+#endif
+MOEDEF moe_result moe_model_save_checkpoint_memory(moe_model *model, void *buf, size_t cap, size_t *size);
 MOEDEF moe_result moe_model_load_checkpoint_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe_model **out);
+#endif /* MOE_NO_TRAINING */
 
 // >>safetensors -------------------------------------------------------------
 /* A safetensors file in memory, for reading inputs and writing outputs of any kind. */
@@ -626,7 +671,9 @@ typedef struct moe_file_tensor {
 
 typedef struct moe_tensor_file moe_tensor_file;
 
+#ifndef MOE_NO_STDIO
 MOEDEF moe_result moe_tensor_file_read(moe_ctx *ctx, const char *path, moe_tensor_file **out);
+#endif
 /* data must outlive the file object; it is not copied. */
 MOEDEF moe_result moe_tensor_file_parse(moe_ctx *ctx, const void *data, size_t size, moe_tensor_file **out);
 MOEDEF void moe_tensor_file_close(moe_tensor_file *file);
@@ -645,7 +692,12 @@ MOEDEF moe_result moe_tensor_writer_create(moe_ctx *ctx, moe_tensor_writer **out
 MOEDEF moe_result moe_tensor_writer_add(moe_tensor_writer *writer, const char *name, moe_dtype dtype, int ndim, const int64_t *shape, const void *data);
 MOEDEF moe_result moe_tensor_writer_metadata(moe_tensor_writer *writer, const char *key, const char *value);
 /* Atomic: temporary file, then rename. */
+#ifndef MOE_NO_STDIO
 MOEDEF moe_result moe_tensor_writer_save(moe_tensor_writer *writer, const char *path);
+#endif
+/* The file's bytes into buf (cap bytes); *size gets the file's size. buf NULL: only the size.
+   cap < *size: MOE_ERR_OUT_OF_MEMORY and buf untouched. */
+MOEDEF moe_result moe_tensor_writer_save_memory(moe_tensor_writer *writer, void *buf, size_t cap, size_t *size);
 MOEDEF void moe_tensor_writer_destroy(moe_tensor_writer *writer);
 
 // >>hf_import ---------------------------------------------------------------
@@ -705,7 +757,9 @@ MOEDEF float moe_rng_normal(uint64_t seed, uint64_t stream, uint64_t counter);  
 #include <limits.h>
 #include <math.h>
 #include <stdarg.h>
+#ifndef MOE_NO_STDIO
 #include <stdio.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -765,6 +819,11 @@ MOEDEF float moe_rng_normal(uint64_t seed, uint64_t stream, uint64_t counter);  
 #endif
 #endif
 #define MOE__MAX_BYTES ((size_t)MOE_MAX_BYTES)
+#ifdef MOE_NO_TRAINING
+#define MOE__BLOBS 1                /* parameter blob: the parameters only */
+#else
+#define MOE__BLOBS 2                /* parameter blob: the parameters, then their gradients */
+#endif
 #define MOE__MAX_LINEARS 9          /* MLP experts: up to 8 hidden layers */
 #define MOE__MAX_TENSORS 48         /* per layer: router weight, bias, noise weight (or 9 multi-task gates) + two banks of 9 linears with biases */
 #define MOE__NAME_MAX 64
@@ -784,6 +843,147 @@ static void moe__concat(char *dst, size_t cap, const char *a, const char *b, con
     size_t n = moe__strlcpy(dst, a, cap);
     if (n < cap) n += moe__strlcpy(dst + n, b, cap - n);
     if (n < cap) moe__strlcpy(dst + n, c, cap - n);
+}
+
+/* The formatter of every message and text moe.h writes, so that no build needs <stdio.h>: the
+   subset of vsnprintf that moe.h uses (flags '-' '0', width, precision and '*'; lengths l, ll, z;
+   conversions d i u x c s g %; %g precision up to 17), with the same result, cut to cap bytes.
+   %g is exact: the double's decimal expansion is computed digit by digit, then rounded half to
+   even as glibc does. Returns the length the full text has (as vsnprintf). */
+typedef struct moe__out { char *buf; size_t cap, len; } moe__out;
+
+static void moe__out_char(moe__out *o, char c) {
+    if (o->len + 1 < o->cap) o->buf[o->len] = c;
+    o->len++;
+}
+
+static void moe__out_field(moe__out *o, const char *s, size_t n, int width, int left, char pad) {
+    size_t i, w = width > 0 ? (size_t)width : 0;
+    int sign = pad == '0' && n > 0 && s[0] == '-';
+    if (sign) { moe__out_char(o, '-'); s++; n--; w = w ? w - 1 : 0; }
+    if (!left) for (i = n; i < w; i++) moe__out_char(o, pad);
+    for (i = 0; i < n; i++) moe__out_char(o, s[i]);
+    if (left) for (i = n; i < w; i++) moe__out_char(o, ' ');
+}
+
+/* %.<prec>g of v into s (at least 32 bytes); returns the length. */
+static size_t moe__format_g(char *s, double v, int prec) {
+    unsigned char d[1120];      /* decimal digits of the mantissa times 2^e or 5^-e, least significant first */
+    size_t nd = 0, i, at = 0, lo;
+    int e, x, exp10, P = prec < 0 ? 6 : prec == 0 ? 1 : prec > 17 ? 17 : prec, k;
+    uint64_t m;
+    if (signbit(v)) { s[at++] = '-'; v = -v; }
+    if (v != v) { memcpy(s + at, "nan", 4); return at + 3; }
+    if (v > DBL_MAX) { memcpy(s + at, "inf", 4); return at + 3; }
+    if (v == 0) { s[at++] = '0'; s[at] = 0; return at; }
+    m = (uint64_t)ldexp(frexp(v, &e), 53);
+    e -= 53;
+    for (; m; m /= 10) d[nd++] = (unsigned char)(m % 10);
+    exp10 = e < 0 ? e : 0;
+    for (; e != 0; e += e > 0 ? -1 : 1) {   /* times 2, or times 5 with the point moved left */
+        unsigned carry = 0, f = e > 0 ? 2u : 5u;
+        for (i = 0; i < nd; i++) { unsigned t = d[i] * f + carry; d[i] = (unsigned char)(t % 10); carry = t / 10; }
+        if (carry) d[nd++] = (unsigned char)carry;
+    }
+    x = (int)nd - 1 + exp10;    /* decimal exponent of the first digit */
+    lo = nd > (size_t)P ? nd - (size_t)P : 0;   /* d[lo..nd-1] are kept */
+    if (lo > 0) {
+        int up = d[lo - 1] > 5, tie = d[lo - 1] == 5;
+        for (i = 0; tie && i + 1 < lo; i++) if (d[i]) { up = 1; tie = 0; }
+        if (tie) up = d[lo] & 1;
+        for (i = lo; up && i < nd; i++) { if (d[i] == 9) d[i] = 0; else { d[i]++; up = 0; } }
+        if (up) { d[nd - 1] = 1; x++; }  /* 99.9 -> 100: the kept digits become 1 followed by zeros */
+    }
+    {
+        char dig[24];
+        int n = 0, q;
+        for (i = nd; i > lo && n < P; i--) dig[n++] = (char)('0' + d[i - 1]);
+        while (n < P) dig[n++] = '0';
+        while (n > 1 && dig[n - 1] == '0') n--;   /* %g drops trailing zeros */
+        if (x < P && x >= -4) {
+            if (x < 0) {
+                s[at++] = '0'; s[at++] = '.';
+                for (q = 0; q < -x - 1; q++) s[at++] = '0';
+                for (q = 0; q < n; q++) s[at++] = dig[q];
+            } else {
+                for (q = 0; q <= x; q++) s[at++] = q < n ? dig[q] : '0';
+                if (n > x + 1) { s[at++] = '.'; for (q = x + 1; q < n; q++) s[at++] = dig[q]; }
+            }
+        } else {
+            s[at++] = dig[0];
+            if (n > 1) { s[at++] = '.'; for (q = 1; q < n; q++) s[at++] = dig[q]; }
+            s[at++] = 'e'; s[at++] = x < 0 ? '-' : '+';
+            k = x < 0 ? -x : x;
+            if (k >= 100) s[at++] = (char)('0' + k / 100);
+            s[at++] = (char)('0' + k / 10 % 10); s[at++] = (char)('0' + k % 10);
+        }
+    }
+    s[at] = 0;
+    return at;
+}
+
+static size_t moe__vformat(char *buf, size_t cap, const char *fmt, va_list ap) {
+    moe__out o;
+    o.buf = buf; o.cap = cap; o.len = 0;
+    for (; *fmt; fmt++) {
+        char tmp[48], pad = ' ', conv;
+        int left = 0, width = 0, prec = -1, lng = 0;
+        if (*fmt != '%') { moe__out_char(&o, *fmt); continue; }
+        for (fmt++; *fmt == '-' || *fmt == '0'; fmt++) { if (*fmt == '-') left = 1; else pad = '0'; }
+        if (*fmt == '*') { width = va_arg(ap, int); fmt++; }
+        for (; *fmt >= '0' && *fmt <= '9'; fmt++) width = width * 10 + (*fmt - '0');
+        if (*fmt == '.') {
+            prec = 0;
+            if (*++fmt == '*') { prec = va_arg(ap, int); fmt++; }
+            else for (; *fmt >= '0' && *fmt <= '9'; fmt++) prec = prec * 10 + (*fmt - '0');
+        }
+        if (left) pad = ' ';
+        if (*fmt == 'z') { lng = 3; fmt++; }
+        else if (*fmt == 'l') { lng = 1; if (*++fmt == 'l') { lng = 2; fmt++; } }
+        conv = *fmt;
+        if (!conv) break;
+        if (conv == 's') {
+            const char *s = va_arg(ap, const char *);
+            size_t n = 0;
+            if (!s) s = "(null)";
+            while (s[n] && (prec < 0 || n < (size_t)prec)) n++;
+            moe__out_field(&o, s, n, width, left, ' ');
+        } else if (conv == 'g') {
+            moe__out_field(&o, tmp, moe__format_g(tmp, va_arg(ap, double), prec), width, left, pad);
+        } else if (conv == 'c') {
+            tmp[0] = (char)va_arg(ap, int);
+            moe__out_field(&o, tmp, 1, width, left, ' ');
+        } else if (conv == 'd' || conv == 'i' || conv == 'u' || conv == 'x') {
+            uint64_t u;
+            int neg = 0, base = conv == 'x' ? 16 : 10;
+            size_t n = sizeof tmp;
+            if (conv == 'd' || conv == 'i') {
+                int64_t s = lng == 2 ? (int64_t)va_arg(ap, long long) : lng == 1 ? (int64_t)va_arg(ap, long)
+                          : lng == 3 ? (int64_t)va_arg(ap, size_t) : (int64_t)va_arg(ap, int);
+                neg = s < 0;
+                u = neg ? 0 - (uint64_t)s : (uint64_t)s;
+            } else {
+                u = lng == 2 ? (uint64_t)va_arg(ap, unsigned long long) : lng == 1 ? (uint64_t)va_arg(ap, unsigned long)
+                  : lng == 3 ? (uint64_t)va_arg(ap, size_t) : (uint64_t)va_arg(ap, unsigned);
+            }
+            do { tmp[--n] = "0123456789abcdef"[u % (unsigned)base]; u /= (unsigned)base; } while (u);
+            if (neg) tmp[--n] = '-';
+            moe__out_field(&o, tmp + n, sizeof tmp - n, width, left, pad);
+        } else {
+            moe__out_char(&o, conv);   /* "%%", and anything moe.h does not use, verbatim */
+        }
+    }
+    if (cap) o.buf[o.len < cap ? o.len : cap - 1] = 0;
+    return o.len;
+}
+
+static size_t moe__format(char *buf, size_t cap, const char *fmt, ...) {
+    size_t n;
+    va_list ap;
+    va_start(ap, fmt);
+    n = moe__vformat(buf, cap, fmt, ap);
+    va_end(ap);
+    return n;
 }
 
 // >>result ------------------------------------------------------------------
@@ -811,16 +1011,17 @@ static const char *moe__result_name(moe_result result) {
 static moe_result moe__fail(moe_ctx *ctx, moe_result code, const char *fmt, ...) {
     if (ctx) {
         va_list ap;
-        int n = snprintf(ctx->error, sizeof ctx->error, "%s: ", moe__result_name(code));
-        if (n < 0 || n >= (int)sizeof ctx->error) n = 0;
+        size_t n = moe__format(ctx->error, sizeof ctx->error, "%s: ", moe__result_name(code));
+        if (n >= sizeof ctx->error) n = 0;
         va_start(ap, fmt);
-        vsnprintf(ctx->error + n, sizeof ctx->error - (size_t)n, fmt, ap);
+        moe__vformat(ctx->error + n, sizeof ctx->error - n, fmt, ap);
         va_end(ap);
         if (ctx->log) ctx->log(MOE_LOG_ERROR, ctx->error, ctx->log_user);
     }
     return code;
 }
 
+#if !defined(MOE_NO_STDIO) || !defined(MOE_NO_TRAINING)
 /* Re-raise the context's last error with "prefix: " in front of its text (e.g. a file name). */
 static moe_result moe__fail_prefix(moe_ctx *ctx, moe_result code, const char *prefix) {
     char msg[sizeof ctx->error];
@@ -828,6 +1029,7 @@ static moe_result moe__fail_prefix(moe_ctx *ctx, moe_result code, const char *pr
     moe__strlcpy(msg, rest ? rest + 2 : ctx->error, sizeof msg);
     return moe__fail(ctx, code, "%s: %s", prefix, msg);
 }
+#endif
 
 #define MOE__TRY(expr) do { moe_result moe__r = (expr); if (moe__r != MOE_OK) return moe__r; } while (0)
 
@@ -1738,6 +1940,7 @@ static float moe__softmax_row(const float *x, float *p, int64_t n) {
 
 /* Standard normal CDF and density. */
 static float moe__phi_cdf(float z) { return 0.5f * erfcf(-z * 0.70710678118654752f); }
+#ifndef MOE_NO_TRAINING
 static float moe__phi_pdf(float z) { return 0.39894228040143268f * expf(-0.5f * z * z); }
 
 /* Column sums: out[j] += sum_r m[r, j] for r in 0..rows, in row order; split by columns. */
@@ -1752,6 +1955,7 @@ static void moe__colsum_acc(const moe__exec *ex, const float *m, int64_t rows, i
         }
     }
 }
+#endif /* MOE_NO_TRAINING */
 
 // >>layer -------------------------------------------------------------------
 enum { MOE__INIT_UNIFORM, MOE__INIT_ONES, MOE__INIT_ZEROS };
@@ -2285,11 +2489,11 @@ static void moe__bank_plan(moe_layer *l, moe__bank *b, const char *prefix, int n
     b->max_rows = max_rows;
     if (moe__glu_kind(d->expert)) {
         b->n_linears = 3;
-        snprintf(name, sizeof name, "%s.w1", prefix);
+        moe__format(name, sizeof name, "%s.w1", prefix);
         b->lin[0] = moe__add_linear(l, name, n, in, hidden, bias, MOE__INIT_UNIFORM);
-        snprintf(name, sizeof name, "%s.w3", prefix);
+        moe__format(name, sizeof name, "%s.w3", prefix);
         b->lin[1] = moe__add_linear(l, name, n, in, hidden, bias, MOE__INIT_UNIFORM);
-        snprintf(name, sizeof name, "%s.w2", prefix);
+        moe__format(name, sizeof name, "%s.w2", prefix);
         b->lin[2] = moe__add_linear(l, name, n, hidden, out, bias, MOE__INIT_UNIFORM);
         b->lin[2].input = 0;
     } else {
@@ -2297,7 +2501,7 @@ static void moe__bank_plan(moe_layer *l, moe__bank *b, const char *prefix, int n
         b->n_linears = L + 1;
         for (j = 0; j <= L; j++) {
             int64_t a = j == 0 ? in : hidden, z = j == L ? out : hidden;
-            snprintf(name, sizeof name, "%s.fc%d", prefix, j);
+            moe__format(name, sizeof name, "%s.fc%d", prefix, j);
             b->lin[j] = moe__add_linear(l, name, n, a, z, bias, MOE__INIT_UNIFORM);
             b->lin[j].input = j - 1;
         }
@@ -2321,7 +2525,7 @@ static void moe__multitask_plan(moe_layer *l) {
         l->mg_cols += n;
         l->mg_gate_w[g] = -1;
         if (n > 1) {
-            snprintf(name, sizeof name, "gates.%d.weight", g);
+            moe__format(name, sizeof name, "gates.%d.weight", g);
             l->mg_gate_w[g] = moe__add_tensor(l, name, 2, n, D, 0, MOE__INIT_UNIFORM, 1.0f / sqrtf((float)D));
         }
     }
@@ -2432,7 +2636,9 @@ static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scra
     switch (d->kind) {
     case MOE_LAYER_DENSE:
         l->z = MOE__CARVE(saved, float, T * d->d_out);
+#ifndef MOE_NO_TRAINING
         l->dz_dense = MOE__CARVE(scratch, float, T * d->d_out);
+#endif
         break;
     case MOE_LAYER_RMSNORM:
     case MOE_LAYER_LAYERNORM:
@@ -2471,6 +2677,7 @@ static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scra
         l->importance = MOE__CARVE(saved, float, E);
         l->load = MOE__CARVE(saved, float, E);
         moe__banks_carve(l, saved, scratch);
+#ifndef MOE_NO_TRAINING
         l->dgate = MOE__CARVE(scratch, float, T * K);
         l->dh = MOE__CARVE(scratch, float, T * L);
         l->dclean = noisy ? MOE__CARVE(scratch, float, T * E) : l->dh;
@@ -2478,17 +2685,24 @@ static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scra
         l->dxu = MOE__CARVE(scratch, float, T * D);
         l->dimportance = MOE__CARVE(scratch, float, E);
         l->dload = MOE__CARVE(scratch, float, E);
+#else
+        (void)scratch;
+#endif
         if (d->combine == MOE_COMBINE_STACK) {  /* T * E * d_expert_out may pass int64 at absurd sizes: then the carver refuses */
             size_t ncat = (double)T * (double)E * (double)d->d_expert_out > (double)MOE__MAX_BYTES ? SIZE_MAX : (size_t)(T * E * d->d_expert_out);
             l->cat = MOE__CARVE(saved, float, ncat);
+#ifndef MOE_NO_TRAINING
             l->dcat = MOE__CARVE(scratch, float, ncat);
+#endif
         }
         if (d->router == MOE_ROUTER_SOFT) {
             l->soft_combine = MOE__CARVE(saved, float, T * L);
             l->dispatch = MOE__CARVE(saved, float, T * L);
             l->slot_x = MOE__CARVE(saved, float, l->bank[0].max_rows * D);
             l->slot_row = MOE__CARVE(saved, int32_t, l->bank[0].max_rows);
+#ifndef MOE_NO_TRAINING
             l->ddispatch = MOE__CARVE(scratch, float, T * L);
+#endif
         }
         if (hier) {
             l->gclean = MOE__CARVE(saved, float, T * G);
@@ -2498,10 +2712,12 @@ static void moe__layer_carve(moe_layer *l, moe__carver *saved, moe__carver *scra
             l->gp = MOE__CARVE(saved, float, T * G);
             l->pw = MOE__CARVE(saved, float, T * E);
             l->ggate = MOE__CARVE(saved, float, T * d->top_k_groups);
+#ifndef MOE_NO_TRAINING
             l->dgh = MOE__CARVE(scratch, float, T * G);
             l->dgclean = gnoisy ? MOE__CARVE(scratch, float, T * G) : l->dgh;
             l->dgstd = gnoisy ? MOE__CARVE(scratch, float, T * G) : NULL;
             l->dggate = MOE__CARVE(scratch, float, T * d->top_k_groups);
+#endif
         }
         break;
     }
@@ -2536,9 +2752,13 @@ static void moe__banks_carve(moe_layer *l, moe__carver *saved, moe__carver *scra
             }
         }
         k->out = MOE__CARVE(saved, float, R * k->d_out);
+#ifndef MOE_NO_TRAINING
         for (j = 0; j < k->n_linears; j++) k->dz[j] = MOE__CARVE(scratch, float, R * k->lin[j].out);
         k->da = moe__glu_kind(k->kind) ? MOE__CARVE(scratch, float, R * k->d_hidden) : NULL;
         k->dxr = MOE__CARVE(scratch, float, R * k->d_in);
+#else
+        (void)scratch;
+#endif
     }
 }
 
@@ -2559,7 +2779,9 @@ static void moe__layer_init_params(moe_layer *l, int64_t stream_base) {
 }
 
 static float *moe__w(const moe_layer *l, int64_t off) { return l->params + off; }
+#ifndef MOE_NO_TRAINING
 static float *moe__g(const moe_layer *l, int64_t off) { return l->grads + off; }
+#endif
 
 // >>dense -------------------------------------------------------------------
 /* x [T, d_in] -> y [T, d_out]; saves z = x W^T + b. */
@@ -2577,6 +2799,7 @@ static void moe__dense_forward(moe_layer *l, const float *x, int64_t T, float *y
     }
 }
 
+#ifndef MOE_NO_TRAINING
 static void moe__dense_backward(moe_layer *l, const float *dy, float *dx) {
     const moe_layer_desc *d = &l->d;
     int64_t O = d->d_out, D = d->d_in, T = l->T, t;
@@ -2605,6 +2828,7 @@ static void moe__dense_backward(moe_layer *l, const float *dy, float *dx) {
         }
     }
 }
+#endif /* MOE_NO_TRAINING */
 
 // >>norm --------------------------------------------------------------------
 static void moe__norm_forward(moe_layer *l, const float *x, int64_t T, float *y) {
@@ -2637,6 +2861,7 @@ static void moe__norm_forward(moe_layer *l, const float *x, int64_t T, float *y)
     }
 }
 
+#ifndef MOE_NO_TRAINING
 static void moe__norm_backward(moe_layer *l, const float *dy, float *dx) {
     const moe_layer_desc *d = &l->d;
     int64_t D = d->d_in, T = l->T, t, cb, nb = (D + 63) / 64;
@@ -2676,6 +2901,7 @@ static void moe__norm_backward(moe_layer *l, const float *dy, float *dx) {
         }
     }
 }
+#endif /* MOE_NO_TRAINING */
 
 // >>routing -----------------------------------------------------------------
 /* Order of experts for selection: larger h first, ties to the lower index; NaN sorts last. */
@@ -3041,6 +3267,7 @@ static moe__gemm moe__forward_gemm(const moe_layer *l, const moe__bank *b, int64
     return g;
 }
 
+#ifndef MOE_NO_TRAINING
 /* Backward steps: SwiGLU w2, then w1 and w3 together; MLP one step per linear, last first. */
 static int moe__bank_back_steps(const moe__bank *b) { return moe__bank_stages(b); }
 static int moe__back_linear(const moe__bank *b, int q) { return moe__glu_kind(b->kind) ? (q == 0 ? 2 : 0) : b->n_linears - 1 - q; }
@@ -3085,6 +3312,7 @@ static void moe__weight_grad_tile(const moe_layer *l, const moe__bank *b, const 
         }
     }
 }
+#endif /* MOE_NO_TRAINING */
 
 static void moe__decode_tile(const moe_layer *l, const moe__tile *t, const float *x);
 
@@ -3096,6 +3324,7 @@ static void moe__run_tile(const moe_layer *l, const moe__tile *t, const float *x
         g = moe__forward_gemm(l, b, t->expert, t->linear, t->r0, t->r1, x);
         moe__gemm_block(&l->ex, &g, 0, t->r1 - t->r0, t->c0, t->c1);
         break;
+#ifndef MOE_NO_TRAINING
     case MOE__TILE_INPUT_GRAD:
         g = moe__input_grad_gemm(l, b, t->expert, t->linear, 0, t->r0, t->r1);
         moe__gemm_block(&l->ex, &g, 0, t->r1 - t->r0, t->c0, t->c1);
@@ -3107,6 +3336,7 @@ static void moe__run_tile(const moe_layer *l, const moe__tile *t, const float *x
     case MOE__TILE_WEIGHT_GRAD:
         moe__weight_grad_tile(l, b, t, x);
         break;
+#endif
     default:
         moe__decode_tile(l, t, x);
         break;
@@ -3131,6 +3361,7 @@ static void moe__plan_rows(moe_layer *l, int b, int j, int kind, int64_t N, int6
                 moe__add_tile(l, b, e, j, kind, r, moe__min64(r + rows, k->offsets[e + 1]), c, moe__min64(c + cols, N), depth);
 }
 
+#ifndef MOE_NO_TRAINING
 static void moe__plan_weights(moe_layer *l, int b, int j) {
     const moe__bank *k = &l->bank[b];
     const moe__linear *lin = &k->lin[j];
@@ -3144,6 +3375,7 @@ static void moe__plan_weights(moe_layer *l, int b, int j) {
                               moe__min64(c + MOE__NB, lin->in), (double)n);
     }
 }
+#endif /* MOE_NO_TRAINING */
 
 static int moe__tile_cmp(const void *pa, const void *pb) {
     const moe__tile *a = (const moe__tile *)pa, *b = (const moe__tile *)pb;
@@ -3173,11 +3405,15 @@ static double moe__plan_step(moe_layer *l, int backward, int q, int want_dx) {
                 moe__plan_rows(l, b, q, MOE__TILE_FORWARD, lin->out, pair ? MOE__NB / 2 : MOE__NB,
                                (double)lin->in * (pair ? 2.0 : 1.0), rows);
             } else {
+#ifndef MOE_NO_TRAINING
                 int j = moe__back_linear(k, q), two = moe__glu_kind(k->kind) && j == 0;
                 if (j > 0 || want_dx)
                     moe__plan_rows(l, b, j, MOE__TILE_INPUT_GRAD, k->lin[j].in, MOE__NB, (double)k->lin[j].out * (two ? 2.0 : 1.0), rows);
                 moe__plan_weights(l, b, j);
                 if (two) moe__plan_weights(l, b, 1);
+#else
+                (void)want_dx;
+#endif
             }
         }
         if (l->n_tiles >= 4 * (int64_t)l->ex.n_threads || rows <= 64) break;
@@ -3508,6 +3744,7 @@ static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, 
     }
 }
 
+#ifndef MOE_NO_TRAINING
 // >>moe_backward ------------------------------------------------------------
 /* Noisy gate h = c + n softplus(raw): dc = dh, d raw = dh n sigmoid(raw). */
 static void moe__noise_backward(const float *dh, const float *n, const float *raw, int64_t count, float *dc, float *draw) {
@@ -3849,6 +4086,7 @@ static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flag
         }
     }
 }
+#endif /* MOE_NO_TRAINING */
 
 // >>multigate ---------------------------------------------------------------
 /* Multi-task layers (MMoE, PLE levels, task towers). Every expert takes every token; gate g of
@@ -3948,6 +4186,7 @@ static void moe__multitask_forward(moe_layer *l, const float *x, int64_t T, floa
     }
 }
 
+#ifndef MOE_NO_TRAINING
 static void moe__multitask_backward(moe_layer *l, const float *dy, float *dx) {
     const moe_layer_desc *d = &l->d;
     int gin = moe__task_groups_in(d), gout = moe__task_groups_out(d), g, q;
@@ -4010,6 +4249,7 @@ static void moe__multitask_backward(moe_layer *l, const float *dy, float *dx) {
         moe__gemm_run(&l->ex, &gm);
     }
 }
+#endif /* MOE_NO_TRAINING */
 
 // >>layer_api ---------------------------------------------------------------
 /* The per-call routing options of a forward, checked for layer l before anything runs. */
@@ -4064,6 +4304,7 @@ static void moe__layer_forward_impl(moe_layer *l, const float *x, int64_t T, flo
     l->has_forward = 1;
 }
 
+#ifndef MOE_NO_TRAINING
 static void moe__layer_backward_impl(moe_layer *l, const float *dy, float *dx, int flags) {
     switch (l->d.kind) {
     case MOE_LAYER_DENSE: moe__dense_backward(l, dy, dx); break;
@@ -4075,6 +4316,7 @@ static void moe__layer_backward_impl(moe_layer *l, const float *dy, float *dx, i
     default: break;
     }
 }
+#endif /* MOE_NO_TRAINING */
 
 static moe_result moe__check_tokens(moe_ctx *ctx, int64_t T, int64_t max_tokens) {
     if (T < 1) return moe__fail(ctx, MOE_ERR_SHAPE, "n_tokens is %lld; it must be at least 1", (long long)T);
@@ -4123,17 +4365,17 @@ MOEDEF moe_result moe_layer_create(moe_ctx *ctx, const moe_layer_desc *desc, int
     moe__layer_plan(l);
     if (moe__layer_sizes(l, &saved, &scratch) != MOE_OK) { moe__free(ctx, l); return MOE_ERR_OUT_OF_MEMORY; }
     pbytes = (size_t)l->n_params * sizeof(float);
-    total = 2 * pbytes + saved + scratch + (size_t)ctx->n_threads * MOE__GEMM_SCRATCH * sizeof(float);
+    total = MOE__BLOBS * pbytes + saved + scratch + (size_t)ctx->n_threads * MOE__GEMM_SCRATCH * sizeof(float);
     block = (char *)moe__malloc(ctx, total);
     if (!block) { moe__free(ctx, l); return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "layer memory (%zu bytes)", total); }
     l->own = block;
     l->params = (float *)block;
-    l->grads = (float *)(block + pbytes);
-    a.base = block + 2 * pbytes; a.used = 0; a.overflow = 0;
-    b.base = block + 2 * pbytes + saved; b.used = 0; b.overflow = 0;
+    l->grads = MOE__BLOBS > 1 ? (float *)(block + pbytes) : NULL;
+    a.base = block + MOE__BLOBS * pbytes; a.used = 0; a.overflow = 0;
+    b.base = block + MOE__BLOBS * pbytes + saved; b.used = 0; b.overflow = 0;
     moe__layer_carve(l, &a, &b);
-    moe__exec_init(&l->ex, ctx, (float *)(block + 2 * pbytes + saved + scratch));
-    memset(l->params, 0, 2 * pbytes);  /* the padding between tensors too */
+    moe__exec_init(&l->ex, ctx, (float *)(block + MOE__BLOBS * pbytes + saved + scratch));
+    memset(l->params, 0, MOE__BLOBS * pbytes);  /* the padding between tensors too */
     moe__layer_init_params(l, 0);
     *out = l;
     return MOE_OK;
@@ -4150,16 +4392,21 @@ MOEDEF void moe_layer_destroy(moe_layer *layer) {
 
 /* Reduced-precision weights serve inference only. */
 static moe_result moe__check_trainable(const moe_layer *l) {
+#ifdef MOE_NO_TRAINING
+    return moe__fail(l->ctx, MOE_ERR_UNSUPPORTED, "layer %d: built with MOE_NO_TRAINING: inference only (moe_forward_opts.training)", l->index);
+#endif
     if (l->wdtype == MOE_DTYPE_F32) return MOE_OK;
     return moe__fail(l->ctx, MOE_ERR_STATE, "layer %d holds reduced-precision weights (inference only); moe_layer_quantize(layer, MOE_DTYPE_F32) restores training", l->index);
 }
 
+#ifndef MOE_NO_TRAINING
 /* A vote has no gradient: backward follows a training forward of a voting layer. */
 static moe_result moe__check_backward(const moe_layer *l) {
     MOE__TRY(moe__check_trainable(l));
     if (!l->voted) return MOE_OK;
     return moe__fail(l->ctx, MOE_ERR_STATE, "layer %d votes at inference, which has no gradient; backward needs a training forward (moe_forward_opts.training)", l->index);
 }
+#endif /* MOE_NO_TRAINING */
 
 MOEDEF moe_result moe_layer_forward(moe_layer *l, const float *x, int64_t n_tokens, float *y, const moe_forward_opts *opts) {
     if (!l) return MOE_ERR_INVALID_ARGUMENT;
@@ -4174,6 +4421,7 @@ MOEDEF moe_result moe_layer_forward(moe_layer *l, const float *x, int64_t n_toke
     return MOE_OK;
 }
 
+#ifndef MOE_NO_TRAINING
 MOEDEF moe_result moe_layer_backward(moe_layer *l, const float *dy, float *dx, int flags) {
     if (!l) return MOE_ERR_INVALID_ARGUMENT;
     if (!l->has_forward) return moe__fail(l->ctx, MOE_ERR_STATE, "backward before any forward");
@@ -4182,6 +4430,7 @@ MOEDEF moe_result moe_layer_backward(moe_layer *l, const float *dy, float *dx, i
     moe__layer_backward_impl(l, dy, dx, flags);
     return MOE_OK;
 }
+#endif /* MOE_NO_TRAINING */
 
 static void moe__layer_drop_quant(moe_layer *l) {
     int b, j;
@@ -4271,6 +4520,7 @@ MOEDEF moe_result moe_layer_quantize(moe_layer *l, moe_dtype dtype) {
     return MOE_OK;
 }
 
+#ifndef MOE_NO_TRAINING
 /* Sigmoid router: b_e += rate * sign(mean load - load_e), load = assignments of the last forward
    before capacity. */
 static void moe__update_selection_bias(moe_layer *l) {
@@ -4292,6 +4542,7 @@ MOEDEF moe_result moe_layer_update_bias(moe_layer *l) {
     moe__update_selection_bias(l);
     return MOE_OK;
 }
+#endif /* MOE_NO_TRAINING */
 
 static moe_result moe__stats_of(const moe_layer *l, moe_stats *stats) {
     memset(stats, 0, sizeof *stats);
@@ -4313,10 +4564,12 @@ MOEDEF float *moe_layer_params(moe_layer *layer, int64_t *n_params) {
     return layer ? layer->params : NULL;
 }
 
+#ifndef MOE_NO_TRAINING
 MOEDEF float *moe_layer_grads(moe_layer *layer, int64_t *n_params) {
     if (n_params) *n_params = layer ? layer->n_params : 0;
     return layer ? layer->grads : NULL;
 }
+#endif /* MOE_NO_TRAINING */
 
 MOEDEF int moe_layer_tensor_count(const moe_layer *layer) { return layer ? layer->n_tensors : 0; }
 
@@ -4329,7 +4582,7 @@ static void moe__tensor_view(moe_layer *l, int i, const char *name, moe_tensor *
     t->offset = td->offset;
     t->size = td->size;
     t->data = l->params + td->offset;
-    t->grad = l->grads + td->offset;
+    t->grad = l->grads ? l->grads + td->offset : NULL;
 }
 
 MOEDEF moe_result moe_layer_tensor(moe_layer *layer, int index, moe_tensor *tensor) {
@@ -4339,6 +4592,7 @@ MOEDEF moe_result moe_layer_tensor(moe_layer *layer, int index, moe_tensor *tens
     return MOE_OK;
 }
 
+#ifndef MOE_NO_TRAINING
 // >>loss --------------------------------------------------------------------
 /* Task loss of y [T, C] (rows ld apart; dy the same) against target [T, C]; dy (may be NULL) gets
    dLoss/dy times `scale`. Per-token losses go to tok[T] and are summed in order. */
@@ -4391,7 +4645,9 @@ static moe_result moe__loss(moe_ctx *ctx, const moe__exec *ex, moe_loss kind, co
     *loss = (float)(sum / (double)T);
     return MOE_OK;
 }
+#endif /* MOE_NO_TRAINING */
 
+#ifndef MOE_NO_TRAINING
 /* Log of component e's density at v [O] (mu, s: its means and log-stds, each [O]). */
 static double moe__gaussian_log_density(const float *v, const float *mu, const float *s, int64_t O) {
     double acc = 0.0;
@@ -4402,6 +4658,7 @@ static double moe__gaussian_log_density(const float *v, const float *mu, const f
     }
     return acc;
 }
+#endif /* MOE_NO_TRAINING */
 
 /* log sum_e exp(lp_e) over the components with lp_e > -inf (there is always one). */
 static double moe__mixture_lse(const float *lp, int64_t E) {
@@ -4412,6 +4669,7 @@ static double moe__mixture_lse(const float *lp, int64_t E) {
     return m + log(sum);
 }
 
+#ifndef MOE_NO_TRAINING
 /* Gaussian-mixture NLL of y [T, E (1 + 2 O)] = (log pi | means | log-stds) against values [T, O]:
    tok[t] = -log sum_e pi_e N(v; mu_e, diag sigma_e^2), by log-sum-exp; dy (may be NULL) gets
    dLoss/dy: with responsibilities r_e, -r_e / T at log pi, -r_e z / sigma / T at the means and
@@ -4456,6 +4714,7 @@ static moe_result moe__mixture_nll(moe_ctx *ctx, const moe__exec *ex, const floa
     *loss = (float)(sum / (double)T);
     return MOE_OK;
 }
+#endif /* MOE_NO_TRAINING */
 
 /* Arguments of the mixture helpers: sizes, and every token with a component to use. */
 static moe_result moe__mixture_check(moe_ctx *ctx, const float *mixture, int64_t T, int E, int64_t O, const float *out) {
@@ -4528,6 +4787,7 @@ MOEDEF moe_result moe_mixture_sample(moe_ctx *ctx, const float *mixture, int64_t
 }
 
 // >>optimizer ---------------------------------------------------------------
+#ifndef MOE_NO_TRAINING
 struct moe_optimizer {
     moe_ctx *ctx;
     moe_optimizer_desc d;
@@ -4539,6 +4799,7 @@ struct moe_optimizer {
 };
 
 #define MOE__CHUNK 8192
+#endif /* MOE_NO_TRAINING */
 
 static moe_result moe__optimizer_resolve(moe_ctx *ctx, const moe_optimizer_desc *in, moe_optimizer_desc *out) {
     moe_optimizer_desc d = *in;
@@ -4557,6 +4818,7 @@ static moe_result moe__optimizer_resolve(moe_ctx *ctx, const moe_optimizer_desc 
     return MOE_OK;
 }
 
+#ifndef MOE_NO_TRAINING
 MOEDEF moe_result moe_optimizer_create(moe_ctx *ctx, const moe_optimizer_desc *desc, int64_t n_params, moe_optimizer **out) {
     moe_optimizer *o;
     moe_optimizer_desc d, zero;
@@ -4686,6 +4948,7 @@ MOEDEF moe_result moe_optimizer_step(moe_optimizer *o, float *params, float *gra
     }
     return MOE_OK;
 }
+#endif /* MOE_NO_TRAINING */
 
 // >>model -------------------------------------------------------------------
 typedef struct moe__model_tensor {
@@ -4701,7 +4964,7 @@ struct moe_model {
     int n_layers;
     float *params, *grads;
     int64_t n_params;
-    moe_optimizer *opt;
+    struct moe_optimizer *opt;  /* NULL under MOE_NO_TRAINING */
     moe__model_tensor *tensors;
     int n_tensors;
     void *arena;
@@ -4714,15 +4977,18 @@ struct moe_model {
     int64_t T;
     int has_forward;
     float task_loss[MOE_MAX_TASKS]; /* multi-task models: each task's loss of the last moe_model_loss */
+    void *memory;               /* moe_model_init_memory: the caller's memory holding all of the model */
 };
 
 MOEDEF void moe_model_destroy(moe_model *m) {
     moe_ctx *ctx;
     int i;
-    if (!m) return;
+    if (!m || m->memory) return;  /* in caller memory: nothing of it is ours to free */
     ctx = m->ctx;
     for (i = 0; m->layers && i < m->n_layers; i++) moe__layer_drop_quant(&m->layers[i]);
+#ifndef MOE_NO_TRAINING
     moe_optimizer_destroy(m->opt);
+#endif
     moe__free(ctx, m->arena);
     moe__free(ctx, m->params);
     moe__free(ctx, m->tensors);
@@ -4850,10 +5116,12 @@ MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe
         for (pass = 0; pass < 2; pass++) {
             rest.base = block ? block + saved + scratch : NULL; rest.used = 0; rest.overflow = 0;
             for (i = 0; i < d.n_layers; i++) m->outs[i] = MOE__CARVE(&rest, float, T * moe__layer_width(&m->layers[i].d));
+#ifndef MOE_NO_TRAINING
             m->dbuf[0] = MOE__CARVE(&rest, float, T * widest);
             m->dbuf[1] = MOE__CARVE(&rest, float, T * widest);
             m->dloss = MOE__CARVE(&rest, float, T * prev);
             m->tok = MOE__CARVE(&rest, float, T);
+#endif
             m->ex.scratch = MOE__CARVE(&rest, float, (size_t)ctx->n_threads * MOE__GEMM_SCRATCH);
             if (pass == 0) {
                 total = saved + scratch + rest.used;
@@ -4868,11 +5136,11 @@ MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe
             }
         }
     }
-    /* parameters and gradients: one blob of 2 * n_params floats */
-    m->params = (float *)moe__calloc(ctx, (size_t)m->n_params * 2 * sizeof(float) + MOE__ALIGN);
+    /* parameters and gradients: one blob of 2 * n_params floats (MOE_NO_TRAINING: no gradients) */
+    m->params = (float *)moe__calloc(ctx, (size_t)m->n_params * MOE__BLOBS * sizeof(float) + MOE__ALIGN);
     m->tensors = (moe__model_tensor *)moe__calloc(ctx, sizeof(moe__model_tensor) * (size_t)(nt + 1));
     if (!m->params || !m->tensors) { r = moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "parameters (%lld floats)", (long long)m->n_params); goto fail; }
-    m->grads = m->params + m->n_params;
+    m->grads = MOE__BLOBS > 1 ? m->params + m->n_params : NULL;
     sv.base = block; sv.used = 0; sv.overflow = 0;
     sc.base = block + saved; sc.used = 0; sc.overflow = 0;
     moe__exec_init(&m->ex, ctx, m->ex.scratch);
@@ -4890,7 +5158,7 @@ MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe
             for (t = 0; t < l->n_tensors; t++) {
                 moe__model_tensor *mt = &m->tensors[m->n_tensors++];
                 char head[24];
-                snprintf(head, sizeof head, "layers.%d.", i);
+                moe__format(head, sizeof head, "layers.%d.", i);
                 moe__concat(mt->name, sizeof mt->name, head, l->tensors[t].name, "");
                 mt->layer = i;
                 mt->index = t;
@@ -4898,8 +5166,10 @@ MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe
             off += l->n_params;
         }
     }
+#ifndef MOE_NO_TRAINING
     r = moe_optimizer_create(ctx, &d.optimizer, m->n_params, &m->opt);
     if (r != MOE_OK) goto fail;
+#endif
     *out = m;
     return MOE_OK;
 fail:
@@ -4947,6 +5217,7 @@ MOEDEF const float *moe_model_output(const moe_model *m) {
     return m && m->has_forward ? m->outs[m->n_layers - 1] : NULL;
 }
 
+#ifndef MOE_NO_TRAINING
 /* Multi-task models: task i's loss on its slice of the output, times its weight, summed in task order. */
 static moe_result moe__task_losses(moe_model *m, const moe_target *target, float *loss, float *dy) {
     const moe_model_desc *d = &m->desc;
@@ -4960,7 +5231,7 @@ static moe_result moe__task_losses(moe_model *m, const moe_target *target, float
                                  m->tok, dy ? dy + off : NULL, d->task_weight[i], &li);
         if (r != MOE_OK) {
             char head[24];
-            snprintf(head, sizeof head, "task %d", i);
+            moe__format(head, sizeof head, "task %d", i);
             return moe__fail_prefix(m->ctx, r, head);
         }
         m->task_loss[i] = li;
@@ -5075,6 +5346,7 @@ MOEDEF moe_result moe_model_train_step(moe_model *m, const float *x, const moe_t
     if (info) *info = si;
     return r == MOE_OK ? r : moe__model_refuse_step(m, r);
 }
+#endif /* MOE_NO_TRAINING */
 
 MOEDEF moe_result moe_model_predict(moe_model *m, const float *x, int64_t n_tokens, int32_t *classes) {
     int64_t t, C;
@@ -5103,6 +5375,7 @@ MOEDEF moe_result moe_model_stats(const moe_model *m, int layer, moe_stats *stat
 MOEDEF moe_result moe_model_quantize(moe_model *m, moe_dtype dtype) {
     int i;
     if (!m) return MOE_ERR_INVALID_ARGUMENT;
+    if (m->memory) return moe__fail(m->ctx, MOE_ERR_STATE, "a model in caller memory keeps the weights of its file (quantize the file instead)");
     for (i = 0; i < m->n_layers; i++) MOE__TRY(moe_layer_quantize(&m->layers[i], dtype));
     return MOE_OK;
 }
@@ -5112,10 +5385,12 @@ MOEDEF float *moe_model_params(moe_model *m, int64_t *n_params) {
     return m ? m->params : NULL;
 }
 
+#ifndef MOE_NO_TRAINING
 MOEDEF float *moe_model_grads(moe_model *m, int64_t *n_params) {
     if (n_params) *n_params = m ? m->n_params : 0;
     return m ? m->grads : NULL;
 }
+#endif /* MOE_NO_TRAINING */
 
 MOEDEF int moe_model_tensor_count(const moe_model *m) { return m ? m->n_tensors : 0; }
 
@@ -5455,12 +5730,12 @@ static void moe__sb_str(moe__sb *b, const char *s) { moe__sb_put(b, s, strlen(s)
 
 static void moe__sb_printf(moe__sb *b, const char *fmt, ...) {
     char tmp[128];
-    int n;
+    size_t n;
     va_list ap;
     va_start(ap, fmt);
-    n = vsnprintf(tmp, sizeof tmp, fmt, ap);
+    n = moe__vformat(tmp, sizeof tmp, fmt, ap);
     va_end(ap);
-    if (n > 0) moe__sb_put(b, tmp, (size_t)(n < (int)sizeof tmp ? n : (int)sizeof tmp - 1));
+    moe__sb_put(b, tmp, n < sizeof tmp ? n : sizeof tmp - 1);
 }
 
 /* Shortest-safe float text: 9 significant digits round-trip every float; the decimal point is
@@ -5470,7 +5745,7 @@ static void moe__sb_float(moe__sb *b, float v) {
     int i;
     if (!moe__finite(v)) { moe__sb_str(b, "0"); return; }
     for (i = 6; i <= 9; i++) {  /* the shortest of 6..9 significant digits that reads back as v */
-        snprintf(tmp, sizeof tmp, "%.*g", i, (double)v);
+        moe__format(tmp, sizeof tmp, "%.*g", i, (double)v);
         if ((float)strtod(tmp, NULL) == v) break;
     }
     for (i = 0; tmp[i]; i++)
@@ -5646,6 +5921,7 @@ fail:
     return r;
 }
 
+#ifndef MOE_NO_STDIO
 /* Bytes in an open file, or -1. ftell's long has 32 bits on Windows: files over 2 GiB need _ftelli64. */
 static int64_t moe__file_size(FILE *fp) {
     int64_t len;
@@ -5692,6 +5968,7 @@ MOEDEF moe_result moe_tensor_file_read(moe_ctx *ctx, const char *path, moe_tenso
     (*out)->owned = buf;
     return MOE_OK;
 }
+#endif /* MOE_NO_STDIO */
 
 MOEDEF int moe_tensor_file_count(const moe_tensor_file *f) { return f ? f->count : 0; }
 
@@ -5861,6 +6138,103 @@ MOEDEF moe_result moe_tensor_writer_metadata(moe_tensor_writer *w, const char *k
     return MOE_OK;
 }
 
+/* The bytes of a file go to a sink: an open file or a caller's buffer. */
+typedef struct moe__sink {
+    int (*put)(void *to, const void *data, size_t n);   /* 1: written */
+    void *to;
+} moe__sink;
+
+/* Write a little-endian copy of n elements of size sz. */
+static int moe__write_le(const moe__sink *sink, const void *data, size_t nbytes, size_t sz) {
+    const uint16_t one = 1;
+    unsigned char little;
+    memcpy(&little, &one, 1);
+    if (little || sz == 1) return sink->put(sink->to, data, nbytes);
+    {
+        unsigned char buf[4096];
+        const unsigned char *p = (const unsigned char *)data;
+        size_t done = 0;
+        while (done < nbytes) {
+            size_t n = nbytes - done < sizeof buf ? nbytes - done : sizeof buf, i, q;
+            for (i = 0; i < n; i += sz)
+                for (q = 0; q < sz; q++) buf[i + q] = p[done + i + sz - 1 - q];
+            if (!sink->put(sink->to, buf, n)) return 0;
+            done += n;
+        }
+        return 1;
+    }
+}
+
+/* The JSON header (padded to 8 bytes) into h, and the file's size in bytes. */
+static moe_result moe__writer_header(moe_tensor_writer *w, moe__sb *h, size_t *total) {
+    size_t off = 0, pad;
+    int i;
+    memset(h, 0, sizeof *h);
+    h->ctx = w->ctx;
+    moe__sb_str(h, "{");
+    if (w->meta.len) {
+        moe__sb_str(h, "\"__metadata__\":{");
+        moe__sb_put(h, w->meta.buf, w->meta.len);
+        moe__sb_str(h, "}");
+    }
+    for (i = 0; i < w->count; i++) {
+        const moe__wentry *e = &w->entries[i];
+        int q;
+        if (i || w->meta.len) moe__sb_str(h, ",");
+        moe__sb_json_string(h, e->name);
+        moe__sb_printf(h, ":{\"dtype\":\"%s\",\"shape\":[", moe__dtype_names[e->dtype]);
+        for (q = 0; q < e->ndim; q++) moe__sb_printf(h, "%s%lld", q ? "," : "", (long long)e->shape[q]);
+        moe__sb_printf(h, "],\"data_offsets\":[%llu,%llu]}", (unsigned long long)off, (unsigned long long)(off + e->nbytes));
+        off += e->nbytes;
+    }
+    moe__sb_str(h, "}");
+    pad = (8 - h->len % 8) % 8;
+    while (pad--) moe__sb_str(h, " ");
+    if (h->oom) { moe__free(w->ctx, h->buf); h->buf = NULL; return moe__fail(w->ctx, MOE_ERR_OUT_OF_MEMORY, "safetensors header"); }
+    *total = 8 + h->len + off;
+    return MOE_OK;
+}
+
+/* length, header, tensors */
+static int moe__writer_emit(const moe_tensor_writer *w, const moe__sb *h, const moe__sink *sink) {
+    unsigned char len8[8];
+    uint64_t hl = h->len;
+    int i, ok;
+    for (i = 0; i < 8; i++) len8[i] = (unsigned char)(hl >> (8 * i));
+    ok = sink->put(sink->to, len8, 8) && sink->put(sink->to, h->buf, h->len);
+    for (i = 0; ok && i < w->count; i++)
+        ok = moe__write_le(sink, w->entries[i].data, w->entries[i].nbytes, moe__dtype_sizes[w->entries[i].dtype]);
+    return ok;
+}
+
+static int moe__put_memory(void *to, const void *data, size_t n) {
+    unsigned char **at = (unsigned char **)to;
+    if (n) memcpy(*at, data, n);
+    *at += n;
+    return 1;
+}
+
+MOEDEF moe_result moe_tensor_writer_save_memory(moe_tensor_writer *w, void *buf, size_t cap, size_t *size) {
+    moe__sb h;
+    moe__sink sink;
+    unsigned char *at = (unsigned char *)buf;
+    size_t total = 0;
+    if (!w) return MOE_ERR_INVALID_ARGUMENT;
+    if (!size) return moe__fail(w->ctx, MOE_ERR_INVALID_ARGUMENT, "size is NULL");
+    MOE__TRY(moe__writer_header(w, &h, &total));
+    *size = total;
+    if (buf && cap >= total) {
+        sink.put = moe__put_memory;
+        sink.to = &at;
+        moe__writer_emit(w, &h, &sink);
+    }
+    moe__free(w->ctx, h.buf);
+    if (buf && cap < total)
+        return moe__fail(w->ctx, MOE_ERR_OUT_OF_MEMORY, "the file needs %zu bytes, the buffer holds %zu", total, cap);
+    return MOE_OK;
+}
+
+#ifndef MOE_NO_STDIO
 #if defined(_WIN32)
 #ifndef WIN32_LEAN_AND_MEAN
 #define WIN32_LEAN_AND_MEAN
@@ -5881,67 +6255,24 @@ static int moe__sync_file(FILE *fp) { (void)fp; return 0; }
 #endif
 #endif
 
-/* Write a little-endian copy of n elements of size sz. */
-static int moe__write_le(FILE *fp, const void *data, size_t nbytes, size_t sz) {
-    const uint16_t one = 1;
-    unsigned char little;
-    memcpy(&little, &one, 1);
-    if (little || sz == 1) return fwrite(data, 1, nbytes, fp) == nbytes;
-    {
-        unsigned char buf[4096];
-        const unsigned char *p = (const unsigned char *)data;
-        size_t done = 0;
-        while (done < nbytes) {
-            size_t n = nbytes - done < sizeof buf ? nbytes - done : sizeof buf, i, q;
-            for (i = 0; i < n; i += sz)
-                for (q = 0; q < sz; q++) buf[i + q] = p[done + i + sz - 1 - q];
-            if (fwrite(buf, 1, n, fp) != n) return 0;
-            done += n;
-        }
-        return 1;
-    }
-}
+static int moe__put_file(void *to, const void *data, size_t n) { return fwrite(data, 1, n, (FILE *)to) == n; }
 
 MOEDEF moe_result moe_tensor_writer_save(moe_tensor_writer *w, const char *path) {
     moe__sb h;
+    moe__sink sink;
     char tmp[4096];
-    unsigned char len8[8];
-    size_t off = 0, pad;
-    uint64_t hl;
+    size_t total;
     FILE *fp;
-    int i, ok;
+    int ok;
     if (!w) return MOE_ERR_INVALID_ARGUMENT;
     if (!path || strlen(path) + 5 > sizeof tmp) return moe__fail(w->ctx, MOE_ERR_INVALID_ARGUMENT, "path is NULL or too long");
-    memset(&h, 0, sizeof h);
-    h.ctx = w->ctx;
-    moe__sb_str(&h, "{");
-    if (w->meta.len) {
-        moe__sb_str(&h, "\"__metadata__\":{");
-        moe__sb_put(&h, w->meta.buf, w->meta.len);
-        moe__sb_str(&h, "}");
-    }
-    for (i = 0; i < w->count; i++) {
-        const moe__wentry *e = &w->entries[i];
-        int q;
-        if (i || w->meta.len) moe__sb_str(&h, ",");
-        moe__sb_json_string(&h, e->name);
-        moe__sb_printf(&h, ":{\"dtype\":\"%s\",\"shape\":[", moe__dtype_names[e->dtype]);
-        for (q = 0; q < e->ndim; q++) moe__sb_printf(&h, "%s%lld", q ? "," : "", (long long)e->shape[q]);
-        moe__sb_printf(&h, "],\"data_offsets\":[%llu,%llu]}", (unsigned long long)off, (unsigned long long)(off + e->nbytes));
-        off += e->nbytes;
-    }
-    moe__sb_str(&h, "}");
-    pad = (8 - h.len % 8) % 8;
-    while (pad--) moe__sb_str(&h, " ");
-    if (h.oom) { moe__free(w->ctx, h.buf); return moe__fail(w->ctx, MOE_ERR_OUT_OF_MEMORY, "safetensors header"); }
-    hl = h.len;
-    for (i = 0; i < 8; i++) len8[i] = (unsigned char)(hl >> (8 * i));
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    MOE__TRY(moe__writer_header(w, &h, &total));
+    moe__format(tmp, sizeof tmp, "%s.tmp", path);
     fp = fopen(tmp, "wb");
     if (!fp) { moe__free(w->ctx, h.buf); return moe__fail(w->ctx, MOE_ERR_IO, "cannot create %s; %s is unchanged", tmp, path); }
-    ok = fwrite(len8, 1, 8, fp) == 8 && fwrite(h.buf, 1, h.len, fp) == h.len;
-    for (i = 0; ok && i < w->count; i++)
-        ok = moe__write_le(fp, w->entries[i].data, w->entries[i].nbytes, moe__dtype_sizes[w->entries[i].dtype]);
+    sink.put = moe__put_file;
+    sink.to = fp;
+    ok = moe__writer_emit(w, &h, &sink);
     ok = ok && fflush(fp) == 0 && moe__sync_file(fp) == 0;
     ok = (fclose(fp) == 0) && ok;
     moe__free(w->ctx, h.buf);
@@ -5955,6 +6286,7 @@ MOEDEF moe_result moe_tensor_writer_save(moe_tensor_writer *w, const char *path)
     }
     return MOE_OK;
 }
+#endif /* MOE_NO_STDIO */
 
 // >>model_config ------------------------------------------------------------
 static const char *const moe__kind_names[] = {"", "dense", "moe", "rmsnorm", "layernorm", "multigate", "task_towers"};
@@ -6239,7 +6571,7 @@ static moe_result moe__config_read(moe_ctx *ctx, const char *text, moe_model_des
     for (i = 0; i < j.tok[arr].count; i++, e = j.tok[e].next) {
         int32_t kv = moe__json_member(&j, e, "kind");
         int q;
-        snprintf(where, sizeof where, "layer %d", i);
+        moe__format(where, sizeof where, "layer %d", i);
         if (kv < 0) { moe__fail(ctx, r, "moe.config: %s: needs a \"kind\"", where); goto done; }
         for (q = 1; q < MOE_LAYER_COUNT; q++) if (moe__json_eq(&j, kv, moe__kind_names[q])) break;
         if (q == MOE_LAYER_COUNT) { moe__fail(ctx, r, "moe.config: %s: unknown kind", where); goto done; }
@@ -6267,7 +6599,7 @@ static moe_result moe__config_read(moe_ctx *ctx, const char *text, moe_model_des
                 for (i = 0; i < desc->n_tasks; i++, te = j.tok[te].next) {
                     moe__task_config tc;
                     memset(&tc, 0, sizeof tc);
-                    snprintf(where, sizeof where, "task %d", i);
+                    moe__format(where, sizeof where, "task %d", i);
                     if (j.tok[te].type != MOE__J_OBJECT) { moe__fail(ctx, r, "moe.config: %s must be an object", where); goto done; }
                     if (moe__fields_read(ctx, &j, te, moe__task_fields, (int)(sizeof moe__task_fields / sizeof moe__task_fields[0]), 0,
                                          &tc, where, 0) != MOE_OK) goto done;
@@ -6337,7 +6669,7 @@ MOEDEF size_t moe_model_config_json(const moe_model *m, char *buf, size_t cap) {
 /* "layers.<i>.<name>": the name a model gives tensor `name` of layer i. */
 static void moe__model_tensor_name(char *out, size_t cap, int layer, const char *name) {
     char head[24];
-    snprintf(head, sizeof head, "layers.%d.", layer);
+    moe__format(head, sizeof head, "layers.%d.", layer);
     moe__concat(out, cap, head, name, "");
 }
 
@@ -6416,6 +6748,7 @@ done:
     return r;
 }
 
+#ifndef MOE_NO_TRAINING
 /* Checkpoint contents beyond the model file: the optimizer's moments as tensors of the parameters
    back to back (model tensor order, no padding), and a metadata entry with the step counters. */
 static const char *const moe__moment_names[2] = {"optimizer.m", "optimizer.v"};
@@ -6434,6 +6767,7 @@ static void moe__moment_pack(moe_model *m, float *blob, float *packed, int to_pa
         at += t.size;
     }
 }
+#endif /* MOE_NO_TRAINING */
 
 /* The reduced copy (moe_layer_quantize) of layer tensor `index`, or NULL: expert weights only. */
 static const moe__mat *moe__tensor_quant(const moe_layer *l, int index) {
@@ -6445,7 +6779,9 @@ static const moe__mat *moe__tensor_quant(const moe_layer *l, int index) {
     return NULL;
 }
 
-static moe_result moe__model_write(moe_model *m, const char *path, int checkpoint) {
+/* The model (checkpoint: and its training state) as a file at path, or into buf when size is not
+   NULL (buf NULL: only the size). */
+static moe_result moe__model_write(moe_model *m, int checkpoint, const char *path, void *buf, size_t cap, size_t *size) {
     moe_tensor_writer *w = NULL;
     moe__sb cfg, state;
     float *packed = NULL;
@@ -6453,7 +6789,7 @@ static moe_result moe__model_write(moe_model *m, const char *path, int checkpoin
     moe_result r;
     int i;
     if (!m) return MOE_ERR_INVALID_ARGUMENT;
-    if (!path) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "path is NULL");
+    if (!path && !size) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "%s is NULL", buf ? "size" : "path");
     MOE__TRY(moe__config_string(m, &cfg));
     memset(&state, 0, sizeof state);
     state.ctx = m->ctx;
@@ -6484,6 +6820,7 @@ static moe_result moe__model_write(moe_model *m, const char *path, int checkpoin
             r = moe_tensor_writer_add(w, t.name, MOE_DTYPE_F32, t.ndim, t.shape, t.data);
         }
     }
+#ifndef MOE_NO_TRAINING
     if (r == MOE_OK && checkpoint) {
         moe__sb_printf(&state, "{\"version\":1,\"step\":%lld,\"seed\":\"%llu\",\"noise_steps\":[", (long long)m->opt->step,
                        (unsigned long long)m->ctx->seed);
@@ -6499,7 +6836,13 @@ static moe_result moe__model_write(moe_model *m, const char *path, int checkpoin
                 r = moe_tensor_writer_add(w, moe__moment_names[i], MOE_DTYPE_F32, 1, &count, packed + i * count);
             }
     }
-    if (r == MOE_OK) r = moe_tensor_writer_save(w, path);
+#else
+    (void)count;
+#endif
+#ifndef MOE_NO_STDIO
+    if (r == MOE_OK && !size) r = moe_tensor_writer_save(w, path);
+#endif
+    if (r == MOE_OK && size) r = moe_tensor_writer_save_memory(w, buf, cap, size);
     moe_tensor_writer_destroy(w);
     moe__free(m->ctx, packed);
     moe__free(m->ctx, state.buf);
@@ -6507,9 +6850,24 @@ static moe_result moe__model_write(moe_model *m, const char *path, int checkpoin
     return r;
 }
 
-MOEDEF moe_result moe_model_save(moe_model *m, const char *path) { return moe__model_write(m, path, 0); }
+#ifndef MOE_NO_STDIO
+MOEDEF moe_result moe_model_save(moe_model *m, const char *path) { return moe__model_write(m, 0, path, NULL, 0, NULL); }
+#endif
 
-MOEDEF moe_result moe_model_save_checkpoint(moe_model *m, const char *path) { return moe__model_write(m, path, 1); }
+MOEDEF moe_result moe_model_save_memory(moe_model *m, void *buf, size_t cap, size_t *size) {
+    if (m && !size) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "size is NULL");
+    return moe__model_write(m, 0, NULL, buf, cap, size);
+}
+
+#ifndef MOE_NO_TRAINING
+#ifndef MOE_NO_STDIO
+MOEDEF moe_result moe_model_save_checkpoint(moe_model *m, const char *path) { return moe__model_write(m, 1, path, NULL, 0, NULL); }
+#endif
+
+MOEDEF moe_result moe_model_save_checkpoint_memory(moe_model *m, void *buf, size_t cap, size_t *size) {
+    if (m && !size) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "size is NULL");
+    return moe__model_write(m, 1, NULL, buf, cap, size);
+}
 
 /* Restore the optimizer's moments and step and every layer's noise counter from a checkpoint. */
 static moe_result moe__checkpoint_restore(moe_ctx *ctx, const moe_tensor_file *f, moe_model *m) {
@@ -6581,6 +6939,8 @@ done:
     moe__json_free(ctx, &j);
     return r;
 }
+
+#endif /* MOE_NO_TRAINING */
 
 /* A parameter from its file tensor: any float type, or int8 times its scales. */
 static moe_result moe__load_param(moe_ctx *ctx, const moe_tensor_file *f, moe_tensor *t) {
@@ -6660,7 +7020,11 @@ static moe_result moe__model_from_file(moe_ctx *ctx, const moe_tensor_file *f, i
     }
     for (i = 0; i < m->n_layers; i++)
         if ((r = moe__load_quant(f, &m->layers[i])) != MOE_OK) goto fail;
+#ifndef MOE_NO_TRAINING
     if (checkpoint && (r = moe__checkpoint_restore(ctx, f, m)) != MOE_OK) goto fail;
+#else
+    (void)checkpoint;
+#endif
     *out = m;
     return MOE_OK;
 fail:
@@ -6679,6 +7043,7 @@ static moe_result moe__model_load_memory(moe_ctx *ctx, const void *data, size_t 
     return r;
 }
 
+#ifndef MOE_NO_STDIO
 static moe_result moe__model_load(moe_ctx *ctx, const char *path, int64_t max_tokens, int checkpoint, moe_model **out) {
     moe_tensor_file *f;
     moe_result r;
@@ -6691,21 +7056,129 @@ static moe_result moe__model_load(moe_ctx *ctx, const char *path, int64_t max_to
     return r;
 }
 
-MOEDEF moe_result moe_model_load_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe_model **out) {
-    return moe__model_load_memory(ctx, data, size, max_tokens, 0, out);
-}
-
 MOEDEF moe_result moe_model_load(moe_ctx *ctx, const char *path, int64_t max_tokens, moe_model **out) {
     return moe__model_load(ctx, path, max_tokens, 0, out);
 }
 
-MOEDEF moe_result moe_model_load_checkpoint_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe_model **out) {
-    return moe__model_load_memory(ctx, data, size, max_tokens, 1, out);
-}
-
+#ifndef MOE_NO_TRAINING
 MOEDEF moe_result moe_model_load_checkpoint(moe_ctx *ctx, const char *path, int64_t max_tokens, moe_model **out) {
     return moe__model_load(ctx, path, max_tokens, 1, out);
 }
+#endif
+#endif /* MOE_NO_STDIO */
+
+MOEDEF moe_result moe_model_load_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe_model **out) {
+    return moe__model_load_memory(ctx, data, size, max_tokens, 0, out);
+}
+
+/* Caller-owned memory: a load whose allocations are carved one after the other from one block.
+   A free of the latest allocation gives its bytes back (the loader's temporary tables mostly go
+   so), any other free is a no-op. Measuring runs the very same load on the context's allocator
+   and replays the offsets, so the peak it reports is the block that load needs. */
+typedef struct moe__bump {
+    char *base;                 /* NULL: measuring (each allocation also comes from `backing`) */
+    size_t cap, used, peak, last;
+    void *last_ptr;
+    int exhausted;              /* a request did not fit into cap */
+    moe_allocator backing;
+} moe__bump;
+
+#define MOE__BUMP_ALIGN 16
+
+static void *moe__bump_alloc(size_t size, void *user) {
+    moe__bump *b = (moe__bump *)user;
+    size_t at = (b->used + MOE__BUMP_ALIGN - 1) & ~(size_t)(MOE__BUMP_ALIGN - 1);
+    void *p;
+    if (size > SIZE_MAX / 2 || at > SIZE_MAX / 2 - size) return NULL;
+    if (b->base) {
+        if (at + size > b->cap) { b->exhausted = 1; return NULL; }
+        p = b->base + at;
+    } else {
+        p = b->backing.alloc ? b->backing.alloc(size, b->backing.user) : MOE_MALLOC(size, b->backing.user);
+        if (!p) return NULL;
+    }
+    b->last = at;
+    b->last_ptr = p;
+    b->used = at + size;
+    if (b->used > b->peak) b->peak = b->used;
+    return p;
+}
+
+static void moe__bump_free(void *ptr, void *user) {
+    moe__bump *b = (moe__bump *)user;
+    if (!ptr) return;
+    if (ptr == b->last_ptr) { b->used = b->last; b->last_ptr = NULL; }
+    if (!b->base) {
+        if (b->backing.free) b->backing.free(ptr, b->backing.user);
+        else MOE_FREE(ptr, b->backing.user);
+    }
+}
+
+/* Load from data through a bump allocator over memory (NULL: measure); the model, if any, is
+   then moved over to ctx. */
+static moe_result moe__model_load_bump(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe__bump *b, moe_model **out) {
+    moe_ctx inner = *ctx;
+    moe_model *m = NULL;
+    moe_result r;
+    int i;
+    b->backing = ctx->allocator;
+    inner.allocator.alloc = moe__bump_alloc;
+    inner.allocator.free = moe__bump_free;
+    inner.allocator.user = b;
+    r = moe__model_load_memory(&inner, data, size, max_tokens, 0, &m);
+    if (r != MOE_OK) {
+        memcpy(ctx->error, inner.error, sizeof ctx->error);
+        return r;
+    }
+    if (!b->base) {             /* measured: give everything back */
+        moe_model_destroy(m);
+        return MOE_OK;
+    }
+    m->ctx = ctx;
+    m->ex.ctx = ctx;
+    for (i = 0; i < m->n_layers; i++) { m->layers[i].ctx = ctx; m->layers[i].ex.ctx = ctx; }
+#ifndef MOE_NO_TRAINING
+    m->opt->ctx = ctx;
+#endif
+    m->memory = b->base;
+    *out = m;
+    return MOE_OK;
+}
+
+MOEDEF moe_result moe_model_memory_size(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, size_t *bytes) {
+    moe__bump b;
+    moe_model *unused = NULL;
+    if (!ctx || !bytes) return MOE_ERR_INVALID_ARGUMENT;
+    *bytes = 0;
+    memset(&b, 0, sizeof b);
+    MOE__TRY(moe__model_load_bump(ctx, data, size, max_tokens, &b, &unused));
+    *bytes = b.peak;
+    return MOE_OK;
+}
+
+MOEDEF moe_result moe_model_init_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, void *memory,
+                                        size_t memory_size, moe_model **out) {
+    moe__bump b;
+    moe_result r;
+    if (!ctx || !out) return MOE_ERR_INVALID_ARGUMENT;
+    *out = NULL;
+    if (!memory) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "memory is NULL");
+    if ((uintptr_t)memory % MOE_MEMORY_ALIGN != 0)
+        return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "memory is not aligned to MOE_MEMORY_ALIGN (%d bytes)", MOE_MEMORY_ALIGN);
+    memset(&b, 0, sizeof b);
+    b.base = (char *)memory;
+    b.cap = memory_size;
+    r = moe__model_load_bump(ctx, data, size, max_tokens, &b, out);
+    if (r == MOE_ERR_OUT_OF_MEMORY && b.exhausted)
+        return moe__fail(ctx, r, "memory of %zu bytes is too small for this model and max_tokens (moe_model_memory_size says how much)", memory_size);
+    return r;
+}
+
+#ifndef MOE_NO_TRAINING
+MOEDEF moe_result moe_model_load_checkpoint_memory(moe_ctx *ctx, const void *data, size_t size, int64_t max_tokens, moe_model **out) {
+    return moe__model_load_memory(ctx, data, size, max_tokens, 1, out);
+}
+#endif /* MOE_NO_TRAINING */
 
 // >>hf_import ---------------------------------------------------------------
 /* A Hugging Face MoE block: its architecture, tensor-name prefix and the moe.h layer for it. */
@@ -6734,7 +7207,7 @@ static const moe_file_tensor *moe__hf_get(const moe_tensor_file *f, char *name, 
     size_t n = moe__strlcpy(name, prefix, 256);
     if (n >= 256) return NULL;
     va_start(ap, fmt);
-    vsnprintf(name + n, 256 - n, fmt, ap);
+    moe__vformat(name + n, 256 - n, fmt, ap);
     va_end(ap);
     return moe_tensor_file_find(f, name);
 }
@@ -6863,11 +7336,11 @@ static moe_result moe__hf_plan_json(moe_ctx *ctx, const moe_tensor_file *f, cons
     sw1 = arch == MOE_HF_MIXTRAL ? NULL : moe__hf_get(f, name, P, "%s.gate_proj.weight", arch == MOE_HF_QWEN2_MOE ? "shared_expert" : "shared_experts");
     if (sw1 && sw1->ndim != 2) return moe__fail(ctx, MOE_ERR_SHAPE, "tensor \"%s\": 2-D [intermediate, hidden] expected", name);
     /* config.json: checks and hyper-parameters; desc fields override */
-    snprintf(what, sizeof what, "%sgate.weight", P);
+    moe__format(what, sizeof what, "%sgate.weight", P);
     MOE__TRY(moe__hf_cfg_is(ctx, j, "hidden_act", "silu"));
     MOE__TRY(moe__hf_cfg_size(ctx, j, experts_key[arch], E, what));
     MOE__TRY(moe__hf_cfg_size(ctx, j, "hidden_size", D, what));
-    snprintf(what, sizeof what, "%sexperts.0.%s.weight", P, moe__hf_proj(arch, 0));
+    moe__format(what, sizeof what, "%sexperts.0.%s.weight", P, moe__hf_proj(arch, 0));
     MOE__TRY(moe__hf_cfg_size(ctx, j, arch == MOE_HF_MIXTRAL ? "intermediate_size" : "moe_intermediate_size", H, what));
     if (arch != MOE_HF_MIXTRAL) {  /* a shared-expert size in config.json needs the tensors, of that width */
         const char *key = arch == MOE_HF_QWEN2_MOE ? "shared_expert_intermediate_size" : "n_shared_experts";

@@ -110,6 +110,9 @@
 #define MOE_CL_H_INCLUDED
 
 #include "moe.h"
+#if defined(MOE_NO_TRAINING) || defined(MOE_NO_STDIO)
+#error "moe_cl.h needs the full moe.h: build it without MOE_NO_TRAINING and MOE_NO_STDIO"
+#endif
 
 #ifdef __cplusplus
 extern "C" {

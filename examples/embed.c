@@ -1,6 +1,7 @@
-/* embed.c - moe.h inside a game loop: load the model `make demo` saved, then run one inference
-   per simulated frame, changing how many experts each call may use, and report the latency per
-   frame and how often the heap was touched after start-up (it must be never).
+/* embed.c - moe.h inside a game loop: place the model `make demo` saved in memory the game owns
+   (moe_model_memory_size, then moe_model_init_memory: the library allocates nothing for it), run
+   one inference per simulated frame, changing how many experts each call may use, and report the
+   latency per frame and how often the library touched the heap after start-up (it must be never).
 
      make embed          (or: build/embed [MODEL] [--frames N] [--threads N])
 
@@ -40,6 +41,20 @@ static int compare_double(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
+/* The whole file in a new buffer (the game would have it in its asset pack). */
+static unsigned char *read_file(const char *path, size_t *size) {
+    FILE *fp = fopen(path, "rb");
+    unsigned char *bytes = NULL;
+    long n = -1;
+    if (fp && fseek(fp, 0, SEEK_END) == 0 && (n = ftell(fp)) > 0 && fseek(fp, 0, SEEK_SET) == 0) {
+        bytes = (unsigned char *)malloc((size_t)n);
+        if (bytes && fread(bytes, 1, (size_t)n, fp) != (size_t)n) { free(bytes); bytes = NULL; }
+    }
+    if (fp) fclose(fp);
+    *size = bytes ? (size_t)n : 0;
+    return bytes;
+}
+
 /* The bundled UCI digits (examples/data): 8x8 images as 64 floats in [0, 1]. */
 static float *load_images(const char *path, long *count) {
     FILE *fp = fopen(path, "rb");
@@ -75,6 +90,9 @@ int main(int argc, char **argv) {
     int32_t cls;
     int64_t k_max = 1;
     long allocations_before, per_k[9] = {0};
+    unsigned char *file;
+    void *memory = NULL;
+    size_t file_size = 0, memory_size = 0;
     for (i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--frames") == 0 && i + 1 < argc) frames = strtol(argv[++i], NULL, 10);
         else if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc) threads = strtol(argv[++i], NULL, 10);
@@ -95,10 +113,22 @@ int main(int argc, char **argv) {
         return 1;
     }
 
-    /* start-up: the only time the library allocates */
+    /* start-up: the model file from the assets, the size of its block for one token per call */
     moe_ctx_init(&ctx, &(moe_ctx_desc){.n_threads = (int)threads, .allocator = {counted_alloc, counted_free, &heap}});
-    if (moe_model_load(&ctx, model_path, 1, &model) != MOE_OK) {
-        fprintf(stderr, "embed: %s (run `make demo` first)\n", moe_ctx_error(&ctx));
+    file = read_file(model_path, &file_size);
+    if (!file || moe_model_memory_size(&ctx, file, file_size, 1, &memory_size) != MOE_OK) {
+        fprintf(stderr, "embed: %s: %s (run `make demo` first)\n", model_path, file ? moe_ctx_error(&ctx) : "cannot read");
+        return 1;
+    }
+    /* the game's own memory (a static array or an arena would do as well) */
+    memory = malloc(memory_size);
+    allocations_before = heap.allocations;
+    if (!memory || moe_model_init_memory(&ctx, file, file_size, 1, memory, memory_size, &model) != MOE_OK) {
+        fprintf(stderr, "embed: %s\n", memory ? moe_ctx_error(&ctx) : "out of memory");
+        return 1;
+    }
+    if (heap.allocations != allocations_before) {
+        fprintf(stderr, "embed: loading into the game's memory allocated %ld times\n", heap.allocations - allocations_before);
         return 1;
     }
     if (moe_model_get_desc(model)->d_in != 64) {
@@ -109,8 +139,8 @@ int main(int argc, char **argv) {
     for (i = 0; i < moe_model_get_desc(model)->n_layers; i++)
         if (moe_model_get_desc(model)->layers[i].kind == MOE_LAYER_MOE && moe_model_get_desc(model)->layers[i].max_top_k > k_max)
             k_max = moe_model_get_desc(model)->layers[i].max_top_k;
-    printf("embed: %s loaded; %ld frames, one inference each, k cycling 1..%lld, %d thread(s)\n", model_path, frames,
-           (long long)k_max, ctx.n_threads);
+    printf("embed: %s placed in %zu bytes of the game's memory; %ld frames, one inference each, k cycling 1..%lld, %d thread(s)\n",
+           model_path, memory_size, frames, (long long)k_max, ctx.n_threads);
 
     /* the game loop */
     allocations_before = heap.allocations;
@@ -148,7 +178,9 @@ int main(int argc, char **argv) {
                sorted[(frames * 99) / 100], sorted[frames - 1]);
         printf("heap_allocations=%ld\n", allocations);
         free(sorted);
-        moe_model_destroy(model);
+        moe_model_destroy(model);   /* frees nothing: the memory is the game's */
+        free(memory);
+        free(file);
         free(images);
         free(latency);
         return allocations == 0 && heap.allocations == heap.frees ? 0 : 1;

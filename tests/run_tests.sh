@@ -29,6 +29,34 @@ if $CC $C99 -c tests/compile/malloc_alone.c -o "$OUT/malloc_alone.o" >> "$LOG" 2
 else
     ok "MOE_MALLOC without MOE_FREE is refused"
 fi
+# MOE_NO_TRAINING (inference only) and MOE_NO_STDIO (memory buffers only), alone and together
+for opts in -DMOE_NO_TRAINING -DMOE_NO_STDIO "-DMOE_NO_TRAINING -DMOE_NO_STDIO"; do
+    check "$opts: the minimal program as C99 and C++11 -Wpedantic -Werror, runs" sh -c \
+        "$CC $C99 $opts tests/compile/minimal.c -o $OUT/minimal -lm && $OUT/minimal &&
+         $CXX -x c++ -std=c++11 -Wall -Wextra -Werror $opts tests/compile/minimal.c -o $OUT/minimal_cpp -lm && $OUT/minimal_cpp"
+done
+check "MOE_NO_STDIO: no <stdio.h>, no stdio function referenced" sh -c \
+    "$CC $C99 -c tests/compile/no_stdio.c -o $OUT/no_stdio.o && ! nm -u $OUT/no_stdio.o | grep -E 'printf|fopen|fclose|fread|fwrite|fseek|ftell|fflush|fileno|rename|remove'"
+if $CC $C99 -c tests/compile/training_call.c -o "$OUT/training_call.o" >> "$LOG" 2>&1 &&
+   ! $CC $C99 -DMOE_NO_TRAINING -c tests/compile/training_call.c -o "$OUT/training_call.o" >> "$LOG" 2>&1; then
+    ok "MOE_NO_TRAINING: a training call does not compile"
+else
+    bad "MOE_NO_TRAINING: a training call does not compile"
+fi
+# the reduced builds load, run, predict, report and quantize bit for bit as the full build
+digests=""
+for opts in "" -DMOE_NO_TRAINING -DMOE_NO_STDIO "-DMOE_NO_TRAINING -DMOE_NO_STDIO"; do
+    tag=$(echo "x$opts" | tr -d ' -')
+    mkdir -p "$OUT/tmp_embed_$tag"
+    $CC $C99 -O2 -fopenmp $opts -DTMP_DIR="\"$OUT/tmp_embed_$tag\"" tests/test_embed.c -o "$OUT/embed_$tag" -lm >> "$LOG" 2>&1 &&
+        "$OUT/embed_$tag" "$OUT/embed_$tag.digest" >> "$LOG" 2>&1 && digests="$digests $OUT/embed_$tag.digest"
+done
+set -- $digests
+if [ $# -eq 4 ] && cmp -s "$1" "$2" && cmp -s "$1" "$3" && cmp -s "$1" "$4"; then
+    ok "MOE_NO_TRAINING / MOE_NO_STDIO builds: inference bit-identical to the full build"
+else
+    bad "MOE_NO_TRAINING / MOE_NO_STDIO builds: inference bit-identical to the full build (see $LOG)"
+fi
 check "plain C kernels (MOE_NO_VECTOR_EXTENSIONS) match the reference" sh -c \
     "$CC $C99 -O2 -DMOE_NO_VECTOR_EXTENSIONS -DTMP_DIR='\"$OUT\"' tests/test_gemm.c -o $OUT/gemm_plain -lm && $OUT/gemm_plain"
 check "plain C MoE kernels, decode and reduced weights (MOE_NO_VECTOR_EXTENSIONS)" sh -c \

@@ -45,10 +45,11 @@
    moe_cl_ctx_init returns MOE_OK and a context in fallback mode when there is no OpenCL library,
    platform or usable device (or MOE_CL_DEVICE=none); moe_cl_ctx_reason says why, and every
    moe_cl_model_* call then runs the CPU model. With desc.require_device it fails instead, with
-   MOE_ERR_UNSUPPORTED. A kernel build failure is MOE_ERR_UNSUPPORTED with the start of the build
+   MOE_ERR_UNSUPPORTED. A kernel build failure is MOE_ERR_DEVICE with the start of the build
    log in the message (all of it in moe_cl_build_log); device memory exhaustion is
-   MOE_ERR_OUT_OF_MEMORY; other OpenCL errors are MOE_ERR_UNSUPPORTED naming the call and code.
-   Nothing here aborts or prints.
+   MOE_ERR_OUT_OF_MEMORY; other OpenCL errors are MOE_ERR_DEVICE naming the call and code.
+   A layer the device does not run is MOE_ERR_UNSUPPORTED from the upload, naming the layer and
+   the field. Nothing here aborts or prints.
 
    WHAT RUNS ON THE DEVICE
    -----------------------
@@ -364,7 +365,8 @@ static void moe__cl_unload(moe__cl_api *api) {
 #define MOE__CL_KERNELS(X) \
     X(gemm_nt) X(gemm_nn) X(gemm_tn) X(colsum) X(transpose) X(route_topk) X(dispatch_count) X(dispatch_scatter) \
     X(moe_sums) X(moe_combine) X(moe_dgate) X(swiglu_back) X(router_back) X(moe_dx) X(act_fwd) \
-    X(act_back) X(add_to) X(norm_fwd) X(norm_wgrad) X(norm_dx) X(task_loss) X(sumsq) X(opt_step) X(shared_rows) X(mul) X(importance) X(dgate_add)
+    X(act_back) X(add_to) X(norm_fwd) X(norm_wgrad) X(norm_dx) X(task_loss) X(sumsq) X(opt_step) X(shared_rows) X(mul) X(importance) X(dgate_add) \
+    X(noisy_h) X(load_sums) X(noisy_back)
 
 enum {
 #define MOE__CL_KENUM(name) MOE__CLK_##name,
@@ -710,9 +712,11 @@ static const char *const moe__cl_source[] = {
     "    float ha = h[a] == h[a] ? h[a] : -FLT_MAX, hb = h[b] == h[b] ? h[b] : -FLT_MAX;\n",
     "    return ha > hb || (ha == hb && a < b);\n",
     "}\n",
-    "/* One token per work-item: softmax, entropy, the k chosen experts, their gates. */\n",
-    "kernel void route_topk(int T, int E, int K, int renormalize, global const float *hh, global float *pp, global float *lse, global float *entropy, global int *sel_all, global float *gate_all) {\n",
-    "    int t = get_global_id(0);\n",
+    "/* One token per work-item: softmax, entropy, the k chosen experts, their gates. top_p > 0: only\n",
+    "   the fewest leading slots whose probabilities reach top_p (the others: expert -1, gate 0).\n",
+    "   want_thr: thr[2t] = the k-th expert, thr[2t+1] = the (k+1)-th (noisy top-k's load loss). */\n",
+    "kernel void route_topk(int T, int E, int K, int renormalize, float top_p, int want_thr, global const float *hh, global float *pp, global float *lse, global float *entropy, global int *sel_all, global float *gate_all, global int *thr) {\n",
+    "    int t = get_global_id(0), n = K;\n",
     "    if (t >= T) return;\n",
     "    global const float *h = hh + (long)t * E;\n",
     "    global float *p = pp + (long)t * E, *gate = gate_all + (long)t * K;\n",
@@ -733,13 +737,25 @@ static const char *const moe__cl_source[] = {
     "        }\n",
     "        sel[q] = best;\n",
     "    }\n",
+    "    if (top_p > 0.0f) {\n",
+    "        acc_t cum = 0;\n",
+    "        for (n = 0; n < K && cum < (acc_t)top_p; n++) cum += (acc_t)p[sel[n]];\n",
+    "    }\n",
+    "    if (want_thr && K < E) {\n",
+    "        int next = -1;\n",
+    "        for (int e = 0; e < E; e++)\n",
+    "            if (before(h, sel[K - 1], e) && (next < 0 || before(h, e, next))) next = e;\n",
+    "        thr[2 * t] = sel[K - 1];\n",
+    "        thr[2 * t + 1] = next;\n",
+    "    }\n",
     "    if (renormalize) {\n",
     "        float top = h[sel[0]], sum = 0.0f;\n",
-    "        for (int q = 0; q < K; q++) { gate[q] = exp(h[sel[q]] - top); sum += gate[q]; }\n",
-    "        for (int q = 0; q < K; q++) gate[q] /= sum;\n",
+    "        for (int q = 0; q < n; q++) { gate[q] = exp(h[sel[q]] - top); sum += gate[q]; }\n",
+    "        for (int q = 0; q < n; q++) gate[q] /= sum;\n",
     "    } else {\n",
-    "        for (int q = 0; q < K; q++) gate[q] = p[sel[q]];\n",
+    "        for (int q = 0; q < n; q++) gate[q] = p[sel[q]];\n",
     "    }\n",
+    "    for (int q = n; q < K; q++) { sel[q] = -1; gate[q] = 0.0f; }\n",
     "}\n",
     "/* One expert per work-item: how many (token, slot) pairs chose it, and which fit its capacity\n",
     "   (slot-major, tokens ascending, as the CPU). pos = 0 kept, -1 dropped. */\n",
@@ -750,6 +766,7 @@ static const char *const moe__cl_source[] = {
     "    for (int q = 0; q < K; q++)\n",
     "        for (int t = 0; t < T; t++) {\n",
     "            int a = t * K + q;\n",
+    "            if (sel[a] < 0 && e == 0) pos[a] = -1;  /* a slot top_p left empty */\n",
     "            if (sel[a] != e) continue;\n",
     "            c++;\n",
     "            if (cap && k >= cap) pos[a] = -1;\n",
@@ -831,7 +848,8 @@ static const char *const moe__cl_source[] = {
     "    float dot = 0.0f;\n",
     "    for (int e = 0; e < E; e++) dh[e] = 0.0f;\n",
     "    if (!renormalize)\n",
-    "        for (int q = 0; q < K; q++) dh[sel[q]] += dg[q];\n",
+    "        for (int q = 0; q < K; q++)\n",
+    "            if (sel[q] >= 0) dh[sel[q]] += dg[q];\n",
     "    if (aux && bal_scale > 0.0f)\n",
     "        for (int e = 0; e < E; e++) dh[e] += bal_scale * (float)chosen[e];\n",
     "    for (int e = 0; e < E; e++) dot += p[e] * dh[e];\n",
@@ -839,7 +857,8 @@ static const char *const moe__cl_source[] = {
     "    if (renormalize) {\n",
     "        float gs = 0.0f;\n",
     "        for (int q = 0; q < K; q++) gs += gate[q] * dg[q];\n",
-    "        for (int q = 0; q < K; q++) dh[sel[q]] += gate[q] * (dg[q] - gs);\n",
+    "        for (int q = 0; q < K; q++)\n",
+    "            if (sel[q] >= 0) dh[sel[q]] += gate[q] * (dg[q] - gs);\n",
     "    }\n",
     "    if (aux && z_scale > 0.0f) {\n",
     "        float c = z_scale * lse[t];\n",
@@ -879,7 +898,52 @@ static const char *const moe__cl_source[] = {
     "/* dgate[a] += g[sel[a]]: the importance loss's gradient at the gates */\n",
     "kernel void dgate_add(int n_pairs, global const int *sel, global const float *g, global float *dgate) {\n",
     "    int a = get_global_id(0);\n",
-    "    if (a < n_pairs) dgate[a] += g[sel[a]];\n",
+    "    if (a < n_pairs && sel[a] >= 0) dgate[a] += g[sel[a]];\n",
+    "}\n",
+    "/* Noisy top-k: h = clean + noise * softplus(raw) (noise 0 at inference) */\n",
+    "kernel void noisy_h(long n, global const float *clean, global const float *raw, global const float *noise, global float *h) {\n",
+    "    long i = get_global_id(0);\n",
+    "    if (i < n) h[i] = clean[i] + noise[i] * softplus_(raw[i]);\n",
+    "}\n",
+    "float phi_cdf(float z) { return 0.5f * erfc(-z * 0.70710678118654752f); }\n",
+    "float phi_pdf(float z) { return 0.39894228040143268f * exp(-0.5f * z * z); }\n",
+    "/* the threshold of (t, e) for the load loss: the (k+1)-th h if e is in the top k, else the k-th */\n",
+    "int load_thr(global const float *h, global const int *thr, int t, int E, int e) {\n",
+    "    int in = thr[2 * t + 1];\n",
+    "    return h[(long)t * E + e] > h[(long)t * E + in] ? in : thr[2 * t];\n",
+    "}\n",
+    "/* load[e] = sum over tokens (in order) of P(e stays in the top k with fresh noise) */\n",
+    "kernel void load_sums(int T, int E, global const float *clean, global const float *raw, global const float *h, global const int *thr, global float *load) {\n",
+    "    int e = get_global_id(0);\n",
+    "    if (e >= E) return;\n",
+    "    float s = 0.0f;\n",
+    "    for (int t = 0; t < T; t++) {\n",
+    "        long i = (long)t * E;\n",
+    "        int j = load_thr(h, thr, t, E, e);\n",
+    "        s += phi_cdf((clean[i + e] - h[i + j]) / softplus_(raw[i + e]));\n",
+    "    }\n",
+    "    load[e] = s;\n",
+    "}\n",
+    "/* Backward through the noisy gate for token t: dh (at h) becomes dclean in place, ds = dL/draw;\n",
+    "   with want_load the load loss's gradient dload[E] too. */\n",
+    "kernel void noisy_back(int T, int E, int want_load, global float *dh_all, global float *ds_all, global const float *noise, global const float *raw_all, global const float *clean_all, global const float *h_all, global const int *thr, global const float *dload) {\n",
+    "    int t = get_global_id(0);\n",
+    "    if (t >= T) return;\n",
+    "    long o = (long)t * E;\n",
+    "    global float *dc = dh_all + o, *ds = ds_all + o;\n",
+    "    global const float *n = noise + o, *raw = raw_all + o, *clean = clean_all + o, *h = h_all + o;\n",
+    "    for (int e = 0; e < E; e++) ds[e] = dc[e] * n[e];\n",
+    "    if (want_load)\n",
+    "        for (int e = 0; e < E; e++) {\n",
+    "            int j = load_thr(h_all, thr, t, E, e);\n",
+    "            float sd = softplus_(raw[e]), zv = (clean[e] - h[j]) / sd;\n",
+    "            float c = dload[e] * phi_pdf(zv) / sd;\n",
+    "            dc[e] += c;\n",
+    "            ds[e] -= c * zv;\n",
+    "            dc[j] -= c;\n",
+    "            ds[j] -= c * n[j];\n",
+    "        }\n",
+    "    for (int e = 0; e < E; e++) ds[e] *= sigm(raw[e]);\n",
     "}\n",
     "/* y = act(z) (+ r: residual) */\n",
     "kernel void act_fwd(long n, int act, global const float *z, global float *y, global const float *r, int use_r) {\n",
@@ -1054,10 +1118,11 @@ static const char *moe__cl_call_name(moe__cl_int err) {
     }
 }
 
-/* An OpenCL error as a moe_result: allocation failures are MOE_ERR_OUT_OF_MEMORY. */
+/* An OpenCL error as a moe_result: allocation failures are MOE_ERR_OUT_OF_MEMORY, the rest
+   MOE_ERR_DEVICE (the device or its driver failed; MOE_ERR_UNSUPPORTED means "not supported"). */
 static moe_result moe__cl_fail(moe_ctx *ctx, moe__cl_int err, const char *what) {
     moe_result code = (err == MOE__CL_MEM_OBJECT_ALLOCATION_FAILURE || err == MOE__CL_OUT_OF_RESOURCES ||
-                       err == MOE__CL_OUT_OF_HOST_MEMORY) ? MOE_ERR_OUT_OF_MEMORY : MOE_ERR_UNSUPPORTED;
+                       err == MOE__CL_OUT_OF_HOST_MEMORY) ? MOE_ERR_OUT_OF_MEMORY : MOE_ERR_DEVICE;
     return moe__fail(ctx, code, "OpenCL: %s failed: %s (%d)", what, moe__cl_call_name(err), (int)err);
 }
 
@@ -1168,7 +1233,7 @@ static moe_result moe__cl_build(moe_cl_ctx *cl, const moe__cl_tiles *t, int gemm
     }
     if (err != MOE__CL_SUCCESS) {
         MOE__CLF(cl, clReleaseProgram)(p);
-        return moe__fail(cl->ctx, MOE_ERR_UNSUPPORTED, "OpenCL: kernel build failed (%d) with options \"%s\"; log: %.120s", (int)err,
+        return moe__fail(cl->ctx, MOE_ERR_DEVICE, "OpenCL: kernel build failed (%d) with options \"%s\"; log: %.120s", (int)err,
                          options, cl->build_log ? cl->build_log : "(none)");
     }
     *program = p;
@@ -1600,6 +1665,9 @@ typedef struct moe__cl_layer {
     moe__cl_mem z, dz, mean, rstd;  /* dense [T, d_out]; norms [T] */
     moe__cl_mem clean, p, lse, entropy, sel, pos, gate, chosen, kept, sums;
     moe__cl_mem importance, dimportance;  /* [E] with the importance loss: sums of gates, gradient */
+    moe__cl_mem raw, noise_n, h, dstd;    /* noisy top-k: [T, E] noise logits, noise, noisy logits, dL/draw */
+    moe__cl_mem thr, load, dload;         /* noisy top-k: [T, 2] k-th / (k+1)-th expert; [E] load and its gradient */
+    int call_k;                 /* experts per token of the last forward (moe_forward_opts.top_k) */
     moe__cl_bank bank[2];
     moe__cl_mem dgate, dh, dxu;
     moe__cl_mem xr, jit;        /* jitter: [T, D] router input and its factors */
@@ -1617,6 +1685,7 @@ struct moe_cl_model {
     int64_t d_in, d_out;
     float *fallback_y;          /* a layer on the CPU: its output when the caller wants none */
     float *host_jit;            /* jitter factors on their way to the device */
+    float *host_noise;          /* noisy top-k: the standard-normal draws on their way to the device */
     moe_ctx *ctx;
     int fallback;
     moe__cl_layer *layers;
@@ -1674,15 +1743,61 @@ static moe_result moe__cl_read(moe_cl_model *dm, moe__cl_mem m, size_t offset, v
     return MOE_OK;
 }
 
-/* What the device does not do yet; NULL when the layer runs there. */
-static const char *moe__cl_unsupported(const moe_layer *l) {
-    const moe_layer_desc *d = &l->d;
-    if (d->kind != MOE_LAYER_MOE) return NULL;
-    if (l->wdtype != MOE_DTYPE_F32) return "reduced-precision expert weights (moe_layer_quantize)";
-    if (d->router == MOE_ROUTER_NOISY_TOPK) return "the noisy top-k router";
-    if (d->router != MOE_ROUTER_TOPK && d->router != MOE_ROUTER_SWITCH) return "this router (the device runs top-k and switch)";
-    if (d->max_top_k > d->top_k) return "max_top_k (per-call k)";
+/* The tensor names the device knows for layer l (any other, e.g. of a layer kind or option
+   added to moe.h later, keeps the layer on the CPU). */
+static int moe__cl_known_tensor(const moe_layer *l, const char *name) {
+    static const char *const parts[] = { "w1", "w2", "w3", "fc0", "fc1", "fc2", "fc3", "fc4", "fc5", "fc6", "fc7", "fc8", NULL };
+    const char *dot;
+    int i;
+    if (l->d.kind != MOE_LAYER_MOE) return strcmp(name, "weight") == 0 || strcmp(name, "bias") == 0;
+    if (strcmp(name, "router.weight") == 0 || strcmp(name, "router.bias") == 0) return 1;
+    if (strcmp(name, "router.noise_weight") == 0) return l->d.router == MOE_ROUTER_NOISY_TOPK;
+    if (strncmp(name, "experts.", 8) == 0) name += 8;
+    else if (strncmp(name, "shared.", 7) == 0) name += 7;
+    else return 0;
+    dot = strchr(name, '.');
+    if (!dot || (strcmp(dot, ".weight") != 0 && strcmp(dot, ".bias") != 0)) return 0;
+    for (i = 0; parts[i]; i++)
+        if (strlen(parts[i]) == (size_t)(dot - name) && strncmp(name, parts[i], (size_t)(dot - name)) == 0) return 1;
+    return 0;
+}
+
+static const char *moe__cl_unknown_tensor(const moe_layer *l, char *why, size_t cap) {
+    int i;
+    for (i = 0; i < l->n_tensors; i++)
+        if (!moe__cl_known_tensor(l, l->tensors[i].name)) {
+            snprintf(why, cap, "tensor \"%s\"", l->tensors[i].name);
+            return why;
+        }
     return NULL;
+}
+
+/* Whitelist of what the device runs: NULL when layer i does, else why not (naming the field).
+   Anything not listed here (a new layer kind, router, expert kind, activation, or an option
+   that brings its own tensors) is refused rather than run wrongly. */
+static const char *moe__cl_unsupported(const moe_layer *l, char *why, size_t cap) {
+    const moe_layer_desc *d = &l->d;
+    switch (d->kind) {
+    case MOE_LAYER_DENSE: case MOE_LAYER_MOE: case MOE_LAYER_RMSNORM: case MOE_LAYER_LAYERNORM: break;
+    default: snprintf(why, cap, "kind %d (field kind)", (int)d->kind); return why;
+    }
+    if ((d->kind == MOE_LAYER_DENSE || (d->kind == MOE_LAYER_MOE && d->expert == MOE_EXPERT_MLP)) &&
+        !(d->activation >= MOE_ACT_IDENTITY && d->activation <= MOE_ACT_SIGMOID)) {
+        snprintf(why, cap, "activation %d (field activation)", (int)d->activation);
+        return why;
+    }
+    if (d->kind != MOE_LAYER_MOE) return moe__cl_unknown_tensor(l, why, cap);
+    switch (d->router) {
+    case MOE_ROUTER_TOPK: case MOE_ROUTER_NOISY_TOPK: case MOE_ROUTER_SWITCH: break;
+    default: snprintf(why, cap, "router %d (field router; the device runs topk, noisy_topk and switch)", (int)d->router); return why;
+    }
+    switch (d->expert) {
+    case MOE_EXPERT_LINEAR: case MOE_EXPERT_MLP: case MOE_EXPERT_SWIGLU: break;
+    default: snprintf(why, cap, "expert kind %d (field expert)", (int)d->expert); return why;
+    }
+    if (l->wdtype != MOE_DTYPE_F32) return "reduced-precision expert weights (moe_layer_quantize)";
+    if (l->n_banks < 1 || l->n_banks > 2 || l->bank[0].n_linears > MOE__MAX_LINEARS) return "an expert bank layout it does not know";
+    return moe__cl_unknown_tensor(l, why, cap);
 }
 
 static void moe__cl_layer_alloc(moe_cl_model *dm, moe__cl_layer *cl_l) {
@@ -1698,7 +1813,7 @@ static void moe__cl_layer_alloc(moe_cl_model *dm, moe__cl_layer *cl_l) {
         cl_l->mean = moe__cl_buffer(dm, T, sizeof(float));
         cl_l->rstd = moe__cl_buffer(dm, T, sizeof(float));
     } else if (d->kind == MOE_LAYER_MOE) {
-        int64_t E = d->n_experts, K = d->top_k, bi;
+        int64_t E = d->n_experts, K = d->max_top_k, bi;
         cl_l->clean = moe__cl_buffer(dm, T * E, sizeof(float));
         cl_l->p = moe__cl_buffer(dm, T * E, sizeof(float));
         cl_l->lse = moe__cl_buffer(dm, T, sizeof(float));
@@ -1711,6 +1826,15 @@ static void moe__cl_layer_alloc(moe_cl_model *dm, moe__cl_layer *cl_l) {
         cl_l->sums = moe__cl_buffer(dm, E + 2, sizeof(float));
         cl_l->importance = d->importance_loss > 0.0f ? moe__cl_buffer(dm, E, sizeof(float)) : NULL;
         cl_l->dimportance = d->importance_loss > 0.0f ? moe__cl_buffer(dm, E, sizeof(float)) : NULL;
+        if (d->router == MOE_ROUTER_NOISY_TOPK) {
+            cl_l->raw = moe__cl_buffer(dm, T * E, sizeof(float));
+            cl_l->noise_n = moe__cl_buffer(dm, T * E, sizeof(float));
+            cl_l->h = moe__cl_buffer(dm, T * E, sizeof(float));
+            cl_l->dstd = moe__cl_buffer(dm, T * E, sizeof(float));
+            cl_l->thr = moe__cl_buffer(dm, 2 * T, sizeof(int32_t));
+            cl_l->load = moe__cl_buffer(dm, E, sizeof(float));
+            cl_l->dload = moe__cl_buffer(dm, E, sizeof(float));
+        }
         for (bi = 0; bi < l->n_banks; bi++) {
             const moe__bank *b = &l->bank[bi];
             moe__cl_bank *cb = &cl_l->bank[bi];
@@ -1759,6 +1883,7 @@ static moe_result moe__cl_refresh_transposed(moe_cl_model *dm) {
         if (l->d.kind == MOE_LAYER_DENSE) MOE__TRY(moe__cl_transpose(dm, l, &l->lin, 1));
         if (l->d.kind != MOE_LAYER_MOE) continue;
         MOE__TRY(moe__cl_transpose(dm, l, &l->router, 1));
+        if (l->d.router == MOE_ROUTER_NOISY_TOPK) MOE__TRY(moe__cl_transpose(dm, l, &l->noise, 1));
         for (b = 0; b < l->n_banks; b++)
             for (j = 0; j < l->bank[b].n_linears; j++) MOE__TRY(moe__cl_transpose(dm, l, &l->bank[b].lin[j], l->bank[b].n));
     }
@@ -1790,6 +1915,7 @@ MOEDEF void moe_cl_model_destroy(moe_cl_model *dm) {
     moe__free(ctx, dm->host_kept);
     moe__free(ctx, dm->fallback_y);
     moe__free(ctx, dm->host_jit);
+    moe__free(ctx, dm->host_noise);
     moe__free(ctx, dm);
 }
 
@@ -1799,7 +1925,7 @@ static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *la
     moe_ctx *ctx;
     moe_optimizer *opt = model ? model->opt : NULL;
     int i;
-    int64_t T, widest, host_f = 0, host_i = 0, kept_total = 0, jit = 0;
+    int64_t T, widest, host_f = 0, host_i = 0, kept_total = 0, jit = 0, noise = 0;
     moe_result r;
     *out = NULL;
     ctx = cl->ctx;
@@ -1828,7 +1954,8 @@ static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *la
         return MOE_OK;
     }
     for (i = 0; i < dm->n_layers; i++) {
-        const char *what = moe__cl_unsupported(&dm->src[i]);
+        char why[160];
+        const char *what = moe__cl_unsupported(&dm->src[i], why, sizeof why);
         if (what) {
             moe__free(ctx, dm);
             return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "OpenCL: layer %d uses %s, which moe_cl.h does not run on a device yet", i, what);
@@ -1847,9 +1974,10 @@ static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *la
         widest = moe__max64(widest, d->d_out);
         host_f = moe__max64(host_f, T * d->d_out);
         if (d->kind == MOE_LAYER_MOE && d->jitter > 0.0f) jit = moe__max64(jit, T * d->d_in);
+        if (d->kind == MOE_LAYER_MOE && d->router == MOE_ROUTER_NOISY_TOPK) noise = moe__max64(noise, T * d->n_experts);
         if (d->kind == MOE_LAYER_MOE) {
-            host_f = moe__max64(host_f, 2 * (int64_t)d->n_experts + 2);
-            host_i = moe__max64(host_i, moe__max64(T * d->top_k, 2 * (int64_t)d->n_experts));
+            host_f = moe__max64(host_f, 3 * (int64_t)d->n_experts + 2);
+            host_i = moe__max64(host_i, moe__max64(T * d->max_top_k, 2 * (int64_t)d->n_experts));
             kept_total += d->n_experts;
         }
     }
@@ -1857,7 +1985,8 @@ static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *la
     dm->host_i = (int32_t *)moe__malloc(ctx, (size_t)host_i * sizeof(int32_t));
     dm->host_kept = (int64_t *)moe__calloc(ctx, (size_t)(kept_total + 1) * sizeof(int64_t));
     dm->host_jit = jit ? (float *)moe__malloc(ctx, (size_t)jit * sizeof(float)) : NULL;
-    if (!dm->mems || !dm->layers || !dm->host_f || !dm->host_i || !dm->host_kept || (jit && !dm->host_jit)) {
+    dm->host_noise = noise ? (float *)moe__malloc(ctx, (size_t)noise * sizeof(float)) : NULL;
+    if (!dm->mems || !dm->layers || !dm->host_f || !dm->host_i || !dm->host_kept || (jit && !dm->host_jit) || (noise && !dm->host_noise)) {
         moe_cl_model_destroy(dm);
         return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "OpenCL model tables");
     }
@@ -1880,6 +2009,7 @@ static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *la
         cl_l->l = &dm->src[i];
         cl_l->poff = cl_l->l->params - dm->host_params;
         cl_l->noise_step = cl_l->l->noise_step;
+        cl_l->call_k = cl_l->l->d.top_k;
         cl_l->kept_host = dm->host_kept + kept_total;
         if (cl_l->l->d.kind == MOE_LAYER_MOE) kept_total += cl_l->l->d.n_experts;
         moe__cl_layer_alloc(dm, cl_l);
@@ -1942,7 +2072,7 @@ static moe_result moe__cl_bank_forward(moe_cl_model *dm, moe__cl_layer *cl_l, in
     const moe_layer *l = cl_l->l;
     const moe__bank *b = &l->bank[bi];
     const moe__cl_bank *cb = &cl_l->bank[bi];
-    int64_t rows = T * (bi == 0 ? l->d.top_k : b->n);
+    int64_t rows = T * (bi == 0 ? cl_l->call_k : b->n);
     int j;
     for (j = 0; j < b->n_linears; j++) {
         const moe__linear *lin = &b->lin[j];
@@ -1976,13 +2106,42 @@ static moe_result moe__cl_jitter(moe_cl_model *dm, moe__cl_layer *cl_l, moe__cl_
     return moe__cl_run(&a, 1, (size_t)n, 1, 1, NULL);
 }
 
-static moe_result moe__cl_moe_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe__cl_mem x, int64_t T, int training) {
+/* Noisy top-k: raw = u Wn^T, the noise (drawn on the host from the CPU's stream, or the
+   caller's; 0 at inference), h = clean + noise * softplus(raw). */
+static moe_result moe__cl_noisy_forward(moe_cl_model *dm, moe__cl_layer *cl_l, int64_t T, int training, const float *noise) {
+    const moe_layer *l = cl_l->l;
+    int64_t E = l->d.n_experts, D = l->d.d_in, n = T * E, i;
+    moe__cl_gemm g = moe__cl_gemm_make(MOE__NT, T, E, D, moe__cl_mat_of(cl_l->u, 0, D), moe__cl_mat_of(dm->params, cl_l->poff + l->noise.w, D),
+                                       moe__cl_mat_of(cl_l->raw, 0, E));
+    moe__cl_args a;
+    MOE__TRY(moe__cl_weight_gemm(dm, &g));
+    if (training) {
+        uint64_t stream = moe__stream(MOE__STREAM_NOISE, l->index, cl_l->noise_step);
+        if (!noise) {
+            for (i = 0; i < n; i++) dm->host_noise[i] = moe_rng_normal(l->ctx->seed, stream, (uint64_t)i);
+            noise = dm->host_noise;
+        }
+        MOE__TRY(moe__cl_write(dm, cl_l->noise_n, noise, (size_t)n * sizeof(float)));
+    } else {
+        float zero = 0.0f;
+        MOE__CL_CHECK(dm->cl, MOE__CLF(dm->cl, clEnqueueFillBuffer)(dm->cl->queue, cl_l->noise_n, &zero, sizeof zero, 0, (size_t)n * sizeof(float), 0, NULL, NULL),
+                      "clEnqueueFillBuffer");
+    }
+    a = moe__cl_begin(dm->cl, MOE__CLK_noisy_h);
+    moe__cl_long_arg(&a, n); moe__cl_mem_arg(&a, cl_l->clean); moe__cl_mem_arg(&a, cl_l->raw); moe__cl_mem_arg(&a, cl_l->noise_n); moe__cl_mem_arg(&a, cl_l->h);
+    return moe__cl_run(&a, 1, (size_t)n, 1, 1, NULL);
+}
+
+static moe_result moe__cl_moe_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe__cl_mem x, int64_t T, int training, const float *noise,
+                                      const moe_forward_opts *opts) {
     moe_cl_ctx *cl = dm->cl;
     const moe_layer *l = cl_l->l;
     const moe_layer_desc *d = &l->d;
-    int64_t E = d->n_experts, K = d->top_k, D = d->d_in, O = d->d_out, cap = 0, n_shared = l->n_banks > 1 ? l->bank[1].n : 0;
+    int64_t E = d->n_experts, K, D = d->d_in, O = d->d_out, cap = 0, n_shared = l->n_banks > 1 ? l->bank[1].n : 0;
+    int noisy = d->router == MOE_ROUTER_NOISY_TOPK;
     moe__cl_gemm g;
     moe__cl_args a;
+    K = cl_l->call_k = opts && opts->top_k ? opts->top_k : d->top_k;
     if (d->capacity_factor > 0.0f) {
         double c = ceil((double)d->capacity_factor * (double)T * (double)K / (double)E);
         cap = c < 1.0 ? 1 : (int64_t)c;
@@ -1996,10 +2155,12 @@ static moe_result moe__cl_moe_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe
                           moe__cl_mat_of(cl_l->clean, 0, E));
     if (l->router.b >= 0) { g.bias = dm->params; g.bias_off = cl_l->poff + l->router.b; }
     MOE__TRY(moe__cl_weight_gemm(dm, &g));
+    if (noisy) MOE__TRY(moe__cl_noisy_forward(dm, cl_l, T, training, noise));
     a = moe__cl_begin(cl, MOE__CLK_route_topk);
     moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, K); moe__cl_int_arg(&a, d->renormalize == MOE_FLAG_ON);
-    moe__cl_mem_arg(&a, cl_l->clean); moe__cl_mem_arg(&a, cl_l->p); moe__cl_mem_arg(&a, cl_l->lse); moe__cl_mem_arg(&a, cl_l->entropy);
-    moe__cl_mem_arg(&a, cl_l->sel); moe__cl_mem_arg(&a, cl_l->gate);
+    moe__cl_float_arg(&a, opts ? opts->top_p : 0.0f); moe__cl_int_arg(&a, noisy);
+    moe__cl_mem_arg(&a, noisy ? cl_l->h : cl_l->clean); moe__cl_mem_arg(&a, cl_l->p); moe__cl_mem_arg(&a, cl_l->lse); moe__cl_mem_arg(&a, cl_l->entropy);
+    moe__cl_mem_arg(&a, cl_l->sel); moe__cl_mem_arg(&a, cl_l->gate); moe__cl_mem_arg(&a, cl_l->thr);
     MOE__TRY(moe__cl_run(&a, 1, (size_t)T, 1, 1, NULL));
     a = moe__cl_begin(cl, MOE__CLK_dispatch_count);
     moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, K); moe__cl_long_arg(&a, cap);
@@ -2020,6 +2181,12 @@ static moe_result moe__cl_moe_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe
         moe__cl_mem_arg(&a, cl_l->importance);
         MOE__TRY(moe__cl_run(&a, 1, (size_t)E, 1, 1, NULL));
     }
+    if (noisy && d->load_loss > 0.0f && K < E) {
+        a = moe__cl_begin(cl, MOE__CLK_load_sums);
+        moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_mem_arg(&a, cl_l->clean); moe__cl_mem_arg(&a, cl_l->raw);
+        moe__cl_mem_arg(&a, cl_l->h); moe__cl_mem_arg(&a, cl_l->thr); moe__cl_mem_arg(&a, cl_l->load);
+        MOE__TRY(moe__cl_run(&a, 1, (size_t)E, 1, 1, NULL));
+    }
     MOE__TRY(moe__cl_bank_forward(dm, cl_l, 0, x, T));
     if (l->n_banks > 1) {
         a = moe__cl_begin(cl, MOE__CLK_shared_rows);
@@ -2034,7 +2201,8 @@ static moe_result moe__cl_moe_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe
     return moe__cl_run(&a, 2, (size_t)O, (size_t)T, 1, NULL);
 }
 
-static moe_result moe__cl_layer_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe__cl_mem x, int64_t T, int training) {
+static moe_result moe__cl_layer_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe__cl_mem x, int64_t T, int training, const float *noise,
+                                        const moe_forward_opts *opts) {
     const moe_layer *l = cl_l->l;
     const moe_layer_desc *d = &l->d;
     if (d->kind == MOE_LAYER_DENSE) {
@@ -2054,7 +2222,7 @@ static moe_result moe__cl_layer_forward(moe_cl_model *dm, moe__cl_layer *cl_l, m
         moe__cl_mem_arg(&a, cl_l->mean); moe__cl_mem_arg(&a, cl_l->rstd); moe__cl_mem_arg(&a, cl_l->out);
         return moe__cl_run(&a, 1, (size_t)T, 1, 1, NULL);
     }
-    return moe__cl_moe_forward(dm, cl_l, x, T, training);
+    return moe__cl_moe_forward(dm, cl_l, x, T, training, noise, opts);
 }
 
 static moe_result moe__cl_check_call(moe_cl_model *dm, const float *x, int64_t T) {
@@ -2064,14 +2232,17 @@ static moe_result moe__cl_check_call(moe_cl_model *dm, const float *x, int64_t T
     return MOE_OK;
 }
 
-static moe_result moe__cl_model_forward(moe_cl_model *dm, const float *x, int64_t T, int training) {
+/* opts: NULL, or the caller's (top_k, top_p, router_noise; training from the argument) */
+static moe_result moe__cl_model_forward(moe_cl_model *dm, const float *x, int64_t T, int training, const moe_forward_opts *opts) {
     moe__cl_mem in = dm->x;
     int i;
     MOE__TRY(moe__cl_check_call(dm, x, T));
+    for (i = 0; i < dm->n_layers; i++) MOE__TRY(moe__call_check(&dm->src[i], opts));
     dm->has_forward = 0;
     MOE__TRY(moe__cl_write(dm, dm->x, x, (size_t)(T * dm->d_in) * sizeof(float)));
     for (i = 0; i < dm->n_layers; i++) {
-        MOE__TRY(moe__cl_layer_forward(dm, &dm->layers[i], in, T, training));
+        const float *noise = opts && opts->router_noise ? opts->router_noise[i] : NULL;
+        MOE__TRY(moe__cl_layer_forward(dm, &dm->layers[i], in, T, training, noise, opts));
         if (training) dm->layers[i].noise_step++;
         in = dm->layers[i].out;
     }
@@ -2084,9 +2255,7 @@ MOEDEF moe_result moe_cl_model_forward(moe_cl_model *dm, const float *x, int64_t
     if (!dm) return MOE_ERR_INVALID_ARGUMENT;
     if (dm->fallback)
         return dm->model ? moe_model_forward(dm->model, x, n_tokens, y, opts) : moe_layer_forward(dm->layer, x, n_tokens, y ? y : dm->fallback_y, opts);
-    if (opts && (opts->top_k || opts->top_p > 0.0f || opts->token_ids))
-        return moe__fail(dm->cl->ctx, MOE_ERR_UNSUPPORTED, "per-call top_k, top_p and token_ids run on the CPU model only");
-    MOE__TRY(moe__cl_model_forward(dm, x, n_tokens, opts && opts->training));
+    MOE__TRY(moe__cl_model_forward(dm, x, n_tokens, opts && opts->training, opts));
     if (y) return moe__cl_read(dm, dm->layers[dm->n_layers - 1].out, 0, y, (size_t)(n_tokens * dm->d_out) * sizeof(float));
     return MOE_OK;
 }
@@ -2112,7 +2281,7 @@ MOEDEF moe_result moe_cl_model_predict(moe_cl_model *dm, const float *x, int64_t
 static moe_result moe__cl_layer_stats(moe_cl_model *dm, int i, moe_stats *st) {
     moe__cl_layer *cl_l = &dm->layers[i];
     const moe_layer_desc *d = &cl_l->l->d;
-    int64_t E = d->n_experts, K = d->top_k, T = dm->T, e, t, q;
+    int64_t E = d->n_experts, K = cl_l->call_k, T = dm->T, e, t, q;
     float *sums = dm->host_f;
     int32_t *counts = dm->host_i;
     double mean = 0.0, var = 0.0;
@@ -2133,7 +2302,11 @@ static moe_result moe__cl_layer_stats(moe_cl_model *dm, int i, moe_stats *st) {
         MOE__TRY(moe__cl_read(dm, cl_l->importance, 0, sums + E + 2, (size_t)E * sizeof(float)));
         st->importance_loss = (float)((double)d->importance_loss * moe__cv2(sums + E + 2, E, NULL));
     }
-    st->aux_loss = st->balance_loss + st->z_loss + st->importance_loss;
+    if (cl_l->load && d->load_loss > 0.0f && K < E) {
+        MOE__TRY(moe__cl_read(dm, cl_l->load, 0, sums + 2 * E + 2, (size_t)E * sizeof(float)));
+        st->load_loss = (float)((double)d->load_loss * moe__cv2(sums + 2 * E + 2, E, NULL));
+    }
+    st->aux_loss = st->balance_loss + st->z_loss + st->importance_loss + st->load_loss;
     st->router_entropy = (float)((double)sums[E + 1] / (double)T);
     for (e = 0; e < E; e++) {
         cl_l->kept_host[e] = counts[E + e];
@@ -2173,7 +2346,7 @@ static moe_result moe__cl_bank_backward(moe_cl_model *dm, moe__cl_layer *cl_l, i
     const moe_layer *l = cl_l->l;
     const moe__bank *b = &l->bank[bi];
     const moe__cl_bank *cb = &cl_l->bank[bi];
-    int64_t R = T * (bi == 0 ? l->d.top_k : b->n), H = b->d_hidden, D = b->d_in;
+    int64_t R = T * (bi == 0 ? cl_l->call_k : b->n), H = b->d_hidden, D = b->d_in;
     int j, last = b->n_linears - 1;
     moe__cl_gemm g;
     if (b->kind == MOE_EXPERT_SWIGLU) {
@@ -2225,12 +2398,22 @@ static moe_result moe__cl_bank_backward(moe_cl_model *dm, moe__cl_layer *cl_l, i
     return MOE_OK;
 }
 
+/* grad = coef * dCV^2(v)/dv for the E values of v, computed on the host (E numbers each way) */
+static moe_result moe__cl_cv2_grad(moe_cl_model *dm, moe__cl_mem v, moe__cl_mem grad, int64_t E, float coef) {
+    float *hv = dm->host_f, *hg = dm->host_f + E;
+    int64_t e;
+    MOE__TRY(moe__cl_read(dm, v, 0, hv, (size_t)E * sizeof(float)));
+    moe__cv2(hv, E, hg);
+    for (e = 0; e < E; e++) hg[e] *= coef;
+    return moe__cl_write(dm, grad, hg, (size_t)E * sizeof(float));
+}
+
 static moe_result moe__cl_moe_backward(moe_cl_model *dm, moe__cl_layer *cl_l, moe__cl_mem x, moe__cl_mem dy, moe__cl_mem dx, int64_t T, int flags) {
     moe_cl_ctx *cl = dm->cl;
     const moe_layer *l = cl_l->l;
     const moe_layer_desc *d = &l->d;
-    int64_t E = d->n_experts, K = d->top_k, D = d->d_in, O = d->d_out;
-    int aux = (flags & MOE_BACKWARD_AUX) != 0;
+    int64_t E = d->n_experts, K = cl_l->call_k, D = d->d_in, O = d->d_out;
+    int aux = (flags & MOE_BACKWARD_AUX) != 0, noisy = cl_l->raw != NULL, want_load = noisy && aux && d->load_loss > 0.0f && K < E;
     float bal_scale = aux && d->balance_loss > 0.0f ? d->balance_loss * (float)E / ((float)(T * K) * (float)T) : 0.0f;
     float z_scale = aux && d->z_loss > 0.0f ? 2.0f * d->z_loss / (float)T : 0.0f;
     moe__cl_args a = moe__cl_begin(cl, MOE__CLK_moe_dgate);
@@ -2239,13 +2422,9 @@ static moe_result moe__cl_moe_backward(moe_cl_model *dm, moe__cl_layer *cl_l, mo
     moe__cl_mem_arg(&a, cl_l->gate); moe__cl_mem_arg(&a, cl_l->bank[0].bout); moe__cl_mem_arg(&a, cl_l->bank[0].bdz[l->bank[0].n_linears - 1]);
     moe__cl_mem_arg(&a, cl_l->dgate);
     MOE__TRY(moe__cl_run(&a, 1, (size_t)(T * K), 1, 1, NULL));
-    if (aux && cl_l->importance) {  /* dCV^2/dimportance on the host (E values), added to the gates */
-        float *imp = dm->host_f, *grad = dm->host_f + E;
-        int64_t e;
-        MOE__TRY(moe__cl_read(dm, cl_l->importance, 0, imp, (size_t)E * sizeof(float)));
-        moe__cv2(imp, E, grad);
-        for (e = 0; e < E; e++) grad[e] *= d->importance_loss;
-        MOE__TRY(moe__cl_write(dm, cl_l->dimportance, grad, (size_t)E * sizeof(float)));
+    if (want_load) MOE__TRY(moe__cl_cv2_grad(dm, cl_l->load, cl_l->dload, E, d->load_loss));
+    if (aux && cl_l->importance) {  /* the importance loss's gradient, added to the gates */
+        MOE__TRY(moe__cl_cv2_grad(dm, cl_l->importance, cl_l->dimportance, E, d->importance_loss));
         a = moe__cl_begin(cl, MOE__CLK_dgate_add);
         moe__cl_int_arg(&a, T * K); moe__cl_mem_arg(&a, cl_l->sel); moe__cl_mem_arg(&a, cl_l->dimportance); moe__cl_mem_arg(&a, cl_l->dgate);
         MOE__TRY(moe__cl_run(&a, 1, (size_t)(T * K), 1, 1, NULL));
@@ -2265,14 +2444,32 @@ static moe_result moe__cl_moe_backward(moe_cl_model *dm, moe__cl_layer *cl_l, mo
     moe__cl_mem_arg(&a, cl_l->p); moe__cl_mem_arg(&a, cl_l->gate); moe__cl_mem_arg(&a, cl_l->dgate); moe__cl_mem_arg(&a, cl_l->sel);
     moe__cl_mem_arg(&a, cl_l->chosen); moe__cl_mem_arg(&a, cl_l->lse); moe__cl_mem_arg(&a, cl_l->dh);
     MOE__TRY(moe__cl_run(&a, 1, (size_t)T, 1, 1, NULL));
+    if (noisy) {  /* dh becomes dL/dclean, dstd = dL/draw */
+        a = moe__cl_begin(cl, MOE__CLK_noisy_back);
+        moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, want_load); moe__cl_mem_arg(&a, cl_l->dh); moe__cl_mem_arg(&a, cl_l->dstd);
+        moe__cl_mem_arg(&a, cl_l->noise_n); moe__cl_mem_arg(&a, cl_l->raw); moe__cl_mem_arg(&a, cl_l->clean); moe__cl_mem_arg(&a, cl_l->h);
+        moe__cl_mem_arg(&a, cl_l->thr); moe__cl_mem_arg(&a, cl_l->dload);
+        MOE__TRY(moe__cl_run(&a, 1, (size_t)T, 1, 1, NULL));
+    }
     g = moe__cl_gemm_make(MOE__TN, E, D, T, moe__cl_mat_of(cl_l->dh, 0, E), moe__cl_mat_of(cl_l->u, 0, D), moe__cl_mat_of(dm->grads, cl_l->poff + l->router.w, D));
     g.accumulate = 1;
     MOE__TRY(moe__cl_gemm_run(cl, &g));
     if (l->router.b >= 0) MOE__TRY(moe__cl_colsum(cl, T, E, cl_l->dh, E, NULL, 0, dm->grads, cl_l->poff + l->router.b, 0));
+    if (noisy) {
+        g = moe__cl_gemm_make(MOE__TN, E, D, T, moe__cl_mat_of(cl_l->dstd, 0, E), moe__cl_mat_of(cl_l->u, 0, D), moe__cl_mat_of(dm->grads, cl_l->poff + l->noise.w, D));
+        g.accumulate = 1;
+        MOE__TRY(moe__cl_gemm_run(cl, &g));
+    }
     if (!dx) return MOE_OK;
     g = moe__cl_gemm_make(MOE__NN, T, D, E, moe__cl_mat_of(cl_l->dh, 0, E), moe__cl_mat_of(dm->params, cl_l->poff + l->router.w, D),
                           moe__cl_mat_of(cl_l->dxu, 0, D));
     MOE__TRY(moe__cl_gemm_run(cl, &g));
+    if (noisy) {
+        g = moe__cl_gemm_make(MOE__NN, T, D, E, moe__cl_mat_of(cl_l->dstd, 0, E), moe__cl_mat_of(dm->params, cl_l->poff + l->noise.w, D),
+                              moe__cl_mat_of(cl_l->dxu, 0, D));
+        g.accumulate = 1;
+        MOE__TRY(moe__cl_gemm_run(cl, &g));
+    }
     a = moe__cl_begin(cl, MOE__CLK_moe_dx);
     moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, D); moe__cl_int_arg(&a, O); moe__cl_int_arg(&a, K); moe__cl_int_arg(&a, d->residual);
     moe__cl_mem_arg(&a, dy); moe__cl_mem_arg(&a, cl_l->pos); moe__cl_mem_arg(&a, cl_l->bank[0].bdxr); moe__cl_mem_arg(&a, cl_l->dxu);
@@ -2387,7 +2584,7 @@ MOEDEF moe_result moe_cl_model_train_step(moe_cl_model *dm, const float *x, cons
         if (!target->values) return moe__fail(dm->ctx, MOE_ERR_INVALID_ARGUMENT, "this loss needs target->values");
         MOE__TRY(moe__cl_write(dm, dm->values, target->values, (size_t)(T * C) * sizeof(float)));
     }
-    MOE__TRY(moe__cl_model_forward(dm, x, T, 1));
+    MOE__TRY(moe__cl_model_forward(dm, x, T, 1, NULL));
     a = moe__cl_begin(cl, MOE__CLK_task_loss);
     moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, C); moe__cl_int_arg(&a, (int)model->desc.loss);
     moe__cl_mem_arg(&a, dm->layers[dm->n_layers - 1].out); moe__cl_mem_arg(&a, dm->labels); moe__cl_mem_arg(&a, dm->values);
@@ -2398,7 +2595,7 @@ MOEDEF moe_result moe_cl_model_train_step(moe_cl_model *dm, const float *x, cons
     loss = (float)(sum / (double)T);
     for (i = 0; i < dm->n_layers; i++) {
         const moe_layer_desc *d = &dm->layers[i].l->d;
-        if (d->kind == MOE_LAYER_MOE && (d->balance_loss > 0.0f || d->z_loss > 0.0f || d->importance_loss > 0.0f)) {
+        if (d->kind == MOE_LAYER_MOE && (d->balance_loss > 0.0f || d->z_loss > 0.0f || d->importance_loss > 0.0f || d->load_loss > 0.0f)) {
             moe_stats st;
             MOE__TRY(moe__cl_layer_stats(dm, i, &st));
             aux += st.aux_loss;

@@ -132,7 +132,7 @@ static int test_build_failure(void) {
     desc.no_tuning = 1;
     desc.require_device = 1;
     desc.build_options = "-DRN=bogus_tile";
-    CHECK_RESULT(moe_cl_ctx_init(&ctx, &desc, &cl), MOE_ERR_UNSUPPORTED, &ctx);
+    CHECK_RESULT(moe_cl_ctx_init(&ctx, &desc, &cl), MOE_ERR_DEVICE, &ctx);
     CHECK(cl == NULL, "no context after a failed build");
     CHECK(strstr(moe_ctx_error(&ctx), "kernel build failed") != NULL, "message: %s", moe_ctx_error(&ctx));
     CHECK(strstr(moe_ctx_error(&ctx), "bogus_tile") != NULL, "the message shows the options and the log: %s", moe_ctx_error(&ctx));
@@ -144,22 +144,16 @@ static int test_upload_errors(void) {
     moe_model_desc d;
     moe_model *m = NULL;
     moe_cl_model *dm = NULL;
-    moe_cl_ctx *cl = NULL;
-    moe_cl_desc desc;
     if (!device) return TEST_SKIP;
     memset(layers, 0, sizeof layers);
     memset(&d, 0, sizeof d);
-    layers[0].kind = MOE_LAYER_MOE; layers[0].router = MOE_ROUTER_NOISY_TOPK; layers[0].n_experts = 4;
+    layers[0].kind = MOE_LAYER_MOE; layers[0].router = MOE_ROUTER_SIGMOID; layers[0].n_experts = 4;
     d.d_in = 8; d.n_layers = 1; d.layers = layers; d.loss = MOE_LOSS_MSE;
+    /* routers the device does not run, and reduced-precision weights, stay on the CPU */
     CHECK_OK(moe_model_create(&ctx, &d, &m), &ctx);
     dm = (moe_cl_model *)m;
     CHECK_RESULT(moe_cl_model_upload(device, m, &dm), MOE_ERR_UNSUPPORTED, &ctx);
-    CHECK(dm == NULL && strstr(moe_ctx_error(&ctx), "noisy") != NULL, "message: %s", moe_ctx_error(&ctx));
-    moe_model_destroy(m);
-    /* routers the device does not run, and reduced-precision weights, stay on the CPU */
-    layers[0].router = MOE_ROUTER_SIGMOID;
-    CHECK_OK(moe_model_create(&ctx, &d, &m), &ctx);
-    CHECK_RESULT(moe_cl_model_upload(device, m, &dm), MOE_ERR_UNSUPPORTED, &ctx);
+    CHECK(dm == NULL && strstr(moe_ctx_error(&ctx), "layer 0") && strstr(moe_ctx_error(&ctx), "field router"), "message: %s", moe_ctx_error(&ctx));
     moe_model_destroy(m);
     layers[0].router = MOE_ROUTER_TOPK;
     CHECK_OK(moe_model_create(&ctx, &d, &m), &ctx);
@@ -167,6 +161,51 @@ static int test_upload_errors(void) {
     CHECK_RESULT(moe_cl_model_upload(device, m, &dm), MOE_ERR_UNSUPPORTED, &ctx);
     CHECK(dm == NULL && strstr(moe_ctx_error(&ctx), "reduced-precision") != NULL, "message: %s", moe_ctx_error(&ctx));
     moe_model_destroy(m);
+    return 0;
+}
+
+/* The upload runs only what it lists: kinds added to moe.h later (simulated here by values past
+   the end of each enum, and by a tensor of a name it does not know) are refused, naming the
+   layer and the field. */
+static int test_upload_whitelist(void) {
+    static const char *const wants[5] = { "field kind", "field router", "field expert", "field activation", "tensor \"experts.combine.weight\"" };
+    moe_layer_desc layers[2];
+    moe_model_desc d;
+    int what;
+    if (!device) return TEST_SKIP;
+    memset(layers, 0, sizeof layers);
+    memset(&d, 0, sizeof d);
+    layers[0].kind = MOE_LAYER_DENSE; layers[0].d_out = 6;
+    layers[1].kind = MOE_LAYER_MOE; layers[1].n_experts = 4;
+    d.d_in = 8; d.n_layers = 2; d.layers = layers; d.loss = MOE_LOSS_MSE;
+    for (what = 0; what < 5; what++) {
+        moe_model *m = NULL;
+        moe_cl_model *dm = NULL;
+        moe_layer *l;
+        CHECK_OK(moe_model_create(&ctx, &d, &m), &ctx);
+        if (!m) return 0;
+        l = &m->layers[1];
+        CHECK_OK(moe_cl_model_upload(device, m, &dm), &ctx);  /* as created it runs */
+        moe_cl_model_destroy(dm);
+        dm = NULL;
+        if (what == 0) l->d.kind = MOE_LAYER_COUNT;
+        if (what == 1) l->d.router = MOE_ROUTER_COUNT;
+        if (what == 2) l->d.expert = MOE_EXPERT_COUNT;
+        if (what == 3) l->d.activation = MOE_ACT_COUNT;
+        if (what == 4) snprintf(l->tensors[l->n_tensors - 1].name, sizeof l->tensors[0].name, "experts.combine.weight");
+        CHECK_RESULT(moe_cl_model_upload(device, m, &dm), MOE_ERR_UNSUPPORTED, &ctx);
+        CHECK(dm == NULL && strstr(moe_ctx_error(&ctx), "layer 1") && strstr(moe_ctx_error(&ctx), wants[what]), "case %d: %s", what, moe_ctx_error(&ctx));
+        moe_model_destroy(m);
+    }
+    return 0;
+}
+
+static int test_upload_memory_limit(void) {
+    moe_model *m;
+    moe_cl_model *dm = NULL;
+    moe_cl_ctx *cl = NULL;
+    moe_cl_desc desc;
+    if (!device) return TEST_SKIP;
     m = small_model();
     memset(&desc, 0, sizeof desc);
     desc.no_tuning = 1;
@@ -187,6 +226,7 @@ typedef struct parity_case {
     int64_t d_in, tokens;
     moe_loss loss;
     moe_optimizer_desc opt;
+    moe_forward_opts fwd;       /* the forward of check_forward_backward (training: noise and jitter on) */
 } parity_case;
 
 static moe_model *make(const parity_case *pc) {
@@ -221,8 +261,8 @@ static void check_forward_backward(const parity_case *pc) {
     fill(dy, T * O, 3, 1.0f);
     CHECK_OK(moe_cl_model_upload(variant, m, &dm), &ctx);
     if (!dm) goto done;
-    CHECK_OK(moe_model_forward(m, x, T, y_cpu, NULL), &ctx);
-    CHECK_OK(moe_cl_model_forward(dm, x, T, y_cl, NULL), &ctx);
+    CHECK_OK(moe_model_forward(m, x, T, y_cpu, &pc->fwd), &ctx);
+    CHECK_OK(moe_cl_model_forward(dm, x, T, y_cl, &pc->fwd), &ctx);
     worst_of(y_cl, y_cpu, T * O, 1e-4, 1e-5, "forward y");
     for (l = 0; l < pc->n_layers; l++) {
         moe_stats a, b;
@@ -316,7 +356,7 @@ done:
     free(x); free(values); free(labels); free(p_first);
 }
 
-static parity_case cases[8];
+static parity_case cases[12];
 static int n_cases;
 
 static void add_cases(void) {
@@ -362,6 +402,29 @@ static void add_cases(void) {
     c->layers[2].activation = MOE_ACT_GELU; c->layers[2].d_hidden = 33; c->layers[2].d_out = 9;
     c->layers[3].kind = MOE_LAYER_DENSE; c->layers[3].d_out = 6; c->layers[3].activation = MOE_ACT_SIGMOID;
     c->opt.kind = MOE_OPTIMIZER_ADAMW; c->opt.total_steps = 5;
+    /* noisy top-k (Shazeer 2017) in training mode: the CPU's noise, softplus scale, importance and
+       load losses through the noisy gate; jitter on the router input too */
+    c = &cases[n_cases++];
+    c->name = "noisy_topk_training"; c->d_in = 21; c->tokens = 38; c->n_layers = 2; c->loss = MOE_LOSS_CROSS_ENTROPY;
+    c->layers[0].kind = MOE_LAYER_MOE; c->layers[0].router = MOE_ROUTER_NOISY_TOPK; c->layers[0].n_experts = 6; c->layers[0].top_k = 2;
+    c->layers[0].importance_loss = 0.1f; c->layers[0].load_loss = 0.1f; c->layers[0].balance_loss = 0.01f; c->layers[0].router_bias = MOE_FLAG_ON;
+    c->layers[1].kind = MOE_LAYER_MOE; c->layers[1].router = MOE_ROUTER_NOISY_TOPK; c->layers[1].n_experts = 4; c->layers[1].top_k = 3;
+    c->layers[1].expert = MOE_EXPERT_SWIGLU; c->layers[1].d_out = 5; c->layers[1].load_loss = 0.2f; c->layers[1].jitter = 0.1f;
+    c->layers[1].renormalize = MOE_FLAG_OFF; c->layers[1].z_loss = 0.01f;
+    c->opt.kind = MOE_OPTIMIZER_ADAM;
+    c->fwd.training = 1;
+    /* the same router at inference (no noise; the load loss still counts) */
+    cases[n_cases] = *c;
+    c = &cases[n_cases++];
+    c->name = "noisy_topk_inference";
+    c->fwd.training = 0;
+    /* per-call k and top-p: a layer sized for k up to 4 runs k = 3 with top_p 0.6 (slots left
+       empty) and its balance loss at that k */
+    c = &cases[n_cases++];
+    c->name = "per_call_topk_topp"; c->d_in = 19; c->tokens = 41; c->n_layers = 1; c->loss = MOE_LOSS_MSE;
+    c->layers[0].kind = MOE_LAYER_MOE; c->layers[0].n_experts = 6; c->layers[0].top_k = 2; c->layers[0].max_top_k = 4;
+    c->layers[0].balance_loss = 0.02f; c->layers[0].importance_loss = 0.05f; c->layers[0].d_out = 8;
+    c->fwd.top_k = 3; c->fwd.top_p = 0.6f;
 }
 
 static void run_forward_backward(const void *arg) { check_forward_backward((const parity_case *)arg); }
@@ -486,6 +549,8 @@ int main(void) {
     RUN(test_fallback_by_name);
     RUN(test_build_failure);
     RUN(test_upload_errors);
+    RUN(test_upload_whitelist);
+    RUN(test_upload_memory_limit);
     add_cases();
     /* every case on the default tiles (the direct GEMM on CPU devices); forward and backward
        again on the local-memory GEMM and on small odd tiles, so both kernels and their edges

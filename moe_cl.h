@@ -366,7 +366,7 @@ static void moe__cl_unload(moe__cl_api *api) {
     X(gemm_nt) X(gemm_nn) X(gemm_tn) X(colsum) X(transpose) X(route_topk) X(dispatch_count) X(dispatch_scatter) \
     X(moe_sums) X(moe_combine) X(moe_dgate) X(swiglu_back) X(router_back) X(moe_dx) X(act_fwd) \
     X(act_back) X(add_to) X(norm_fwd) X(norm_wgrad) X(norm_dx) X(task_loss) X(sumsq) X(opt_step) X(shared_rows) X(mul) X(importance) X(dgate_add) \
-    X(noisy_h) X(load_sums) X(noisy_back)
+    X(noisy_h) X(load_sums) X(noisy_back) X(route_sigmoid) X(sigmoid_back) X(bias_update) X(route_hash) X(dispatch_ec)
 
 enum {
 #define MOE__CL_KENUM(name) MOE__CLK_##name,
@@ -712,6 +712,17 @@ static const char *const moe__cl_source[] = {
     "    float ha = h[a] == h[a] ? h[a] : -FLT_MAX, hb = h[b] == h[b] ? h[b] : -FLT_MAX;\n",
     "    return ha > hb || (ha == hb && a < b);\n",
     "}\n",
+    "/* idx[0..n) = the first n of the E items of h in that order */\n",
+    "void top_n(global const float *h, int E, int n, global int *idx) {\n",
+    "    for (int q = 0; q < n; q++) {\n",
+    "        int best = -1;\n",
+    "        for (int e = 0; e < E; e++) {\n",
+    "            if (q > 0 && !before(h, idx[q - 1], e)) continue;\n",
+    "            if (best < 0 || before(h, e, best)) best = e;\n",
+    "        }\n",
+    "        idx[q] = best;\n",
+    "    }\n",
+    "}\n",
     "/* One token per work-item: softmax, entropy, the k chosen experts, their gates. top_p > 0: only\n",
     "   the fewest leading slots whose probabilities reach top_p (the others: expert -1, gate 0).\n",
     "   want_thr: thr[2t] = the k-th expert, thr[2t+1] = the (k+1)-th (noisy top-k's load loss). */\n",
@@ -729,14 +740,7 @@ static const char *const moe__cl_source[] = {
     "    for (int e = 0; e < E; e++)\n",
     "        if (p[e] > 0.0f) ent -= p[e] * log(p[e]);\n",
     "    entropy[t] = ent;\n",
-    "    for (int q = 0; q < K; q++) {\n",
-    "        int best = -1;\n",
-    "        for (int e = 0; e < E; e++) {\n",
-    "            if (q > 0 && !before(h, sel[q - 1], e)) continue;\n",
-    "            if (best < 0 || before(h, e, best)) best = e;\n",
-    "        }\n",
-    "        sel[q] = best;\n",
-    "    }\n",
+    "    top_n(h, E, K, sel);\n",
     "    if (top_p > 0.0f) {\n",
     "        acc_t cum = 0;\n",
     "        for (n = 0; n < K && cum < (acc_t)top_p; n++) cum += (acc_t)p[sel[n]];\n",
@@ -756,6 +760,104 @@ static const char *const moe__cl_source[] = {
     "        for (int q = 0; q < n; q++) gate[q] = p[sel[q]];\n",
     "    }\n",
     "    for (int q = n; q < K; q++) { sel[q] = -1; gate[q] = 0.0f; }\n",
+    "}\n",
+    "/* Sigmoid router (DeepSeek-V3), one token per work-item: p = sigmoid(clean); selection by\n",
+    "   key = p + selection bias among the experts of the top_groups best of G groups (group score:\n",
+    "   the sum of its two largest keys); gates p (over their sum when renormalize) times scale.\n",
+    "   keys [T, E], gsc [T, G] and gsl [T, G] are scratch. */\n",
+    "kernel void route_sigmoid(int T, int E, int K, int G, int top_groups, int renormalize, float scale, global const float *cc, global const float *prm, long bias_off, global float *pp, global float *keys, global float *gsc, global int *gsl, global float *lse, global float *entropy, global int *sel_all, global float *gate_all) {\n",
+    "    int t = get_global_id(0), n = E / G;\n",
+    "    if (t >= T) return;\n",
+    "    global const float *c = cc + (long)t * E, *bias = prm + bias_off;\n",
+    "    global float *p = pp + (long)t * E, *key = keys + (long)t * E, *gate = gate_all + (long)t * K;\n",
+    "    global int *sel = sel_all + (long)t * K;\n",
+    "    float sum = 0.0f, ent = 0.0f, s = 0.0f;\n",
+    "    for (int e = 0; e < E; e++) { p[e] = sigm(c[e]); key[e] = p[e] + bias[e]; sum += p[e]; }\n",
+    "    for (int e = 0; e < E; e++)\n",
+    "        if (p[e] > 0.0f) ent -= p[e] / sum * log(p[e] / sum);\n",
+    "    entropy[t] = ent;\n",
+    "    lse[t] = 0.0f;\n",
+    "    if (G > 1) {\n",
+    "        global float *gs = gsc + (long)t * G;\n",
+    "        global int *gsel = gsl + (long)t * G;\n",
+    "        for (int q = 0; q < G; q++) {  /* gsel[0..1] hold the group's top two for now */\n",
+    "            top_n(key + q * n, n, n < 2 ? 1 : 2, gsel);\n",
+    "            gs[q] = key[q * n + gsel[0]] + (n < 2 ? 0.0f : key[q * n + gsel[1]]);\n",
+    "        }\n",
+    "        top_n(gs, G, top_groups, gsel);\n",
+    "        for (int q = 0; q < G; q++) gs[q] = 0.0f;\n",
+    "        for (int q = 0; q < top_groups; q++) gs[gsel[q]] = 1.0f;\n",
+    "        for (int e = 0; e < E; e++)\n",
+    "            if (gs[e / n] == 0.0f) key[e] = -INFINITY;\n",
+    "    }\n",
+    "    top_n(key, E, K, sel);\n",
+    "    for (int q = 0; q < K; q++) s += p[sel[q]];\n",
+    "    for (int q = 0; q < K; q++) gate[q] = (renormalize ? p[sel[q]] / s : p[sel[q]]) * scale;\n",
+    "}\n",
+    "/* dh for token t through the sigmoid router's gates: g_q = scale p_q / S (or scale p_q) */\n",
+    "kernel void sigmoid_back(int T, int E, int K, int renormalize, float scale, global const float *pp, global const float *gate_all, global const float *dgate, global const int *sel_all, global float *dh_all) {\n",
+    "    int t = get_global_id(0);\n",
+    "    if (t >= T) return;\n",
+    "    global const float *p = pp + (long)t * E, *gate = gate_all + (long)t * K, *dg = dgate + (long)t * K;\n",
+    "    global const int *sel = sel_all + (long)t * K;\n",
+    "    global float *dh = dh_all + (long)t * E;\n",
+    "    float S = 0.0f, gs = 0.0f;\n",
+    "    for (int e = 0; e < E; e++) dh[e] = 0.0f;\n",
+    "    for (int q = 0; q < K; q++) { S += p[sel[q]]; gs += gate[q] * dg[q]; }\n",
+    "    for (int q = 0; q < K; q++) dh[sel[q]] = renormalize ? (scale * dg[q] - gs) / S : scale * dg[q];\n",
+    "    for (int e = 0; e < E; e++) dh[e] *= p[e] * (1.0f - p[e]);\n",
+    "}\n",
+    "/* aux-loss-free balance: b_e += rate * sign(mean load - load_e), in integers (exact) */\n",
+    "kernel void bias_update(int E, float rate, global const int *chosen, global float *prm, long off) {\n",
+    "    int e = get_global_id(0);\n",
+    "    if (e >= E) return;\n",
+    "    long sum = 0;\n",
+    "    for (int f = 0; f < E; f++) sum += chosen[f];\n",
+    "    long diff = sum - (long)chosen[e] * E;\n",
+    "    prm[off + e] += diff > 0 ? rate : diff < 0 ? -rate : 0.0f;\n",
+    "}\n",
+    "/* moe.h's counter-based generator (splitmix64 finaliser, three rounds) */\n",
+    "ulong mix64(ulong z) {\n",
+    "    z += 0x9E3779B97F4A7C15UL;\n",
+    "    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL;\n",
+    "    z = (z ^ (z >> 27)) * 0x94D049BB133111EBUL;\n",
+    "    return z ^ (z >> 31);\n",
+    "}\n",
+    "/* Hash router: k distinct experts rng(seed, layer, id << 32 | c) mod E, c = 0, 1, ...; gates 1/k */\n",
+    "kernel void route_hash(int T, int E, int K, uint seed, long layer, global const int *ids, global int *sel_all, global float *gate_all, global float *lse, global float *entropy) {\n",
+    "    int t = get_global_id(0), n = 0;\n",
+    "    if (t >= T) return;\n",
+    "    global int *sel = sel_all + (long)t * K;\n",
+    "    ulong id = (ulong)(uint)ids[t] << 32;\n",
+    "    for (ulong c = 0; n < K; c++) {\n",
+    "        int e = (int)(mix64(mix64(mix64((ulong)seed) ^ (ulong)layer) ^ (id | c)) % (ulong)E), seen = 0;\n",
+    "        for (int q = 0; q < n; q++) seen |= sel[q] == e;\n",
+    "        if (!seen) sel[n++] = e;\n",
+    "    }\n",
+    "    for (int q = 0; q < K; q++) gate_all[(long)t * K + q] = 1.0f / (float)K;\n",
+    "    lse[t] = 0.0f;\n",
+    "    entropy[t] = 0.0f;\n",
+    "}\n",
+    "/* Expert choice, one expert per work-item: its C tokens of largest p[., e] (ties: lower token),\n",
+    "   rows e*C.. in token order; slot e of token t is expert e (pos -1: not taken), gate p[t, e]. */\n",
+    "kernel void dispatch_ec(int T, int E, int C, global const float *p, global int *sel, global int *pos, global float *gate, global int *offsets, global int *row_token, global int *chosen, global int *kept) {\n",
+    "    int e = get_global_id(0), n = 0, r = e * C;\n",
+    "    if (e >= E) return;\n",
+    "    global int *list = row_token + (long)e * C;  /* the best tokens so far, best first */\n",
+    "    for (int t = 0; t < T; t++) {\n",
+    "        float v = p[(long)t * E + e];\n",
+    "        if (n == C && !(v > p[(long)list[C - 1] * E + e])) continue;\n",
+    "        int j = n < C ? n++ : C - 1;\n",
+    "        for (; j > 0 && v > p[(long)list[j - 1] * E + e]; j--) list[j] = list[j - 1];\n",
+    "        list[j] = t;\n",
+    "    }\n",
+    "    for (int t = 0; t < T; t++) { long a = (long)t * E + e; pos[a] = -1; sel[a] = e; gate[a] = p[a]; }\n",
+    "    for (int j = 0; j < C; j++) pos[(long)list[j] * E + e] = -2;\n",
+    "    for (int t = 0; t < T; t++)\n",
+    "        if (pos[(long)t * E + e] == -2) { row_token[r] = t; pos[(long)t * E + e] = r++; }\n",
+    "    offsets[e + 1] = (e + 1) * C;\n",
+    "    if (e == 0) offsets[0] = 0;\n",
+    "    chosen[e] = kept[e] = C;\n",
     "}\n",
     "/* One expert per work-item: how many (token, slot) pairs chose it, and which fit its capacity\n",
     "   (slot-major, tokens ascending, as the CPU). pos = 0 kept, -1 dropped. */\n",
@@ -1667,7 +1769,9 @@ typedef struct moe__cl_layer {
     moe__cl_mem importance, dimportance;  /* [E] with the importance loss: sums of gates, gradient */
     moe__cl_mem raw, noise_n, h, dstd;    /* noisy top-k: [T, E] noise logits, noise, noisy logits, dL/draw */
     moe__cl_mem thr, load, dload;         /* noisy top-k: [T, 2] k-th / (k+1)-th expert; [E] load and its gradient */
+    moe__cl_mem key, group_score, group_sel, bias_keep;  /* sigmoid: [T, E], [T, G] x 2 scratch; [E] */
     int call_k;                 /* experts per token of the last forward (moe_forward_opts.top_k) */
+    int64_t slots, rows;        /* routing slots per token (k; expert choice: E), routed expert rows */
     moe__cl_bank bank[2];
     moe__cl_mem dgate, dh, dxu;
     moe__cl_mem xr, jit;        /* jitter: [T, D] router input and its factors */
@@ -1693,6 +1797,7 @@ struct moe_cl_model {
     moe__cl_mem params, grads, m, v;
     moe__cl_mem wt;             /* direct GEMM: every weight matrix transposed, same offsets */
     moe__cl_mem x, labels, values, dloss, tok, dbuf[2], partial;
+    moe__cl_mem ids;            /* [T] token ids (hash routers) */
     moe__cl_mem *mems;          /* every buffer, to release */
     int n_mems, cap_mems;
     int64_t n_params, max_tokens, T, n_chunks, step, bytes;
@@ -1752,6 +1857,7 @@ static int moe__cl_known_tensor(const moe_layer *l, const char *name) {
     if (l->d.kind != MOE_LAYER_MOE) return strcmp(name, "weight") == 0 || strcmp(name, "bias") == 0;
     if (strcmp(name, "router.weight") == 0 || strcmp(name, "router.bias") == 0) return 1;
     if (strcmp(name, "router.noise_weight") == 0) return l->d.router == MOE_ROUTER_NOISY_TOPK;
+    if (strcmp(name, "router.selection_bias") == 0) return l->d.router == MOE_ROUTER_SIGMOID;
     if (strncmp(name, "experts.", 8) == 0) name += 8;
     else if (strncmp(name, "shared.", 7) == 0) name += 7;
     else return 0;
@@ -1788,8 +1894,9 @@ static const char *moe__cl_unsupported(const moe_layer *l, char *why, size_t cap
     }
     if (d->kind != MOE_LAYER_MOE) return moe__cl_unknown_tensor(l, why, cap);
     switch (d->router) {
-    case MOE_ROUTER_TOPK: case MOE_ROUTER_NOISY_TOPK: case MOE_ROUTER_SWITCH: break;
-    default: snprintf(why, cap, "router %d (field router; the device runs topk, noisy_topk and switch)", (int)d->router); return why;
+    case MOE_ROUTER_TOPK: case MOE_ROUTER_NOISY_TOPK: case MOE_ROUTER_SWITCH: case MOE_ROUTER_SIGMOID: case MOE_ROUTER_EXPERT_CHOICE:
+    case MOE_ROUTER_HASH: break;
+    default: snprintf(why, cap, "router %d (field router)", (int)d->router); return why;
     }
     switch (d->expert) {
     case MOE_EXPERT_LINEAR: case MOE_EXPERT_MLP: case MOE_EXPERT_SWIGLU: break;
@@ -1813,7 +1920,7 @@ static void moe__cl_layer_alloc(moe_cl_model *dm, moe__cl_layer *cl_l) {
         cl_l->mean = moe__cl_buffer(dm, T, sizeof(float));
         cl_l->rstd = moe__cl_buffer(dm, T, sizeof(float));
     } else if (d->kind == MOE_LAYER_MOE) {
-        int64_t E = d->n_experts, K = d->max_top_k, bi;
+        int64_t E = d->n_experts, K = d->router == MOE_ROUTER_EXPERT_CHOICE ? E : d->max_top_k, G = d->n_groups, bi;
         cl_l->clean = moe__cl_buffer(dm, T * E, sizeof(float));
         cl_l->p = moe__cl_buffer(dm, T * E, sizeof(float));
         cl_l->lse = moe__cl_buffer(dm, T, sizeof(float));
@@ -1826,6 +1933,12 @@ static void moe__cl_layer_alloc(moe_cl_model *dm, moe__cl_layer *cl_l) {
         cl_l->sums = moe__cl_buffer(dm, E + 2, sizeof(float));
         cl_l->importance = d->importance_loss > 0.0f ? moe__cl_buffer(dm, E, sizeof(float)) : NULL;
         cl_l->dimportance = d->importance_loss > 0.0f ? moe__cl_buffer(dm, E, sizeof(float)) : NULL;
+        if (d->router == MOE_ROUTER_SIGMOID) {
+            cl_l->key = moe__cl_buffer(dm, T * E, sizeof(float));
+            cl_l->group_score = G > 1 ? moe__cl_buffer(dm, T * G, sizeof(float)) : NULL;
+            cl_l->group_sel = G > 1 ? moe__cl_buffer(dm, T * G, sizeof(int32_t)) : NULL;
+            cl_l->bias_keep = moe__cl_buffer(dm, E, sizeof(float));
+        }
         if (d->router == MOE_ROUTER_NOISY_TOPK) {
             cl_l->raw = moe__cl_buffer(dm, T * E, sizeof(float));
             cl_l->noise_n = moe__cl_buffer(dm, T * E, sizeof(float));
@@ -1882,7 +1995,7 @@ static moe_result moe__cl_refresh_transposed(moe_cl_model *dm) {
         const moe_layer *l = &dm->src[i];
         if (l->d.kind == MOE_LAYER_DENSE) MOE__TRY(moe__cl_transpose(dm, l, &l->lin, 1));
         if (l->d.kind != MOE_LAYER_MOE) continue;
-        MOE__TRY(moe__cl_transpose(dm, l, &l->router, 1));
+        if (l->router.w >= 0) MOE__TRY(moe__cl_transpose(dm, l, &l->router, 1));
         if (l->d.router == MOE_ROUTER_NOISY_TOPK) MOE__TRY(moe__cl_transpose(dm, l, &l->noise, 1));
         for (b = 0; b < l->n_banks; b++)
             for (j = 0; j < l->bank[b].n_linears; j++) MOE__TRY(moe__cl_transpose(dm, l, &l->bank[b].lin[j], l->bank[b].n));
@@ -1977,7 +2090,7 @@ static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *la
         if (d->kind == MOE_LAYER_MOE && d->router == MOE_ROUTER_NOISY_TOPK) noise = moe__max64(noise, T * d->n_experts);
         if (d->kind == MOE_LAYER_MOE) {
             host_f = moe__max64(host_f, 3 * (int64_t)d->n_experts + 2);
-            host_i = moe__max64(host_i, moe__max64(T * d->max_top_k, 2 * (int64_t)d->n_experts));
+            host_i = moe__max64(host_i, moe__max64(T * (d->router == MOE_ROUTER_EXPERT_CHOICE ? d->n_experts : d->max_top_k), 2 * (int64_t)d->n_experts));
             kept_total += d->n_experts;
         }
     }
@@ -2000,6 +2113,7 @@ static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *la
     dm->values = moe__cl_buffer(dm, T * dm->d_out, sizeof(float));
     dm->dloss = moe__cl_buffer(dm, T * dm->d_out, sizeof(float));
     dm->tok = moe__cl_buffer(dm, T, sizeof(float));
+    dm->ids = moe__cl_buffer(dm, T, sizeof(int32_t));
     dm->dbuf[0] = moe__cl_buffer(dm, T * widest, sizeof(float));
     dm->dbuf[1] = moe__cl_buffer(dm, T * widest, sizeof(float));
     dm->partial = moe__cl_buffer(dm, dm->n_chunks, sizeof(float));
@@ -2072,7 +2186,7 @@ static moe_result moe__cl_bank_forward(moe_cl_model *dm, moe__cl_layer *cl_l, in
     const moe_layer *l = cl_l->l;
     const moe__bank *b = &l->bank[bi];
     const moe__cl_bank *cb = &cl_l->bank[bi];
-    int64_t rows = T * (bi == 0 ? cl_l->call_k : b->n);
+    int64_t rows = bi == 0 ? cl_l->rows : T * b->n;
     int j;
     for (j = 0; j < b->n_linears; j++) {
         const moe__linear *lin = &b->lin[j];
@@ -2132,36 +2246,55 @@ static moe_result moe__cl_noisy_forward(moe_cl_model *dm, moe__cl_layer *cl_l, i
     return moe__cl_run(&a, 1, (size_t)n, 1, 1, NULL);
 }
 
-static moe_result moe__cl_moe_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe__cl_mem x, int64_t T, int training, const float *noise,
-                                      const moe_forward_opts *opts) {
+/* Router scores, the chosen experts and gates of every token, then the permutation by expert
+   (offsets and row_token of the routed bank, pos of every slot, chosen / kept counts). */
+static moe_result moe__cl_route(moe_cl_model *dm, moe__cl_layer *cl_l, int64_t T, int training, const float *noise, const moe_forward_opts *opts) {
     moe_cl_ctx *cl = dm->cl;
     const moe_layer *l = cl_l->l;
     const moe_layer_desc *d = &l->d;
-    int64_t E = d->n_experts, K, D = d->d_in, O = d->d_out, cap = 0, n_shared = l->n_banks > 1 ? l->bank[1].n : 0;
-    int noisy = d->router == MOE_ROUTER_NOISY_TOPK;
+    int64_t E = d->n_experts, K = cl_l->call_k, D = d->d_in, cap = 0;
+    int noisy = d->router == MOE_ROUTER_NOISY_TOPK, ec = d->router == MOE_ROUTER_EXPERT_CHOICE;
     moe__cl_gemm g;
     moe__cl_args a;
-    K = cl_l->call_k = opts && opts->top_k ? opts->top_k : d->top_k;
-    if (d->capacity_factor > 0.0f) {
-        double c = ceil((double)d->capacity_factor * (double)T * (double)K / (double)E);
-        cap = c < 1.0 ? 1 : (int64_t)c;
+    if (d->capacity_factor > 0.0f && !ec) cap = moe__capacity(d->capacity_factor, T, K, E);
+    if (d->router == MOE_ROUTER_HASH) {
+        MOE__TRY(moe__cl_write(dm, dm->ids, opts->token_ids, (size_t)T * sizeof(int32_t)));
+        a = moe__cl_begin(cl, MOE__CLK_route_hash);
+        moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, K);
+        { uint32_t seed = d->hash_seed; moe__cl_arg(&a, sizeof seed, &seed); }
+        moe__cl_long_arg(&a, l->index); moe__cl_mem_arg(&a, dm->ids); moe__cl_mem_arg(&a, cl_l->sel); moe__cl_mem_arg(&a, cl_l->gate);
+        moe__cl_mem_arg(&a, cl_l->lse); moe__cl_mem_arg(&a, cl_l->entropy);
+        MOE__TRY(moe__cl_run(&a, 1, (size_t)T, 1, 1, NULL));
+    } else {
+        g = moe__cl_gemm_make(MOE__NT, T, E, D, moe__cl_mat_of(cl_l->u, 0, D), moe__cl_mat_of(dm->params, cl_l->poff + l->router.w, D),
+                              moe__cl_mat_of(cl_l->clean, 0, E));
+        if (l->router.b >= 0) { g.bias = dm->params; g.bias_off = cl_l->poff + l->router.b; }
+        MOE__TRY(moe__cl_weight_gemm(dm, &g));
     }
-    cl_l->u = x;
-    if (training && cl_l->xr) {
-        MOE__TRY(moe__cl_jitter(dm, cl_l, x, T));
-        cl_l->u = cl_l->xr;
-    }
-    g = moe__cl_gemm_make(MOE__NT, T, E, D, moe__cl_mat_of(cl_l->u, 0, D), moe__cl_mat_of(dm->params, cl_l->poff + l->router.w, D),
-                          moe__cl_mat_of(cl_l->clean, 0, E));
-    if (l->router.b >= 0) { g.bias = dm->params; g.bias_off = cl_l->poff + l->router.b; }
-    MOE__TRY(moe__cl_weight_gemm(dm, &g));
     if (noisy) MOE__TRY(moe__cl_noisy_forward(dm, cl_l, T, training, noise));
-    a = moe__cl_begin(cl, MOE__CLK_route_topk);
-    moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, K); moe__cl_int_arg(&a, d->renormalize == MOE_FLAG_ON);
-    moe__cl_float_arg(&a, opts ? opts->top_p : 0.0f); moe__cl_int_arg(&a, noisy);
-    moe__cl_mem_arg(&a, noisy ? cl_l->h : cl_l->clean); moe__cl_mem_arg(&a, cl_l->p); moe__cl_mem_arg(&a, cl_l->lse); moe__cl_mem_arg(&a, cl_l->entropy);
-    moe__cl_mem_arg(&a, cl_l->sel); moe__cl_mem_arg(&a, cl_l->gate); moe__cl_mem_arg(&a, cl_l->thr);
-    MOE__TRY(moe__cl_run(&a, 1, (size_t)T, 1, 1, NULL));
+    if (d->router == MOE_ROUTER_SIGMOID) {
+        a = moe__cl_begin(cl, MOE__CLK_route_sigmoid);
+        moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, K); moe__cl_int_arg(&a, d->n_groups); moe__cl_int_arg(&a, d->top_k_groups);
+        moe__cl_int_arg(&a, d->renormalize == MOE_FLAG_ON); moe__cl_float_arg(&a, d->routed_scaling_factor); moe__cl_mem_arg(&a, cl_l->clean);
+        moe__cl_mem_arg(&a, dm->params); moe__cl_long_arg(&a, cl_l->poff + l->selection_bias); moe__cl_mem_arg(&a, cl_l->p);
+        moe__cl_mem_arg(&a, cl_l->key); moe__cl_mem_arg(&a, cl_l->group_score); moe__cl_mem_arg(&a, cl_l->group_sel);
+        moe__cl_mem_arg(&a, cl_l->lse); moe__cl_mem_arg(&a, cl_l->entropy); moe__cl_mem_arg(&a, cl_l->sel); moe__cl_mem_arg(&a, cl_l->gate);
+        MOE__TRY(moe__cl_run(&a, 1, (size_t)T, 1, 1, NULL));
+    } else if (d->router != MOE_ROUTER_HASH) {  /* softmax (and for token-choice routers the top k) */
+        a = moe__cl_begin(cl, MOE__CLK_route_topk);
+        moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, ec ? 0 : K); moe__cl_int_arg(&a, !ec && d->renormalize == MOE_FLAG_ON);
+        moe__cl_float_arg(&a, opts ? opts->top_p : 0.0f); moe__cl_int_arg(&a, noisy);
+        moe__cl_mem_arg(&a, noisy ? cl_l->h : cl_l->clean); moe__cl_mem_arg(&a, cl_l->p); moe__cl_mem_arg(&a, cl_l->lse); moe__cl_mem_arg(&a, cl_l->entropy);
+        moe__cl_mem_arg(&a, cl_l->sel); moe__cl_mem_arg(&a, cl_l->gate); moe__cl_mem_arg(&a, cl_l->thr);
+        MOE__TRY(moe__cl_run(&a, 1, (size_t)T, 1, 1, NULL));
+    }
+    if (ec) {
+        a = moe__cl_begin(cl, MOE__CLK_dispatch_ec);
+        moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, cl_l->rows / E); moe__cl_mem_arg(&a, cl_l->p);
+        moe__cl_mem_arg(&a, cl_l->sel); moe__cl_mem_arg(&a, cl_l->pos); moe__cl_mem_arg(&a, cl_l->gate);
+        moe__cl_mem_arg(&a, cl_l->bank[0].offsets); moe__cl_mem_arg(&a, cl_l->bank[0].row_token); moe__cl_mem_arg(&a, cl_l->chosen); moe__cl_mem_arg(&a, cl_l->kept);
+        return moe__cl_run(&a, 1, (size_t)E, 1, 1, NULL);
+    }
     a = moe__cl_begin(cl, MOE__CLK_dispatch_count);
     moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, K); moe__cl_long_arg(&a, cap);
     moe__cl_mem_arg(&a, cl_l->sel); moe__cl_mem_arg(&a, cl_l->pos); moe__cl_mem_arg(&a, cl_l->chosen); moe__cl_mem_arg(&a, cl_l->kept);
@@ -2170,7 +2303,26 @@ static moe_result moe__cl_moe_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe
     moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, K);
     moe__cl_mem_arg(&a, cl_l->sel); moe__cl_mem_arg(&a, cl_l->pos); moe__cl_mem_arg(&a, cl_l->kept);
     moe__cl_mem_arg(&a, cl_l->bank[0].offsets); moe__cl_mem_arg(&a, cl_l->bank[0].row_token);
-    MOE__TRY(moe__cl_run(&a, 1, (size_t)E, 1, 1, NULL));
+    return moe__cl_run(&a, 1, (size_t)E, 1, 1, NULL);
+}
+
+static moe_result moe__cl_moe_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe__cl_mem x, int64_t T, int training, const float *noise,
+                                      const moe_forward_opts *opts) {
+    moe_cl_ctx *cl = dm->cl;
+    const moe_layer *l = cl_l->l;
+    const moe_layer_desc *d = &l->d;
+    int64_t E = d->n_experts, K, D = d->d_in, O = d->d_out, n_shared = l->n_banks > 1 ? l->bank[1].n : 0;
+    int noisy = d->router == MOE_ROUTER_NOISY_TOPK, ec = d->router == MOE_ROUTER_EXPERT_CHOICE;
+    moe__cl_args a;
+    K = cl_l->call_k = opts && opts->top_k ? opts->top_k : d->top_k;
+    cl_l->slots = ec ? E : K;
+    cl_l->rows = ec ? E * moe__expert_choice_tokens(d, T, K) : T * K;
+    cl_l->u = x;
+    if (training && cl_l->xr) {
+        MOE__TRY(moe__cl_jitter(dm, cl_l, x, T));
+        cl_l->u = cl_l->xr;
+    }
+    MOE__TRY(moe__cl_route(dm, cl_l, T, training, noise, opts));
     a = moe__cl_begin(cl, MOE__CLK_moe_sums);
     moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E);
     moe__cl_mem_arg(&a, cl_l->p); moe__cl_mem_arg(&a, cl_l->lse); moe__cl_mem_arg(&a, cl_l->entropy); moe__cl_mem_arg(&a, cl_l->sums);
@@ -2195,7 +2347,7 @@ static moe_result moe__cl_moe_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe
         MOE__TRY(moe__cl_bank_forward(dm, cl_l, 1, x, T));
     }
     a = moe__cl_begin(cl, MOE__CLK_moe_combine);
-    moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, D); moe__cl_int_arg(&a, O); moe__cl_int_arg(&a, K); moe__cl_int_arg(&a, d->residual);
+    moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, D); moe__cl_int_arg(&a, O); moe__cl_int_arg(&a, cl_l->slots); moe__cl_int_arg(&a, d->residual);
     moe__cl_mem_arg(&a, x); moe__cl_mem_arg(&a, cl_l->pos); moe__cl_mem_arg(&a, cl_l->gate); moe__cl_mem_arg(&a, cl_l->bank[0].bout);
     moe__cl_int_arg(&a, n_shared); moe__cl_mem_arg(&a, cl_l->bank[1].bout); moe__cl_mem_arg(&a, cl_l->out);
     return moe__cl_run(&a, 2, (size_t)O, (size_t)T, 1, NULL);
@@ -2281,7 +2433,7 @@ MOEDEF moe_result moe_cl_model_predict(moe_cl_model *dm, const float *x, int64_t
 static moe_result moe__cl_layer_stats(moe_cl_model *dm, int i, moe_stats *st) {
     moe__cl_layer *cl_l = &dm->layers[i];
     const moe_layer_desc *d = &cl_l->l->d;
-    int64_t E = d->n_experts, K = cl_l->call_k, T = dm->T, e, t, q;
+    int64_t E = d->n_experts, K = cl_l->call_k, S = cl_l->slots, T = dm->T, e, t, q;
     float *sums = dm->host_f;
     int32_t *counts = dm->host_i;
     double mean = 0.0, var = 0.0;
@@ -2318,11 +2470,11 @@ static moe_result moe__cl_layer_stats(moe_cl_model *dm, int i, moe_stats *st) {
     var /= (double)E;
     st->load_cv = mean > 0.0 ? (float)(sqrt(var) / mean) : 0.0f;
     st->tokens_per_expert = cl_l->kept_host;
-    if (st->dropped_assignments > 0) {  /* tokens with every choice dropped pass through */
-        MOE__TRY(moe__cl_read(dm, cl_l->pos, 0, counts, (size_t)(T * K) * sizeof(int32_t)));
+    if (st->dropped_assignments > 0 || d->router == MOE_ROUTER_EXPERT_CHOICE) {  /* tokens with no expert pass through */
+        MOE__TRY(moe__cl_read(dm, cl_l->pos, 0, counts, (size_t)(T * S) * sizeof(int32_t)));
         for (t = 0; t < T; t++) {
             int any = 0;
-            for (q = 0; q < K; q++) any |= counts[t * K + q] >= 0;
+            for (q = 0; q < S; q++) any |= counts[t * S + q] >= 0;
             st->dropped_tokens += !any;
         }
     }
@@ -2346,7 +2498,7 @@ static moe_result moe__cl_bank_backward(moe_cl_model *dm, moe__cl_layer *cl_l, i
     const moe_layer *l = cl_l->l;
     const moe__bank *b = &l->bank[bi];
     const moe__cl_bank *cb = &cl_l->bank[bi];
-    int64_t R = T * (bi == 0 ? cl_l->call_k : b->n), H = b->d_hidden, D = b->d_in;
+    int64_t R = bi == 0 ? cl_l->rows : T * b->n, H = b->d_hidden, D = b->d_in;
     int j, last = b->n_linears - 1;
     moe__cl_gemm g;
     if (b->kind == MOE_EXPERT_SWIGLU) {
@@ -2408,14 +2560,55 @@ static moe_result moe__cl_cv2_grad(moe_cl_model *dm, moe__cl_mem v, moe__cl_mem 
     return moe__cl_write(dm, grad, hg, (size_t)E * sizeof(float));
 }
 
+/* dh at the router logits (through the gates, the softmax or sigmoid, the auxiliary losses and
+   the noisy gate), then the router's weight gradients. */
+static moe_result moe__cl_router_backward(moe_cl_model *dm, moe__cl_layer *cl_l, int64_t T, int aux, int want_load) {
+    moe_cl_ctx *cl = dm->cl;
+    const moe_layer *l = cl_l->l;
+    const moe_layer_desc *d = &l->d;
+    int64_t E = d->n_experts, K = cl_l->call_k, D = d->d_in;
+    float bal_scale = aux && d->balance_loss > 0.0f ? d->balance_loss * (float)E / ((float)(T * K) * (float)T) : 0.0f;
+    float z_scale = aux && d->z_loss > 0.0f ? 2.0f * d->z_loss / (float)T : 0.0f;
+    moe__cl_args a;
+    moe__cl_gemm g;
+    if (d->router == MOE_ROUTER_SIGMOID) {
+        a = moe__cl_begin(cl, MOE__CLK_sigmoid_back);
+        moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, K); moe__cl_int_arg(&a, d->renormalize == MOE_FLAG_ON);
+        moe__cl_float_arg(&a, d->routed_scaling_factor);
+    } else {
+        a = moe__cl_begin(cl, MOE__CLK_router_back);
+        moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, cl_l->slots); moe__cl_int_arg(&a, d->renormalize == MOE_FLAG_ON);
+        moe__cl_int_arg(&a, aux); moe__cl_float_arg(&a, bal_scale); moe__cl_float_arg(&a, z_scale);
+    }
+    moe__cl_mem_arg(&a, cl_l->p); moe__cl_mem_arg(&a, cl_l->gate); moe__cl_mem_arg(&a, cl_l->dgate); moe__cl_mem_arg(&a, cl_l->sel);
+    if (d->router != MOE_ROUTER_SIGMOID) { moe__cl_mem_arg(&a, cl_l->chosen); moe__cl_mem_arg(&a, cl_l->lse); }
+    moe__cl_mem_arg(&a, cl_l->dh);
+    MOE__TRY(moe__cl_run(&a, 1, (size_t)T, 1, 1, NULL));
+    if (cl_l->raw) {  /* noisy top-k: dh becomes dL/dclean, dstd = dL/draw */
+        a = moe__cl_begin(cl, MOE__CLK_noisy_back);
+        moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, want_load); moe__cl_mem_arg(&a, cl_l->dh); moe__cl_mem_arg(&a, cl_l->dstd);
+        moe__cl_mem_arg(&a, cl_l->noise_n); moe__cl_mem_arg(&a, cl_l->raw); moe__cl_mem_arg(&a, cl_l->clean); moe__cl_mem_arg(&a, cl_l->h);
+        moe__cl_mem_arg(&a, cl_l->thr); moe__cl_mem_arg(&a, cl_l->dload);
+        MOE__TRY(moe__cl_run(&a, 1, (size_t)T, 1, 1, NULL));
+    }
+    g = moe__cl_gemm_make(MOE__TN, E, D, T, moe__cl_mat_of(cl_l->dh, 0, E), moe__cl_mat_of(cl_l->u, 0, D), moe__cl_mat_of(dm->grads, cl_l->poff + l->router.w, D));
+    g.accumulate = 1;
+    MOE__TRY(moe__cl_gemm_run(cl, &g));
+    if (l->router.b >= 0) MOE__TRY(moe__cl_colsum(cl, T, E, cl_l->dh, E, NULL, 0, dm->grads, cl_l->poff + l->router.b, 0));
+    if (cl_l->raw) {
+        g = moe__cl_gemm_make(MOE__TN, E, D, T, moe__cl_mat_of(cl_l->dstd, 0, E), moe__cl_mat_of(cl_l->u, 0, D), moe__cl_mat_of(dm->grads, cl_l->poff + l->noise.w, D));
+        g.accumulate = 1;
+        MOE__TRY(moe__cl_gemm_run(cl, &g));
+    }
+    return MOE_OK;
+}
+
 static moe_result moe__cl_moe_backward(moe_cl_model *dm, moe__cl_layer *cl_l, moe__cl_mem x, moe__cl_mem dy, moe__cl_mem dx, int64_t T, int flags) {
     moe_cl_ctx *cl = dm->cl;
     const moe_layer *l = cl_l->l;
     const moe_layer_desc *d = &l->d;
-    int64_t E = d->n_experts, K = cl_l->call_k, D = d->d_in, O = d->d_out;
-    int aux = (flags & MOE_BACKWARD_AUX) != 0, noisy = cl_l->raw != NULL, want_load = noisy && aux && d->load_loss > 0.0f && K < E;
-    float bal_scale = aux && d->balance_loss > 0.0f ? d->balance_loss * (float)E / ((float)(T * K) * (float)T) : 0.0f;
-    float z_scale = aux && d->z_loss > 0.0f ? 2.0f * d->z_loss / (float)T : 0.0f;
+    int64_t E = d->n_experts, K = cl_l->slots, D = d->d_in, O = d->d_out;
+    int aux = (flags & MOE_BACKWARD_AUX) != 0, noisy = cl_l->raw != NULL, want_load = noisy && aux && d->load_loss > 0.0f && cl_l->call_k < E;
     moe__cl_args a = moe__cl_begin(cl, MOE__CLK_moe_dgate);
     moe__cl_gemm g;
     moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, O); moe__cl_int_arg(&a, K); moe__cl_mem_arg(&a, dy); moe__cl_mem_arg(&a, cl_l->pos);
@@ -2438,37 +2631,23 @@ static moe_result moe__cl_moe_backward(moe_cl_model *dm, moe__cl_layer *cl_l, mo
                           "clEnqueueCopyBuffer");
         MOE__TRY(moe__cl_bank_backward(dm, cl_l, 1, x, T, dx != NULL));
     }
-    a = moe__cl_begin(cl, MOE__CLK_router_back);
-    moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, K); moe__cl_int_arg(&a, d->renormalize == MOE_FLAG_ON);
-    moe__cl_int_arg(&a, aux); moe__cl_float_arg(&a, bal_scale); moe__cl_float_arg(&a, z_scale);
-    moe__cl_mem_arg(&a, cl_l->p); moe__cl_mem_arg(&a, cl_l->gate); moe__cl_mem_arg(&a, cl_l->dgate); moe__cl_mem_arg(&a, cl_l->sel);
-    moe__cl_mem_arg(&a, cl_l->chosen); moe__cl_mem_arg(&a, cl_l->lse); moe__cl_mem_arg(&a, cl_l->dh);
-    MOE__TRY(moe__cl_run(&a, 1, (size_t)T, 1, 1, NULL));
-    if (noisy) {  /* dh becomes dL/dclean, dstd = dL/draw */
-        a = moe__cl_begin(cl, MOE__CLK_noisy_back);
-        moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, want_load); moe__cl_mem_arg(&a, cl_l->dh); moe__cl_mem_arg(&a, cl_l->dstd);
-        moe__cl_mem_arg(&a, cl_l->noise_n); moe__cl_mem_arg(&a, cl_l->raw); moe__cl_mem_arg(&a, cl_l->clean); moe__cl_mem_arg(&a, cl_l->h);
-        moe__cl_mem_arg(&a, cl_l->thr); moe__cl_mem_arg(&a, cl_l->dload);
-        MOE__TRY(moe__cl_run(&a, 1, (size_t)T, 1, 1, NULL));
-    }
-    g = moe__cl_gemm_make(MOE__TN, E, D, T, moe__cl_mat_of(cl_l->dh, 0, E), moe__cl_mat_of(cl_l->u, 0, D), moe__cl_mat_of(dm->grads, cl_l->poff + l->router.w, D));
-    g.accumulate = 1;
-    MOE__TRY(moe__cl_gemm_run(cl, &g));
-    if (l->router.b >= 0) MOE__TRY(moe__cl_colsum(cl, T, E, cl_l->dh, E, NULL, 0, dm->grads, cl_l->poff + l->router.b, 0));
-    if (noisy) {
-        g = moe__cl_gemm_make(MOE__TN, E, D, T, moe__cl_mat_of(cl_l->dstd, 0, E), moe__cl_mat_of(cl_l->u, 0, D), moe__cl_mat_of(dm->grads, cl_l->poff + l->noise.w, D));
-        g.accumulate = 1;
-        MOE__TRY(moe__cl_gemm_run(cl, &g));
-    }
-    if (!dx) return MOE_OK;
-    g = moe__cl_gemm_make(MOE__NN, T, D, E, moe__cl_mat_of(cl_l->dh, 0, E), moe__cl_mat_of(dm->params, cl_l->poff + l->router.w, D),
-                          moe__cl_mat_of(cl_l->dxu, 0, D));
-    MOE__TRY(moe__cl_gemm_run(cl, &g));
-    if (noisy) {
-        g = moe__cl_gemm_make(MOE__NN, T, D, E, moe__cl_mat_of(cl_l->dstd, 0, E), moe__cl_mat_of(dm->params, cl_l->poff + l->noise.w, D),
+    if (l->router.w < 0) {  /* the hash router has no parameters: the gradient stops at the gates */
+        float zero = 0.0f;
+        if (!dx) return MOE_OK;
+        MOE__CL_CHECK(cl, MOE__CLF(cl, clEnqueueFillBuffer)(cl->queue, cl_l->dxu, &zero, sizeof zero, 0, (size_t)(T * D) * sizeof(float), 0, NULL, NULL),
+                      "clEnqueueFillBuffer");
+    } else {
+        MOE__TRY(moe__cl_router_backward(dm, cl_l, T, aux, want_load));
+        if (!dx) return MOE_OK;
+        g = moe__cl_gemm_make(MOE__NN, T, D, E, moe__cl_mat_of(cl_l->dh, 0, E), moe__cl_mat_of(dm->params, cl_l->poff + l->router.w, D),
                               moe__cl_mat_of(cl_l->dxu, 0, D));
-        g.accumulate = 1;
         MOE__TRY(moe__cl_gemm_run(cl, &g));
+        if (noisy) {
+            g = moe__cl_gemm_make(MOE__NN, T, D, E, moe__cl_mat_of(cl_l->dstd, 0, E), moe__cl_mat_of(dm->params, cl_l->poff + l->noise.w, D),
+                                  moe__cl_mat_of(cl_l->dxu, 0, D));
+            g.accumulate = 1;
+            MOE__TRY(moe__cl_gemm_run(cl, &g));
+        }
     }
     a = moe__cl_begin(cl, MOE__CLK_moe_dx);
     moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, D); moe__cl_int_arg(&a, O); moe__cl_int_arg(&a, K); moe__cl_int_arg(&a, d->residual);
@@ -2554,6 +2733,30 @@ MOEDEF moe_result moe_cl_model_backward(moe_cl_model *dm, const float *dy, float
 }
 
 // >>cl_train ----------------------------------------------------------------
+/* Sigmoid routers' selection biases are state, not parameters (as moe.h's model step): after == 0
+   keeps them aside before the optimizer step; after == 1 puts them back and moves them by the
+   aux-loss-free rule from the last forward's loads. */
+static moe_result moe__cl_selection_bias(moe_cl_model *dm, int after) {
+    moe_cl_ctx *cl = dm->cl;
+    int i;
+    for (i = 0; i < dm->n_layers; i++) {
+        moe__cl_layer *cl_l = &dm->layers[i];
+        const moe_layer *l = cl_l->l;
+        size_t off = (size_t)(cl_l->poff + l->selection_bias) * sizeof(float), bytes = (size_t)l->d.n_experts * sizeof(float);
+        moe__cl_args a;
+        if (!cl_l->bias_keep) continue;
+        MOE__CL_CHECK(cl, after ? MOE__CLF(cl, clEnqueueCopyBuffer)(cl->queue, cl_l->bias_keep, dm->params, 0, off, bytes, 0, NULL, NULL)
+                                : MOE__CLF(cl, clEnqueueCopyBuffer)(cl->queue, dm->params, cl_l->bias_keep, off, 0, bytes, 0, NULL, NULL),
+                      "clEnqueueCopyBuffer");
+        if (!after || l->d.bias_update_rate == 0.0f) continue;
+        a = moe__cl_begin(cl, MOE__CLK_bias_update);
+        moe__cl_int_arg(&a, l->d.n_experts); moe__cl_float_arg(&a, l->d.bias_update_rate); moe__cl_mem_arg(&a, cl_l->chosen);
+        moe__cl_mem_arg(&a, dm->params); moe__cl_long_arg(&a, cl_l->poff + l->selection_bias);
+        MOE__TRY(moe__cl_run(&a, 1, (size_t)l->d.n_experts, 1, 1, NULL));
+    }
+    return MOE_OK;
+}
+
 MOEDEF moe_result moe_cl_model_train_step(moe_cl_model *dm, const float *x, const moe_target *target, int64_t n_tokens, moe_step_info *info) {
     moe_cl_ctx *cl;
     moe_model *model;
@@ -2627,6 +2830,7 @@ MOEDEF moe_result moe_cl_model_train_step(moe_cl_model *dm, const float *x, cons
     }
     lr = moe_optimizer_lr(model->opt, dm->step);
     dm->step++;
+    MOE__TRY(moe__cl_selection_bias(dm, 0));
     a = moe__cl_begin(cl, MOE__CLK_opt_step);
     moe__cl_long_arg(&a, dm->n_params); moe__cl_int_arg(&a, (int)od->kind); moe__cl_float_arg(&a, scale); moe__cl_float_arg(&a, lr);
     moe__cl_float_arg(&a, od->beta1); moe__cl_float_arg(&a, od->beta2); moe__cl_float_arg(&a, od->eps); moe__cl_float_arg(&a, od->weight_decay);
@@ -2634,6 +2838,7 @@ MOEDEF moe_result moe_cl_model_train_step(moe_cl_model *dm, const float *x, cons
     moe__cl_float_arg(&a, (float)sqrt(1.0 - pow((double)od->beta2, (double)dm->step))); moe__cl_int_arg(&a, dm->m != NULL);
     moe__cl_mem_arg(&a, dm->params); moe__cl_mem_arg(&a, dm->grads); moe__cl_mem_arg(&a, dm->m); moe__cl_mem_arg(&a, dm->v);
     MOE__TRY(moe__cl_run(&a, 1, (size_t)dm->n_params, 1, 1, NULL));
+    MOE__TRY(moe__cl_selection_bias(dm, 1));
     MOE__TRY(moe__cl_refresh_transposed(dm));
     si.grad_norm = norm;
     si.lr = lr;

@@ -53,11 +53,16 @@
 
    WHAT RUNS ON THE DEVICE
    -----------------------
-   Dense, RMSNorm and LayerNorm layers; MoE layers with the top-k and switch routers (capacity,
-   balance and z losses), linear, MLP and SwiGLU experts, shared experts; the three losses; SGD,
-   Adam and AdamW with clipping and the schedule, router jitter (its factors drawn on the host
-   from the same random streams as the CPU), the importance loss. Not yet: the noisy top-k router
-   (and its load loss): moe_cl_model_upload returns MOE_ERR_UNSUPPORTED naming the layer.
+   Dense, RMSNorm and LayerNorm layers; MoE layers with every router of moe.h (top-k, noisy
+   top-k, switch, sigmoid + selection bias, expert choice, hash), the balance, z, importance and
+   load losses, linear, MLP and SwiGLU experts, shared experts; the per-call top_k, top_p,
+   token_ids and router_noise options; the three losses; SGD, Adam and AdamW with clipping and the
+   schedule. Random numbers the CPU draws from double-precision formulas (router jitter, the
+   noisy router's normal noise) are drawn on the host from the same streams and uploaded per
+   training forward; the hash router's integer generator runs on the device. Anything else
+   (another layer kind, router, expert kind, activation, or a tensor of a name it does not know;
+   reduced-precision weights) is refused by the upload with MOE_ERR_UNSUPPORTED naming the layer
+   and the field: the check is a whitelist, so kinds added to moe.h later stay on the CPU.
 
    The device model is a copy: train it, then moe_cl_model_download to bring parameters,
    gradients and optimizer state back into the moe_model (to save it, or go on on the CPU).

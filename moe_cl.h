@@ -166,6 +166,13 @@ MOEDEF moe_result moe_cl_model_forward(moe_cl_model *dm, const float *x, int64_t
 MOEDEF moe_result moe_cl_model_backward(moe_cl_model *dm, const float *dy, float *dx, int flags);
 MOEDEF moe_result moe_cl_model_train_step(moe_cl_model *dm, const float *x, const moe_target *target, int64_t n_tokens, moe_step_info *info);
 MOEDEF moe_result moe_cl_model_predict(moe_cl_model *dm, const float *x, int64_t n_tokens, int32_t *classes);
+/* Inference with reduced-precision expert weights on the device, like moe_layer_quantize:
+   MOE_DTYPE_F16 keeps a copy of every expert weight (routed and shared) as half, which forwards
+   then read (fp32 accumulation; router, dense and norm layers stay fp32); MOE_DTYPE_F32 goes back
+   to the fp32 weights. While F16 is on, backward and train_step return MOE_ERR_STATE. Call it
+   again after training to refresh the copy. Other dtypes: MOE_ERR_UNSUPPORTED. Allocates the
+   copy (device memory, 2 bytes per parameter) at the first call. */
+MOEDEF moe_result moe_cl_model_quantize(moe_cl_model *dm, moe_dtype dtype);
 MOEDEF void moe_cl_model_zero_grad(moe_cl_model *dm);
 /* Routing statistics of MoE layer `layer` from the last forward (tokens_per_expert points into dm). */
 MOEDEF moe_result moe_cl_model_stats(moe_cl_model *dm, int layer, moe_stats *stats);
@@ -371,7 +378,7 @@ static void moe__cl_unload(moe__cl_api *api) {
     X(gemm_nt) X(gemm_nn) X(gemm_tn) X(colsum) X(transpose) X(route_topk) X(dispatch_count) X(dispatch_scatter) \
     X(moe_sums) X(moe_combine) X(moe_dgate) X(swiglu_back) X(router_back) X(moe_dx) X(act_fwd) \
     X(act_back) X(add_to) X(norm_fwd) X(norm_wgrad) X(norm_dx) X(task_loss) X(sumsq) X(opt_step) X(shared_rows) X(mul) X(importance) X(dgate_add) \
-    X(noisy_h) X(load_sums) X(noisy_back) X(route_sigmoid) X(sigmoid_back) X(bias_update) X(route_hash) X(dispatch_ec)
+    X(noisy_h) X(load_sums) X(noisy_back) X(route_sigmoid) X(sigmoid_back) X(bias_update) X(route_hash) X(dispatch_ec) X(to_half)
 
 enum {
 #define MOE__CL_KENUM(name) MOE__CLK_##name,
@@ -388,7 +395,7 @@ static const char *const moe__cl_kernel_names[] = {
 
 /* The kernels, one source line per string: common helpers and the GEMM first (the tuning
    step builds those alone), then routing, combine, norms, losses and the optimizer. */
-#define MOE__CL_GEMM_LINES 322
+#define MOE__CL_GEMM_LINES 323
 static const char *const moe__cl_source[] = {
     "/* moe_cl kernels: OpenCL C 1.2, fp32 accumulation, no float atomics, fixed summation order. */\n",
     "#ifdef cl_khr_fp64\n",
@@ -450,7 +457,16 @@ static const char *const moe__cl_source[] = {
     "   group_mode 2: groups[] split K, get_group_id(2) is the group (per-expert weight gradients).\n",
     "   Epilogue epi: 1 D = act(C); 2 D = silu(Z) * C (SwiGLU); 3 C *= act'(Z). Each C element is\n",
     "   summed over k in increasing order by one work-item: results do not depend on the launch. */\n",
-    "#define GEMM_ARGS int M, int N, int K, global const float *A, long a_off, int lda, global const int *arows, int use_ar, global const float *B, long b_off, int ldb, global const int *brows, int use_br, long b_gstride, global float *C, long c_off, int ldc, long c_gstride, global const float *bias, long bias_off, int use_bias, long bias_gstride, global const int *groups, int group_mode, int n_groups, int accumulate, int epi, int act, global float *D, global const float *Z\n",
+    "/* B_HALF (a second build of the GEMM lines): B holds half values (expert weights stored as\n",
+    "   fp16; vload_half is core OpenCL, no extension needed), read as float, fp32 accumulation */\n",
+    "#ifdef B_HALF\n",
+    "#define BT half\n",
+    "#define LDB(p, i) vload_half((i), (p))\n",
+    "#else\n",
+    "#define BT float\n",
+    "#define LDB(p, i) (p)[i]\n",
+    "#endif\n",
+    "#define GEMM_ARGS int M, int N, int K, global const float *A, long a_off, int lda, global const int *arows, int use_ar, global const BT *B, long b_off, int ldb, global const int *brows, int use_br, long b_gstride, global float *C, long c_off, int ldc, long c_gstride, global const float *bias, long bias_off, int use_bias, long bias_gstride, global const int *groups, int group_mode, int n_groups, int accumulate, int epi, int act, global float *D, global const float *Z\n",
     "#define GEMM_PASS M, N, K, A, a_off, lda, arows, use_ar, B, b_off, ldb, brows, use_br, b_gstride, C, c_off, ldc, c_gstride, bias, bias_off, use_bias, bias_gstride, groups, group_mode, n_groups, accumulate, epi, act, D, Z\n",
     "#ifdef MOE_DIRECT\n",
     "/* Direct variant (CPU devices): no local memory; a work-item computes a whole TM x TN tile\n",
@@ -464,11 +480,19 @@ static const char *const moe__cl_source[] = {
     "#define VSTOREN CAT(vstore, RN)\n",
     "#define VLOADM CAT(vload, RM)\n",
     "#define VSTOREM CAT(vstore, RM)\n",
+    "#ifdef B_HALF\n",
+    "#define LDBN(p) CAT(vload_half, RN)(0, (p))\n",
+    "#define LDB8(p) vload_half8(0, (p))\n",
+    "#else\n",
+    "#define LDBN(p) VLOADN(0, (p))\n",
+    "#define LDB8(p) vload8(0, (p))\n",
+    "#endif\n",
     "float sum8(float8 v) { float4 h = v.lo + v.hi; float2 q = h.lo + h.hi; return q.x + q.y; }\n",
     "void gemm_block(const int op, GEMM_ARGS, int g, int m0, int m1, int j0, int k0, int k1, int first, int last) {\n",
     "    float s[RM][RN];\n",
     "    if (op == 0) {\n",
-    "        global const float *ap[RM], *bp[RN];\n",
+    "        global const float *ap[RM];\n",
+    "        global const BT *bp[RN];\n",
     "        float8 acc[RM][RN];\n",
     "        int k = k0;\n",
     "        for (int i = 0; i < RM; i++) {\n",
@@ -484,7 +508,7 @@ static const char *const moe__cl_source[] = {
     "        for (; k + 8 <= k1; k += 8) {\n",
     "            float8 a[RM], b[RN];\n",
     "            for (int i = 0; i < RM; i++) a[i] = vload8(0, ap[i] + k);\n",
-    "            for (int j = 0; j < RN; j++) b[j] = vload8(0, bp[j] + k);\n",
+    "            for (int j = 0; j < RN; j++) b[j] = LDB8(bp[j] + k);\n",
     "            for (int i = 0; i < RM; i++)\n",
     "                for (int j = 0; j < RN; j++) acc[i][j] = fma(a[i], b[j], acc[i][j]);\n",
     "        }\n",
@@ -492,7 +516,7 @@ static const char *const moe__cl_source[] = {
     "            for (int j = 0; j < RN; j++) s[i][j] = sum8(acc[i][j]);\n",
     "        for (; k < k1; k++)\n",
     "            for (int i = 0; i < RM; i++)\n",
-    "                for (int j = 0; j < RN; j++) s[i][j] = fma(ap[i][k], bp[j][k], s[i][j]);\n",
+    "                for (int j = 0; j < RN; j++) s[i][j] = fma(ap[i][k], LDB(bp[j], k), s[i][j]);\n",
     "    } else {\n",
     "        VECN acc[RM];\n",
     "        long ar[RM];\n",
@@ -502,10 +526,10 @@ static const char *const moe__cl_source[] = {
     "        if (j0 + RN <= N && op == 1) {\n",
     "            int k = k0;\n",
     "            for (; k + 4 <= k1; k += 4) {  /* four k at once: one vector load per row of A */\n",
-    "                VECN b0 = VLOADN(0, B + (use_br ? (long)brows[k] : k) * ldb + j0);\n",
-    "                VECN b1 = VLOADN(0, B + (use_br ? (long)brows[k + 1] : k + 1) * ldb + j0);\n",
-    "                VECN b2 = VLOADN(0, B + (use_br ? (long)brows[k + 2] : k + 2) * ldb + j0);\n",
-    "                VECN b3 = VLOADN(0, B + (use_br ? (long)brows[k + 3] : k + 3) * ldb + j0);\n",
+    "                VECN b0 = LDBN(B + (use_br ? (long)brows[k] : k) * ldb + j0);\n",
+    "                VECN b1 = LDBN(B + (use_br ? (long)brows[k + 1] : k + 1) * ldb + j0);\n",
+    "                VECN b2 = LDBN(B + (use_br ? (long)brows[k + 2] : k + 2) * ldb + j0);\n",
+    "                VECN b3 = LDBN(B + (use_br ? (long)brows[k + 3] : k + 3) * ldb + j0);\n",
     "                for (int i = 0; i < RM; i++) {\n",
     "                    float4 a = vload4(0, A + ar[i] + k);\n",
     "                    acc[i] = fma((VECN)(a.x), b0, acc[i]);\n",
@@ -515,21 +539,21 @@ static const char *const moe__cl_source[] = {
     "                }\n",
     "            }\n",
     "            for (; k < k1; k++) {\n",
-    "                VECN b = VLOADN(0, B + (use_br ? (long)brows[k] : k) * ldb + j0);\n",
+    "                VECN b = LDBN(B + (use_br ? (long)brows[k] : k) * ldb + j0);\n",
     "                for (int i = 0; i < RM; i++) acc[i] = fma((VECN)(A[ar[i] + k]), b, acc[i]);\n",
     "            }\n",
     "        } else if (j0 + RN <= N && m0 + RM <= m1) {\n",
     "            int k = k0;\n",
     "            for (; k + 2 <= k1; k += 2) {  /* two k at once: one vector load per row of A */\n",
-    "                VECN b0 = VLOADN(0, B + (use_br ? (long)brows[k] : k) * ldb + j0);\n",
-    "                VECN b1 = VLOADN(0, B + (use_br ? (long)brows[k + 1] : k + 1) * ldb + j0);\n",
+    "                VECN b0 = LDBN(B + (use_br ? (long)brows[k] : k) * ldb + j0);\n",
+    "                VECN b1 = LDBN(B + (use_br ? (long)brows[k + 1] : k + 1) * ldb + j0);\n",
     "                float a0[RM], a1[RM];\n",
     "                VSTOREM(VLOADM(0, A + (use_ar ? (long)arows[k] : k) * lda + m0), 0, a0);\n",
     "                VSTOREM(VLOADM(0, A + (use_ar ? (long)arows[k + 1] : k + 1) * lda + m0), 0, a1);\n",
     "                for (int i = 0; i < RM; i++) acc[i] = fma((VECN)(a1[i]), b1, fma((VECN)(a0[i]), b0, acc[i]));\n",
     "            }\n",
     "            for (; k < k1; k++) {\n",
-    "                VECN b = VLOADN(0, B + (use_br ? (long)brows[k] : k) * ldb + j0);\n",
+    "                VECN b = LDBN(B + (use_br ? (long)brows[k] : k) * ldb + j0);\n",
     "                global const float *arow = A + (use_ar ? (long)arows[k] : k) * lda + m0;\n",
     "                for (int i = 0; i < RM; i++) acc[i] = fma((VECN)(arow[i]), b, acc[i]);\n",
     "            }\n",
@@ -538,7 +562,7 @@ static const char *const moe__cl_source[] = {
     "                long br = (use_br ? (long)brows[k] : k) * ldb + j0;\n",
     "                float t[RN];\n",
     "                VECN b;\n",
-    "                for (int j = 0; j < RN; j++) t[j] = j0 + j < N ? B[br + j] : 0.0f;\n",
+    "                for (int j = 0; j < RN; j++) t[j] = j0 + j < N ? LDB(B, br + j) : 0.0f;\n",
     "                b = VLOADN(0, t);\n",
     "                if (op == 1) {\n",
     "                    for (int i = 0; i < RM; i++) acc[i] = fma((VECN)(A[ar[i] + k]), b, acc[i]);\n",
@@ -652,7 +676,7 @@ static const char *const moe__cl_source[] = {
     "                long r = op == 0 ? j : k;\n",
     "                int c = op == 0 ? k : j;\n",
     "                if (use_br) r = brows[r];\n",
-    "                v = B[r * ldb + c];\n",
+    "                v = LDB(B, r * ldb + c);\n",
     "            }\n",
     "            Bs[kk * TN + nn] = v;\n",
     "        }\n",
@@ -1052,6 +1076,11 @@ static const char *const moe__cl_source[] = {
     "        }\n",
     "    for (int e = 0; e < E; e++) ds[e] *= sigm(raw[e]);\n",
     "}\n",
+    "/* dst[off + i] = src[off + i] rounded to half (to nearest even), i < n */\n",
+    "kernel void to_half(long n, long off, global const float *src, global half *dst) {\n",
+    "    long i = get_global_id(0);\n",
+    "    if (i < n) vstore_half_rte(src[off + i], off + i, dst);\n",
+    "}\n",
     "/* y = act(z) (+ r: residual) */\n",
     "kernel void act_fwd(long n, int act, global const float *z, global float *y, global const float *r, int use_r) {\n",
     "    long i = get_global_id(0);\n",
@@ -1200,6 +1229,8 @@ struct moe_cl_ctx {
     moe__cl_queue queue;
     moe__cl_program program;
     moe__cl_kernel kernels[MOE__CLK_COUNT];
+    moe__cl_program half_program;           /* the GEMM built with B_HALF, when a model asked for it */
+    moe__cl_kernel half_kernels[3];         /* its gemm_nt, gemm_nn, gemm_tn */
     moe__cl_mem dummy;          /* bound to pointer arguments a kernel does not read */
     moe__cl_tiles tiles;
     moe__cl_ulong max_alloc, global_mem;
@@ -1318,14 +1349,14 @@ static void moe__cl_tiles_text(const moe__cl_tiles *t, char *buf, size_t cap) {
 
 /* Build sources with the tile sizes and user options into *program; on failure the build log
    goes to cl->build_log and the start of it into the error message. */
-static moe_result moe__cl_build(moe_cl_ctx *cl, const moe__cl_tiles *t, int gemm_only, moe__cl_program *program) {
+static moe_result moe__cl_build(moe_cl_ctx *cl, const moe__cl_tiles *t, int gemm_only, const char *extra, moe__cl_program *program) {
     char options[1024];
     moe__cl_int err;
     moe__cl_program p;
     size_t log_size = 0;
     moe__cl_uint n = gemm_only ? MOE__CL_GEMM_LINES : (moe__cl_uint)(sizeof moe__cl_source / sizeof moe__cl_source[0]);
-    snprintf(options, sizeof options, "-cl-std=CL1.2 -DTM=%d -DTN=%d -DTK=%d -DRM=%d -DRN=%d%s %s", t->tm, t->tn, t->tk,
-             t->rm, t->rn, t->direct ? " -DMOE_DIRECT=1" : "", cl->desc.build_options ? cl->desc.build_options : "");
+    snprintf(options, sizeof options, "-cl-std=CL1.2 -DTM=%d -DTN=%d -DTK=%d -DRM=%d -DRN=%d%s%s %s", t->tm, t->tn, t->tk,
+             t->rm, t->rn, t->direct ? " -DMOE_DIRECT=1" : "", extra, cl->desc.build_options ? cl->desc.build_options : "");
     *program = NULL;
     p = MOE__CLF(cl, clCreateProgramWithSource)(cl->context, n, (const char **)moe__cl_source, NULL, &err);
     MOE__CL_CHECK(cl, err, "clCreateProgramWithSource");
@@ -1417,6 +1448,9 @@ static moe_result moe__cl_open(moe_cl_ctx *cl) {
 
 static void moe__cl_close(moe_cl_ctx *cl) {
     moe__cl_release_kernels(cl, cl->kernels, MOE__CLK_COUNT);
+    moe__cl_release_kernels(cl, cl->half_kernels, 3);
+    if (cl->half_program) MOE__CLF(cl, clReleaseProgram)(cl->half_program);
+    cl->half_program = NULL;
     if (cl->dummy) MOE__CLF(cl, clReleaseMemObject)(cl->dummy);
     if (cl->program) MOE__CLF(cl, clReleaseProgram)(cl->program);
     if (cl->queue) MOE__CLF(cl, clReleaseCommandQueue)(cl->queue);
@@ -1439,7 +1473,7 @@ MOEDEF moe_result moe_cl_ctx_init(moe_ctx *ctx, const moe_cl_desc *desc, moe_cl_
     r = moe__cl_open(cl);
     if (r == MOE_OK) {
         r = moe__cl_choose_tiles(cl);
-        if (r == MOE_OK) r = moe__cl_build(cl, &cl->tiles, 0, &cl->program);
+        if (r == MOE_OK) r = moe__cl_build(cl, &cl->tiles, 0, "", &cl->program);
         if (r == MOE_OK) r = moe__cl_make_kernels(cl, cl->program, MOE__CLK_COUNT, cl->kernels);
         if (r == MOE_OK) {
             cl->dummy = MOE__CLF(cl, clCreateBuffer)(cl->context, MOE__CL_MEM_READ_WRITE, 64, NULL, &err);
@@ -1497,18 +1531,19 @@ MOEDEF moe_result moe_cl_finish(moe_cl_ctx *cl) {
 typedef struct moe__cl_args {
     moe_cl_ctx *cl;
     int kernel;
+    moe__cl_kernel k;           /* cl->kernels[kernel], or the half-weight GEMM */
     moe__cl_uint n;
     moe__cl_int err;
 } moe__cl_args;
 
 static moe__cl_args moe__cl_begin(moe_cl_ctx *cl, int kernel) {
     moe__cl_args a;
-    a.cl = cl; a.kernel = kernel; a.n = 0; a.err = MOE__CL_SUCCESS;
+    a.cl = cl; a.kernel = kernel; a.k = cl->kernels[kernel]; a.n = 0; a.err = MOE__CL_SUCCESS;
     return a;
 }
 
 static void moe__cl_arg(moe__cl_args *a, size_t size, const void *value) {
-    moe__cl_int e = MOE__CLF(a->cl, clSetKernelArg)(a->cl->kernels[a->kernel], a->n++, size, value);
+    moe__cl_int e = MOE__CLF(a->cl, clSetKernelArg)(a->k, a->n++, size, value);
     if (a->err == MOE__CL_SUCCESS) a->err = e;
 }
 static void moe__cl_int_arg(moe__cl_args *a, int64_t v) { int32_t x = (int32_t)v; moe__cl_arg(a, sizeof x, &x); }
@@ -1530,7 +1565,7 @@ static moe_result moe__cl_run_event(moe__cl_args *a, int dims, size_t g0, size_t
         int d;
         for (d = 0; d < dims; d++) global[d] = (global[d] + local[d] - 1) / local[d] * local[d];
     }
-    err = MOE__CLF(a->cl, clEnqueueNDRangeKernel)(a->cl->queue, a->cl->kernels[a->kernel], (moe__cl_uint)dims, NULL, global, local, 0, NULL, ev);
+    err = MOE__CLF(a->cl, clEnqueueNDRangeKernel)(a->cl->queue, a->k, (moe__cl_uint)dims, NULL, global, local, 0, NULL, ev);
     if (err != MOE__CL_SUCCESS) return moe__cl_fail(a->cl->ctx, err, moe__cl_kernel_names[a->kernel]);
     return MOE_OK;
 }
@@ -1561,6 +1596,7 @@ typedef struct moe__cl_gemm {
     int accumulate;
     int epi, act;               /* 1 D = act(C); 2 D = silu(Z) * C; 3 C *= act'(Z) */
     moe__cl_mem D, Z;
+    int b_half;                 /* B holds half values (the B_HALF build) */
 } moe__cl_gemm;
 
 static moe__cl_mat moe__cl_mat_of(moe__cl_mem buf, int64_t off, int64_t ld) {
@@ -1582,6 +1618,7 @@ static moe_result moe__cl_gemm_event(moe_cl_ctx *cl, const moe__cl_gemm *g, moe_
     int kernel = g->op == MOE__NT ? MOE__CLK_gemm_nt : g->op == MOE__NN ? MOE__CLK_gemm_nn : MOE__CLK_gemm_tn;
     moe__cl_args a = moe__cl_begin(cl, kernel);
     /* a TM x TN tile of C per work-group (tiled) or per work-item (direct) */
+    if (g->b_half) a.k = cl->half_kernels[kernel - MOE__CLK_gemm_nt];
     int64_t rows = t->tm, cols = t->tn;
     size_t local[3], tiles_m, tiles_n;
     if (g->M <= 0 || g->N <= 0) return MOE_OK;
@@ -1665,7 +1702,7 @@ static double moe__cl_time_candidate(moe_cl_ctx *cl, const moe__cl_tiles *t, moe
     char msg[sizeof cl->ctx->error];
     if ((size_t)((t->tm / t->rm) * (t->tn / t->rn)) > cl->max_wg) return -1.0;
     memcpy(msg, cl->ctx->error, sizeof msg);
-    if (moe__cl_build(cl, t, 1, &p) != MOE_OK || moe__cl_make_kernels(cl, p, 2, k) != MOE_OK) {
+    if (moe__cl_build(cl, t, 1, "", &p) != MOE_OK || moe__cl_make_kernels(cl, p, 2, k) != MOE_OK) {
         memcpy(cl->ctx->error, msg, sizeof msg);  /* an unbuildable candidate is not an error */
         moe__cl_release_kernels(cl, k, 2);
         if (p) MOE__CLF(cl, clReleaseProgram)(p);
@@ -1801,6 +1838,8 @@ struct moe_cl_model {
     int n_layers;
     moe__cl_mem params, grads, m, v;
     moe__cl_mem wt;             /* direct GEMM: every weight matrix transposed, same offsets */
+    moe__cl_mem wh;             /* moe_cl_model_quantize F16: expert weights as half (as wt where wt is used) */
+    int half;                   /* forwards read wh */
     moe__cl_mem x, labels, values, dloss, tok, dbuf[2], partial;
     moe__cl_mem ids;            /* [T] token ids (hash routers) */
     moe__cl_mem *mems;          /* every buffer, to release */
@@ -1820,6 +1859,10 @@ static moe__cl_mem moe__cl_buffer(moe_cl_model *dm, int64_t count, size_t elem) 
     moe__cl_mem m;
     float zero = 0.0f;
     if (dm->err != MOE_OK) return NULL;
+    if (dm->n_mems >= dm->cap_mems) {
+        dm->err = moe__fail(dm->ctx, MOE_ERR_STATE, "OpenCL: more device buffers than planned (%d)", dm->n_mems);
+        return NULL;
+    }
     bytes = (bytes + 63) & ~(size_t)63;
     dm->bytes += (int64_t)bytes;
     if ((cl->desc.max_device_bytes > 0 && dm->bytes > cl->desc.max_device_bytes) || (cl->max_alloc && bytes > cl->max_alloc) ||
@@ -2017,6 +2060,7 @@ static moe_result moe__cl_weight_gemm(moe_cl_model *dm, const moe__cl_gemm *g) {
         t.B.buf = dm->wt;
         t.B.ld = g->N;
     }
+    if (t.b_half) t.B.buf = dm->wh;
     return moe__cl_gemm_run(dm->cl, &t);
 }
 
@@ -2081,7 +2125,7 @@ static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *la
     }
     dm->n_chunks = (dm->n_params + MOE__CHUNK - 1) / MOE__CHUNK;
     dm->step = opt ? opt->step : 0;
-    dm->cap_mems = 16 + dm->n_layers * (32 + 4 * MOE__MAX_LINEARS);
+    dm->cap_mems = 24 + dm->n_layers * (48 + 8 * MOE__MAX_LINEARS);  /* buffers of a layer: at most 34 + two banks of 29 */
     dm->mems = (moe__cl_mem *)moe__calloc(ctx, sizeof(moe__cl_mem) * (size_t)dm->cap_mems);
     dm->layers = (moe__cl_layer *)moe__calloc(ctx, sizeof(moe__cl_layer) * (size_t)dm->n_layers);
     widest = dm->d_in;
@@ -2204,6 +2248,7 @@ static moe_result moe__cl_bank_forward(moe_cl_model *dm, moe__cl_layer *cl_l, in
         g.B.gstride = lin->out * lin->in;
         if (lin->b >= 0) { g.bias = dm->params; g.bias_off = cl_l->poff + lin->b; g.bias_gstride = lin->out; }
         g.groups = cb->offsets; g.group_mode = 1; g.n_groups = b->n;
+        g.b_half = dm->half;
         if (!last && b->kind == MOE_EXPERT_SWIGLU && j == 1) { g.epi = 2; g.Z = cb->bz[0]; g.D = cb->ba[0]; }
         else if (!last && b->kind != MOE_EXPERT_SWIGLU) { g.epi = 1; g.act = (int)b->act; g.D = cb->ba[j]; }
         MOE__TRY(moe__cl_weight_gemm(dm, &g));
@@ -2430,6 +2475,54 @@ MOEDEF moe_result moe_cl_model_predict(moe_cl_model *dm, const float *x, int64_t
         for (c = 1; c < C; c++) if (y[c] > y[best]) best = c;
         classes[t] = (int32_t)best;
     }
+    return MOE_OK;
+}
+
+MOEDEF moe_result moe_cl_model_quantize(moe_cl_model *dm, moe_dtype dtype) {
+    moe_cl_ctx *cl;
+    int i, b, j;
+    if (!dm) return MOE_ERR_INVALID_ARGUMENT;
+    if (dtype == MOE_DTYPE_F32) { dm->half = 0; return MOE_OK; }
+    if (dtype != MOE_DTYPE_F16)
+        return moe__fail(dm->ctx, MOE_ERR_UNSUPPORTED, "OpenCL: expert weights on the device are f32 or f16 (dtype %d)", (int)dtype);
+    if (dm->fallback) return moe__fail(dm->ctx, MOE_ERR_UNSUPPORTED, "fp16 weights need an OpenCL device (this context runs on the CPU)");
+    cl = dm->cl;
+    if (!cl->half_program) {
+        moe_result r = moe__cl_build(cl, &cl->tiles, 1, " -DB_HALF=1", &cl->half_program);
+        if (r == MOE_OK) {
+            static const char *const names[3] = { "gemm_nt", "gemm_nn", "gemm_tn" };
+            for (i = 0; i < 3 && r == MOE_OK; i++) {
+                moe__cl_int err;
+                cl->half_kernels[i] = MOE__CLF(cl, clCreateKernel)(cl->half_program, names[i], &err);
+                if (err != MOE__CL_SUCCESS) r = moe__cl_fail(dm->ctx, err, names[i]);
+            }
+        }
+        if (r != MOE_OK) {
+            moe__cl_release_kernels(cl, cl->half_kernels, 3);
+            if (cl->half_program) MOE__CLF(cl, clReleaseProgram)(cl->half_program);
+            cl->half_program = NULL;
+            return r;
+        }
+    }
+    if (!dm->wh) {
+        dm->wh = moe__cl_buffer(dm, (dm->n_params + 1) / 2, sizeof(float));  /* n_params halves */
+        if (!dm->wh) { moe_result r = dm->err; dm->err = MOE_OK; return r; }
+    }
+    for (i = 0; i < dm->n_layers; i++) {  /* every expert weight, from the layout the GEMM reads */
+        const moe_layer *l = &dm->src[i];
+        if (l->d.kind != MOE_LAYER_MOE) continue;
+        for (b = 0; b < l->n_banks; b++)
+            for (j = 0; j < l->bank[b].n_linears; j++) {
+                const moe__linear *lin = &l->bank[b].lin[j];
+                int64_t n = (int64_t)l->bank[b].n * lin->out * lin->in;
+                moe__cl_args a = moe__cl_begin(cl, MOE__CLK_to_half);
+                moe__cl_long_arg(&a, n); moe__cl_long_arg(&a, dm->layers[i].poff + lin->w); moe__cl_mem_arg(&a, dm->wt ? dm->wt : dm->params);
+                moe__cl_mem_arg(&a, dm->wh);
+                MOE__TRY(moe__cl_run(&a, 1, (size_t)n, 1, 1, NULL));
+            }
+    }
+    MOE__TRY(moe_cl_finish(cl));
+    dm->half = 1;
     return MOE_OK;
 }
 
@@ -2729,6 +2822,7 @@ MOEDEF moe_result moe_cl_model_backward(moe_cl_model *dm, const float *dy, float
     if (!dm) return MOE_ERR_INVALID_ARGUMENT;
     if (dm->fallback) return dm->model ? moe_model_backward(dm->model, dy, dx, flags) : moe_layer_backward(dm->layer, dy, dx, flags);
     if (!dm->has_forward) return moe__fail(dm->ctx, MOE_ERR_STATE, "backward before any forward");
+    if (dm->half) return moe__fail(dm->ctx, MOE_ERR_STATE, "the device model holds fp16 expert weights (inference only); moe_cl_model_quantize(dm, MOE_DTYPE_F32) restores training");
     if (!dy) return moe__fail(dm->ctx, MOE_ERR_INVALID_ARGUMENT, "dy is NULL");
     T = dm->T;
     MOE__TRY(moe__cl_write(dm, dm->dloss, dy, (size_t)(T * dm->d_out) * sizeof(float)));
@@ -2775,6 +2869,7 @@ MOEDEF moe_result moe_cl_model_train_step(moe_cl_model *dm, const float *x, cons
     if (!dm) return MOE_ERR_INVALID_ARGUMENT;
     if (!dm->model) return moe__fail(dm->ctx, MOE_ERR_STATE, "a layer uploaded alone has no loss or optimizer: upload a model to train");
     if (dm->fallback) return moe_model_train_step(dm->model, x, target, n_tokens, info);
+    if (dm->half) return moe__fail(dm->ctx, MOE_ERR_STATE, "the device model holds fp16 expert weights (inference only); moe_cl_model_quantize(dm, MOE_DTYPE_F32) restores training");
     cl = dm->cl;
     model = dm->model;
     od = &model->opt->d;

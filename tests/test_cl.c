@@ -516,6 +516,86 @@ static int test_layer_upload(void) {
     return 0;
 }
 
+/* ---------------------------------------------------------------- fp16 weights */
+/* x rounded to the nearest half value (ties to even), for the normal and subnormal half range */
+static float half_round(float x) {
+    int e;
+    double m = frexp((double)x, &e);  /* x = m 2^e, 0.5 <= |m| < 1: 11 significant bits */
+    if (x == 0.0f || !isfinite(x)) return x;
+    if (e - 1 < -14) return (float)(nearbyint((double)x * 16777216.0) / 16777216.0);  /* subnormal: steps of 2^-24 */
+    return (float)ldexp(nearbyint(ldexp(m, 11)), e - 11);
+}
+
+/* moe_cl_model_quantize(F16): expert weights as half on the device. Against a CPU model whose
+   expert weights are rounded to half the same way it must agree as fp32 does (1e-4); against the
+   fp32 CPU model the documented bound is 1e-2 relative plus 1e-3 of the largest output. */
+static void check_fp16_weights(moe_cl_ctx *cl) {
+    parity_case pc;
+    moe_model *m, *m_half;
+    moe_cl_model *dm = NULL;
+    int64_t T = 31, O, i, k;
+    float x[31 * 26], y_cpu[31 * 6], y_half[31 * 6], y_dev[31 * 6], y_f32[31 * 6], dy[31 * 6];
+    double ymax = 0.0;
+    moe_target target;
+    moe_step_info info;
+    memset(&pc, 0, sizeof pc);
+    pc.d_in = 26; pc.tokens = T; pc.n_layers = 2; pc.loss = MOE_LOSS_MSE;
+    pc.layers[0].kind = MOE_LAYER_MOE; pc.layers[0].n_experts = 6; pc.layers[0].top_k = 2; pc.layers[0].expert = MOE_EXPERT_SWIGLU;
+    pc.layers[0].d_hidden = 37; pc.layers[0].n_shared_experts = 1; pc.layers[0].residual = 1;
+    pc.layers[1].kind = MOE_LAYER_MOE; pc.layers[1].router = MOE_ROUTER_SIGMOID; pc.layers[1].n_experts = 4; pc.layers[1].top_k = 2;
+    pc.layers[1].d_out = 6; pc.layers[1].d_hidden = 19;
+    m = make(&pc);
+    m_half = make(&pc);
+    if (!m || !m_half) { moe_model_destroy(m); moe_model_destroy(m_half); return; }
+    O = moe_model_d_out(m);
+    for (i = 0; i < moe_model_tensor_count(m_half); i++) {
+        moe_tensor t;
+        moe_model_tensor(m_half, (int)i, &t);
+        if ((strstr(t.name, ".experts.") || strstr(t.name, ".shared.")) && strstr(t.name, ".weight"))
+            for (k = 0; k < t.size; k++) t.data[k] = half_round(t.data[k]);
+    }
+    fill(x, T * pc.d_in, 31, 1.0f);
+    fill(dy, T * O, 32, 1.0f);
+    CHECK_OK(moe_model_forward(m, x, T, y_cpu, NULL), &ctx);
+    CHECK_OK(moe_model_forward(m_half, x, T, y_half, NULL), &ctx);
+    CHECK_OK(moe_cl_model_upload(cl, m, &dm), &ctx);
+    if (dm) {
+        CHECK_OK(moe_cl_model_forward(dm, x, T, y_f32, NULL), &ctx);
+        CHECK_RESULT(moe_cl_model_quantize(dm, MOE_DTYPE_BF16), MOE_ERR_UNSUPPORTED, &ctx);
+        CHECK_OK(moe_cl_model_quantize(dm, MOE_DTYPE_F16), &ctx);
+        CHECK_OK(moe_cl_model_forward(dm, x, T, y_dev, NULL), &ctx);
+        worst_of(y_dev, y_half, T * O, 1e-4, 1e-5, "fp16 device vs CPU with half-rounded weights");
+        for (i = 0; i < T * O; i++) ymax = fmax(ymax, fabs((double)y_cpu[i]));
+        worst_of(y_dev, y_cpu, T * O, 1e-2, 1e-3 * ymax, "fp16 device vs fp32 CPU");
+        CHECK(memcmp(y_dev, y_f32, sizeof y_dev) != 0, "the fp16 forward reads other weights");
+        CHECK_RESULT(moe_cl_model_backward(dm, dy, NULL, 0), MOE_ERR_STATE, &ctx);
+        target.labels = NULL; target.values = dy;
+        CHECK_RESULT(moe_cl_model_train_step(dm, x, &target, T, &info), MOE_ERR_STATE, &ctx);
+        CHECK_OK(moe_cl_model_quantize(dm, MOE_DTYPE_F32), &ctx);
+        CHECK_OK(moe_cl_model_forward(dm, x, T, y_dev, NULL), &ctx);
+        CHECK(memcmp(y_dev, y_f32, sizeof y_dev) == 0, "F32 restores the fp32 forward bit for bit");
+        CHECK_OK(moe_cl_model_train_step(dm, x, &target, T, &info), &ctx);
+    }
+    moe_cl_model_destroy(dm);
+    moe_model_destroy(m);
+    moe_model_destroy(m_half);
+}
+
+/* on the default tiles (direct GEMM on CPU devices) and on the local-memory GEMM */
+static int test_fp16_weights(void) {
+    moe_cl_desc desc;
+    moe_cl_ctx *tiled = NULL;
+    if (!device) return TEST_SKIP;
+    check_fp16_weights(device);
+    memset(&desc, 0, sizeof desc);
+    desc.require_device = 1;
+    desc.tiles = "32 32 8 4 4 0";
+    CHECK_OK(moe_cl_ctx_init(&ctx, &desc, &tiled), &ctx);
+    if (tiled) check_fp16_weights(tiled);
+    moe_cl_ctx_destroy(tiled);
+    return 0;
+}
+
 /* ---------------------------------------------------------------- tuning */
 static int test_tuning_cache(void) {
     moe_cl_desc desc;
@@ -605,6 +685,7 @@ int main(void) {
         if (variant != device) moe_cl_ctx_destroy(variant);
     }
     RUN(test_layer_upload);
+    RUN(test_fp16_weights);
     RUN(test_tuning_cache);
     moe_cl_ctx_destroy(device);
     TEST_END();

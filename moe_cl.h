@@ -63,6 +63,8 @@
    (another layer kind, router, expert kind, activation, or a tensor of a name it does not know;
    reduced-precision weights) is refused by the upload with MOE_ERR_UNSUPPORTED naming the layer
    and the field: the check is a whitelist, so kinds added to moe.h later stay on the CPU.
+   moe_cl_model_quantize(dm, MOE_DTYPE_F16) stores the expert weights as half for inference
+   (read with the core vload_half, so no cl_khr_fp16 is needed; fp32 accumulation).
 
    The device model is a copy: train it, then moe_cl_model_download to bring parameters,
    gradients and optimizer state back into the moe_model (to save it, or go on on the CPU).

@@ -223,9 +223,12 @@ typedef struct parity_case {
     moe_optimizer_desc opt;
     moe_forward_opts fwd;       /* the forward of check_forward_backward (training: noise and jitter on) */
     int forward_only;           /* no training steps (hash routers need token ids, which train_step has not) */
+    int twin_rows;              /* rows of x come in identical pairs (router ties) */
 } parity_case;
 
 static int32_t token_ids[64];
+static float noise0[40 * 6], noise1[40 * 4];  /* the caller's router noise of the noisy case */
+static const float *const given_noise[2] = { noise0, noise1 };
 
 static moe_model *make(const parity_case *pc) {
     moe_model_desc d;
@@ -257,6 +260,8 @@ static void check_forward_backward(const parity_case *pc) {
     g_cpu = (float *)malloc(sizeof(float) * (size_t)n);
     fill(x, T * pc->d_in, 2, 1.0f);
     fill(dy, T * O, 3, 1.0f);
+    if (pc->twin_rows)
+        for (i = 1; i < T; i += 2) memcpy(x + i * pc->d_in, x + (i - 1) * pc->d_in, sizeof(float) * (size_t)pc->d_in);
     CHECK_OK(moe_cl_model_upload(variant, m, &dm), &ctx);
     if (!dm) goto done;
     CHECK_OK(moe_model_forward(m, x, T, y_cpu, &pc->fwd), &ctx);
@@ -354,7 +359,7 @@ done:
     free(x); free(values); free(labels); free(p_first);
 }
 
-static parity_case cases[16];
+static parity_case cases[20];
 static int n_cases;
 
 static void add_cases(void) {
@@ -416,6 +421,12 @@ static void add_cases(void) {
     c = &cases[n_cases++];
     c->name = "noisy_topk_inference";
     c->fwd.training = 0;
+    /* ... and with the caller's noise (moe_forward_opts.router_noise) */
+    cases[n_cases] = cases[n_cases - 2];
+    c = &cases[n_cases++];
+    c->name = "noisy_topk_given_noise";
+    c->fwd.router_noise = given_noise;
+    c->forward_only = 1;
     /* per-call k and top-p: a layer sized for k up to 4 runs k = 3 with top_p 0.6 (slots left
        empty) and its balance loss at that k */
     c = &cases[n_cases++];
@@ -451,6 +462,14 @@ static void add_cases(void) {
     c->layers[1].kind = MOE_LAYER_MOE; c->layers[1].router = MOE_ROUTER_HASH; c->layers[1].n_experts = 3; c->layers[1].top_k = 1;
     c->layers[1].capacity_factor = 0.5f; c->layers[1].d_out = 14;
     c->fwd.token_ids = token_ids;
+    c->forward_only = 1;
+    /* expert choice on tokens that come in identical pairs: every score ties with its twin, and
+       the device must take the lower token first, as the CPU */
+    c = &cases[n_cases++];
+    c->name = "expert_choice_ties"; c->d_in = 9; c->tokens = 30; c->n_layers = 1; c->loss = MOE_LOSS_MSE;
+    c->layers[0].kind = MOE_LAYER_MOE; c->layers[0].router = MOE_ROUTER_EXPERT_CHOICE; c->layers[0].n_experts = 5; c->layers[0].top_k = 1;
+    c->layers[0].capacity_factor = 0.9f; c->layers[0].expert = MOE_EXPERT_LINEAR;
+    c->twin_rows = 1;
     c->forward_only = 1;
 }
 
@@ -658,6 +677,8 @@ int main(void) {
     RUN(test_upload_errors);
     RUN(test_upload_whitelist);
     RUN(test_upload_memory_limit);
+    fill(noise0, 40 * 6, 41, 2.0f);
+    fill(noise1, 40 * 4, 42, 2.0f);
     for (i = 0; i < 64; i++) token_ids[i] = (int32_t)(moe_rng_u64(5, 5, (uint64_t)i) % 1000u) - 20;  /* a few negative ids too */
     add_cases();
     /* every case on the default tiles (the direct GEMM on CPU devices); forward and backward

@@ -2834,6 +2834,12 @@ MOEDEF moe_result moe_cl_model_backward(moe_cl_model *dm, const float *dy, float
 }
 
 // >>cl_train ----------------------------------------------------------------
+/* A refused training step draws the same noise and jitter when retried (as moe.h's model). */
+static void moe__cl_rewind_noise(moe_cl_model *dm) {
+    int i;
+    for (i = 0; i < dm->n_layers; i++) dm->layers[i].noise_step--;
+}
+
 /* Sigmoid routers' selection biases are state, not parameters (as moe.h's model step): after == 0
    keeps them aside before the optimizer step; after == 1 puts them back and moves them by the
    aux-loss-free rule from the last forward's loads. */
@@ -2910,6 +2916,7 @@ MOEDEF moe_result moe_cl_model_train_step(moe_cl_model *dm, const float *x, cons
     si.aux_loss = aux;
     si.step = dm->step;
     if (!moe__finite(loss) || !moe__finite(aux)) {
+        moe__cl_rewind_noise(dm);
         if (info) *info = si;
         return moe__fail(dm->ctx, MOE_ERR_NONFINITE, "loss is not finite (loss %g, aux %g); parameters unchanged", (double)loss, (double)aux);
     }
@@ -2923,6 +2930,7 @@ MOEDEF moe_result moe_cl_model_train_step(moe_cl_model *dm, const float *x, cons
     for (c = 0; c < dm->n_chunks; c++) sq += dm->host_f[c];
     norm = (float)sqrt(sq);
     if (!moe__finite(norm)) {
+        moe__cl_rewind_noise(dm);
         if (info) *info = si;
         return moe__fail(dm->ctx, MOE_ERR_NONFINITE, "gradient norm is not finite; parameters unchanged");
     }

@@ -535,6 +535,46 @@ static int test_layer_upload(void) {
     return 0;
 }
 
+/* A refused training step (non-finite loss) leaves the noise counters where they were, so the
+   next step draws the noise the CPU model draws. */
+static int test_refused_step_noise(void) {
+    parity_case pc;
+    moe_model *m_cpu, *m_dev;
+    moe_cl_model *dm = NULL;
+    float x[20 * 12], good[20 * 3], bad[20 * 3];
+    moe_target target;
+    moe_step_info a, b;
+    int k;
+    if (!device) return TEST_SKIP;
+    memset(&pc, 0, sizeof pc);
+    pc.d_in = 12; pc.tokens = 20; pc.n_layers = 1; pc.loss = MOE_LOSS_MSE;
+    pc.layers[0].kind = MOE_LAYER_MOE; pc.layers[0].router = MOE_ROUTER_NOISY_TOPK; pc.layers[0].n_experts = 5; pc.layers[0].top_k = 2;
+    pc.layers[0].d_out = 3; pc.layers[0].load_loss = 0.1f; pc.layers[0].jitter = 0.1f;
+    m_cpu = make(&pc);
+    m_dev = make(&pc);
+    if (m_cpu && m_dev) CHECK_OK(moe_cl_model_upload(device, m_dev, &dm), &ctx);
+    if (dm) {
+        fill(x, 20 * 12, 51, 1.0f);
+        fill(good, 20 * 3, 52, 1.0f);
+        for (k = 0; k < 20 * 3; k++) bad[k] = 3e38f;
+        target.labels = NULL;
+        target.values = bad;
+        CHECK_RESULT(moe_model_train_step(m_cpu, x, &target, 20, &a), MOE_ERR_NONFINITE, &ctx);
+        CHECK_RESULT(moe_cl_model_train_step(dm, x, &target, 20, &b), MOE_ERR_NONFINITE, &ctx);
+        target.values = good;
+        for (k = 0; k < 2; k++) {
+            CHECK_OK(moe_model_train_step(m_cpu, x, &target, 20, &a), &ctx);
+            CHECK_OK(moe_cl_model_train_step(dm, x, &target, 20, &b), &ctx);
+            CHECK(test_close(b.loss, a.loss, 1e-4, 1e-6) && test_close(b.aux_loss, a.aux_loss, 1e-3, 1e-6), "step %d: loss %.9g/%.9g aux %.9g/%.9g",
+                  k, (double)b.loss, (double)a.loss, (double)b.aux_loss, (double)a.aux_loss);
+        }
+    }
+    moe_cl_model_destroy(dm);
+    moe_model_destroy(m_cpu);
+    moe_model_destroy(m_dev);
+    return 0;
+}
+
 /* ---------------------------------------------------------------- fp16 weights */
 /* x rounded to the nearest half value (ties to even), for the normal and subnormal half range */
 static float half_round(float x) {
@@ -706,6 +746,7 @@ int main(void) {
         if (variant != device) moe_cl_ctx_destroy(variant);
     }
     RUN(test_layer_upload);
+    RUN(test_refused_step_noise);
     RUN(test_fp16_weights);
     RUN(test_tuning_cache);
     moe_cl_ctx_destroy(device);

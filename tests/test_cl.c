@@ -468,7 +468,7 @@ static void add_cases(void) {
     c = &cases[n_cases++];
     c->name = "expert_choice_ties"; c->d_in = 9; c->tokens = 30; c->n_layers = 1; c->loss = MOE_LOSS_MSE;
     c->layers[0].kind = MOE_LAYER_MOE; c->layers[0].router = MOE_ROUTER_EXPERT_CHOICE; c->layers[0].n_experts = 5; c->layers[0].top_k = 1;
-    c->layers[0].capacity_factor = 0.9f; c->layers[0].expert = MOE_EXPERT_LINEAR;
+    c->layers[0].capacity_factor = 0.75f; c->layers[0].expert = MOE_EXPERT_LINEAR;  /* C = 5: a tied pair straddles the cut */
     c->twin_rows = 1;
     c->forward_only = 1;
 }

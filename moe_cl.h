@@ -380,7 +380,7 @@ static void moe__cl_unload(moe__cl_api *api) {
     X(gemm_nt) X(gemm_nn) X(gemm_tn) X(colsum) X(transpose) X(route_topk) X(dispatch_count) X(dispatch_scatter) \
     X(moe_sums) X(moe_combine) X(moe_dgate) X(swiglu_back) X(router_back) X(moe_dx) X(act_fwd) \
     X(act_back) X(add_to) X(norm_fwd) X(norm_wgrad) X(norm_dx) X(task_loss) X(sumsq) X(opt_step) X(shared_rows) X(mul) X(importance) X(dgate_add) \
-    X(noisy_h) X(load_sums) X(noisy_back) X(route_sigmoid) X(sigmoid_back) X(bias_update) X(route_hash) X(dispatch_ec) X(to_half)
+    X(noisy_h) X(load_sums) X(noisy_back) X(route_sigmoid) X(sigmoid_back) X(bias_update) X(route_hash) X(dispatch_ec) X(to_half) X(to_bf16)
 
 enum {
 #define MOE__CL_KENUM(name) MOE__CLK_##name,
@@ -397,7 +397,6 @@ static const char *const moe__cl_kernel_names[] = {
 
 /* The kernels, one source line per string: common helpers and the GEMM first (the tuning
    step builds those alone), then routing, combine, norms, losses and the optimizer. */
-#define MOE__CL_GEMM_LINES 323
 static const char *const moe__cl_source[] = {
     "/* moe_cl kernels: OpenCL C 1.2, fp32 accumulation, no float atomics, fixed summation order. */\n",
     "#ifdef cl_khr_fp64\n",
@@ -459,11 +458,14 @@ static const char *const moe__cl_source[] = {
     "   group_mode 2: groups[] split K, get_group_id(2) is the group (per-expert weight gradients).\n",
     "   Epilogue epi: 1 D = act(C); 2 D = silu(Z) * C (SwiGLU); 3 C *= act'(Z). Each C element is\n",
     "   summed over k in increasing order by one work-item: results do not depend on the launch. */\n",
-    "/* B_HALF (a second build of the GEMM lines): B holds half values (expert weights stored as\n",
-    "   fp16; vload_half is core OpenCL, no extension needed), read as float, fp32 accumulation */\n",
+    "/* B_HALF / B_BF16 (more builds of the GEMM lines): B holds half values (vload_half is core\n",
+    "   OpenCL, no extension needed) or bfloat16 bits, read as float; fp32 accumulation */\n",
     "#ifdef B_HALF\n",
     "#define BT half\n",
     "#define LDB(p, i) vload_half((i), (p))\n",
+    "#elif defined(B_BF16)\n",
+    "#define BT ushort\n",
+    "#define LDB(p, i) as_float((uint)(p)[i] << 16)\n",
     "#else\n",
     "#define BT float\n",
     "#define LDB(p, i) (p)[i]\n",
@@ -485,6 +487,9 @@ static const char *const moe__cl_source[] = {
     "#ifdef B_HALF\n",
     "#define LDBN(p) CAT(vload_half, RN)(0, (p))\n",
     "#define LDB8(p) vload_half8(0, (p))\n",
+    "#elif defined(B_BF16)\n",
+    "#define LDBN(p) CAT(as_float, RN)(CAT(convert_uint, RN)(CAT(vload, RN)(0, (p))) << 16)\n",
+    "#define LDB8(p) as_float8(convert_uint8(vload8(0, (p))) << 16)\n",
     "#else\n",
     "#define LDBN(p) VLOADN(0, (p))\n",
     "#define LDB8(p) vload8(0, (p))\n",
@@ -722,6 +727,7 @@ static const char *const moe__cl_source[] = {
     "    gemm_body(2, GEMM_PASS, As, Bs);\n",
     "}\n",
     "#endif\n",
+    "/* end of the GEMM lines */\n",
     "/* dst[g * dst_gstride + c] += sum of src rows of group g (all rows when n_groups is 0), in row order */\n",
     "kernel void colsum(int rows, int cols, global const float *src, int ld, global const int *groups, int n_groups, global float *dst, long dst_off, long dst_gstride) {\n",
     "    int c = get_global_id(0), g = get_global_id(1);\n",
@@ -1083,6 +1089,13 @@ static const char *const moe__cl_source[] = {
     "    long i = get_global_id(0);\n",
     "    if (i < n) vstore_half_rte(src[off + i], off + i, dst);\n",
     "}\n",
+    "/* dst[off + i] = src[off + i] as bfloat16 (to nearest even; NaN stays NaN), as moe.h's */\n",
+    "kernel void to_bf16(long n, long off, global const float *src, global ushort *dst) {\n",
+    "    long i = get_global_id(0);\n",
+    "    if (i >= n) return;\n",
+    "    uint u = as_uint(src[off + i]);\n",
+    "    dst[off + i] = (u & 0x7fffffffu) > 0x7f800000u ? (ushort)((u >> 16) | 0x40u) : (ushort)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);\n",
+    "}\n",
     "/* y = act(z) (+ r: residual) */\n",
     "kernel void act_fwd(long n, int act, global const float *z, global float *y, global const float *r, int use_r) {\n",
     "    long i = get_global_id(0);\n",
@@ -1231,8 +1244,8 @@ struct moe_cl_ctx {
     moe__cl_queue queue;
     moe__cl_program program;
     moe__cl_kernel kernels[MOE__CLK_COUNT];
-    moe__cl_program half_program;           /* the GEMM built with B_HALF, when a model asked for it */
-    moe__cl_kernel half_kernels[3];         /* its gemm_nt, gemm_nn, gemm_tn */
+    moe__cl_program q_program[2];           /* the GEMM built with B_HALF / B_BF16, when a model asked for it */
+    moe__cl_kernel q_kernels[2][3];         /* their gemm_nt, gemm_nn, gemm_tn */
     moe__cl_mem dummy;          /* bound to pointer arguments a kernel does not read */
     moe__cl_tiles tiles;
     moe__cl_ulong max_alloc, global_mem;
@@ -1356,7 +1369,9 @@ static moe_result moe__cl_build(moe_cl_ctx *cl, const moe__cl_tiles *t, int gemm
     moe__cl_int err;
     moe__cl_program p;
     size_t log_size = 0;
-    moe__cl_uint n = gemm_only ? MOE__CL_GEMM_LINES : (moe__cl_uint)(sizeof moe__cl_source / sizeof moe__cl_source[0]);
+    moe__cl_uint n = (moe__cl_uint)(sizeof moe__cl_source / sizeof moe__cl_source[0]), i;
+    for (i = 0; gemm_only && i < n; i++)  /* the helpers and the GEMM: the lines before the marker */
+        if (strcmp(moe__cl_source[i], "/* end of the GEMM lines */\n") == 0) n = i;
     snprintf(options, sizeof options, "-cl-std=CL1.2 -DTM=%d -DTN=%d -DTK=%d -DRM=%d -DRN=%d%s%s %s", t->tm, t->tn, t->tk,
              t->rm, t->rn, t->direct ? " -DMOE_DIRECT=1" : "", extra, cl->desc.build_options ? cl->desc.build_options : "");
     *program = NULL;
@@ -1449,10 +1464,13 @@ static moe_result moe__cl_open(moe_cl_ctx *cl) {
 }
 
 static void moe__cl_close(moe_cl_ctx *cl) {
+    int i;
     moe__cl_release_kernels(cl, cl->kernels, MOE__CLK_COUNT);
-    moe__cl_release_kernels(cl, cl->half_kernels, 3);
-    if (cl->half_program) MOE__CLF(cl, clReleaseProgram)(cl->half_program);
-    cl->half_program = NULL;
+    for (i = 0; i < 2; i++) {
+        moe__cl_release_kernels(cl, cl->q_kernels[i], 3);
+        if (cl->q_program[i]) MOE__CLF(cl, clReleaseProgram)(cl->q_program[i]);
+        cl->q_program[i] = NULL;
+    }
     if (cl->dummy) MOE__CLF(cl, clReleaseMemObject)(cl->dummy);
     if (cl->program) MOE__CLF(cl, clReleaseProgram)(cl->program);
     if (cl->queue) MOE__CLF(cl, clReleaseCommandQueue)(cl->queue);
@@ -1598,7 +1616,7 @@ typedef struct moe__cl_gemm {
     int accumulate;
     int epi, act;               /* 1 D = act(C); 2 D = silu(Z) * C; 3 C *= act'(Z) */
     moe__cl_mem D, Z;
-    int b_half;                 /* B holds half values (the B_HALF build) */
+    int b_q;                    /* B holds 16-bit values: 1 half (the B_HALF build), 2 bfloat16 (B_BF16) */
 } moe__cl_gemm;
 
 static moe__cl_mat moe__cl_mat_of(moe__cl_mem buf, int64_t off, int64_t ld) {
@@ -1620,7 +1638,7 @@ static moe_result moe__cl_gemm_event(moe_cl_ctx *cl, const moe__cl_gemm *g, moe_
     int kernel = g->op == MOE__NT ? MOE__CLK_gemm_nt : g->op == MOE__NN ? MOE__CLK_gemm_nn : MOE__CLK_gemm_tn;
     moe__cl_args a = moe__cl_begin(cl, kernel);
     /* a TM x TN tile of C per work-group (tiled) or per work-item (direct) */
-    if (g->b_half) a.k = cl->half_kernels[kernel - MOE__CLK_gemm_nt];
+    if (g->b_q) a.k = cl->q_kernels[g->b_q - 1][kernel - MOE__CLK_gemm_nt];
     int64_t rows = t->tm, cols = t->tn;
     size_t local[3], tiles_m, tiles_n;
     if (g->M <= 0 || g->N <= 0) return MOE_OK;
@@ -1815,6 +1833,7 @@ typedef struct moe__cl_layer {
     moe__cl_mem thr, load, dload;         /* noisy top-k: [T, 2] k-th / (k+1)-th expert; [E] load and its gradient */
     moe__cl_mem key, group_score, group_sel, bias_keep;  /* sigmoid: [T, E], [T, G] x 2 scratch; [E] */
     int call_k;                 /* experts per token of the last forward (moe_forward_opts.top_k) */
+    int q;                      /* expert weights read from dm->wh: 0 no (fp32), 1 half, 2 bfloat16 */
     int64_t slots, rows;        /* routing slots per token (k; expert choice: E), routed expert rows */
     moe__cl_bank bank[2];
     moe__cl_mem dgate, dh, dxu;
@@ -1840,8 +1859,8 @@ struct moe_cl_model {
     int n_layers;
     moe__cl_mem params, grads, m, v;
     moe__cl_mem wt;             /* direct GEMM: every weight matrix transposed, same offsets */
-    moe__cl_mem wh;             /* moe_cl_model_quantize F16: expert weights as half (as wt where wt is used) */
-    int half;                   /* forwards read wh */
+    moe__cl_mem wh;             /* 16-bit expert weights (half or bf16 per layer; as wt where wt is used) */
+    int n_quantized;            /* layers whose forwards read wh: no training while > 0 */
     moe__cl_mem x, labels, values, dloss, tok, dbuf[2], partial;
     moe__cl_mem ids;            /* [T] token ids (hash routers) */
     moe__cl_mem *mems;          /* every buffer, to release */
@@ -1952,7 +1971,7 @@ static const char *moe__cl_unsupported(const moe_layer *l, char *why, size_t cap
     case MOE_EXPERT_LINEAR: case MOE_EXPERT_MLP: case MOE_EXPERT_SWIGLU: break;
     default: snprintf(why, cap, "expert kind %d (field expert)", (int)d->expert); return why;
     }
-    if (l->wdtype != MOE_DTYPE_F32) return "reduced-precision expert weights (moe_layer_quantize)";
+    if (l->wdtype != MOE_DTYPE_F32 && l->wdtype != MOE_DTYPE_BF16) return "int8 expert weights (moe_layer_quantize; the device takes f32 and bf16)";
     if (l->n_banks < 1 || l->n_banks > 2 || l->bank[0].n_linears > MOE__MAX_LINEARS) return "an expert bank layout it does not know";
     return moe__cl_unknown_tensor(l, why, cap);
 }
@@ -2062,7 +2081,7 @@ static moe_result moe__cl_weight_gemm(moe_cl_model *dm, const moe__cl_gemm *g) {
         t.B.buf = dm->wt;
         t.B.ld = g->N;
     }
-    if (t.b_half) t.B.buf = dm->wh;
+    if (t.b_q) t.B.buf = dm->wh;
     return moe__cl_gemm_run(dm->cl, &t);
 }
 
@@ -2082,6 +2101,8 @@ MOEDEF void moe_cl_model_destroy(moe_cl_model *dm) {
     moe__free(ctx, dm->host_noise);
     moe__free(ctx, dm);
 }
+
+static moe_result moe__cl_quantize_layer(moe_cl_model *dm, int i, int q);
 
 /* A device copy of a model, or of one layer (model NULL: no optimizer, no loss). */
 static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *layer, moe_cl_model **out) {
@@ -2184,6 +2205,8 @@ static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *la
     if (r == MOE_OK && dm->m) r = moe__cl_write(dm, dm->m, opt->m, (size_t)dm->n_params * sizeof(float));
     if (r == MOE_OK && dm->v) r = moe__cl_write(dm, dm->v, opt->v, (size_t)dm->n_params * sizeof(float));
     if (r == MOE_OK) r = moe__cl_refresh_transposed(dm);
+    for (i = 0; i < dm->n_layers && r == MOE_OK; i++)  /* moe_layer_quantize'd layers read bf16 here too */
+        if (dm->src[i].wdtype == MOE_DTYPE_BF16) r = moe__cl_quantize_layer(dm, i, 2);
     if (r == MOE_OK) r = moe_cl_finish(cl);
     if (r != MOE_OK) {
         moe_cl_model_destroy(dm);
@@ -2250,7 +2273,7 @@ static moe_result moe__cl_bank_forward(moe_cl_model *dm, moe__cl_layer *cl_l, in
         g.B.gstride = lin->out * lin->in;
         if (lin->b >= 0) { g.bias = dm->params; g.bias_off = cl_l->poff + lin->b; g.bias_gstride = lin->out; }
         g.groups = cb->offsets; g.group_mode = 1; g.n_groups = b->n;
-        g.b_half = dm->half;
+        g.b_q = cl_l->q;
         if (!last && b->kind == MOE_EXPERT_SWIGLU && j == 1) { g.epi = 2; g.Z = cb->bz[0]; g.D = cb->ba[0]; }
         else if (!last && b->kind != MOE_EXPERT_SWIGLU) { g.epi = 1; g.act = (int)b->act; g.D = cb->ba[j]; }
         MOE__TRY(moe__cl_weight_gemm(dm, &g));
@@ -2480,52 +2503,62 @@ MOEDEF moe_result moe_cl_model_predict(moe_cl_model *dm, const float *x, int64_t
     return MOE_OK;
 }
 
-MOEDEF moe_result moe_cl_model_quantize(moe_cl_model *dm, moe_dtype dtype) {
-    moe_cl_ctx *cl;
-    int i, b, j;
-    if (!dm) return MOE_ERR_INVALID_ARGUMENT;
-    if (dtype == MOE_DTYPE_F32) { dm->half = 0; return MOE_OK; }
-    if (dtype != MOE_DTYPE_F16)
-        return moe__fail(dm->ctx, MOE_ERR_UNSUPPORTED, "OpenCL: expert weights on the device are f32 or f16 (dtype %d)", (int)dtype);
-    if (dm->fallback) return moe__fail(dm->ctx, MOE_ERR_UNSUPPORTED, "fp16 weights need an OpenCL device (this context runs on the CPU)");
-    cl = dm->cl;
-    if (!cl->half_program) {
-        moe_result r = moe__cl_build(cl, &cl->tiles, 1, " -DB_HALF=1", &cl->half_program);
-        if (r == MOE_OK) {
-            static const char *const names[3] = { "gemm_nt", "gemm_nn", "gemm_tn" };
-            for (i = 0; i < 3 && r == MOE_OK; i++) {
-                moe__cl_int err;
-                cl->half_kernels[i] = MOE__CLF(cl, clCreateKernel)(cl->half_program, names[i], &err);
-                if (err != MOE__CL_SUCCESS) r = moe__cl_fail(dm->ctx, err, names[i]);
-            }
+#define MOE__CL_QUANTIZED "the device model holds reduced-precision expert weights (inference only); moe_cl_model_quantize(dm, MOE_DTYPE_F32) restores training"
+
+/* Layer i's expert weights as 16-bit values in dm->wh (q 1 half, 2 bfloat16; 0: back to fp32),
+   converted on the device from the layout the GEMM reads. */
+static moe_result moe__cl_quantize_layer(moe_cl_model *dm, int i, int q) {
+    static const char *const names[3] = { "gemm_nt", "gemm_nn", "gemm_tn" };
+    moe_cl_ctx *cl = dm->cl;
+    moe__cl_layer *cl_l = &dm->layers[i];
+    const moe_layer *l = cl_l->l;
+    int b, j;
+    dm->n_quantized -= cl_l->q != 0;
+    cl_l->q = 0;
+    if (q == 0 || l->d.kind != MOE_LAYER_MOE) return MOE_OK;
+    if (!cl->q_program[q - 1]) {
+        moe_result r = moe__cl_build(cl, &cl->tiles, 1, q == 1 ? " -DB_HALF=1" : " -DB_BF16=1", &cl->q_program[q - 1]);
+        for (j = 0; j < 3 && r == MOE_OK; j++) {
+            moe__cl_int err;
+            cl->q_kernels[q - 1][j] = MOE__CLF(cl, clCreateKernel)(cl->q_program[q - 1], names[j], &err);
+            if (err != MOE__CL_SUCCESS) r = moe__cl_fail(dm->ctx, err, names[j]);
         }
         if (r != MOE_OK) {
-            moe__cl_release_kernels(cl, cl->half_kernels, 3);
-            if (cl->half_program) MOE__CLF(cl, clReleaseProgram)(cl->half_program);
-            cl->half_program = NULL;
+            moe__cl_release_kernels(cl, cl->q_kernels[q - 1], 3);
+            if (cl->q_program[q - 1]) MOE__CLF(cl, clReleaseProgram)(cl->q_program[q - 1]);
+            cl->q_program[q - 1] = NULL;
             return r;
         }
     }
     if (!dm->wh) {
-        dm->wh = moe__cl_buffer(dm, (dm->n_params + 1) / 2, sizeof(float));  /* n_params halves */
+        dm->wh = moe__cl_buffer(dm, (dm->n_params + 1) / 2, sizeof(float));  /* n_params 16-bit values */
         if (!dm->wh) { moe_result r = dm->err; dm->err = MOE_OK; return r; }
     }
-    for (i = 0; i < dm->n_layers; i++) {  /* every expert weight, from the layout the GEMM reads */
-        const moe_layer *l = &dm->src[i];
-        if (l->d.kind != MOE_LAYER_MOE) continue;
-        for (b = 0; b < l->n_banks; b++)
-            for (j = 0; j < l->bank[b].n_linears; j++) {
-                const moe__linear *lin = &l->bank[b].lin[j];
-                int64_t n = (int64_t)l->bank[b].n * lin->out * lin->in;
-                moe__cl_args a = moe__cl_begin(cl, MOE__CLK_to_half);
-                moe__cl_long_arg(&a, n); moe__cl_long_arg(&a, dm->layers[i].poff + lin->w); moe__cl_mem_arg(&a, dm->wt ? dm->wt : dm->params);
-                moe__cl_mem_arg(&a, dm->wh);
-                MOE__TRY(moe__cl_run(&a, 1, (size_t)n, 1, 1, NULL));
-            }
-    }
-    MOE__TRY(moe_cl_finish(cl));
-    dm->half = 1;
+    for (b = 0; b < l->n_banks; b++)
+        for (j = 0; j < l->bank[b].n_linears; j++) {
+            const moe__linear *lin = &l->bank[b].lin[j];
+            int64_t n = (int64_t)l->bank[b].n * lin->out * lin->in;
+            moe__cl_args a = moe__cl_begin(cl, q == 1 ? MOE__CLK_to_half : MOE__CLK_to_bf16);
+            moe__cl_long_arg(&a, n); moe__cl_long_arg(&a, cl_l->poff + lin->w); moe__cl_mem_arg(&a, dm->wt ? dm->wt : dm->params);
+            moe__cl_mem_arg(&a, dm->wh);
+            MOE__TRY(moe__cl_run(&a, 1, (size_t)n, 1, 1, NULL));
+        }
+    cl_l->q = q;
+    dm->n_quantized++;
     return MOE_OK;
+}
+
+MOEDEF moe_result moe_cl_model_quantize(moe_cl_model *dm, moe_dtype dtype) {
+    int i, q = dtype == MOE_DTYPE_F16 ? 1 : dtype == MOE_DTYPE_BF16 ? 2 : 0;
+    if (!dm) return MOE_ERR_INVALID_ARGUMENT;
+    if (dtype != MOE_DTYPE_F32 && !q)
+        return moe__fail(dm->ctx, MOE_ERR_UNSUPPORTED, "OpenCL: expert weights on the device are f32, f16 or bf16 (dtype %d)", (int)dtype);
+    if (dm->fallback) {
+        if (dtype == MOE_DTYPE_F32) return MOE_OK;
+        return moe__fail(dm->ctx, MOE_ERR_UNSUPPORTED, "reduced-precision weights on a device need an OpenCL device (this context runs on the CPU)");
+    }
+    for (i = 0; i < dm->n_layers; i++) MOE__TRY(moe__cl_quantize_layer(dm, i, q));
+    return moe_cl_finish(dm->cl);
 }
 
 /* Statistics of MoE layer i as moe.h's moe__aux_forward computes them, from the device's
@@ -2824,7 +2857,7 @@ MOEDEF moe_result moe_cl_model_backward(moe_cl_model *dm, const float *dy, float
     if (!dm) return MOE_ERR_INVALID_ARGUMENT;
     if (dm->fallback) return dm->model ? moe_model_backward(dm->model, dy, dx, flags) : moe_layer_backward(dm->layer, dy, dx, flags);
     if (!dm->has_forward) return moe__fail(dm->ctx, MOE_ERR_STATE, "backward before any forward");
-    if (dm->half) return moe__fail(dm->ctx, MOE_ERR_STATE, "the device model holds fp16 expert weights (inference only); moe_cl_model_quantize(dm, MOE_DTYPE_F32) restores training");
+    if (dm->n_quantized) return moe__fail(dm->ctx, MOE_ERR_STATE, MOE__CL_QUANTIZED);
     if (!dy) return moe__fail(dm->ctx, MOE_ERR_INVALID_ARGUMENT, "dy is NULL");
     T = dm->T;
     MOE__TRY(moe__cl_write(dm, dm->dloss, dy, (size_t)(T * dm->d_out) * sizeof(float)));
@@ -2877,7 +2910,7 @@ MOEDEF moe_result moe_cl_model_train_step(moe_cl_model *dm, const float *x, cons
     if (!dm) return MOE_ERR_INVALID_ARGUMENT;
     if (!dm->model) return moe__fail(dm->ctx, MOE_ERR_STATE, "a layer uploaded alone has no loss or optimizer: upload a model to train");
     if (dm->fallback) return moe_model_train_step(dm->model, x, target, n_tokens, info);
-    if (dm->half) return moe__fail(dm->ctx, MOE_ERR_STATE, "the device model holds fp16 expert weights (inference only); moe_cl_model_quantize(dm, MOE_DTYPE_F32) restores training");
+    if (dm->n_quantized) return moe__fail(dm->ctx, MOE_ERR_STATE, MOE__CL_QUANTIZED);
     cl = dm->cl;
     model = dm->model;
     od = &model->opt->d;

@@ -61,10 +61,11 @@
    noisy router's normal noise) are drawn on the host from the same streams and uploaded per
    training forward; the hash router's integer generator runs on the device. Anything else
    (another layer kind, router, expert kind, activation, or a tensor of a name it does not know;
-   reduced-precision weights) is refused by the upload with MOE_ERR_UNSUPPORTED naming the layer
+   int8 weights) is refused by the upload with MOE_ERR_UNSUPPORTED naming the layer
    and the field: the check is a whitelist, so kinds added to moe.h later stay on the CPU.
-   moe_cl_model_quantize(dm, MOE_DTYPE_F16) stores the expert weights as half for inference
-   (read with the core vload_half, so no cl_khr_fp16 is needed; fp32 accumulation).
+   moe_cl_model_quantize(dm, MOE_DTYPE_F16 or BF16) stores the expert weights as half or bfloat16
+   for inference (half is read with the core vload_half, so no cl_khr_fp16 is needed; fp32
+   accumulation); models moe_layer_quantize'd to bf16 upload as bf16.
 
    The device model is a copy: train it, then moe_cl_model_download to bring parameters,
    gradients and optimizer state back into the moe_model (to save it, or go on on the CPU).
@@ -169,11 +170,12 @@ MOEDEF moe_result moe_cl_model_backward(moe_cl_model *dm, const float *dy, float
 MOEDEF moe_result moe_cl_model_train_step(moe_cl_model *dm, const float *x, const moe_target *target, int64_t n_tokens, moe_step_info *info);
 MOEDEF moe_result moe_cl_model_predict(moe_cl_model *dm, const float *x, int64_t n_tokens, int32_t *classes);
 /* Inference with reduced-precision expert weights on the device, like moe_layer_quantize:
-   MOE_DTYPE_F16 keeps a copy of every expert weight (routed and shared) as half, which forwards
-   then read (fp32 accumulation; router, dense and norm layers stay fp32); MOE_DTYPE_F32 goes back
-   to the fp32 weights. While F16 is on, backward and train_step return MOE_ERR_STATE. Call it
-   again after training to refresh the copy. Other dtypes: MOE_ERR_UNSUPPORTED. Allocates the
-   copy (device memory, 2 bytes per parameter) at the first call. */
+   MOE_DTYPE_F16 / MOE_DTYPE_BF16 keep a copy of every expert weight (routed and shared) as half /
+   bfloat16, which forwards then read (fp32 accumulation; router, dense and norm layers stay
+   fp32); MOE_DTYPE_F32 goes back to the fp32 weights. While one is on, backward and train_step
+   return MOE_ERR_STATE. Call it again after training to refresh the copy. Other dtypes:
+   MOE_ERR_UNSUPPORTED. Allocates the copy (device memory, 2 bytes per parameter) at the first
+   call. Layers moe_layer_quantize'd to bf16 on the host upload in the bf16 form already. */
 MOEDEF moe_result moe_cl_model_quantize(moe_cl_model *dm, moe_dtype dtype);
 MOEDEF void moe_cl_model_zero_grad(moe_cl_model *dm);
 /* Routing statistics of MoE layer `layer` from the last forward (tokens_per_expert points into dm). */

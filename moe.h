@@ -184,13 +184,14 @@ extern "C" {
     X(MOE_ERR_UNSUPPORTED,      -6, "unsupported configuration") \
     X(MOE_ERR_NONFINITE,        -7, "non-finite value") \
     X(MOE_ERR_TOO_MANY_TOKENS,  -8, "more tokens than max_tokens") \
-    X(MOE_ERR_STATE,            -9, "call out of order")
+    X(MOE_ERR_STATE,            -9, "call out of order") \
+    X(MOE_ERR_DEVICE,          -10, "accelerator device failure")
 
 typedef enum moe_result {
 #define MOE__RESULT_ENUM(name, value, text) name = value,
     MOE_RESULT_LIST(MOE__RESULT_ENUM)
 #undef MOE__RESULT_ENUM
-    MOE_RESULT_MIN = -9
+    MOE_RESULT_MIN = -10
 } moe_result;
 
 /* Fixed text for a result code ("unknown result" for values not in the list). */

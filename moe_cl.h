@@ -45,20 +45,29 @@
    moe_cl_ctx_init returns MOE_OK and a context in fallback mode when there is no OpenCL library,
    platform or usable device (or MOE_CL_DEVICE=none); moe_cl_ctx_reason says why, and every
    moe_cl_model_* call then runs the CPU model. With desc.require_device it fails instead, with
-   MOE_ERR_UNSUPPORTED. A kernel build failure is MOE_ERR_UNSUPPORTED with the start of the build
+   MOE_ERR_UNSUPPORTED. A kernel build failure is MOE_ERR_DEVICE with the start of the build
    log in the message (all of it in moe_cl_build_log); device memory exhaustion is
-   MOE_ERR_OUT_OF_MEMORY; other OpenCL errors are MOE_ERR_UNSUPPORTED naming the call and code.
-   Nothing here aborts or prints.
+   MOE_ERR_OUT_OF_MEMORY; other OpenCL errors are MOE_ERR_DEVICE naming the call and code.
+   A layer the device does not run is MOE_ERR_UNSUPPORTED from the upload, naming the layer and
+   the field. Nothing here aborts or prints.
 
    WHAT RUNS ON THE DEVICE
    -----------------------
-   Dense, RMSNorm and LayerNorm layers; MoE layers with the top-k and switch routers (capacity,
-   balance and z losses), linear, MLP and SwiGLU experts, shared experts; the three losses; SGD,
-   Adam and AdamW with clipping and the schedule, router jitter (its factors drawn on the host
-   from the same random streams as the CPU), the importance loss. Not yet: the noisy top-k router
-   (and its load loss), Gaussian experts (mixture density, the mixture NLL), gated shared experts
-   (shared_gate), the multi-task layers (multigate, task towers) and multi-task losses:
-   moe_cl_model_upload returns MOE_ERR_UNSUPPORTED naming the layer.
+   Dense, RMSNorm and LayerNorm layers; MoE layers with the routers top-k, noisy
+   top-k, switch, sigmoid + selection bias, expert choice, hash), the balance, z, importance and
+   load losses, linear, MLP and SwiGLU experts, shared experts; the per-call top_k, top_p,
+   token_ids and router_noise options; the three losses; SGD, Adam and AdamW with clipping and the
+   schedule. Random numbers the CPU draws from double-precision formulas (router jitter, the
+   noisy router's normal noise) are drawn on the host from the same streams and uploaded per
+   training forward; the hash router's integer generator runs on the device. Anything else
+   (another layer kind, router, expert kind, activation, or a tensor of a name it does not know;
+   int8 weights) is refused by the upload with MOE_ERR_UNSUPPORTED naming the layer
+   and the field: the check is a whitelist, so kinds added to moe.h later stay on the CPU (today:
+   soft and hierarchical routers, GeGLU and Gaussian experts, gated shared experts, the stacking
+   and voting combines, multi-task layers and losses).
+   moe_cl_model_quantize(dm, MOE_DTYPE_F16 or BF16) stores the expert weights as half or bfloat16
+   for inference (half is read with the core vload_half, so no cl_khr_fp16 is needed; fp32
+   accumulation); models moe_layer_quantize'd to bf16 upload as bf16.
 
    The device model is a copy: train it, then moe_cl_model_download to bring parameters,
    gradients and optimizer state back into the moe_model (to save it, or go on on the CPU).
@@ -165,6 +174,14 @@ MOEDEF moe_result moe_cl_model_forward(moe_cl_model *dm, const float *x, int64_t
 MOEDEF moe_result moe_cl_model_backward(moe_cl_model *dm, const float *dy, float *dx, int flags);
 MOEDEF moe_result moe_cl_model_train_step(moe_cl_model *dm, const float *x, const moe_target *target, int64_t n_tokens, moe_step_info *info);
 MOEDEF moe_result moe_cl_model_predict(moe_cl_model *dm, const float *x, int64_t n_tokens, int32_t *classes);
+/* Inference with reduced-precision expert weights on the device, like moe_layer_quantize:
+   MOE_DTYPE_F16 / MOE_DTYPE_BF16 keep a copy of every expert weight (routed and shared) as half /
+   bfloat16, which forwards then read (fp32 accumulation; router, dense and norm layers stay
+   fp32); MOE_DTYPE_F32 goes back to the fp32 weights. While one is on, backward and train_step
+   return MOE_ERR_STATE. Call it again after training to refresh the copy. Other dtypes:
+   MOE_ERR_UNSUPPORTED. Allocates the copy (device memory, 2 bytes per parameter) at the first
+   call. Layers moe_layer_quantize'd to bf16 on the host upload in the bf16 form already. */
+MOEDEF moe_result moe_cl_model_quantize(moe_cl_model *dm, moe_dtype dtype);
 MOEDEF void moe_cl_model_zero_grad(moe_cl_model *dm);
 /* Routing statistics of MoE layer `layer` from the last forward (tokens_per_expert points into dm). */
 MOEDEF moe_result moe_cl_model_stats(moe_cl_model *dm, int layer, moe_stats *stats);
@@ -369,7 +386,8 @@ static void moe__cl_unload(moe__cl_api *api) {
 #define MOE__CL_KERNELS(X) \
     X(gemm_nt) X(gemm_nn) X(gemm_tn) X(colsum) X(transpose) X(route_topk) X(dispatch_count) X(dispatch_scatter) \
     X(moe_sums) X(moe_combine) X(moe_dgate) X(swiglu_back) X(router_back) X(moe_dx) X(act_fwd) \
-    X(act_back) X(add_to) X(norm_fwd) X(norm_wgrad) X(norm_dx) X(task_loss) X(sumsq) X(opt_step) X(shared_rows) X(mul) X(importance) X(dgate_add)
+    X(act_back) X(add_to) X(norm_fwd) X(norm_wgrad) X(norm_dx) X(task_loss) X(sumsq) X(opt_step) X(shared_rows) X(mul) X(importance) X(dgate_add) \
+    X(noisy_h) X(load_sums) X(noisy_back) X(route_sigmoid) X(sigmoid_back) X(bias_update) X(route_hash) X(dispatch_ec) X(to_half) X(to_bf16)
 
 enum {
 #define MOE__CL_KENUM(name) MOE__CLK_##name,
@@ -386,7 +404,6 @@ static const char *const moe__cl_kernel_names[] = {
 
 /* The kernels, one source line per string: common helpers and the GEMM first (the tuning
    step builds those alone), then routing, combine, norms, losses and the optimizer. */
-#define MOE__CL_GEMM_LINES 322
 static const char *const moe__cl_source[] = {
     "/* moe_cl kernels: OpenCL C 1.2, fp32 accumulation, no float atomics, fixed summation order. */\n",
     "#ifdef cl_khr_fp64\n",
@@ -448,7 +465,19 @@ static const char *const moe__cl_source[] = {
     "   group_mode 2: groups[] split K, get_group_id(2) is the group (per-expert weight gradients).\n",
     "   Epilogue epi: 1 D = act(C); 2 D = silu(Z) * C (SwiGLU); 3 C *= act'(Z). Each C element is\n",
     "   summed over k in increasing order by one work-item: results do not depend on the launch. */\n",
-    "#define GEMM_ARGS int M, int N, int K, global const float *A, long a_off, int lda, global const int *arows, int use_ar, global const float *B, long b_off, int ldb, global const int *brows, int use_br, long b_gstride, global float *C, long c_off, int ldc, long c_gstride, global const float *bias, long bias_off, int use_bias, long bias_gstride, global const int *groups, int group_mode, int n_groups, int accumulate, int epi, int act, global float *D, global const float *Z\n",
+    "/* B_HALF / B_BF16 (more builds of the GEMM lines): B holds half values (vload_half is core\n",
+    "   OpenCL, no extension needed) or bfloat16 bits, read as float; fp32 accumulation */\n",
+    "#ifdef B_HALF\n",
+    "#define BT half\n",
+    "#define LDB(p, i) vload_half((i), (p))\n",
+    "#elif defined(B_BF16)\n",
+    "#define BT ushort\n",
+    "#define LDB(p, i) as_float((uint)(p)[i] << 16)\n",
+    "#else\n",
+    "#define BT float\n",
+    "#define LDB(p, i) (p)[i]\n",
+    "#endif\n",
+    "#define GEMM_ARGS int M, int N, int K, global const float *A, long a_off, int lda, global const int *arows, int use_ar, global const BT *B, long b_off, int ldb, global const int *brows, int use_br, long b_gstride, global float *C, long c_off, int ldc, long c_gstride, global const float *bias, long bias_off, int use_bias, long bias_gstride, global const int *groups, int group_mode, int n_groups, int accumulate, int epi, int act, global float *D, global const float *Z\n",
     "#define GEMM_PASS M, N, K, A, a_off, lda, arows, use_ar, B, b_off, ldb, brows, use_br, b_gstride, C, c_off, ldc, c_gstride, bias, bias_off, use_bias, bias_gstride, groups, group_mode, n_groups, accumulate, epi, act, D, Z\n",
     "#ifdef MOE_DIRECT\n",
     "/* Direct variant (CPU devices): no local memory; a work-item computes a whole TM x TN tile\n",
@@ -462,11 +491,22 @@ static const char *const moe__cl_source[] = {
     "#define VSTOREN CAT(vstore, RN)\n",
     "#define VLOADM CAT(vload, RM)\n",
     "#define VSTOREM CAT(vstore, RM)\n",
+    "#ifdef B_HALF\n",
+    "#define LDBN(p) CAT(vload_half, RN)(0, (p))\n",
+    "#define LDB8(p) vload_half8(0, (p))\n",
+    "#elif defined(B_BF16)\n",
+    "#define LDBN(p) CAT(as_float, RN)(CAT(convert_uint, RN)(CAT(vload, RN)(0, (p))) << 16)\n",
+    "#define LDB8(p) as_float8(convert_uint8(vload8(0, (p))) << 16)\n",
+    "#else\n",
+    "#define LDBN(p) VLOADN(0, (p))\n",
+    "#define LDB8(p) vload8(0, (p))\n",
+    "#endif\n",
     "float sum8(float8 v) { float4 h = v.lo + v.hi; float2 q = h.lo + h.hi; return q.x + q.y; }\n",
     "void gemm_block(const int op, GEMM_ARGS, int g, int m0, int m1, int j0, int k0, int k1, int first, int last) {\n",
     "    float s[RM][RN];\n",
     "    if (op == 0) {\n",
-    "        global const float *ap[RM], *bp[RN];\n",
+    "        global const float *ap[RM];\n",
+    "        global const BT *bp[RN];\n",
     "        float8 acc[RM][RN];\n",
     "        int k = k0;\n",
     "        for (int i = 0; i < RM; i++) {\n",
@@ -482,7 +522,7 @@ static const char *const moe__cl_source[] = {
     "        for (; k + 8 <= k1; k += 8) {\n",
     "            float8 a[RM], b[RN];\n",
     "            for (int i = 0; i < RM; i++) a[i] = vload8(0, ap[i] + k);\n",
-    "            for (int j = 0; j < RN; j++) b[j] = vload8(0, bp[j] + k);\n",
+    "            for (int j = 0; j < RN; j++) b[j] = LDB8(bp[j] + k);\n",
     "            for (int i = 0; i < RM; i++)\n",
     "                for (int j = 0; j < RN; j++) acc[i][j] = fma(a[i], b[j], acc[i][j]);\n",
     "        }\n",
@@ -490,7 +530,7 @@ static const char *const moe__cl_source[] = {
     "            for (int j = 0; j < RN; j++) s[i][j] = sum8(acc[i][j]);\n",
     "        for (; k < k1; k++)\n",
     "            for (int i = 0; i < RM; i++)\n",
-    "                for (int j = 0; j < RN; j++) s[i][j] = fma(ap[i][k], bp[j][k], s[i][j]);\n",
+    "                for (int j = 0; j < RN; j++) s[i][j] = fma(ap[i][k], LDB(bp[j], k), s[i][j]);\n",
     "    } else {\n",
     "        VECN acc[RM];\n",
     "        long ar[RM];\n",
@@ -500,10 +540,10 @@ static const char *const moe__cl_source[] = {
     "        if (j0 + RN <= N && op == 1) {\n",
     "            int k = k0;\n",
     "            for (; k + 4 <= k1; k += 4) {  /* four k at once: one vector load per row of A */\n",
-    "                VECN b0 = VLOADN(0, B + (use_br ? (long)brows[k] : k) * ldb + j0);\n",
-    "                VECN b1 = VLOADN(0, B + (use_br ? (long)brows[k + 1] : k + 1) * ldb + j0);\n",
-    "                VECN b2 = VLOADN(0, B + (use_br ? (long)brows[k + 2] : k + 2) * ldb + j0);\n",
-    "                VECN b3 = VLOADN(0, B + (use_br ? (long)brows[k + 3] : k + 3) * ldb + j0);\n",
+    "                VECN b0 = LDBN(B + (use_br ? (long)brows[k] : k) * ldb + j0);\n",
+    "                VECN b1 = LDBN(B + (use_br ? (long)brows[k + 1] : k + 1) * ldb + j0);\n",
+    "                VECN b2 = LDBN(B + (use_br ? (long)brows[k + 2] : k + 2) * ldb + j0);\n",
+    "                VECN b3 = LDBN(B + (use_br ? (long)brows[k + 3] : k + 3) * ldb + j0);\n",
     "                for (int i = 0; i < RM; i++) {\n",
     "                    float4 a = vload4(0, A + ar[i] + k);\n",
     "                    acc[i] = fma((VECN)(a.x), b0, acc[i]);\n",
@@ -513,21 +553,21 @@ static const char *const moe__cl_source[] = {
     "                }\n",
     "            }\n",
     "            for (; k < k1; k++) {\n",
-    "                VECN b = VLOADN(0, B + (use_br ? (long)brows[k] : k) * ldb + j0);\n",
+    "                VECN b = LDBN(B + (use_br ? (long)brows[k] : k) * ldb + j0);\n",
     "                for (int i = 0; i < RM; i++) acc[i] = fma((VECN)(A[ar[i] + k]), b, acc[i]);\n",
     "            }\n",
     "        } else if (j0 + RN <= N && m0 + RM <= m1) {\n",
     "            int k = k0;\n",
     "            for (; k + 2 <= k1; k += 2) {  /* two k at once: one vector load per row of A */\n",
-    "                VECN b0 = VLOADN(0, B + (use_br ? (long)brows[k] : k) * ldb + j0);\n",
-    "                VECN b1 = VLOADN(0, B + (use_br ? (long)brows[k + 1] : k + 1) * ldb + j0);\n",
+    "                VECN b0 = LDBN(B + (use_br ? (long)brows[k] : k) * ldb + j0);\n",
+    "                VECN b1 = LDBN(B + (use_br ? (long)brows[k + 1] : k + 1) * ldb + j0);\n",
     "                float a0[RM], a1[RM];\n",
     "                VSTOREM(VLOADM(0, A + (use_ar ? (long)arows[k] : k) * lda + m0), 0, a0);\n",
     "                VSTOREM(VLOADM(0, A + (use_ar ? (long)arows[k + 1] : k + 1) * lda + m0), 0, a1);\n",
     "                for (int i = 0; i < RM; i++) acc[i] = fma((VECN)(a1[i]), b1, fma((VECN)(a0[i]), b0, acc[i]));\n",
     "            }\n",
     "            for (; k < k1; k++) {\n",
-    "                VECN b = VLOADN(0, B + (use_br ? (long)brows[k] : k) * ldb + j0);\n",
+    "                VECN b = LDBN(B + (use_br ? (long)brows[k] : k) * ldb + j0);\n",
     "                global const float *arow = A + (use_ar ? (long)arows[k] : k) * lda + m0;\n",
     "                for (int i = 0; i < RM; i++) acc[i] = fma((VECN)(arow[i]), b, acc[i]);\n",
     "            }\n",
@@ -536,7 +576,7 @@ static const char *const moe__cl_source[] = {
     "                long br = (use_br ? (long)brows[k] : k) * ldb + j0;\n",
     "                float t[RN];\n",
     "                VECN b;\n",
-    "                for (int j = 0; j < RN; j++) t[j] = j0 + j < N ? B[br + j] : 0.0f;\n",
+    "                for (int j = 0; j < RN; j++) t[j] = j0 + j < N ? LDB(B, br + j) : 0.0f;\n",
     "                b = VLOADN(0, t);\n",
     "                if (op == 1) {\n",
     "                    for (int i = 0; i < RM; i++) acc[i] = fma((VECN)(A[ar[i] + k]), b, acc[i]);\n",
@@ -650,7 +690,7 @@ static const char *const moe__cl_source[] = {
     "                long r = op == 0 ? j : k;\n",
     "                int c = op == 0 ? k : j;\n",
     "                if (use_br) r = brows[r];\n",
-    "                v = B[r * ldb + c];\n",
+    "                v = LDB(B, r * ldb + c);\n",
     "            }\n",
     "            Bs[kk * TN + nn] = v;\n",
     "        }\n",
@@ -694,6 +734,7 @@ static const char *const moe__cl_source[] = {
     "    gemm_body(2, GEMM_PASS, As, Bs);\n",
     "}\n",
     "#endif\n",
+    "/* end of the GEMM lines */\n",
     "/* dst[g * dst_gstride + c] += sum of src rows of group g (all rows when n_groups is 0), in row order */\n",
     "kernel void colsum(int rows, int cols, global const float *src, int ld, global const int *groups, int n_groups, global float *dst, long dst_off, long dst_gstride) {\n",
     "    int c = get_global_id(0), g = get_global_id(1);\n",
@@ -715,9 +756,22 @@ static const char *const moe__cl_source[] = {
     "    float ha = h[a] == h[a] ? h[a] : -FLT_MAX, hb = h[b] == h[b] ? h[b] : -FLT_MAX;\n",
     "    return ha > hb || (ha == hb && a < b);\n",
     "}\n",
-    "/* One token per work-item: softmax, entropy, the k chosen experts, their gates. */\n",
-    "kernel void route_topk(int T, int E, int K, int renormalize, global const float *hh, global float *pp, global float *lse, global float *entropy, global int *sel_all, global float *gate_all) {\n",
-    "    int t = get_global_id(0);\n",
+    "/* idx[0..n) = the first n of the E items of h in that order */\n",
+    "void top_n(global const float *h, int E, int n, global int *idx) {\n",
+    "    for (int q = 0; q < n; q++) {\n",
+    "        int best = -1;\n",
+    "        for (int e = 0; e < E; e++) {\n",
+    "            if (q > 0 && !before(h, idx[q - 1], e)) continue;\n",
+    "            if (best < 0 || before(h, e, best)) best = e;\n",
+    "        }\n",
+    "        idx[q] = best;\n",
+    "    }\n",
+    "}\n",
+    "/* One token per work-item: softmax, entropy, the k chosen experts, their gates. top_p > 0: only\n",
+    "   the fewest leading slots whose probabilities reach top_p (the others: expert -1, gate 0).\n",
+    "   want_thr: thr[2t] = the k-th expert, thr[2t+1] = the (k+1)-th (noisy top-k's load loss). */\n",
+    "kernel void route_topk(int T, int E, int K, int renormalize, float top_p, int want_thr, global const float *hh, global float *pp, global float *lse, global float *entropy, global int *sel_all, global float *gate_all, global int *thr) {\n",
+    "    int t = get_global_id(0), n = K;\n",
     "    if (t >= T) return;\n",
     "    global const float *h = hh + (long)t * E;\n",
     "    global float *p = pp + (long)t * E, *gate = gate_all + (long)t * K;\n",
@@ -730,21 +784,124 @@ static const char *const moe__cl_source[] = {
     "    for (int e = 0; e < E; e++)\n",
     "        if (p[e] > 0.0f) ent -= p[e] * log(p[e]);\n",
     "    entropy[t] = ent;\n",
-    "    for (int q = 0; q < K; q++) {\n",
-    "        int best = -1;\n",
-    "        for (int e = 0; e < E; e++) {\n",
-    "            if (q > 0 && !before(h, sel[q - 1], e)) continue;\n",
-    "            if (best < 0 || before(h, e, best)) best = e;\n",
-    "        }\n",
-    "        sel[q] = best;\n",
+    "    top_n(h, E, K, sel);\n",
+    "    if (top_p > 0.0f) {\n",
+    "        acc_t cum = 0;\n",
+    "        for (n = 0; n < K && cum < (acc_t)top_p; n++) cum += (acc_t)p[sel[n]];\n",
+    "    }\n",
+    "    if (want_thr && K < E) {\n",
+    "        int next = -1;\n",
+    "        for (int e = 0; e < E; e++)\n",
+    "            if (before(h, sel[K - 1], e) && (next < 0 || before(h, e, next))) next = e;\n",
+    "        thr[2 * t] = sel[K - 1];\n",
+    "        thr[2 * t + 1] = next;\n",
     "    }\n",
     "    if (renormalize) {\n",
     "        float top = h[sel[0]], sum = 0.0f;\n",
-    "        for (int q = 0; q < K; q++) { gate[q] = exp(h[sel[q]] - top); sum += gate[q]; }\n",
-    "        for (int q = 0; q < K; q++) gate[q] /= sum;\n",
+    "        for (int q = 0; q < n; q++) { gate[q] = exp(h[sel[q]] - top); sum += gate[q]; }\n",
+    "        for (int q = 0; q < n; q++) gate[q] /= sum;\n",
     "    } else {\n",
-    "        for (int q = 0; q < K; q++) gate[q] = p[sel[q]];\n",
+    "        for (int q = 0; q < n; q++) gate[q] = p[sel[q]];\n",
     "    }\n",
+    "    for (int q = n; q < K; q++) { sel[q] = -1; gate[q] = 0.0f; }\n",
+    "}\n",
+    "/* Sigmoid router (DeepSeek-V3), one token per work-item: p = sigmoid(clean); selection by\n",
+    "   key = p + selection bias among the experts of the top_groups best of G groups (group score:\n",
+    "   the sum of its two largest keys); gates p (over their sum when renormalize) times scale.\n",
+    "   keys [T, E], gsc [T, G] and gsl [T, G] are scratch. */\n",
+    "kernel void route_sigmoid(int T, int E, int K, int G, int top_groups, int renormalize, float scale, global const float *cc, global const float *prm, long bias_off, global float *pp, global float *keys, global float *gsc, global int *gsl, global float *lse, global float *entropy, global int *sel_all, global float *gate_all) {\n",
+    "    int t = get_global_id(0), n = E / G;\n",
+    "    if (t >= T) return;\n",
+    "    global const float *c = cc + (long)t * E, *bias = prm + bias_off;\n",
+    "    global float *p = pp + (long)t * E, *key = keys + (long)t * E, *gate = gate_all + (long)t * K;\n",
+    "    global int *sel = sel_all + (long)t * K;\n",
+    "    float sum = 0.0f, ent = 0.0f, s = 0.0f;\n",
+    "    for (int e = 0; e < E; e++) { p[e] = sigm(c[e]); key[e] = p[e] + bias[e]; sum += p[e]; }\n",
+    "    for (int e = 0; e < E; e++)\n",
+    "        if (p[e] > 0.0f) ent -= p[e] / sum * log(p[e] / sum);\n",
+    "    entropy[t] = ent;\n",
+    "    lse[t] = 0.0f;\n",
+    "    if (G > 1) {\n",
+    "        global float *gs = gsc + (long)t * G;\n",
+    "        global int *gsel = gsl + (long)t * G;\n",
+    "        for (int q = 0; q < G; q++) {  /* gsel[0..1] hold the group's top two for now */\n",
+    "            top_n(key + q * n, n, n < 2 ? 1 : 2, gsel);\n",
+    "            gs[q] = key[q * n + gsel[0]] + (n < 2 ? 0.0f : key[q * n + gsel[1]]);\n",
+    "        }\n",
+    "        top_n(gs, G, top_groups, gsel);\n",
+    "        for (int q = 0; q < G; q++) gs[q] = 0.0f;\n",
+    "        for (int q = 0; q < top_groups; q++) gs[gsel[q]] = 1.0f;\n",
+    "        for (int e = 0; e < E; e++)\n",
+    "            if (gs[e / n] == 0.0f) key[e] = -INFINITY;\n",
+    "    }\n",
+    "    top_n(key, E, K, sel);\n",
+    "    for (int q = 0; q < K; q++) s += p[sel[q]];\n",
+    "    for (int q = 0; q < K; q++) gate[q] = (renormalize ? p[sel[q]] / s : p[sel[q]]) * scale;\n",
+    "}\n",
+    "/* dh for token t through the sigmoid router's gates: g_q = scale p_q / S (or scale p_q) */\n",
+    "kernel void sigmoid_back(int T, int E, int K, int renormalize, float scale, global const float *pp, global const float *gate_all, global const float *dgate, global const int *sel_all, global float *dh_all) {\n",
+    "    int t = get_global_id(0);\n",
+    "    if (t >= T) return;\n",
+    "    global const float *p = pp + (long)t * E, *gate = gate_all + (long)t * K, *dg = dgate + (long)t * K;\n",
+    "    global const int *sel = sel_all + (long)t * K;\n",
+    "    global float *dh = dh_all + (long)t * E;\n",
+    "    float S = 0.0f, gs = 0.0f;\n",
+    "    for (int e = 0; e < E; e++) dh[e] = 0.0f;\n",
+    "    for (int q = 0; q < K; q++) { S += p[sel[q]]; gs += gate[q] * dg[q]; }\n",
+    "    for (int q = 0; q < K; q++) dh[sel[q]] = renormalize ? (scale * dg[q] - gs) / S : scale * dg[q];\n",
+    "    for (int e = 0; e < E; e++) dh[e] *= p[e] * (1.0f - p[e]);\n",
+    "}\n",
+    "/* aux-loss-free balance: b_e += rate * sign(mean load - load_e), in integers (exact) */\n",
+    "kernel void bias_update(int E, float rate, global const int *chosen, global float *prm, long off) {\n",
+    "    int e = get_global_id(0);\n",
+    "    if (e >= E) return;\n",
+    "    long sum = 0;\n",
+    "    for (int f = 0; f < E; f++) sum += chosen[f];\n",
+    "    long diff = sum - (long)chosen[e] * E;\n",
+    "    prm[off + e] += diff > 0 ? rate : diff < 0 ? -rate : 0.0f;\n",
+    "}\n",
+    "/* moe.h's counter-based generator (splitmix64 finaliser, three rounds) */\n",
+    "ulong mix64(ulong z) {\n",
+    "    z += 0x9E3779B97F4A7C15UL;\n",
+    "    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL;\n",
+    "    z = (z ^ (z >> 27)) * 0x94D049BB133111EBUL;\n",
+    "    return z ^ (z >> 31);\n",
+    "}\n",
+    "/* Hash router: k distinct experts rng(seed, layer, id << 32 | c) mod E, c = 0, 1, ...; gates 1/k */\n",
+    "kernel void route_hash(int T, int E, int K, uint seed, long layer, global const int *ids, global int *sel_all, global float *gate_all, global float *lse, global float *entropy) {\n",
+    "    int t = get_global_id(0), n = 0;\n",
+    "    if (t >= T) return;\n",
+    "    global int *sel = sel_all + (long)t * K;\n",
+    "    ulong id = (ulong)(uint)ids[t] << 32;\n",
+    "    for (ulong c = 0; n < K; c++) {\n",
+    "        int e = (int)(mix64(mix64(mix64((ulong)seed) ^ (ulong)layer) ^ (id | c)) % (ulong)E), seen = 0;\n",
+    "        for (int q = 0; q < n; q++) seen |= sel[q] == e;\n",
+    "        if (!seen) sel[n++] = e;\n",
+    "    }\n",
+    "    for (int q = 0; q < K; q++) gate_all[(long)t * K + q] = 1.0f / (float)K;\n",
+    "    lse[t] = 0.0f;\n",
+    "    entropy[t] = 0.0f;\n",
+    "}\n",
+    "/* Expert choice, one expert per work-item: its C tokens of largest p[., e] (ties: lower token),\n",
+    "   rows e*C.. in token order; slot e of token t is expert e (pos -1: not taken), gate p[t, e]. */\n",
+    "kernel void dispatch_ec(int T, int E, int C, global const float *p, global int *sel, global int *pos, global float *gate, global int *offsets, global int *row_token, global int *chosen, global int *kept) {\n",
+    "    int e = get_global_id(0), n = 0, r = e * C;\n",
+    "    if (e >= E) return;\n",
+    "    global int *list = row_token + (long)e * C;  /* the best tokens so far, best first */\n",
+    "    for (int t = 0; t < T; t++) {\n",
+    "        float v = p[(long)t * E + e];\n",
+    "        if (n == C && !(v > p[(long)list[C - 1] * E + e])) continue;\n",
+    "        int j = n < C ? n++ : C - 1;\n",
+    "        for (; j > 0 && v > p[(long)list[j - 1] * E + e]; j--) list[j] = list[j - 1];\n",
+    "        list[j] = t;\n",
+    "    }\n",
+    "    for (int t = 0; t < T; t++) { long a = (long)t * E + e; pos[a] = -1; sel[a] = e; gate[a] = p[a]; }\n",
+    "    for (int j = 0; j < C; j++) pos[(long)list[j] * E + e] = -2;\n",
+    "    for (int t = 0; t < T; t++)\n",
+    "        if (pos[(long)t * E + e] == -2) { row_token[r] = t; pos[(long)t * E + e] = r++; }\n",
+    "    offsets[e + 1] = (e + 1) * C;\n",
+    "    if (e == 0) offsets[0] = 0;\n",
+    "    chosen[e] = kept[e] = C;\n",
     "}\n",
     "/* One expert per work-item: how many (token, slot) pairs chose it, and which fit its capacity\n",
     "   (slot-major, tokens ascending, as the CPU). pos = 0 kept, -1 dropped. */\n",
@@ -755,6 +912,7 @@ static const char *const moe__cl_source[] = {
     "    for (int q = 0; q < K; q++)\n",
     "        for (int t = 0; t < T; t++) {\n",
     "            int a = t * K + q;\n",
+    "            if (sel[a] < 0 && e == 0) pos[a] = -1;  /* a slot top_p left empty */\n",
     "            if (sel[a] != e) continue;\n",
     "            c++;\n",
     "            if (cap && k >= cap) pos[a] = -1;\n",
@@ -836,7 +994,8 @@ static const char *const moe__cl_source[] = {
     "    float dot = 0.0f;\n",
     "    for (int e = 0; e < E; e++) dh[e] = 0.0f;\n",
     "    if (!renormalize)\n",
-    "        for (int q = 0; q < K; q++) dh[sel[q]] += dg[q];\n",
+    "        for (int q = 0; q < K; q++)\n",
+    "            if (sel[q] >= 0) dh[sel[q]] += dg[q];\n",
     "    if (aux && bal_scale > 0.0f)\n",
     "        for (int e = 0; e < E; e++) dh[e] += bal_scale * (float)chosen[e];\n",
     "    for (int e = 0; e < E; e++) dot += p[e] * dh[e];\n",
@@ -844,7 +1003,8 @@ static const char *const moe__cl_source[] = {
     "    if (renormalize) {\n",
     "        float gs = 0.0f;\n",
     "        for (int q = 0; q < K; q++) gs += gate[q] * dg[q];\n",
-    "        for (int q = 0; q < K; q++) dh[sel[q]] += gate[q] * (dg[q] - gs);\n",
+    "        for (int q = 0; q < K; q++)\n",
+    "            if (sel[q] >= 0) dh[sel[q]] += gate[q] * (dg[q] - gs);\n",
     "    }\n",
     "    if (aux && z_scale > 0.0f) {\n",
     "        float c = z_scale * lse[t];\n",
@@ -884,7 +1044,64 @@ static const char *const moe__cl_source[] = {
     "/* dgate[a] += g[sel[a]]: the importance loss's gradient at the gates */\n",
     "kernel void dgate_add(int n_pairs, global const int *sel, global const float *g, global float *dgate) {\n",
     "    int a = get_global_id(0);\n",
-    "    if (a < n_pairs) dgate[a] += g[sel[a]];\n",
+    "    if (a < n_pairs && sel[a] >= 0) dgate[a] += g[sel[a]];\n",
+    "}\n",
+    "/* Noisy top-k: h = clean + noise * softplus(raw) (noise 0 at inference) */\n",
+    "kernel void noisy_h(long n, global const float *clean, global const float *raw, global const float *noise, global float *h) {\n",
+    "    long i = get_global_id(0);\n",
+    "    if (i < n) h[i] = clean[i] + noise[i] * softplus_(raw[i]);\n",
+    "}\n",
+    "float phi_cdf(float z) { return 0.5f * erfc(-z * 0.70710678118654752f); }\n",
+    "float phi_pdf(float z) { return 0.39894228040143268f * exp(-0.5f * z * z); }\n",
+    "/* the threshold of (t, e) for the load loss: the (k+1)-th h if e is in the top k, else the k-th */\n",
+    "int load_thr(global const float *h, global const int *thr, int t, int E, int e) {\n",
+    "    int in = thr[2 * t + 1];\n",
+    "    return h[(long)t * E + e] > h[(long)t * E + in] ? in : thr[2 * t];\n",
+    "}\n",
+    "/* load[e] = sum over tokens (in order) of P(e stays in the top k with fresh noise) */\n",
+    "kernel void load_sums(int T, int E, global const float *clean, global const float *raw, global const float *h, global const int *thr, global float *load) {\n",
+    "    int e = get_global_id(0);\n",
+    "    if (e >= E) return;\n",
+    "    float s = 0.0f;\n",
+    "    for (int t = 0; t < T; t++) {\n",
+    "        long i = (long)t * E;\n",
+    "        int j = load_thr(h, thr, t, E, e);\n",
+    "        s += phi_cdf((clean[i + e] - h[i + j]) / softplus_(raw[i + e]));\n",
+    "    }\n",
+    "    load[e] = s;\n",
+    "}\n",
+    "/* Backward through the noisy gate for token t: dh (at h) becomes dclean in place, ds = dL/draw;\n",
+    "   with want_load the load loss's gradient dload[E] too. */\n",
+    "kernel void noisy_back(int T, int E, int want_load, global float *dh_all, global float *ds_all, global const float *noise, global const float *raw_all, global const float *clean_all, global const float *h_all, global const int *thr, global const float *dload) {\n",
+    "    int t = get_global_id(0);\n",
+    "    if (t >= T) return;\n",
+    "    long o = (long)t * E;\n",
+    "    global float *dc = dh_all + o, *ds = ds_all + o;\n",
+    "    global const float *n = noise + o, *raw = raw_all + o, *clean = clean_all + o, *h = h_all + o;\n",
+    "    for (int e = 0; e < E; e++) ds[e] = dc[e] * n[e];\n",
+    "    if (want_load)\n",
+    "        for (int e = 0; e < E; e++) {\n",
+    "            int j = load_thr(h_all, thr, t, E, e);\n",
+    "            float sd = softplus_(raw[e]), zv = (clean[e] - h[j]) / sd;\n",
+    "            float c = dload[e] * phi_pdf(zv) / sd;\n",
+    "            dc[e] += c;\n",
+    "            ds[e] -= c * zv;\n",
+    "            dc[j] -= c;\n",
+    "            ds[j] -= c * n[j];\n",
+    "        }\n",
+    "    for (int e = 0; e < E; e++) ds[e] *= sigm(raw[e]);\n",
+    "}\n",
+    "/* dst[off + i] = src[off + i] rounded to half (to nearest even), i < n */\n",
+    "kernel void to_half(long n, long off, global const float *src, global half *dst) {\n",
+    "    long i = get_global_id(0);\n",
+    "    if (i < n) vstore_half_rte(src[off + i], off + i, dst);\n",
+    "}\n",
+    "/* dst[off + i] = src[off + i] as bfloat16 (to nearest even; NaN stays NaN), as moe.h's */\n",
+    "kernel void to_bf16(long n, long off, global const float *src, global ushort *dst) {\n",
+    "    long i = get_global_id(0);\n",
+    "    if (i >= n) return;\n",
+    "    uint u = as_uint(src[off + i]);\n",
+    "    dst[off + i] = (u & 0x7fffffffu) > 0x7f800000u ? (ushort)((u >> 16) | 0x40u) : (ushort)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);\n",
     "}\n",
     "/* y = act(z) (+ r: residual) */\n",
     "kernel void act_fwd(long n, int act, global const float *z, global float *y, global const float *r, int use_r) {\n",
@@ -1034,6 +1251,8 @@ struct moe_cl_ctx {
     moe__cl_queue queue;
     moe__cl_program program;
     moe__cl_kernel kernels[MOE__CLK_COUNT];
+    moe__cl_program q_program[2];           /* the GEMM built with B_HALF / B_BF16, when a model asked for it */
+    moe__cl_kernel q_kernels[2][3];         /* their gemm_nt, gemm_nn, gemm_tn */
     moe__cl_mem dummy;          /* bound to pointer arguments a kernel does not read */
     moe__cl_tiles tiles;
     moe__cl_ulong max_alloc, global_mem;
@@ -1059,10 +1278,11 @@ static const char *moe__cl_call_name(moe__cl_int err) {
     }
 }
 
-/* An OpenCL error as a moe_result: allocation failures are MOE_ERR_OUT_OF_MEMORY. */
+/* An OpenCL error as a moe_result: allocation failures are MOE_ERR_OUT_OF_MEMORY, the rest
+   MOE_ERR_DEVICE (the device or its driver failed; MOE_ERR_UNSUPPORTED means "not supported"). */
 static moe_result moe__cl_fail(moe_ctx *ctx, moe__cl_int err, const char *what) {
     moe_result code = (err == MOE__CL_MEM_OBJECT_ALLOCATION_FAILURE || err == MOE__CL_OUT_OF_RESOURCES ||
-                       err == MOE__CL_OUT_OF_HOST_MEMORY) ? MOE_ERR_OUT_OF_MEMORY : MOE_ERR_UNSUPPORTED;
+                       err == MOE__CL_OUT_OF_HOST_MEMORY) ? MOE_ERR_OUT_OF_MEMORY : MOE_ERR_DEVICE;
     return moe__fail(ctx, code, "OpenCL: %s failed: %s (%d)", what, moe__cl_call_name(err), (int)err);
 }
 
@@ -1151,14 +1371,16 @@ static void moe__cl_tiles_text(const moe__cl_tiles *t, char *buf, size_t cap) {
 
 /* Build sources with the tile sizes and user options into *program; on failure the build log
    goes to cl->build_log and the start of it into the error message. */
-static moe_result moe__cl_build(moe_cl_ctx *cl, const moe__cl_tiles *t, int gemm_only, moe__cl_program *program) {
+static moe_result moe__cl_build(moe_cl_ctx *cl, const moe__cl_tiles *t, int gemm_only, const char *extra, moe__cl_program *program) {
     char options[1024];
     moe__cl_int err;
     moe__cl_program p;
     size_t log_size = 0;
-    moe__cl_uint n = gemm_only ? MOE__CL_GEMM_LINES : (moe__cl_uint)(sizeof moe__cl_source / sizeof moe__cl_source[0]);
-    snprintf(options, sizeof options, "-cl-std=CL1.2 -DTM=%d -DTN=%d -DTK=%d -DRM=%d -DRN=%d%s %s", t->tm, t->tn, t->tk,
-             t->rm, t->rn, t->direct ? " -DMOE_DIRECT=1" : "", cl->desc.build_options ? cl->desc.build_options : "");
+    moe__cl_uint n = (moe__cl_uint)(sizeof moe__cl_source / sizeof moe__cl_source[0]), i;
+    for (i = 0; gemm_only && i < n; i++)  /* the helpers and the GEMM: the lines before the marker */
+        if (strcmp(moe__cl_source[i], "/* end of the GEMM lines */\n") == 0) n = i;
+    snprintf(options, sizeof options, "-cl-std=CL1.2 -DTM=%d -DTN=%d -DTK=%d -DRM=%d -DRN=%d%s%s %s", t->tm, t->tn, t->tk,
+             t->rm, t->rn, t->direct ? " -DMOE_DIRECT=1" : "", extra, cl->desc.build_options ? cl->desc.build_options : "");
     *program = NULL;
     p = MOE__CLF(cl, clCreateProgramWithSource)(cl->context, n, (const char **)moe__cl_source, NULL, &err);
     MOE__CL_CHECK(cl, err, "clCreateProgramWithSource");
@@ -1173,7 +1395,7 @@ static moe_result moe__cl_build(moe_cl_ctx *cl, const moe__cl_tiles *t, int gemm
     }
     if (err != MOE__CL_SUCCESS) {
         MOE__CLF(cl, clReleaseProgram)(p);
-        return moe__fail(cl->ctx, MOE_ERR_UNSUPPORTED, "OpenCL: kernel build failed (%d) with options \"%s\"; log: %.120s", (int)err,
+        return moe__fail(cl->ctx, MOE_ERR_DEVICE, "OpenCL: kernel build failed (%d) with options \"%s\"; log: %.120s", (int)err,
                          options, cl->build_log ? cl->build_log : "(none)");
     }
     *program = p;
@@ -1249,7 +1471,13 @@ static moe_result moe__cl_open(moe_cl_ctx *cl) {
 }
 
 static void moe__cl_close(moe_cl_ctx *cl) {
+    int i;
     moe__cl_release_kernels(cl, cl->kernels, MOE__CLK_COUNT);
+    for (i = 0; i < 2; i++) {
+        moe__cl_release_kernels(cl, cl->q_kernels[i], 3);
+        if (cl->q_program[i]) MOE__CLF(cl, clReleaseProgram)(cl->q_program[i]);
+        cl->q_program[i] = NULL;
+    }
     if (cl->dummy) MOE__CLF(cl, clReleaseMemObject)(cl->dummy);
     if (cl->program) MOE__CLF(cl, clReleaseProgram)(cl->program);
     if (cl->queue) MOE__CLF(cl, clReleaseCommandQueue)(cl->queue);
@@ -1272,7 +1500,7 @@ MOEDEF moe_result moe_cl_ctx_init(moe_ctx *ctx, const moe_cl_desc *desc, moe_cl_
     r = moe__cl_open(cl);
     if (r == MOE_OK) {
         r = moe__cl_choose_tiles(cl);
-        if (r == MOE_OK) r = moe__cl_build(cl, &cl->tiles, 0, &cl->program);
+        if (r == MOE_OK) r = moe__cl_build(cl, &cl->tiles, 0, "", &cl->program);
         if (r == MOE_OK) r = moe__cl_make_kernels(cl, cl->program, MOE__CLK_COUNT, cl->kernels);
         if (r == MOE_OK) {
             cl->dummy = MOE__CLF(cl, clCreateBuffer)(cl->context, MOE__CL_MEM_READ_WRITE, 64, NULL, &err);
@@ -1330,18 +1558,19 @@ MOEDEF moe_result moe_cl_finish(moe_cl_ctx *cl) {
 typedef struct moe__cl_args {
     moe_cl_ctx *cl;
     int kernel;
+    moe__cl_kernel k;           /* cl->kernels[kernel], or the half-weight GEMM */
     moe__cl_uint n;
     moe__cl_int err;
 } moe__cl_args;
 
 static moe__cl_args moe__cl_begin(moe_cl_ctx *cl, int kernel) {
     moe__cl_args a;
-    a.cl = cl; a.kernel = kernel; a.n = 0; a.err = MOE__CL_SUCCESS;
+    a.cl = cl; a.kernel = kernel; a.k = cl->kernels[kernel]; a.n = 0; a.err = MOE__CL_SUCCESS;
     return a;
 }
 
 static void moe__cl_arg(moe__cl_args *a, size_t size, const void *value) {
-    moe__cl_int e = MOE__CLF(a->cl, clSetKernelArg)(a->cl->kernels[a->kernel], a->n++, size, value);
+    moe__cl_int e = MOE__CLF(a->cl, clSetKernelArg)(a->k, a->n++, size, value);
     if (a->err == MOE__CL_SUCCESS) a->err = e;
 }
 static void moe__cl_int_arg(moe__cl_args *a, int64_t v) { int32_t x = (int32_t)v; moe__cl_arg(a, sizeof x, &x); }
@@ -1363,7 +1592,7 @@ static moe_result moe__cl_run_event(moe__cl_args *a, int dims, size_t g0, size_t
         int d;
         for (d = 0; d < dims; d++) global[d] = (global[d] + local[d] - 1) / local[d] * local[d];
     }
-    err = MOE__CLF(a->cl, clEnqueueNDRangeKernel)(a->cl->queue, a->cl->kernels[a->kernel], (moe__cl_uint)dims, NULL, global, local, 0, NULL, ev);
+    err = MOE__CLF(a->cl, clEnqueueNDRangeKernel)(a->cl->queue, a->k, (moe__cl_uint)dims, NULL, global, local, 0, NULL, ev);
     if (err != MOE__CL_SUCCESS) return moe__cl_fail(a->cl->ctx, err, moe__cl_kernel_names[a->kernel]);
     return MOE_OK;
 }
@@ -1394,6 +1623,7 @@ typedef struct moe__cl_gemm {
     int accumulate;
     int epi, act;               /* 1 D = act(C); 2 D = silu(Z) * C; 3 C *= act'(Z) */
     moe__cl_mem D, Z;
+    int b_q;                    /* B holds 16-bit values: 1 half (the B_HALF build), 2 bfloat16 (B_BF16) */
 } moe__cl_gemm;
 
 static moe__cl_mat moe__cl_mat_of(moe__cl_mem buf, int64_t off, int64_t ld) {
@@ -1415,6 +1645,7 @@ static moe_result moe__cl_gemm_event(moe_cl_ctx *cl, const moe__cl_gemm *g, moe_
     int kernel = g->op == MOE__NT ? MOE__CLK_gemm_nt : g->op == MOE__NN ? MOE__CLK_gemm_nn : MOE__CLK_gemm_tn;
     moe__cl_args a = moe__cl_begin(cl, kernel);
     /* a TM x TN tile of C per work-group (tiled) or per work-item (direct) */
+    if (g->b_q) a.k = cl->q_kernels[g->b_q - 1][kernel - MOE__CLK_gemm_nt];
     int64_t rows = t->tm, cols = t->tn;
     size_t local[3], tiles_m, tiles_n;
     if (g->M <= 0 || g->N <= 0) return MOE_OK;
@@ -1498,7 +1729,7 @@ static double moe__cl_time_candidate(moe_cl_ctx *cl, const moe__cl_tiles *t, moe
     char msg[sizeof cl->ctx->error];
     if ((size_t)((t->tm / t->rm) * (t->tn / t->rn)) > cl->max_wg) return -1.0;
     memcpy(msg, cl->ctx->error, sizeof msg);
-    if (moe__cl_build(cl, t, 1, &p) != MOE_OK || moe__cl_make_kernels(cl, p, 2, k) != MOE_OK) {
+    if (moe__cl_build(cl, t, 1, "", &p) != MOE_OK || moe__cl_make_kernels(cl, p, 2, k) != MOE_OK) {
         memcpy(cl->ctx->error, msg, sizeof msg);  /* an unbuildable candidate is not an error */
         moe__cl_release_kernels(cl, k, 2);
         if (p) MOE__CLF(cl, clReleaseProgram)(p);
@@ -1605,6 +1836,12 @@ typedef struct moe__cl_layer {
     moe__cl_mem z, dz, mean, rstd;  /* dense [T, d_out]; norms [T] */
     moe__cl_mem clean, p, lse, entropy, sel, pos, gate, chosen, kept, sums;
     moe__cl_mem importance, dimportance;  /* [E] with the importance loss: sums of gates, gradient */
+    moe__cl_mem raw, noise_n, h, dstd;    /* noisy top-k: [T, E] noise logits, noise, noisy logits, dL/draw */
+    moe__cl_mem thr, load, dload;         /* noisy top-k: [T, 2] k-th / (k+1)-th expert; [E] load and its gradient */
+    moe__cl_mem key, group_score, group_sel, bias_keep;  /* sigmoid: [T, E], [T, G] x 2 scratch; [E] */
+    int call_k;                 /* experts per token of the last forward (moe_forward_opts.top_k) */
+    int q;                      /* expert weights read from dm->wh: 0 no (fp32), 1 half, 2 bfloat16 */
+    int64_t slots, rows;        /* routing slots per token (k; expert choice: E), routed expert rows */
     moe__cl_bank bank[2];
     moe__cl_mem dgate, dh, dxu;
     moe__cl_mem xr, jit;        /* jitter: [T, D] router input and its factors */
@@ -1622,13 +1859,17 @@ struct moe_cl_model {
     int64_t d_in, d_out;
     float *fallback_y;          /* a layer on the CPU: its output when the caller wants none */
     float *host_jit;            /* jitter factors on their way to the device */
+    float *host_noise;          /* noisy top-k: the standard-normal draws on their way to the device */
     moe_ctx *ctx;
     int fallback;
     moe__cl_layer *layers;
     int n_layers;
     moe__cl_mem params, grads, m, v;
     moe__cl_mem wt;             /* direct GEMM: every weight matrix transposed, same offsets */
+    moe__cl_mem wh;             /* 16-bit expert weights (half or bf16 per layer; as wt where wt is used) */
+    int n_quantized;            /* layers whose forwards read wh: no training while > 0 */
     moe__cl_mem x, labels, values, dloss, tok, dbuf[2], partial;
+    moe__cl_mem ids;            /* [T] token ids (hash routers) */
     moe__cl_mem *mems;          /* every buffer, to release */
     int n_mems, cap_mems;
     int64_t n_params, max_tokens, T, n_chunks, step, bytes;
@@ -1646,6 +1887,10 @@ static moe__cl_mem moe__cl_buffer(moe_cl_model *dm, int64_t count, size_t elem) 
     moe__cl_mem m;
     float zero = 0.0f;
     if (dm->err != MOE_OK) return NULL;
+    if (dm->n_mems >= dm->cap_mems) {
+        dm->err = moe__fail(dm->ctx, MOE_ERR_STATE, "OpenCL: more device buffers than planned (%d)", dm->n_mems);
+        return NULL;
+    }
     bytes = (bytes + 63) & ~(size_t)63;
     dm->bytes += (int64_t)bytes;
     if ((cl->desc.max_device_bytes > 0 && dm->bytes > cl->desc.max_device_bytes) || (cl->max_alloc && bytes > cl->max_alloc) ||
@@ -1679,21 +1924,70 @@ static moe_result moe__cl_read(moe_cl_model *dm, moe__cl_mem m, size_t offset, v
     return MOE_OK;
 }
 
-/* What the device does not do yet; NULL when the layer runs there. */
-static const char *moe__cl_unsupported(const moe_layer *l) {
-    const moe_layer_desc *d = &l->d;
-    if (d->kind == MOE_LAYER_MULTIGATE || d->kind == MOE_LAYER_TASK_TOWERS) return "a multi-task layer (multigate, task towers)";
-    if (d->kind != MOE_LAYER_MOE) return NULL;
-    if (l->wdtype != MOE_DTYPE_F32) return "reduced-precision expert weights (moe_layer_quantize)";
-    if (d->router == MOE_ROUTER_NOISY_TOPK) return "the noisy top-k router";
-    if (d->expert == MOE_EXPERT_GAUSSIAN) return "Gaussian experts (mixture density)";
-    if (d->router != MOE_ROUTER_TOPK && d->router != MOE_ROUTER_SWITCH) return "this router (the device runs top-k and switch)";
-    if (d->max_top_k > d->top_k) return "max_top_k (per-call k)";
-    if (d->shared_gate == MOE_FLAG_ON) return "gated shared experts (shared_gate)";
-    if (d->expert == MOE_EXPERT_GEGLU) return "GeGLU experts";
-    if (d->combine == MOE_COMBINE_STACK) return "the stacking combine";
-    if (d->combine == MOE_COMBINE_VOTE || d->combine == MOE_COMBINE_VOTE_MAJORITY) return "a voting combine";
+/* The tensor names the device knows for layer l (any other, e.g. of a layer kind or option
+   added to moe.h later, keeps the layer on the CPU). */
+static int moe__cl_known_tensor(const moe_layer *l, const char *name) {
+    static const char *const parts[] = { "w1", "w2", "w3", "fc0", "fc1", "fc2", "fc3", "fc4", "fc5", "fc6", "fc7", "fc8", NULL };
+    const char *dot;
+    int i;
+    if (l->d.kind != MOE_LAYER_MOE) return strcmp(name, "weight") == 0 || strcmp(name, "bias") == 0;
+    if (strcmp(name, "router.weight") == 0 || strcmp(name, "router.bias") == 0) return 1;
+    if (strcmp(name, "router.noise_weight") == 0) return l->d.router == MOE_ROUTER_NOISY_TOPK;
+    if (strcmp(name, "router.selection_bias") == 0) return l->d.router == MOE_ROUTER_SIGMOID;
+    if (strncmp(name, "experts.", 8) == 0) name += 8;
+    else if (strncmp(name, "shared.", 7) == 0) name += 7;
+    else return 0;
+    dot = strchr(name, '.');
+    if (!dot || (strcmp(dot, ".weight") != 0 && strcmp(dot, ".bias") != 0)) return 0;
+    for (i = 0; parts[i]; i++)
+        if (strlen(parts[i]) == (size_t)(dot - name) && strncmp(name, parts[i], (size_t)(dot - name)) == 0) return 1;
+    return 0;
+}
+
+static const char *moe__cl_unknown_tensor(const moe_layer *l, char *why, size_t cap) {
+    int i;
+    for (i = 0; i < l->n_tensors; i++)
+        if (!moe__cl_known_tensor(l, l->tensors[i].name)) {
+            snprintf(why, cap, "tensor \"%s\"", l->tensors[i].name);
+            return why;
+        }
     return NULL;
+}
+
+/* Whitelist of what the device runs: NULL when layer i does, else why not (naming the field).
+   Anything not listed here (a new layer kind, router, expert kind, activation, or an option
+   that brings its own tensors) is refused rather than run wrongly. */
+static const char *moe__cl_unsupported(const moe_layer *l, char *why, size_t cap) {
+    const moe_layer_desc *d = &l->d;
+    switch (d->kind) {
+    case MOE_LAYER_DENSE: case MOE_LAYER_MOE: case MOE_LAYER_RMSNORM: case MOE_LAYER_LAYERNORM: break;
+    case MOE_LAYER_MULTIGATE: case MOE_LAYER_TASK_TOWERS: return "a multi-task layer (multigate, task towers; field kind)";
+    default: snprintf(why, cap, "kind %d (field kind)", (int)d->kind); return why;
+    }
+    if ((d->kind == MOE_LAYER_DENSE || (d->kind == MOE_LAYER_MOE && d->expert == MOE_EXPERT_MLP)) &&
+        !(d->activation >= MOE_ACT_IDENTITY && d->activation <= MOE_ACT_SIGMOID)) {
+        snprintf(why, cap, "activation %d (field activation)", (int)d->activation);
+        return why;
+    }
+    if (d->kind != MOE_LAYER_MOE) return moe__cl_unknown_tensor(l, why, cap);
+    switch (d->router) {
+    case MOE_ROUTER_TOPK: case MOE_ROUTER_NOISY_TOPK: case MOE_ROUTER_SWITCH: case MOE_ROUTER_SIGMOID: case MOE_ROUTER_EXPERT_CHOICE:
+    case MOE_ROUTER_HASH: break;
+    default: snprintf(why, cap, "router %d (field router)", (int)d->router); return why;
+    }
+    switch (d->expert) {
+    case MOE_EXPERT_LINEAR: case MOE_EXPERT_MLP: case MOE_EXPERT_SWIGLU: break;
+    case MOE_EXPERT_GEGLU: return "GeGLU experts (field expert)";
+    case MOE_EXPERT_GAUSSIAN: return "Gaussian experts (mixture density; field expert)";
+    default: snprintf(why, cap, "expert kind %d (field expert)", (int)d->expert); return why;
+    }
+    /* options that bring no tensor of their own (or one the tensor check would not name) */
+    if (d->shared_gate == MOE_FLAG_ON) return "gated shared experts (field shared_gate)";
+    if (d->combine == MOE_COMBINE_STACK) return "the stacking combine (field combine)";
+    if (d->combine != MOE_COMBINE_SUM && d->combine != MOE_COMBINE_DEFAULT) return "a voting combine (field combine)";
+    if (l->wdtype != MOE_DTYPE_F32 && l->wdtype != MOE_DTYPE_BF16) return "int8 expert weights (moe_layer_quantize; the device takes f32 and bf16)";
+    if (l->n_banks < 1 || l->n_banks > 2 || l->bank[0].n_linears > MOE__MAX_LINEARS) return "an expert bank layout it does not know";
+    return moe__cl_unknown_tensor(l, why, cap);
 }
 
 static void moe__cl_layer_alloc(moe_cl_model *dm, moe__cl_layer *cl_l) {
@@ -1709,7 +2003,7 @@ static void moe__cl_layer_alloc(moe_cl_model *dm, moe__cl_layer *cl_l) {
         cl_l->mean = moe__cl_buffer(dm, T, sizeof(float));
         cl_l->rstd = moe__cl_buffer(dm, T, sizeof(float));
     } else if (d->kind == MOE_LAYER_MOE) {
-        int64_t E = d->n_experts, K = d->top_k, bi;
+        int64_t E = d->n_experts, K = d->router == MOE_ROUTER_EXPERT_CHOICE ? E : d->max_top_k, G = d->n_groups, bi;
         cl_l->clean = moe__cl_buffer(dm, T * E, sizeof(float));
         cl_l->p = moe__cl_buffer(dm, T * E, sizeof(float));
         cl_l->lse = moe__cl_buffer(dm, T, sizeof(float));
@@ -1722,6 +2016,21 @@ static void moe__cl_layer_alloc(moe_cl_model *dm, moe__cl_layer *cl_l) {
         cl_l->sums = moe__cl_buffer(dm, E + 2, sizeof(float));
         cl_l->importance = d->importance_loss > 0.0f ? moe__cl_buffer(dm, E, sizeof(float)) : NULL;
         cl_l->dimportance = d->importance_loss > 0.0f ? moe__cl_buffer(dm, E, sizeof(float)) : NULL;
+        if (d->router == MOE_ROUTER_SIGMOID) {
+            cl_l->key = moe__cl_buffer(dm, T * E, sizeof(float));
+            cl_l->group_score = G > 1 ? moe__cl_buffer(dm, T * G, sizeof(float)) : NULL;
+            cl_l->group_sel = G > 1 ? moe__cl_buffer(dm, T * G, sizeof(int32_t)) : NULL;
+            cl_l->bias_keep = moe__cl_buffer(dm, E, sizeof(float));
+        }
+        if (d->router == MOE_ROUTER_NOISY_TOPK) {
+            cl_l->raw = moe__cl_buffer(dm, T * E, sizeof(float));
+            cl_l->noise_n = moe__cl_buffer(dm, T * E, sizeof(float));
+            cl_l->h = moe__cl_buffer(dm, T * E, sizeof(float));
+            cl_l->dstd = moe__cl_buffer(dm, T * E, sizeof(float));
+            cl_l->thr = moe__cl_buffer(dm, 2 * T, sizeof(int32_t));
+            cl_l->load = moe__cl_buffer(dm, E, sizeof(float));
+            cl_l->dload = moe__cl_buffer(dm, E, sizeof(float));
+        }
         for (bi = 0; bi < l->n_banks; bi++) {
             const moe__bank *b = &l->bank[bi];
             moe__cl_bank *cb = &cl_l->bank[bi];
@@ -1769,7 +2078,8 @@ static moe_result moe__cl_refresh_transposed(moe_cl_model *dm) {
         const moe_layer *l = &dm->src[i];
         if (l->d.kind == MOE_LAYER_DENSE) MOE__TRY(moe__cl_transpose(dm, l, &l->lin, 1));
         if (l->d.kind != MOE_LAYER_MOE) continue;
-        MOE__TRY(moe__cl_transpose(dm, l, &l->router, 1));
+        if (l->router.w >= 0) MOE__TRY(moe__cl_transpose(dm, l, &l->router, 1));
+        if (l->d.router == MOE_ROUTER_NOISY_TOPK) MOE__TRY(moe__cl_transpose(dm, l, &l->noise, 1));
         for (b = 0; b < l->n_banks; b++)
             for (j = 0; j < l->bank[b].n_linears; j++) MOE__TRY(moe__cl_transpose(dm, l, &l->bank[b].lin[j], l->bank[b].n));
     }
@@ -1785,6 +2095,7 @@ static moe_result moe__cl_weight_gemm(moe_cl_model *dm, const moe__cl_gemm *g) {
         t.B.buf = dm->wt;
         t.B.ld = g->N;
     }
+    if (t.b_q) t.B.buf = dm->wh;
     return moe__cl_gemm_run(dm->cl, &t);
 }
 
@@ -1801,8 +2112,11 @@ MOEDEF void moe_cl_model_destroy(moe_cl_model *dm) {
     moe__free(ctx, dm->host_kept);
     moe__free(ctx, dm->fallback_y);
     moe__free(ctx, dm->host_jit);
+    moe__free(ctx, dm->host_noise);
     moe__free(ctx, dm);
 }
+
+static moe_result moe__cl_quantize_layer(moe_cl_model *dm, int i, int q);
 
 /* A device copy of a model, or of one layer (model NULL: no optimizer, no loss). */
 static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *layer, moe_cl_model **out) {
@@ -1810,7 +2124,7 @@ static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *la
     moe_ctx *ctx;
     moe_optimizer *opt = model ? model->opt : NULL;
     int i;
-    int64_t T, widest, host_f = 0, host_i = 0, kept_total = 0, jit = 0;
+    int64_t T, widest, host_f = 0, host_i = 0, kept_total = 0, jit = 0, noise = 0;
     moe_result r;
     *out = NULL;
     ctx = cl->ctx;
@@ -1839,7 +2153,8 @@ static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *la
         return MOE_OK;
     }
     for (i = 0; i < dm->n_layers; i++) {
-        const char *what = moe__cl_unsupported(&dm->src[i]);
+        char why[160];
+        const char *what = moe__cl_unsupported(&dm->src[i], why, sizeof why);
         if (what) {
             moe__free(ctx, dm);
             return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "OpenCL: layer %d uses %s, which moe_cl.h does not run on a device yet", i, what);
@@ -1851,7 +2166,7 @@ static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *la
     }
     dm->n_chunks = (dm->n_params + MOE__CHUNK - 1) / MOE__CHUNK;
     dm->step = opt ? opt->step : 0;
-    dm->cap_mems = 16 + dm->n_layers * (32 + 4 * MOE__MAX_LINEARS);
+    dm->cap_mems = 24 + dm->n_layers * (48 + 8 * MOE__MAX_LINEARS);  /* buffers of a layer: at most 34 + two banks of 29 */
     dm->mems = (moe__cl_mem *)moe__calloc(ctx, sizeof(moe__cl_mem) * (size_t)dm->cap_mems);
     dm->layers = (moe__cl_layer *)moe__calloc(ctx, sizeof(moe__cl_layer) * (size_t)dm->n_layers);
     widest = dm->d_in;
@@ -1862,9 +2177,10 @@ static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *la
         widest = moe__max64(widest, d->d_out);
         host_f = moe__max64(host_f, T * d->d_out);
         if (d->kind == MOE_LAYER_MOE && d->jitter > 0.0f) jit = moe__max64(jit, T * d->d_in);
+        if (d->kind == MOE_LAYER_MOE && d->router == MOE_ROUTER_NOISY_TOPK) noise = moe__max64(noise, T * d->n_experts);
         if (d->kind == MOE_LAYER_MOE) {
-            host_f = moe__max64(host_f, 2 * (int64_t)d->n_experts + 2);
-            host_i = moe__max64(host_i, moe__max64(T * d->top_k, 2 * (int64_t)d->n_experts));
+            host_f = moe__max64(host_f, 3 * (int64_t)d->n_experts + 2);
+            host_i = moe__max64(host_i, moe__max64(T * (d->router == MOE_ROUTER_EXPERT_CHOICE ? d->n_experts : d->max_top_k), 2 * (int64_t)d->n_experts));
             kept_total += d->n_experts;
         }
     }
@@ -1872,7 +2188,8 @@ static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *la
     dm->host_i = (int32_t *)moe__malloc(ctx, (size_t)host_i * sizeof(int32_t));
     dm->host_kept = (int64_t *)moe__calloc(ctx, (size_t)(kept_total + 1) * sizeof(int64_t));
     dm->host_jit = jit ? (float *)moe__malloc(ctx, (size_t)jit * sizeof(float)) : NULL;
-    if (!dm->mems || !dm->layers || !dm->host_f || !dm->host_i || !dm->host_kept || (jit && !dm->host_jit)) {
+    dm->host_noise = noise ? (float *)moe__malloc(ctx, (size_t)noise * sizeof(float)) : NULL;
+    if (!dm->mems || !dm->layers || !dm->host_f || !dm->host_i || !dm->host_kept || (jit && !dm->host_jit) || (noise && !dm->host_noise)) {
         moe_cl_model_destroy(dm);
         return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "OpenCL model tables");
     }
@@ -1886,6 +2203,7 @@ static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *la
     dm->values = moe__cl_buffer(dm, T * dm->d_out, sizeof(float));
     dm->dloss = moe__cl_buffer(dm, T * dm->d_out, sizeof(float));
     dm->tok = moe__cl_buffer(dm, T, sizeof(float));
+    dm->ids = moe__cl_buffer(dm, T, sizeof(int32_t));
     dm->dbuf[0] = moe__cl_buffer(dm, T * widest, sizeof(float));
     dm->dbuf[1] = moe__cl_buffer(dm, T * widest, sizeof(float));
     dm->partial = moe__cl_buffer(dm, dm->n_chunks, sizeof(float));
@@ -1895,6 +2213,7 @@ static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *la
         cl_l->l = &dm->src[i];
         cl_l->poff = cl_l->l->params - dm->host_params;
         cl_l->noise_step = cl_l->l->noise_step;
+        cl_l->call_k = cl_l->l->d.top_k;
         cl_l->kept_host = dm->host_kept + kept_total;
         if (cl_l->l->d.kind == MOE_LAYER_MOE) kept_total += cl_l->l->d.n_experts;
         moe__cl_layer_alloc(dm, cl_l);
@@ -1904,6 +2223,8 @@ static moe_result moe__cl_upload(moe_cl_ctx *cl, moe_model *model, moe_layer *la
     if (r == MOE_OK && dm->m) r = moe__cl_write(dm, dm->m, opt->m, (size_t)dm->n_params * sizeof(float));
     if (r == MOE_OK && dm->v) r = moe__cl_write(dm, dm->v, opt->v, (size_t)dm->n_params * sizeof(float));
     if (r == MOE_OK) r = moe__cl_refresh_transposed(dm);
+    for (i = 0; i < dm->n_layers && r == MOE_OK; i++)  /* moe_layer_quantize'd layers read bf16 here too */
+        if (dm->src[i].wdtype == MOE_DTYPE_BF16) r = moe__cl_quantize_layer(dm, i, 2);
     if (r == MOE_OK) r = moe_cl_finish(cl);
     if (r != MOE_OK) {
         moe_cl_model_destroy(dm);
@@ -1957,7 +2278,7 @@ static moe_result moe__cl_bank_forward(moe_cl_model *dm, moe__cl_layer *cl_l, in
     const moe_layer *l = cl_l->l;
     const moe__bank *b = &l->bank[bi];
     const moe__cl_bank *cb = &cl_l->bank[bi];
-    int64_t rows = T * (bi == 0 ? l->d.top_k : b->n);
+    int64_t rows = bi == 0 ? cl_l->rows : T * b->n;
     int j;
     for (j = 0; j < b->n_linears; j++) {
         const moe__linear *lin = &b->lin[j];
@@ -1970,6 +2291,7 @@ static moe_result moe__cl_bank_forward(moe_cl_model *dm, moe__cl_layer *cl_l, in
         g.B.gstride = lin->out * lin->in;
         if (lin->b >= 0) { g.bias = dm->params; g.bias_off = cl_l->poff + lin->b; g.bias_gstride = lin->out; }
         g.groups = cb->offsets; g.group_mode = 1; g.n_groups = b->n;
+        g.b_q = cl_l->q;
         if (!last && b->kind == MOE_EXPERT_SWIGLU && j == 1) { g.epi = 2; g.Z = cb->bz[0]; g.D = cb->ba[0]; }
         else if (!last && b->kind != MOE_EXPERT_SWIGLU) { g.epi = 1; g.act = (int)b->act; g.D = cb->ba[j]; }
         MOE__TRY(moe__cl_weight_gemm(dm, &g));
@@ -1991,31 +2313,81 @@ static moe_result moe__cl_jitter(moe_cl_model *dm, moe__cl_layer *cl_l, moe__cl_
     return moe__cl_run(&a, 1, (size_t)n, 1, 1, NULL);
 }
 
-static moe_result moe__cl_moe_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe__cl_mem x, int64_t T, int training) {
+/* Noisy top-k: raw = u Wn^T, the noise (drawn on the host from the CPU's stream, or the
+   caller's; 0 at inference), h = clean + noise * softplus(raw). */
+static moe_result moe__cl_noisy_forward(moe_cl_model *dm, moe__cl_layer *cl_l, int64_t T, int training, const float *noise) {
+    const moe_layer *l = cl_l->l;
+    int64_t E = l->d.n_experts, D = l->d.d_in, n = T * E, i;
+    moe__cl_gemm g = moe__cl_gemm_make(MOE__NT, T, E, D, moe__cl_mat_of(cl_l->u, 0, D), moe__cl_mat_of(dm->params, cl_l->poff + l->noise.w, D),
+                                       moe__cl_mat_of(cl_l->raw, 0, E));
+    moe__cl_args a;
+    MOE__TRY(moe__cl_weight_gemm(dm, &g));
+    if (training) {
+        uint64_t stream = moe__stream(MOE__STREAM_NOISE, l->index, cl_l->noise_step);
+        if (!noise) {
+            for (i = 0; i < n; i++) dm->host_noise[i] = moe_rng_normal(l->ctx->seed, stream, (uint64_t)i);
+            noise = dm->host_noise;
+        }
+        MOE__TRY(moe__cl_write(dm, cl_l->noise_n, noise, (size_t)n * sizeof(float)));
+    } else {
+        float zero = 0.0f;
+        MOE__CL_CHECK(dm->cl, MOE__CLF(dm->cl, clEnqueueFillBuffer)(dm->cl->queue, cl_l->noise_n, &zero, sizeof zero, 0, (size_t)n * sizeof(float), 0, NULL, NULL),
+                      "clEnqueueFillBuffer");
+    }
+    a = moe__cl_begin(dm->cl, MOE__CLK_noisy_h);
+    moe__cl_long_arg(&a, n); moe__cl_mem_arg(&a, cl_l->clean); moe__cl_mem_arg(&a, cl_l->raw); moe__cl_mem_arg(&a, cl_l->noise_n); moe__cl_mem_arg(&a, cl_l->h);
+    return moe__cl_run(&a, 1, (size_t)n, 1, 1, NULL);
+}
+
+/* Router scores, the chosen experts and gates of every token, then the permutation by expert
+   (offsets and row_token of the routed bank, pos of every slot, chosen / kept counts). */
+static moe_result moe__cl_route(moe_cl_model *dm, moe__cl_layer *cl_l, int64_t T, int training, const float *noise, const moe_forward_opts *opts) {
     moe_cl_ctx *cl = dm->cl;
     const moe_layer *l = cl_l->l;
     const moe_layer_desc *d = &l->d;
-    int64_t E = d->n_experts, K = d->top_k, D = d->d_in, O = d->d_out, cap = 0, n_shared = l->n_banks > 1 ? l->bank[1].n : 0;
+    int64_t E = d->n_experts, K = cl_l->call_k, D = d->d_in, cap = 0;
+    int noisy = d->router == MOE_ROUTER_NOISY_TOPK, ec = d->router == MOE_ROUTER_EXPERT_CHOICE;
     moe__cl_gemm g;
     moe__cl_args a;
-    if (d->capacity_factor > 0.0f) {
-        double c = ceil((double)d->capacity_factor * (double)T * (double)K / (double)E);
-        cap = c < 1.0 ? 1 : (int64_t)c;
+    if (d->capacity_factor > 0.0f && !ec) cap = moe__capacity(d->capacity_factor, T, K, E);
+    if (d->router == MOE_ROUTER_HASH) {
+        MOE__TRY(moe__cl_write(dm, dm->ids, opts->token_ids, (size_t)T * sizeof(int32_t)));
+        a = moe__cl_begin(cl, MOE__CLK_route_hash);
+        moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, K);
+        { uint32_t seed = d->hash_seed; moe__cl_arg(&a, sizeof seed, &seed); }
+        moe__cl_long_arg(&a, l->index); moe__cl_mem_arg(&a, dm->ids); moe__cl_mem_arg(&a, cl_l->sel); moe__cl_mem_arg(&a, cl_l->gate);
+        moe__cl_mem_arg(&a, cl_l->lse); moe__cl_mem_arg(&a, cl_l->entropy);
+        MOE__TRY(moe__cl_run(&a, 1, (size_t)T, 1, 1, NULL));
+    } else {
+        g = moe__cl_gemm_make(MOE__NT, T, E, D, moe__cl_mat_of(cl_l->u, 0, D), moe__cl_mat_of(dm->params, cl_l->poff + l->router.w, D),
+                              moe__cl_mat_of(cl_l->clean, 0, E));
+        if (l->router.b >= 0) { g.bias = dm->params; g.bias_off = cl_l->poff + l->router.b; }
+        MOE__TRY(moe__cl_weight_gemm(dm, &g));
     }
-    cl_l->u = x;
-    if (training && cl_l->xr) {
-        MOE__TRY(moe__cl_jitter(dm, cl_l, x, T));
-        cl_l->u = cl_l->xr;
+    if (noisy) MOE__TRY(moe__cl_noisy_forward(dm, cl_l, T, training, noise));
+    if (d->router == MOE_ROUTER_SIGMOID) {
+        a = moe__cl_begin(cl, MOE__CLK_route_sigmoid);
+        moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, K); moe__cl_int_arg(&a, d->n_groups); moe__cl_int_arg(&a, d->top_k_groups);
+        moe__cl_int_arg(&a, d->renormalize == MOE_FLAG_ON); moe__cl_float_arg(&a, d->routed_scaling_factor); moe__cl_mem_arg(&a, cl_l->clean);
+        moe__cl_mem_arg(&a, dm->params); moe__cl_long_arg(&a, cl_l->poff + l->selection_bias); moe__cl_mem_arg(&a, cl_l->p);
+        moe__cl_mem_arg(&a, cl_l->key); moe__cl_mem_arg(&a, cl_l->group_score); moe__cl_mem_arg(&a, cl_l->group_sel);
+        moe__cl_mem_arg(&a, cl_l->lse); moe__cl_mem_arg(&a, cl_l->entropy); moe__cl_mem_arg(&a, cl_l->sel); moe__cl_mem_arg(&a, cl_l->gate);
+        MOE__TRY(moe__cl_run(&a, 1, (size_t)T, 1, 1, NULL));
+    } else if (d->router != MOE_ROUTER_HASH) {  /* softmax (and for token-choice routers the top k) */
+        a = moe__cl_begin(cl, MOE__CLK_route_topk);
+        moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, ec ? 0 : K); moe__cl_int_arg(&a, !ec && d->renormalize == MOE_FLAG_ON);
+        moe__cl_float_arg(&a, opts ? opts->top_p : 0.0f); moe__cl_int_arg(&a, noisy);
+        moe__cl_mem_arg(&a, noisy ? cl_l->h : cl_l->clean); moe__cl_mem_arg(&a, cl_l->p); moe__cl_mem_arg(&a, cl_l->lse); moe__cl_mem_arg(&a, cl_l->entropy);
+        moe__cl_mem_arg(&a, cl_l->sel); moe__cl_mem_arg(&a, cl_l->gate); moe__cl_mem_arg(&a, cl_l->thr);
+        MOE__TRY(moe__cl_run(&a, 1, (size_t)T, 1, 1, NULL));
     }
-    g = moe__cl_gemm_make(MOE__NT, T, E, D, moe__cl_mat_of(cl_l->u, 0, D), moe__cl_mat_of(dm->params, cl_l->poff + l->router.w, D),
-                          moe__cl_mat_of(cl_l->clean, 0, E));
-    if (l->router.b >= 0) { g.bias = dm->params; g.bias_off = cl_l->poff + l->router.b; }
-    MOE__TRY(moe__cl_weight_gemm(dm, &g));
-    a = moe__cl_begin(cl, MOE__CLK_route_topk);
-    moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, K); moe__cl_int_arg(&a, d->renormalize == MOE_FLAG_ON);
-    moe__cl_mem_arg(&a, cl_l->clean); moe__cl_mem_arg(&a, cl_l->p); moe__cl_mem_arg(&a, cl_l->lse); moe__cl_mem_arg(&a, cl_l->entropy);
-    moe__cl_mem_arg(&a, cl_l->sel); moe__cl_mem_arg(&a, cl_l->gate);
-    MOE__TRY(moe__cl_run(&a, 1, (size_t)T, 1, 1, NULL));
+    if (ec) {
+        a = moe__cl_begin(cl, MOE__CLK_dispatch_ec);
+        moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, cl_l->rows / E); moe__cl_mem_arg(&a, cl_l->p);
+        moe__cl_mem_arg(&a, cl_l->sel); moe__cl_mem_arg(&a, cl_l->pos); moe__cl_mem_arg(&a, cl_l->gate);
+        moe__cl_mem_arg(&a, cl_l->bank[0].offsets); moe__cl_mem_arg(&a, cl_l->bank[0].row_token); moe__cl_mem_arg(&a, cl_l->chosen); moe__cl_mem_arg(&a, cl_l->kept);
+        return moe__cl_run(&a, 1, (size_t)E, 1, 1, NULL);
+    }
     a = moe__cl_begin(cl, MOE__CLK_dispatch_count);
     moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, K); moe__cl_long_arg(&a, cap);
     moe__cl_mem_arg(&a, cl_l->sel); moe__cl_mem_arg(&a, cl_l->pos); moe__cl_mem_arg(&a, cl_l->chosen); moe__cl_mem_arg(&a, cl_l->kept);
@@ -2024,7 +2396,26 @@ static moe_result moe__cl_moe_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe
     moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, K);
     moe__cl_mem_arg(&a, cl_l->sel); moe__cl_mem_arg(&a, cl_l->pos); moe__cl_mem_arg(&a, cl_l->kept);
     moe__cl_mem_arg(&a, cl_l->bank[0].offsets); moe__cl_mem_arg(&a, cl_l->bank[0].row_token);
-    MOE__TRY(moe__cl_run(&a, 1, (size_t)E, 1, 1, NULL));
+    return moe__cl_run(&a, 1, (size_t)E, 1, 1, NULL);
+}
+
+static moe_result moe__cl_moe_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe__cl_mem x, int64_t T, int training, const float *noise,
+                                      const moe_forward_opts *opts) {
+    moe_cl_ctx *cl = dm->cl;
+    const moe_layer *l = cl_l->l;
+    const moe_layer_desc *d = &l->d;
+    int64_t E = d->n_experts, K, D = d->d_in, O = d->d_out, n_shared = l->n_banks > 1 ? l->bank[1].n : 0;
+    int noisy = d->router == MOE_ROUTER_NOISY_TOPK, ec = d->router == MOE_ROUTER_EXPERT_CHOICE;
+    moe__cl_args a;
+    K = cl_l->call_k = opts && opts->top_k ? opts->top_k : d->top_k;
+    cl_l->slots = ec ? E : K;
+    cl_l->rows = ec ? E * moe__expert_choice_tokens(d, T, K) : T * K;
+    cl_l->u = x;
+    if (training && cl_l->xr) {
+        MOE__TRY(moe__cl_jitter(dm, cl_l, x, T));
+        cl_l->u = cl_l->xr;
+    }
+    MOE__TRY(moe__cl_route(dm, cl_l, T, training, noise, opts));
     a = moe__cl_begin(cl, MOE__CLK_moe_sums);
     moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E);
     moe__cl_mem_arg(&a, cl_l->p); moe__cl_mem_arg(&a, cl_l->lse); moe__cl_mem_arg(&a, cl_l->entropy); moe__cl_mem_arg(&a, cl_l->sums);
@@ -2035,6 +2426,12 @@ static moe_result moe__cl_moe_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe
         moe__cl_mem_arg(&a, cl_l->importance);
         MOE__TRY(moe__cl_run(&a, 1, (size_t)E, 1, 1, NULL));
     }
+    if (noisy && d->load_loss > 0.0f && K < E) {
+        a = moe__cl_begin(cl, MOE__CLK_load_sums);
+        moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_mem_arg(&a, cl_l->clean); moe__cl_mem_arg(&a, cl_l->raw);
+        moe__cl_mem_arg(&a, cl_l->h); moe__cl_mem_arg(&a, cl_l->thr); moe__cl_mem_arg(&a, cl_l->load);
+        MOE__TRY(moe__cl_run(&a, 1, (size_t)E, 1, 1, NULL));
+    }
     MOE__TRY(moe__cl_bank_forward(dm, cl_l, 0, x, T));
     if (l->n_banks > 1) {
         a = moe__cl_begin(cl, MOE__CLK_shared_rows);
@@ -2043,13 +2440,14 @@ static moe_result moe__cl_moe_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe
         MOE__TRY(moe__cl_bank_forward(dm, cl_l, 1, x, T));
     }
     a = moe__cl_begin(cl, MOE__CLK_moe_combine);
-    moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, D); moe__cl_int_arg(&a, O); moe__cl_int_arg(&a, K); moe__cl_int_arg(&a, d->residual);
+    moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, D); moe__cl_int_arg(&a, O); moe__cl_int_arg(&a, cl_l->slots); moe__cl_int_arg(&a, d->residual);
     moe__cl_mem_arg(&a, x); moe__cl_mem_arg(&a, cl_l->pos); moe__cl_mem_arg(&a, cl_l->gate); moe__cl_mem_arg(&a, cl_l->bank[0].bout);
     moe__cl_int_arg(&a, n_shared); moe__cl_mem_arg(&a, cl_l->bank[1].bout); moe__cl_mem_arg(&a, cl_l->out);
     return moe__cl_run(&a, 2, (size_t)O, (size_t)T, 1, NULL);
 }
 
-static moe_result moe__cl_layer_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe__cl_mem x, int64_t T, int training) {
+static moe_result moe__cl_layer_forward(moe_cl_model *dm, moe__cl_layer *cl_l, moe__cl_mem x, int64_t T, int training, const float *noise,
+                                        const moe_forward_opts *opts) {
     const moe_layer *l = cl_l->l;
     const moe_layer_desc *d = &l->d;
     if (d->kind == MOE_LAYER_DENSE) {
@@ -2069,7 +2467,7 @@ static moe_result moe__cl_layer_forward(moe_cl_model *dm, moe__cl_layer *cl_l, m
         moe__cl_mem_arg(&a, cl_l->mean); moe__cl_mem_arg(&a, cl_l->rstd); moe__cl_mem_arg(&a, cl_l->out);
         return moe__cl_run(&a, 1, (size_t)T, 1, 1, NULL);
     }
-    return moe__cl_moe_forward(dm, cl_l, x, T, training);
+    return moe__cl_moe_forward(dm, cl_l, x, T, training, noise, opts);
 }
 
 static moe_result moe__cl_check_call(moe_cl_model *dm, const float *x, int64_t T) {
@@ -2079,14 +2477,17 @@ static moe_result moe__cl_check_call(moe_cl_model *dm, const float *x, int64_t T
     return MOE_OK;
 }
 
-static moe_result moe__cl_model_forward(moe_cl_model *dm, const float *x, int64_t T, int training) {
+/* opts: NULL, or the caller's (top_k, top_p, router_noise; training from the argument) */
+static moe_result moe__cl_model_forward(moe_cl_model *dm, const float *x, int64_t T, int training, const moe_forward_opts *opts) {
     moe__cl_mem in = dm->x;
     int i;
     MOE__TRY(moe__cl_check_call(dm, x, T));
+    for (i = 0; i < dm->n_layers; i++) MOE__TRY(moe__call_check(&dm->src[i], opts));
     dm->has_forward = 0;
     MOE__TRY(moe__cl_write(dm, dm->x, x, (size_t)(T * dm->d_in) * sizeof(float)));
     for (i = 0; i < dm->n_layers; i++) {
-        MOE__TRY(moe__cl_layer_forward(dm, &dm->layers[i], in, T, training));
+        const float *noise = opts && opts->router_noise ? opts->router_noise[i] : NULL;
+        MOE__TRY(moe__cl_layer_forward(dm, &dm->layers[i], in, T, training, noise, opts));
         if (training) dm->layers[i].noise_step++;
         in = dm->layers[i].out;
     }
@@ -2099,9 +2500,7 @@ MOEDEF moe_result moe_cl_model_forward(moe_cl_model *dm, const float *x, int64_t
     if (!dm) return MOE_ERR_INVALID_ARGUMENT;
     if (dm->fallback)
         return dm->model ? moe_model_forward(dm->model, x, n_tokens, y, opts) : moe_layer_forward(dm->layer, x, n_tokens, y ? y : dm->fallback_y, opts);
-    if (opts && (opts->top_k || opts->top_p > 0.0f || opts->token_ids))
-        return moe__fail(dm->cl->ctx, MOE_ERR_UNSUPPORTED, "per-call top_k, top_p and token_ids run on the CPU model only");
-    MOE__TRY(moe__cl_model_forward(dm, x, n_tokens, opts && opts->training));
+    MOE__TRY(moe__cl_model_forward(dm, x, n_tokens, opts && opts->training, opts));
     if (y) return moe__cl_read(dm, dm->layers[dm->n_layers - 1].out, 0, y, (size_t)(n_tokens * dm->d_out) * sizeof(float));
     return MOE_OK;
 }
@@ -2122,12 +2521,70 @@ MOEDEF moe_result moe_cl_model_predict(moe_cl_model *dm, const float *x, int64_t
     return MOE_OK;
 }
 
+#define MOE__CL_QUANTIZED "the device model holds reduced-precision expert weights (inference only); moe_cl_model_quantize(dm, MOE_DTYPE_F32) restores training"
+
+/* Layer i's expert weights as 16-bit values in dm->wh (q 1 half, 2 bfloat16; 0: back to fp32),
+   converted on the device from the layout the GEMM reads. */
+static moe_result moe__cl_quantize_layer(moe_cl_model *dm, int i, int q) {
+    static const char *const names[3] = { "gemm_nt", "gemm_nn", "gemm_tn" };
+    moe_cl_ctx *cl = dm->cl;
+    moe__cl_layer *cl_l = &dm->layers[i];
+    const moe_layer *l = cl_l->l;
+    int b, j;
+    dm->n_quantized -= cl_l->q != 0;
+    cl_l->q = 0;
+    if (q == 0 || l->d.kind != MOE_LAYER_MOE) return MOE_OK;
+    if (!cl->q_program[q - 1]) {
+        moe_result r = moe__cl_build(cl, &cl->tiles, 1, q == 1 ? " -DB_HALF=1" : " -DB_BF16=1", &cl->q_program[q - 1]);
+        for (j = 0; j < 3 && r == MOE_OK; j++) {
+            moe__cl_int err;
+            cl->q_kernels[q - 1][j] = MOE__CLF(cl, clCreateKernel)(cl->q_program[q - 1], names[j], &err);
+            if (err != MOE__CL_SUCCESS) r = moe__cl_fail(dm->ctx, err, names[j]);
+        }
+        if (r != MOE_OK) {
+            moe__cl_release_kernels(cl, cl->q_kernels[q - 1], 3);
+            if (cl->q_program[q - 1]) MOE__CLF(cl, clReleaseProgram)(cl->q_program[q - 1]);
+            cl->q_program[q - 1] = NULL;
+            return r;
+        }
+    }
+    if (!dm->wh) {
+        dm->wh = moe__cl_buffer(dm, (dm->n_params + 1) / 2, sizeof(float));  /* n_params 16-bit values */
+        if (!dm->wh) { moe_result r = dm->err; dm->err = MOE_OK; return r; }
+    }
+    for (b = 0; b < l->n_banks; b++)
+        for (j = 0; j < l->bank[b].n_linears; j++) {
+            const moe__linear *lin = &l->bank[b].lin[j];
+            int64_t n = (int64_t)l->bank[b].n * lin->out * lin->in;
+            moe__cl_args a = moe__cl_begin(cl, q == 1 ? MOE__CLK_to_half : MOE__CLK_to_bf16);
+            moe__cl_long_arg(&a, n); moe__cl_long_arg(&a, cl_l->poff + lin->w); moe__cl_mem_arg(&a, dm->wt ? dm->wt : dm->params);
+            moe__cl_mem_arg(&a, dm->wh);
+            MOE__TRY(moe__cl_run(&a, 1, (size_t)n, 1, 1, NULL));
+        }
+    cl_l->q = q;
+    dm->n_quantized++;
+    return MOE_OK;
+}
+
+MOEDEF moe_result moe_cl_model_quantize(moe_cl_model *dm, moe_dtype dtype) {
+    int i, q = dtype == MOE_DTYPE_F16 ? 1 : dtype == MOE_DTYPE_BF16 ? 2 : 0;
+    if (!dm) return MOE_ERR_INVALID_ARGUMENT;
+    if (dtype != MOE_DTYPE_F32 && !q)
+        return moe__fail(dm->ctx, MOE_ERR_UNSUPPORTED, "OpenCL: expert weights on the device are f32, f16 or bf16 (dtype %d)", (int)dtype);
+    if (dm->fallback) {
+        if (dtype == MOE_DTYPE_F32) return MOE_OK;
+        return moe__fail(dm->ctx, MOE_ERR_UNSUPPORTED, "reduced-precision weights on a device need an OpenCL device (this context runs on the CPU)");
+    }
+    for (i = 0; i < dm->n_layers; i++) MOE__TRY(moe__cl_quantize_layer(dm, i, q));
+    return moe_cl_finish(dm->cl);
+}
+
 /* Statistics of MoE layer i as moe.h's moe__aux_forward computes them, from the device's
    per-expert counts and sums (read back here). */
 static moe_result moe__cl_layer_stats(moe_cl_model *dm, int i, moe_stats *st) {
     moe__cl_layer *cl_l = &dm->layers[i];
     const moe_layer_desc *d = &cl_l->l->d;
-    int64_t E = d->n_experts, K = d->top_k, T = dm->T, e, t, q;
+    int64_t E = d->n_experts, K = cl_l->call_k, S = cl_l->slots, T = dm->T, e, t, q;
     float *sums = dm->host_f;
     int32_t *counts = dm->host_i;
     double mean = 0.0, var = 0.0;
@@ -2148,7 +2605,11 @@ static moe_result moe__cl_layer_stats(moe_cl_model *dm, int i, moe_stats *st) {
         MOE__TRY(moe__cl_read(dm, cl_l->importance, 0, sums + E + 2, (size_t)E * sizeof(float)));
         st->importance_loss = (float)((double)d->importance_loss * moe__cv2(sums + E + 2, E, NULL));
     }
-    st->aux_loss = st->balance_loss + st->z_loss + st->importance_loss;
+    if (cl_l->load && d->load_loss > 0.0f && K < E) {
+        MOE__TRY(moe__cl_read(dm, cl_l->load, 0, sums + 2 * E + 2, (size_t)E * sizeof(float)));
+        st->load_loss = (float)((double)d->load_loss * moe__cv2(sums + 2 * E + 2, E, NULL));
+    }
+    st->aux_loss = st->balance_loss + st->z_loss + st->importance_loss + st->load_loss;
     st->router_entropy = (float)((double)sums[E + 1] / (double)T);
     for (e = 0; e < E; e++) {
         cl_l->kept_host[e] = counts[E + e];
@@ -2160,11 +2621,11 @@ static moe_result moe__cl_layer_stats(moe_cl_model *dm, int i, moe_stats *st) {
     var /= (double)E;
     st->load_cv = mean > 0.0 ? (float)(sqrt(var) / mean) : 0.0f;
     st->tokens_per_expert = cl_l->kept_host;
-    if (st->dropped_assignments > 0) {  /* tokens with every choice dropped pass through */
-        MOE__TRY(moe__cl_read(dm, cl_l->pos, 0, counts, (size_t)(T * K) * sizeof(int32_t)));
+    if (st->dropped_assignments > 0 || d->router == MOE_ROUTER_EXPERT_CHOICE) {  /* tokens with no expert pass through */
+        MOE__TRY(moe__cl_read(dm, cl_l->pos, 0, counts, (size_t)(T * S) * sizeof(int32_t)));
         for (t = 0; t < T; t++) {
             int any = 0;
-            for (q = 0; q < K; q++) any |= counts[t * K + q] >= 0;
+            for (q = 0; q < S; q++) any |= counts[t * S + q] >= 0;
             st->dropped_tokens += !any;
         }
     }
@@ -2188,7 +2649,7 @@ static moe_result moe__cl_bank_backward(moe_cl_model *dm, moe__cl_layer *cl_l, i
     const moe_layer *l = cl_l->l;
     const moe__bank *b = &l->bank[bi];
     const moe__cl_bank *cb = &cl_l->bank[bi];
-    int64_t R = T * (bi == 0 ? l->d.top_k : b->n), H = b->d_hidden, D = b->d_in;
+    int64_t R = bi == 0 ? cl_l->rows : T * b->n, H = b->d_hidden, D = b->d_in;
     int j, last = b->n_linears - 1;
     moe__cl_gemm g;
     if (b->kind == MOE_EXPERT_SWIGLU) {
@@ -2240,27 +2701,74 @@ static moe_result moe__cl_bank_backward(moe_cl_model *dm, moe__cl_layer *cl_l, i
     return MOE_OK;
 }
 
+/* grad = coef * dCV^2(v)/dv for the E values of v, computed on the host (E numbers each way) */
+static moe_result moe__cl_cv2_grad(moe_cl_model *dm, moe__cl_mem v, moe__cl_mem grad, int64_t E, float coef) {
+    float *hv = dm->host_f, *hg = dm->host_f + E;
+    int64_t e;
+    MOE__TRY(moe__cl_read(dm, v, 0, hv, (size_t)E * sizeof(float)));
+    moe__cv2(hv, E, hg);
+    for (e = 0; e < E; e++) hg[e] *= coef;
+    return moe__cl_write(dm, grad, hg, (size_t)E * sizeof(float));
+}
+
+/* dh at the router logits (through the gates, the softmax or sigmoid, the auxiliary losses and
+   the noisy gate), then the router's weight gradients. */
+static moe_result moe__cl_router_backward(moe_cl_model *dm, moe__cl_layer *cl_l, int64_t T, int aux, int want_load) {
+    moe_cl_ctx *cl = dm->cl;
+    const moe_layer *l = cl_l->l;
+    const moe_layer_desc *d = &l->d;
+    int64_t E = d->n_experts, K = cl_l->call_k, D = d->d_in;
+    float bal_scale = aux && d->balance_loss > 0.0f ? d->balance_loss * (float)E / ((float)(T * K) * (float)T) : 0.0f;
+    float z_scale = aux && d->z_loss > 0.0f ? 2.0f * d->z_loss / (float)T : 0.0f;
+    moe__cl_args a;
+    moe__cl_gemm g;
+    if (d->router == MOE_ROUTER_SIGMOID) {
+        a = moe__cl_begin(cl, MOE__CLK_sigmoid_back);
+        moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, K); moe__cl_int_arg(&a, d->renormalize == MOE_FLAG_ON);
+        moe__cl_float_arg(&a, d->routed_scaling_factor);
+    } else {
+        a = moe__cl_begin(cl, MOE__CLK_router_back);
+        moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, cl_l->slots); moe__cl_int_arg(&a, d->renormalize == MOE_FLAG_ON);
+        moe__cl_int_arg(&a, aux); moe__cl_float_arg(&a, bal_scale); moe__cl_float_arg(&a, z_scale);
+    }
+    moe__cl_mem_arg(&a, cl_l->p); moe__cl_mem_arg(&a, cl_l->gate); moe__cl_mem_arg(&a, cl_l->dgate); moe__cl_mem_arg(&a, cl_l->sel);
+    if (d->router != MOE_ROUTER_SIGMOID) { moe__cl_mem_arg(&a, cl_l->chosen); moe__cl_mem_arg(&a, cl_l->lse); }
+    moe__cl_mem_arg(&a, cl_l->dh);
+    MOE__TRY(moe__cl_run(&a, 1, (size_t)T, 1, 1, NULL));
+    if (cl_l->raw) {  /* noisy top-k: dh becomes dL/dclean, dstd = dL/draw */
+        a = moe__cl_begin(cl, MOE__CLK_noisy_back);
+        moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, want_load); moe__cl_mem_arg(&a, cl_l->dh); moe__cl_mem_arg(&a, cl_l->dstd);
+        moe__cl_mem_arg(&a, cl_l->noise_n); moe__cl_mem_arg(&a, cl_l->raw); moe__cl_mem_arg(&a, cl_l->clean); moe__cl_mem_arg(&a, cl_l->h);
+        moe__cl_mem_arg(&a, cl_l->thr); moe__cl_mem_arg(&a, cl_l->dload);
+        MOE__TRY(moe__cl_run(&a, 1, (size_t)T, 1, 1, NULL));
+    }
+    g = moe__cl_gemm_make(MOE__TN, E, D, T, moe__cl_mat_of(cl_l->dh, 0, E), moe__cl_mat_of(cl_l->u, 0, D), moe__cl_mat_of(dm->grads, cl_l->poff + l->router.w, D));
+    g.accumulate = 1;
+    MOE__TRY(moe__cl_gemm_run(cl, &g));
+    if (l->router.b >= 0) MOE__TRY(moe__cl_colsum(cl, T, E, cl_l->dh, E, NULL, 0, dm->grads, cl_l->poff + l->router.b, 0));
+    if (cl_l->raw) {
+        g = moe__cl_gemm_make(MOE__TN, E, D, T, moe__cl_mat_of(cl_l->dstd, 0, E), moe__cl_mat_of(cl_l->u, 0, D), moe__cl_mat_of(dm->grads, cl_l->poff + l->noise.w, D));
+        g.accumulate = 1;
+        MOE__TRY(moe__cl_gemm_run(cl, &g));
+    }
+    return MOE_OK;
+}
+
 static moe_result moe__cl_moe_backward(moe_cl_model *dm, moe__cl_layer *cl_l, moe__cl_mem x, moe__cl_mem dy, moe__cl_mem dx, int64_t T, int flags) {
     moe_cl_ctx *cl = dm->cl;
     const moe_layer *l = cl_l->l;
     const moe_layer_desc *d = &l->d;
-    int64_t E = d->n_experts, K = d->top_k, D = d->d_in, O = d->d_out;
-    int aux = (flags & MOE_BACKWARD_AUX) != 0;
-    float bal_scale = aux && d->balance_loss > 0.0f ? d->balance_loss * (float)E / ((float)(T * K) * (float)T) : 0.0f;
-    float z_scale = aux && d->z_loss > 0.0f ? 2.0f * d->z_loss / (float)T : 0.0f;
+    int64_t E = d->n_experts, K = cl_l->slots, D = d->d_in, O = d->d_out;
+    int aux = (flags & MOE_BACKWARD_AUX) != 0, noisy = cl_l->raw != NULL, want_load = noisy && aux && d->load_loss > 0.0f && cl_l->call_k < E;
     moe__cl_args a = moe__cl_begin(cl, MOE__CLK_moe_dgate);
     moe__cl_gemm g;
     moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, O); moe__cl_int_arg(&a, K); moe__cl_mem_arg(&a, dy); moe__cl_mem_arg(&a, cl_l->pos);
     moe__cl_mem_arg(&a, cl_l->gate); moe__cl_mem_arg(&a, cl_l->bank[0].bout); moe__cl_mem_arg(&a, cl_l->bank[0].bdz[l->bank[0].n_linears - 1]);
     moe__cl_mem_arg(&a, cl_l->dgate);
     MOE__TRY(moe__cl_run(&a, 1, (size_t)(T * K), 1, 1, NULL));
-    if (aux && cl_l->importance) {  /* dCV^2/dimportance on the host (E values), added to the gates */
-        float *imp = dm->host_f, *grad = dm->host_f + E;
-        int64_t e;
-        MOE__TRY(moe__cl_read(dm, cl_l->importance, 0, imp, (size_t)E * sizeof(float)));
-        moe__cv2(imp, E, grad);
-        for (e = 0; e < E; e++) grad[e] *= d->importance_loss;
-        MOE__TRY(moe__cl_write(dm, cl_l->dimportance, grad, (size_t)E * sizeof(float)));
+    if (want_load) MOE__TRY(moe__cl_cv2_grad(dm, cl_l->load, cl_l->dload, E, d->load_loss));
+    if (aux && cl_l->importance) {  /* the importance loss's gradient, added to the gates */
+        MOE__TRY(moe__cl_cv2_grad(dm, cl_l->importance, cl_l->dimportance, E, d->importance_loss));
         a = moe__cl_begin(cl, MOE__CLK_dgate_add);
         moe__cl_int_arg(&a, T * K); moe__cl_mem_arg(&a, cl_l->sel); moe__cl_mem_arg(&a, cl_l->dimportance); moe__cl_mem_arg(&a, cl_l->dgate);
         MOE__TRY(moe__cl_run(&a, 1, (size_t)(T * K), 1, 1, NULL));
@@ -2274,20 +2782,24 @@ static moe_result moe__cl_moe_backward(moe_cl_model *dm, moe__cl_layer *cl_l, mo
                           "clEnqueueCopyBuffer");
         MOE__TRY(moe__cl_bank_backward(dm, cl_l, 1, x, T, dx != NULL));
     }
-    a = moe__cl_begin(cl, MOE__CLK_router_back);
-    moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, E); moe__cl_int_arg(&a, K); moe__cl_int_arg(&a, d->renormalize == MOE_FLAG_ON);
-    moe__cl_int_arg(&a, aux); moe__cl_float_arg(&a, bal_scale); moe__cl_float_arg(&a, z_scale);
-    moe__cl_mem_arg(&a, cl_l->p); moe__cl_mem_arg(&a, cl_l->gate); moe__cl_mem_arg(&a, cl_l->dgate); moe__cl_mem_arg(&a, cl_l->sel);
-    moe__cl_mem_arg(&a, cl_l->chosen); moe__cl_mem_arg(&a, cl_l->lse); moe__cl_mem_arg(&a, cl_l->dh);
-    MOE__TRY(moe__cl_run(&a, 1, (size_t)T, 1, 1, NULL));
-    g = moe__cl_gemm_make(MOE__TN, E, D, T, moe__cl_mat_of(cl_l->dh, 0, E), moe__cl_mat_of(cl_l->u, 0, D), moe__cl_mat_of(dm->grads, cl_l->poff + l->router.w, D));
-    g.accumulate = 1;
-    MOE__TRY(moe__cl_gemm_run(cl, &g));
-    if (l->router.b >= 0) MOE__TRY(moe__cl_colsum(cl, T, E, cl_l->dh, E, NULL, 0, dm->grads, cl_l->poff + l->router.b, 0));
-    if (!dx) return MOE_OK;
-    g = moe__cl_gemm_make(MOE__NN, T, D, E, moe__cl_mat_of(cl_l->dh, 0, E), moe__cl_mat_of(dm->params, cl_l->poff + l->router.w, D),
-                          moe__cl_mat_of(cl_l->dxu, 0, D));
-    MOE__TRY(moe__cl_gemm_run(cl, &g));
+    if (l->router.w < 0) {  /* the hash router has no parameters: the gradient stops at the gates */
+        float zero = 0.0f;
+        if (!dx) return MOE_OK;
+        MOE__CL_CHECK(cl, MOE__CLF(cl, clEnqueueFillBuffer)(cl->queue, cl_l->dxu, &zero, sizeof zero, 0, (size_t)(T * D) * sizeof(float), 0, NULL, NULL),
+                      "clEnqueueFillBuffer");
+    } else {
+        MOE__TRY(moe__cl_router_backward(dm, cl_l, T, aux, want_load));
+        if (!dx) return MOE_OK;
+        g = moe__cl_gemm_make(MOE__NN, T, D, E, moe__cl_mat_of(cl_l->dh, 0, E), moe__cl_mat_of(dm->params, cl_l->poff + l->router.w, D),
+                              moe__cl_mat_of(cl_l->dxu, 0, D));
+        MOE__TRY(moe__cl_gemm_run(cl, &g));
+        if (noisy) {
+            g = moe__cl_gemm_make(MOE__NN, T, D, E, moe__cl_mat_of(cl_l->dstd, 0, E), moe__cl_mat_of(dm->params, cl_l->poff + l->noise.w, D),
+                                  moe__cl_mat_of(cl_l->dxu, 0, D));
+            g.accumulate = 1;
+            MOE__TRY(moe__cl_gemm_run(cl, &g));
+        }
+    }
     a = moe__cl_begin(cl, MOE__CLK_moe_dx);
     moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, D); moe__cl_int_arg(&a, O); moe__cl_int_arg(&a, K); moe__cl_int_arg(&a, d->residual);
     moe__cl_mem_arg(&a, dy); moe__cl_mem_arg(&a, cl_l->pos); moe__cl_mem_arg(&a, cl_l->bank[0].bdxr); moe__cl_mem_arg(&a, cl_l->dxu);
@@ -2363,6 +2875,7 @@ MOEDEF moe_result moe_cl_model_backward(moe_cl_model *dm, const float *dy, float
     if (!dm) return MOE_ERR_INVALID_ARGUMENT;
     if (dm->fallback) return dm->model ? moe_model_backward(dm->model, dy, dx, flags) : moe_layer_backward(dm->layer, dy, dx, flags);
     if (!dm->has_forward) return moe__fail(dm->ctx, MOE_ERR_STATE, "backward before any forward");
+    if (dm->n_quantized) return moe__fail(dm->ctx, MOE_ERR_STATE, MOE__CL_QUANTIZED);
     if (!dy) return moe__fail(dm->ctx, MOE_ERR_INVALID_ARGUMENT, "dy is NULL");
     T = dm->T;
     MOE__TRY(moe__cl_write(dm, dm->dloss, dy, (size_t)(T * dm->d_out) * sizeof(float)));
@@ -2372,6 +2885,36 @@ MOEDEF moe_result moe_cl_model_backward(moe_cl_model *dm, const float *dy, float
 }
 
 // >>cl_train ----------------------------------------------------------------
+/* A refused training step draws the same noise and jitter when retried (as moe.h's model). */
+static void moe__cl_rewind_noise(moe_cl_model *dm) {
+    int i;
+    for (i = 0; i < dm->n_layers; i++) dm->layers[i].noise_step--;
+}
+
+/* Sigmoid routers' selection biases are state, not parameters (as moe.h's model step): after == 0
+   keeps them aside before the optimizer step; after == 1 puts them back and moves them by the
+   aux-loss-free rule from the last forward's loads. */
+static moe_result moe__cl_selection_bias(moe_cl_model *dm, int after) {
+    moe_cl_ctx *cl = dm->cl;
+    int i;
+    for (i = 0; i < dm->n_layers; i++) {
+        moe__cl_layer *cl_l = &dm->layers[i];
+        const moe_layer *l = cl_l->l;
+        size_t off = (size_t)(cl_l->poff + l->selection_bias) * sizeof(float), bytes = (size_t)l->d.n_experts * sizeof(float);
+        moe__cl_args a;
+        if (!cl_l->bias_keep) continue;
+        MOE__CL_CHECK(cl, after ? MOE__CLF(cl, clEnqueueCopyBuffer)(cl->queue, cl_l->bias_keep, dm->params, 0, off, bytes, 0, NULL, NULL)
+                                : MOE__CLF(cl, clEnqueueCopyBuffer)(cl->queue, dm->params, cl_l->bias_keep, off, 0, bytes, 0, NULL, NULL),
+                      "clEnqueueCopyBuffer");
+        if (!after || l->d.bias_update_rate == 0.0f) continue;
+        a = moe__cl_begin(cl, MOE__CLK_bias_update);
+        moe__cl_int_arg(&a, l->d.n_experts); moe__cl_float_arg(&a, l->d.bias_update_rate); moe__cl_mem_arg(&a, cl_l->chosen);
+        moe__cl_mem_arg(&a, dm->params); moe__cl_long_arg(&a, cl_l->poff + l->selection_bias);
+        MOE__TRY(moe__cl_run(&a, 1, (size_t)l->d.n_experts, 1, 1, NULL));
+    }
+    return MOE_OK;
+}
+
 MOEDEF moe_result moe_cl_model_train_step(moe_cl_model *dm, const float *x, const moe_target *target, int64_t n_tokens, moe_step_info *info) {
     moe_cl_ctx *cl;
     moe_model *model;
@@ -2385,6 +2928,7 @@ MOEDEF moe_result moe_cl_model_train_step(moe_cl_model *dm, const float *x, cons
     if (!dm) return MOE_ERR_INVALID_ARGUMENT;
     if (!dm->model) return moe__fail(dm->ctx, MOE_ERR_STATE, "a layer uploaded alone has no loss or optimizer: upload a model to train");
     if (dm->fallback) return moe_model_train_step(dm->model, x, target, n_tokens, info);
+    if (dm->n_quantized) return moe__fail(dm->ctx, MOE_ERR_STATE, MOE__CL_QUANTIZED);
     cl = dm->cl;
     model = dm->model;
     od = &model->opt->d;
@@ -2402,7 +2946,7 @@ MOEDEF moe_result moe_cl_model_train_step(moe_cl_model *dm, const float *x, cons
         if (!target->values) return moe__fail(dm->ctx, MOE_ERR_INVALID_ARGUMENT, "this loss needs target->values");
         MOE__TRY(moe__cl_write(dm, dm->values, target->values, (size_t)(T * C) * sizeof(float)));
     }
-    MOE__TRY(moe__cl_model_forward(dm, x, T, 1));
+    MOE__TRY(moe__cl_model_forward(dm, x, T, 1, NULL));
     a = moe__cl_begin(cl, MOE__CLK_task_loss);
     moe__cl_int_arg(&a, T); moe__cl_int_arg(&a, C); moe__cl_int_arg(&a, (int)model->desc.loss);
     moe__cl_mem_arg(&a, dm->layers[dm->n_layers - 1].out); moe__cl_mem_arg(&a, dm->labels); moe__cl_mem_arg(&a, dm->values);
@@ -2413,7 +2957,7 @@ MOEDEF moe_result moe_cl_model_train_step(moe_cl_model *dm, const float *x, cons
     loss = (float)(sum / (double)T);
     for (i = 0; i < dm->n_layers; i++) {
         const moe_layer_desc *d = &dm->layers[i].l->d;
-        if (d->kind == MOE_LAYER_MOE && (d->balance_loss > 0.0f || d->z_loss > 0.0f || d->importance_loss > 0.0f)) {
+        if (d->kind == MOE_LAYER_MOE && (d->balance_loss > 0.0f || d->z_loss > 0.0f || d->importance_loss > 0.0f || d->load_loss > 0.0f)) {
             moe_stats st;
             MOE__TRY(moe__cl_layer_stats(dm, i, &st));
             aux += st.aux_loss;
@@ -2423,6 +2967,7 @@ MOEDEF moe_result moe_cl_model_train_step(moe_cl_model *dm, const float *x, cons
     si.aux_loss = aux;
     si.step = dm->step;
     if (!moe__finite(loss) || !moe__finite(aux)) {
+        moe__cl_rewind_noise(dm);
         if (info) *info = si;
         return moe__fail(dm->ctx, MOE_ERR_NONFINITE, "loss is not finite (loss %g, aux %g); parameters unchanged", (double)loss, (double)aux);
     }
@@ -2436,6 +2981,7 @@ MOEDEF moe_result moe_cl_model_train_step(moe_cl_model *dm, const float *x, cons
     for (c = 0; c < dm->n_chunks; c++) sq += dm->host_f[c];
     norm = (float)sqrt(sq);
     if (!moe__finite(norm)) {
+        moe__cl_rewind_noise(dm);
         if (info) *info = si;
         return moe__fail(dm->ctx, MOE_ERR_NONFINITE, "gradient norm is not finite; parameters unchanged");
     }
@@ -2445,6 +2991,7 @@ MOEDEF moe_result moe_cl_model_train_step(moe_cl_model *dm, const float *x, cons
     }
     lr = moe_optimizer_lr(model->opt, dm->step);
     dm->step++;
+    MOE__TRY(moe__cl_selection_bias(dm, 0));
     a = moe__cl_begin(cl, MOE__CLK_opt_step);
     moe__cl_long_arg(&a, dm->n_params); moe__cl_int_arg(&a, (int)od->kind); moe__cl_float_arg(&a, scale); moe__cl_float_arg(&a, lr);
     moe__cl_float_arg(&a, od->beta1); moe__cl_float_arg(&a, od->beta2); moe__cl_float_arg(&a, od->eps); moe__cl_float_arg(&a, od->weight_decay);
@@ -2452,6 +2999,7 @@ MOEDEF moe_result moe_cl_model_train_step(moe_cl_model *dm, const float *x, cons
     moe__cl_float_arg(&a, (float)sqrt(1.0 - pow((double)od->beta2, (double)dm->step))); moe__cl_int_arg(&a, dm->m != NULL);
     moe__cl_mem_arg(&a, dm->params); moe__cl_mem_arg(&a, dm->grads); moe__cl_mem_arg(&a, dm->m); moe__cl_mem_arg(&a, dm->v);
     MOE__TRY(moe__cl_run(&a, 1, (size_t)dm->n_params, 1, 1, NULL));
+    MOE__TRY(moe__cl_selection_bias(dm, 1));
     MOE__TRY(moe__cl_refresh_transposed(dm));
     si.grad_norm = norm;
     si.lr = lr;

@@ -8,7 +8,8 @@
    GFLOP/s counted as T*k*6*d*h per forward and 3x that per step; "per cpu-second" divides by
    the process's CPU time instead, which says more on a machine that other jobs share (the
    OpenCL CPU driver's threads are this process's). MOE_CL_DEVICE and the other variables of
-   moe_cl.h apply; CL_BENCH_NO_TRAIN=1 skips the training step. */
+   moe_cl.h apply; CL_BENCH_NO_TRAIN=1 skips the training step; CL_BENCH_F16=1 times the
+   forwards with fp16 expert weights (moe_cl_model_quantize; no training step then). */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #define MOE_IMPLEMENTATION
 #include "../moe.h"
@@ -90,12 +91,16 @@ int main(int argc, char **argv) {
         fprintf(stderr, "cl_bench: %s\n", moe_ctx_error(&ctx));
         return 1;
     }
-    printf("device: %s, tiles %s; T=%lld d=%lld h=%lld E=%d k=%d SwiGLU\n", moe_cl_device_name(cl), moe_cl_tiles(cl),
-           (long long)T, (long long)d, (long long)h, E, k);
+    if (getenv("CL_BENCH_F16") && moe_cl_model_quantize(dm, MOE_DTYPE_F16) != MOE_OK) {
+        fprintf(stderr, "cl_bench: %s\n", moe_ctx_error(&ctx));
+        return 1;
+    }
+    printf("device: %s, tiles %s; T=%lld d=%lld h=%lld E=%d k=%d SwiGLU, %s expert weights\n", moe_cl_device_name(cl), moe_cl_tiles(cl),
+           (long long)T, (long long)d, (long long)h, E, k, getenv("CL_BENCH_F16") ? "fp16" : "fp32");
     flops = (double)T * (double)k * 6.0 * (double)d * (double)h;
     for (what = FORWARD; what <= TRAIN; what++) {
         double best = 1e30, c0, f = what == TRAIN ? 3.0 * flops : flops;
-        if (what == TRAIN && getenv("CL_BENCH_NO_TRAIN")) break;
+        if (what == TRAIN && (getenv("CL_BENCH_NO_TRAIN") || getenv("CL_BENCH_F16"))) break;
         if (run(what, cl, dm, x, &target, T) != MOE_OK) {  /* warm-up */
             fprintf(stderr, "cl_bench: %s\n", moe_ctx_error(&ctx));
             return 1;

@@ -54,7 +54,7 @@
    WHAT RUNS ON THE DEVICE
    -----------------------
    Dense, RMSNorm and LayerNorm layers; MoE layers with the routers top-k, noisy
-   top-k, switch, sigmoid + selection bias, expert choice, hash), the balance, z, importance and
+   top-k, switch, sigmoid + selection bias, expert choice and hash, the balance, z, importance and
    load losses, linear, MLP and SwiGLU experts, shared experts; the per-call top_k, top_p,
    token_ids and router_noise options; the three losses; SGD, Adam and AdamW with clipping and the
    schedule. Random numbers the CPU draws from double-precision formulas (router jitter, the

@@ -189,6 +189,7 @@ typedef enum moe_layer_kind {
     MOE_LAYER_MOE,          /* mixture of experts */
     MOE_LAYER_RMSNORM,      /* y = x / sqrt(mean(x^2) + eps) * w */
     MOE_LAYER_LAYERNORM,    /* y = (x - mean) / sqrt(var + eps) * w + b */
+    MOE_LAYER_EMBEDDING,    /* x [T, n] token ids -> y [T, n * d_embedding]: the rows W[id] side by side */
     MOE_LAYER_COUNT
 } moe_layer_kind;
 
@@ -336,6 +337,9 @@ typedef struct moe_layer_desc {
     float bias_update_rate;    /* gamma of the selection-bias update after each optimizer step (default 0: off) */
     /* hash router */
     uint32_t hash_seed;        /* mixed with the token id and the layer index (default 0) */
+    /* embedding layers: d_in = n token ids per row (integers stored as floats), d_out = n * d_embedding */
+    int64_t vocab_size;        /* ids are 0..vocab_size-1 (required; at most 2^24, exact in a float) */
+    int64_t d_embedding;       /* width of one token's embedding (default d_out / d_in; one of the two is required) */
 } moe_layer_desc;
 
 typedef struct moe_layer moe_layer;
@@ -1563,7 +1567,7 @@ static void moe__colsum_acc(const moe__exec *ex, const float *m, int64_t rows, i
 }
 
 // >>layer -------------------------------------------------------------------
-enum { MOE__INIT_UNIFORM, MOE__INIT_ONES, MOE__INIT_ZEROS };
+enum { MOE__INIT_UNIFORM, MOE__INIT_ONES, MOE__INIT_ZEROS, MOE__INIT_NORMAL };
 
 typedef struct moe__tdef {
     char name[MOE__NAME_MAX];   /* relative to the layer: "experts.w1.weight" */
@@ -1682,6 +1686,7 @@ struct moe_layer {
     float *group_score;         /* sigmoid with groups: [T, n_groups] */
     int32_t *group_sel;         /* sigmoid with groups: [T, n_groups] */
     float *bias_keep;           /* sigmoid: [E] the selection bias held across an optimizer step */
+    int64_t embedding;          /* embedding layers: offset of "weight" [vocab_size, d_embedding] */
 };
 
 static int moe__flag(moe_flag f, int def) { return f == MOE_FLAG_DEFAULT ? def : f == MOE_FLAG_ON; }
@@ -1754,6 +1759,21 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
         if (d.eps == 0.0f) d.eps = 1e-5f;
         if (!(d.eps > 0.0f) || !moe__finite(d.eps))
             return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: eps must be > 0", where);
+    }
+    if (d.kind == MOE_LAYER_EMBEDDING) {
+        if (d.vocab_size < 1 || d.vocab_size > ((int64_t)1 << 24))
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: vocab_size %lld out of range 1..2^24", where, (long long)d.vocab_size);
+        if (d.d_embedding == 0 && d.d_out > 0 && d.d_out % d.d_in == 0) d.d_embedding = d.d_out / d.d_in;
+        if (!moe__dims_ok(d.d_embedding))
+            return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: d_embedding %lld out of range (set it, or d_out = d_in * d_embedding)", where, (long long)d.d_embedding);
+        if (d.d_embedding > ((int64_t)1 << 31) / d.d_in || (d.d_out && d.d_out != d.d_in * d.d_embedding))
+            return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: d_out %lld must be d_in %lld * d_embedding %lld", where, (long long)d.d_out,
+                             (long long)d.d_in, (long long)d.d_embedding);
+        if (d.residual) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: an embedding layer has no residual", where);
+        d.d_out = d.d_in * d.d_embedding;
+    } else {
+        d.vocab_size = 0;
+        d.d_embedding = 0;
     }
     if (d.d_out == 0) d.d_out = d.d_in;
     if (!moe__dims_ok(d.d_out))
@@ -1830,6 +1850,7 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
     {   /* parameter counts far beyond any machine would overflow the offsets: refuse them here */
         double w = (double)moe__max64(moe__max64(d.d_in, d.d_out), moe__max64(d.d_hidden, d.d_shared_hidden));
         double est = d.kind == MOE_LAYER_MOE ? (double)(d.n_experts + d.n_shared_experts + 1) * (double)(d.n_hidden_layers + 3) * w * w
+                   : d.kind == MOE_LAYER_EMBEDDING ? (double)d.vocab_size * (double)d.d_embedding
                                              : (double)d.d_in * (double)d.d_out + 2.0 * w;
         if (est > (double)MOE__MAX_BYTES / 8.0)
             return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "layer %d: about %.3g parameters: too large", where, est);
@@ -1918,6 +1939,9 @@ static void moe__layer_plan(moe_layer *l) {
     case MOE_LAYER_LAYERNORM:
         l->norm_w = moe__add_tensor(l, "weight", 1, d->d_in, 0, 0, MOE__INIT_ONES, 0.0f);
         l->norm_b = d->kind == MOE_LAYER_LAYERNORM ? moe__add_tensor(l, "bias", 1, d->d_in, 0, 0, MOE__INIT_ZEROS, 0.0f) : -1;
+        break;
+    case MOE_LAYER_EMBEDDING:  /* N(0, 1) as torch.nn.Embedding */
+        l->embedding = moe__add_tensor(l, "weight", 2, d->vocab_size, d->d_embedding, 0, MOE__INIT_NORMAL, 1.0f);
         break;
     case MOE_LAYER_MOE: {
         int64_t T = l->max_tokens;
@@ -2048,6 +2072,7 @@ static void moe__layer_init_params(moe_layer *l, int64_t stream_base) {
         for (i = 0; i < td->size; i++) {
             if (td->init == MOE__INIT_ONES) p[i] = 1.0f;
             else if (td->init == MOE__INIT_ZEROS) p[i] = 0.0f;
+            else if (td->init == MOE__INIT_NORMAL) p[i] = moe_rng_normal(l->ctx->seed, stream, (uint64_t)i) * td->bound;
             else p[i] = (2.0f * moe_rng_uniform(l->ctx->seed, stream, (uint64_t)i) - 1.0f) * td->bound;
         }
     }
@@ -2170,6 +2195,49 @@ static void moe__norm_backward(moe_layer *l, const float *dy, float *dx) {
             dx[t * D + j] = d->residual ? v + gt[j] : v;
         }
     }
+}
+
+// >>embedding ---------------------------------------------------------------
+/* Every x of a [T, n] block is a token id: an integer in 0..vocab_size-1. */
+static moe_result moe__embedding_check(const moe_layer *l, const float *x, int64_t T) {
+    int64_t n = l->d.d_in, i;
+    for (i = 0; i < T * n; i++) {
+        float v = x[i];
+        if (!(v >= 0.0f && v < (float)l->d.vocab_size && v == floorf(v)))
+            return moe__fail(l->ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: x[%lld, %lld] = %g is not a token id (an integer in 0..%lld)", l->index,
+                             (long long)(i / n), (long long)(i % n), (double)v, (long long)l->d.vocab_size - 1);
+    }
+    return MOE_OK;
+}
+
+/* x [T, n] ids (checked) -> y [T, n * De]: y[t, p*De + j] = W[x[t, p], j]. */
+static void moe__embedding_forward(moe_layer *l, const float *x, int64_t T, float *y) {
+    int64_t n = l->d.d_in, De = l->d.d_embedding, t;
+    const float *w = moe__w(l, l->embedding);
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)n * (double)De)
+    for (t = 0; t < T; t++) {
+        int64_t p;
+        for (p = 0; p < n; p++) memcpy(y + (t * n + p) * De, w + (int64_t)x[t * n + p] * De, (size_t)De * sizeof(float));
+    }
+}
+
+/* dW[id] += dy rows. Threads split the vocabulary (what they write) and each scans every token in
+   order, so every row sums in token order for any thread count. Ids have no gradient: dx = 0. */
+static void moe__embedding_backward(moe_layer *l, const float *dy, float *dx) {
+    int64_t n = l->d.d_in, De = l->d.d_embedding, V = l->d.vocab_size, T = l->T, nb, b;
+    const float *x = l->x;
+    float *g = moe__g(l, l->embedding);
+    nb = moe__min64(V, (int64_t)l->ex.n_threads);
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)n * (double)De)
+    for (b = 0; b < nb; b++) {
+        int64_t v0 = V * b / nb, v1 = V * (b + 1) / nb, i, j;
+        for (i = 0; i < T * n; i++) {
+            int64_t id = (int64_t)x[i];
+            if (id < v0 || id >= v1) continue;
+            for (j = 0; j < De; j++) g[id * De + j] += dy[i * De + j];
+        }
+    }
+    if (dx) memset(dx, 0, (size_t)(T * n) * sizeof(float));
 }
 
 // >>routing -----------------------------------------------------------------
@@ -2964,6 +3032,7 @@ static void moe__layer_forward_impl(moe_layer *l, const float *x, int64_t T, flo
     case MOE_LAYER_RMSNORM:
     case MOE_LAYER_LAYERNORM: moe__norm_forward(l, x, T, y); break;
     case MOE_LAYER_MOE: moe__moe_forward(l, x, T, y, noise); break;
+    case MOE_LAYER_EMBEDDING: moe__embedding_forward(l, x, T, y); break;
     default: break;
     }
     if (training) l->noise_step++;
@@ -2976,6 +3045,7 @@ static void moe__layer_backward_impl(moe_layer *l, const float *dy, float *dx, i
     case MOE_LAYER_RMSNORM:
     case MOE_LAYER_LAYERNORM: moe__norm_backward(l, dy, dx); break;
     case MOE_LAYER_MOE: moe__moe_backward(l, dy, dx, flags); break;
+    case MOE_LAYER_EMBEDDING: moe__embedding_backward(l, dy, dx); break;
     default: break;
     }
 }
@@ -3060,6 +3130,7 @@ MOEDEF moe_result moe_layer_forward(moe_layer *l, const float *x, int64_t n_toke
     if (!x || !y) return moe__fail(l->ctx, MOE_ERR_INVALID_ARGUMENT, "x and y must not be NULL");
     MOE__TRY(moe__check_tokens(l->ctx, n_tokens, l->max_tokens));
     if (!moe__all_finite(x, n_tokens * l->d.d_in)) return moe__fail(l->ctx, MOE_ERR_NONFINITE, "x holds NaN or Inf");
+    if (l->d.kind == MOE_LAYER_EMBEDDING) MOE__TRY(moe__embedding_check(l, x, n_tokens));
     if (opts && opts->training) MOE__TRY(moe__check_trainable(l));
     MOE__TRY(moe__call_check(l, opts));
     moe__layer_forward_impl(l, x, n_tokens, y, opts && opts->training,
@@ -3471,6 +3542,7 @@ struct moe_model {
     const float *x;
     int64_t T;
     int has_forward;
+    int32_t *token_ids;         /* [max_tokens] ids for hash routers taken from an embedding input */
 };
 
 MOEDEF void moe_model_destroy(moe_model *m) {
@@ -3531,6 +3603,10 @@ MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe
         size_t a = 0, b = 0;
         r = moe__layer_resolve(ctx, &d.layers[i], prev, i, &m->layer_descs[i]);
         if (r != MOE_OK) goto fail;
+        if (i > 0 && m->layer_descs[i].kind == MOE_LAYER_EMBEDDING) {
+            r = moe__fail(ctx, MOE_ERR_UNSUPPORTED, "layer %d: an embedding layer reads token ids: it must be the first layer", i);
+            goto fail;
+        }
         l->ctx = ctx;
         l->d = m->layer_descs[i];
         l->index = i;
@@ -3560,6 +3636,7 @@ MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe
             m->dbuf[1] = MOE__CARVE(&rest, float, T * widest);
             m->dloss = MOE__CARVE(&rest, float, T * prev);
             m->tok = MOE__CARVE(&rest, float, T);
+            m->token_ids = MOE__CARVE(&rest, int32_t, T);
             m->ex.scratch = MOE__CARVE(&rest, float, (size_t)ctx->n_threads * MOE__GEMM_SCRATCH);
             if (pass == 0) {
                 total = saved + scratch + rest.used;
@@ -3621,10 +3698,22 @@ MOEDEF int64_t moe_model_d_out(const moe_model *model) {
 
 static moe_result moe__model_forward(moe_model *m, const float *x, int64_t T, const moe_forward_opts *opts) {
     const float *in = x;
+    moe_forward_opts with_ids;
     int i;
     MOE__TRY(moe__check_tokens(m->ctx, T, m->desc.max_tokens));
     if (!x) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "x is NULL");
     if (!moe__all_finite(x, T * m->desc.d_in)) return moe__fail(m->ctx, MOE_ERR_NONFINITE, "x holds NaN or Inf");
+    if (m->layers[0].d.kind == MOE_LAYER_EMBEDDING) {
+        MOE__TRY(moe__embedding_check(&m->layers[0], x, T));
+        if (!(opts && opts->token_ids)) {  /* hash routers: the id of each row's last position */
+            int64_t n = m->desc.d_in, t;
+            for (t = 0; t < T; t++) m->token_ids[t] = (int32_t)x[t * n + n - 1];
+            memset(&with_ids, 0, sizeof with_ids);
+            if (opts) with_ids = *opts;
+            with_ids.token_ids = m->token_ids;
+            opts = &with_ids;
+        }
+    }
     for (i = 0; i < m->n_layers; i++) {
         if (opts && opts->training) MOE__TRY(moe__check_trainable(&m->layers[i]));
         MOE__TRY(moe__call_check(&m->layers[i], opts));
@@ -4630,7 +4719,7 @@ MOEDEF moe_result moe_tensor_writer_save(moe_tensor_writer *w, const char *path)
 }
 
 // >>model_config ------------------------------------------------------------
-static const char *const moe__kind_names[] = {"", "dense", "moe", "rmsnorm", "layernorm"};
+static const char *const moe__kind_names[] = {"", "dense", "moe", "rmsnorm", "layernorm", "embedding"};
 static const char *const moe__act_names[] = {"", "identity", "relu", "gelu", "silu", "tanh", "sigmoid"};
 static const char *const moe__router_names[] = {"", "topk", "noisy_topk", "switch", "sigmoid", "expert_choice", "hash"};
 static const char *const moe__expert_names[] = {"", "linear", "mlp", "swiglu"};
@@ -4653,6 +4742,8 @@ static void moe__config_write(const moe_model *m, moe__sb *b) {
             moe__sb_str(b, ",\"eps\":");
             moe__sb_float(b, l->eps);
         }
+        if (l->kind == MOE_LAYER_EMBEDDING)
+            moe__sb_printf(b, ",\"vocab_size\":%lld,\"d_embedding\":%lld", (long long)l->vocab_size, (long long)l->d_embedding);
         if (l->kind == MOE_LAYER_MOE) {
             moe__sb_printf(b, ",\"router\":\"%s\",\"experts\":%d,\"top_k\":%d,\"renormalize\":%s,\"router_bias\":%s",
                            moe__router_names[l->router], l->n_experts, l->top_k, l->renormalize == MOE_FLAG_ON ? "true" : "false",
@@ -4703,10 +4794,11 @@ typedef struct moe__field {
     unsigned kinds;             /* layer kinds it belongs to: bit (1 << kind) */
 } moe__field;
 
-#define MOE__K_ALL 0x1E
+#define MOE__K_ALL 0x3E
 #define MOE__K_DENSE (1u << MOE_LAYER_DENSE)
 #define MOE__K_MOE (1u << MOE_LAYER_MOE)
 #define MOE__K_NORM ((1u << MOE_LAYER_RMSNORM) | (1u << MOE_LAYER_LAYERNORM))
+#define MOE__K_EMBEDDING (1u << MOE_LAYER_EMBEDDING)
 #define MOE__LF(name, type, field, names, n, kinds) {name, type, offsetof(moe_layer_desc, field), names, n, kinds}
 
 static const moe__field moe__layer_fields[] = {
@@ -4738,6 +4830,8 @@ static const moe__field moe__layer_fields[] = {
     MOE__LF("top_k_groups", MOE__F_INT, top_k_groups, NULL, 0, MOE__K_MOE),
     MOE__LF("bias_update_rate", MOE__F_FLOAT, bias_update_rate, NULL, 0, MOE__K_MOE),
     MOE__LF("hash_seed", MOE__F_U32, hash_seed, NULL, 0, MOE__K_MOE),
+    MOE__LF("vocab_size", MOE__F_I64, vocab_size, NULL, 0, MOE__K_EMBEDDING),
+    MOE__LF("d_embedding", MOE__F_I64, d_embedding, NULL, 0, MOE__K_EMBEDDING),
 };
 
 #define MOE__OF(name, type, field, names, n) {name, type, offsetof(moe_optimizer_desc, field), names, n, 0}

@@ -349,6 +349,14 @@ static void ref_moe(ref_run *r, int layer, const moe_layer_desc *d, const double
 static void ref_layer(ref_run *r, int layer, const moe_layer_desc *d, const double *x, int64_t T, double *y) {
     int64_t D = d->d_in, O = d->d_out, t, j;
     if (d->kind == MOE_LAYER_MOE) { ref_moe(r, layer, d, x, T, y); return; }
+    if (d->kind == MOE_LAYER_EMBEDDING) {  /* y[t, p*De + j] = W[x[t, p], j] */
+        const double *W = ref_tensor(r, layer, "weight");
+        int64_t De = d->d_embedding, p;
+        for (t = 0; t < T; t++)
+            for (p = 0; p < D; p++)
+                for (j = 0; j < De; j++) y[(t * D + p) * De + j] = W[(int64_t)x[t * D + p] * De + j];
+        return;
+    }
     for (t = 0; t < T; t++) {
         const double *xt = x + t * D;
         double *yt = y + t * O;

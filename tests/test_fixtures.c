@@ -15,7 +15,7 @@
 static const char *const fixtures[] = {
     "dense_mlp", "dense_mse", "dense_bce", "topk2_swiglu_shared", "soft_mixture_mlp", "switch_capacity",
     "noisy_topk", "topk_norenorm_aux", "noisy_capacity_passthrough", "topk1_mlp3_residual",
-    "sigmoid_groups_bias", "expert_choice", "call_top_k_top_p", "hash_tokens",
+    "sigmoid_groups_bias", "expert_choice", "call_top_k_top_p", "hash_tokens", "embedding_hash",
 };
 
 static moe_ctx ctx;

@@ -4,6 +4,7 @@
 #   make demo     train the digits classifier (the main job); build/cl_train does it on OpenCL
 #   make mnist    the MNIST run (needs the MNIST IDX files, see README)
 #   make embed    the game-loop example: 10,000 inferences, latency, heap_allocations=0
+#   make charlm   a character-level MoE language model on The Devil's Dictionary (a few minutes)
 #   make bench    the benchmark
 #   make cross    other platforms and compilers: aarch64 (qemu), 32-bit x86, Windows (MinGW, wine), clang
 #   make cmake-check  the CMake package (add_subdirectory, FetchContent, find_package) and moe.pc
@@ -21,9 +22,9 @@ MNIST   ?= ../shared/data/mnist
 FUZZ_CC ?= clang
 FUZZ_SECONDS ?= 60
 
-EXAMPLES = build/moe build/digits build/cl_train build/embed
+EXAMPLES = build/moe build/digits build/cl_train build/embed build/charlm
 BENCH_ARGS ?= --shape all --mode all
-.PHONY: all test demo embed mnist bench cross cmake-check fuzz clean
+.PHONY: all test demo embed charlm mnist bench cross cmake-check fuzz clean
 
 all: $(EXAMPLES) build/bench_moe
 
@@ -63,6 +64,10 @@ build/mnist/train-images-idx3-ubyte: | build
 embed: build/embed build/digits
 	@[ -f build/digits.safetensors ] || ./build/digits
 	./build/embed build/digits.safetensors
+
+# the MoE and its dense twin, val_bpc= and val_bpc_dense=, then a sample (CHARLM_ARGS: e.g. --router hash)
+charlm: build/charlm
+	./build/charlm $(CHARLM_ARGS)
 
 mnist: build/digits build/mnist/train-images-idx3-ubyte
 	./build/digits --mnist build/mnist

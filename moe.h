@@ -52,6 +52,7 @@
      >>gemm         the one matrix-multiply entry point: packed kernels + plain reference twin
      >>ops          activations, softmax, column sums
      >>dense >>norm dense layers, RMSNorm, LayerNorm: forward and backward
+     >>embedding    token ids -> rows of a table (first layer of a model): forward and backward
      >>routing      every router (softmax top-k, sigmoid + bias, expert choice, hash), top-p, gates,
                     capacity, the deterministic counting sort, aux losses
      >>moe_forward  grouped expert computation over (expert, row-tile) tiles, weighted combine
@@ -70,7 +71,8 @@
                         1.25 for switch, 1 for expert choice, else 0 = unlimited; jitter and every
                         aux-loss coefficient 0 (off); max_top_k top_k; sigmoid router:
                         routed_scaling_factor 1, n_groups 1, top_k_groups n_groups,
-                        bias_update_rate 0 (off); hash_seed 0
+                        bias_update_rate 0 (off); hash_seed 0; embedding: vocab_size required,
+                        d_embedding d_out / d_in
      moe_forward_opts   NULL or all zero: inference, the layers' top_k, no top_p, no token ids
      moe_model_desc     loss cross-entropy; max_tokens 256; optimizer as below
      moe_optimizer_desc AdamW; lr 1e-3; beta1 0.9; beta2 0.999; eps 1e-8; everything else 0

@@ -67,7 +67,7 @@ static void usage(FILE *f) {
         "usage: charlm [options]\n"
         "  --data FILE        the text (default examples/data/devils-dictionary.txt)\n"
         "  --router R         topk (softmax top-%d, default) or hash (the last character's id)\n"
-        "  --epochs N         passes over the training characters (default 3)\n"
+        "  --epochs N         passes over the training characters (default 1)\n"
 "  --batch N          characters per training step (default %d)\n"
         "  --lr X             peak learning rate, warm-up then cosine decay (default 0.003)\n"
         "  --max-chars N      use only the first N characters of the text (default all)\n"
@@ -112,7 +112,7 @@ static int parse_options(int argc, char **argv, options *o) {
     o->out_path = "build/charlm.safetensors";
     o->prompt = "LOVE, n.  ";
     o->router = MOE_ROUTER_TOPK;
-    o->epochs = 3;
+    o->epochs = 1;
     o->batch = BATCH;
     o->length = 300;
     o->dense = 1;
@@ -314,6 +314,17 @@ static int train(moe_ctx *ctx, moe_model *m, const corpus *c, const options *o, 
 // >>sampling ----------------------------------------------------------------
 /* The prompt, then `length` characters drawn from softmax(logits / temperature), each from
    draw i of our sampling stream: the same text for a seed on any machine thread count. */
+/* Every byte of the prompt must be in the vocabulary (checked before training). */
+static int prompt_ok(const corpus *c, const char *prompt) {
+    const unsigned char *p;
+    for (p = (const unsigned char *)prompt; *p; p++)
+        if (c->id_of[*p] < 0) {
+            fprintf(stderr, "charlm: the prompt's byte %d ('%c') is not in the vocabulary of the text\n", *p, *p >= 32 && *p < 127 ? *p : '?');
+            return 0;
+        }
+    return 1;
+}
+
 static int sample(moe_ctx *ctx, moe_model *m, const corpus *c, const options *o) {
     int64_t plen = (int64_t)strlen(o->prompt), i, j, total = plen + o->length;
     int space = c->id_of[(unsigned char)' '];
@@ -321,15 +332,7 @@ static int sample(moe_ctx *ctx, moe_model *m, const corpus *c, const options *o)
     float x[CONTEXT], p[256];
     const float *y;
     if (!text) return 0;
-    for (i = 0; i < plen; i++) {
-        int id = c->id_of[(unsigned char)o->prompt[i]];
-        if (id < 0) {
-            fprintf(stderr, "charlm: the prompt's character '%c' (byte %d) is not in the vocabulary\n", o->prompt[i], (unsigned char)o->prompt[i]);
-            free(text);
-            return 0;
-        }
-        text[i] = (unsigned char)id;
-    }
+    for (i = 0; i < plen; i++) text[i] = (unsigned char)c->id_of[(unsigned char)o->prompt[i]];
     for (i = plen; i < total; i++) {
         double sum = 0.0, u, acc = 0.0;
         float mx;
@@ -373,6 +376,7 @@ int main(int argc, char **argv) {
     int status = 1;
     if (!parse_options(argc, argv, &o)) return 2;
     if (!corpus_load(&c, o.data_path, o.max_chars)) return 1;
+    if (!prompt_ok(&c, o.prompt)) { free(c.ids); return 1; }
     if (!succeeded(&ctx, moe_ctx_init(&ctx, &(moe_ctx_desc){.seed = o.seed, .n_threads = o.threads}))) return 1;
     x = (float *)malloc(sizeof(float) * (size_t)o.batch * CONTEXT);
     labels = (int32_t *)malloc(sizeof(int32_t) * (size_t)o.batch);

@@ -161,6 +161,20 @@ else
     bad "embed: build the example and a model for it"
 fi
 
+echo "== character language model example"
+# examples/charlm.c on the first 8,000 characters, one epoch, both routers: it must print its
+# metrics, and the same seed must sample the same text on 1 and 2 threads
+if $CC $C99 -O2 -fopenmp examples/charlm.c -o "$OUT/charlm" -lm >> "$LOG" 2>&1; then
+    check "charlm: smoke run (topk) prints val_bpc= and val_bpc_dense=" sh -c \
+        "$OUT/charlm --max-chars 8000 --epochs 1 --batch 64 --length 60 --threads 2 --out $OUT/charlm.safetensors > $OUT/charlm.txt && grep -q '^val_bpc=[0-9]' $OUT/charlm.txt && grep -q '^val_bpc_dense=[0-9]' $OUT/charlm.txt"
+    check "charlm: hash router, 1 and 2 threads give the same bits" sh -c \
+        "$OUT/charlm --router hash --no-dense --max-chars 8000 --epochs 1 --batch 64 --length 60 --threads 1 --out '' > $OUT/charlm1.txt && $OUT/charlm --router hash --no-dense --max-chars 8000 --epochs 1 --batch 64 --length 60 --threads 2 --out '' > $OUT/charlm2.txt && grep -v 'threads\\|seconds\\| s$' $OUT/charlm1.txt > $OUT/charlm1.cmp && grep -v 'threads\\|seconds\\| s$' $OUT/charlm2.txt > $OUT/charlm2.cmp && cmp $OUT/charlm1.cmp $OUT/charlm2.cmp && grep -q '^val_bpc=' $OUT/charlm1.txt"
+    check "charlm: refuses a prompt character outside the vocabulary" sh -c \
+        "! $OUT/charlm --max-chars 8000 --epochs 1 --no-dense --out '' --prompt \"\$(printf 'caf\\303\\251')\" > /dev/null 2>&1"
+else
+    bad "charlm compiles"
+fi
+
 echo "== README quick start"
 if sed -n '/<!-- quickstart -->/,/<!-- \/quickstart -->/p' README.md | sed '1,2d;$d' | sed '$d' > "$OUT/quickstart.c" && [ -s "$OUT/quickstart.c" ]; then
     check "README quick start compiles" $CC $C99 -O2 -fopenmp "$OUT/quickstart.c" -I. -o "$OUT/quickstart" -lm

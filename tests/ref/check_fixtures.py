@@ -530,6 +530,9 @@ def main(argv):
     assert files, "no fixtures in " + folder
     bad = 0
     for f in files:
+        if any(c["kind"] == "embedding" for c in json.loads(read_safetensors(f)[0]["moe.config"])["layers"]):
+            print("skip  %-40s the embedding layer (README 3.6) is not re-implemented here yet" % os.path.basename(f))
+            continue
         try:
             nfd, clipped = check(f)
             print("ok    %-40s %4d finite differences%s" % (

@@ -548,11 +548,11 @@ static int write_routing_svg(const routing *rt, const char *path) {
     fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" font-size=\"13\">\n",
             width, height);
     fprintf(f, "<rect width=\"%d\" height=\"%d\" fill=\"white\"/>\n", width, height);
-    fprintf(f, "<text x=\"%d\" y=\"22\" font-size=\"15\">Routing: %% of each digit's test samples sent to each expert (top-%d of %d)</text>\n",
+    fprintf(f, "<text x=\"%d\" y=\"18\" font-size=\"15\">Routing: %% of each digit's test samples sent to each expert (top-%d of %d)</text>\n",
             LEFT, TOP_K, N_EXPERTS);
     for (c = 0; c < N_CLASSES; c++)
         fprintf(f, "<text x=\"%d\" y=\"%d\" text-anchor=\"middle\">%d</text>\n", LEFT + c * CELL + CELL / 2, TOP - 10, c);
-    fprintf(f, "<text x=\"%d\" y=\"%d\" text-anchor=\"middle\">digit</text>\n", LEFT + N_CLASSES * CELL / 2, TOP - 30);
+    fprintf(f, "<text x=\"%d\" y=\"%d\" text-anchor=\"middle\">digit</text>\n", LEFT + N_CLASSES * CELL / 2, TOP - 27);
     for (e = 0; e < N_EXPERTS; e++) {
         fprintf(f, "<text x=\"%d\" y=\"%d\" text-anchor=\"end\">expert %d</text>\n", LEFT - 10, TOP + e * CELL + CELL / 2 + 5, e);
         for (c = 0; c < N_CLASSES; c++) {

@@ -154,7 +154,9 @@ echo "== embedding example"
 # examples/embed.c on a one-epoch digits model: runs its game loop without touching the heap
 if $CC $C99 -O2 -fopenmp examples/digits.c -o "$OUT/digits" -lm >> "$LOG" 2>&1 &&
    $CC $C99 -O2 -fopenmp examples/embed.c -o "$OUT/embed" -lm >> "$LOG" 2>&1 &&
-   "$OUT/digits" --epochs 1 --threads 1 --out "$OUT/embed_model.safetensors" >> "$LOG" 2>&1; then
+   "$OUT/digits" --epochs 1 --threads 1 --out "$OUT/embed_model.safetensors" --svg "$OUT/digits_routing.svg" >> "$LOG" 2>&1; then
+    check "digits: the routing heatmap is an SVG with a cell per (expert, digit)" sh -c \
+        "grep -q '^<svg ' $OUT/digits_routing.svg && [ \$(grep -c '^<rect x=' $OUT/digits_routing.svg) -eq 40 ] && tail -n 1 $OUT/digits_routing.svg | grep -q '^</svg>'"
     check "embed: 2000 frames with k changing per call, heap_allocations=0" sh -c \
         "$OUT/embed $OUT/embed_model.safetensors --frames 2000 > $OUT/embed.txt && grep -q '^heap_allocations=0$' $OUT/embed.txt && grep -q '^latency_p99_us=' $OUT/embed.txt"
 else

@@ -1677,6 +1677,7 @@ static moe_result moe__cl_read(moe_cl_model *dm, moe__cl_mem m, size_t offset, v
 /* What the device does not do yet; NULL when the layer runs there. */
 static const char *moe__cl_unsupported(const moe_layer *l) {
     const moe_layer_desc *d = &l->d;
+    if (d->kind == MOE_LAYER_EMBEDDING) return "the embedding layer";
     if (d->kind != MOE_LAYER_MOE) return NULL;
     if (l->wdtype != MOE_DTYPE_F32) return "reduced-precision expert weights (moe_layer_quantize)";
     if (d->router == MOE_ROUTER_NOISY_TOPK) return "the noisy top-k router";

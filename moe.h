@@ -4796,7 +4796,7 @@ typedef struct moe__field {
     unsigned kinds;             /* layer kinds it belongs to: bit (1 << kind) */
 } moe__field;
 
-#define MOE__K_ALL 0x3E
+#define MOE__K_ALL (((1u << MOE_LAYER_COUNT) - 1u) & ~1u)  /* every kind but the default */
 #define MOE__K_DENSE (1u << MOE_LAYER_DENSE)
 #define MOE__K_MOE (1u << MOE_LAYER_MOE)
 #define MOE__K_NORM ((1u << MOE_LAYER_RMSNORM) | (1u << MOE_LAYER_LAYERNORM))

@@ -357,7 +357,8 @@ typedef struct moe_forward_opts {
                                   (expert choice: the k of its capacity) */
     float top_p;               /* 0 = off; 0 < p <= 1 (routers topk, noisy_topk, switch): per token keep the
                                   fewest highest-probability experts whose probabilities sum to >= p, at most k */
-    const int32_t *token_ids;  /* [T] token ids for hash routers (required by them; ignored otherwise) */
+    const int32_t *token_ids;  /* [T] token ids for hash routers (required by them; ignored otherwise). A model
+                                  whose layer 0 is an embedding uses each row's last id when this is NULL */
 } moe_forward_opts;
 
 /* Flags of moe_layer_backward / moe_model_backward */

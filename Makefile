@@ -6,6 +6,7 @@
 #   make embed    the game-loop example: 10,000 inferences, latency, heap_allocations=0
 #   make mdn      the mixture-density example (Bishop's inverse problem), plot in build/mdn.svg
 #   make mmoe     multi-task learning: shared-bottom, MMoE and PLE on the MMoE paper's synthetic data
+#   make charlm   a character-level MoE language model on The Devil's Dictionary (a few minutes)
 #   make bench    the benchmark
 #   make cross    other platforms and compilers: aarch64 (qemu), 32-bit x86, Windows (MinGW, wine), clang
 #   make code-size  bytes moe.h adds to a minimal inference program, per build option
@@ -24,10 +25,10 @@ MNIST   ?= ../shared/data/mnist
 FUZZ_CC ?= clang
 FUZZ_SECONDS ?= 60
 
-EXAMPLES = build/moe build/digits build/cl_train build/embed build/mdn build/mmoe
+EXAMPLES = build/moe build/digits build/cl_train build/embed build/mdn build/mmoe build/charlm
 BENCH_ARGS ?= --shape all --mode all
 
-.PHONY: all test demo embed mdn mmoe mnist bench cross cmake-check code-size fuzz clean
+.PHONY: all test demo embed mdn mmoe charlm mnist bench cross cmake-check code-size fuzz clean
 
 all: $(EXAMPLES) build/bench_moe
 
@@ -77,6 +78,10 @@ mdn: build/mdn
 # multi-task learning: shared-bottom, MMoE and PLE on the MMoE paper's synthetic data
 mmoe: build/mmoe
 	./build/mmoe
+
+# the MoE and its dense twin, val_bpc= and val_bpc_dense=, then a sample (CHARLM_ARGS: e.g. --router hash)
+charlm: build/charlm
+	./build/charlm $(CHARLM_ARGS)
 
 mnist: build/digits build/mnist/train-images-idx3-ubyte
 	./build/digits --mnist build/mnist

@@ -56,6 +56,7 @@
      >>gemm         the one matrix-multiply entry point: packed kernels + plain reference twin
      >>ops          activations, softmax, column sums
      >>dense >>norm dense layers, RMSNorm, LayerNorm: forward and backward
+     >>embedding    token ids -> rows of a table (first layer of a model): forward and backward
      >>routing      every router (softmax top-k, sigmoid + bias, expert choice, hash, hierarchical), top-p, gates,
                     capacity, the deterministic counting sort, aux losses
      >>moe_forward  grouped expert computation over (expert, row-tile) tiles, weighted combine; soft MoE
@@ -85,7 +86,8 @@
                         group_router and expert_router topk; multigate / task towers: n_tasks 2,
                         n_experts 4 (towers: none), n_task_experts 0 (towers: 1), task_input single
                         (towers: tasks), top_k 0 (dense gates), d_out = output slices * input slice width,
-                        d_hidden the slice width
+                        d_hidden the slice width;
+                        embedding: vocab_size required, d_embedding d_out / d_in
      moe_forward_opts   NULL or all zero: inference, the layers' top_k, no top_p, no token ids
      moe_model_desc     loss cross-entropy (mixture NLL when the last layer has Gaussian experts);
                         max_tokens 256; optimizer as below; n_tasks 0 (one task); with tasks:
@@ -216,6 +218,7 @@ typedef enum moe_layer_kind {
     MOE_LAYER_LAYERNORM,    /* y = (x - mean) / sqrt(var + eps) * w + b */
     MOE_LAYER_MULTIGATE,    /* multi-task: MMoE (one softmax gate per task over shared experts) or a PLE level */
     MOE_LAYER_TASK_TOWERS,  /* multi-task: one independent expert network per task slice (block-diagonal) */
+    MOE_LAYER_EMBEDDING,    /* x [T, n] token ids -> y [T, n * d_embedding]: the rows W[id] side by side */
     MOE_LAYER_COUNT
 } moe_layer_kind;
 
@@ -415,6 +418,9 @@ typedef struct moe_layer_desc {
     int n_task_experts;        /* multigate: experts of each task (PLE; default 0: MMoE) */
     moe_task_input task_input; /* layout of the input (default: multigate single, task towers tasks) */
     int shared_output;         /* multigate: nonzero also outputs the shared representation (PLE levels before the last) */
+    /* embedding layers: d_in = n token ids per row (integers stored as floats), d_out = n * d_embedding */
+    int64_t vocab_size;        /* ids are 0..vocab_size-1 (required; at most 2^24, exact in a float) */
+    int64_t d_embedding;       /* width of one token's embedding (default d_out / d_in; one of the two is required) */
 } moe_layer_desc;
 
 typedef struct moe_layer moe_layer;
@@ -431,7 +437,8 @@ typedef struct moe_forward_opts {
                                   (expert choice: the k of its capacity) */
     float top_p;               /* 0 = off; 0 < p <= 1 (routers topk, noisy_topk, switch): per token keep the
                                   fewest highest-probability experts whose probabilities sum to >= p, at most k */
-    const int32_t *token_ids;  /* [T] token ids for hash routers (required by them; ignored otherwise) */
+    const int32_t *token_ids;  /* [T] token ids for hash routers (required by them; ignored otherwise). A model
+                                  whose layer 0 is an embedding uses each row's last id when this is NULL */
 } moe_forward_opts;
 
 #ifndef MOE_NO_TRAINING
@@ -1959,7 +1966,7 @@ static void moe__colsum_acc(const moe__exec *ex, const float *m, int64_t rows, i
 #endif /* MOE_NO_TRAINING */
 
 // >>layer -------------------------------------------------------------------
-enum { MOE__INIT_UNIFORM, MOE__INIT_ONES, MOE__INIT_ZEROS };
+enum { MOE__INIT_UNIFORM, MOE__INIT_ONES, MOE__INIT_ZEROS, MOE__INIT_NORMAL };
 
 typedef struct moe__tdef {
     char name[MOE__NAME_MAX];   /* relative to the layer: "experts.w1.weight" */
@@ -2112,6 +2119,8 @@ struct moe_layer {
     int64_t mg_cols;            /* sum of the gate widths */
     float *mg_p;                /* [T, mg_cols] gate probabilities */
     float *mg_dp;               /* [T, mg_cols] backward: gradient at the gate probabilities, then logits */
+
+    int64_t embedding;          /* embedding layers: offset of "weight" [vocab_size, d_embedding] */
 };
 
 /* Gated experts w2(act(w1 x) * (w3 x)): SwiGLU and GeGLU share tensors, stages and buffers. */
@@ -2338,6 +2347,21 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
             return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: eps must be > 0", where);
     }
     if (moe__is_multitask(d.kind)) MOE__TRY(moe__multitask_resolve(ctx, &d, where));
+    if (d.kind == MOE_LAYER_EMBEDDING) {
+        if (d.vocab_size < 1 || d.vocab_size > ((int64_t)1 << 24))
+            return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: vocab_size %lld out of range 1..2^24", where, (long long)d.vocab_size);
+        if (d.d_embedding == 0 && d.d_out > 0 && d.d_out % d.d_in == 0) d.d_embedding = d.d_out / d.d_in;
+        if (!moe__dims_ok(d.d_embedding))
+            return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: d_embedding %lld out of range (set it, or d_out = d_in * d_embedding)", where, (long long)d.d_embedding);
+        if (d.d_embedding > ((int64_t)1 << 31) / d.d_in || (d.d_out && d.d_out != d.d_in * d.d_embedding))
+            return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: d_out %lld must be d_in %lld * d_embedding %lld", where, (long long)d.d_out,
+                             (long long)d.d_in, (long long)d.d_embedding);
+        if (d.residual) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: an embedding layer has no residual", where);
+        d.d_out = d.d_in * d.d_embedding;
+    } else {
+        d.vocab_size = 0;
+        d.d_embedding = 0;
+    }
     if (d.d_out == 0) d.d_out = d.d_in;
     if (!moe__dims_ok(d.d_out))
         return moe__fail(ctx, MOE_ERR_SHAPE, "layer %d: d_out %lld out of range", where, (long long)d.d_out);
@@ -2434,6 +2458,7 @@ static moe_result moe__layer_resolve(moe_ctx *ctx, const moe_layer_desc *in, int
         double est = d.kind == MOE_LAYER_MOE ? (double)(d.n_experts + d.n_shared_experts + 1) * (double)(d.n_hidden_layers + 3) * w * w +
                                                    (double)d.n_experts * (double)d.slots_per_expert * w  /* soft router: Phi */
                    : moe__is_multitask(d.kind) ? (double)(d.n_experts + d.n_tasks * d.n_task_experts + d.n_tasks + 1) * (double)(d.n_hidden_layers + 3) * w * w
+                   : d.kind == MOE_LAYER_EMBEDDING ? (double)d.vocab_size * (double)d.d_embedding
                                              : (double)d.d_in * (double)d.d_out + 2.0 * w;
         if (d.combine == MOE_COMBINE_STACK) est += (double)d.n_experts * (double)d.d_expert_out * (double)d.d_out;
         if (est > (double)MOE__MAX_BYTES / 8.0)
@@ -2557,6 +2582,9 @@ static void moe__layer_plan(moe_layer *l) {
     case MOE_LAYER_LAYERNORM:
         l->norm_w = moe__add_tensor(l, "weight", 1, d->d_in, 0, 0, MOE__INIT_ONES, 0.0f);
         l->norm_b = d->kind == MOE_LAYER_LAYERNORM ? moe__add_tensor(l, "bias", 1, d->d_in, 0, 0, MOE__INIT_ZEROS, 0.0f) : -1;
+        break;
+    case MOE_LAYER_EMBEDDING:  /* N(0, 1) as torch.nn.Embedding */
+        l->embedding = moe__add_tensor(l, "weight", 2, d->vocab_size, d->d_embedding, 0, MOE__INIT_NORMAL, 1.0f);
         break;
     case MOE_LAYER_MOE: {
         int64_t T = l->max_tokens;
@@ -2774,6 +2802,7 @@ static void moe__layer_init_params(moe_layer *l, int64_t stream_base) {
         for (i = 0; i < td->size; i++) {
             if (td->init == MOE__INIT_ONES) p[i] = 1.0f;
             else if (td->init == MOE__INIT_ZEROS) p[i] = 0.0f;
+            else if (td->init == MOE__INIT_NORMAL) p[i] = moe_rng_normal(l->ctx->seed, stream, (uint64_t)i) * td->bound;
             else p[i] = (2.0f * moe_rng_uniform(l->ctx->seed, stream, (uint64_t)i) - 1.0f) * td->bound;
         }
     }
@@ -2901,6 +2930,51 @@ static void moe__norm_backward(moe_layer *l, const float *dy, float *dx) {
             dx[t * D + j] = d->residual ? v + gt[j] : v;
         }
     }
+}
+#endif /* MOE_NO_TRAINING */
+
+// >>embedding ---------------------------------------------------------------
+/* Every x of a [T, n] block is a token id: an integer in 0..vocab_size-1. */
+static moe_result moe__embedding_check(const moe_layer *l, const float *x, int64_t T) {
+    int64_t n = l->d.d_in, i;
+    for (i = 0; i < T * n; i++) {
+        float v = x[i];
+        if (!(v >= 0.0f && v < (float)l->d.vocab_size && v == floorf(v)))
+            return moe__fail(l->ctx, MOE_ERR_INVALID_ARGUMENT, "layer %d: x[%lld, %lld] = %g is not a token id (an integer in 0..%lld)", l->index,
+                             (long long)(i / n), (long long)(i % n), (double)v, (long long)l->d.vocab_size - 1);
+    }
+    return MOE_OK;
+}
+
+/* x [T, n] ids (checked) -> y [T, n * De]: y[t, p*De + j] = W[x[t, p], j]. */
+static void moe__embedding_forward(moe_layer *l, const float *x, int64_t T, float *y) {
+    int64_t n = l->d.d_in, De = l->d.d_embedding, t;
+    const float *w = moe__w(l, l->embedding);
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)n * (double)De)
+    for (t = 0; t < T; t++) {
+        int64_t p;
+        for (p = 0; p < n; p++) memcpy(y + (t * n + p) * De, w + (int64_t)x[t * n + p] * De, (size_t)De * sizeof(float));
+    }
+}
+
+#ifndef MOE_NO_TRAINING
+/* dW[id] += dy rows. Threads split the vocabulary (what they write) and each scans every token in
+   order, so every row sums in token order for any thread count. Ids have no gradient: dx = 0. */
+static void moe__embedding_backward(moe_layer *l, const float *dy, float *dx) {
+    int64_t n = l->d.d_in, De = l->d.d_embedding, V = l->d.vocab_size, T = l->T, nb, b;
+    const float *x = l->x;
+    float *g = moe__g(l, l->embedding);
+    nb = moe__min64(V, (int64_t)l->ex.n_threads);
+    MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)n * (double)De)
+    for (b = 0; b < nb; b++) {
+        int64_t v0 = V * b / nb, v1 = V * (b + 1) / nb, i, j;
+        for (i = 0; i < T * n; i++) {
+            int64_t id = (int64_t)x[i];
+            if (id < v0 || id >= v1) continue;
+            for (j = 0; j < De; j++) g[id * De + j] += dy[i * De + j];
+        }
+    }
+    if (dx) memset(dx, 0, (size_t)(T * n) * sizeof(float));
 }
 #endif /* MOE_NO_TRAINING */
 
@@ -4299,6 +4373,7 @@ static void moe__layer_forward_impl(moe_layer *l, const float *x, int64_t T, flo
     case MOE_LAYER_MOE: moe__moe_forward(l, x, T, y, noise); break;
     case MOE_LAYER_MULTIGATE:
     case MOE_LAYER_TASK_TOWERS: moe__multitask_forward(l, x, T, y); break;
+    case MOE_LAYER_EMBEDDING: moe__embedding_forward(l, x, T, y); break;
     default: break;
     }
     if (training) l->noise_step++;
@@ -4314,6 +4389,7 @@ static void moe__layer_backward_impl(moe_layer *l, const float *dy, float *dx, i
     case MOE_LAYER_MOE: moe__moe_backward(l, dy, dx, flags); break;
     case MOE_LAYER_MULTIGATE:
     case MOE_LAYER_TASK_TOWERS: moe__multitask_backward(l, dy, dx); break;
+    case MOE_LAYER_EMBEDDING: moe__embedding_backward(l, dy, dx); break;
     default: break;
     }
 }
@@ -4414,6 +4490,7 @@ MOEDEF moe_result moe_layer_forward(moe_layer *l, const float *x, int64_t n_toke
     if (!x || !y) return moe__fail(l->ctx, MOE_ERR_INVALID_ARGUMENT, "x and y must not be NULL");
     MOE__TRY(moe__check_tokens(l->ctx, n_tokens, l->max_tokens));
     if (!moe__all_finite(x, n_tokens * l->d.d_in)) return moe__fail(l->ctx, MOE_ERR_NONFINITE, "x holds NaN or Inf");
+    if (l->d.kind == MOE_LAYER_EMBEDDING) MOE__TRY(moe__embedding_check(l, x, n_tokens));
     if (opts && opts->training) MOE__TRY(moe__check_trainable(l));
     MOE__TRY(moe__call_check(l, opts));
     MOE__TRY(moe__group_check(l, n_tokens));
@@ -4979,6 +5056,7 @@ struct moe_model {
     int has_forward;
     float task_loss[MOE_MAX_TASKS]; /* multi-task models: each task's loss of the last moe_model_loss */
     void *memory;               /* moe_model_init_memory: the caller's memory holding all of the model */
+    int32_t *token_ids;         /* [max_tokens] ids for hash routers taken from an embedding input */
 };
 
 MOEDEF void moe_model_destroy(moe_model *m) {
@@ -5080,6 +5158,10 @@ MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe
         size_t a = 0, b = 0;
         r = moe__layer_resolve(ctx, &d.layers[i], prev, i, &m->layer_descs[i]);
         if (r != MOE_OK) goto fail;
+        if (i > 0 && m->layer_descs[i].kind == MOE_LAYER_EMBEDDING) {
+            r = moe__fail(ctx, MOE_ERR_UNSUPPORTED, "layer %d: an embedding layer reads token ids: it must be the first layer", i);
+            goto fail;
+        }
         l->ctx = ctx;
         l->d = m->layer_descs[i];
         l->index = i;
@@ -5123,6 +5205,7 @@ MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe
             m->dloss = MOE__CARVE(&rest, float, T * prev);
             m->tok = MOE__CARVE(&rest, float, T);
 #endif
+            m->token_ids = MOE__CARVE(&rest, int32_t, T);
             m->ex.scratch = MOE__CARVE(&rest, float, (size_t)ctx->n_threads * MOE__GEMM_SCRATCH);
             if (pass == 0) {
                 total = saved + scratch + rest.used;
@@ -5186,10 +5269,22 @@ MOEDEF int64_t moe_model_d_out(const moe_model *model) {
 
 static moe_result moe__model_forward(moe_model *m, const float *x, int64_t T, const moe_forward_opts *opts) {
     const float *in = x;
+    moe_forward_opts with_ids;
     int i;
     MOE__TRY(moe__check_tokens(m->ctx, T, m->desc.max_tokens));
     if (!x) return moe__fail(m->ctx, MOE_ERR_INVALID_ARGUMENT, "x is NULL");
     if (!moe__all_finite(x, T * m->desc.d_in)) return moe__fail(m->ctx, MOE_ERR_NONFINITE, "x holds NaN or Inf");
+    if (m->layers[0].d.kind == MOE_LAYER_EMBEDDING) {
+        MOE__TRY(moe__embedding_check(&m->layers[0], x, T));
+        if (!(opts && opts->token_ids)) {  /* hash routers: the id of each row's last position */
+            int64_t n = m->desc.d_in, t;
+            for (t = 0; t < T; t++) m->token_ids[t] = (int32_t)x[t * n + n - 1];
+            memset(&with_ids, 0, sizeof with_ids);
+            if (opts) with_ids = *opts;
+            with_ids.token_ids = m->token_ids;
+            opts = &with_ids;
+        }
+    }
     for (i = 0; i < m->n_layers; i++) {
         if (opts && opts->training) MOE__TRY(moe__check_trainable(&m->layers[i]));
         MOE__TRY(moe__call_check(&m->layers[i], opts));
@@ -6290,7 +6385,7 @@ MOEDEF moe_result moe_tensor_writer_save(moe_tensor_writer *w, const char *path)
 #endif /* MOE_NO_STDIO */
 
 // >>model_config ------------------------------------------------------------
-static const char *const moe__kind_names[] = {"", "dense", "moe", "rmsnorm", "layernorm", "multigate", "task_towers"};
+static const char *const moe__kind_names[] = {"", "dense", "moe", "rmsnorm", "layernorm", "multigate", "task_towers", "embedding"};
 static const char *const moe__task_input_names[] = {"", "single", "tasks", "tasks_shared"};
 static const char *const moe__act_names[] = {"", "identity", "relu", "gelu", "silu", "tanh", "sigmoid"};
 static const char *const moe__router_names[] = {"", "topk", "noisy_topk", "switch", "sigmoid", "expert_choice", "hash", "soft", "hierarchical"};
@@ -6315,6 +6410,8 @@ static void moe__config_write(const moe_model *m, moe__sb *b) {
             moe__sb_str(b, ",\"eps\":");
             moe__sb_float(b, l->eps);
         }
+        if (l->kind == MOE_LAYER_EMBEDDING)
+            moe__sb_printf(b, ",\"vocab_size\":%lld,\"d_embedding\":%lld", (long long)l->vocab_size, (long long)l->d_embedding);
         if (l->kind == MOE_LAYER_MOE) {
             moe__sb_printf(b, ",\"router\":\"%s\",\"experts\":%d,\"top_k\":%d,\"renormalize\":%s,\"router_bias\":%s",
                            moe__router_names[l->router], l->n_experts, l->top_k, l->renormalize == MOE_FLAG_ON ? "true" : "false",
@@ -6390,10 +6487,11 @@ typedef struct moe__field {
     unsigned kinds;             /* layer kinds it belongs to: bit (1 << kind) */
 } moe__field;
 
-#define MOE__K_ALL 0x7E
+#define MOE__K_ALL (((1u << MOE_LAYER_COUNT) - 1u) & ~1u)  /* every kind but the default */
 #define MOE__K_DENSE (1u << MOE_LAYER_DENSE)
 #define MOE__K_MOE (1u << MOE_LAYER_MOE)
 #define MOE__K_NORM ((1u << MOE_LAYER_RMSNORM) | (1u << MOE_LAYER_LAYERNORM))
+#define MOE__K_EMBEDDING (1u << MOE_LAYER_EMBEDDING)
 #define MOE__K_MG (1u << MOE_LAYER_MULTIGATE)
 #define MOE__K_MT (MOE__K_MG | (1u << MOE_LAYER_TASK_TOWERS))
 #define MOE__LF(name, type, field, names, n, kinds) {name, type, offsetof(moe_layer_desc, field), names, n, kinds}
@@ -6438,6 +6536,8 @@ static const moe__field moe__layer_fields[] = {
     MOE__LF("task_input", MOE__F_ENUM, task_input, moe__task_input_names, MOE_TASK_INPUT_COUNT, MOE__K_MT),
     MOE__LF("task_experts", MOE__F_INT, n_task_experts, NULL, 0, MOE__K_MG),
     MOE__LF("shared_output", MOE__F_BOOL, shared_output, NULL, 0, MOE__K_MG),
+    MOE__LF("vocab_size", MOE__F_I64, vocab_size, NULL, 0, MOE__K_EMBEDDING),
+    MOE__LF("d_embedding", MOE__F_I64, d_embedding, NULL, 0, MOE__K_EMBEDDING),
 };
 
 /* One entry of the model's "tasks" array. */

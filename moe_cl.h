@@ -1962,6 +1962,7 @@ static const char *moe__cl_unsupported(const moe_layer *l, char *why, size_t cap
     switch (d->kind) {
     case MOE_LAYER_DENSE: case MOE_LAYER_MOE: case MOE_LAYER_RMSNORM: case MOE_LAYER_LAYERNORM: break;
     case MOE_LAYER_MULTIGATE: case MOE_LAYER_TASK_TOWERS: return "a multi-task layer (multigate, task towers; field kind)";
+    case MOE_LAYER_EMBEDDING: return "the embedding layer (field kind)";
     default: snprintf(why, cap, "kind %d (field kind)", (int)d->kind); return why;
     }
     if ((d->kind == MOE_LAYER_DENSE || (d->kind == MOE_LAYER_MOE && d->expert == MOE_EXPERT_MLP)) &&

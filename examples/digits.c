@@ -4,7 +4,8 @@
    ./build/digits --mnist DIR      MNIST 28x28 from the four raw IDX files in DIR
 
    It trains with mini-batches, reports loss and test accuracy after every epoch, shows which
-   experts the router sends each digit to, saves the model and ends with "test_accuracy=0.xxxx".
+   experts the router sends each digit to (a table, and an SVG heatmap: --svg, default
+   build/digits_routing.svg), saves the model and ends with "test_accuracy=0.xxxx".
    Run ./build/digits --help for the options. */
 #define _POSIX_C_SOURCE 200809L /* isatty, fileno */
 
@@ -61,6 +62,7 @@ typedef struct options {
     const char *data_dir;
     const char *mnist_dir;
     const char *out_path;
+    const char *svg_path;
     int epochs, batch, threads;
     float lr;
     uint64_t seed;
@@ -102,6 +104,8 @@ static void usage(FILE *f) {
         "  --mnist DIR    train on MNIST instead: the four raw IDX files in DIR\n"
         "  --out FILE     where to save the model (default build/digits.safetensors,\n"
         "                 or build/mnist.safetensors with --mnist)\n"
+        "  --svg FILE     routing heatmap, experts x digits (default build/digits_routing.svg,\n"
+        "                 or build/mnist_routing.svg with --mnist; \"\": none)\n"
         "  --epochs N     passes over the training set (digits %d, MNIST %d)\n"
         "  --batch N      samples per training step (digits %d, MNIST %d)\n"
         "  --lr X         learning rate (digits %g, decaying to 0 on a cosine; MNIST %g)\n"
@@ -145,6 +149,7 @@ static int parse_options(int argc, char **argv, options *opt) {
         if (strcmp(name, "--data") == 0) opt->data_dir = value;
         else if (strcmp(name, "--mnist") == 0) opt->mnist_dir = value;
         else if (strcmp(name, "--out") == 0) opt->out_path = value;
+        else if (strcmp(name, "--svg") == 0) opt->svg_path = value;
         else if (strcmp(name, "--epochs") == 0) {
             if (!parse_int(name, value, 1, 100000, &v)) return 0;
             opt->epochs = (int)v;
@@ -177,6 +182,7 @@ static int parse_options(int argc, char **argv, options *opt) {
         }
     }
     if (!opt->out_path) opt->out_path = opt->mnist_dir ? "build/mnist.safetensors" : "build/digits.safetensors";
+    if (!opt->svg_path) opt->svg_path = opt->mnist_dir ? "build/mnist_routing.svg" : "build/digits_routing.svg";
     return 1;
 }
 
@@ -529,6 +535,46 @@ static void print_routing(const routing *rt) {
            samples ? rt->entropy_sum / (double)samples : 0.0);
 }
 
+/* The table above as an SVG heatmap: a row per expert, a column per digit; a cell's shade and
+   number are the share of that digit's test samples routed to that expert (0..100%). */
+static int write_routing_svg(const routing *rt, const char *path) {
+    enum { CELL = 56, LEFT = 90, TOP = 64 };
+    int c, e, width = LEFT + N_CLASSES * CELL + 20, height = TOP + N_EXPERTS * CELL + 56;
+    FILE *f = fopen(path, "w");
+    if (!f) {
+        fprintf(stderr, "digits: cannot write %s: %s\n", path, strerror(errno));
+        return 0;
+    }
+    fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" font-size=\"13\">\n",
+            width, height);
+    fprintf(f, "<rect width=\"%d\" height=\"%d\" fill=\"white\"/>\n", width, height);
+    fprintf(f, "<text x=\"%d\" y=\"18\" font-size=\"15\">Routing: %% of each digit's test samples sent to each expert (top-%d of %d)</text>\n",
+            LEFT, TOP_K, N_EXPERTS);
+    for (c = 0; c < N_CLASSES; c++)
+        fprintf(f, "<text x=\"%d\" y=\"%d\" text-anchor=\"middle\">%d</text>\n", LEFT + c * CELL + CELL / 2, TOP - 10, c);
+    fprintf(f, "<text x=\"%d\" y=\"%d\" text-anchor=\"middle\">digit</text>\n", LEFT + N_CLASSES * CELL / 2, TOP - 27);
+    for (e = 0; e < N_EXPERTS; e++) {
+        fprintf(f, "<text x=\"%d\" y=\"%d\" text-anchor=\"end\">expert %d</text>\n", LEFT - 10, TOP + e * CELL + CELL / 2 + 5, e);
+        for (c = 0; c < N_CLASSES; c++) {
+            double share = rt->samples[c] ? (double)rt->assignments[c][e] / (double)rt->samples[c] : 0.0;
+            /* white (0%) to dark blue (100%) */
+            int r = (int)(255.0 - share * (255.0 - 8.0)), g = (int)(255.0 - share * (255.0 - 48.0)), b = (int)(255.0 - share * (255.0 - 107.0));
+            fprintf(f, "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"rgb(%d,%d,%d)\" stroke=\"#ccc\"/>\n",
+                    LEFT + c * CELL, TOP + e * CELL, CELL, CELL, r, g, b);
+            fprintf(f, "<text x=\"%d\" y=\"%d\" text-anchor=\"middle\" fill=\"%s\">%.0f</text>\n", LEFT + c * CELL + CELL / 2,
+                    TOP + e * CELL + CELL / 2 + 5, share > 0.5 ? "white" : "black", 100.0 * share);
+        }
+    }
+    fprintf(f, "<text x=\"%d\" y=\"%d\" fill=\"#555\">each column adds up to %d%%: every sample goes to %d experts</text>\n",
+            LEFT, TOP + N_EXPERTS * CELL + 30, 100 * TOP_K, TOP_K);
+    fprintf(f, "</svg>\n");
+    if (fclose(f) != 0) {
+        fprintf(stderr, "digits: cannot write %s\n", path);
+        return 0;
+    }
+    return 1;
+}
+
 // >>main --------------------------------------------------------------------
 int main(int argc, char **argv) {
     options opt;
@@ -604,6 +650,10 @@ int main(int argc, char **argv) {
 
     if (!route_by_digit(&tr, &test, &rt)) goto done;
     print_routing(&rt);
+    if (opt.svg_path[0]) {
+        if (!write_routing_svg(&rt, opt.svg_path)) goto done;
+        printf("  heatmap of this table: %s\n", opt.svg_path);
+    }
     /* the same model with reduced-precision expert weights (inference only), then back to f32 */
     for (q = 0; q < 2; q++) {
         double reduced;

@@ -11,8 +11,9 @@
 
    MODEL, IN, DATA and OUT are safetensors files (README.md (Model reference) sections 6 and 7):
    - forward:  IN holds x [T, d_in] (any float dtype); OUT gets y [T, d_out] (F32). Inference mode.
-               IN may hold token_ids [T] (integer; hash routers need them). --top-k and --top-p
-               are moe_forward_opts.top_k and .top_p.
+               IN may hold token_ids [T] (integer; hash routers need them, except behind an
+               embedding first layer, whose x holds token ids: they then take each row's last
+               id). --top-k and --top-p are moe_forward_opts.top_k and .top_p.
    - backward: IN holds x and dy [T, d_out]; OUT gets y, dx [T, d_in] and grad.<name> for every
                tensor of the model: the gradients of sum(y * dy) at inference, without aux losses.
    - train:    DATA holds x and either labels [N] (I32 or I64, cross_entropy models) or y [N, d_out]
@@ -333,7 +334,7 @@ static const char *name_of(const char *const *names, int count, int value) {
     return value >= 0 && value < count ? names[value] : "?";
 }
 
-static const char *const kind_names[] = {"default", "dense", "moe", "rmsnorm", "layernorm", "multigate", "task_towers"};
+static const char *const kind_names[] = {"default", "dense", "moe", "rmsnorm", "layernorm", "multigate", "task_towers", "embedding"};
 static const char *const task_input_names[] = {"default", "single", "tasks", "tasks_shared"};
 static const char *const act_names[] = {"default", "identity", "relu", "gelu", "silu", "tanh", "sigmoid"};
 static const char *const router_names[] = {"default", "topk", "noisy_topk", "switch", "sigmoid", "expert_choice", "hash", "soft", "hierarchical"};
@@ -350,6 +351,9 @@ static void print_layer(int i, const moe_layer_desc *l) {
         printf("        activation %s, bias %s\n", NAME(act_names, l->activation), l->bias == MOE_FLAG_ON ? "yes" : "no");
     } else if (l->kind == MOE_LAYER_RMSNORM || l->kind == MOE_LAYER_LAYERNORM) {
         printf("        eps %g\n", (double)l->eps);
+    } else if (l->kind == MOE_LAYER_EMBEDDING) {
+        printf("        vocab_size %lld, d_embedding %lld (x holds %lld token ids per row)\n", (long long)l->vocab_size,
+               (long long)l->d_embedding, (long long)l->d_in);
     } else if (l->kind == MOE_LAYER_MOE) {
         printf("        router %s: %d experts, top_k %d, renormalize %s, router bias %s, capacity_factor %g, jitter %g\n",
                NAME(router_names, l->router), l->n_experts, l->top_k, l->renormalize == MOE_FLAG_ON ? "yes" : "no",

@@ -474,7 +474,7 @@ static int64_t ref_width(const moe_layer_desc *d) {
     return d->kind == MOE_LAYER_MOE && d->expert == MOE_EXPERT_GAUSSIAN ? (int64_t)d->n_experts * (1 + 2 * d->d_out) : d->d_out;
 }
 
-/* Multi-task layers (README 3.6): every expert on its input slice; gate g = softmax(W_g x_slice) over
+/* Multi-task layers (README 3.9): every expert on its input slice; gate g = softmax(W_g x_slice) over
    its experts (task gate: the task's own experts, then the shared ones; shared gate: every task
    expert, task by task, then the shared ones; a gate over one expert is 1). */
 static void ref_multitask(ref_run *r, int layer, const moe_layer_desc *d, const double *x, int64_t T, double *y) {
@@ -538,6 +538,14 @@ static void ref_layer(ref_run *r, int layer, const moe_layer_desc *d, const doub
     int64_t D = d->d_in, O = d->d_out, t, j;
     if (d->kind == MOE_LAYER_MOE) { ref_moe(r, layer, d, x, T, y); return; }
     if (d->kind == MOE_LAYER_MULTIGATE || d->kind == MOE_LAYER_TASK_TOWERS) { ref_multitask(r, layer, d, x, T, y); return; }
+    if (d->kind == MOE_LAYER_EMBEDDING) {  /* y[t, p*De + j] = W[x[t, p], j] */
+        const double *W = ref_tensor(r, layer, "weight");
+        int64_t De = d->d_embedding, p;
+        for (t = 0; t < T; t++)
+            for (p = 0; p < D; p++)
+                for (j = 0; j < De; j++) y[(t * D + p) * De + j] = W[(int64_t)x[t * D + p] * De + j];
+        return;
+    }
     for (t = 0; t < T; t++) {
         const double *xt = x + t * D;
         double *yt = y + t * O;

@@ -182,7 +182,9 @@ echo "== embedding example"
 # examples/embed.c on a one-epoch digits model: runs its game loop without touching the heap
 if $CC $C99 -O2 -fopenmp examples/digits.c -o "$OUT/digits" -lm >> "$LOG" 2>&1 &&
    $CC $C99 -O2 -fopenmp examples/embed.c -o "$OUT/embed" -lm >> "$LOG" 2>&1 &&
-   "$OUT/digits" --epochs 1 --threads 1 --out "$OUT/embed_model.safetensors" >> "$LOG" 2>&1; then
+   "$OUT/digits" --epochs 1 --threads 1 --out "$OUT/embed_model.safetensors" --svg "$OUT/digits_routing.svg" >> "$LOG" 2>&1; then
+    check "digits: the routing heatmap is an SVG with a cell per (expert, digit)" sh -c \
+        "grep -q '^<svg ' $OUT/digits_routing.svg && [ \$(grep -c '^<rect x=' $OUT/digits_routing.svg) -eq 40 ] && tail -n 1 $OUT/digits_routing.svg | grep -q '^</svg>'"
     check "embed: 2000 frames with k changing per call, heap_allocations=0" sh -c \
         "$OUT/embed $OUT/embed_model.safetensors --frames 2000 > $OUT/embed.txt && grep -q '^heap_allocations=0$' $OUT/embed.txt && grep -q '^latency_p99_us=' $OUT/embed.txt"
 else
@@ -206,6 +208,20 @@ if $CC $C99 -Werror -O2 -fopenmp examples/mmoe.c -o "$OUT/mmoe" -lm >> "$LOG" 2>
         "$OUT/mmoe --corr 0.3,0.9 --epochs 1 --train 1024 > $OUT/mmoe.txt && [ \$(grep -c '^corr=0\.[39]0 model=[a-z_]* task0_mse=[0-9.]* task1_mse=[0-9.]* ' $OUT/mmoe.txt) -eq 6 ]"
 else
     bad "mmoe: build the example"
+fi
+
+echo "== character language model example"
+# examples/charlm.c on the first 8,000 characters, one epoch, both routers: it must print its
+# metrics, and the same seed must sample the same text on 1 and 2 threads
+if $CC $C99 -O2 -fopenmp examples/charlm.c -o "$OUT/charlm" -lm >> "$LOG" 2>&1; then
+    check "charlm: smoke run (topk) prints val_bpc= and val_bpc_dense=" sh -c \
+        "$OUT/charlm --max-chars 8000 --epochs 1 --batch 64 --length 60 --threads 2 --out $OUT/charlm.safetensors > $OUT/charlm.txt && grep -q '^val_bpc=[0-9]' $OUT/charlm.txt && grep -q '^val_bpc_dense=[0-9]' $OUT/charlm.txt"
+    check "charlm: hash router, 1 and 2 threads give the same bits" sh -c \
+        "$OUT/charlm --router hash --no-dense --max-chars 8000 --epochs 1 --batch 64 --length 60 --threads 1 --out '' > $OUT/charlm1.txt && $OUT/charlm --router hash --no-dense --max-chars 8000 --epochs 1 --batch 64 --length 60 --threads 2 --out '' > $OUT/charlm2.txt && grep -v 'threads\\|seconds\\| s$' $OUT/charlm1.txt > $OUT/charlm1.cmp && grep -v 'threads\\|seconds\\| s$' $OUT/charlm2.txt > $OUT/charlm2.cmp && cmp $OUT/charlm1.cmp $OUT/charlm2.cmp && grep -q '^val_bpc=' $OUT/charlm1.txt"
+    check "charlm: refuses a prompt character outside the vocabulary" sh -c \
+        "! $OUT/charlm --max-chars 8000 --epochs 1 --no-dense --out '' --prompt \"\$(printf 'caf\\303\\251')\" > /dev/null 2>&1"
+else
+    bad "charlm compiles"
 fi
 
 echo "== README quick start"

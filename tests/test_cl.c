@@ -213,6 +213,13 @@ static int test_upload_errors(void) {
     CHECK(dm == NULL && strstr(moe_ctx_error(&ctx), "multi-task") != NULL, "message: %s", moe_ctx_error(&ctx));
     moe_model_destroy(m);
     d.n_tasks = 0;
+    memset(layers, 0, sizeof layers);  /* token embeddings stay on the CPU */
+    layers[0].kind = MOE_LAYER_EMBEDDING; layers[0].vocab_size = 5; layers[0].d_embedding = 2;
+    d.loss = MOE_LOSS_CROSS_ENTROPY;
+    CHECK_OK(moe_model_create(&ctx, &d, &m), &ctx);
+    CHECK_RESULT(moe_cl_model_upload(device, m, &dm), MOE_ERR_UNSUPPORTED, &ctx);
+    CHECK(dm == NULL && strstr(moe_ctx_error(&ctx), "embedding") != NULL, "message: %s", moe_ctx_error(&ctx));
+    moe_model_destroy(m);
     return 0;
 }
 

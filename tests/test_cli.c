@@ -725,6 +725,35 @@ static int test_init_info(void) {
     return 0;
 }
 
+/* A character model: embedding of 3 ids, a hash-routed MoE on the last id, a dense head. */
+static const char *embedding_config =
+    "{\"format\": \"moe.h\", \"version\": 1, \"d_in\": 3, \"loss\": \"cross_entropy\",\n"
+    " \"layers\": [{\"kind\": \"embedding\", \"vocab_size\": 9, \"d_embedding\": 4},\n"
+    "             {\"kind\": \"moe\", \"router\": \"hash\", \"experts\": 4, \"top_k\": 2, \"d_hidden\": 8},\n"
+    "             {\"kind\": \"dense\", \"d_out\": 9}]}\n";
+
+static int test_init_embedding(void) {
+    char cfg_path[1024], model[1024], in_path[1024], out_path[1024], trained[1024];
+    float x[4 * 3] = {1, 2, 3, 8, 0, 4, 5, 5, 5, 0, 0, 7};
+    int32_t labels[4] = {4, 1, 5, 7};
+    write_bytes(TMP(cfg_path, "embedding.json"), embedding_config, strlen(embedding_config));
+    CHECK_RUN_OK("init", cfg_path, TMP(model, "embedding.safetensors"));
+    CHECK_RUN_OK("info", model);
+    CHECK(strstr(tool_out, "embedding") && strstr(tool_out, "vocab_size 9, d_embedding 4") && strstr(tool_out, "[9, 4]"),
+          "info misses the embedding layer:\n%s", tool_out);
+    /* no token_ids in IN: the hash router takes each row's last id */
+    write_tensors(TMP(in_path, "embedding_in.safetensors"), (const wtensor[]){{"x", MOE_DTYPE_F32, 2, {4, 3}, x}, {NULL, MOE_DTYPE_F32, 0, {0, 0}, NULL}});
+    CHECK_RUN_OK("forward", model, in_path, TMP(out_path, "embedding_out.safetensors"));
+    write_tensors(TMP(in_path, "embedding_data.safetensors"), (const wtensor[]){{"x", MOE_DTYPE_F32, 2, {4, 3}, x},
+                  {"labels", MOE_DTYPE_I32, 1, {4}, labels}, {NULL, MOE_DTYPE_F32, 0, {0, 0}, NULL}});
+    CHECK_RUN_OK("train", model, in_path, TMP(trained, "embedding_trained.safetensors"), "--epochs", "2", "--batch", "2");
+    x[4] = 9.0f;  /* out of the vocabulary */
+    write_tensors(TMP(in_path, "embedding_bad.safetensors"), (const wtensor[]){{"x", MOE_DTYPE_F32, 2, {4, 3}, x}, {NULL, MOE_DTYPE_F32, 0, {0, 0}, NULL}});
+    CHECK_FAILS(1, out_path, "forward", model, in_path, out_path);
+    CHECK(strstr(tool_err, "token id") != NULL, "the error names the bad id: %s", tool_err);
+    return 0;
+}
+
 /* ---- 5. errors ----------------------------------------------------------------------------- */
 static int test_usage(void) {
     char out[1024];
@@ -1016,6 +1045,7 @@ int main(int argc, char **argv) {
     RUN(test_train_regression);
     RUN(test_train_mixture);
     RUN(test_init_info);
+    RUN(test_init_embedding);
     RUN(test_usage);
     RUN(test_bad_files);
     RUN(test_bad_training_data);

@@ -17,6 +17,7 @@ static const char *const fixtures[] = {
     "noisy_topk", "topk_norenorm_aux", "noisy_capacity_passthrough", "topk1_mlp3_residual",
     "sigmoid_groups_bias", "expert_choice", "call_top_k_top_p", "hash_tokens", "gaussian_mixture",
     "topk2_geglu_bias", "stack_combine", "soft_slots_groups", "hierarchical_noisy", "mmoe_ple_tasks",
+    "embedding_hash",
 };
 
 static moe_ctx ctx;

@@ -60,6 +60,7 @@ static int run_case_tasks(const grad_case *gc, const grad_tasks *tk) {
     moe_model *m = NULL;
     moe_model_desc desc;
     int64_t T = gc->T, D = gc->d_in, C, n_params, i;
+    int64_t vocab = gc->layers[0].kind == MOE_LAYER_EMBEDDING ? gc->layers[0].vocab_size : 0;
     float *x, *dy, *values, *dx, *gfloat, *yf, *dl;
     int32_t *labels, *ids;
     float *noise[6] = {0};
@@ -92,6 +93,12 @@ static int run_case_tasks(const grad_case *gc, const grad_tasks *tk) {
     ids = (int32_t *)malloc(sizeof(int32_t) * (size_t)T);
     for (i = 0; i < T; i++) ids[i] = (int32_t)(moe_rng_u64(7, 14, (uint64_t)i) % 1000);
     for (i = 0; i < T * D; i++) x[i] = moe_rng_normal(7, 1, (uint64_t)i);
+    /* an embedding first layer: x holds token ids, hash routers take the model's own ids (each
+       row's last id), and dx must be 0 */
+    if (vocab > 0) {
+        for (i = 0; i < T * D; i++) x[i] = (float)(moe_rng_u64(7, 15, (uint64_t)i) % (uint64_t)vocab);
+        for (i = 0; i < T; i++) ids[i] = (int32_t)x[i * D + D - 1];
+    }
     for (i = 0; i < T * C; i++) { dy[i] = moe_rng_normal(7, 2, (uint64_t)i); values[i] = moe_rng_uniform(7, 3, (uint64_t)i); }
     if (gc->loss == MOE_LOSS_MSE) for (i = 0; i < T * C; i++) values[i] = 2.0f * values[i] - 1.0f;
     for (i = 0; i < T; i++) labels[i] = (int32_t)(moe_rng_u64(7, 4, (uint64_t)i) % (uint64_t)C);
@@ -138,7 +145,7 @@ static int run_case_tasks(const grad_case *gc, const grad_tasks *tk) {
         opts.router_noise = noise_c;
         opts.top_k = gc->top_k;
         opts.top_p = gc->top_p;
-        opts.token_ids = ids;
+        opts.token_ids = vocab > 0 ? NULL : ids;
         /* a fresh model state per mode: the training forward is the model's first (jitter step 0) */
         moe_model_zero_grad(m);
         CHECK_OK(moe_model_forward(m, x, T, yf, &opts), &ctx);
@@ -213,8 +220,10 @@ static int run_case_tasks(const grad_case *gc, const grad_tasks *tk) {
                       (long long)(idx - tt.offset), (double)gfloat[idx], fd);
             }
         }
-        /* inputs */
-        {
+        /* inputs: token ids have no gradient */
+        if (vocab > 0) {
+            for (i = 0; i < T * D; i++) CHECK(dx[i] == 0.0f, "%s: dx[%lld] = %g for a token id", gc->name, (long long)i, (double)dx[i]);
+        } else {
             double scale = 0;
             int64_t q;
             float *xp = (float *)malloc(sizeof(float) * (size_t)(T * D));
@@ -405,6 +414,15 @@ static int test_call_top_p(void) {
     return run_case(&gc);
 }
 
+static int test_embedding_hash(void) {
+    grad_case gc = {"embedding + hash on last id", 3, 14, 3, {
+        {.kind = MOE_LAYER_EMBEDDING, .vocab_size = 7, .d_embedding = 4},
+        {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_HASH, .n_experts = 4, .top_k = 2, .d_hidden = 5, .activation = MOE_ACT_TANH},
+        {.kind = MOE_LAYER_MOE, .n_experts = 3, .top_k = 2, .d_hidden = 4, .balance_loss = 0.1f, .d_out = 7}},
+        MOE_LOSS_CROSS_ENTROPY, 1, 0, 0.0f};
+    return run_case(&gc);
+}
+
 static int test_hash(void) {
     grad_case gc = {"hash router + top-k", 6, 12, 3, {
         {.kind = MOE_LAYER_MOE, .router = MOE_ROUTER_HASH, .n_experts = 5, .top_k = 2, .d_hidden = 4, .hash_seed = 9,
@@ -540,5 +558,6 @@ int main(void) {
     RUN(test_ple);
     RUN(test_mmoe_top_k);
     RUN(test_shared_bottom_towers);
+    RUN(test_embedding_hash);
     TEST_END();
 }

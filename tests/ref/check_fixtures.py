@@ -108,6 +108,8 @@ def expected_params(cfg):
         elif c["kind"] == "layernorm":
             out[p + "weight"] = [D]
             out[p + "bias"] = [D]
+        elif c["kind"] == "embedding":
+            out[p + "weight"] = [c["vocab_size"], c["d_embedding"]]
         if c["kind"] == "moe":
             E = c["experts"]
             if c["router"] == "soft":
@@ -163,9 +165,14 @@ def expected_params(cfg):
     return out
 
 
+def embeds(cfg):
+    """x holds token ids (README 3.10)"""
+    return cfg["layers"][0]["kind"] == "embedding"
+
+
 def expected_fixture(cfg, T, present):
     shapes = dict(expected_params(cfg))
-    if any(c["kind"] == "moe" and c["router"] == "hash" for c in cfg["layers"]):
+    if any(c["kind"] == "moe" and c["router"] == "hash" for c in cfg["layers"]) and not embeds(cfg):
         shapes["token_ids"] = [T]
     for n in ("call.top_k", "call.top_p"):     # optional per-call options
         if n in present:
@@ -440,7 +447,7 @@ def softmax_list(vals):
 
 
 def soft_layer(P, p, c, X):
-    """README 3.6, slot by slot: dispatch over a group's tokens, combine over a token's slots."""
+    """README 3.7, slot by slot: dispatch over a group's tokens, combine over a token's slots."""
     T, E, S = len(X), c["experts"], c["slots_per_expert"]
     L, m = E * S, c["soft_group_tokens"] or len(X)
     lg = [P[p + "router.weight"] @ X[t] for t in range(T)]
@@ -543,6 +550,8 @@ def forward(cfg, P, x, train, noise, call):
                         parts.append(sum(w[q] * outs[q] for q in range(len(mem))))
                 rows.append(torch.cat(parts))
             o = torch.stack(rows)
+        elif c["kind"] == "embedding":          # each row: the table rows of its ids, side by side
+            o = torch.stack([torch.cat([P[p + "weight"][int(v)] for v in r]) for r in h])
         else:
             o, auxes[i], stats[i] = moe_layer(P, i, c, h, train, noise.get(i), call)
         if c["kind"] != "moe" and c["residual"]:
@@ -612,6 +621,8 @@ def check(path):
     call = {}
     if "token_ids" in F:
         call["token_ids"] = [int(v) for v in F["token_ids"]]
+    elif embeds(cfg):                           # README 3.5: each row's last id
+        call["token_ids"] = [int(v) for v in F["x"][:, -1]]
     if "call.top_k" in F:
         call["top_k"] = int(F["call.top_k"][0])
     if "call.top_p" in F:
@@ -644,7 +655,7 @@ def check(path):
         close("aux.%d" % i, [float(v) for v in a], d["aux.%d" % i])
         close("stats.%d.tokens_per_expert" % i, stats[i][0], d["stats.%d.tokens_per_expert" % i])
         close("stats.%d.dropped_tokens" % i, [stats[i][1]], d["stats.%d.dropped_tokens" % i])
-    close("dx", gr[0], d["dx"])
+    close("dx", torch.zeros_like(x0) if gr[0] is None else gr[0], d["dx"])
     for n, g in zip(names, gr[1:]):
         close("grad." + n, torch.zeros_like(P0[n]) if g is None else g, d["grad." + n])
 
@@ -653,7 +664,7 @@ def check(path):
     ey = forward(cfg, P, x, False, {}, call)[0]
     gr = torch.autograd.grad((ey * d["dy"]).sum(), [x] + [P[n] for n in names], allow_unused=True)
     close("eval.y", ey.detach(), d["eval.y"])
-    close("eval.dx", gr[0], d["eval.dx"])
+    close("eval.dx", torch.zeros_like(x0) if gr[0] is None else gr[0], d["eval.dx"])
     for n, g in zip(names, gr[1:]):
         close("eval.grad." + n, torch.zeros_like(P0[n]) if g is None else g, d["eval.grad." + n])
 
@@ -662,7 +673,7 @@ def check(path):
     eps = 1e-6
     nfd = 0
     for which, obj, prefix in [("train", train_obj, ""), ("eval", eval_obj, "eval.")]:
-        for n in ["x"] + names:
+        for n in ([] if embeds(cfg) else ["x"]) + names:   # token ids have no gradient
             base = x0 if n == "x" else P0[n]
             grad = d[prefix + ("dx" if n == "x" else "grad." + n)]
             for _ in range(3):

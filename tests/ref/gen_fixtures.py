@@ -66,6 +66,12 @@ def norm(kind, d, eps=1e-5, residual=False):
     return {"kind": kind, "d_in": d, "d_out": d, "eps": eps, "residual": residual}
 
 
+def embedding(n, vocab_size, d_embedding):
+    """n token ids per row -> their embeddings side by side (README 3.10)."""
+    return {"kind": "embedding", "d_in": n, "d_out": n * d_embedding, "residual": False,
+            "vocab_size": vocab_size, "d_embedding": d_embedding}
+
+
 def moe(d_in, d_out=None, **kw):
     router = kw.get("router", "topk")
     experts = kw.get("experts", 4)
@@ -222,6 +228,8 @@ def param_specs(cfg):
         elif c["kind"] == "layernorm":
             specs.append((p + "weight", [c["d_in"]], "normw", 0))
             specs.append((p + "bias", [c["d_in"]], "normb", 0))
+        elif c["kind"] == "embedding":
+            specs.append((p + "weight", [c["vocab_size"], c["d_embedding"]], "emb", 0))
         elif c["kind"] == "moe":
             E, D = c["experts"], c["d_in"]
             if c["router"] == "soft":
@@ -290,6 +298,8 @@ def init_params(cfg, g):
             t = 0.3 * u
         elif kind == "selb":
             t = 0.1 * u                         # a selection bias that changes some choices
+        elif kind == "emb":
+            t = u
         params[name] = t.to(torch.float32).double()
     return params
 
@@ -660,7 +670,7 @@ def moe_forward(P, p, c, x, train, noise, chk, call, layer):
 
 
 def multitask_forward(P, p, c, h, chk):
-    """README 3.6: experts on their slices, a softmax gate per output slice, slices side by side."""
+    """README 3.9: experts on their slices, a softmax gate per output slice, slices side by side."""
     n, S, Et, gin, gout, D, O = multitask_shape(c)
     single = c["task_input"] == "single"
     xs = [h[:, i * D:(i + 1) * D] for i in range(gin)]
@@ -703,6 +713,9 @@ def model_forward(cfg, P, x, train, noises, chk, call=None):
             mu = h.mean(dim=1, keepdim=True)
             var = ((h - mu) ** 2).mean(dim=1, keepdim=True)
             out = (h - mu) / torch.sqrt(var + c["eps"]) * P[p + "weight"] + P[p + "bias"]
+        elif kind == "embedding":
+            # ids stored as floats; their rows side by side: nn.Embedding, then one row per token
+            out = torch.nn.functional.embedding(h.detach().long(), P[p + "weight"]).reshape(h.shape[0], -1)
         elif kind == "moe":
             out, auxes[i], stats[i] = moe_forward(P, p, c, h, train, noises.get(i), chk, call or {}, i)
         elif kind in ("multigate", "task_towers"):
@@ -796,6 +809,8 @@ def build_case(name, cfg, T, seed, check=None, call_opts=None):
     d_in, d_out = cfg["d_in"], layers[-1]["d_out"]
     P0 = init_params(cfg, g)
     x = torch.randn(T, d_in, generator=g, dtype=torch.float32).double()
+    if layers[0]["kind"] == "embedding":    # token ids (README 3.10)
+        x = torch.randint(0, layers[0]["vocab_size"], (T, d_in), generator=g).double()
     if "tasks" in cfg:
         target = []
         for t in cfg["tasks"]:
@@ -820,7 +835,9 @@ def build_case(name, cfg, T, seed, check=None, call_opts=None):
     width = last["experts"] * (1 + 2 * d_out) if last.get("expert") == "gaussian" else d_out
     dy = torch.randn(T, width, generator=g, dtype=torch.float32).double()
     call = dict(call_opts or {})
-    if any(c["kind"] == "moe" and c["router"] == "hash" for c in layers):
+    if layers[0]["kind"] == "embedding":
+        call["token_ids"] = x[:, -1].to(torch.int32)   # README 3.5: a model's own ids, not stored
+    elif any(c["kind"] == "moe" and c["router"] == "hash" for c in layers):
         call["token_ids"] = torch.randint(-1000, 100000, (T,), generator=g).to(torch.int32)
     names = list(P0)
     chk = Checks()
@@ -830,7 +847,7 @@ def build_case(name, cfg, T, seed, check=None, call_opts=None):
     xg = x.clone().requires_grad_(True)
     loss, aux_total, y, auxes, stats = train_objective(cfg, P, xg, target, noises, chk, call)
     grads = torch.autograd.grad(loss + aux_total, [xg] + [P[n] for n in names], allow_unused=True)
-    dx = grads[0]
+    dx = grads[0] if grads[0] is not None else torch.zeros_like(x)   # token ids: no gradient
     grad = {n: (gr if gr is not None else torch.zeros_like(P0[n])) for n, gr in zip(names, grads[1:])}
 
     # inference forward + backward of sum(y * dy), no aux
@@ -839,7 +856,7 @@ def build_case(name, cfg, T, seed, check=None, call_opts=None):
     ey, _, estats = model_forward(cfg, P, xg, False, {}, chk, call)
     egrads = torch.autograd.grad((ey * dy).sum(), [xg] + [P[n] for n in names],
                                  allow_unused=True)
-    edx = egrads[0]
+    edx = egrads[0] if egrads[0] is not None else torch.zeros_like(x)
     egrad = {n: (gr if gr is not None else torch.zeros_like(P0[n]))
              for n, gr in zip(names, egrads[1:])}
 
@@ -911,7 +928,7 @@ def build_case(name, cfg, T, seed, check=None, call_opts=None):
         out["target"] = f32(target)
     for i in sorted(noises):
         out["noise.%d" % i] = f32(noises[i])
-    if "token_ids" in call:
+    if "token_ids" in call and layers[0]["kind"] != "embedding":
         out["token_ids"] = call["token_ids"].numpy().astype(np.int32)
     if call.get("top_k"):
         out["call.top_k"] = np.array([call["top_k"]], dtype=np.int32)
@@ -1128,6 +1145,15 @@ CASES = [
                            combine="stack", d_expert_out=3),
                        dense(8, 4)], "cross_entropy"),
      16, check_dropped),
+    # README 3.10: token ids -> embedding; the hash layer takes each row's last id
+    ("embedding_hash",
+     model_config(3, [embedding(3, 7, 4),
+                      moe(12, 8, router="hash", experts=4, top_k=2, hash_seed=77, expert="mlp",
+                          d_hidden=8, activation="tanh"),
+                      moe(8, 8, router="topk", experts=3, top_k=2, expert="linear", residual=True,
+                          balance_loss=0.01),
+                      dense(8, 7)], "cross_entropy"),
+     24, None),
 ]
 
 

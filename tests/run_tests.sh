@@ -14,6 +14,46 @@ CONFIGS=${TEST_CONFIGS:-"omp noomp asan"}
 OUT=build/tests
 . tests/harness.sh
 
+# flags per configuration
+flags() {
+    case $1 in
+        omp)   echo "-O2 -fopenmp" ;;
+        noomp) echo "-O2" ;;
+        asan)  echo "-O1 -g -fopenmp -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer" ;;
+    esac
+}
+
+# Every test program of every configuration is compiled up front, JOBS at a time, in the
+# background while the compile checks below run (compiling moe.h dominates the suite's time).
+JOBS=${TEST_JOBS:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)}
+running=0
+# bg_build NAME COMMAND...: NAME.log gets the output, NAME.rc the exit status
+bg_build() {
+    name=$1; shift
+    ( "$@" > "$name.log" 2>&1; echo $? > "$name.rc" ) &
+    running=$((running + 1))
+    if [ "$running" -ge "$JOBS" ]; then wait; running=0; fi
+}
+# built NAME: the build's output goes to the log; true when it succeeded
+built() { cat "$1.log" >> "$LOG" 2>/dev/null; [ "$(cat "$1.rc" 2>/dev/null)" = 0 ]; }
+(
+    for cfg in $CONFIGS; do
+        mkdir -p "$OUT/$cfg"
+        extra=""
+        [ "$cfg" = asan ] && extra="-fsanitize=float-cast-overflow"
+        for src in tests/test_*.c; do
+            t=$(basename "$src" .c)
+            libs=-lm
+            [ "$t" = test_cl ] && libs="-lm -ldl"
+            bg_build "$OUT/$cfg/$t" $CC -std=c99 $WARN $(flags "$cfg") -DTMP_DIR="\"$OUT/$cfg/tmp_$t\"" "$src" -o "$OUT/$cfg/$t" $libs
+        done
+        bg_build "$OUT/$cfg/fuzz_replay" $CC -std=c99 $WARN $(flags "$cfg") $extra -DMOE_FUZZ_REPLAY tests/fuzz/fuzz_load.c -o "$OUT/$cfg/fuzz_replay" -lm
+        bg_build "$OUT/$cfg/moe" $CC -std=c99 $WARN $(flags "$cfg") examples/moe.c -o "$OUT/$cfg/moe" -lm
+    done
+    wait
+) &
+pool=$!
+
 echo "== compile checks"
 check "C99 -Wpedantic -Werror (gcc-compatible $CC)" $CC $C99 -c tests/compile/impl.c -o "$OUT/impl.o"
 check "C99 with OpenMP" $CC $C99 -fopenmp -c tests/compile/impl.c -o "$OUT/impl_omp.o"
@@ -77,14 +117,6 @@ else
     skip "clang builds" "clang not installed"
 fi
 
-# flags per configuration
-flags() {
-    case $1 in
-        omp)   echo "-O2 -g -fopenmp" ;;
-        noomp) echo "-O2 -g" ;;
-        asan)  echo "-O1 -g -fopenmp -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer" ;;
-    esac
-}
 
 # run_test CONFIG BINARY ARGS...: adds the program's RESULT line to the totals
 run_test() {
@@ -93,15 +125,14 @@ run_test() {
         run_result "$cfg/$(basename "$bin")" "$OUT/$cfg/$(basename "$bin").out" "$bin" "$@"
 }
 
+wait "$pool"
 for cfg in $CONFIGS; do
     echo "== $cfg: $(flags "$cfg")"
     mkdir -p "$OUT/$cfg"
     for src in tests/test_*.c; do
         t=$(basename "$src" .c)
         [ "$t" = test_cli ] && continue
-        libs=-lm
-        [ "$t" = test_cl ] && libs="-lm -ldl"
-        if ! $CC -std=c99 $WARN $(flags "$cfg") -DTMP_DIR="\"$OUT/$cfg/tmp_$t\"" "$src" -o "$OUT/$cfg/$t" $libs >> "$LOG" 2>&1; then
+        if ! built "$OUT/$cfg/$t"; then
             bad "$cfg/$t does not compile"
             continue
         fi
@@ -114,17 +145,14 @@ for cfg in $CONFIGS; do
     done
     # the fuzz target's corpus, replayed through the loaders (tests/fuzz/fuzz_load.c: allocation bounds, leaks);
     # gcc's UBSan leaves out float-to-integer overflow, which clang's (used by make fuzz) checks
-    extra=""
-    [ "$cfg" = asan ] && extra="-fsanitize=float-cast-overflow"
-    if $CC -std=c99 $WARN $(flags "$cfg") $extra -DMOE_FUZZ_REPLAY tests/fuzz/fuzz_load.c -o "$OUT/$cfg/fuzz_replay" -lm >> "$LOG" 2>&1; then
+    if built "$OUT/$cfg/fuzz_replay"; then
         run_test "$cfg" "$OUT/$cfg/fuzz_replay" tests/fuzz/corpus
     else
         bad "$cfg/fuzz_replay does not compile"
     fi
     # the command-line tool, built the same way
     if [ -f tests/test_cli.c ] && [ -f examples/moe.c ]; then
-        if $CC -std=c99 $WARN $(flags "$cfg") examples/moe.c -o "$OUT/$cfg/moe" -lm >> "$LOG" 2>&1 &&
-           $CC -std=c99 $WARN $(flags "$cfg") tests/test_cli.c -o "$OUT/$cfg/test_cli" -lm >> "$LOG" 2>&1; then
+        if built "$OUT/$cfg/moe" && built "$OUT/$cfg/test_cli"; then
             mkdir -p "$OUT/$cfg/tmp_cli"
             run_test "$cfg" "$OUT/$cfg/test_cli" "$OUT/$cfg/moe" "$OUT/$cfg/tmp_cli"
         else
@@ -268,7 +296,7 @@ check "moe.h manual quick start compiles and runs" sh -c "$CC $C99 -Wno-unused-v
     echo '#include <stdio.h>'
     echo 'int main(void) {'
     echo '    moe_ctx ctx; moe_model *model; moe_layer_desc layers[1] = {{ .kind = MOE_LAYER_MOE }};'
-    echo '    float x[4 * 8] = {0}, y[4 * 8] = {0}; moe_target target = { NULL, y }; int64_t batch = 4; moe_step_info info;'
+    echo '    float x[4 * 8] = {0}, y[4 * 8] = {0}; moe_target target = { NULL, y, NULL }; int64_t batch = 4; moe_step_info info;'
     echo '    moe_ctx_init(&ctx, NULL);'
     echo '    if (moe_model_create(&ctx, &(moe_model_desc){ .d_in = 8, .n_layers = 1, .layers = layers, .loss = MOE_LOSS_MSE }, &model) != MOE_OK) return 1;'
     sed -n '1,40p' moe_cl.h | sed -n '/^       moe_cl_ctx \*cl;/,/^       moe_cl_ctx_destroy(cl);/p'

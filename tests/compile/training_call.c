@@ -4,7 +4,7 @@
 
 moe_result moe_training_probe(moe_model *model, const float *x, const int32_t *labels);
 moe_result moe_training_probe(moe_model *model, const float *x, const int32_t *labels) {
-    moe_target target = {0, 0};
+    moe_target target = {0, 0, 0};
     target.labels = labels;
     return moe_model_train_step(model, x, &target, 1, NULL);
 }

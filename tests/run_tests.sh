@@ -50,6 +50,11 @@ built() { cat "$1.log" >> "$LOG" 2>/dev/null; [ "$(cat "$1.rc" 2>/dev/null)" = 0
         bg_build "$OUT/$cfg/fuzz_replay" $CC -std=c99 $WARN $(flags "$cfg") $extra -DMOE_FUZZ_REPLAY tests/fuzz/fuzz_load.c -o "$OUT/$cfg/fuzz_replay" -lm
         bg_build "$OUT/$cfg/moe" $CC -std=c99 $WARN $(flags "$cfg") examples/moe.c -o "$OUT/$cfg/moe" -lm
     done
+    # the bench and the examples the later sections run
+    bg_build "$OUT/bench_moe" $CC $C99 -O2 -fopenmp -DMOE_BENCH_CL bench/bench_moe.c -o "$OUT/bench_moe" -lm -ldl
+    for e in digits embed mdn mmoe charlm; do
+        bg_build "$OUT/$e" $CC $C99 -O2 -fopenmp examples/$e.c -o "$OUT/$e" -lm
+    done
     wait
 ) &
 pool=$!
@@ -175,7 +180,7 @@ fi
 echo "== bench"
 # a fast run of build/bench_moe: the edge shape checked against the reference kernels (CPU, and
 # the OpenCL device when there is one), decode with bf16 weights, every line well formed
-if $CC $C99 -O2 -fopenmp -DMOE_BENCH_CL bench/bench_moe.c -o "$OUT/bench_moe" -lm -ldl >> "$LOG" 2>&1; then
+if built "$OUT/bench_moe"; then
     ok "bench_moe compiles"
     check "bench_moe --shape edge --mode all --check" sh -c \
         "timeout 300 $OUT/bench_moe --shape edge --mode all --runs 1 --check > $OUT/bench_edge.txt && awk -v expect=2 -f bench/table.awk $OUT/bench_edge.txt"
@@ -208,8 +213,7 @@ fi
 
 echo "== embedding example"
 # examples/embed.c on a one-epoch digits model: runs its game loop without touching the heap
-if $CC $C99 -O2 -fopenmp examples/digits.c -o "$OUT/digits" -lm >> "$LOG" 2>&1 &&
-   $CC $C99 -O2 -fopenmp examples/embed.c -o "$OUT/embed" -lm >> "$LOG" 2>&1 &&
+if built "$OUT/digits" && built "$OUT/embed" &&
    "$OUT/digits" --epochs 1 --threads 1 --out "$OUT/embed_model.safetensors" --svg "$OUT/digits_routing.svg" >> "$LOG" 2>&1; then
     check "digits: the routing heatmap is an SVG with a cell per (expert, digit)" sh -c \
         "grep -q '^<svg ' $OUT/digits_routing.svg && [ \$(grep -c '^<rect x=' $OUT/digits_routing.svg) -eq 40 ] && tail -n 1 $OUT/digits_routing.svg | grep -q '^</svg>'"
@@ -222,7 +226,7 @@ fi
 echo "== mixture density example"
 # examples/mdn.c, shortened: every result line, an SVG, and a mixture NLL clearly below the
 # single-Gaussian reading of the MSE network (which cannot represent the three branches)
-if $CC $C99 -O2 -fopenmp examples/mdn.c -o "$OUT/mdn" -lm >> "$LOG" 2>&1; then
+if built "$OUT/mdn"; then
     check "mdn: 60 epochs, test_nll at least 0.3 below the single-Gaussian baseline, SVG written" sh -c \
         "$OUT/mdn $OUT/mdn.svg --epochs 60 > $OUT/mdn.txt && for k in test_nll test_nll_gaussian_baseline test_mse_baseline test_mse_mixture_mean test_mse_top_mean; do grep -q \"^\$k=\" $OUT/mdn.txt || exit 1; done && awk -F= '/^test_nll=/ { n = \$2 } /^test_nll_gaussian_baseline=/ { b = \$2 } END { exit !(n != \"\" && b != \"\" && n < b - 0.3) }' $OUT/mdn.txt && grep -q '</svg>' $OUT/mdn.svg"
 else
@@ -231,7 +235,7 @@ fi
 
 echo "== multi-task example"
 # examples/mmoe.c on a small run: one line per model and correlation, every MSE a finite number
-if $CC $C99 -Werror -O2 -fopenmp examples/mmoe.c -o "$OUT/mmoe" -lm >> "$LOG" 2>&1; then
+if built "$OUT/mmoe"; then
     check "mmoe: shared-bottom, MMoE and PLE lines at two correlations" sh -c \
         "$OUT/mmoe --corr 0.3,0.9 --epochs 1 --train 1024 > $OUT/mmoe.txt && [ \$(grep -c '^corr=0\.[39]0 model=[a-z_]* task0_mse=[0-9.]* task1_mse=[0-9.]* ' $OUT/mmoe.txt) -eq 6 ]"
 else
@@ -241,7 +245,7 @@ fi
 echo "== character language model example"
 # examples/charlm.c on the first 8,000 characters, one epoch, both routers: it must print its
 # metrics, and the same seed must sample the same text on 1 and 2 threads
-if $CC $C99 -O2 -fopenmp examples/charlm.c -o "$OUT/charlm" -lm >> "$LOG" 2>&1; then
+if built "$OUT/charlm"; then
     check "charlm: smoke run (topk) prints val_bpc= and val_bpc_dense=" sh -c \
         "$OUT/charlm --max-chars 8000 --epochs 1 --batch 64 --length 60 --threads 2 --out $OUT/charlm.safetensors > $OUT/charlm.txt && grep -q '^val_bpc=[0-9]' $OUT/charlm.txt && grep -q '^val_bpc_dense=[0-9]' $OUT/charlm.txt"
     check "charlm: hash router, 1 and 2 threads give the same bits" sh -c \

@@ -390,10 +390,13 @@ static int test_pytorch_fixtures(void) {
         char out_path[1024], fwd_path[1024];
         moe_tensor_file *ref = NULL, *out = NULL;
         double worst_y = 0.0, worst_grad = 0.0;
-        int k, n_grads = 0;
+        int k, n_grads = 0, votes;
         char top_k[32] = "", top_p[32] = "";
         int rc;
         CHECK_OK(moe_tensor_file_read(&ctx, names[i], &ref), &ctx);
+        /* a model with a voting layer has no inference backward (README 3.4 step 6): its fixture
+           has no eval.dx, and `backward` must refuse it */
+        votes = ref && !moe_tensor_file_find(ref, "eval.dx");
         if (ref && moe_tensor_file_find(ref, "call.top_k")) {  /* per-call routing options of the fixture */
             int32_t v = 0;
             moe_file_tensor_to_i32(&ctx, moe_tensor_file_find(ref, "call.top_k"), &v, 1);
@@ -407,11 +410,23 @@ static int test_pytorch_fixtures(void) {
         /* the model loader ignores tensors outside layers.: the fixture is MODEL and IN at once
            (its token_ids included) */
         rc = run_tool(fixture_args("backward", names[i], TMP(out_path, "fixture_out.safetensors"), top_k, top_p));
-        CHECK(rc == 0, "exit status %d; stderr: %s", rc, tool_err);
+        if (votes)
+            CHECK(rc == 1 && strstr(tool_err, "MOE_ERR_STATE") != NULL, "%s: backward after a vote: exit status %d; stderr: %s", names[i], rc,
+                  tool_err);
+        else
+            CHECK(rc == 0, "exit status %d; stderr: %s", rc, tool_err);
         rc = run_tool(fixture_args("forward", names[i], TMP(fwd_path, "fixture_fwd.safetensors"), top_k, top_p));
         CHECK(rc == 0, "exit status %d; stderr: %s", rc, tool_err);
-        CHECK_OK(moe_tensor_file_read(&ctx, out_path, &out), &ctx);
-        if (ref && out) {
+        if (votes) {
+            CHECK_OK(moe_tensor_file_read(&ctx, fwd_path, &out), &ctx);
+            if (ref && out) {
+                compare_fixture_tensor(names[i], ref, out, "y", "eval.y", FIXTURE_TOL_OUTPUT, &worst_y);
+                printf("       %-50s worst/tolerance: y %.3f (votes: no backward)\n", names[i], worst_y);
+            }
+        } else {
+            CHECK_OK(moe_tensor_file_read(&ctx, out_path, &out), &ctx);
+        }
+        if (!votes && ref && out) {
             compare_fixture_tensor(names[i], ref, out, "y", "eval.y", FIXTURE_TOL_OUTPUT, &worst_y);
             compare_fixture_tensor(names[i], ref, out, "dx", "eval.dx", FIXTURE_TOL_GRAD, &worst_grad);
             for (k = 0; k < moe_tensor_file_count(ref); k++) {

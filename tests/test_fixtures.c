@@ -3,7 +3,9 @@
    without), and five AdamW steps. Tolerances (float32 here against float64 there):
      outputs, losses, gradients:  |a - b| <= 1e-4 |b| + 2e-5 max|b over the tensor|
      parameters after 5 steps:     |a - b| <= 1e-4 |b| + 1e-5 max|b over the tensor|
-     kept tokens per expert, dropped tokens: exact. */
+     kept tokens per expert, dropped tokens: exact.
+   A model with a voting layer (combine vote / vote_majority) has no inference backward: its fixture
+   has no eval.dx / eval.grad.*, and the backward after its inference forward must be refused. */
 #define MOE_IMPLEMENTATION
 #include "../moe.h"
 #include "test.h"
@@ -17,7 +19,7 @@ static const char *const fixtures[] = {
     "noisy_topk", "topk_norenorm_aux", "noisy_capacity_passthrough", "topk1_mlp3_residual",
     "sigmoid_groups_bias", "expert_choice", "call_top_k_top_p", "hash_tokens", "gaussian_mixture",
     "topk2_geglu_bias", "stack_combine", "soft_slots_groups", "hierarchical_noisy", "mmoe_ple_tasks",
-    "embedding_hash",
+    "embedding_hash", "vote_combine",
 };
 
 static moe_ctx ctx;
@@ -70,7 +72,7 @@ static void run_fixture(const char *fixture) {
     const float *noise_c[8] = {0};
     int32_t *labels = NULL, *ids = NULL;
     int64_t T, D, C, i;
-    int l, k;
+    int l, k, votes = 0;
     moe_forward_opts train_opts, eval_opts;
     moe_target target, tasks[MOE_MAX_TASKS];
     float *task_values[MOE_MAX_TASKS] = {0};
@@ -88,6 +90,8 @@ static void run_fixture(const char *fixture) {
     if (!m) goto done;
     md = moe_model_get_desc(m);
     C = moe_model_d_out(m);
+    for (l = 0; l < md->n_layers; l++)
+        if (md->layers[l].kind == MOE_LAYER_MOE && (md->layers[l].combine == MOE_COMBINE_VOTE || md->layers[l].combine == MOE_COMBINE_VOTE_MAJORITY)) votes = 1;
     x = (float *)malloc(sizeof(float) * (size_t)(T * D));
     dx = (float *)malloc(sizeof(float) * (size_t)(T * D));
     dy = (float *)malloc(sizeof(float) * (size_t)(T * C));
@@ -189,9 +193,14 @@ static void run_fixture(const char *fixture) {
     CHECK_OK(moe_model_forward(m, x, T, NULL, &eval_opts), &ctx);
     compare(f, fixture, "eval.y", moe_model_output(m), T * C, 1e-4, 2e-5);
     moe_model_zero_grad(m);
-    CHECK_OK(moe_model_backward(m, dy, dx, 0), &ctx);
-    compare(f, fixture, "eval.dx", dx, T * D, 1e-4, 2e-5);
-    compare_grads(m, f, fixture, "eval.grad.");
+    if (votes) {  /* a vote has no gradient (README 3.4 step 6) */
+        CHECK(moe_model_backward(m, dy, dx, 0) == MOE_ERR_STATE, "%s: backward after a vote not refused with MOE_ERR_STATE", fixture);
+        CHECK(moe_tensor_file_find(f, "eval.dx") == NULL, "%s: a voting model's fixture has eval.dx", fixture);
+    } else {
+        CHECK_OK(moe_model_backward(m, dy, dx, 0), &ctx);
+        compare(f, fixture, "eval.dx", dx, T * D, 1e-4, 2e-5);
+        compare_grads(m, f, fixture, "eval.grad.");
+    }
 
     /* five optimizer steps on the same batch and noise */
     for (k = 1; k <= 5; k++) {

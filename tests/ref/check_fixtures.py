@@ -193,7 +193,9 @@ def expected_fixture(cfg, T, present):
     for n in ["y", "dy", "eval.y"]:   # Gaussian experts: the packed mixture E (1 + 2 d_out)
         shapes[n] = [T, last["experts"] * (1 + 2 * d_out) if last.get("expert") == "gaussian" else d_out]
     shapes["loss"] = shapes["aux_loss"] = [1]
-    shapes["dx"] = shapes["eval.dx"] = [T, d_in]
+    shapes["dx"] = [T, d_in]
+    if not votes(cfg):                          # a vote has no inference backward: no eval.dx, eval.grad.*
+        shapes["eval.dx"] = [T, d_in]
     for i, c in enumerate(cfg["layers"]):
         if c["kind"] == "moe":
             shapes["aux.%d" % i] = [4]
@@ -205,7 +207,8 @@ def expected_fixture(cfg, T, present):
                 shapes["noise.%d" % i] = [T * (c["experts"] + c["groups"])]
     for n, s in expected_params(cfg).items():
         shapes["grad." + n] = s
-        shapes["eval.grad." + n] = s
+        if not votes(cfg):
+            shapes["eval.grad." + n] = s
         for k in range(1, 6):
             shapes["step%d.%s" % (k, n)] = s
     for k in range(1, 6):
@@ -251,12 +254,38 @@ def cv2(v):
     return var / (m * m + 1e-10)
 
 
-def combine(P, p, c, X, slots, keep):
+def votes(cfg):
+    """A voting layer (README 3.4 step 6) makes the inference forward a vote: it has no backward."""
+    return any(c.get("combine") in ("vote", "vote_majority") for c in cfg["layers"])
+
+
+def combine(P, p, c, X, slots, keep, train=True):
     """Steps 5-6: slots[t] = [(expert, gate)], keep[t] = [kept?]; pass-through and shared experts."""
     Y, tokens_per_expert, dropped = [], [0] * c["experts"], 0
     E, O = c["experts"], c["d_out"]
     for t in range(len(X)):
         x = X[t]
+        if c.get("combine") in ("vote", "vote_majority") and not train:
+            # inference: every kept expert votes for its largest logit, the lower class on a tie
+            count, weight = [0] * O, [0.0] * O
+            for (e, g), kp in zip(slots[t], keep[t]):
+                if kp:
+                    f = [float(v) for v in expert(P, p + "experts.", c, e, x)]
+                    best = 0
+                    for j in range(1, O):
+                        if f[j] > f[best]:
+                            best = j
+                    count[best] += 1
+                    weight[best] += float(g)
+                    tokens_per_expert[e] += 1
+            if not any(keep[t]):
+                dropped += 1
+            G = sum(weight)
+            if c["combine"] == "vote":
+                Y.append(torch.tensor(weight))
+            else:
+                Y.append(torch.tensor([count[j] + (0.5 * weight[j] / G if G > 0 else 0.0) for j in range(O)]))
+            continue
         if c["expert"] == "gaussian":          # README 3.6: (log pi | means | clamped log-stds)
             lp = [torch.tensor(-math.inf)] * E
             mu = [torch.zeros(O)] * E
@@ -362,7 +391,7 @@ def moe_layer(P, i, c, X, train, noise, call):
                     keep[t][sl] = False
                 else:
                     held[e] += 1
-    Y, tokens_per_expert, dropped = combine(P, p, c, X, [list(zip(chosen[t], gates[t])) for t in range(T)], keep)
+    Y, tokens_per_expert, dropped = combine(P, p, c, X, [list(zip(chosen[t], gates[t])) for t in range(T)], keep, train)
     load = [sum(ch.count(e) for ch in chosen) for e in range(E)]
     aux = [torch.zeros(()) for _ in range(4)]
     if train:
@@ -432,7 +461,7 @@ def other_router_layer(P, p, i, c, X, train, k, call):
                     e = slots[t][sl][0]
                     keep[t][sl] = held[e] < C
                     held[e] += keep[t][sl]
-    Y, tokens_per_expert, dropped = combine(P, p, c, X, slots, keep)
+    Y, tokens_per_expert, dropped = combine(P, p, c, X, slots, keep, train)
     aux = [torch.zeros(()) for _ in range(4)]
     if train and router == "expert_choice" and c["z_loss"]:
         aux[1] = c["z_loss"] * sum(torch.logsumexp(h, 0) ** 2 for h in hs) / T
@@ -503,7 +532,7 @@ def hierarchical_layer(P, p, c, X, train, k, noise):
                 e = slots[t][s][0]
                 keep[t][s] = held[e] < C
                 held[e] += keep[t][s]
-    Y, tokens_per_expert, dropped = combine(P, p, c, X, slots, keep)
+    Y, tokens_per_expert, dropped = combine(P, p, c, X, slots, keep, train)
     load = [sum(1 for sl in slots for e, _ in sl if e == x) for x in range(E)]
     aux = [torch.zeros(()) for _ in range(4)]
     if train and c["balance_loss"]:
@@ -662,17 +691,18 @@ def check(path):
     P = {n: v.clone().requires_grad_(True) for n, v in P0.items()}
     x = x0.clone().requires_grad_(True)
     ey = forward(cfg, P, x, False, {}, call)[0]
-    gr = torch.autograd.grad((ey * d["dy"]).sum(), [x] + [P[n] for n in names], allow_unused=True)
     close("eval.y", ey.detach(), d["eval.y"])
-    close("eval.dx", torch.zeros_like(x0) if gr[0] is None else gr[0], d["eval.dx"])
-    for n, g in zip(names, gr[1:]):
-        close("eval.grad." + n, torch.zeros_like(P0[n]) if g is None else g, d["eval.grad." + n])
+    if not votes(cfg):
+        gr = torch.autograd.grad((ey * d["dy"]).sum(), [x] + [P[n] for n in names], allow_unused=True)
+        close("eval.dx", torch.zeros_like(x0) if gr[0] is None else gr[0], d["eval.dx"])
+        for n, g in zip(names, gr[1:]):
+            close("eval.grad." + n, torch.zeros_like(P0[n]) if g is None else g, d["eval.grad." + n])
 
     # (3) finite differences on a few entries of every tensor
     rng = np.random.RandomState(0)
     eps = 1e-6
     nfd = 0
-    for which, obj, prefix in [("train", train_obj, ""), ("eval", eval_obj, "eval.")]:
+    for which, obj, prefix in [("train", train_obj, ""), ("eval", eval_obj, "eval.")][:1 if votes(cfg) else 2]:
         for n in ([] if embeds(cfg) else ["x"]) + names:   # token ids have no gradient
             base = x0 if n == "x" else P0[n]
             grad = d[prefix + ("dx" if n == "x" else "grad." + n)]

@@ -13,7 +13,7 @@ the README model reference section 6 is written by hand).
 Every model is an independent re-implementation of the README's model reference: dense / rmsnorm / layernorm / moe
 layers, the topk / noisy_topk / switch / sigmoid / expert_choice / hash / soft / hierarchical routers (3.4-3.8), per-call top_k
 and top_p, the selection-bias update, capacity with dropping and pass-through, linear /
-mlp / swiglu experts, shared experts, the four auxiliary losses, the three task losses, gradient
+mlp / swiglu experts, shared experts, the stacking and voting combines, the four auxiliary losses, the three task losses, gradient
 clipping and AdamW.  Parameters and inputs are drawn in float32 (so the stored values are exactly
 the ones used) and everything is then computed in float64.
 
@@ -44,6 +44,7 @@ RELU_MARGIN = 1e-4   # minimum |z| of a relu input
 # still 30 times the float32-vs-float64 differences of the scores after five steps (~1e-6).
 FINE_MARGIN = 3e-5
 STEPS = 5
+VOTES = ("vote", "vote_majority")   # voting combines (README 3.4 step 6): no inference backward
 
 OPTIMIZER = {"kind": "adamw", "lr": 0.01, "beta1": 0.9, "beta2": 0.999, "eps": 1e-08,
              "weight_decay": 0.01, "momentum": 0, "clip_norm": 0,
@@ -630,12 +631,32 @@ def moe_forward(P, p, c, x, train, noise, chk, call, layer):
                 G = G + w[:, None] * torch.nn.functional.one_hot(sel[:, si].clamp(min=0), E).double()
             cat = (G.T[:, :, None] * fx).permute(1, 0, 2).reshape(T, -1)
             routed = cat @ P[p + "combine.weight"].T + P[p + "combine.bias"]
+        elif c.get("combine") in VOTES and not train:
+            # inference vote: each kept expert votes for its argmax class (ties: lower class);
+            # weighted: y[c] = gates of c's voters; majority: n_c + 0.5 G_c / G
+            routed = torch.zeros(T, O)
+            for t in range(T):
+                n_c, g_c, total = torch.zeros(O), torch.zeros(O), 0.0
+                for si in range(slots):
+                    if not keep[t, si]:
+                        continue
+                    lg = fx[int(sel[t, si]), t].detach()
+                    order = torch.sort(lg, descending=True, stable=True).indices
+                    gap_check(chk, lg[order[:2]], fine=False)      # which class the expert votes for
+                    v = int(order[0])
+                    n_c[v] += 1
+                    g_c[v] += float(gates[t, si])
+                    total += float(gates[t, si])
+                if c["combine"] == "vote":
+                    routed[t] = g_c
+                else:
+                    routed[t] = n_c + (0.5 * g_c / total if total > 0 else 0)
         else:
             routed = torch.zeros(T, O)
             for si in range(slots):
                 w = gates[:, si] * keep[:, si].double()
                 routed = routed + w[:, None] * fx[sel[:, si].clamp(min=0), ar]
-        if not c["residual"] and O == D:
+        if not c["residual"] and O == D and not (c.get("combine") in VOTES and not train):
             # pass-through; stacking adds x to the output linear (for such a token, its bias)
             routed = torch.where(dropped[:, None], x + routed if stack else x, routed)
         y = x + routed if c["residual"] else routed
@@ -850,15 +871,18 @@ def build_case(name, cfg, T, seed, check=None, call_opts=None):
     dx = grads[0] if grads[0] is not None else torch.zeros_like(x)   # token ids: no gradient
     grad = {n: (gr if gr is not None else torch.zeros_like(P0[n])) for n, gr in zip(names, grads[1:])}
 
-    # inference forward + backward of sum(y * dy), no aux
+    # inference forward + backward of sum(y * dy), no aux.  A model with a voting layer has no
+    # inference backward (the library refuses it): only its inference forward is stored.
+    votes = any(c.get("combine") in VOTES for c in layers)
     P = {n: v.clone().requires_grad_(True) for n, v in P0.items()}
     xg = x.clone().requires_grad_(True)
     ey, _, estats = model_forward(cfg, P, xg, False, {}, chk, call)
-    egrads = torch.autograd.grad((ey * dy).sum(), [xg] + [P[n] for n in names],
-                                 allow_unused=True)
-    edx = egrads[0] if egrads[0] is not None else torch.zeros_like(x)
-    egrad = {n: (gr if gr is not None else torch.zeros_like(P0[n]))
-             for n, gr in zip(names, egrads[1:])}
+    if not votes:
+        egrads = torch.autograd.grad((ey * dy).sum(), [xg] + [P[n] for n in names],
+                                     allow_unused=True)
+        edx = egrads[0] if egrads[0] is not None else torch.zeros_like(x)
+        egrad = {n: (gr if gr is not None else torch.zeros_like(P0[n]))
+                 for n, gr in zip(names, egrads[1:])}
 
     # five AdamW steps on the same batch
     o = cfg["optimizer"]
@@ -947,9 +971,10 @@ def build_case(name, cfg, T, seed, check=None, call_opts=None):
         out["grad." + n] = f32(grad[n])
     out["dy"] = f32(dy)
     out["eval.y"] = f32(ey)
-    out["eval.dx"] = f32(edx)
-    for n in names:
-        out["eval.grad." + n] = f32(egrad[n])
+    if not votes:
+        out["eval.dx"] = f32(edx)
+        for n in names:
+            out["eval.grad." + n] = f32(egrad[n])
     for k, (sl, sa, th) in enumerate(steps, 1):
         out["step%d.loss" % k] = f32(sl.reshape(1))
         out["step%d.aux_loss" % k] = f32(sa.reshape(1))
@@ -1001,6 +1026,11 @@ def check_top_p(info):
     check_adam_safe(info)
     require(any(st["capacity"] is None and float(st["load"].sum()) < 20 * 3 for st in info["stats"].values()),
             "top_p keeps every slot")
+
+
+def check_vote(info):
+    check_adam_safe(info)
+    require(info["eval_stats"][1]["dropped_tokens"] >= 1, "the voting layer drops no token at inference")
 
 
 CASES = [
@@ -1145,6 +1175,15 @@ CASES = [
                            combine="stack", d_expert_out=3),
                        dense(8, 4)], "cross_entropy"),
      16, check_dropped),
+    # voting combines (README 3.4 step 6): training forwards are the gated sum; at inference the
+    # first layer's weighted votes feed the second layer, whose majority votes (capacity drops some
+    # voters and whole tokens: zeros) are the output.  No eval.dx / eval.grad.* (no inference backward).
+    ("vote_combine",
+     model_config(10, [moe(10, 6, router="topk", experts=4, top_k=2, expert="mlp", d_hidden=8,
+                           activation="tanh", combine="vote", balance_loss=0.01),
+                       moe(6, 5, router="topk", experts=3, top_k=2, expert="linear", capacity_factor=0.5,
+                           combine="vote_majority", z_loss=0.001)], "cross_entropy"),
+     16, check_vote),
     # README 3.10: token ids -> embedding; the hash layer takes each row's last id
     ("embedding_hash",
      model_config(3, [embedding(3, 7, 4),

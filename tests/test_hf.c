@@ -143,7 +143,8 @@ static int test_gradients(void) {
         fixture fx;
         moe_hf_desc hd;
         moe_layer *l = NULL;
-        int64_t n = 0, i, where;
+        int64_t n = 0, i;
+        long where;
         float *y, *dy, *dx, *want;
         int checked = 0;
         if (!fixture_open(c, &fx)) { CHECK(0, "fixture %s missing", cases[c]); fixture_close(&fx); continue; }

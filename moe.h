@@ -494,6 +494,13 @@ MOEDEF moe_result moe_layer_tensor(moe_layer *layer, int index, moe_tensor *tens
    read those. MOE_DTYPE_F32 drops the snapshot. While one is held, backward returns
    MOE_ERR_STATE. Allocates (once, here); other layer kinds accept the call and ignore it. */
 MOEDEF moe_result moe_layer_quantize(moe_layer *layer, moe_dtype dtype);
+/* Batched inference with packed weights: enable != 0 copies the f32 expert weights into the
+   panel layout the matrix kernels read, so forwards of more than a few tokens skip repacking
+   them (results bitwise the same as without); 0 frees the copy. Uses as much memory again as
+   the expert weights; allocates here only. A training forward or moe_layer_quantize drops it;
+   after changing weights through tensor pointers, call it again. Reduced-precision layers and
+   other layer kinds accept the call and pack nothing. */
+MOEDEF moe_result moe_layer_pack(moe_layer *layer, int enable);
 #ifndef MOE_NO_TRAINING
 /* Sigmoid router: the aux-loss-free selection-bias update from the load of the last forward,
    b_e += bias_update_rate * sign(mean load - load_e). moe_model_optimizer_step and
@@ -611,6 +618,8 @@ MOEDEF moe_result moe_model_predict(moe_model *model, const float *x, int64_t n_
 MOEDEF moe_result moe_model_stats(const moe_model *model, int layer, moe_stats *stats);
 /* moe_layer_quantize on every MoE layer; training calls return MOE_ERR_STATE while quantized. */
 MOEDEF moe_result moe_model_quantize(moe_model *model, moe_dtype dtype);
+/* moe_layer_pack on every layer (MOE_ERR_STATE for a model in caller memory). */
+MOEDEF moe_result moe_model_pack(moe_model *model, int enable);
 
 /* The parameter blob and its length in floats; tensors start 64-byte aligned, so the blob holds
    a little padding between them (zeros): moe_model_parameter_count gives the parameters. */
@@ -1204,6 +1213,7 @@ typedef struct moe__gemm {
     moe__gemm_op op;
     int64_t M, N, K;
     moe__mat A, B, B2;          /* B2: the second weight of a pair */
+    const float *Bp;            /* MOE__NT: B (and B2) already packed, full-depth panels, or NULL */
     float *C, *C2;
     int64_t ldc;
     int accumulate;             /* C += product; else C = product */
@@ -1220,6 +1230,8 @@ typedef void (*moe__micro_fn)(int64_t kc, const float *A, const float *B, float 
 
 /* dst[k * ld + i] = src[i][k] for i < n, zeros for n <= i < W: packing's transposing copy. */
 typedef void (*moe__pack_fn)(const float *const *src, int64_t n, int64_t W, int64_t ld, int64_t kc, float *dst);
+/* dst[k * ld + j] = src[k][c0 + j] for j < n, zeros for j = n..W: the straight copy of packing */
+typedef void (*moe__pack_n_fn)(const float *const *src, int64_t c0, int64_t n, int64_t W, int64_t ld, int64_t kc, float *dst);
 /* a[j] = silu(z1[j]) * z3[j] */
 typedef void (*moe__swiglu_fn)(const float *z1, const float *z3, float *a, int64_t n);
 /* its gradient: dz1 = da z3 silu'(z1), dz3 = da silu(z1) */
@@ -1231,6 +1243,7 @@ typedef void (*moe__dot_fn)(const struct moe__mat *W, int64_t j, const float *co
 typedef struct moe__kernel {
     moe__micro_fn micro;
     moe__pack_fn pack_t;
+    moe__pack_n_fn pack_n;
     moe__swiglu_fn swiglu;
     moe__swiglu_grad_fn swiglu_grad;
     moe__dot_fn dot;
@@ -1252,7 +1265,7 @@ typedef struct moe__exec {
 #define MOE__NB 512             /* packed B columns per block (a pair: 256 of each weight) */
 #define MOE__MR_MAX 12
 #define MOE__NR_MAX 32
-#define MOE__MB_MAX (16 * MOE__MR_MAX)
+#define MOE__MB_MAX (64 * MOE__MR_MAX)   /* rows of A packed at once: a whole tile of the grouped schedule */
 #define MOE__GEMM_SCRATCH (MOE__KC * MOE__NB + MOE__MB_MAX * MOE__KC + MOE__MR_MAX * MOE__NR_MAX + MOE__NR_MAX * MOE__KC)
 
 static float moe__sigmoid(float z);
@@ -1417,18 +1430,32 @@ static void moe__pack_t(const float *const *src, int64_t n, int64_t W, int64_t l
     }
 }
 
+static void moe__pack_n(const float *const *src, int64_t c0, int64_t n, int64_t W, int64_t ld, int64_t kc, float *MOE__RESTRICT dst) {
+    int64_t k, j;
+    for (k = 0; k < kc; k++) {
+        float *d = dst + k * ld;
+        const float *s = src[k] + c0;
+        for (j = 0; j < n; j++) d[j] = s[j];
+        for (; j < W; j++) d[j] = 0.0f;
+    }
+}
+
+/* Row pointers of kc rows of m from row r0 on. */
+static void moe__row_ptrs(const moe__mat *m, int64_t r0, int64_t kc, const float **dst) {
+    int64_t k;
+    for (k = 0; k < kc; k++) dst[k] = moe__row(m, r0 + k);
+}
+
 /* Pack A(m0.., kb..) into MR-row panels: panel p holds kc rows of MR values. */
 static void moe__pack_a(const moe__kernel *kn, const moe__gemm *g, int64_t MR, int64_t m0, int64_t mc, int64_t kb, int64_t kc, float *MOE__RESTRICT ap) {
-    const float *src[MOE__MR_MAX];
-    int64_t p, i, k;
+    const float *src[MOE__KC];
+    int64_t p, i;
+    if (g->op == MOE__TN) moe__row_ptrs(&g->A, kb, kc, src);
     for (p = 0; p < mc; p += MR) {
         int64_t mr = moe__min64(MR, mc - p);
         float *dst = ap + p * kc;
         if (g->op == MOE__TN) {
-            for (k = 0; k < kc; k++) {
-                memcpy(dst + k * MR, moe__row(&g->A, kb + k) + m0 + p, (size_t)mr * sizeof(float));
-                if (mr < MR) memset(dst + k * MR + mr, 0, (size_t)(MR - mr) * sizeof(float));
-            }
+            kn->pack_n(src, m0 + p, mr, MR, MR, kc, dst);
         } else {
             for (i = 0; i < mr; i++) src[i] = moe__row(&g->A, m0 + p + i) + kb;
             kn->pack_t(src, mr, MR, MR, kc, dst);
@@ -1439,8 +1466,8 @@ static void moe__pack_a(const moe__kernel *kn, const moe__gemm *g, int64_t MR, i
 /* Columns j0..j0+w of B (or B2) into columns 0..w of an NR-wide panel of kc rows, zeros up to W. */
 static void moe__pack_b_cols(const moe__kernel *kn, const moe__gemm *g, const moe__mat *B, int64_t NR, int64_t W, int64_t j0, int64_t w, int64_t kb,
                              int64_t kc, float *MOE__RESTRICT dst, float *rowbuf) {
-    const float *src[MOE__NR_MAX];
-    int64_t j, k;
+    const float *src[MOE__KC > MOE__NR_MAX ? MOE__KC : MOE__NR_MAX];
+    int64_t j;
     if (g->op == MOE__NT && !B->data) {
         for (j = 0; j < w; j++) {
             moe__mat_load(B, j0 + j, kb, kc, rowbuf + j * kc);
@@ -1451,10 +1478,8 @@ static void moe__pack_b_cols(const moe__kernel *kn, const moe__gemm *g, const mo
         for (j = 0; j < w; j++) src[j] = moe__row(B, j0 + j) + kb;
         kn->pack_t(src, w, W, NR, kc, dst);
     } else {
-        for (k = 0; k < kc; k++) {
-            memcpy(dst + k * NR, moe__row(B, kb + k) + j0, (size_t)w * sizeof(float));
-            if (w < W) memset(dst + k * NR + w, 0, (size_t)(W - w) * sizeof(float));
-        }
+        moe__row_ptrs(B, kb, kc, src);
+        kn->pack_n(src, j0, w, W, NR, kc, dst);
     }
 }
 
@@ -1486,12 +1511,35 @@ static void moe__micro_edge(const moe__kernel *kn, int64_t kc, const float *A, c
     }
 }
 
+#if defined(__GNUC__) || defined(__clang__)
+#define MOE__PREFETCH_L2(p) __builtin_prefetch((p), 0, 2)
+#else
+#define MOE__PREFETCH_L2(p) (void)(p)
+#endif
+
+/* Part `part` of `parts` of the source lines of the next transposed B block (rows j0..j0+n,
+   columns k0..k0+kc of B and B2), hinted toward L2 while the current block computes: packing it
+   then reads L2 instead of waiting on many short strided streams from memory. */
+static void moe__prefetch_b(const moe__gemm *g, int64_t j0, int64_t n, int64_t k0, int64_t kc, int64_t part, int64_t parts) {
+    int64_t per_row = (kc + 15) / 16, total = n * per_row * (g->pair ? 2 : 1);
+    int64_t a = part * total / parts, b = (part + 1) * total / parts, i;
+    for (i = a; i < b; i++) {
+        int64_t row = i / per_row, line = i % per_row;
+        const moe__mat *B = row >= n ? &g->B2 : &g->B;
+        MOE__PREFETCH_L2(moe__row(B, j0 + row % n) + k0 + line * 16);
+    }
+}
+
+/* Loop order: for each row block (up to MOE__MB_MAX rows) and each depth block, A is packed once
+   and serves every column block of the call, so a call over many columns packs A once; B is packed
+   per (column block, depth block) into L2 and its panels stream past an A panel held in L1. */
 static void moe__gemm_block_fast(const moe__exec *ex, const moe__gemm *g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float *scratch) {
     const moe__kernel *kn = &ex->kernel;
     int64_t MR = kn->mr, NR = kn->nr, half = NR / 2, PW = g->pair ? half : NR;
-    int64_t NB = g->pair ? MOE__NB / 2 : MOE__NB, MB = 16 * MR, ldc = g->ldc;
+    int64_t NB = g->pair ? MOE__NB / 2 : MOE__NB, MB = (MOE__MB_MAX / MR) * MR, ldc = g->ldc;
     float *bp = scratch, *ap = scratch + MOE__KC * MOE__NB, *tmp = ap + MOE__MB_MAX * MOE__KC, *rowbuf = tmp + MOE__MR_MAX * MOE__NR_MAX;
     int64_t nb, kb, mb, ip, jp, i, j;
+    int prepacked = g->Bp != NULL && n0 % PW == 0;
     if (g->K == 0) {
         int half_i;
         for (half_i = 0; half_i <= g->pair; half_i++)
@@ -1503,21 +1551,28 @@ static void moe__gemm_block_fast(const moe__exec *ex, const moe__gemm *g, int64_
         moe__gemm_finish(g, kn, m0, m1, n0, n1);
         return;
     }
-    for (nb = n0; nb < n1; nb += NB) {
-        int64_t nc = moe__min64(NB, n1 - nb);
+    for (mb = m0; mb < m1; mb += MB) {
+        int64_t mc = moe__min64(MB, m1 - mb);
         for (kb = 0; kb < g->K; kb += MOE__KC) {
             int64_t kc = moe__min64(MOE__KC, g->K - kb);
             int accumulate = kb > 0 || g->accumulate, last = kb + kc >= g->K;
-            moe__pack_b(kn, g, NR, PW, nb, nc, kb, kc, bp, rowbuf);
-            for (mb = m0; mb < m1; mb += MB) {
-                int64_t mc = moe__min64(MB, m1 - mb);
-                moe__pack_a(kn, g, MR, mb, mc, kb, kc, ap);
+            moe__pack_a(kn, g, MR, mb, mc, kb, kc, ap);
+            for (nb = n0; nb < n1; nb += NB) {
+                int64_t nc = moe__min64(NB, n1 - nb), nb2 = nb + NB, kb2 = kb, mb2 = mb;
+                int hint = g->op == MOE__NT && g->B.data != NULL && !prepacked;
+                if (!prepacked) moe__pack_b(kn, g, NR, PW, nb, nc, kb, kc, bp, rowbuf);
+                if (nb2 >= n1) { nb2 = n0; kb2 += MOE__KC; }  /* the block packed next */
+                if (kb2 >= g->K) { kb2 = 0; mb2 += MB; }
+                hint = hint && mb2 < m1 && !(nb2 == nb && kb2 == kb);
                 for (ip = 0; ip < mc; ip += MR) {
                     int64_t mr = moe__min64(MR, mc - ip), row = mb + ip;
+                    if (hint)
+                        moe__prefetch_b(g, nb2, moe__min64(NB, n1 - nb2), kb2, moe__min64(MOE__KC, g->K - kb2), ip / MR, (mc + MR - 1) / MR);
                     for (jp = 0; jp < nc; jp += PW) {
                         int64_t w = moe__min64(PW, nc - jp), col = nb + jp;
                         float *lo = g->C + row * ldc + col, *hi = g->pair ? g->C2 + row * ldc + col : lo + half;
-                        const float *a = ap + ip * kc, *b = bp + (jp / PW) * NR * kc;
+                        const float *a = ap + ip * kc;
+                        const float *b = prepacked ? g->Bp + ((nb + jp) / PW) * NR * g->K + kb * NR : bp + (jp / PW) * NR * kc;
                         if (mr == MR && w == PW)
                             kn->micro(kc, a, b, lo, hi, ldc, accumulate);
                         else if (g->pair)
@@ -1671,7 +1726,19 @@ static void moe__transpose16(__m512 *r) {
     }
 }
 
-static uint32_t moe__lanes(int64_t n) { return n >= 16 ? 0xFFFFu : (1u << n) - 1u; }
+static uint32_t moe__lanes(int64_t n) { return n >= 16 ? 0xFFFFu : n <= 0 ? 0u : (1u << n) - 1u; }
+
+/* moe__pack_n with masked 16-wide copies. */
+__attribute__((target("avx512f")))
+static void moe__pack_n_avx512(const float *const *src, int64_t c0, int64_t n, int64_t W, int64_t ld, int64_t kc, float *dst) {
+    int64_t k, j;
+    for (k = 0; k < kc; k++) {
+        const float *s = src[k] + c0;
+        float *d = dst + k * ld;
+        for (j = 0; j < W; j += 16)
+            _mm512_mask_storeu_ps(d + j, (__mmask16)moe__lanes(W - j), _mm512_maskz_loadu_ps((__mmask16)moe__lanes(n - j), s + j));
+    }
+}
 
 /* moe__pack_t in 16 x 16 blocks through registers. */
 __attribute__((target("avx512f")))
@@ -1848,7 +1915,7 @@ static void moe__dot_rows_avx512(const moe__mat *W, int64_t j, const float *cons
 
 static moe__kernel moe__kernel_make(moe__micro_fn micro, int mr, int nr, const char *name) {
     moe__kernel k;
-    k.micro = micro; k.pack_t = moe__pack_t; k.swiglu = moe__swiglu_rows; k.swiglu_grad = moe__swiglu_grad_rows; k.dot = moe__dot_rows;
+    k.micro = micro; k.pack_t = moe__pack_t; k.pack_n = moe__pack_n; k.swiglu = moe__swiglu_rows; k.swiglu_grad = moe__swiglu_grad_rows; k.dot = moe__dot_rows;
     k.geglu = moe__geglu_rows; k.geglu_grad = moe__geglu_grad_rows;
     k.mr = mr; k.nr = nr; k.name = name;
     return k;
@@ -1863,6 +1930,7 @@ static moe__kernel moe__kernel_select(void) {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
         moe__kernel k = moe__kernel_make(moe__micro_avx512, 12, 32, "avx512");
         k.pack_t = moe__pack_t_avx512;
+        k.pack_n = moe__pack_n_avx512;
         k.swiglu = moe__swiglu_avx512;
         k.swiglu_grad = moe__swiglu_grad_avx512;
         k.geglu = moe__geglu_avx512;
@@ -2013,7 +2081,7 @@ enum { MOE__TILE_FORWARD, MOE__TILE_INPUT_GRAD, MOE__TILE_WEIGHT_GRAD, MOE__TILE
 typedef struct moe__tile {
     int32_t bank, expert, linear, kind;
     int64_t r0, r1, c0, c1;
-    double cost;                /* flops: the schedule starts the largest tiles first */
+    double cost;                /* flops */
 } moe__tile;
 
 #define MOE__TILE_ROWS 512      /* most rows per forward / input-gradient tile */
@@ -2074,6 +2142,8 @@ struct moe_layer {
     void *own;                  /* standalone layer: the one block it allocated */
     moe_dtype wdtype;           /* expert weights forwards read: F32 (the parameters), BF16 or I8 */
     void *qblock;               /* the reduced copies (moe_layer_quantize) */
+    float *wpack;               /* moe_layer_pack: forward weights in the kernel's panel layout */
+    int64_t wpack_off[2][MOE__MAX_LINEARS]; /* floats before forward stage s of bank b */
 
     /* routers beyond softmax top-k, per-call k and top-p */
     int64_t slots;              /* (token, slot) entries per token in sel/pos/gate: the call's k; expert choice: E */
@@ -3319,6 +3389,14 @@ static moe__mat moe__expert_weights(const moe_layer *l, const moe__bank *b, int 
 static int moe__bank_stages(const moe__bank *b) { return moe__glu_kind(b->kind) ? 2 : b->n_linears; }
 static int moe__stage_linear(const moe__bank *b, int s) { return moe__glu_kind(b->kind) && s == 1 ? 2 : s; }
 
+/* Floats per expert of forward stage s of bank b in the packed layout of kernel kn (moe_layer_pack):
+   panels of PW output columns (a pair: PW of each weight side by side), each all K deep, NR wide. */
+static int64_t moe__pack_stage_floats(const moe__bank *b, int s, const moe__kernel *kn) {
+    const moe__linear *lin = &b->lin[moe__stage_linear(b, s)];
+    int64_t PW = moe__glu_kind(b->kind) && s == 0 ? kn->nr / 2 : kn->nr;
+    return (lin->out + PW - 1) / PW * kn->nr * lin->in;
+}
+
 /* Forward stage s for rows r0..r1 of expert e (the product's rows count from r0). */
 static moe__gemm moe__forward_gemm(const moe_layer *l, const moe__bank *b, int64_t e, int s, int64_t r0, int64_t r1, const float *x) {
     const moe__linear *lin = &b->lin[moe__stage_linear(b, s)];
@@ -3327,6 +3405,10 @@ static moe__gemm moe__forward_gemm(const moe_layer *l, const moe__bank *b, int64
     moe__gemm g = moe__gemm_make(MOE__NT, r1 - r0, lin->out, lin->in, moe__bank_in(b, lin, x, r0),
                                  moe__expert_weights(l, b, moe__stage_linear(b, s), e), last ? b->out + r0 * b->d_out : b->z[s] + r0 * H,
                                  lin->out, 0, moe__expert_b(l, lin, e));
+    if (l->wpack) {
+        int bi = (int)(b - l->bank);
+        g.Bp = l->wpack + l->wpack_off[bi][s] + e * moe__pack_stage_floats(b, s, &l->ex.kernel);
+    }
     if (last) return g;
     if (moe__glu_kind(b->kind)) {
         g.pair = 1;
@@ -3454,7 +3536,6 @@ static void moe__plan_weights(moe_layer *l, int b, int j) {
 
 static int moe__tile_cmp(const void *pa, const void *pb) {
     const moe__tile *a = (const moe__tile *)pa, *b = (const moe__tile *)pb;
-    if (a->cost != b->cost) return a->cost > b->cost ? -1 : 1;
     if (a->bank != b->bank) return a->bank - b->bank;
     if (a->expert != b->expert) return a->expert - b->expert;
     if (a->linear != b->linear) return a->linear - b->linear;
@@ -3464,7 +3545,8 @@ static int moe__tile_cmp(const void *pa, const void *pb) {
 }
 
 /* The tiles of one step over all experts (forward stage, or backward step with want_dx),
-   rows split finer while there are too few tiles to keep every thread busy, the largest first. */
+   rows split finer while there are too few tiles to keep every thread busy, in order of bank,
+   expert, product, rows and columns (moe__run_step joins neighbouring column blocks). */
 static double moe__plan_step(moe_layer *l, int backward, int q, int want_dx) {
     int64_t rows = MOE__TILE_ROWS;
     double total = 0.0;
@@ -3559,12 +3641,48 @@ static int moe__use_decode(const moe_layer *l, int64_t T) {
     return !l->training && T <= MOE__DECODE_TOKENS && l->ctx->kernels != MOE_KERNELS_REFERENCE;
 }
 
-/* Run the planned tiles over the threads; each writes only its own block. */
+/* Whether tile b continues tile a: the same product and rows, the next columns. */
+static int moe__tile_joins(const moe__tile *a, const moe__tile *b) {
+    return a->kind != MOE__TILE_DECODE && a->kind == b->kind && a->bank == b->bank && a->expert == b->expert &&
+           a->linear == b->linear && a->r0 == b->r0 && a->r1 == b->r1 && a->c1 == b->c0;
+}
+
+/* Tiles i0..i1 on the calling thread; a run of joining tiles is one call, which packs A once. */
+static void moe__run_tiles(const moe_layer *l, int64_t i0, int64_t i1, const float *x) {
+    while (i0 < i1) {
+        moe__tile t = l->tiles[i0];
+        int64_t j = i0 + 1;
+        while (j < i1 && moe__tile_joins(&l->tiles[j - 1], &l->tiles[j])) t.c1 = l->tiles[j++].c1;
+        moe__run_tile(l, &t, x);
+        i0 = j;
+    }
+}
+
+/* Run the planned tiles over the threads; each writes only its own block. Threads claim runs of
+   consecutive tiles, large first and shrinking (a share of what is left), so neighbouring column
+   blocks of one expert mostly share a packed A while the last claims balance the threads. */
 static void moe__run_step(moe_layer *l, double work, const float *x) {
-    int64_t i;
+#ifdef _OPENMP
+    int64_t next = 0, n = l->n_tiles;
+    int nt = l->ex.n_threads;
+    MOE__PRAGMA(omp parallel num_threads(nt) if(nt > 1 && work >= MOE__PARALLEL_MIN_WORK))
+    {
+        int64_t i0, i1;
+        for (;;) {
+            MOE__PRAGMA(omp critical(moe_tile_claim))
+            {
+                i0 = next;
+                i1 = moe__min64(n, i0 + moe__max64(1, (n - i0) / (2 * (int64_t)omp_get_num_threads())));
+                next = i1;
+            }
+            if (i0 >= n) break;
+            moe__run_tiles(l, i0, i1, x);
+        }
+    }
+#else
     (void)work;
-    MOE__PARALLEL_FOR_DYNAMIC(l->ex.n_threads, work)
-    for (i = 0; i < l->n_tiles; i++) moe__run_tile(l, &l->tiles[i], x);
+    moe__run_tiles(l, 0, l->n_tiles, x);
+#endif
 }
 
 static float moe__clamp_log_std(float v) {
@@ -4354,6 +4472,8 @@ static moe_result moe__group_check(moe_layer *l, int64_t T) {
     return MOE_OK;
 }
 
+static void moe__layer_drop_pack(moe_layer *l);
+
 static void moe__layer_forward_impl(moe_layer *l, const float *x, int64_t T, float *y, int training, const float *noise,
                                     const moe_forward_opts *o) {
     l->call_k = o && o->top_k ? o->top_k : l->d.top_k;
@@ -4364,6 +4484,7 @@ static void moe__layer_forward_impl(moe_layer *l, const float *x, int64_t T, flo
     l->y = y;
     l->T = T;
     l->training = training;
+    if (training) moe__layer_drop_pack(l);  /* the weights are about to change */
     l->forward_step = l->noise_step;
     l->u = x;
     switch (l->d.kind) {
@@ -4463,6 +4584,7 @@ static void moe__layer_drop_quant(moe_layer *l);
 MOEDEF void moe_layer_destroy(moe_layer *layer) {
     if (!layer) return;
     moe__layer_drop_quant(layer);
+    moe__layer_drop_pack(layer);
     moe__free(layer->ctx, layer->own);
     moe__free(layer->ctx, layer);
 }
@@ -4509,6 +4631,46 @@ MOEDEF moe_result moe_layer_backward(moe_layer *l, const float *dy, float *dx, i
     return MOE_OK;
 }
 #endif /* MOE_NO_TRAINING */
+
+MOEDEF moe_result moe_layer_pack(moe_layer *l, int enable) {
+    const moe__kernel *kn;
+    int64_t total = 0, e;
+    float *block;
+    int b, s;
+    if (!l) return MOE_ERR_INVALID_ARGUMENT;
+    moe__layer_drop_pack(l);
+    if (!enable || l->n_banks == 0 || l->wdtype != MOE_DTYPE_F32) return MOE_OK;
+    kn = &l->ex.kernel;
+    for (b = 0; b < l->n_banks; b++)
+        for (s = 0; s < moe__bank_stages(&l->bank[b]); s++) {
+            l->wpack_off[b][s] = total;
+            total += l->bank[b].n * moe__pack_stage_floats(&l->bank[b], s, kn);
+        }
+    block = (float *)moe__malloc(l->ctx, (size_t)total * sizeof(float));
+    if (!block) return moe__fail(l->ctx, MOE_ERR_OUT_OF_MEMORY, "layer %d: %lld bytes for packed weights", l->index, (long long)total * 4);
+    for (b = 0; b < l->n_banks; b++)
+        for (s = 0; s < moe__bank_stages(&l->bank[b]); s++)
+            for (e = 0; e < l->bank[b].n; e++) {
+                moe__gemm g = moe__forward_gemm(l, &l->bank[b], e, s, 0, 0, NULL);
+                float *dst = block + l->wpack_off[b][s] + e * moe__pack_stage_floats(&l->bank[b], s, kn);
+                int64_t NR = kn->nr, PW = g.pair ? NR / 2 : NR, p, kb;
+                for (p = 0; p < g.N; p += PW)
+                    for (kb = 0; kb < g.K; kb += MOE__KC) {
+                        int64_t kc = moe__min64(MOE__KC, g.K - kb), w = moe__min64(PW, g.N - p);
+                        float *d = dst + (p / PW) * NR * g.K + kb * NR;
+                        moe__pack_b_cols(kn, &g, &g.B, NR, PW, p, w, kb, kc, d, NULL);
+                        if (g.pair) moe__pack_b_cols(kn, &g, &g.B2, NR, PW, p, w, kb, kc, d + PW, NULL);
+                    }
+            }
+    l->wpack = block;
+    return MOE_OK;
+}
+
+static void moe__layer_drop_pack(moe_layer *l) {
+    if (!l->wpack) return;
+    moe__free(l->ctx, l->wpack);
+    l->wpack = NULL;
+}
 
 static void moe__layer_drop_quant(moe_layer *l) {
     int b, j;
@@ -4579,6 +4741,7 @@ MOEDEF moe_result moe_layer_quantize(moe_layer *l, moe_dtype dtype) {
     if (!moe__all_finite(l->params, l->n_params))
         return moe__fail(l->ctx, MOE_ERR_NONFINITE, "layer %d: parameters hold NaN or Inf; nothing quantized", l->index);
     moe__layer_drop_quant(l);
+    moe__layer_drop_pack(l);
     if (dtype == MOE_DTYPE_F32) return MOE_OK;
     bytes = moe__quant_carve(l, dtype, NULL);
     block = (char *)moe__malloc(l->ctx, bytes);
@@ -5064,7 +5227,10 @@ MOEDEF void moe_model_destroy(moe_model *m) {
     int i;
     if (!m || m->memory) return;  /* in caller memory: nothing of it is ours to free */
     ctx = m->ctx;
-    for (i = 0; m->layers && i < m->n_layers; i++) moe__layer_drop_quant(&m->layers[i]);
+    for (i = 0; m->layers && i < m->n_layers; i++) {
+        moe__layer_drop_quant(&m->layers[i]);
+        moe__layer_drop_pack(&m->layers[i]);
+    }
 #ifndef MOE_NO_TRAINING
     moe_optimizer_destroy(m->opt);
 #endif
@@ -5473,6 +5639,14 @@ MOEDEF moe_result moe_model_quantize(moe_model *m, moe_dtype dtype) {
     if (!m) return MOE_ERR_INVALID_ARGUMENT;
     if (m->memory) return moe__fail(m->ctx, MOE_ERR_STATE, "a model in caller memory keeps the weights of its file (quantize the file instead)");
     for (i = 0; i < m->n_layers; i++) MOE__TRY(moe_layer_quantize(&m->layers[i], dtype));
+    return MOE_OK;
+}
+
+MOEDEF moe_result moe_model_pack(moe_model *m, int enable) {
+    int i;
+    if (!m) return MOE_ERR_INVALID_ARGUMENT;
+    if (m->memory && enable) return moe__fail(m->ctx, MOE_ERR_STATE, "a model in caller memory allocates nothing: it cannot hold packed weights");
+    for (i = 0; i < m->n_layers; i++) MOE__TRY(moe_layer_pack(&m->layers[i], enable));
     return MOE_OK;
 }
 

@@ -1,7 +1,7 @@
 /* bench_moe - speed of one MoE layer (SwiGLU experts) of moe.h on the standard shapes.
 
      build/bench_moe [--shape NAME|all] [--mode fwd|train|all] [--threads N] [--backend cpu|cl]
-                     [--dtype f32|bf16|q8|all] [--runs N] [--check]
+                     [--dtype f32|bf16|q8|f32p|all] [--runs N] [--check]
 
    Prints one line of space-separated key=value pairs per measurement, after three lines that
    describe the machine (model, measured fp32 FMA peak, measured memory read bandwidth).
@@ -57,12 +57,14 @@ typedef struct bench_dtype {
     moe_dtype dtype;
     double bytes;
     double tolerance;             /* --check: max |a - b| / (max |b| + 1e-6) against the f32 reference */
+    int packed;                   /* f32p: f32 weights packed once for inference (moe_layer_pack) */
 } bench_dtype;
 
 static const bench_dtype DTYPES[] = {
-    { "f32",  MOE_DTYPE_F32,  4.0,   1e-4 },
-    { "bf16", MOE_DTYPE_BF16, 2.0,   2e-2 },
-    { "q8",   MOE_DTYPE_I8,   1.125, 5e-2 },
+    { "f32",  MOE_DTYPE_F32,  4.0,   1e-4, 0 },
+    { "bf16", MOE_DTYPE_BF16, 2.0,   2e-2, 0 },
+    { "q8",   MOE_DTYPE_I8,   1.125, 5e-2, 0 },
+    { "f32p", MOE_DTYPE_F32,  4.0,   1e-4, 1 },
 };
 #define N_DTYPES ((int)(sizeof DTYPES / sizeof DTYPES[0]))
 
@@ -287,11 +289,12 @@ typedef struct options {
 static void usage(FILE *f) {
     fprintf(f,
         "usage: bench_moe [--shape edge|mixtral-small|fine|decode|all] [--mode fwd|train|all]\n"
-        "                 [--threads N] [--backend cpu|cl] [--dtype f32|bf16|q8|all] [--runs N] [--check]\n"
+        "                 [--threads N] [--backend cpu|cl] [--dtype f32|bf16|q8|f32p|all] [--runs N] [--check]\n"
         "  --shape    default all\n"
         "  --mode     default all: fwd and train (decode: fwd only)\n"
         "  --threads  default: OpenMP's maximum (1 without OpenMP)\n"
-        "  --dtype    expert weight type; default f32, plus bf16 and q8 for decode fwd; all: every one\n"
+        "  --dtype    expert weight type; default f32, plus bf16 and q8 for decode fwd and f32p (f32 packed\n"
+        "             once, moe_layer_pack) for batched fwd; all: every one\n"
         "  --runs     timed runs after one warm-up, median reported (default 5)\n"
         "  --check    compare with the reference kernels on the first min(T, 64) tokens\n");
 }
@@ -312,14 +315,15 @@ typedef struct bench_run {
 typedef struct bench_backend {
     const char *name;
     const char *missing;          /* non-NULL: not built in, and why */
-    moe_result (*prepare)(bench_run *run, moe_dtype dtype);   /* after the weights are set */
+    moe_result (*prepare)(bench_run *run, const bench_dtype *t);   /* after the weights are set */
     moe_result (*forward)(bench_run *run, int64_t n);
     moe_result (*train)(bench_run *run, int64_t n);
     void (*release)(bench_run *run);
 } bench_backend;
 
-static moe_result cpu_prepare(bench_run *run, moe_dtype dtype) {
-    return moe_layer_quantize(run->layer, dtype);
+static moe_result cpu_prepare(bench_run *run, const bench_dtype *t) {
+    moe_result r = moe_layer_quantize(run->layer, t->dtype);
+    return r == MOE_OK && t->packed ? moe_layer_pack(run->layer, 1) : r;
 }
 
 static moe_result cpu_forward(bench_run *run, int64_t n) {
@@ -344,12 +348,12 @@ typedef struct cl_state {
     moe_cl_model *dm;
 } cl_state;
 
-static moe_result cl_prepare(bench_run *run, moe_dtype dtype) {
+static moe_result cl_prepare(bench_run *run, const bench_dtype *t) {
     cl_state *st = (cl_state *)calloc(1, sizeof *st);
     moe_result r;
     if (!st) return moe__fail(&run->ctx, MOE_ERR_OUT_OF_MEMORY, "cl state");
     run->backend_state = st;
-    if (dtype != MOE_DTYPE_F32) return moe__fail(&run->ctx, MOE_ERR_UNSUPPORTED, "the OpenCL backend keeps f32 weights");
+    if (t->dtype != MOE_DTYPE_F32 || t->packed) return moe__fail(&run->ctx, MOE_ERR_UNSUPPORTED, "the OpenCL backend keeps plain f32 weights");
     if ((r = moe_cl_ctx_init(&run->ctx, NULL, &st->cl)) != MOE_OK) return r;
     if (moe_cl_ctx_fallback(st->cl)) return moe__fail(&run->ctx, MOE_ERR_UNSUPPORTED, "no OpenCL device: %s", moe_cl_ctx_reason(st->cl));
     return moe_cl_layer_upload(st->cl, run->layer, &st->dm);
@@ -548,11 +552,11 @@ static int measure(bench_run *run, const bench_backend *b, int train, const benc
              s->name, train ? "train" : "fwd", b->name, t->name, o->n_threads);
     if (!times) { fprintf(stderr, "bench_moe: out of memory\n"); return 1; }
     if (b->missing) { printf("%s skipped=%s\n", head, b->missing); goto done; }
-    if (train && t->dtype != MOE_DTYPE_F32) {
-        printf("%s skipped=reduced-precision weights are for inference only\n", head);
+    if (train && (t->dtype != MOE_DTYPE_F32 || t->packed)) {
+        printf("%s skipped=%s\n", head, t->packed ? "packed weights are for inference only" : "reduced-precision weights are for inference only");
         goto done;
     }
-    r = b->prepare(run, t->dtype);
+    r = b->prepare(run, t);
     if (r == MOE_ERR_UNSUPPORTED) { printf("%s skipped=%s\n", head, moe_ctx_error(&run->ctx)); goto done; }
     if (r != MOE_OK) { status = fail(&run->ctx, "prepare"); goto done; }
     for (i = -1; i < o->runs; i++) {          /* run -1 is the warm-up */
@@ -650,7 +654,8 @@ static int selected(const options *o, const bench_shape *s, int train, int dtype
     if (train && o->mode_all && s->tokens == 1) return 0;       /* decode is an inference shape */
     if (o->dtype >= 0) return dtype == o->dtype;
     if (o->dtype == -2) return !train || dtype == 0;
-    return dtype == 0 || (s->tokens == 1 && !train);           /* default: f32; decode also bf16, q8 */
+    if (dtype == 0) return 1;                                    /* default: f32; decode also bf16, q8; */
+    return !train && (s->tokens == 1 ? !DTYPES[dtype].packed : DTYPES[dtype].packed);  /* batches f32p */
 }
 
 int main(int argc, char **argv) {

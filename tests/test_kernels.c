@@ -222,6 +222,72 @@ static int test_decode_threads(void) {
     return 0;
 }
 
+/* Packed weights (moe_layer_pack): batched inference forwards give bitwise the outputs of the
+   same layer without them, for 1 and 2 threads, at sizes with several depth, column and row
+   blocks; a training forward and moe_layer_quantize drop the packed copy, so later changes to the
+   weights are seen. */
+static void check_packed(const shape *s, int64_t T, int threads) {
+    int64_t D = s->d.d_in, O = s->d.d_out ? s->d.d_out : D;
+    moe_ctx ctx;
+    moe_layer *a, *b;
+    float *x = (float *)malloc(sizeof(float) * (size_t)(T * D)), *ya = (float *)malloc(sizeof(float) * (size_t)(T * O));
+    float *yb = (float *)malloc(sizeof(float) * (size_t)(T * O)), *dy = (float *)calloc((size_t)(T * O), sizeof(float));
+    moe_forward_opts train = {.training = 1};
+    moe_ctx_init(&ctx, &(moe_ctx_desc){.seed = 5, .n_threads = threads});
+    a = make(&ctx, s, T);
+    b = make(&ctx, s, T);
+    fill(x, T * D, 7, 1.0f);
+    if (a && b) {
+        moe_tensor t;
+        int i;
+        CHECK_OK(moe_layer_pack(a, 1), &ctx);
+        CHECK_OK(moe_layer_forward(a, x, T, ya, NULL), &ctx);
+        CHECK_OK(moe_layer_forward(b, x, T, yb, NULL), &ctx);
+        CHECK(memcmp(ya, yb, sizeof(float) * (size_t)(T * O)) == 0, "%s T=%lld threads=%d: packed weights change the forward", s->name,
+              (long long)T, threads);
+        /* a training forward drops the copy: a weight changed afterwards is seen */
+        CHECK_OK(moe_layer_forward(a, x, T, ya, &train), &ctx);
+        for (i = 0; i < moe_layer_tensor_count(a); i++) {
+            moe_layer_tensor(a, i, &t);
+            if (strcmp(t.name, "experts.w1.weight") == 0 || strcmp(t.name, "experts.fc0.weight") == 0) {
+                int64_t j;
+                for (j = 0; j < t.size; j++) t.data[j] *= 0.5f;
+                moe_layer_tensor(b, i, &t);
+                for (j = 0; j < t.size; j++) t.data[j] *= 0.5f;
+            }
+        }
+        CHECK_OK(moe_layer_forward(a, x, T, ya, NULL), &ctx);
+        CHECK_OK(moe_layer_forward(b, x, T, yb, NULL), &ctx);
+        CHECK(memcmp(ya, yb, sizeof(float) * (size_t)(T * O)) == 0, "%s T=%lld: packed weights outlived a training forward", s->name, (long long)T);
+        /* packing again sees the changed weights; quantize drops the copy */
+        CHECK_OK(moe_layer_pack(a, 1), &ctx);
+        CHECK_OK(moe_layer_forward(a, x, T, ya, NULL), &ctx);
+        CHECK(memcmp(ya, yb, sizeof(float) * (size_t)(T * O)) == 0, "%s T=%lld: repacked weights differ", s->name, (long long)T);
+        CHECK_OK(moe_layer_quantize(a, MOE_DTYPE_F32), &ctx);
+        moe_layer_tensor(a, 0, &t);
+        CHECK_OK(moe_layer_pack(a, 1), &ctx);
+        CHECK_OK(moe_layer_pack(a, 0), &ctx);
+        CHECK_OK(moe_layer_forward(a, x, T, ya, NULL), &ctx);
+        CHECK(memcmp(ya, yb, sizeof(float) * (size_t)(T * O)) == 0, "%s T=%lld: unpacked forward differs", s->name, (long long)T);
+    }
+    moe_layer_destroy(a);
+    moe_layer_destroy(b);
+    free(x); free(ya); free(yb); free(dy);
+}
+
+static int test_packed(void) {
+    static const shape big = {"swiglu 600->530, h 700, E 3, bias", {.kind = MOE_LAYER_MOE, .d_in = 600, .d_out = 530, .n_experts = 3,
+                              .top_k = 2, .expert = MOE_EXPERT_SWIGLU, .d_hidden = 700, .bias = MOE_FLAG_ON, .n_shared_experts = 1}, 1};
+    int i;
+    for (i = 0; i < (int)(sizeof shapes / sizeof shapes[0]); i++) {
+        check_packed(&shapes[i], 9, 1);
+        check_packed(&shapes[i], 255, 2);
+    }
+    check_packed(&big, 700, 1);
+    check_packed(&big, 700, 2);
+    return 0;
+}
+
 /* Quantized model files: a model with reduced-precision expert weights saves them as bf16, or as
    int8 plus "<name>_scale" [n, out, groups] F32; loading gives back the same reduced weights
    (the same outputs, bit for bit), a file saved again is byte-identical, training is refused, and
@@ -303,5 +369,6 @@ int main(void) {
     RUN(test_int8);
     RUN(test_decode_threads);
     RUN(test_quantized_files);
+    RUN(test_packed);
     TEST_END();
 }

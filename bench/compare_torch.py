@@ -133,9 +133,9 @@ def matmul_gflops(torch):
     return 5 * 2 * 1024 ** 3 / (time.perf_counter() - t0) / 1e9
 
 
-def time_bench(bench, shape, train, threads, runs):
+def time_bench(bench, shape, train, threads, runs, dtype="f32"):
     cmd = [bench, "--shape", shape, "--mode", "train" if train else "fwd", "--threads", str(threads),
-           "--dtype", "f32", "--runs", str(runs)]
+           "--dtype", dtype, "--runs", str(runs)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=bench_env())
     if res.returncode != 0:
         raise SystemExit("compare_torch: %s failed (%d): %s" % (" ".join(cmd), res.returncode, res.stderr.strip()))
@@ -180,17 +180,23 @@ def main():
     for shape in args.shapes:
         for mode in args.modes:
             train = mode == "train"
-            torch_ms, moe_ms = [], []
+            packed = not train and shape != "decode"  # also f32 weights packed once (moe_layer_pack)
+            torch_ms, moe_ms, packed_ms = [], [], []
             for _ in range(args.pairs):
                 torch_ms.append(time_torch(torch, shape, train, args.runs))
                 moe_ms.append(time_bench(args.bench, shape, train, args.threads, args.runs))
+                if packed:
+                    packed_ms.append(time_bench(args.bench, shape, train, args.threads, args.runs, "f32p"))
             t, m = statistics.median(torch_ms), statistics.median(moe_ms)
-            print("shape=%s mode=%s threads=%d torch_ms=%.3f moe_ms=%.3f speedup=%.3f"
-                  % (shape, mode, args.threads, t, m, t / m), flush=True)
-            rows.append((shape, mode, t, m))
-    print("\n| shape | mode | PyTorch ms | moe.h ms | speedup |\n|---|---|---|---|---|")
-    for shape, mode, t, m in rows:
-        print("| %s | %s | %.2f | %.2f | %.2fx |" % (shape, mode, t, m, t / m))
+            p = statistics.median(packed_ms) if packed else None
+            extra = " moe_packed_ms=%.3f speedup_packed=%.3f" % (p, t / p) if packed else ""
+            print("shape=%s mode=%s threads=%d torch_ms=%.3f moe_ms=%.3f speedup=%.3f%s"
+                  % (shape, mode, args.threads, t, m, t / m, extra), flush=True)
+            rows.append((shape, mode, t, m, p))
+    print("\n| shape | mode | PyTorch ms | moe.h ms | speedup | packed weights ms | speedup |\n|---|---|---|---|---|---|---|")
+    for shape, mode, t, m, p in rows:
+        tail = "%.2f | %.2fx" % (p, t / p) if p else "— | —"
+        print("| %s | %s | %.2f | %.2f | %.2fx | %s |" % (shape, mode, t, m, t / m, tail))
     return 0
 
 

@@ -1230,8 +1230,9 @@ typedef void (*moe__micro_fn)(int64_t kc, const float *A, const float *B, float 
 
 /* dst[k * ld + i] = src[i][k] for i < n, zeros for n <= i < W: packing's transposing copy. */
 typedef void (*moe__pack_fn)(const float *const *src, int64_t n, int64_t W, int64_t ld, int64_t kc, float *dst);
-/* dst[k * ld + j] = src[k][c0 + j] for j < n, zeros for j = n..W: the straight copy of packing */
-typedef void (*moe__pack_n_fn)(const float *const *src, int64_t c0, int64_t n, int64_t W, int64_t ld, int64_t kc, float *dst);
+/* The straight copy of packing, into panels of W columns, kc rows each, row by row of the source:
+   dst[q W kc + k W + j] = src[k][c0 + q W + j] while q W + j < n, zeros to the last panel's end */
+typedef void (*moe__pack_n_fn)(const float *const *src, int64_t c0, int64_t n, int64_t W, int64_t kc, float *dst);
 /* a[j] = silu(z1[j]) * z3[j] */
 typedef void (*moe__swiglu_fn)(const float *z1, const float *z3, float *a, int64_t n);
 /* its gradient: dz1 = da z3 silu'(z1), dz3 = da silu(z1) */
@@ -1430,13 +1431,16 @@ static void moe__pack_t(const float *const *src, int64_t n, int64_t W, int64_t l
     }
 }
 
-static void moe__pack_n(const float *const *src, int64_t c0, int64_t n, int64_t W, int64_t ld, int64_t kc, float *MOE__RESTRICT dst) {
-    int64_t k, j;
+static void moe__pack_n(const float *const *src, int64_t c0, int64_t n, int64_t W, int64_t kc, float *MOE__RESTRICT dst) {
+    int64_t k, q, j;
     for (k = 0; k < kc; k++) {
-        float *d = dst + k * ld;
         const float *s = src[k] + c0;
-        for (j = 0; j < n; j++) d[j] = s[j];
-        for (; j < W; j++) d[j] = 0.0f;
+        for (q = 0; q < n; q += W) {
+            float *d = dst + q * kc + k * W;
+            int64_t m = moe__min64(W, n - q);
+            for (j = 0; j < m; j++) d[j] = s[q + j];
+            for (; j < W; j++) d[j] = 0.0f;
+        }
     }
 }
 
@@ -1450,16 +1454,15 @@ static void moe__row_ptrs(const moe__mat *m, int64_t r0, int64_t kc, const float
 static void moe__pack_a(const moe__kernel *kn, const moe__gemm *g, int64_t MR, int64_t m0, int64_t mc, int64_t kb, int64_t kc, float *MOE__RESTRICT ap) {
     const float *src[MOE__KC];
     int64_t p, i;
-    if (g->op == MOE__TN) moe__row_ptrs(&g->A, kb, kc, src);
+    if (g->op == MOE__TN) {  /* every panel row by row: each source row is read once, in order */
+        moe__row_ptrs(&g->A, kb, kc, src);
+        kn->pack_n(src, m0, mc, MR, kc, ap);
+        return;
+    }
     for (p = 0; p < mc; p += MR) {
         int64_t mr = moe__min64(MR, mc - p);
-        float *dst = ap + p * kc;
-        if (g->op == MOE__TN) {
-            kn->pack_n(src, m0 + p, mr, MR, MR, kc, dst);
-        } else {
-            for (i = 0; i < mr; i++) src[i] = moe__row(&g->A, m0 + p + i) + kb;
-            kn->pack_t(src, mr, MR, MR, kc, dst);
-        }
+        for (i = 0; i < mr; i++) src[i] = moe__row(&g->A, m0 + p + i) + kb;
+        kn->pack_t(src, mr, MR, MR, kc, ap + p * kc);
     }
 }
 
@@ -1477,9 +1480,9 @@ static void moe__pack_b_cols(const moe__kernel *kn, const moe__gemm *g, const mo
     } else if (g->op == MOE__NT) {
         for (j = 0; j < w; j++) src[j] = moe__row(B, j0 + j) + kb;
         kn->pack_t(src, w, W, NR, kc, dst);
-    } else {
+    } else {  /* W == NR: no pairs here */
         moe__row_ptrs(B, kb, kc, src);
-        kn->pack_n(src, j0, w, W, NR, kc, dst);
+        kn->pack_n(src, j0, w, W, kc, dst);
     }
 }
 
@@ -1487,6 +1490,12 @@ static void moe__pack_b_cols(const moe__kernel *kn, const moe__gemm *g, const mo
 static void moe__pack_b(const moe__kernel *kn, const moe__gemm *g, int64_t NR, int64_t PW, int64_t n0, int64_t nc, int64_t kb, int64_t kc,
                         float *MOE__RESTRICT bp, float *rowbuf) {
     int64_t p;
+    if (g->op != MOE__NT) {  /* every panel row by row, as in moe__pack_a */
+        const float *src[MOE__KC];
+        moe__row_ptrs(&g->B, kb, kc, src);
+        kn->pack_n(src, n0, nc, NR, kc, bp);
+        return;
+    }
     for (p = 0; p < nc; p += PW) {
         int64_t w = moe__min64(PW, nc - p);
         float *dst = bp + (p / PW) * NR * kc;
@@ -1730,13 +1739,15 @@ static uint32_t moe__lanes(int64_t n) { return n >= 16 ? 0xFFFFu : n <= 0 ? 0u :
 
 /* moe__pack_n with masked 16-wide copies. */
 __attribute__((target("avx512f")))
-static void moe__pack_n_avx512(const float *const *src, int64_t c0, int64_t n, int64_t W, int64_t ld, int64_t kc, float *dst) {
-    int64_t k, j;
+static void moe__pack_n_avx512(const float *const *src, int64_t c0, int64_t n, int64_t W, int64_t kc, float *dst) {
+    int64_t k, q, j;
     for (k = 0; k < kc; k++) {
         const float *s = src[k] + c0;
-        float *d = dst + k * ld;
-        for (j = 0; j < W; j += 16)
-            _mm512_mask_storeu_ps(d + j, (__mmask16)moe__lanes(W - j), _mm512_maskz_loadu_ps((__mmask16)moe__lanes(n - j), s + j));
+        for (q = 0; q < n; q += W) {
+            float *d = dst + q * kc + k * W;
+            for (j = 0; j < W; j += 16)
+                _mm512_mask_storeu_ps(d + j, (__mmask16)moe__lanes(W - j), _mm512_maskz_loadu_ps((__mmask16)moe__lanes(n - q - j), s + q + j));
+        }
     }
 }
 

@@ -1258,7 +1258,8 @@ typedef struct moe__kernel {
 typedef struct moe__exec {
     moe_ctx *ctx;
     int n_threads;
-    float *scratch;             /* n_threads * MOE__GEMM_SCRATCH floats */
+    float *scratch;             /* n_threads * moe__scratch_floats(a_rows) floats */
+    int64_t a_rows;             /* rows of A one thread packs at once (moe__scratch_rows) */
     moe__kernel kernel;         /* chosen once from the CPU's features (moe__exec_init) */
 } moe__exec;
 
@@ -1267,7 +1268,11 @@ typedef struct moe__exec {
 #define MOE__MR_MAX 12
 #define MOE__NR_MAX 32
 #define MOE__MB_MAX (64 * MOE__MR_MAX)   /* rows of A packed at once: a whole tile of the grouped schedule */
-#define MOE__GEMM_SCRATCH (MOE__KC * MOE__NB + MOE__MB_MAX * MOE__KC + MOE__MR_MAX * MOE__NR_MAX + MOE__NR_MAX * MOE__KC)
+
+/* Packing scratch of one thread that packs up to a_rows rows of A at once. */
+static size_t moe__scratch_floats(int64_t a_rows) {
+    return (size_t)(MOE__KC * MOE__NB + a_rows * MOE__KC + MOE__MR_MAX * MOE__NR_MAX + MOE__NR_MAX * MOE__KC);
+}
 
 static float moe__sigmoid(float z);
 static float moe__act(moe_activation act, float z);
@@ -1545,8 +1550,8 @@ static void moe__prefetch_b(const moe__gemm *g, int64_t j0, int64_t n, int64_t k
 static void moe__gemm_block_fast(const moe__exec *ex, const moe__gemm *g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float *scratch) {
     const moe__kernel *kn = &ex->kernel;
     int64_t MR = kn->mr, NR = kn->nr, half = NR / 2, PW = g->pair ? half : NR;
-    int64_t NB = g->pair ? MOE__NB / 2 : MOE__NB, MB = (MOE__MB_MAX / MR) * MR, ldc = g->ldc;
-    float *bp = scratch, *ap = scratch + MOE__KC * MOE__NB, *tmp = ap + MOE__MB_MAX * MOE__KC, *rowbuf = tmp + MOE__MR_MAX * MOE__NR_MAX;
+    int64_t NB = g->pair ? MOE__NB / 2 : MOE__NB, MB = (ex->a_rows / MR) * MR, ldc = g->ldc;
+    float *bp = scratch, *ap = scratch + MOE__KC * MOE__NB, *tmp = ap + ex->a_rows * MOE__KC, *rowbuf = tmp + MOE__MR_MAX * MOE__NR_MAX;
     int64_t nb, kb, mb, ip, jp, i, j;
     int prepacked = g->Bp != NULL && n0 % PW == 0;
     if (g->K == 0) {
@@ -1602,7 +1607,7 @@ static void moe__gemm_block(const moe__exec *ex, const moe__gemm *g, int64_t m0,
     if (ex->ctx->kernels == MOE_KERNELS_REFERENCE)
         moe__gemm_block_reference(g, m0, m1, n0, n1);
     else
-        moe__gemm_block_fast(ex, g, m0, m1, n0, n1, ex->scratch + (size_t)MOE__THREAD_ID() * MOE__GEMM_SCRATCH);
+        moe__gemm_block_fast(ex, g, m0, m1, n0, n1, ex->scratch + (size_t)MOE__THREAD_ID() * moe__scratch_floats(ex->a_rows));
 }
 
 /* Columns per scheduled block: one packed block. */
@@ -1954,10 +1959,11 @@ static moe__kernel moe__kernel_select(void) {
     return moe__kernel_generic();
 }
 
-static void moe__exec_init(moe__exec *ex, moe_ctx *ctx, float *scratch) {
+static void moe__exec_init(moe__exec *ex, moe_ctx *ctx, float *scratch, int64_t a_rows) {
     ex->ctx = ctx;
     ex->n_threads = ctx->n_threads;
     ex->scratch = scratch;
+    ex->a_rows = a_rows;
     ex->kernel = moe__kernel_select();
 }
 
@@ -4555,6 +4561,22 @@ static moe_result moe__check_max_tokens(moe_ctx *ctx, int64_t *max_tokens) {
     return MOE_OK;
 }
 
+/* Rows of A the packing scratch holds: a whole tile of this layer's grouped schedule (its expert
+   rows; with training, a weight gradient's output rows), at least a plain GEMM's row block. */
+static int64_t moe__scratch_rows(const moe_layer *l) {
+    int64_t need = 4 * MOE__MR_MAX;
+    int b, j;
+    for (b = 0; b < l->n_banks; b++) {
+        need = moe__max64(need, moe__min64(MOE__TILE_ROWS, l->bank[b].max_rows));
+#ifndef MOE_NO_TRAINING
+        for (j = 0; j < l->bank[b].n_linears; j++) need = moe__max64(need, moe__min64(MOE__WTILE_ROWS, l->bank[b].lin[j].out));
+#else
+        (void)j;
+#endif
+    }
+    return moe__min64(MOE__MB_MAX, (need + MOE__MR_MAX - 1) / MOE__MR_MAX * MOE__MR_MAX);
+}
+
 MOEDEF moe_result moe_layer_create(moe_ctx *ctx, const moe_layer_desc *desc, int64_t max_tokens, moe_layer **out) {
     moe_layer *l;
     moe_layer_desc d;
@@ -4574,7 +4596,7 @@ MOEDEF moe_result moe_layer_create(moe_ctx *ctx, const moe_layer_desc *desc, int
     moe__layer_plan(l);
     if (moe__layer_sizes(l, &saved, &scratch) != MOE_OK) { moe__free(ctx, l); return MOE_ERR_OUT_OF_MEMORY; }
     pbytes = (size_t)l->n_params * sizeof(float);
-    total = MOE__BLOBS * pbytes + saved + scratch + (size_t)ctx->n_threads * MOE__GEMM_SCRATCH * sizeof(float);
+    total = MOE__BLOBS * pbytes + saved + scratch + (size_t)ctx->n_threads * moe__scratch_floats(moe__scratch_rows(l)) * sizeof(float);
     block = (char *)moe__malloc(ctx, total);
     if (!block) { moe__free(ctx, l); return moe__fail(ctx, MOE_ERR_OUT_OF_MEMORY, "layer memory (%zu bytes)", total); }
     l->own = block;
@@ -4583,7 +4605,7 @@ MOEDEF moe_result moe_layer_create(moe_ctx *ctx, const moe_layer_desc *desc, int
     a.base = block + MOE__BLOBS * pbytes; a.used = 0; a.overflow = 0;
     b.base = block + MOE__BLOBS * pbytes + saved; b.used = 0; b.overflow = 0;
     moe__layer_carve(l, &a, &b);
-    moe__exec_init(&l->ex, ctx, (float *)(block + MOE__BLOBS * pbytes + saved + scratch));
+    moe__exec_init(&l->ex, ctx, (float *)(block + MOE__BLOBS * pbytes + saved + scratch), moe__scratch_rows(l));
     memset(l->params, 0, MOE__BLOBS * pbytes);  /* the padding between tensors too */
     moe__layer_init_params(l, 0);
     *out = l;
@@ -5310,7 +5332,7 @@ MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe
     moe_model *m;
     moe_model_desc d;
     int i, t, nt = 0;
-    int64_t prev, widest, T, stream = 0;
+    int64_t prev, widest, T, stream = 0, a_rows = 4 * MOE__MR_MAX;
     size_t saved = 0, scratch = 0, total;
     moe__carver sv, sc;
     char *block;
@@ -5369,6 +5391,7 @@ MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe
     d.layers = m->layer_descs;
     m->desc = d;
     /* the activation arena: saved activations | shared scratch | outputs and model buffers */
+    for (i = 0; i < d.n_layers; i++) a_rows = moe__max64(a_rows, moe__scratch_rows(&m->layers[i]));
     {
         moe__carver rest;
         int pass;
@@ -5383,7 +5406,7 @@ MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe
             m->tok = MOE__CARVE(&rest, float, T);
 #endif
             m->token_ids = MOE__CARVE(&rest, int32_t, T);
-            m->ex.scratch = MOE__CARVE(&rest, float, (size_t)ctx->n_threads * MOE__GEMM_SCRATCH);
+            m->ex.scratch = MOE__CARVE(&rest, float, (size_t)ctx->n_threads * moe__scratch_floats(a_rows));
             if (pass == 0) {
                 total = saved + scratch + rest.used;
                 if (rest.overflow || total < rest.used || total > MOE__MAX_BYTES || m->n_params > (int64_t)(MOE__MAX_BYTES / 8)) {
@@ -5404,7 +5427,7 @@ MOEDEF moe_result moe_model_create(moe_ctx *ctx, const moe_model_desc *desc, moe
     m->grads = MOE__BLOBS > 1 ? m->params + m->n_params : NULL;
     sv.base = block; sv.used = 0; sv.overflow = 0;
     sc.base = block + saved; sc.used = 0; sc.overflow = 0;
-    moe__exec_init(&m->ex, ctx, m->ex.scratch);
+    moe__exec_init(&m->ex, ctx, m->ex.scratch, a_rows);
     {
         int64_t off = 0;
         for (i = 0; i < d.n_layers; i++) {

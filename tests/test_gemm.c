@@ -14,8 +14,8 @@ static float *random_matrix(int64_t n, uint64_t stream) {
 
 static moe__exec make_exec(moe_ctx *ctx, float **scratch) {
     moe__exec ex;
-    *scratch = (float *)moe__malloc(ctx, sizeof(float) * (size_t)ctx->n_threads * MOE__GEMM_SCRATCH);
-    moe__exec_init(&ex, ctx, *scratch);
+    *scratch = (float *)moe__malloc(ctx, sizeof(float) * (size_t)ctx->n_threads * moe__scratch_floats(MOE__MB_MAX));
+    moe__exec_init(&ex, ctx, *scratch, MOE__MB_MAX);
     return ex;
 }
 
@@ -79,6 +79,16 @@ static void check_product(moe__gemm_op op, int64_t M, int64_t N, int64_t K, int 
     moe__gemm_block(&exo, &g, M / 3, M, N / 2 + 1 > N ? N : N / 2 + 1, N);
     CHECK(memcmp(Cf, Co, sizeof(float) * (size_t)(M * (N + 3))) == 0, "op %d %lldx%lldx%lld: tile split changes bits", (int)op,
           (long long)M, (long long)N, (long long)K);
+    /* a packing scratch of two micro-panels of rows: one call packs A in several row blocks */
+    {
+        moe__exec exs = exo;
+        exs.a_rows = 2 * exs.kernel.mr;
+        memcpy(Co, C0, sizeof(float) * (size_t)(M * (N + 3)));
+        g.C = Co;
+        moe__gemm_block(&exs, &g, 0, M, 0, N);
+        CHECK(memcmp(Cf, Co, sizeof(float) * (size_t)(M * (N + 3))) == 0, "op %d %lldx%lldx%lld: row blocks of %lld rows change bits",
+              (int)op, (long long)M, (long long)N, (long long)K, (long long)exs.a_rows);
+    }
     moe__free(&fast, sf);
     moe__free(&ref, sr);
     moe__free(&one, so);

@@ -218,7 +218,6 @@ static int test_atomic_checkpoint(void) {
     moe_target target = {labels, NULL, NULL};
     unsigned char *before, *after;
     size_t nb, na;
-    char cmd[700];
     CHECK_OK(moe_model_create(&ctx, &d, &m), &ctx);
     if (!m) return 0;
     batch_of(0, x, labels);
@@ -227,13 +226,12 @@ static int test_atomic_checkpoint(void) {
     before = test_read_file(tmp("keep.ckpt"), &nb);
     CHECK_OK(moe_model_train_step(m, x, &target, BATCH, NULL), &ctx);
     /* the temporary file cannot be created: a directory sits where it would go */
-    snprintf(cmd, sizeof cmd, "rm -rf '%s' && mkdir -p '%s'", tmp("keep.ckpt.tmp"), tmp("keep.ckpt.tmp"));
-    if (system(cmd) != 0) { free(before); moe_model_destroy(m); return TEST_SKIP; }
+    remove(tmp("keep.ckpt.tmp"));
+    if (test_make_dir(tmp("keep.ckpt.tmp")) != 0) { free(before); moe_model_destroy(m); return TEST_SKIP; }
     CHECK_RESULT(moe_model_save_checkpoint(m, tmp("keep.ckpt")), MOE_ERR_IO, &ctx);
     after = test_read_file(tmp("keep.ckpt"), &na);
     CHECK(before && after && na == nb && memcmp(before, after, nb) == 0, "the old checkpoint is intact after a failed save");
-    snprintf(cmd, sizeof cmd, "rmdir '%s'", tmp("keep.ckpt.tmp"));
-    CHECK(system(cmd) == 0, "cleanup");
+    CHECK(TEST_RMDIR(tmp("keep.ckpt.tmp")) == 0, "cleanup");
     CHECK_OK(moe_model_load_checkpoint(&ctx, tmp("keep.ckpt"), 0, &back), &ctx);
     CHECK(back && moe_model_steps(back) == 1, "the old checkpoint still loads, at step 1");
     free(before);
@@ -394,7 +392,6 @@ static int train_child(char **argv) {
 
 int main(int argc, char **argv) {
     static const moe_optimizer_kind kinds[] = {MOE_OPTIMIZER_SGD, MOE_OPTIMIZER_ADAM, MOE_OPTIMIZER_ADAMW};
-    char cmd[300];
     int i;
     moe_ctx_init(&ctx, &(moe_ctx_desc){.seed = SEED});
 #ifdef HAVE_FORK
@@ -402,8 +399,7 @@ int main(int argc, char **argv) {
 #endif
     test_self = argc > 0 ? argv[0] : NULL;
     printf("test_checkpoint\n");
-    snprintf(cmd, sizeof cmd, "mkdir -p %s", TMP_DIR);
-    if (system(cmd) != 0) return 1;
+    if (test_make_dir(TMP_DIR) != 0) return 1;
     for (i = 0; i < 3; i++) {
         char label[64];
         snprintf(label, sizeof label, "resume_in_process_%s", kind_names[kinds[i]]);

@@ -130,7 +130,7 @@ extern "C" {
 typedef struct moe_cl_desc {
     const char *device;        /* NULL: $MOE_CL_DEVICE, else the first GPU, else the first device */
     const char *library;       /* NULL: $MOE_CL_LIBRARY, else the system's ICD loader */
-    const char *cache_dir;     /* NULL: $MOE_CL_CACHE, else the tuning result stays in memory */
+    const char *cache_dir;     /* NULL: $MOE_CL_CACHE, else the tuning result stays in memory; not created */
     const char *build_options; /* appended to the kernel build options (tile sizes are -DTM=..) */
     int require_device;        /* nonzero: fail instead of falling back to the CPU */
     int no_tuning;             /* nonzero: default tile sizes, no timing run */

@@ -7,6 +7,7 @@
 
    Prints p50 / p99 / max latency in microseconds and "heap_allocations=0". The input of each
    frame is a digit image from the bundled data set, as a game would feed sensor readings. */
+#define _POSIX_C_SOURCE 199309L   /* clock_gettime */
 #define MOE_IMPLEMENTATION
 #include "../moe.h"
 

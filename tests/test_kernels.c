@@ -134,10 +134,14 @@ static void dequantize_rows(float *w, int64_t rows, int64_t cols, moe_dtype dtyp
         }
         for (g = 0; g < cols; g += 32) {
             int64_t end = g + 32 < cols ? g + 32 : cols;
-            float amax = 0.0f, scale;
+            float amax = 0.0f, scale, inv;
             for (k = g; k < end; k++) amax = fabsf(row[k]) > amax ? fabsf(row[k]) : amax;
             scale = amax / 127.0f;
-            for (k = g; k < end; k++) row[k] = amax > 0.0f ? roundf(row[k] * (127.0f / amax)) * scale : 0.0f;
+            /* 127 / amax rounded to float, as moe.h keeps it (x87 would keep the quotient in 80 bits
+               and round a few weights near k + 0.5 the other way); w * inv is then exact in 80 bits,
+               so roundf gets the float product under any FLT_EVAL_METHOD and the q are moe.h's */
+            inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            for (k = g; k < end; k++) row[k] = amax > 0.0f ? roundf(row[k] * inv) * scale : 0.0f;
         }
     }
 }

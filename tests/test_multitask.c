@@ -215,7 +215,10 @@ static int test_layer_api(void) {
         double worst = 0;
         CHECK_OK(moe_layer_forward(l, xs, T_ROWS, y, NULL), &ctx);
         CHECK_OK(moe_layer_forward(l, xs, 5, small, NULL), &ctx);
-        for (i = 0; i < 5 * 12; i++) worst = fmax(worst, fabs(small[i] - y[i]) / (1e-6 + fabs(y[i])));
+        for (i = 0; i < 5 * 12; i++) {  /* not fmax: aarch64 gcc 12.2 -O2 crashes vectorizing that reduction */
+            double e = fabs(small[i] - y[i]) / (1e-6 + fabs(y[i]));
+            if (!(e <= worst)) worst = e;  /* a NaN stays and fails the check */
+        }
         CHECK(worst < 1e-4, "decode path differs by %g", worst);
     }
     moe_layer_destroy(l);

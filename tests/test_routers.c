@@ -623,10 +623,8 @@ static int test_hierarchical_checkpoint(void) {
 }
 
 int main(void) {
-    char cmd[200];
     printf("test_routers\n");
-    snprintf(cmd, sizeof cmd, "mkdir -p %s", TMP_DIR);
-    if (system(cmd) != 0) return 1;
+    if (test_make_dir(TMP_DIR) != 0) return 1;
     moe_ctx_init(&ctx, &(moe_ctx_desc){.seed = 11});
     RUN(test_selection_bias_balances);
     RUN(test_selection_bias_is_state);

@@ -3676,8 +3676,9 @@ static void moe__run_tiles(const moe_layer *l, int64_t i0, int64_t i1, const flo
 }
 
 /* Run the planned tiles over the threads; each writes only its own block. Threads claim runs of
-   consecutive tiles, large first and shrinking (a share of what is left), so neighbouring column
-   blocks of one expert mostly share a packed A while the last claims balance the threads. */
+   consecutive tiles, large first and shrinking (a quarter of each thread's share of what is left),
+   so neighbouring column blocks of one expert mostly share a packed A while the last claims, single
+   tiles, balance the threads (also when one of them is held up). */
 static void moe__run_step(moe_layer *l, double work, const float *x) {
 #ifdef _OPENMP
     int64_t next = 0, n = l->n_tiles;
@@ -3689,7 +3690,7 @@ static void moe__run_step(moe_layer *l, double work, const float *x) {
             MOE__PRAGMA(omp critical(moe_tile_claim))
             {
                 i0 = next;
-                i1 = moe__min64(n, i0 + moe__max64(1, (n - i0) / (2 * (int64_t)omp_get_num_threads())));
+                i1 = moe__min64(n, i0 + moe__max64(1, (n - i0) / (4 * (int64_t)omp_get_num_threads())));
                 next = i1;
             }
             if (i0 >= n) break;

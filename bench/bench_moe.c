@@ -654,8 +654,9 @@ static int selected(const options *o, const bench_shape *s, int train, int dtype
     if (train && o->mode_all && s->tokens == 1) return 0;       /* decode is an inference shape */
     if (o->dtype >= 0) return dtype == o->dtype;
     if (o->dtype == -2) return !train || dtype == 0;
-    if (dtype == 0) return 1;                                    /* default: f32; decode also bf16, q8; */
-    return !train && (s->tokens == 1 ? !DTYPES[dtype].packed : DTYPES[dtype].packed);  /* batches f32p */
+    if (dtype == 0) return 1;                   /* default: f32; decode also bf16, q8; CPU batches f32p */
+    if (train) return 0;
+    return s->tokens == 1 ? !DTYPES[dtype].packed : DTYPES[dtype].packed && strcmp(BACKENDS[o->backend].name, "cpu") == 0;
 }
 
 int main(int argc, char **argv) {

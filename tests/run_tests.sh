@@ -178,12 +178,13 @@ else
 fi
 
 echo "== bench"
-# a fast run of build/bench_moe: the edge shape checked against the reference kernels (CPU, and
+# a fast run of build/bench_moe: the edge shape checked against the reference kernels (CPU, its
+# forward also with packed weights, and
 # the OpenCL device when there is one), decode with bf16 weights, every line well formed
 if built "$OUT/bench_moe"; then
     ok "bench_moe compiles"
     check "bench_moe --shape edge --mode all --check" sh -c \
-        "timeout 300 $OUT/bench_moe --shape edge --mode all --runs 1 --check > $OUT/bench_edge.txt && awk -v expect=2 -f bench/table.awk $OUT/bench_edge.txt"
+        "timeout 300 $OUT/bench_moe --shape edge --mode all --runs 1 --check > $OUT/bench_edge.txt && awk -v expect=3 -f bench/table.awk $OUT/bench_edge.txt"
     check "bench_moe --shape decode --dtype bf16" sh -c \
         "timeout 300 $OUT/bench_moe --shape decode --dtype bf16 --runs 1 > $OUT/bench_decode.txt && awk -v expect=1 -f bench/table.awk $OUT/bench_decode.txt"
     check "bench_moe --backend cl (a device, or a skipped line)" sh -c \

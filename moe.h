@@ -1491,9 +1491,11 @@ static void moe__pack_b_cols(const moe__kernel *kn, const moe__gemm *g, const mo
     }
 }
 
-/* Pack B for columns n0..n0+nc into panels of PW columns (a pair: PW of B, then PW of B2). */
+/* Pack B for columns n0..n0+nc into panels of PW columns (a pair: PW of B, then PW of B2), panel
+   q at bp + q * pstride (NR * kc in the scratch, as the straight copies of MOE__NN and MOE__TN always
+   lay it; NR * K for the full-depth panels of moe_layer_pack). */
 static void moe__pack_b(const moe__kernel *kn, const moe__gemm *g, int64_t NR, int64_t PW, int64_t n0, int64_t nc, int64_t kb, int64_t kc,
-                        float *MOE__RESTRICT bp, float *rowbuf) {
+                        float *MOE__RESTRICT bp, int64_t pstride, float *rowbuf) {
     int64_t p;
     if (g->op != MOE__NT) {  /* every panel row by row, as in moe__pack_a */
         const float *src[MOE__KC];
@@ -1503,7 +1505,7 @@ static void moe__pack_b(const moe__kernel *kn, const moe__gemm *g, int64_t NR, i
     }
     for (p = 0; p < nc; p += PW) {
         int64_t w = moe__min64(PW, nc - p);
-        float *dst = bp + (p / PW) * NR * kc;
+        float *dst = bp + (p / PW) * pstride;
         moe__pack_b_cols(kn, g, &g->B, NR, PW, n0 + p, w, kb, kc, dst, rowbuf);
         if (g->pair) moe__pack_b_cols(kn, g, &g->B2, NR, PW, n0 + p, w, kb, kc, dst + PW, rowbuf);
     }
@@ -1522,25 +1524,6 @@ static void moe__micro_edge(const moe__kernel *kn, int64_t kc, const float *A, c
     for (i = 0; i < mr; i++) {
         for (j = 0; j < wlo; j++) lo[i * ldc + j] = tmp[i * NR + j];
         for (j = 0; j < whi; j++) hi[i * ldc + j] = tmp[i * NR + half + j];
-    }
-}
-
-#if defined(__GNUC__) || defined(__clang__)
-#define MOE__PREFETCH_L2(p) __builtin_prefetch((p), 0, 2)
-#else
-#define MOE__PREFETCH_L2(p) (void)(p)
-#endif
-
-/* Part `part` of `parts` of the source lines of the next transposed B block (rows j0..j0+n,
-   columns k0..k0+kc of B and B2), hinted toward L2 while the current block computes: packing it
-   then reads L2 instead of waiting on many short strided streams from memory. */
-static void moe__prefetch_b(const moe__gemm *g, int64_t j0, int64_t n, int64_t k0, int64_t kc, int64_t part, int64_t parts) {
-    int64_t per_row = (kc + 15) / 16, total = n * per_row * (g->pair ? 2 : 1);
-    int64_t a = part * total / parts, b = (part + 1) * total / parts, i;
-    for (i = a; i < b; i++) {
-        int64_t row = i / per_row, line = i % per_row;
-        const moe__mat *B = row >= n ? &g->B2 : &g->B;
-        MOE__PREFETCH_L2(moe__row(B, j0 + row % n) + k0 + line * 16);
     }
 }
 
@@ -1572,16 +1555,10 @@ static void moe__gemm_block_fast(const moe__exec *ex, const moe__gemm *g, int64_
             int accumulate = kb > 0 || g->accumulate, last = kb + kc >= g->K;
             moe__pack_a(kn, g, MR, mb, mc, kb, kc, ap);
             for (nb = n0; nb < n1; nb += NB) {
-                int64_t nc = moe__min64(NB, n1 - nb), nb2 = nb + NB, kb2 = kb, mb2 = mb;
-                int hint = g->op == MOE__NT && g->B.data != NULL && !prepacked;
-                if (!prepacked) moe__pack_b(kn, g, NR, PW, nb, nc, kb, kc, bp, rowbuf);
-                if (nb2 >= n1) { nb2 = n0; kb2 += MOE__KC; }  /* the block packed next */
-                if (kb2 >= g->K) { kb2 = 0; mb2 += MB; }
-                hint = hint && mb2 < m1 && !(nb2 == nb && kb2 == kb);
+                int64_t nc = moe__min64(NB, n1 - nb);
+                if (!prepacked) moe__pack_b(kn, g, NR, PW, nb, nc, kb, kc, bp, NR * kc, rowbuf);
                 for (ip = 0; ip < mc; ip += MR) {
                     int64_t mr = moe__min64(MR, mc - ip), row = mb + ip;
-                    if (hint)
-                        moe__prefetch_b(g, nb2, moe__min64(NB, n1 - nb2), kb2, moe__min64(MOE__KC, g->K - kb2), ip / MR, (mc + MR - 1) / MR);
                     for (jp = 0; jp < nc; jp += PW) {
                         int64_t w = moe__min64(PW, nc - jp), col = nb + jp;
                         float *lo = g->C + row * ldc + col, *hi = g->pair ? g->C2 + row * ldc + col : lo + half;
@@ -4687,14 +4664,10 @@ MOEDEF moe_result moe_layer_pack(moe_layer *l, int enable) {
             for (e = 0; e < l->bank[b].n; e++) {
                 moe__gemm g = moe__forward_gemm(l, &l->bank[b], e, s, 0, 0, NULL);
                 float *dst = block + l->wpack_off[b][s] + e * moe__pack_stage_floats(&l->bank[b], s, kn);
-                int64_t NR = kn->nr, PW = g.pair ? NR / 2 : NR, p, kb;
-                for (p = 0; p < g.N; p += PW)
-                    for (kb = 0; kb < g.K; kb += MOE__KC) {
-                        int64_t kc = moe__min64(MOE__KC, g.K - kb), w = moe__min64(PW, g.N - p);
-                        float *d = dst + (p / PW) * NR * g.K + kb * NR;
-                        moe__pack_b_cols(kn, &g, &g.B, NR, PW, p, w, kb, kc, d, NULL);
-                        if (g.pair) moe__pack_b_cols(kn, &g, &g.B2, NR, PW, p, w, kb, kc, d + PW, NULL);
-                    }
+                int64_t kb;
+                for (kb = 0; kb < g.K; kb += MOE__KC)
+                    moe__pack_b(kn, &g, kn->nr, g.pair ? kn->nr / 2 : kn->nr, 0, g.N, kb, moe__min64(MOE__KC, g.K - kb), dst + kb * kn->nr,
+                                kn->nr * g.K, NULL);
             }
     l->wpack = block;
     return MOE_OK;

@@ -179,7 +179,39 @@ static int test_pairs_and_epilogues(void) {
     return 0;
 }
 
+/* A kernel's packing copies against the plain ones, bit for bit, at every partial shape: rows
+   short of the panel (zeros), depths and panel widths not multiples of 8 or 16, a wider stride. */
+static void check_packing(moe__kernel k) {
+    const int64_t ns[] = {1, 5, 7, 8, 9, 12, 15, 16, 17, 31, 32}, kcs[] = {1, 7, 8, 9, 16, 17, 255, 256};
+    float *src = random_matrix(40 * 300, 9), *got = (float *)malloc(sizeof(float) * 40 * 300 * 2), *want = (float *)malloc(sizeof(float) * 40 * 300 * 2);
+    const float *rows[300];
+    size_t i, j, q, bad = 0, cases = 0;
+    for (i = 0; i < sizeof ns / sizeof ns[0]; i++)
+        for (j = 0; j < sizeof kcs / sizeof kcs[0]; j++)
+            for (q = 0; q < 3; q++) {
+                int64_t n = ns[i], kc = kcs[j], W = q == 0 ? n : (n + 7) / 8 * 8 + (q == 2 ? 4 : 0), ld = W + (q == 2 ? 3 : 0), r, wn;
+                size_t size = sizeof(float) * (size_t)(kc * ld);
+                if (W > 40) continue;
+                for (r = 0; r < n; r++) rows[r] = src + r * 300 + r % 3;
+                memset(got, 0x5a, size); memset(want, 0x5a, size);
+                k.pack_t(rows, n, W, ld, kc, got);
+                moe__pack_t(rows, n, W, ld, kc, want);
+                bad += memcmp(got, want, size) != 0;
+                wn = q == 0 ? 16 : q == 1 ? 32 : 8;  /* pack_n: one or several panels */
+                size = sizeof(float) * (size_t)((n + wn - 1) / wn * wn * kc);
+                for (r = 0; r < kc; r++) rows[r] = src + r * 40 + r % 5;
+                memset(got, 0x5a, size); memset(want, 0x5a, size);
+                k.pack_n(rows, (int64_t)q, n, wn, kc, got);
+                moe__pack_n(rows, (int64_t)q, n, wn, kc, want);
+                bad += memcmp(got, want, size) != 0;
+                cases += 2;
+            }
+    CHECK(bad == 0, "kernel %s: %zu of %zu packing cases differ from the plain copies", k.name, bad, cases);
+    free(src); free(got); free(want);
+}
+
 static void check_kernel(moe__kernel k) {
+    check_packing(k);
     forced = 1;
     forced_kernel = k;
     check_product(MOE__NT, 37, 45, 300, 1, 0, 1);
@@ -198,7 +230,7 @@ static int test_each_kernel(void) {
     check_kernel(moe__kernel_generic());
 #ifdef MOE__HAVE_X86_DISPATCH
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-        check_kernel(moe__kernel_make(moe__micro_avx2, 6, 16, "avx2"));
+        check_kernel(moe__kernel_avx2());
     else
         printf("    this CPU has no AVX2+FMA: the AVX2 kernel is not exercised\n");
     if (__builtin_cpu_supports("avx512f"))

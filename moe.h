@@ -1223,6 +1223,7 @@ typedef struct moe__gemm {
     moe_activation act;
     float *out0, *out1;
     const float *in0, *in1;
+    int c_transient;            /* only out0 is kept: C and C2 may stay in a per-tile scratch (inference) */
 } moe__gemm;
 
 /* C[MR, NR] (+)= A panel x B panel over kc; columns 0..NR/2 go to lo, NR/2..NR to hi. */
@@ -1366,35 +1367,34 @@ static void moe__geglu_grad_rows(const float *da, const float *z1, const float *
     }
 }
 
-/* Bias, then the epilogue, on rows r0..r1 and columns c0..c1 of a finished C. */
-static void moe__gemm_finish(const moe__gemm *g, const moe__kernel *kn, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
-    int64_t i, j, ld = g->ldc;
-    for (i = r0; i < r1; i++) {
-        float *c = g->C + i * ld, *c2 = g->pair ? g->C2 + i * ld : NULL;
-        if (g->bias) for (j = c0; j < c1; j++) c[j] += g->bias[j];
-        if (c2 && g->bias2) for (j = c0; j < c1; j++) c2[j] += g->bias2[j];
+/* Bias, then the epilogue, on rows r0..r1 and columns c0..c1 of a finished C whose element
+   (r0, c0) is at c (of C2 at c2), rows cld apart: C itself, or a tile's scratch. */
+static void moe__gemm_finish_at(const moe__gemm *g, const moe__kernel *kn, int64_t r0, int64_t r1, int64_t c0, int64_t c1, float *c,
+                                float *c2, int64_t cld) {
+    int64_t i, j, ld = g->ldc, n = c1 - c0;
+    for (i = r0; i < r1; i++, c += cld, c2 = c2 ? c2 + cld : NULL) {
+        const float *in0 = g->in0 ? g->in0 + i * ld + c0 : NULL, *in1 = g->in1 ? g->in1 + i * ld + c0 : NULL;
+        float *out0 = g->out0 ? g->out0 + i * ld + c0 : NULL, *out1 = g->out1 ? g->out1 + i * ld + c0 : NULL;
+        if (g->bias) for (j = 0; j < n; j++) c[j] += g->bias[c0 + j];
+        if (c2 && g->bias2) for (j = 0; j < n; j++) c2[j] += g->bias2[c0 + j];
         switch (g->epi) {
         case MOE__EPI_ACT:
-            for (j = c0; j < c1; j++) g->out0[i * ld + j] = moe__act(g->act, c[j]);
+            for (j = 0; j < n; j++) out0[j] = moe__act(g->act, c[j]);
             break;
-        case MOE__EPI_SWIGLU:
-            kn->swiglu(c + c0, c2 + c0, g->out0 + i * ld + c0, c1 - c0);
-            break;
+        case MOE__EPI_SWIGLU: kn->swiglu(c, c2, out0, n); break;
         case MOE__EPI_ACT_GRAD:
-            for (j = c0; j < c1; j++) c[j] *= moe__act_grad(g->act, g->in0[i * ld + j]);
+            for (j = 0; j < n; j++) c[j] *= moe__act_grad(g->act, in0[j]);
             break;
-        case MOE__EPI_SWIGLU_GRAD:
-            kn->swiglu_grad(c + c0, g->in0 + i * ld + c0, g->in1 + i * ld + c0, g->out0 + i * ld + c0, g->out1 + i * ld + c0, c1 - c0);
-            break;
-        case MOE__EPI_GEGLU:
-            kn->geglu(c + c0, c2 + c0, g->out0 + i * ld + c0, c1 - c0);
-            break;
-        case MOE__EPI_GEGLU_GRAD:
-            kn->geglu_grad(c + c0, g->in0 + i * ld + c0, g->in1 + i * ld + c0, g->out0 + i * ld + c0, g->out1 + i * ld + c0, c1 - c0);
-            break;
+        case MOE__EPI_SWIGLU_GRAD: kn->swiglu_grad(c, in0, in1, out0, out1, n); break;
+        case MOE__EPI_GEGLU: kn->geglu(c, c2, out0, n); break;
+        case MOE__EPI_GEGLU_GRAD: kn->geglu_grad(c, in0, in1, out0, out1, n); break;
         default: break;
         }
     }
+}
+
+static void moe__gemm_finish(const moe__gemm *g, const moe__kernel *kn, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    moe__gemm_finish_at(g, kn, r0, r1, c0, c1, g->C + r0 * g->ldc + c0, g->pair ? g->C2 + r0 * g->ldc + c0 : NULL, g->ldc);
 }
 
 /* Plain twin: obviously correct, used by MOE_KERNELS_REFERENCE and the tests. */
@@ -1537,6 +1537,9 @@ static void moe__gemm_block_fast(const moe__exec *ex, const moe__gemm *g, int64_
     float *bp = scratch, *ap = scratch + MOE__KC * MOE__NB, *tmp = ap + ex->a_rows * MOE__KC, *rowbuf = tmp + MOE__MR_MAX * MOE__NR_MAX;
     int64_t nb, kb, mb, ip, jp, i, j;
     int prepacked = g->Bp != NULL && n0 % PW == 0;
+    /* One depth block and only the epilogue's output kept: each micro-tile's C goes to a scratch
+       tile in L1 (partial tiles too: the panels are zero-padded), and C is never written. */
+    int transient = g->c_transient && g->epi != MOE__EPI_NONE && !g->accumulate && g->K <= MOE__KC;
     if (g->K == 0) {
         int half_i;
         for (half_i = 0; half_i <= g->pair; half_i++)
@@ -1564,6 +1567,11 @@ static void moe__gemm_block_fast(const moe__exec *ex, const moe__gemm *g, int64_
                         float *lo = g->C + row * ldc + col, *hi = g->pair ? g->C2 + row * ldc + col : lo + half;
                         const float *a = ap + ip * kc;
                         const float *b = prepacked ? g->Bp + ((nb + jp) / PW) * NR * g->K + kb * NR : bp + (jp / PW) * NR * kc;
+                        if (transient) {
+                            kn->micro(kc, a, b, tmp, tmp + half, NR, 0);
+                            moe__gemm_finish_at(g, kn, row, row + mr, col, col + w, tmp, g->pair ? tmp + half : NULL, NR);
+                            continue;
+                        }
                         if (mr == MR && w == PW)
                             kn->micro(kc, a, b, lo, hi, ldc, accumulate);
                         else if (g->pair)
@@ -2152,6 +2160,9 @@ struct moe_layer {
     float *y;
     int64_t T;
     int training, has_forward;
+    int z_transient;            /* this forward's expert GEMMs may skip storing pre-activations */
+    int z_stale;                /* they did: backward recomputes them first (moe__restore_z) */
+    const float *stage_x;       /* the input rows of the expert stages of the last forward */
     int64_t noise_step;         /* training forwards so far: selects the noise */
     int64_t forward_step;       /* noise_step of the last forward (its jitter is redrawn in backward) */
     const float *u;             /* router input of the last forward: x, or xr with jitter */
@@ -3462,6 +3473,7 @@ static moe__gemm moe__forward_gemm(const moe_layer *l, const moe__bank *b, int64
         g.act = b->act;
     }
     g.out0 = b->a[s] + r0 * H;
+    g.c_transient = l->z_transient;
     return g;
 }
 
@@ -3727,6 +3739,29 @@ static void moe__run_step(moe_layer *l, double work, const float *x) {
 #endif
 }
 
+/* Every forward stage of the experts over input rows x (decode: the matrix-vector path for few
+   tokens). An inference forward keeps only the activations, not the pre-activations the GLU or
+   MLP epilogue reads them from (each tile's stay in a scratch: less memory traffic); should a
+   backward follow it, moe__restore_z computes them again, bit for bit as a training forward. */
+static void moe__run_stages(moe_layer *l, int64_t T, const float *x, int decode) {
+    int q, n = moe__bank_stages(&l->bank[0]);
+    decode = decode && moe__use_decode(l, T);
+    l->stage_x = x;
+    l->z_transient = !l->training && !decode;
+    l->z_stale = l->z_transient && n > 1;
+    for (q = 0; q < n; q++) moe__run_step(l, decode ? moe__plan_decode(l, q) : moe__plan_step(l, 0, q, 0), x);
+}
+
+#ifndef MOE_NO_TRAINING
+static void moe__restore_z(moe_layer *l) {
+    int q;
+    if (!l->z_stale) return;
+    l->z_transient = 0;
+    for (q = 0; q + 1 < moe__bank_stages(&l->bank[0]); q++) moe__run_step(l, moe__plan_step(l, 0, q, 0), l->stage_x);
+    l->z_stale = 0;
+}
+#endif
+
 static float moe__clamp_log_std(float v) {
     return v < MOE_MIXTURE_LOG_STD_MIN ? MOE_MIXTURE_LOG_STD_MIN : v > MOE_MIXTURE_LOG_STD_MAX ? MOE_MIXTURE_LOG_STD_MAX : v;
 }
@@ -3834,7 +3869,6 @@ static void moe__soft_forward(moe_layer *l, const float *x, int64_t T, float *y)
     const moe_layer_desc *d = &l->d;
     int64_t E = d->n_experts, S = d->slots_per_expert, L = E * S, D = d->d_in, O = d->d_out, G = moe__soft_groups(d, T), m = T / G, t, i, e;
     moe__bank *b = &l->bank[0];
-    int q;
     moe__gemm g = moe__gemm_make(MOE__NT, T, L, D, moe__mat_of(x, D), moe__mat_of(moe__w(l, l->router.w), D), l->clean, L, 0, NULL);
     moe__gemm_run(&l->ex, &g);
     l->soft_groups = G;
@@ -3869,7 +3903,7 @@ static void moe__soft_forward(moe_layer *l, const float *x, int64_t T, float *y)
     }
     for (t = 0; t < T; t++) l->passthrough[t] = 0;
     moe__aux_forward(l, T);
-    for (q = 0; q < moe__bank_stages(b); q++) moe__run_step(l, moe__plan_step(l, 0, q, 0), l->slot_x);
+    moe__run_stages(l, T, l->slot_x, 0);
     if (d->residual) memcpy(y, x, (size_t)(T * O) * sizeof(float));
     for (i = 0; i < G; i++) {  /* y of group i (+= with residual): C Y~, the slots' rows gathered */
         g = moe__gemm_make(MOE__NN, m, O, L, moe__mat_of(l->soft_combine + i * m * L, L), moe__mat_rows(b->out, O, l->slot_row + i * L),
@@ -3899,7 +3933,6 @@ static void moe__group_logits(moe_layer *l, const float *u, int64_t T, const flo
 static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, const float *noise) {
     const moe_layer_desc *d = &l->d;
     int64_t E = d->n_experts, K = l->slots, D = d->d_in, O = d->d_out, t, i;
-    int q;
     int noisy = moe__expert_noisy(d);
     const float *u = x;
     moe__gemm g;
@@ -3941,8 +3974,7 @@ static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, 
     moe__dispatch(l, T);
     moe__aux_forward(l, T);
     /* 5. every expert's rows, stage by stage, in tiles over all experts */
-    for (q = 0; q < moe__bank_stages(&l->bank[0]); q++)
-        moe__run_step(l, moe__use_decode(l, T) ? moe__plan_decode(l, q) : moe__plan_step(l, 0, q, 0), x);
+    moe__run_stages(l, T, x, 1);
     /* shared-expert gates sigmoid(x G^T) [T, S] */
     if (l->shared_gate_v) {
         int64_t S = d->n_shared_experts;
@@ -4377,7 +4409,7 @@ static void moe__mg_gate_row(float *z, int64_t n, int64_t top_k) {
 /* x [T, gin * D] -> y [T, gout * O]. */
 static void moe__multitask_forward(moe_layer *l, const float *x, int64_t T, float *y) {
     const moe_layer_desc *d = &l->d;
-    int gin = moe__task_groups_in(d), gout = moe__task_groups_out(d), g, b, q;
+    int gin = moe__task_groups_in(d), gout = moe__task_groups_out(d), g, b;
     int64_t D = d->d_in / gin, O = d->d_out / gout, C = l->mg_cols, t;
     /* expert e of a bank owns rows e*T..(e+1)*T; row t reads row t*gin + slice of x viewed as [T*gin, D] */
     for (b = 0; b < l->n_banks; b++) {
@@ -4389,8 +4421,7 @@ static void moe__multitask_forward(moe_layer *l, const float *x, int64_t T, floa
             for (t = 0; t < T; t++) k->row_token[e * T + t] = (int32_t)(t * gin + sl);
         }
     }
-    for (q = 0; q < moe__bank_stages(&l->bank[0]); q++)
-        moe__run_step(l, moe__use_decode(l, T) ? moe__plan_decode(l, q) : moe__plan_step(l, 0, q, 0), x);
+    moe__run_stages(l, T, x, 1);
     for (g = 0; g < l->mg_gates; g++) {
         int64_t n = l->mg_gate_width[g], col = l->mg_gate_col[g];
         if (l->mg_gate_w[g] < 0) {
@@ -4545,6 +4576,7 @@ static void moe__layer_forward_impl(moe_layer *l, const float *x, int64_t T, flo
 
 #ifndef MOE_NO_TRAINING
 static void moe__layer_backward_impl(moe_layer *l, const float *dy, float *dx, int flags) {
+    moe__restore_z(l);
     switch (l->d.kind) {
     case MOE_LAYER_DENSE: moe__dense_backward(l, dy, dx); break;
     case MOE_LAYER_RMSNORM:

@@ -1241,6 +1241,10 @@ typedef void (*moe__swiglu_grad_fn)(const float *da, const float *z1, const floa
 struct moe__mat;
 /* out[r] = row j of W . x[r] for r < m (the decode path) */
 typedef void (*moe__dot_fn)(const struct moe__mat *W, int64_t j, const float *const *x, int m, int64_t K, float *out);
+/* y[j] += a x[j]: a multiply, then an add (the bits of the plain loop, which C99 compiles uncontracted) */
+typedef void (*moe__axpy_fn)(float *y, float a, const float *x, int64_t n);
+/* returns sum_j g[j] o[j]; d[j] = a g[j] */
+typedef float (*moe__gate_grad_fn)(const float *g, const float *o, float a, float *d, int64_t n);
 
 typedef struct moe__kernel {
     moe__micro_fn micro;
@@ -1251,6 +1255,8 @@ typedef struct moe__kernel {
     moe__dot_fn dot;
     moe__swiglu_fn geglu;       /* a[j] = gelu(z1[j]) * z3[j] */
     moe__swiglu_grad_fn geglu_grad;
+    moe__axpy_fn axpy;
+    moe__gate_grad_fn gate_grad;
     int mr, nr;
     const char *name;
 } moe__kernel;
@@ -1909,6 +1915,18 @@ static void moe__geglu_grad_avx512(const float *da, const float *z1, const float
 #define MOE__DECODE_ROWS 32     /* weight rows per decode tile */
 
 /* out[r] = sum_k W(j, k) x_r[k] for r < m, in 16 interleaved partial sums over k. */
+static void moe__axpy(float *MOE__RESTRICT y, float a, const float *MOE__RESTRICT x, int64_t n) {
+    int64_t j;
+    for (j = 0; j < n; j++) y[j] += a * x[j];
+}
+
+static float moe__gate_grad(const float *g, const float *o, float a, float *MOE__RESTRICT d, int64_t n) {
+    float acc = 0.0f;
+    int64_t j;
+    for (j = 0; j < n; j++) { acc += g[j] * o[j]; d[j] = a * g[j]; }
+    return acc;
+}
+
 static void moe__dot_rows(const moe__mat *W, int64_t j, const float *const *x, int m, int64_t K, float *out) {
     float w[256], acc[MOE__DECODE_TOKENS][16];
     int64_t k0, k;
@@ -1955,6 +1973,30 @@ static void moe__dot_rows(const moe__mat *W, int64_t j, const float *const *x, i
         out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));   \
     }
 
+__attribute__((target("avx512f")))
+static void moe__axpy_avx512(float *y, float a, const float *x, int64_t n) {
+    __m512 va = _mm512_set1_ps(a);
+    int64_t j;
+    for (j = 0; j < n; j += 16) {
+        __mmask16 m = (__mmask16)moe__lanes(n - j);
+        _mm512_mask_storeu_ps(y + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + j), _mm512_mul_ps(va, _mm512_maskz_loadu_ps(m, x + j))));
+    }
+}
+
+/* The sum in 16 lanes, then reduced: other bits than the plain loop's, the same for any threads. */
+__attribute__((target("avx512f")))
+static float moe__gate_grad_avx512(const float *g, const float *o, float a, float *d, int64_t n) {
+    __m512 va = _mm512_set1_ps(a), acc = _mm512_setzero_ps();
+    int64_t j;
+    for (j = 0; j < n; j += 16) {
+        __mmask16 m = (__mmask16)moe__lanes(n - j);
+        __m512 vg = _mm512_maskz_loadu_ps(m, g + j);
+        acc = _mm512_fmadd_ps(vg, _mm512_maskz_loadu_ps(m, o + j), acc);
+        _mm512_mask_storeu_ps(d + j, m, _mm512_mul_ps(va, vg));
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 static void moe__dot_rows_avx512(const moe__mat *W, int64_t j, const float *const *x, int m, int64_t K, float *out) {
     int r;
@@ -1975,7 +2017,7 @@ static void moe__dot_rows_avx512(const moe__mat *W, int64_t j, const float *cons
 static moe__kernel moe__kernel_make(moe__micro_fn micro, int mr, int nr, const char *name) {
     moe__kernel k;
     k.micro = micro; k.pack_t = moe__pack_t; k.pack_n = moe__pack_n; k.swiglu = moe__swiglu_rows; k.swiglu_grad = moe__swiglu_grad_rows; k.dot = moe__dot_rows;
-    k.geglu = moe__geglu_rows; k.geglu_grad = moe__geglu_grad_rows;
+    k.geglu = moe__geglu_rows; k.geglu_grad = moe__geglu_grad_rows; k.axpy = moe__axpy; k.gate_grad = moe__gate_grad;
     k.mr = mr; k.nr = nr; k.name = name;
     return k;
 }
@@ -2003,6 +2045,8 @@ static moe__kernel moe__kernel_select(void) {
         k.geglu = moe__geglu_avx512;
         k.geglu_grad = moe__geglu_grad_avx512;
         k.dot = moe__dot_rows_avx512;
+        k.axpy = moe__axpy_avx512;
+        k.gate_grad = moe__gate_grad_avx512;
         return k;
     }
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return moe__kernel_avx2();
@@ -3126,18 +3170,18 @@ static int moe__before(const float *h, int32_t a, int32_t b) {
     return ha > hb || (ha == hb && a < b);
 }
 
-/* idx[0..n) = the first n experts in that order. O(n E), no scratch. */
+/* idx[0..n) = the first n experts in that order (-1 past E): one pass, each expert that beats
+   the last kept one inserted in place. No scratch. */
 static void moe__top_n(const float *h, int64_t E, int n, int32_t *idx) {
-    int s;
+    int s, count = 0;
     int32_t e;
-    for (s = 0; s < n; s++) {
-        int32_t best = -1;
-        for (e = 0; e < (int32_t)E; e++) {
-            if (s > 0 && !moe__before(h, idx[s - 1], e)) continue;
-            if (best < 0 || moe__before(h, e, best)) best = e;
-        }
-        idx[s] = best;
+    for (e = 0; e < (int32_t)E; e++) {
+        if (count == n && (n == 0 || !moe__before(h, e, idx[n - 1]))) continue;
+        s = count < n ? count++ : n - 1;
+        for (; s > 0 && moe__before(h, e, idx[s - 1]); s--) idx[s] = idx[s - 1];
+        idx[s] = e;
     }
+    for (s = count; s < n; s++) idx[s] = -1;
 }
 
 /* Softmax of token t's logits h into p, with its logsumexp and entropy. */
@@ -4019,13 +4063,13 @@ static void moe__moe_forward(moe_layer *l, const float *x, int64_t T, float *y, 
             const float *o;
             if (r < 0) continue;
             o = l->bank[0].out + (int64_t)r * O;
-            for (j = 0; j < O; j++) yt[j] += gw * o[j];
+            l->ex.kernel.axpy(yt, gw, o, O);
         }
         if (l->n_banks > 1)
             for (q = 0; q < l->bank[1].n; q++) {
                 const float *o = l->bank[1].out + (q * T + t) * O;
                 float gq = l->shared_gate_v ? l->shared_gate_v[t * l->bank[1].n + q] : 1.0f;
-                for (j = 0; j < O; j++) yt[j] += gq * o[j];
+                l->ex.kernel.axpy(yt, gq, o, O);
             }
     }
 }
@@ -4269,18 +4313,17 @@ static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flag
         MOE__PARALLEL_FOR(l->ex.n_threads, (double)T * (double)O * (double)(2 * K + 1))
         for (t = 0; t < T; t++) {
             const float *dyt = dy + t * O;
-            int64_t s, j, q;
+            int64_t s, q;
             for (s = 0; s < K; s++) {
                 int32_t r = l->pos[t * K + s];
-                float acc = 0.0f, gw = l->gate[t * K + s];
+                float gw = l->gate[t * K + s];
                 float *dout;
                 const float *o, *dsrc;
                 if (r < 0) { l->dgate[t * K + s] = 0.0f; continue; }
                 o = rb->out + (int64_t)r * De;
                 dout = rb->dz[rb->n_linears - 1] + (int64_t)r * De;
                 dsrc = stack ? l->dcat + t * W + (int64_t)l->sel[t * K + s] * De : dyt;  /* gradient at gate * f_e(x_t) */
-                for (j = 0; j < De; j++) { acc += dsrc[j] * o[j]; dout[j] = gw * dsrc[j]; }
-                l->dgate[t * K + s] = acc;
+                l->dgate[t * K + s] = l->ex.kernel.gate_grad(dsrc, o, gw, dout, De);
             }
             if (l->n_banks > 1)
                 for (q = 0; q < l->bank[1].n; q++) {
@@ -4290,7 +4333,7 @@ static void moe__moe_backward(moe_layer *l, const float *dy, float *dx, int flag
                     float gq, acc = 0.0f;
                     if (!l->shared_gate_v) { memcpy(dout, dyt, (size_t)O * sizeof(float)); continue; }
                     gq = l->shared_gate_v[t * S + q];
-                    for (j = 0; j < O; j++) { acc += dyt[j] * o[j]; dout[j] = gq * dyt[j]; }
+                    acc = l->ex.kernel.gate_grad(dyt, o, gq, dout, O);
                     l->dshared_gate[t * S + q] = acc * gq * (1.0f - gq);  /* sigmoid' = g (1 - g) */
                 }
         }

@@ -210,7 +210,32 @@ static void check_packing(moe__kernel k) {
     free(src); free(got); free(want);
 }
 
+/* The combine's vector operations: axpy bit for bit as the plain loop (a multiply, then an add);
+   the gate gradient's scaled copy bit for bit, its sum within rounding. */
+static void check_vector_ops(moe__kernel k) {
+    const int64_t ns[] = {1, 7, 15, 16, 17, 100, 1024};
+    float *x = random_matrix(1024, 11), *y0 = random_matrix(1024, 12), *y1 = (float *)malloc(sizeof(float) * 1024), *y2 = (float *)malloc(sizeof(float) * 1024);
+    float *d1 = (float *)malloc(sizeof(float) * 1024), *d2 = (float *)malloc(sizeof(float) * 1024);
+    size_t i;
+    for (i = 0; i < sizeof ns / sizeof ns[0]; i++) {
+        int64_t n = ns[i], j;
+        float s1, s2, mag = 0.0f;
+        memcpy(y1, y0, sizeof(float) * 1024); memcpy(y2, y0, sizeof(float) * 1024);
+        k.axpy(y1, 0.37f, x, n);
+        moe__axpy(y2, 0.37f, x, n);
+        CHECK(memcmp(y1, y2, sizeof(float) * 1024) == 0, "kernel %s: axpy over %lld differs from the plain loop", k.name, (long long)n);
+        memset(d1, 0, sizeof(float) * 1024); memset(d2, 0, sizeof(float) * 1024);
+        s1 = k.gate_grad(x, y0, -1.25f, d1, n);
+        s2 = moe__gate_grad(x, y0, -1.25f, d2, n);
+        for (j = 0; j < n; j++) mag += fabsf(x[j] * y0[j]);
+        CHECK(memcmp(d1, d2, sizeof(float) * 1024) == 0, "kernel %s: gate gradient copy over %lld differs", k.name, (long long)n);
+        CHECK(fabsf(s1 - s2) <= 4.0f * FLT_EPSILON * (float)n * mag, "kernel %s: gate gradient sum over %lld: %g vs %g", k.name, (long long)n, s1, s2);
+    }
+    free(x); free(y0); free(y1); free(y2); free(d1); free(d2);
+}
+
 static void check_kernel(moe__kernel k) {
+    check_vector_ops(k);
     check_packing(k);
     forced = 1;
     forced_kernel = k;

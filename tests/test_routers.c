@@ -622,10 +622,43 @@ static int test_hierarchical_checkpoint(void) {
     return 0;
 }
 
+/* The top-n selection every router uses, against a selection sort by its documented order
+   (larger first, NaN as the lowest, ties to the lower index; -1 past E), on values full of ties. */
+static int test_top_n_order(void) {
+    float h[70];
+    int32_t got[80], want[80];
+    int E, n, trial, s, bad = 0, cases = 0;
+    for (trial = 0; trial < 200; trial++) {
+        E = 1 + trial % 70;
+        for (s = 0; s < E; s++) {
+            uint64_t r = moe_rng_u64(7, (uint64_t)trial, (uint64_t)s) % 11;
+            h[s] = r == 10 ? NAN : r == 9 ? -FLT_MAX : (float)(r % 5) - 2.0f;  /* 5 values, many ties */
+        }
+        for (n = 0; n <= E + 2 && n < 80; n += 1 + n / 3) {
+            int taken[70] = {0}, q, e;
+            for (q = 0; q < n; q++) {
+                int best = -1;
+                for (e = 0; e < E; e++) {
+                    float he = h[e] == h[e] ? h[e] : -FLT_MAX, hb = best < 0 ? 0.0f : h[best] == h[best] ? h[best] : -FLT_MAX;
+                    if (!taken[e] && (best < 0 || he > hb)) best = e;
+                }
+                want[q] = best;
+                if (best >= 0) taken[best] = 1;
+            }
+            moe__top_n(h, E, n, got);
+            bad += memcmp(got, want, sizeof(int32_t) * (size_t)n) != 0;
+            cases++;
+        }
+    }
+    CHECK(bad == 0, "%d of %d top-n selections differ from the selection sort", bad, cases);
+    return 0;
+}
+
 int main(void) {
     printf("test_routers\n");
     if (test_make_dir(TMP_DIR) != 0) return 1;
     moe_ctx_init(&ctx, &(moe_ctx_desc){.seed = 11});
+    RUN(test_top_n_order);
     RUN(test_selection_bias_balances);
     RUN(test_selection_bias_is_state);
     RUN(test_layer_update_bias);

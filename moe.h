@@ -1223,7 +1223,7 @@ typedef struct moe__gemm {
     moe_activation act;
     float *out0, *out1;
     const float *in0, *in1;
-    int c_transient;            /* only out0 is kept: C and C2 may stay in a per-tile scratch (inference) */
+    int c_transient;            /* only the epilogue's outputs are kept: C (and C2) may stay in a per-tile scratch */
 } moe__gemm;
 
 /* C[MR, NR] (+)= A panel x B panel over kc; columns 0..NR/2 go to lo, NR/2..NR to hi. */
@@ -3554,6 +3554,7 @@ static moe__gemm moe__input_grad_gemm(const moe_layer *l, const moe__bank *b, in
                                  moe__mat_of(moe__expert_w(l, lin, e), lin->in), NULL, lin->in, second, NULL);
     if (moe__glu_kind(b->kind) && j == 2) {
         g.C = b->da + r0 * H;
+        g.c_transient = 1;  /* da only feeds the epilogue */
         g.epi = b->kind == MOE_EXPERT_GEGLU ? MOE__EPI_GEGLU_GRAD : MOE__EPI_SWIGLU_GRAD;
         g.in0 = b->z[0] + r0 * H; g.in1 = b->z[1] + r0 * H;
         g.out0 = b->dz[0] + r0 * H; g.out1 = b->dz[1] + r0 * H;

@@ -1759,6 +1759,22 @@ static void moe__pack_n_avx512(const float *const *src, int64_t c0, int64_t n, i
         r6 = _mm256_permute2f128_ps(u2, u6, 0x31); r7 = _mm256_permute2f128_ps(u3, u7, 0x31);             \
     }
 
+/* A whole 8 x 8 block: floats k0..k0+8 of rows s[0..8] into rows 0..8 (ld apart) of d. */
+#define MOE__PACK_T8(s, k0, d, ld)                                                                        \
+    {                                                                                                     \
+        const float *const *s8 = (s);                                                                     \
+        float *d8 = (d);                                                                                  \
+        __m256 q0 = _mm256_loadu_ps(s8[0] + (k0)), q1 = _mm256_loadu_ps(s8[1] + (k0));                    \
+        __m256 q2 = _mm256_loadu_ps(s8[2] + (k0)), q3 = _mm256_loadu_ps(s8[3] + (k0));                    \
+        __m256 q4 = _mm256_loadu_ps(s8[4] + (k0)), q5 = _mm256_loadu_ps(s8[5] + (k0));                    \
+        __m256 q6 = _mm256_loadu_ps(s8[6] + (k0)), q7 = _mm256_loadu_ps(s8[7] + (k0));                    \
+        MOE__TRANSPOSE8(q0, q1, q2, q3, q4, q5, q6, q7)                                                   \
+        _mm256_storeu_ps(d8, q0); _mm256_storeu_ps(d8 + (ld), q1);                                        \
+        _mm256_storeu_ps(d8 + 2 * (ld), q2); _mm256_storeu_ps(d8 + 3 * (ld), q3);                         \
+        _mm256_storeu_ps(d8 + 4 * (ld), q4); _mm256_storeu_ps(d8 + 5 * (ld), q5);                         \
+        _mm256_storeu_ps(d8 + 6 * (ld), q6); _mm256_storeu_ps(d8 + 7 * (ld), q7);                         \
+    }
+
 /* moe__pack_t in 8 x 8 blocks through registers; partial blocks (fewer rows, a shorter depth, a
    panel narrower than 8) through masks, absent rows as zeros. */
 __attribute__((target("avx512f,avx512vl")))
@@ -1772,16 +1788,11 @@ static void moe__pack_t_avx512(const float *const *src, int64_t n, int64_t W, in
         for (k0 = 0; k0 < kc; k0 += 8) {
             int64_t kn = moe__min64(8, kc - k0);
             float *d = dst + k0 * ld + i0;
-            __m256 r0, r1, r2, r3, r4, r5, r6, r7;
             if (rows == 8 && kn == 8 && wm == 0xFF) {
-                r0 = _mm256_loadu_ps(s[0] + k0); r1 = _mm256_loadu_ps(s[1] + k0); r2 = _mm256_loadu_ps(s[2] + k0); r3 = _mm256_loadu_ps(s[3] + k0);
-                r4 = _mm256_loadu_ps(s[4] + k0); r5 = _mm256_loadu_ps(s[5] + k0); r6 = _mm256_loadu_ps(s[6] + k0); r7 = _mm256_loadu_ps(s[7] + k0);
-                MOE__TRANSPOSE8(r0, r1, r2, r3, r4, r5, r6, r7)
-                _mm256_storeu_ps(d, r0); _mm256_storeu_ps(d + ld, r1); _mm256_storeu_ps(d + 2 * ld, r2); _mm256_storeu_ps(d + 3 * ld, r3);
-                _mm256_storeu_ps(d + 4 * ld, r4); _mm256_storeu_ps(d + 5 * ld, r5); _mm256_storeu_ps(d + 6 * ld, r6); _mm256_storeu_ps(d + 7 * ld, r7);
+                MOE__PACK_T8(s, k0, d, ld)
             } else {
                 __mmask8 km = (__mmask8)moe__lanes(kn);
-                __m256 c[8];
+                __m256 r0, r1, r2, r3, r4, r5, r6, r7, c[8];
 #define MOE__PACK_ROW(i) r##i = rows > i ? _mm256_maskz_loadu_ps(km, s[i] + k0) : _mm256_setzero_ps();
                 MOE__PACK_ROW(0) MOE__PACK_ROW(1) MOE__PACK_ROW(2) MOE__PACK_ROW(3) MOE__PACK_ROW(4) MOE__PACK_ROW(5) MOE__PACK_ROW(6) MOE__PACK_ROW(7)
 #undef MOE__PACK_ROW
@@ -1811,13 +1822,7 @@ static void moe__pack_t_avx2(const float *const *src, int64_t n, int64_t W, int6
             continue;
         }
         for (k0 = 0; k0 + 8 <= kc; k0 += 8) {
-            const float *const *s = src + i0;
-            float *d = dst + k0 * ld + i0;
-            __m256 r0 = _mm256_loadu_ps(s[0] + k0), r1 = _mm256_loadu_ps(s[1] + k0), r2 = _mm256_loadu_ps(s[2] + k0), r3 = _mm256_loadu_ps(s[3] + k0);
-            __m256 r4 = _mm256_loadu_ps(s[4] + k0), r5 = _mm256_loadu_ps(s[5] + k0), r6 = _mm256_loadu_ps(s[6] + k0), r7 = _mm256_loadu_ps(s[7] + k0);
-            MOE__TRANSPOSE8(r0, r1, r2, r3, r4, r5, r6, r7)
-            _mm256_storeu_ps(d, r0); _mm256_storeu_ps(d + ld, r1); _mm256_storeu_ps(d + 2 * ld, r2); _mm256_storeu_ps(d + 3 * ld, r3);
-            _mm256_storeu_ps(d + 4 * ld, r4); _mm256_storeu_ps(d + 5 * ld, r5); _mm256_storeu_ps(d + 6 * ld, r6); _mm256_storeu_ps(d + 7 * ld, r7);
+            MOE__PACK_T8(src + i0, k0, dst + k0 * ld + i0, ld)
         }
         moe__pack_t_part(src, n, i0, i1, k0, kc, ld, dst);
     }

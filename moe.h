@@ -1535,8 +1535,10 @@ static void moe__micro_edge(const moe__kernel *kn, int64_t kc, const float *A, c
 
 #if defined(__GNUC__) || defined(__clang__)
 #define MOE__PREFETCH_W(p) __builtin_prefetch((p), 1, 3)
+#define MOE__PREFETCH_R(p) __builtin_prefetch((p), 0, 3)
 #else
 #define MOE__PREFETCH_W(p) (void)(p)
+#define MOE__PREFETCH_R(p) (void)(p)
 #endif
 
 /* The C rows a micro-kernel is about to add into, requested for writing as it starts: the load at
@@ -1547,6 +1549,21 @@ static void moe__prefetch_tile(const float *lo, const float *hi, int64_t mr, int
     for (i = 0; i < mr; i++) {
         MOE__PREFETCH_W(lo + i * ldc);
         MOE__PREFETCH_W(hi + i * ldc);
+    }
+}
+
+/* The epilogue's operands of rows r..r+mr, columns c..c+w (ldc apart), requested as the tile's last
+   product starts, so the epilogue that follows finds them in cache: saved activations it reads
+   (in0, in1) and rows it writes (out0, out1) are each one or two lines per row, scattered over
+   rows that no hardware prefetcher follows. */
+static void moe__prefetch_epi(const moe__gemm *g, int64_t r, int64_t mr, int64_t c, int64_t w) {
+    int64_t i, ld = g->ldc, off, last = w - 1;
+    for (i = 0; i < mr; i++) {
+        off = (r + i) * ld + c;
+        if (g->in0) { MOE__PREFETCH_R(g->in0 + off); MOE__PREFETCH_R(g->in0 + off + last); }
+        if (g->in1) { MOE__PREFETCH_R(g->in1 + off); MOE__PREFETCH_R(g->in1 + off + last); }
+        if (g->out0) { MOE__PREFETCH_W(g->out0 + off); MOE__PREFETCH_W(g->out0 + off + last); }
+        if (g->out1) { MOE__PREFETCH_W(g->out1 + off); MOE__PREFETCH_W(g->out1 + off + last); }
     }
 }
 
@@ -1590,6 +1607,7 @@ static void moe__gemm_block_fast(const moe__exec *ex, const moe__gemm *g, int64_
                         float *lo = g->C + row * ldc + col, *hi = g->pair ? g->C2 + row * ldc + col : lo + half;
                         const float *a = ap + ip * kc;
                         const float *b = prepacked ? g->Bp + ((nb + jp) / PW) * NR * g->K + kb * NR : bp + (jp / PW) * NR * kc;
+                        if (last && g->epi != MOE__EPI_NONE) moe__prefetch_epi(g, row, mr, col, w);
                         if (transient) {
                             kn->micro(kc, a, b, tmp, tmp + half, NR, 0);
                             moe__gemm_finish_at(g, kn, row, row + mr, col, col + w, tmp, g->pair ? tmp + half : NULL, NR);

@@ -2219,7 +2219,7 @@ typedef struct moe__tile {
     double cost;                /* flops */
 } moe__tile;
 
-#define MOE__TILE_ROWS 512      /* most rows per forward / input-gradient tile */
+#define MOE__TILE_ROWS 768      /* most rows per forward / input-gradient tile */
 #define MOE__WTILE_ROWS 768     /* most output rows per weight-gradient tile */
 
 struct moe_layer {
@@ -3648,14 +3648,19 @@ static void moe__add_tile(moe_layer *l, int b, int64_t e, int j, int kind, int64
     t->cost = 2.0 * (double)(r1 - r0) * (double)(c1 - c0) * depth;
 }
 
-/* Rows of every expert of bank b in chunks of `rows`, times column blocks of `cols`. */
+/* Rows of every expert of bank b in as few chunks of at most `rows` (a multiple of MOE__MR_MAX) as
+   there can be, of equal size in whole micro-panels (530 rows: one tile, not 512 + 18, which would
+   pack the expert's weights twice), times column blocks of `cols`. */
 static void moe__plan_rows(moe_layer *l, int b, int j, int kind, int64_t N, int64_t cols, double depth, int64_t rows) {
     const moe__bank *k = &l->bank[b];
     int64_t e, r, c;
-    for (e = 0; e < k->n; e++)
-        for (r = k->offsets[e]; r < k->offsets[e + 1]; r += rows)
+    for (e = 0; e < k->n; e++) {
+        int64_t n = k->offsets[e + 1] - k->offsets[e], pieces = (n + rows - 1) / rows;
+        int64_t chunk = pieces ? ((n + pieces - 1) / pieces + MOE__MR_MAX - 1) / MOE__MR_MAX * MOE__MR_MAX : rows;
+        for (r = k->offsets[e]; r < k->offsets[e + 1]; r += chunk)
             for (c = 0; c < N; c += cols)
-                moe__add_tile(l, b, e, j, kind, r, moe__min64(r + rows, k->offsets[e + 1]), c, moe__min64(c + cols, N), depth);
+                moe__add_tile(l, b, e, j, kind, r, moe__min64(r + chunk, k->offsets[e + 1]), c, moe__min64(c + cols, N), depth);
+    }
 }
 
 #ifndef MOE_NO_TRAINING

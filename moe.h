@@ -303,6 +303,9 @@ typedef enum moe_optimizer_kind {
 typedef enum moe_kernels {
     MOE_KERNELS_DEFAULT = 0,   /* the fastest kernels this CPU runs */
     MOE_KERNELS_REFERENCE,     /* plain loops: slow, obviously correct; for tests */
+    MOE_KERNELS_AVX2,          /* the AVX2+FMA kernels even where AVX-512 is there (MOE_ERR_UNSUPPORTED
+                                  where the CPU or the build has none): to time or test them */
+    MOE_KERNELS_PORTABLE,      /* the portable C kernels, as on a CPU without AVX2 or another architecture */
     MOE_KERNELS_COUNT
 } moe_kernels;
 
@@ -359,6 +362,8 @@ typedef struct moe_ctx {
 
 MOEDEF moe_result moe_ctx_init(moe_ctx *ctx, const moe_ctx_desc *desc /* NULL: defaults */);
 MOEDEF const char *moe_ctx_error(const moe_ctx *ctx);
+/* The kernels the context's layers run: "avx512", "avx2", "generic" (portable C) or "reference". */
+MOEDEF const char *moe_ctx_kernels(const moe_ctx *ctx);
 
 // >>layer -------------------------------------------------------------------
 /* A layer. All-zero fields mean defaults (listed in the manual, "Defaults"). */
@@ -1051,6 +1056,8 @@ static moe_result moe__fail_prefix(moe_ctx *ctx, moe_result code, const char *pr
 #define MOE__TRY(expr) do { moe_result moe__r = (expr); if (moe__r != MOE_OK) return moe__r; } while (0)
 
 // >>ctx ---------------------------------------------------------------------
+static int moe__have_avx2(void);
+
 MOEDEF moe_result moe_ctx_init(moe_ctx *ctx, const moe_ctx_desc *desc) {
     moe_ctx_desc d;
     if (!ctx) return MOE_ERR_INVALID_ARGUMENT;
@@ -1062,6 +1069,8 @@ MOEDEF moe_result moe_ctx_init(moe_ctx *ctx, const moe_ctx_desc *desc) {
     if (d.n_threads < 0) return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "n_threads is %d", d.n_threads);
     if ((int)d.kernels < 0 || d.kernels >= MOE_KERNELS_COUNT)
         return moe__fail(ctx, MOE_ERR_INVALID_ARGUMENT, "unknown kernels %d", (int)d.kernels);
+    if (d.kernels == MOE_KERNELS_AVX2 && !moe__have_avx2())
+        return moe__fail(ctx, MOE_ERR_UNSUPPORTED, "MOE_KERNELS_AVX2: this CPU or build has no AVX2+FMA kernels");
 #ifdef _OPENMP
     ctx->n_threads = d.n_threads ? d.n_threads : omp_get_max_threads();
 #else
@@ -2055,6 +2064,16 @@ static moe__kernel moe__kernel_avx2(void) {
 }
 #endif
 
+/* Whether this CPU and build run the AVX2+FMA kernels. */
+static int moe__have_avx2(void) {
+#ifdef MOE__HAVE_X86_DISPATCH
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
 /* The fastest kernel this CPU runs. */
 static moe__kernel moe__kernel_select(void) {
 #ifdef MOE__HAVE_X86_DISPATCH
@@ -2072,9 +2091,23 @@ static moe__kernel moe__kernel_select(void) {
         k.gate_grad = moe__gate_grad_avx512;
         return k;
     }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return moe__kernel_avx2();
+    if (moe__have_avx2()) return moe__kernel_avx2();
 #endif
     return moe__kernel_generic();
+}
+
+/* The kernel a context asks for (moe_ctx_init has checked that this CPU runs it). */
+static moe__kernel moe__kernel_for(moe_kernels kernels) {
+#ifdef MOE__HAVE_X86_DISPATCH
+    if (kernels == MOE_KERNELS_AVX2) return moe__kernel_avx2();
+#endif
+    if (kernels == MOE_KERNELS_PORTABLE) return moe__kernel_generic();
+    return moe__kernel_select();
+}
+
+MOEDEF const char *moe_ctx_kernels(const moe_ctx *ctx) {
+    if (!ctx) return "";
+    return ctx->kernels == MOE_KERNELS_REFERENCE ? "reference" : moe__kernel_for(ctx->kernels).name;
 }
 
 static void moe__exec_init(moe__exec *ex, moe_ctx *ctx, float *scratch, int64_t a_rows) {
@@ -2082,7 +2115,7 @@ static void moe__exec_init(moe__exec *ex, moe_ctx *ctx, float *scratch, int64_t 
     ex->n_threads = ctx->n_threads;
     ex->scratch = scratch;
     ex->a_rows = a_rows;
-    ex->kernel = moe__kernel_select();
+    ex->kernel = moe__kernel_for(ctx->kernels);
 }
 
 // >>ops ---------------------------------------------------------------------

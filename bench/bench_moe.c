@@ -284,19 +284,23 @@ typedef struct options {
     int dtype;                    /* index into DTYPES; -1: default set; -2: all */
     int runs;
     int check;
+    moe_kernels kernels;          /* --kernels */
 } options;
 
 static void usage(FILE *f) {
     fprintf(f,
         "usage: bench_moe [--shape edge|mixtral-small|fine|decode|all] [--mode fwd|train|all]\n"
         "                 [--threads N] [--backend cpu|cl] [--dtype f32|bf16|q8|f32p|all] [--runs N] [--check]\n"
+        "                 [--kernels default|avx2|portable]\n"
         "  --shape    default all\n"
         "  --mode     default all: fwd and train (decode: fwd only)\n"
         "  --threads  default: OpenMP's maximum (1 without OpenMP)\n"
         "  --dtype    expert weight type; default f32, plus bf16 and q8 for decode fwd and f32p (f32 packed\n"
         "             once, moe_layer_pack) for batched fwd; all: every one\n"
         "  --runs     timed runs after one warm-up, median reported (default 5)\n"
-        "  --check    compare with the reference kernels on the first min(T, 64) tokens\n");
+        "  --check    compare with the reference kernels on the first min(T, 64) tokens\n"
+        "  --kernels  the CPU kernels: default (the fastest this CPU runs), avx2 (AVX2+FMA even where\n"
+        "             AVX-512 is there) or portable (plain C); the machine line's kernels= names them\n");
 }
 
 /* ---- backends -------------------------------------------------------------------------------- */
@@ -443,12 +447,12 @@ static moe_result context(moe_ctx *ctx, int n_threads, moe_kernels kernels) {
 
 /* The layer of a shape with its weights (router U(-0.1, 0.1): the library starts it at zero,
    which would send every token to the same experts) and its inputs. */
-static int run_create(bench_run *run, const bench_shape *s, int n_threads) {
+static int run_create(bench_run *run, const bench_shape *s, int n_threads, moe_kernels kernels) {
     size_t bytes = (size_t)s->tokens * (size_t)s->d * sizeof(float);
     moe_tensor router;
     memset(run, 0, sizeof *run);
     run->shape = s;
-    if (context(&run->ctx, n_threads, MOE_KERNELS_DEFAULT) != MOE_OK) return fail(&run->ctx, "context");
+    if (context(&run->ctx, n_threads, kernels) != MOE_OK) return fail(&run->ctx, "context");
     if (create_layer(&run->ctx, s, s->tokens, &run->layer) != MOE_OK) return fail(&run->ctx, s->name);
     router = find_tensor(run->layer, "router.weight");
     if (!router.data) { fprintf(stderr, "bench_moe: layer has no router.weight\n"); return 1; }
@@ -663,6 +667,12 @@ static int parse_options(int argc, char **argv, options *o) {
             o->backend = -1;
             for (j = 0; j < N_BACKENDS; j++) if (strcmp(v, BACKENDS[j].name) == 0) o->backend = j;
             if (o->backend < 0) { fprintf(stderr, "bench_moe: unknown backend %s\n", v); return 0; }
+        } else if (strcmp(a, "--kernels") == 0) {
+            static const char *const names[] = {"default", "avx2", "portable"};
+            static const moe_kernels values[] = {MOE_KERNELS_DEFAULT, MOE_KERNELS_AVX2, MOE_KERNELS_PORTABLE};
+            o->kernels = MOE_KERNELS_COUNT;
+            for (j = 0; j < 3; j++) if (strcmp(v, names[j]) == 0) o->kernels = values[j];
+            if (o->kernels == MOE_KERNELS_COUNT) { fprintf(stderr, "bench_moe: unknown kernels %s\n", v); return 0; }
         } else if (strcmp(a, "--dtype") == 0) {
             o->dtype = strcmp(v, "all") == 0 ? -2 : -3;
             for (j = 0; j < N_DTYPES; j++) if (strcmp(v, DTYPES[j].name) == 0) o->dtype = j;
@@ -692,17 +702,19 @@ int main(int argc, char **argv) {
     isa_info isa;
     char model[128];
     int si, train, di, failed = 0;
+    moe_ctx probe;
     if (!parse_options(argc, argv, &o)) { usage(stderr); return EXIT_USAGE; }
+    if (context(&probe, 1, o.kernels) != MOE_OK) { fprintf(stderr, "bench_moe: %s\n", moe_ctx_error(&probe)); return 1; }
 
     isa = detect_isa();
     cpu_model(model, sizeof model);
-    printf("machine=%s cores=%ld isa=%s openmp=%d moe=%s\n", model, sysconf(_SC_NPROCESSORS_ONLN), isa.name,
+    printf("machine=%s cores=%ld isa=%s openmp=%d moe=%s kernels=%s\n", model, sysconf(_SC_NPROCESSORS_ONLN), isa.name,
 #ifdef _OPENMP
            1,
 #else
            0,
 #endif
-           moe_version());
+           moe_version(), moe_ctx_kernels(&probe));
     fflush(stdout);
     m.n_threads = o.n_threads;
     printf("peak_gflops_1t=%.1f", measure_peak(&isa, 1));
@@ -727,7 +739,7 @@ int main(int argc, char **argv) {
         for (train = 0; train < 2; train++)
             for (di = 0; di < N_DTYPES; di++) any |= selected(&o, s, train, di);
         if (!any) continue;
-        if (run_create(&run, s, o.n_threads) != 0) { run_destroy(&run); return 1; }
+        if (run_create(&run, s, o.n_threads, o.kernels) != 0) { run_destroy(&run); return 1; }
         for (train = 0; train < 2; train++)
             for (di = 0; di < N_DTYPES; di++) {
                 int st;

@@ -31,6 +31,7 @@ function parse(line,   i, n, w, eq) {
 /^machine=/ {
     parse($0); need("cores", $0); need("isa", $0)
     machine = sprintf("%s, %s cores, %s", kv["machine"], kv["cores"], kv["isa"])
+    if ("kernels" in kv) machine = machine ", kernels " kv["kernels"]
     next
 }
 /^peak_gflops_1t=/ {

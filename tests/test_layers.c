@@ -28,36 +28,69 @@ static const moe_layer_desc mixed[] = {
     {.kind = MOE_LAYER_DENSE, .d_out = 7, .activation = MOE_ACT_IDENTITY},
 };
 
-/* MOE_KERNELS_REFERENCE (plain loops) and the fast kernels agree on outputs and all gradients. */
-static int test_reference_kernels_parity(void) {
-    moe_ctx fast, ref;
-    moe_model *a, *b;
+/* MOE_KERNELS_REFERENCE (plain loops) and a fast kernel family agree on outputs and all gradients
+   (a training step on 37 tokens, an inference forward on 5, which takes the decode path); the
+   family gives the same bits on 1 and 2 threads. */
+static void kernels_parity(moe_kernels kernels, const char *name) {
+    moe_ctx fast, ref, fast2;
+    moe_model *a, *b, *c;
     int64_t T = 37, D = 13, C = 7, n, i;
-    float x[37 * 13], dy[37 * 7], ya[37 * 7], yb[37 * 7], dxa[37 * 13], dxb[37 * 13];
+    float x[37 * 13], dy[37 * 7], ya[37 * 7], yb[37 * 7], yc[37 * 7], dxa[37 * 13], dxb[37 * 13];
     moe_forward_opts opts = {.training = 1};
-    moe_ctx_init(&fast, &(moe_ctx_desc){.seed = 3});
+    moe_ctx_init(&fast, &(moe_ctx_desc){.seed = 3, .n_threads = 1, .kernels = kernels});
+    moe_ctx_init(&fast2, &(moe_ctx_desc){.seed = 3, .n_threads = 2, .kernels = kernels});
     moe_ctx_init(&ref, &(moe_ctx_desc){.seed = 3, .kernels = MOE_KERNELS_REFERENCE});
     a = make(&fast, D, 6, mixed, 64, MOE_LOSS_MSE);
     b = make(&ref, D, 6, mixed, 64, MOE_LOSS_MSE);
-    if (!a || !b) return 0;
+    c = make(&fast2, D, 6, mixed, 64, MOE_LOSS_MSE);
+    if (!a || !b || !c) return;
     fill(x, T * D, 1, 1.0f);
     fill(dy, T * C, 2, 1.0f);
     CHECK_OK(moe_model_forward(a, x, T, ya, &opts), &fast);
     CHECK_OK(moe_model_forward(b, x, T, yb, &opts), &ref);
-    CHECK(test_worst(ya, yb, T * C, 1e-4, 1e-5, NULL) <= 1.0, "outputs differ");
+    CHECK_OK(moe_model_forward(c, x, T, yc, &opts), &fast2);
+    CHECK(test_worst(ya, yb, T * C, 1e-4, 1e-5, NULL) <= 1.0, "%s: outputs differ", name);
+    CHECK(memcmp(ya, yc, sizeof ya) == 0, "%s: 1 and 2 threads give other outputs", name);
     CHECK_OK(moe_model_backward(a, dy, dxa, MOE_BACKWARD_AUX), &fast);
     CHECK_OK(moe_model_backward(b, dy, dxb, MOE_BACKWARD_AUX), &ref);
-    CHECK(test_worst(dxa, dxb, T * D, 1e-3, 1e-5, NULL) <= 1.0, "dx differs");
+    CHECK(test_worst(dxa, dxb, T * D, 1e-3, 1e-5, NULL) <= 1.0, "%s: dx differs", name);
     {
         float *ga = moe_model_grads(a, &n), *gb = moe_model_grads(b, NULL);
         long where;
         double w = test_worst(ga, gb, n, 1e-3, 1e-5, &where);
-        CHECK(w <= 1.0, "gradient %ld differs: %g vs %g", where, where >= 0 ? ga[where] : 0.0, where >= 0 ? gb[where] : 0.0);
+        CHECK(w <= 1.0, "%s: gradient %ld differs: %g vs %g", name, where, where >= 0 ? ga[where] : 0.0, where >= 0 ? gb[where] : 0.0);
         for (i = 0; i < n; i++) if (ga[i] != 0.0f) break;
-        CHECK(i < n, "gradients are all zero");
+        CHECK(i < n, "%s: gradients are all zero", name);
     }
+    CHECK_OK(moe_model_forward(a, x, 5, ya, NULL), &fast);
+    CHECK_OK(moe_model_forward(b, x, 5, yb, NULL), &ref);
+    CHECK_OK(moe_model_forward(c, x, 5, yc, NULL), &fast2);
+    CHECK(test_worst(ya, yb, 5 * C, 1e-4, 1e-5, NULL) <= 1.0, "%s: decode outputs differ", name);
+    CHECK(memcmp(ya, yc, sizeof(float) * 5 * 7) == 0, "%s: decode: 1 and 2 threads give other outputs", name);
     moe_model_destroy(a);
     moe_model_destroy(b);
+    moe_model_destroy(c);
+}
+
+/* Every kernel family a context can ask for; MOE_KERNELS_AVX2 only where the CPU runs it (elsewhere
+   moe_ctx_init refuses it with MOE_ERR_UNSUPPORTED). */
+static int test_reference_kernels_parity(void) {
+    moe_ctx ctx;
+    moe_result r = moe_ctx_init(&ctx, &(moe_ctx_desc){.kernels = MOE_KERNELS_AVX2});
+    int avx2 = 0;
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__)) && !defined(MOE_NO_VECTOR_EXTENSIONS)
+    __builtin_cpu_init();
+    avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    CHECK(r == (avx2 ? MOE_OK : MOE_ERR_UNSUPPORTED), "MOE_KERNELS_AVX2 where AVX2 is %s: %s", avx2 ? "there" : "not there", moe_result_string(r));
+    if (avx2) CHECK(strcmp(moe_ctx_kernels(&ctx), "avx2") == 0, "MOE_KERNELS_AVX2 runs %s", moe_ctx_kernels(&ctx));
+    moe_ctx_init(&ctx, &(moe_ctx_desc){.kernels = MOE_KERNELS_PORTABLE});
+    CHECK(strcmp(moe_ctx_kernels(&ctx), "generic") == 0, "MOE_KERNELS_PORTABLE runs %s", moe_ctx_kernels(&ctx));
+    moe_ctx_init(&ctx, &(moe_ctx_desc){.kernels = MOE_KERNELS_REFERENCE});
+    CHECK(strcmp(moe_ctx_kernels(&ctx), "reference") == 0, "MOE_KERNELS_REFERENCE runs %s", moe_ctx_kernels(&ctx));
+    kernels_parity(MOE_KERNELS_DEFAULT, "default");
+    kernels_parity(MOE_KERNELS_PORTABLE, "portable");
+    if (avx2) kernels_parity(MOE_KERNELS_AVX2, "avx2");
     return 0;
 }
 

@@ -1855,22 +1855,27 @@ static void moe__pack_t_avx2(const float *const *src, int64_t n, int64_t W, int6
     }
 }
 
+/* The shared part of e^x: x clamped to [-87, 88], n = round(x / ln2), r = x - n ln2 (|r| <= ln2 / 2),
+   p = e^r by the degree-6 Taylor polynomial in Horner form (relative error about 2e-7); the caller
+   scales p by 2^n. PFX is the intrinsics' prefix (_mm512, _mm256), ROUND its round-to-integer. */
+#define MOE__EXP_CORE(PFX, ROUND, x, n, r, p)                                                             \
+    x = PFX##_max_ps(PFX##_min_ps(x, PFX##_set1_ps(88.0f)), PFX##_set1_ps(-87.0f));                       \
+    n = ROUND(PFX##_mul_ps(x, PFX##_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); \
+    r = PFX##_fnmadd_ps(n, PFX##_set1_ps(0.693147180559945309f), x);                                      \
+    p = PFX##_set1_ps(1.0f / 720.0f);                                                                     \
+    p = PFX##_fmadd_ps(p, r, PFX##_set1_ps(1.0f / 120.0f));                                               \
+    p = PFX##_fmadd_ps(p, r, PFX##_set1_ps(1.0f / 24.0f));                                                \
+    p = PFX##_fmadd_ps(p, r, PFX##_set1_ps(1.0f / 6.0f));                                                 \
+    p = PFX##_fmadd_ps(p, r, PFX##_set1_ps(0.5f));                                                        \
+    p = PFX##_fmadd_ps(p, r, PFX##_set1_ps(1.0f));                                                        \
+    p = PFX##_fmadd_ps(p, r, PFX##_set1_ps(1.0f));
+
 /* e^x for x in [-87, 88]: 2^n * p(r), |r| <= ln2 / 2, degree-6 Taylor-like polynomial
    (relative error about 2e-7); inputs outside are clamped. */
 __attribute__((target("avx512f")))
 static __m512 moe__exp_avx512(__m512 x) {
-    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), ln2 = _mm512_set1_ps(0.693147180559945309f);
     __m512 n, r, p;
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
-    n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    r = _mm512_fnmadd_ps(n, ln2, x);
-    p = _mm512_set1_ps(1.0f / 720.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    MOE__EXP_CORE(_mm512, _mm512_roundscale_ps, x, n, r, p)
     return _mm512_scalef_ps(p, n);
 }
 
@@ -1986,6 +1991,20 @@ static void moe__dot_rows(const moe__mat *W, int64_t j, const float *const *x, i
     _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8((__mmask16)moe__lanes(n), (const int8_t *)(w) + (k0)))), \
                   _mm512_set1_ps(sc[(k0) / MOE__QGROUP]))
 
+/* ROWS(LOAD) on row j of W, with w (and sc) set for W's encoding: bf16, int8 (with its scales) or f32. */
+#define MOE__DOT_ENCODINGS(ROWS, LOAD_BF16, LOAD_Q8, LOAD_F32)                                        \
+    if (W->bf16) {                                                                                    \
+        const uint16_t *w = W->bf16 + j * W->ld;                                                      \
+        ROWS(LOAD_BF16)                                                                               \
+    } else if (W->q8) {                                                                               \
+        const int8_t *w = W->q8 + j * W->ld;                                                          \
+        const float *sc = W->scale + j * W->groups;                                                   \
+        ROWS(LOAD_Q8)                                                                                 \
+    } else {                                                                                          \
+        const float *w = moe__row(W, j);                                                              \
+        ROWS(LOAD_F32)                                                                                \
+    }
+
 /* out[r] = w . x[r] over K with four vector accumulators, for one weight encoding. */
 #define MOE__DOT_ROWS(LOAD)                                                                           \
     for (r = 0; r < m; r++) {                                                                         \
@@ -2032,17 +2051,124 @@ static float moe__gate_grad_avx512(const float *g, const float *o, float a, floa
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 static void moe__dot_rows_avx512(const moe__mat *W, int64_t j, const float *const *x, int m, int64_t K, float *out) {
     int r;
-    if (W->bf16) {
-        const uint16_t *w = W->bf16 + j * W->ld;
-        MOE__DOT_ROWS(MOE__LOAD16_BF16)
-    } else if (W->q8) {
-        const int8_t *w = W->q8 + j * W->ld;
-        const float *sc = W->scale + j * W->groups;
-        MOE__DOT_ROWS(MOE__LOAD16_Q8)
-    } else {
-        const float *w = moe__row(W, j);
-        MOE__DOT_ROWS(MOE__LOAD16_F32)
+    MOE__DOT_ENCODINGS(MOE__DOT_ROWS, MOE__LOAD16_BF16, MOE__LOAD16_Q8, MOE__LOAD16_F32)
+}
+#endif
+
+#ifdef MOE__HAVE_X86_DISPATCH
+/* AVX2+FMA twins of the vector kernels above (CPUs without AVX-512): 8 lanes, tails through
+   maskload/maskstore, whose masked lanes read as zeros and are not written. */
+__attribute__((target("avx2")))
+static __m256i moe__mask8(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)moe__min64(moe__max64(n, 0), 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* e^x as moe__exp_avx512: the same clamp and polynomial; 2^n through the exponent bits */
+__attribute__((target("avx2,fma")))
+static __m256 moe__exp_avx2(__m256 x) {
+    __m256 n, r, p;
+    MOE__EXP_CORE(_mm256, _mm256_round_ps, x, n, r, p)
+    /* n in [-126, 127]: 2^n is the float with biased exponent n + 127 */
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23)));
+}
+
+__attribute__((target("avx2,fma")))
+static __m256 moe__sigmoid_avx2(__m256 x) {
+    __m256 one = _mm256_set1_ps(1.0f);
+    return _mm256_div_ps(one, _mm256_add_ps(one, moe__exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+}
+
+__attribute__((target("avx2,fma")))
+static void moe__swiglu_avx2(const float *z1, const float *z3, float *a, int64_t n) {
+    int64_t j;
+    for (j = 0; j < n; j += 8) {
+        __m256i m = moe__mask8(n - j);
+        __m256 x = _mm256_maskload_ps(z1 + j, m), y = _mm256_maskload_ps(z3 + j, m);
+        _mm256_maskstore_ps(a + j, m, _mm256_mul_ps(_mm256_mul_ps(x, moe__sigmoid_avx2(x)), y));
     }
+}
+
+__attribute__((target("avx2,fma")))
+static void moe__swiglu_grad_avx2(const float *da, const float *z1, const float *z3, float *dz1, float *dz3, int64_t n) {
+    __m256 one = _mm256_set1_ps(1.0f);
+    int64_t j;
+    for (j = 0; j < n; j += 8) {
+        __m256i m = moe__mask8(n - j);
+        __m256 g = _mm256_maskload_ps(da + j, m), x = _mm256_maskload_ps(z1 + j, m), y = _mm256_maskload_ps(z3 + j, m);
+        __m256 sg = moe__sigmoid_avx2(x), gs = _mm256_mul_ps(g, sg);
+        __m256 d1 = _mm256_mul_ps(_mm256_mul_ps(gs, y), _mm256_add_ps(one, _mm256_mul_ps(x, _mm256_sub_ps(one, sg))));
+        _mm256_maskstore_ps(dz1 + j, m, d1);
+        _mm256_maskstore_ps(dz3 + j, m, _mm256_mul_ps(gs, x));
+    }
+}
+
+__attribute__((target("avx2")))
+static void moe__axpy_avx2(float *y, float a, const float *x, int64_t n) {
+    __m256 va = _mm256_set1_ps(a);
+    int64_t j;
+    for (j = 0; j < n; j += 8) {
+        __m256i m = moe__mask8(n - j);
+        _mm256_maskstore_ps(y + j, m, _mm256_add_ps(_mm256_maskload_ps(y + j, m), _mm256_mul_ps(va, _mm256_maskload_ps(x + j, m))));
+    }
+}
+
+__attribute__((target("avx2")))
+static float moe__hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+/* The sum in 8 lanes, then reduced (as moe__gate_grad_avx512 in 16). */
+__attribute__((target("avx2,fma")))
+static float moe__gate_grad_avx2(const float *g, const float *o, float a, float *d, int64_t n) {
+    __m256 va = _mm256_set1_ps(a), acc = _mm256_setzero_ps();
+    int64_t j;
+    for (j = 0; j < n; j += 8) {
+        __m256i m = moe__mask8(n - j);
+        __m256 vg = _mm256_maskload_ps(g + j, m);
+        acc = _mm256_fmadd_ps(vg, _mm256_maskload_ps(o + j, m), acc);
+        _mm256_maskstore_ps(d + j, m, _mm256_mul_ps(va, vg));
+    }
+    return moe__hsum8(acc);
+}
+
+/* 8 weights of row w from k0 as floats */
+#define MOE__LOAD8_F32(w, k0) _mm256_loadu_ps((const float *)(w) + (k0))
+#define MOE__LOAD8_BF16(w, k0) \
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)(w) + (k0)))), 16))
+#define MOE__LOAD8_Q8(w, k0) \
+    _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)(w) + (k0))))), \
+                  _mm256_set1_ps(sc[(k0) / MOE__QGROUP]))
+
+/* out[r] = w . x[r] over K: four 8-lane accumulators over 32 weights, then one over 8, then the
+   last K % 8 weights (tail, already floats) one by one. */
+#define MOE__DOT_ROWS8(LOAD)                                                                          \
+    for (r = 0; r < m; r++) {                                                                         \
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps(); \
+        const float *xr = x[r];                                                                       \
+        int64_t k0 = 0;                                                                               \
+        float sum;                                                                                    \
+        for (; k0 + 32 <= K; k0 += 32) {                                                              \
+            a0 = _mm256_fmadd_ps(LOAD(w, k0), _mm256_loadu_ps(xr + k0), a0);                          \
+            a1 = _mm256_fmadd_ps(LOAD(w, k0 + 8), _mm256_loadu_ps(xr + k0 + 8), a1);                  \
+            a2 = _mm256_fmadd_ps(LOAD(w, k0 + 16), _mm256_loadu_ps(xr + k0 + 16), a2);                \
+            a3 = _mm256_fmadd_ps(LOAD(w, k0 + 24), _mm256_loadu_ps(xr + k0 + 24), a3);                \
+        }                                                                                             \
+        for (; k0 + 8 <= K; k0 += 8) a0 = _mm256_fmadd_ps(LOAD(w, k0), _mm256_loadu_ps(xr + k0), a0); \
+        sum = moe__hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));                \
+        for (; k0 < K; k0++) sum += tail[k0 - K8] * xr[k0];                                           \
+        out[r] = sum;                                                                                 \
+    }
+
+__attribute__((target("avx2,fma")))
+static void moe__dot_rows_avx2(const moe__mat *W, int64_t j, const float *const *x, int m, int64_t K, float *out) {
+    int64_t K8 = K / 8 * 8;
+    float tail[8];
+    int r;
+    if (K8 < K) moe__mat_load(W, j, K8, K - K8, tail);
+    MOE__DOT_ENCODINGS(MOE__DOT_ROWS8, MOE__LOAD8_BF16, MOE__LOAD8_Q8, MOE__LOAD8_F32)
 }
 #endif
 
@@ -2060,6 +2186,11 @@ static moe__kernel moe__kernel_generic(void) { return moe__kernel_make(moe__micr
 static moe__kernel moe__kernel_avx2(void) {
     moe__kernel k = moe__kernel_make(moe__micro_avx2, 6, 16, "avx2");
     k.pack_t = moe__pack_t_avx2;
+    k.swiglu = moe__swiglu_avx2;
+    k.swiglu_grad = moe__swiglu_grad_avx2;
+    k.dot = moe__dot_rows_avx2;
+    k.axpy = moe__axpy_avx2;
+    k.gate_grad = moe__gate_grad_avx2;
     return k;
 }
 #endif

@@ -62,6 +62,26 @@ static double rel_err(const float *a, const float *b, int64_t n) {
     return worst / scale;
 }
 
+/* The kernel family the checks below run: each one this CPU has, in turn (next_family). */
+static moe_kernels family = MOE_KERNELS_DEFAULT;
+
+/* Sets family to the f-th family this CPU runs (default, AVX2 where there, portable); 0 past them. */
+static int next_family(int f) {
+    moe_ctx probe;
+    const moe_kernels all[] = {MOE_KERNELS_DEFAULT, MOE_KERNELS_AVX2, MOE_KERNELS_PORTABLE};
+    int i, seen = 0;
+    for (i = 0; i < 3; i++) {
+        if (moe_ctx_init(&probe, &(moe_ctx_desc){.kernels = all[i]}) != MOE_OK) continue;
+        if (seen++ == f) {
+            family = all[i];
+            printf("    kernels: %s\n", moe_ctx_kernels(&probe));
+            return 1;
+        }
+    }
+    family = MOE_KERNELS_DEFAULT;
+    return 0;
+}
+
 /* Fast and reference paths: inference forward (decode path for T <= 8), training forward and
    backward (grouped GEMM), outputs, dx and every gradient. */
 static void check_shape(const shape *s) {
@@ -75,7 +95,7 @@ static void check_shape(const shape *s) {
         float *ya = (float *)malloc(sizeof(float) * (size_t)(T * O)), *yb = (float *)malloc(sizeof(float) * (size_t)(T * O));
         float *dxa = (float *)malloc(sizeof(float) * (size_t)(T * D)), *dxb = (float *)malloc(sizeof(float) * (size_t)(T * D));
         moe_forward_opts train = {.training = 1};
-        moe_ctx_init(&fast, &(moe_ctx_desc){.seed = 5, .n_threads = 2});
+        moe_ctx_init(&fast, &(moe_ctx_desc){.seed = 5, .n_threads = 2, .kernels = family});
         moe_ctx_init(&ref, &(moe_ctx_desc){.seed = 5, .kernels = MOE_KERNELS_REFERENCE});
         a = make(&fast, s, T);
         b = make(&ref, s, T);
@@ -109,8 +129,9 @@ static void check_shape(const shape *s) {
 }
 
 static int test_fast_vs_reference(void) {
-    int i;
-    for (i = 0; i < (int)(sizeof shapes / sizeof shapes[0]); i++) check_shape(&shapes[i]);
+    int i, f;
+    for (f = 0; next_family(f); f++)
+        for (i = 0; i < (int)(sizeof shapes / sizeof shapes[0]); i++) check_shape(&shapes[i]);
     return 0;
 }
 
@@ -159,8 +180,8 @@ static void check_quantized(moe_dtype dtype, const shape *s) {
         moe_layer *q, *q1, *r, *f;
         float *x = (float *)malloc(sizeof(float) * (size_t)(T * D)), *y[4];
         moe_forward_opts train = {.training = 1};
-        moe_ctx_init(&two, &(moe_ctx_desc){.seed = 5, .n_threads = 2});
-        moe_ctx_init(&one, &(moe_ctx_desc){.seed = 5, .n_threads = 1});
+        moe_ctx_init(&two, &(moe_ctx_desc){.seed = 5, .n_threads = 2, .kernels = family});
+        moe_ctx_init(&one, &(moe_ctx_desc){.seed = 5, .n_threads = 1, .kernels = family});
         q = make(&two, s, T); q1 = make(&one, s, T); r = make(&two, s, T); f = make(&two, s, T);
         for (i = 0; i < 4; i++) y[i] = (float *)malloc(sizeof(float) * (size_t)(T * O));
         fill(x, T * D, 3, 1.0f);
@@ -199,8 +220,16 @@ static void check_quantized(moe_dtype dtype, const shape *s) {
 }
 
 /* SwiGLU and GeGLU experts (shapes 0 and 3) */
-static int test_bf16(void) { check_quantized(MOE_DTYPE_BF16, &shapes[0]); check_quantized(MOE_DTYPE_BF16, &shapes[3]); return 0; }
-static int test_int8(void) { check_quantized(MOE_DTYPE_I8, &shapes[0]); check_quantized(MOE_DTYPE_I8, &shapes[3]); return 0; }
+static int test_bf16(void) {
+    int f;
+    for (f = 0; next_family(f); f++) { check_quantized(MOE_DTYPE_BF16, &shapes[0]); check_quantized(MOE_DTYPE_BF16, &shapes[3]); }
+    return 0;
+}
+static int test_int8(void) {
+    int f;
+    for (f = 0; next_family(f); f++) { check_quantized(MOE_DTYPE_I8, &shapes[0]); check_quantized(MOE_DTYPE_I8, &shapes[3]); }
+    return 0;
+}
 
 /* The decode path (inference, T <= 8) reads each weight once per token set; its outputs do not
    depend on the thread count. */

@@ -1885,12 +1885,15 @@ static __m512 moe__sigmoid_avx512(__m512 x) {
     return _mm512_div_ps(one, _mm512_add_ps(one, moe__exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
 }
 
+/* The Chebyshev coefficients of Numerical Recipes' erfcc, highest power first. */
+static const float moe__erfc_fit[10] = {0.17087277f, -0.82215223f, 1.48851587f, -1.13520398f, 0.27886807f,
+                                        -0.18628806f, 0.09678418f, 0.37409196f, 1.00002368f, -1.26551223f};
+
 /* Phi(z) = 0.5 erfc(-z / sqrt 2), erfc(u) = t exp(P(t) - u^2), t = 1 / (1 + u / 2): the Chebyshev fit of
    Numerical Recipes' erfcc (relative error below 1.2e-7 for every u >= 0). */
 __attribute__((target("avx512f")))
 static __m512 moe__phi_avx512(__m512 z) {
-    static const float c[10] = {0.17087277f, -0.82215223f, 1.48851587f, -1.13520398f, 0.27886807f,
-                                -0.18628806f, 0.09678418f, 0.37409196f, 1.00002368f, -1.26551223f};
+    const float *c = moe__erfc_fit;
     __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
     __m512 u = _mm512_mul_ps(_mm512_abs_ps(z), _mm512_set1_ps(0.70710678118654752f));
     __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(half, u, one)), p = _mm512_set1_ps(c[0]), q;
@@ -1911,11 +1914,15 @@ static void moe__glu_avx512(const float *z1, const float *z3, float *a, int64_t 
     }
 }
 
-__attribute__((target("avx512f")))
-static void moe__swiglu_avx512(const float *z1, const float *z3, float *a, int64_t n) { moe__glu_avx512(z1, z3, a, n, 0); }
-
-__attribute__((target("avx512f")))
-static void moe__geglu_avx512(const float *z1, const float *z3, float *a, int64_t n) { moe__glu_avx512(z1, z3, a, n, 1); }
+/* moe__swiglu_SFX and moe__geglu_SFX: the kernel-table entries over moe__glu_SFX */
+#define MOE__GLU_ENTRIES(SFX, ISA)                                                                        \
+    __attribute__((target(ISA))) static void moe__swiglu_##SFX(const float *z1, const float *z3, float *a, int64_t n) { \
+        moe__glu_##SFX(z1, z3, a, n, 0);                                                                  \
+    }                                                                                                     \
+    __attribute__((target(ISA))) static void moe__geglu_##SFX(const float *z1, const float *z3, float *a, int64_t n) { \
+        moe__glu_##SFX(z1, z3, a, n, 1);                                                                  \
+    }
+MOE__GLU_ENTRIES(avx512, "avx512f")
 
 __attribute__((target("avx512f")))
 static void moe__swiglu_grad_avx512(const float *da, const float *z1, const float *z3, float *dz1, float *dz3, int64_t n) {
@@ -2078,13 +2085,42 @@ static __m256 moe__sigmoid_avx2(__m256 x) {
     return _mm256_div_ps(one, _mm256_add_ps(one, moe__exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), x))));
 }
 
+/* Phi(z) as moe__phi_avx512 */
 __attribute__((target("avx2,fma")))
-static void moe__swiglu_avx2(const float *z1, const float *z3, float *a, int64_t n) {
+static __m256 moe__phi_avx2(__m256 z) {
+    const float *c = moe__erfc_fit;
+    __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
+    __m256 u = _mm256_mul_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), z), _mm256_set1_ps(0.70710678118654752f));
+    __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(half, u, one)), p = _mm256_set1_ps(c[0]), q;
+    int i;
+    for (i = 1; i < 10; i++) p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(c[i]));
+    q = _mm256_mul_ps(half, _mm256_mul_ps(t, moe__exp_avx2(_mm256_fnmadd_ps(u, u, p))));  /* Phi(-|z|) */
+    return _mm256_blendv_ps(q, _mm256_sub_ps(one, q), _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GE_OQ));
+}
+
+/* a = z1 * s(z1) * z3 with s = sigmoid (SwiGLU: silu) or Phi (GeGLU: gelu) */
+__attribute__((target("avx2,fma")))
+static void moe__glu_avx2(const float *z1, const float *z3, float *a, int64_t n, int gelu) {
     int64_t j;
     for (j = 0; j < n; j += 8) {
         __m256i m = moe__mask8(n - j);
         __m256 x = _mm256_maskload_ps(z1 + j, m), y = _mm256_maskload_ps(z3 + j, m);
-        _mm256_maskstore_ps(a + j, m, _mm256_mul_ps(_mm256_mul_ps(x, moe__sigmoid_avx2(x)), y));
+        _mm256_maskstore_ps(a + j, m, _mm256_mul_ps(_mm256_mul_ps(x, gelu ? moe__phi_avx2(x) : moe__sigmoid_avx2(x)), y));
+    }
+}
+
+MOE__GLU_ENTRIES(avx2, "avx2,fma")
+
+/* gelu'(z) = Phi(z) + z phi(z), as moe__geglu_grad_avx512 */
+__attribute__((target("avx2,fma")))
+static void moe__geglu_grad_avx2(const float *da, const float *z1, const float *z3, float *dz1, float *dz3, int64_t n) {
+    int64_t j;
+    for (j = 0; j < n; j += 8) {
+        __m256i m = moe__mask8(n - j);
+        __m256 g = _mm256_maskload_ps(da + j, m), x = _mm256_maskload_ps(z1 + j, m), y = _mm256_maskload_ps(z3 + j, m);
+        __m256 P = moe__phi_avx2(x), pdf = _mm256_mul_ps(_mm256_set1_ps(0.39894228040143268f), moe__exp_avx2(_mm256_mul_ps(_mm256_set1_ps(-0.5f), _mm256_mul_ps(x, x))));
+        _mm256_maskstore_ps(dz1 + j, m, _mm256_mul_ps(_mm256_mul_ps(g, y), _mm256_fmadd_ps(x, pdf, P)));
+        _mm256_maskstore_ps(dz3 + j, m, _mm256_mul_ps(_mm256_mul_ps(g, P), x));
     }
 }
 
@@ -2188,6 +2224,8 @@ static moe__kernel moe__kernel_avx2(void) {
     k.pack_t = moe__pack_t_avx2;
     k.swiglu = moe__swiglu_avx2;
     k.swiglu_grad = moe__swiglu_grad_avx2;
+    k.geglu = moe__geglu_avx2;
+    k.geglu_grad = moe__geglu_grad_avx2;
     k.dot = moe__dot_rows_avx2;
     k.axpy = moe__axpy_avx2;
     k.gate_grad = moe__gate_grad_avx2;

@@ -2219,16 +2219,22 @@ static moe__kernel moe__kernel_make(moe__micro_fn micro, int mr, int nr, const c
 static moe__kernel moe__kernel_generic(void) { return moe__kernel_make(moe__micro_generic, 4, 16, "generic"); }
 
 #ifdef MOE__HAVE_X86_DISPATCH
+/* The vector functions every x86 family has, named moe__<op>_SFX. */
+#define MOE__VECTOR_OPS(k, SFX)                                                                           \
+    k.pack_t = moe__pack_t_##SFX; k.swiglu = moe__swiglu_##SFX; k.swiglu_grad = moe__swiglu_grad_##SFX;   \
+    k.geglu = moe__geglu_##SFX; k.geglu_grad = moe__geglu_grad_##SFX; k.dot = moe__dot_rows_##SFX;        \
+    k.axpy = moe__axpy_##SFX; k.gate_grad = moe__gate_grad_##SFX;
+
 static moe__kernel moe__kernel_avx2(void) {
     moe__kernel k = moe__kernel_make(moe__micro_avx2, 6, 16, "avx2");
-    k.pack_t = moe__pack_t_avx2;
-    k.swiglu = moe__swiglu_avx2;
-    k.swiglu_grad = moe__swiglu_grad_avx2;
-    k.geglu = moe__geglu_avx2;
-    k.geglu_grad = moe__geglu_grad_avx2;
-    k.dot = moe__dot_rows_avx2;
-    k.axpy = moe__axpy_avx2;
-    k.gate_grad = moe__gate_grad_avx2;
+    MOE__VECTOR_OPS(k, avx2)
+    return k;
+}
+
+static moe__kernel moe__kernel_avx512(void) {
+    moe__kernel k = moe__kernel_make(moe__micro_avx512, 12, 32, "avx512");
+    MOE__VECTOR_OPS(k, avx512)
+    k.pack_n = moe__pack_n_avx512;
     return k;
 }
 #endif
@@ -2247,19 +2253,8 @@ static int moe__have_avx2(void) {
 static moe__kernel moe__kernel_select(void) {
 #ifdef MOE__HAVE_X86_DISPATCH
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
-        moe__kernel k = moe__kernel_make(moe__micro_avx512, 12, 32, "avx512");
-        k.pack_t = moe__pack_t_avx512;
-        k.pack_n = moe__pack_n_avx512;
-        k.swiglu = moe__swiglu_avx512;
-        k.swiglu_grad = moe__swiglu_grad_avx512;
-        k.geglu = moe__geglu_avx512;
-        k.geglu_grad = moe__geglu_grad_avx512;
-        k.dot = moe__dot_rows_avx512;
-        k.axpy = moe__axpy_avx512;
-        k.gate_grad = moe__gate_grad_avx512;
-        return k;
-    }
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+        return moe__kernel_avx512();
     if (moe__have_avx2()) return moe__kernel_avx2();
 #endif
     return moe__kernel_generic();

@@ -1250,6 +1250,12 @@ typedef void (*moe__swiglu_grad_fn)(const float *da, const float *z1, const floa
 struct moe__mat;
 /* out[r] = row j of W . x[r] for r < m (the decode path) */
 typedef void (*moe__dot_fn)(const struct moe__mat *W, int64_t j, const float *const *x, int m, int64_t K, float *out);
+/* out[r] = row j of int8 W . x[r], x[r] in int16 with one scale per group of MOE__QGROUP
+   (moe__quant_row, scales xs[r]): exact integer sums per group, each times its two scales (the
+   decode path of int8 weights) */
+typedef void (*moe__dot_q8_fn)(const struct moe__mat *W, int64_t j, const int16_t *const *xq, const float *const *xs, int m, int64_t K, float *out);
+/* out[r] = row j of bf16 W . (xh[r] + xl[r]), x[r] split into two bf16 halves (moe__split_bf16) */
+typedef void (*moe__dot_bf16_fn)(const struct moe__mat *W, int64_t j, const uint16_t *const *xh, const uint16_t *const *xl, int m, int64_t K, float *out);
 /* y[j] += a x[j]: a multiply, then an add (the bits of the plain loop, which C99 compiles uncontracted) */
 typedef void (*moe__axpy_fn)(float *y, float a, const float *x, int64_t n);
 /* returns sum_j g[j] o[j]; d[j] = a g[j] */
@@ -1262,6 +1268,8 @@ typedef struct moe__kernel {
     moe__swiglu_fn swiglu;
     moe__swiglu_grad_fn swiglu_grad;
     moe__dot_fn dot;
+    moe__dot_q8_fn dot_q8;
+    moe__dot_bf16_fn dot_bf16;  /* NULL: bf16 weights take dot with f32 activations */
     moe__swiglu_fn geglu;       /* a[j] = gelu(z1[j]) * z3[j] */
     moe__swiglu_grad_fn geglu_grad;
     moe__axpy_fn axpy;
@@ -1956,7 +1964,10 @@ static void moe__geglu_grad_avx512(const float *da, const float *z1, const float
 /* Few tokens (inference, T <= MOE__DECODE_TOKENS): every expert's rows against each weight row
    in turn, so each needed weight is read once; threads split the weight rows. */
 #define MOE__DECODE_TOKENS 8
-#define MOE__DECODE_ROWS 32     /* weight rows per decode tile */
+#define MOE__DECODE_ROWS 32     /* weight rows per decode tile: one group of quantized activations */
+#if MOE__DECODE_ROWS != MOE__QGROUP
+#error "a decode tile's outputs must be one group of the next stage's quantized input"
+#endif
 
 /* out[r] = sum_k W(j, k) x_r[k] for r < m, in 16 interleaved partial sums over k. */
 static void moe__axpy(float *MOE__RESTRICT y, float a, const float *MOE__RESTRICT x, int64_t n) {
@@ -1986,6 +1997,57 @@ static void moe__dot_rows(const moe__mat *W, int64_t j, const float *const *x, i
         float s = 0.0f;
         for (q = 0; q < 16; q++) s += acc[r][q];
         out[r] = s;
+    }
+}
+
+/* x[0..n) (one group, n <= MOE__QGROUP) in int16: q = x 32767 / max|x|, rounded half away from
+   zero (an error of at most 1/65534 of the group's largest, next to int8 weights' 1/254); returns
+   the scale max|x| / 32767. A NaN becomes 0; an infinity makes the scale infinite (the dot NaN). */
+static float moe__quant_group(const float *x, int64_t n, int16_t *q) {
+    float amax = 0.0f, inv;
+    int64_t k;
+    for (k = 0; k < n; k++) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
+    inv = amax > 0.0f && amax <= FLT_MAX ? 32767.0f / amax : 0.0f;
+    for (k = 0; k < n; k++) {
+        float v = x[k] * inv;
+        int32_t i = v >= 0.0f ? (int32_t)(v + 0.5f) : v < 0.0f ? -(int32_t)(0.5f - v) : 0;
+        q[k] = (int16_t)(i > 32767 ? 32767 : i < -32767 ? -32767 : i);
+    }
+    return amax / 32767.0f;
+}
+
+/* A row of K activations, group by group (scales s[K / MOE__QGROUP rounded up]). */
+static void moe__quant_row(const float *x, int64_t K, int16_t *q, float *s) {
+    int64_t k0;
+    for (k0 = 0; k0 < K; k0 += MOE__QGROUP) s[k0 / MOE__QGROUP] = moe__quant_group(x + k0, moe__min64(MOE__QGROUP, K - k0), q + k0);
+}
+
+/* A group's sum is exact in 32 bits: 32 127 32767 < 2^31. */
+static void moe__dot_q8(const moe__mat *W, int64_t j, const int16_t *const *xq, const float *const *xs, int m, int64_t K, float *out) {
+    const int8_t *w = W->q8 + j * W->ld;
+    const float *sw = W->scale + j * W->groups;
+    int r;
+    for (r = 0; r < m; r++) {
+        float acc = 0.0f;
+        int64_t k0, k;
+        for (k0 = 0; k0 < K; k0 += MOE__QGROUP) {
+            int64_t k1 = moe__min64(k0 + MOE__QGROUP, K);
+            int32_t s = 0;
+            for (k = k0; k < k1; k++) s += (int32_t)w[k] * xq[r][k];
+            acc += (float)s * (sw[k0 / MOE__QGROUP] * xs[r][k0 / MOE__QGROUP]);
+        }
+        out[r] = acc;
+    }
+}
+
+/* x = hi + lo + (an error below 2^-16 |x|): hi = bf16(x), lo = bf16(x - hi), both rounded to
+   nearest even. Against bf16 weights the two products are exact in f32, so a dot over the halves
+   has f32 activations' accuracy (an infinite x gives a NaN lo, and a NaN dot). */
+static void moe__split_bf16(const float *x, int64_t n, uint16_t *hi, uint16_t *lo) {
+    int64_t k;
+    for (k = 0; k < n; k++) {
+        hi[k] = moe__float_to_bf16(x[k]);
+        lo[k] = moe__float_to_bf16(x[k] - moe__bf16_to_float(hi[k]));
     }
 }
 
@@ -2059,6 +2121,63 @@ __attribute__((target("avx512f,avx512bw,avx512vl")))
 static void moe__dot_rows_avx512(const moe__mat *W, int64_t j, const float *const *x, int m, int64_t K, float *out) {
     int r;
     MOE__DOT_ENCODINGS(MOE__DOT_ROWS, MOE__LOAD16_BF16, MOE__LOAD16_Q8, MOE__LOAD16_F32)
+}
+
+/* AVX512-VNNI: a group (32 weights, widened to 16 bits) per register, vpdpwssd summing pairs of
+   products exactly into 16 lanes; each group's lanes times its two scales, into two accumulators
+   by turns. Token by token: the weight row stays in L1 for the next. */
+#define MOE__VNNI_GROUP(g, n, acc)                                                                    \
+    {                                                                                                 \
+        __mmask32 gm = (n) >= 32 ? ~(__mmask32)0 : ((__mmask32)1 << (n)) - 1;                         \
+        __m512i vw = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(gm, w + (g) * MOE__QGROUP));        \
+        __m512i sum = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_maskz_loadu_epi16(gm, xr + (g) * MOE__QGROUP), vw); \
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(sw[g] * xs[r][g]), acc);      \
+    }
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static void moe__dot_q8_vnni(const moe__mat *W, int64_t j, const int16_t *const *xq, const float *const *xs, int m, int64_t K, float *out) {
+    const int8_t *w = W->q8 + j * W->ld;
+    const float *sw = W->scale + j * W->groups;
+    int64_t G = K / MOE__QGROUP, g;
+    int r;
+    for (r = 0; r < m; r++) {
+        const int16_t *xr = xq[r];
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        for (g = 0; g + 2 <= G; g += 2) {
+            MOE__VNNI_GROUP(g, 32, a0)
+            MOE__VNNI_GROUP(g + 1, 32, a1)
+        }
+        for (; g * MOE__QGROUP < K; g++) MOE__VNNI_GROUP(g, moe__min64(32, K - g * MOE__QGROUP), a0)
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    }
+}
+
+/* AVX512_BF16: vdpbf16ps sums pairs of bf16 products (exact in f32) into 16 lanes; the high and
+   low halves of the activations into their own accumulators, two of each, 64 weights a step. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+static void moe__dot_bf16_avx512(const moe__mat *W, int64_t j, const uint16_t *const *xh, const uint16_t *const *xl, int m, int64_t K, float *out) {
+    const uint16_t *w = W->bf16 + j * W->ld;
+    int r;
+    for (r = 0; r < m; r++) {
+        const uint16_t *h = xh[r], *l = xl[r];
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        int64_t k0 = 0;
+        for (; k0 + 64 <= K; k0 += 64) {
+            __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void *)(w + k0)), w1 = (__m512bh)_mm512_loadu_si512((const void *)(w + k0 + 32));
+            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(h + k0)), w0);
+            a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512((const void *)(l + k0)), w0);
+            a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512((const void *)(h + k0 + 32)), w1);
+            a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512((const void *)(l + k0 + 32)), w1);
+        }
+        for (; k0 < K; k0 += 32) {
+            int64_t n = moe__min64(32, K - k0);
+            __mmask32 km = n == 32 ? ~(__mmask32)0 : ((__mmask32)1 << n) - 1;
+            __m512bh w0 = (__m512bh)_mm512_maskz_loadu_epi16(km, w + k0);
+            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(km, h + k0), w0);
+            a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(km, l + k0), w0);
+        }
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
+    }
 }
 #endif
 
@@ -2206,12 +2325,43 @@ static void moe__dot_rows_avx2(const moe__mat *W, int64_t j, const float *const 
     if (K8 < K) moe__mat_load(W, j, K8, K - K8, tail);
     MOE__DOT_ENCODINGS(MOE__DOT_ROWS8, MOE__LOAD8_BF16, MOE__LOAD8_Q8, MOE__LOAD8_F32)
 }
+
+/* One group (32 weights) per step: weights widened to 16 bits, vpmaddwd summing pairs of products
+   exactly; a last group shorter than 32 as moe__dot_q8. */
+__attribute__((target("avx2,fma")))
+static void moe__dot_q8_avx2(const moe__mat *W, int64_t j, const int16_t *const *xq, const float *const *xs, int m, int64_t K, float *out) {
+    const int8_t *w = W->q8 + j * W->ld;
+    const float *sw = W->scale + j * W->groups;
+    int64_t K32 = K / 32 * 32, k0;
+    int r;
+    for (r = 0; r < m; r++) {
+        const int16_t *xr = xq[r];
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        float last = 0.0f;
+        for (k0 = 0; k0 < K32; k0 += 32) {
+            __m256i lo = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + k0))), _mm256_loadu_si256((const __m256i *)(xr + k0)));
+            __m256i hi = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + k0 + 16))), _mm256_loadu_si256((const __m256i *)(xr + k0 + 16)));
+            __m256 p = _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi)), sc = _mm256_set1_ps(sw[k0 / 32] * xs[r][k0 / 32]);
+            if (k0 & 32) a1 = _mm256_fmadd_ps(p, sc, a1);
+            else a0 = _mm256_fmadd_ps(p, sc, a0);
+        }
+        if (K32 < K) {
+            const int16_t *x1[1];
+            const float *s1[1];
+            moe__mat tail = *W;
+            x1[0] = xr + K32; s1[0] = xs[r] + K32 / 32;
+            tail.q8 = w + K32; tail.scale = sw + K32 / 32; tail.ld = 0; tail.groups = 0;
+            moe__dot_q8(&tail, 0, x1, s1, 1, K - K32, &last);
+        }
+        out[r] = moe__hsum8(_mm256_add_ps(a0, a1)) + last;
+    }
+}
 #endif
 
 static moe__kernel moe__kernel_make(moe__micro_fn micro, int mr, int nr, const char *name) {
     moe__kernel k;
     k.micro = micro; k.pack_t = moe__pack_t; k.pack_n = moe__pack_n; k.swiglu = moe__swiglu_rows; k.swiglu_grad = moe__swiglu_grad_rows; k.dot = moe__dot_rows;
-    k.geglu = moe__geglu_rows; k.geglu_grad = moe__geglu_grad_rows; k.axpy = moe__axpy; k.gate_grad = moe__gate_grad;
+    k.dot_q8 = moe__dot_q8; k.dot_bf16 = NULL; k.geglu = moe__geglu_rows; k.geglu_grad = moe__geglu_grad_rows; k.axpy = moe__axpy; k.gate_grad = moe__gate_grad;
     k.mr = mr; k.nr = nr; k.name = name;
     return k;
 }
@@ -2223,7 +2373,7 @@ static moe__kernel moe__kernel_generic(void) { return moe__kernel_make(moe__micr
 #define MOE__VECTOR_OPS(k, SFX)                                                                           \
     k.pack_t = moe__pack_t_##SFX; k.swiglu = moe__swiglu_##SFX; k.swiglu_grad = moe__swiglu_grad_##SFX;   \
     k.geglu = moe__geglu_##SFX; k.geglu_grad = moe__geglu_grad_##SFX; k.dot = moe__dot_rows_##SFX;        \
-    k.axpy = moe__axpy_##SFX; k.gate_grad = moe__gate_grad_##SFX;
+    k.axpy = moe__axpy_##SFX; k.gate_grad = moe__gate_grad_##SFX; k.dot_q8 = moe__dot_q8_avx2;
 
 static moe__kernel moe__kernel_avx2(void) {
     moe__kernel k = moe__kernel_make(moe__micro_avx2, 6, 16, "avx2");
@@ -2235,6 +2385,9 @@ static moe__kernel moe__kernel_avx512(void) {
     moe__kernel k = moe__kernel_make(moe__micro_avx512, 12, 32, "avx512");
     MOE__VECTOR_OPS(k, avx512)
     k.pack_n = moe__pack_n_avx512;
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512vnni")) k.dot_q8 = moe__dot_q8_vnni;
+    if (__builtin_cpu_supports("avx512bf16")) k.dot_bf16 = moe__dot_bf16_avx512;
     return k;
 }
 #endif
@@ -2403,6 +2556,13 @@ typedef struct moe__bank {
     float *da;                  /* [max_rows, d_hidden] swiglu: gradient at the gated product */
     float *dxr;                 /* [max_rows, d_in] gradient at the gathered inputs */
     moe__mat qw[MOE__MAX_LINEARS]; /* moe_layer_quantize: each linear's [n * out, in] weights, reduced */
+    /* reduced weights, decode path: each stage's input rows in int16 with scales (int8 weights,
+       moe__quant_row) or as two bf16 halves, hi then lo (bf16 weights, where the kernel has
+       dot_bf16), stage s reading xq[s % 2] while its tiles write the next stage's into the other */
+    int16_t *xq[2];             /* [q_rows, q_stride] */
+    float *xs[2];               /* int8: [q_rows, q_ld / MOE__QGROUP rounded up] */
+    int64_t q_rows, q_ld, q_stride;
+    int qact;                   /* this forward's decode reads xq (its rows fit) */
 } moe__bank;
 
 /* A unit of grouped work, one block of one product of one expert: rows r0..r1 and columns
@@ -3935,13 +4095,31 @@ static void moe__decode_tile(const moe_layer *l, const moe__tile *t, const float
     moe__mat W = moe__expert_weights(l, b, j, e), W2 = pair ? moe__expert_weights(l, b, 1, e) : W;
     float v[MOE__DECODE_TOKENS], v2[MOE__DECODE_TOKENS];
     float *dst = last ? b->out + r0 * b->d_out : b->z[s] + r0 * H;
+    const int16_t *qin[MOE__DECODE_TOKENS];
+    const uint16_t *qhi[MOE__DECODE_TOKENS], *qlo[MOE__DECODE_TOKENS];
+    const float *qsc[MOE__DECODE_TOKENS];
+    int64_t qg = (b->q_ld + MOE__QGROUP - 1) / MOE__QGROUP;
+    int q8 = l->wdtype == MOE_DTYPE_I8;
     for (r = 0; r < m; r++) {
         moe__mat a = moe__bank_in(b, lin, x, r0);
         in[r] = moe__row(&a, r);
+        if (b->qact) {
+            qin[r] = b->xq[s % 2] + (r0 + r) * b->q_stride;
+            qhi[r] = (const uint16_t *)qin[r]; qlo[r] = qhi[r] + b->q_ld;
+            if (q8) qsc[r] = b->xs[s % 2] + (r0 + r) * qg;
+        }
     }
     for (o = t->c0; o < t->c1; o++) {
-        l->ex.kernel.dot(&W, o, in, m, lin->in, v);
-        if (pair) l->ex.kernel.dot(&W2, o, in, m, lin->in, v2);
+        if (b->qact && q8) {
+            l->ex.kernel.dot_q8(&W, o, qin, qsc, m, lin->in, v);
+            if (pair) l->ex.kernel.dot_q8(&W2, o, qin, qsc, m, lin->in, v2);
+        } else if (b->qact) {
+            l->ex.kernel.dot_bf16(&W, o, qhi, qlo, m, lin->in, v);
+            if (pair) l->ex.kernel.dot_bf16(&W2, o, qhi, qlo, m, lin->in, v2);
+        } else {
+            l->ex.kernel.dot(&W, o, in, m, lin->in, v);
+            if (pair) l->ex.kernel.dot(&W2, o, in, m, lin->in, v2);
+        }
         for (r = 0; r < m; r++) {
             float z = v[r] + (bias ? bias[o] : 0.0f);
             dst[r * ld + o] = z;
@@ -3952,6 +4130,31 @@ static void moe__decode_tile(const moe_layer *l, const moe__tile *t, const float
             } else if (!last) {
                 b->a[s][(r0 + r) * H + o] = moe__act(b->act, z);
             }
+        }
+    }
+    /* the next stage's input: these columns are one group (tiles of MOE__DECODE_ROWS = MOE__QGROUP) */
+    if (b->qact && !last)
+        for (r = 0; r < m; r++) {
+            const float *act = b->a[pair ? 0 : s] + (r0 + r) * H + t->c0;
+            int16_t *row = b->xq[(s + 1) % 2] + (r0 + r) * b->q_stride + t->c0;
+            if (q8) b->xs[(s + 1) % 2][(r0 + r) * qg + t->c0 / MOE__QGROUP] = moe__quant_group(act, t->c1 - t->c0, row);
+            else moe__split_bf16(act, t->c1 - t->c0, (uint16_t *)row, (uint16_t *)row + b->q_ld);
+        }
+}
+
+/* Reduced weights on the decode path: the first stage's input rows in int16 or bf16 halves (later
+   stages' are written by the tiles before them), where the bank's rows fit the buffers. */
+static void moe__decode_quant_inputs(moe_layer *l, const float *x) {
+    int b;
+    for (b = 0; b < l->n_banks; b++) {
+        moe__bank *k = &l->bank[b];
+        int64_t rows = k->offsets[k->n], qg = (k->q_ld + MOE__QGROUP - 1) / MOE__QGROUP, r;
+        moe__mat in = moe__bank_in(k, &k->lin[0], x, 0);
+        k->qact = (l->wdtype == MOE_DTYPE_I8 || (l->wdtype == MOE_DTYPE_BF16 && l->ex.kernel.dot_bf16)) && k->xq[0] && rows <= k->q_rows;
+        for (r = 0; k->qact && r < rows; r++) {
+            int16_t *row = k->xq[0] + r * k->q_stride;
+            if (l->wdtype == MOE_DTYPE_I8) moe__quant_row(moe__row(&in, r), k->d_in, row, k->xs[0] + r * qg);
+            else moe__split_bf16(moe__row(&in, r), k->d_in, (uint16_t *)row, (uint16_t *)row + k->q_ld);
         }
     }
 }
@@ -4035,6 +4238,7 @@ static void moe__run_step(moe_layer *l, double work, const float *x) {
 static void moe__run_stages(moe_layer *l, int64_t T, const float *x, int decode) {
     int q, n = moe__bank_stages(&l->bank[0]);
     decode = decode && moe__use_decode(l, T);
+    if (decode) moe__decode_quant_inputs(l, x);
     l->stage_x = x;
     l->z_transient = !l->training && !decode;
     l->z_stale = l->z_transient && n > 1;
@@ -5076,6 +5280,13 @@ static size_t moe__quant_carve(moe_layer *l, moe_dtype dtype, char *base) {
                 m->q8 = MOE__CARVE(&c, int8_t, rows * lin->in);
                 m->scale = MOE__CARVE(&c, float, rows * m->groups);
             }
+        }
+        k->q_rows = dtype == MOE_DTYPE_I8 || l->ex.kernel.dot_bf16 ? moe__min64(k->max_rows, (int64_t)MOE__DECODE_TOKENS * k->n) : 0;
+        k->q_ld = moe__max64(k->d_in, k->d_hidden);
+        k->q_stride = dtype == MOE_DTYPE_I8 ? k->q_ld : 2 * k->q_ld;
+        for (j = 0; j < 2; j++) {
+            k->xq[j] = k->q_rows ? MOE__CARVE(&c, int16_t, k->q_rows * k->q_stride) : NULL;
+            k->xs[j] = k->q_rows && dtype == MOE_DTYPE_I8 ? MOE__CARVE(&c, float, k->q_rows * ((k->q_ld + MOE__QGROUP - 1) / MOE__QGROUP)) : NULL;
         }
     }
     return c.used;

@@ -234,8 +234,110 @@ static void check_vector_ops(moe__kernel k) {
     free(x); free(y0); free(y1); free(y2); free(d1); free(d2);
 }
 
+/* The int8 decode dot products (int16 activations, one scale per 32 of each) against exact integer
+   group sums in double, for 1..8 tokens, K around group and register widths, row 1 of two. */
+static void check_dot_q8(moe__kernel k) {
+    const int64_t Ks[] = {1, 7, 31, 32, 33, 63, 64, 65, 100, 1041};
+    enum { KMAX = 1041, GMAX = (KMAX + 31) / 32 };
+    static int8_t w[2 * KMAX];
+    static int16_t xq[8][KMAX];
+    float sw[2 * GMAX], xs[8][GMAX], x[KMAX], out[8];
+    const int16_t *xp[8];
+    const float *sp[8];
+    size_t i;
+    int r;
+    for (i = 0; i < sizeof Ks / sizeof Ks[0]; i++) {
+        int64_t K = Ks[i], G = (K + 31) / 32, g, q;
+        moe__mat W;
+        memset(&W, 0, sizeof W);
+        W.q8 = w; W.scale = sw; W.ld = K; W.groups = G;
+        for (q = 0; q < 2 * K; q++) w[q] = (int8_t)((int)(moe_rng_uniform(4, 50, (uint64_t)q) * 255.0f) - 127);
+        for (g = 0; g < 2 * G; g++) sw[g] = 0.001f + moe_rng_uniform(4, 51, (uint64_t)g) * 0.01f;
+        for (r = 0; r < 8; r++) {
+            for (q = 0; q < K; q++) x[q] = moe_rng_normal(4, 52 + (uint64_t)r, (uint64_t)q) * (q % 32 == 5 ? 8.0f : 1.0f);
+            moe__quant_row(x, K, xq[r], xs[r]);
+            for (q = 0; q < K; q++)   /* rounded to nearest: half a step, and float rounding in x 32767 / max */
+                CHECK(fabs((double)xq[r][q] * xs[r][q / 32] - x[q]) <= 0.51 * xs[r][q / 32], "K=%lld: x[%lld] %g quantized to %d * %g", (long long)K,
+                      (long long)q, x[q], xq[r][q], xs[r][q / 32]);
+            xp[r] = xq[r]; sp[r] = xs[r];
+        }
+        for (r = 1; r <= 8; r++) {
+            int t;
+            k.dot_q8(&W, 1, xp, sp, r, K, out);
+            for (t = 0; t < r; t++) {
+                double ref = 0.0, mag = 0.0;
+                for (g = 0; g < G; g++) {
+                    int64_t s = 0;
+                    for (q = g * 32; q < K && q < g * 32 + 32; q++) s += (int64_t)w[K + q] * xq[t][q];
+                    ref += (double)s * ((double)sw[G + g] * xs[t][g]);
+                    mag += fabs((double)s * ((double)sw[G + g] * xs[t][g]));
+                }
+                CHECK(fabs(out[t] - ref) <= 1e-6 * mag + 1e-30, "kernel %s: int8 dot, K=%lld, %d tokens, token %d: %.9g vs %.9g", k.name, (long long)K, r, t,
+                      out[t], ref);
+            }
+        }
+    }
+    {   /* a NaN activation quantizes to 0, an infinite one makes the group's scale infinite */
+        float bad[3] = {1.0f, 0.0f, 2.0f};
+        int16_t qb[3];
+        float sb;
+        bad[1] = NAN;
+        sb = moe__quant_group(bad, 3, qb);
+        CHECK(qb[1] == 0 && qb[2] == 32767 && sb == 2.0f / 32767.0f, "NaN: q %d %d scale %g", qb[1], qb[2], sb);
+        bad[1] = INFINITY;
+        sb = moe__quant_group(bad, 3, qb);
+        CHECK(isinf(sb) && qb[0] == 0 && qb[1] == 0, "infinity: scale %g, q %d %d", sb, qb[0], qb[1]);
+    }
+}
+
+/* bf16 decode dot products (AVX512_BF16: activations as two bf16 halves) against the same sum in
+   double; the halves within 2^-16 of each activation. */
+static void check_dot_bf16(moe__kernel k) {
+    const int64_t Ks[] = {1, 7, 31, 32, 33, 63, 64, 65, 100, 1041};
+    enum { KMAX = 1041 };
+    static uint16_t w[2 * KMAX], xh[8][KMAX], xl[8][KMAX];
+    float x[KMAX], out[8];
+    const uint16_t *hp[8], *lp[8];
+    size_t i;
+    int r;
+    if (!k.dot_bf16) {
+        printf("    kernel %s: bf16 weights take the f32 dot (no AVX512_BF16 here)\n", k.name);
+        return;
+    }
+    for (i = 0; i < sizeof Ks / sizeof Ks[0]; i++) {
+        int64_t K = Ks[i], q;
+        moe__mat W;
+        memset(&W, 0, sizeof W);
+        W.bf16 = w; W.ld = K;
+        for (q = 0; q < 2 * K; q++) w[q] = moe__float_to_bf16(moe_rng_normal(4, 60, (uint64_t)q));
+        for (r = 0; r < 8; r++) {
+            for (q = 0; q < K; q++) x[q] = moe_rng_normal(4, 61 + (uint64_t)r, (uint64_t)q) * (q % 32 == 5 ? 1e3f : 1.0f);
+            moe__split_bf16(x, K, xh[r], xl[r]);
+            for (q = 0; q < K; q++)
+                CHECK(fabs((double)moe__bf16_to_float(xh[r][q]) + moe__bf16_to_float(xl[r][q]) - x[q]) <= ldexp(fabs(x[q]), -16),
+                      "K=%lld: %.9g split into %.9g + %.9g", (long long)K, x[q], moe__bf16_to_float(xh[r][q]), moe__bf16_to_float(xl[r][q]));
+            hp[r] = xh[r]; lp[r] = xl[r];
+        }
+        for (r = 1; r <= 8; r++) {
+            int t;
+            k.dot_bf16(&W, 1, hp, lp, r, K, out);
+            for (t = 0; t < r; t++) {
+                double ref = 0.0, mag = 0.0;
+                for (q = 0; q < K; q++) {
+                    double p = (double)moe__bf16_to_float(w[K + q]) * ((double)moe__bf16_to_float(xh[t][q]) + moe__bf16_to_float(xl[t][q]));
+                    ref += p; mag += fabs(p);
+                }
+                CHECK(fabs(out[t] - ref) <= 1e-6 * mag + 1e-30, "kernel %s: bf16 dot, K=%lld, %d tokens, token %d: %.9g vs %.9g", k.name, (long long)K, r, t,
+                      out[t], ref);
+            }
+        }
+    }
+}
+
 static void check_kernel(moe__kernel k) {
     check_vector_ops(k);
+    check_dot_q8(k);
+    check_dot_bf16(k);
     check_packing(k);
     forced = 1;
     forced_kernel = k;

@@ -167,9 +167,12 @@ static void dequantize_rows(float *w, int64_t rows, int64_t cols, moe_dtype dtyp
     }
 }
 
-/* A quantized layer gives exactly the outputs of an f32 layer whose expert weights were rounded
-   the documented way (bitwise, batched and decode paths, 1 and 2 threads), stays within the
+/* A quantized layer gives the outputs of an f32 layer whose expert weights were rounded the
+   documented way (bitwise on the batched path; the decode path reads int8 weights with activations
+   in int16, and bf16 weights with activations as two bf16 halves where the CPU has AVX512_BF16:
+   within ROUNDED_ACT_BOUND, else bitwise), the same for 1 and 2 threads, stays within the
    documented bound of the unrounded layer, refuses training, and quantize(F32) restores it. */
+#define ROUNDED_ACT_BOUND 1e-4
 static void check_quantized(moe_dtype dtype, const shape *s) {
     const int64_t counts[] = {3, 255};
     double bound = dtype == MOE_DTYPE_BF16 ? BF16_BOUND : INT8_BOUND;
@@ -199,8 +202,16 @@ static void check_quantized(moe_dtype dtype, const shape *s) {
             CHECK_OK(moe_layer_forward(q1, x, T, y[1], NULL), &one);
             CHECK_OK(moe_layer_forward(r, x, T, y[2], NULL), &two);
             CHECK_OK(moe_layer_forward(f, x, T, y[3], NULL), &two);
-            CHECK(memcmp(y[0], y[2], sizeof(float) * (size_t)(T * O)) == 0, "dtype %d T=%lld: differs from f32 on rounded weights", (int)dtype,
-                  (long long)T);
+            if (T <= MOE__DECODE_TOKENS && (dtype == MOE_DTYPE_I8 || moe__kernel_for(family).dot_bf16)) {
+                e = rel_err(y[0], y[2], T * O);
+                printf("    %s T=%lld (activations %s): max |y - y_rounded| / max |y_rounded| = %.2e (bound %.0e)\n", dtype == MOE_DTYPE_I8 ? "int8" : "bf16",
+                       (long long)T, dtype == MOE_DTYPE_I8 ? "in int16" : "as two bf16 halves", e, ROUNDED_ACT_BOUND);
+                CHECK(e <= ROUNDED_ACT_BOUND && e > 0.0, "dtype %d T=%lld: %g from f32 on rounded weights (bound %g)", (int)dtype, (long long)T, e,
+                      ROUNDED_ACT_BOUND);
+            } else {
+                CHECK(memcmp(y[0], y[2], sizeof(float) * (size_t)(T * O)) == 0, "dtype %d T=%lld: differs from f32 on rounded weights", (int)dtype,
+                      (long long)T);
+            }
             CHECK(memcmp(y[0], y[1], sizeof(float) * (size_t)(T * O)) == 0, "dtype %d T=%lld: 1 and 2 threads differ", (int)dtype, (long long)T);
             e = rel_err(y[0], y[3], T * O);
             printf("    %s T=%lld: max |y - y_f32| / max |y_f32| = %.2e (bound %.0e)\n", dtype == MOE_DTYPE_BF16 ? "bf16" : "int8", (long long)T, e, bound);

@@ -2129,14 +2129,17 @@ static void moe__dot_rows_avx512(const moe__mat *W, int64_t j, const float *cons
 
 /* AVX512-VNNI: a group (32 weights, widened to 16 bits) per register, vpdpwssd summing pairs of
    products exactly into 16 lanes; each group's lanes times its two scales, into two accumulators
-   by turns. Token by token: the weight row stays in L1 for the next. */
-#define MOE__VNNI_GROUP(g, n, acc)                                                                    \
-    {                                                                                                 \
-        __mmask32 gm = (n) >= 32 ? ~(__mmask32)0 : ((__mmask32)1 << (n)) - 1;                         \
-        __m512i vw = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(gm, w + (g) * MOE__QGROUP));        \
-        __m512i sum = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_maskz_loadu_epi16(gm, xr + (g) * MOE__QGROUP), vw); \
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(sw[g] * xs[r][g]), acc);      \
-    }
+   by turns. Tokens two at a time, each group of weights loaded once for both (a row is read from
+   memory at the pace of one pass, not of one pass per token); an odd last token alone. */
+#define MOE__VNNI_LOADW(g, n)                                                                         \
+    __mmask32 gm = (n) >= 32 ? ~(__mmask32)0 : ((__mmask32)1 << (n)) - 1;                             \
+    __m512i vw = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(gm, w + (g) * MOE__QGROUP));
+#define MOE__VNNI_TOKEN(g, t, acc)                                                                    \
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(),               \
+                                                                 _mm512_maskz_loadu_epi16(gm, xq[t] + (g) * MOE__QGROUP), vw)), \
+                          _mm512_set1_ps(sw[g] * xs[t][g]), acc);
+#define MOE__VNNI_GROUP(g, n, acc) { MOE__VNNI_LOADW(g, n) MOE__VNNI_TOKEN(g, r, acc) }
+#define MOE__VNNI_GROUP2(g, n, acc, bcc) { MOE__VNNI_LOADW(g, n) MOE__VNNI_TOKEN(g, r, acc) MOE__VNNI_TOKEN(g, r + 1, bcc) }
 
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 static void moe__dot_q8_vnni(const moe__mat *W, int64_t j, const int16_t *const *xq, const float *const *xs, int m, int64_t K, float *out) {
@@ -2144,8 +2147,17 @@ static void moe__dot_q8_vnni(const moe__mat *W, int64_t j, const int16_t *const 
     const float *sw = W->scale + j * W->groups;
     int64_t G = K / MOE__QGROUP, g;
     int r;
-    for (r = 0; r < m; r++) {
-        const int16_t *xr = xq[r];
+    for (r = 0; r + 2 <= m; r += 2) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+        for (g = 0; g + 2 <= G; g += 2) {
+            MOE__VNNI_GROUP2(g, 32, a0, b0)
+            MOE__VNNI_GROUP2(g + 1, 32, a1, b1)
+        }
+        for (; g * MOE__QGROUP < K; g++) MOE__VNNI_GROUP2(g, moe__min64(32, K - g * MOE__QGROUP), a0, b0)
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+        out[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
+    }
+    if (r < m) {
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
         for (g = 0; g + 2 <= G; g += 2) {
             MOE__VNNI_GROUP(g, 32, a0)
@@ -2156,29 +2168,43 @@ static void moe__dot_q8_vnni(const moe__mat *W, int64_t j, const int16_t *const 
     }
 }
 
-/* AVX512_BF16: vdpbf16ps sums pairs of bf16 products (exact in f32) into 16 lanes; the high and
-   low halves of the activations into their own accumulators, two of each, 64 weights a step. */
+/* AVX512_BF16: vdpbf16ps sums pairs of bf16 products (exact in f32) into 16 lanes, the high and
+   low halves of the activations into their own accumulators. Tokens two at a time as
+   moe__dot_q8_vnni, 32 weights a step; an odd last token alone, 64 a step. */
+#define MOE__BF16_LOAD(p, k0, km) ((__m512bh)_mm512_maskz_loadu_epi16((km), (p) + (k0)))
+#define MOE__BF16_TOKEN(t, k0, km, vw, hi, lo) \
+    hi = _mm512_dpbf16_ps(hi, MOE__BF16_LOAD(xh[t], k0, km), vw); lo = _mm512_dpbf16_ps(lo, MOE__BF16_LOAD(xl[t], k0, km), vw);
+
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 static void moe__dot_bf16_avx512(const moe__mat *W, int64_t j, const uint16_t *const *xh, const uint16_t *const *xl, int m, int64_t K, float *out) {
     const uint16_t *w = W->bf16 + j * W->ld;
+    const __mmask32 all = ~(__mmask32)0;
+    int64_t k0;
     int r;
-    for (r = 0; r < m; r++) {
-        const uint16_t *h = xh[r], *l = xl[r];
+    for (r = 0; r + 2 <= m; r += 2) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+        for (k0 = 0; k0 < K; k0 += 32) {
+            int64_t n = moe__min64(32, K - k0);
+            __mmask32 km = n == 32 ? all : ((__mmask32)1 << n) - 1;
+            __m512bh vw = MOE__BF16_LOAD(w, k0, km);
+            MOE__BF16_TOKEN(r, k0, km, vw, a0, a1)
+            MOE__BF16_TOKEN(r + 1, k0, km, vw, b0, b1)
+        }
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+        out[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
+    }
+    if (r < m) {
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-        int64_t k0 = 0;
-        for (; k0 + 64 <= K; k0 += 64) {
-            __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void *)(w + k0)), w1 = (__m512bh)_mm512_loadu_si512((const void *)(w + k0 + 32));
-            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(h + k0)), w0);
-            a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512((const void *)(l + k0)), w0);
-            a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512((const void *)(h + k0 + 32)), w1);
-            a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512((const void *)(l + k0 + 32)), w1);
+        for (k0 = 0; k0 + 64 <= K; k0 += 64) {
+            __m512bh w0 = MOE__BF16_LOAD(w, k0, all), w1 = MOE__BF16_LOAD(w, k0 + 32, all);
+            MOE__BF16_TOKEN(r, k0, all, w0, a0, a1)
+            MOE__BF16_TOKEN(r, k0 + 32, all, w1, a2, a3)
         }
         for (; k0 < K; k0 += 32) {
             int64_t n = moe__min64(32, K - k0);
-            __mmask32 km = n == 32 ? ~(__mmask32)0 : ((__mmask32)1 << n) - 1;
-            __m512bh w0 = (__m512bh)_mm512_maskz_loadu_epi16(km, w + k0);
-            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(km, h + k0), w0);
-            a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(km, l + k0), w0);
+            __mmask32 km = n == 32 ? all : ((__mmask32)1 << n) - 1;
+            __m512bh vw = MOE__BF16_LOAD(w, k0, km);
+            MOE__BF16_TOKEN(r, k0, km, vw, a0, a1)
         }
         out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
     }

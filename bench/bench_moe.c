@@ -35,6 +35,7 @@
 #define EXIT_USAGE 2
 #define SEED 20240601u
 #define CHECK_TOKENS 64           /* --check compares the first min(T, 64) tokens */
+#define FEW_TOKENS 8              /* at most this many tokens: moe.h's decode path, weights read from memory */
 
 /* ---- shapes ---------------------------------------------------------------------------------- */
 typedef struct bench_shape {
@@ -72,9 +73,9 @@ static double flops_of(const bench_shape *s, int train) {
     return (double)s->tokens * s->top_k * 6.0 * (double)s->d * (double)s->hidden * (train ? 3.0 : 1.0);
 }
 
-/* Bytes a decode step must read: the router and the k chosen experts' three matrices. */
-static double decode_bytes(const bench_shape *s, const bench_dtype *t) {
-    return (double)s->experts * s->d * 4.0 + (double)s->top_k * 3.0 * s->d * s->hidden * t->bytes;
+/* Bytes a decode step must read: the router and the three matrices of each expert it uses. */
+static double decode_bytes(const bench_shape *s, const bench_dtype *t, int experts_used) {
+    return (double)s->experts * s->d * 4.0 + (double)experts_used * 3.0 * s->d * s->hidden * t->bytes;
 }
 
 /* ---- time ------------------------------------------------------------------------------------ */
@@ -285,13 +286,14 @@ typedef struct options {
     int runs;
     int check;
     moe_kernels kernels;          /* --kernels */
+    int tokens;                   /* --tokens: T of every shape run; 0: the shape's own */
 } options;
 
 static void usage(FILE *f) {
     fprintf(f,
         "usage: bench_moe [--shape edge|mixtral-small|fine|decode|all] [--mode fwd|train|all]\n"
         "                 [--threads N] [--backend cpu|cl] [--dtype f32|bf16|q8|f32p|all] [--runs N] [--check]\n"
-        "                 [--kernels default|avx2|portable]\n"
+        "                 [--kernels default|avx2|portable] [--tokens N]\n"
         "  --shape    default all\n"
         "  --mode     default all: fwd and train (decode: fwd only)\n"
         "  --threads  default: OpenMP's maximum (1 without OpenMP)\n"
@@ -300,7 +302,9 @@ static void usage(FILE *f) {
         "  --runs     timed runs after one warm-up, median reported (default 5)\n"
         "  --check    compare with the reference kernels on the first min(T, 64) tokens\n"
         "  --kernels  the CPU kernels: default (the fastest this CPU runs), avx2 (AVX2+FMA even where\n"
-        "             AVX-512 is there) or portable (plain C); the machine line's kernels= names them\n");
+        "             AVX-512 is there) or portable (plain C); the machine line's kernels= names them\n"
+        "  --tokens   run the shapes with N tokens instead of their own T (lines gain tokens=N); at most\n"
+        "             8 tokens is a decode step (weights read from memory, gbps from the experts used)\n");
 }
 
 /* ---- backends -------------------------------------------------------------------------------- */
@@ -570,6 +574,17 @@ static void evict_caches(const machine *m) {
 }
 
 /* Prints the measurement's line. Returns 0, 1 on a library error, 3 on a failed check. */
+/* Experts the last forward used: k for one token; for more, the CPU layer's routing statistics
+   (0 where another backend routed them). */
+static int experts_used(bench_run *run, const bench_backend *b) {
+    moe_stats st;
+    int e, n = 0;
+    if (run->shape->tokens == 1) return run->shape->top_k;
+    if (strcmp(b->name, "cpu") != 0 || moe_layer_stats(run->layer, &st) != MOE_OK) return 0;
+    for (e = 0; e < st.n_experts; e++) n += st.tokens_per_expert[e] > 0;
+    return n;
+}
+
 static int measure(bench_run *run, const bench_backend *b, int train, const bench_dtype *t,
                    const options *o, const machine *m) {
     const bench_shape *s = run->shape;
@@ -577,8 +592,8 @@ static int measure(bench_run *run, const bench_backend *b, int train, const benc
     moe_result r;
     int i, status = 0;
     char head[160];
-    snprintf(head, sizeof head, "shape=%s mode=%s backend=%s dtype=%s threads=%d",
-             s->name, train ? "train" : "fwd", b->name, t->name, o->n_threads);
+    snprintf(head, sizeof head, "shape=%s mode=%s backend=%s dtype=%s threads=%d%s%.0d",
+             s->name, train ? "train" : "fwd", b->name, t->name, o->n_threads, o->tokens ? " tokens=" : "", o->tokens);
     if (!times) { fprintf(stderr, "bench_moe: out of memory\n"); return 1; }
     if (b->missing) { printf("%s skipped=%s\n", head, b->missing); goto done; }
     if (train && (t->dtype != MOE_DTYPE_F32 || t->packed)) {
@@ -590,7 +605,7 @@ static int measure(bench_run *run, const bench_backend *b, int train, const benc
     if (r != MOE_OK) { status = fail(&run->ctx, "prepare"); goto done; }
     for (i = -1; i < o->runs; i++) {          /* run -1 is the warm-up */
         double t0;
-        if (s->tokens == 1 && m->evict) evict_caches(m);
+        if (s->tokens <= FEW_TOKENS && m->evict) evict_caches(m);
         t0 = now_ms();
         r = train ? b->train(run, s->tokens) : b->forward(run, s->tokens);
         if (r != MOE_OK) { status = fail(&run->ctx, train ? "training step" : "forward"); goto done; }
@@ -599,8 +614,8 @@ static int measure(bench_run *run, const bench_backend *b, int train, const benc
     ms = median(times, o->runs);
     gflops = flops_of(s, train) / (ms * 1e6);
     printf("%s ms=%.3f gflops=%.2f peak_pct=%.2f", head, ms, gflops, 100.0 * gflops / m->peak_gflops);
-    if (s->tokens == 1 && !train) {
-        double gbps = decode_bytes(s, t) / (ms * 1e6);
+    if (s->tokens <= FEW_TOKENS && !train && experts_used(run, b) > 0) {
+        double gbps = decode_bytes(s, t, experts_used(run, b)) / (ms * 1e6);
         printf(" gbps=%.2f bw_pct=%.2f", gbps, m->mem_gbps > 0 ? 100.0 * gbps / m->mem_gbps : 0.0);
     }
     if (o->check) {
@@ -673,6 +688,8 @@ static int parse_options(int argc, char **argv, options *o) {
             o->kernels = MOE_KERNELS_COUNT;
             for (j = 0; j < 3; j++) if (strcmp(v, names[j]) == 0) o->kernels = values[j];
             if (o->kernels == MOE_KERNELS_COUNT) { fprintf(stderr, "bench_moe: unknown kernels %s\n", v); return 0; }
+        } else if (strcmp(a, "--tokens") == 0) {
+            if (!parse_int(v, 1, &o->tokens) || o->tokens > 65536) { fprintf(stderr, "bench_moe: bad token count %s\n", v); return 0; }
         } else if (strcmp(a, "--dtype") == 0) {
             o->dtype = strcmp(v, "all") == 0 ? -2 : -3;
             for (j = 0; j < N_DTYPES; j++) if (strcmp(v, DTYPES[j].name) == 0) o->dtype = j;
@@ -688,12 +705,12 @@ static int parse_options(int argc, char **argv, options *o) {
 /* Whether a (shape, mode, dtype) is part of this run. */
 static int selected(const options *o, const bench_shape *s, int train, int dtype) {
     if (train ? !o->train : !o->fwd) return 0;
-    if (train && o->mode_all && s->tokens == 1) return 0;       /* decode is an inference shape */
+    if (train && o->mode_all && s->tokens <= FEW_TOKENS) return 0;   /* decode is an inference shape */
     if (o->dtype >= 0) return dtype == o->dtype;
     if (o->dtype == -2) return !train || dtype == 0;
     if (dtype == 0) return 1;                   /* default: f32; decode also bf16, q8; CPU batches f32p */
     if (train) return 0;
-    return s->tokens == 1 ? !DTYPES[dtype].packed : DTYPES[dtype].packed && strcmp(BACKENDS[o->backend].name, "cpu") == 0;
+    return s->tokens <= FEW_TOKENS ? !DTYPES[dtype].packed : DTYPES[dtype].packed && strcmp(BACKENDS[o->backend].name, "cpu") == 0;
 }
 
 int main(int argc, char **argv) {
@@ -727,15 +744,18 @@ int main(int argc, char **argv) {
     fflush(stdout);
     m.read = isa.read;
     m.evict = NULL;
-    if ((o.shape < 0 || SHAPES[o.shape].tokens == 1) && (m.evict = (uint64_t *)malloc(EVICT_BYTES)) != NULL)
+    if ((o.shape < 0 || SHAPES[o.shape].tokens <= FEW_TOKENS || (o.tokens && o.tokens <= FEW_TOKENS)) &&
+        (m.evict = (uint64_t *)malloc(EVICT_BYTES)) != NULL)
         memset(m.evict, 1, EVICT_BYTES);
 
     for (si = 0; si < N_SHAPES; si++) {
-        const bench_shape *s = &SHAPES[si];
+        bench_shape shape = SHAPES[si];
+        const bench_shape *s = &shape;
         const bench_backend *b = &BACKENDS[o.backend];
         bench_run run;
         int any = 0;
         if (o.shape >= 0 && o.shape != si) continue;
+        if (o.tokens) shape.tokens = o.tokens;
         for (train = 0; train < 2; train++)
             for (di = 0; di < N_DTYPES; di++) any |= selected(&o, s, train, di);
         if (!any) continue;

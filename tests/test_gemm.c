@@ -283,7 +283,7 @@ static void check_dot_q8(moe__kernel k) {
         float sb;
         bad[1] = NAN;
         sb = moe__quant_group(bad, 3, qb);
-        CHECK(qb[1] == 0 && qb[2] == 32767 && sb == 2.0f / 32767.0f, "NaN: q %d %d scale %g", qb[1], qb[2], sb);
+        CHECK(qb[1] == 0 && qb[2] == 32767 && sb == (float)(2.0f / 32767.0f), "NaN: q %d %d scale %g", qb[1], qb[2], sb);
         bad[1] = INFINITY;
         sb = moe__quant_group(bad, 3, qb);
         CHECK(isinf(sb) && qb[0] == 0 && qb[1] == 0, "infinity: scale %g, q %d %d", sb, qb[0], qb[1]);

@@ -1276,9 +1276,11 @@ typedef struct moe__kernel {
     const char *name;
     moe__dot_q8_fn dot_q8;
     moe__dot_bf16_fn dot_bf16;  /* NULL: bf16 weights take dot with f32 activations */
-    /* Grows the table by a whole cache line (16 + 48 bytes) over its earlier size: with 16 bytes
-       alone, moving the moe_layer fields after ex by 16, f32 decode ran 8-16% slower on the test
-       CPU (alternating runs; the field that causes it is not identified). */
+    /* Grows the table by a whole cache line (16 + 48 bytes) over its earlier size. Grown by 16, 32
+       or 48 bytes, f32 decode ran 8-16% slower in bench_moe on the test CPU (alternating runs):
+       what mattered was moe_layer's size modulo 64, i.e. where the heap objects allocated after
+       it fall (48 bytes at the end of moe_layer did as well as here), not the input's alignment
+       (copying the input rows to aligned rows did not help); which object it is, is not known. */
     void *reserved[6];
 } moe__kernel;
 

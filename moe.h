@@ -1721,6 +1721,22 @@ static void moe__micro_generic(int64_t kc, const float *MOE__RESTRICT A, const f
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__)) && !defined(MOE_NO_VECTOR_EXTENSIONS)
 #define MOE__HAVE_X86_DISPATCH 1
 #include <immintrin.h>
+/* The compilers that know AVX512-VNNI (GCC 8, clang 6) and AVX512_BF16 (GCC 10, clang 9) */
+#if defined(__clang__)
+#if __clang_major__ >= 6
+#define MOE__HAVE_VNNI 1
+#endif
+#if __clang_major__ >= 9
+#define MOE__HAVE_AVX512BF16 1
+#endif
+#else
+#if __GNUC__ >= 8
+#define MOE__HAVE_VNNI 1
+#endif
+#if __GNUC__ >= 10
+#define MOE__HAVE_AVX512BF16 1
+#endif
+#endif
 
 /* One register-blocked micro-kernel per instruction set: ROWS(X) lists its MR rows, V is the
    vector type of W floats (NR = 2W), P the intrinsic prefix. Accumulators stay in registers. */
@@ -2129,6 +2145,7 @@ static void moe__dot_rows_avx512(const moe__mat *W, int64_t j, const float *cons
     MOE__DOT_ENCODINGS(MOE__DOT_ROWS, MOE__LOAD16_BF16, MOE__LOAD16_Q8, MOE__LOAD16_F32)
 }
 
+#ifdef MOE__HAVE_VNNI
 /* AVX512-VNNI: a group (32 weights, widened to 16 bits) per register, vpdpwssd summing pairs of
    products exactly into 16 lanes; each group's lanes times its two scales, into two accumulators
    by turns. Tokens two at a time, each group of weights loaded once for both (a row is read from
@@ -2170,6 +2187,9 @@ static void moe__dot_q8_vnni(const moe__mat *W, int64_t j, const int16_t *const 
     }
 }
 
+#endif
+
+#ifdef MOE__HAVE_AVX512BF16
 /* AVX512_BF16: vdpbf16ps sums pairs of bf16 products (exact in f32) into 16 lanes, the high and
    low halves of the activations into their own accumulators. Tokens two at a time as
    moe__dot_q8_vnni, 32 weights a step; an odd last token alone, 64 a step. */
@@ -2211,6 +2231,7 @@ static void moe__dot_bf16_avx512(const moe__mat *W, int64_t j, const uint16_t *c
         out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
     }
 }
+#endif
 #endif
 
 #ifdef MOE__HAVE_X86_DISPATCH
@@ -2418,8 +2439,12 @@ static moe__kernel moe__kernel_avx512(void) {
     MOE__VECTOR_OPS(k, avx512)
     k.pack_n = moe__pack_n_avx512;
     __builtin_cpu_init();
+#ifdef MOE__HAVE_VNNI
     if (__builtin_cpu_supports("avx512vnni")) k.dot_q8 = moe__dot_q8_vnni;
+#endif
+#ifdef MOE__HAVE_AVX512BF16
     if (__builtin_cpu_supports("avx512bf16")) k.dot_bf16 = moe__dot_bf16_avx512;
+#endif
     return k;
 }
 #endif

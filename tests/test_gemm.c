@@ -301,7 +301,7 @@ static void check_dot_bf16(moe__kernel k) {
     size_t i;
     int r;
     if (!k.dot_bf16) {
-        printf("    kernel %s: bf16 weights take the f32 dot (no AVX512_BF16 here)\n", k.name);
+        printf("    kernel %s: bf16 weights take the f32 dot (AVX512_BF16 not in this CPU or compiler)\n", k.name);
         return;
     }
     for (i = 0; i < sizeof Ks / sizeof Ks[0]; i++) {

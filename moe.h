@@ -2044,20 +2044,23 @@ static void moe__quant_row(const float *x, int64_t K, int16_t *q, float *s) {
     for (k0 = 0; k0 < K; k0 += MOE__QGROUP) s[k0 / MOE__QGROUP] = moe__quant_group(x + k0, moe__min64(MOE__QGROUP, K - k0), q + k0);
 }
 
-/* A group's sum is exact in 32 bits: 32 127 32767 < 2^31. */
+/* One group's products summed, exact in 32 bits: 32 127 32767 < 2^31. */
+static int32_t moe__q8_group_sum(const int8_t *w, const int16_t *x, int64_t n) {
+    int32_t s = 0;
+    int64_t k;
+    for (k = 0; k < n; k++) s += (int32_t)w[k] * x[k];
+    return s;
+}
+
 static void moe__dot_q8(const moe__mat *W, int64_t j, const int16_t *const *xq, const float *const *xs, int m, int64_t K, float *out) {
     const int8_t *w = W->q8 + j * W->ld;
     const float *sw = W->scale + j * W->groups;
     int r;
     for (r = 0; r < m; r++) {
         float acc = 0.0f;
-        int64_t k0, k;
-        for (k0 = 0; k0 < K; k0 += MOE__QGROUP) {
-            int64_t k1 = moe__min64(k0 + MOE__QGROUP, K);
-            int32_t s = 0;
-            for (k = k0; k < k1; k++) s += (int32_t)w[k] * xq[r][k];
-            acc += (float)s * (sw[k0 / MOE__QGROUP] * xs[r][k0 / MOE__QGROUP]);
-        }
+        int64_t k0;
+        for (k0 = 0; k0 < K; k0 += MOE__QGROUP)
+            acc += (float)moe__q8_group_sum(w + k0, xq[r] + k0, moe__min64(MOE__QGROUP, K - k0)) * (sw[k0 / MOE__QGROUP] * xs[r][k0 / MOE__QGROUP]);
         out[r] = acc;
     }
 }
@@ -2380,7 +2383,7 @@ static void moe__dot_rows_avx2(const moe__mat *W, int64_t j, const float *const 
 }
 
 /* One group (32 weights) per step: weights widened to 16 bits, vpmaddwd summing pairs of products
-   exactly; a last group shorter than 32 as moe__dot_q8. */
+   exactly; a last group shorter than 32 in plain C. */
 __attribute__((target("avx2,fma")))
 static void moe__dot_q8_avx2(const moe__mat *W, int64_t j, const int16_t *const *xq, const float *const *xs, int m, int64_t K, float *out) {
     const int8_t *w = W->q8 + j * W->ld;
@@ -2398,14 +2401,7 @@ static void moe__dot_q8_avx2(const moe__mat *W, int64_t j, const int16_t *const 
             if (k0 & 32) a1 = _mm256_fmadd_ps(p, sc, a1);
             else a0 = _mm256_fmadd_ps(p, sc, a0);
         }
-        if (K32 < K) {
-            const int16_t *x1[1];
-            const float *s1[1];
-            moe__mat tail = *W;
-            x1[0] = xr + K32; s1[0] = xs[r] + K32 / 32;
-            tail.q8 = w + K32; tail.scale = sw + K32 / 32; tail.ld = 0; tail.groups = 0;
-            moe__dot_q8(&tail, 0, x1, s1, 1, K - K32, &last);
-        }
+        if (K32 < K) last = (float)moe__q8_group_sum(w + K32, xr + K32, K - K32) * (sw[K32 / 32] * xs[r][K32 / 32]);
         out[r] = moe__hsum8(_mm256_add_ps(a0, a1)) + last;
     }
 }

@@ -2159,49 +2159,6 @@ static void moe__dot_q8_vnni(const moe__mat *W, int64_t j, const int16_t *const 
 
 #endif
 
-#ifdef MOE__HAVE_AVX512BF16
-/* AVX512_BF16: vdpbf16ps sums pairs of bf16 products (exact in f32) into 16 lanes, the high and
-   low halves of the activations into their own accumulators. Tokens two at a time as
-   moe__dot_q8_vnni, 32 weights a step; an odd last token alone, 64 a step. */
-#define MOE__BF16_LOAD(p, k0, km) ((__m512bh)_mm512_maskz_loadu_epi16((km), (p) + (k0)))
-#define MOE__BF16_TOKEN(t, k0, km, vw, hi, lo) \
-    hi = _mm512_dpbf16_ps(hi, MOE__BF16_LOAD(xh[t], k0, km), vw); lo = _mm512_dpbf16_ps(lo, MOE__BF16_LOAD(xl[t], k0, km), vw);
-
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-static void moe__dot_bf16_avx512(const moe__mat *W, int64_t j, const uint16_t *const *xh, const uint16_t *const *xl, int m, int64_t K, float *out) {
-    const uint16_t *w = W->bf16 + j * W->ld;
-    const __mmask32 all = ~(__mmask32)0;
-    int64_t k0;
-    int r;
-    for (r = 0; r + 2 <= m; r += 2) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
-        for (k0 = 0; k0 < K; k0 += 32) {
-            int64_t n = moe__min64(32, K - k0);
-            __mmask32 km = n == 32 ? all : ((__mmask32)1 << n) - 1;
-            __m512bh vw = MOE__BF16_LOAD(w, k0, km);
-            MOE__BF16_TOKEN(r, k0, km, vw, a0, a1)
-            MOE__BF16_TOKEN(r + 1, k0, km, vw, b0, b1)
-        }
-        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-        out[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
-    }
-    if (r < m) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-        for (k0 = 0; k0 + 64 <= K; k0 += 64) {
-            __m512bh w0 = MOE__BF16_LOAD(w, k0, all), w1 = MOE__BF16_LOAD(w, k0 + 32, all);
-            MOE__BF16_TOKEN(r, k0, all, w0, a0, a1)
-            MOE__BF16_TOKEN(r, k0 + 32, all, w1, a2, a3)
-        }
-        for (; k0 < K; k0 += 32) {
-            int64_t n = moe__min64(32, K - k0);
-            __mmask32 km = n == 32 ? all : ((__mmask32)1 << n) - 1;
-            __m512bh vw = MOE__BF16_LOAD(w, k0, km);
-            MOE__BF16_TOKEN(r, k0, km, vw, a0, a1)
-        }
-        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
-    }
-}
-#endif
 #endif
 
 #ifdef MOE__HAVE_X86_DISPATCH
@@ -2372,6 +2329,56 @@ static void moe__dot_q8_avx2(const moe__mat *W, int64_t j, const int16_t *const 
         out[r] = moe__hsum8(_mm256_add_ps(a0, a1)) + last;
     }
 }
+
+#ifdef MOE__HAVE_AVX512BF16
+/* AVX512_BF16: vdpbf16ps sums pairs of bf16 products (exact in f32) into the lanes, the high and
+   low halves of the activations into their own accumulators. Tokens two at a time as
+   moe__dot_q8_vnni, 32 weights a step in 16 lanes; an odd last token alone, 16 weights a load in 8
+   lanes (AVX512VL): for one token, 256-bit loads ran 5-9% faster than 512-bit ones on Zen 4 (as
+   the f32 dot), while two tokens a weight load keep the wider registers (6% faster at 8 tokens). */
+#define MOE__BF16_LOAD(p, k0, km) ((__m512bh)_mm512_maskz_loadu_epi16((km), (p) + (k0)))
+#define MOE__BF16_TOKEN(t, k0, km, vw, hi, lo) \
+    hi = _mm512_dpbf16_ps(hi, MOE__BF16_LOAD(xh[t], k0, km), vw); lo = _mm512_dpbf16_ps(lo, MOE__BF16_LOAD(xl[t], k0, km), vw);
+#define MOE__BF16_LOAD8(p, k0, km) ((__m256bh)_mm256_maskz_loadu_epi16((km), (p) + (k0)))
+#define MOE__BF16_TOKEN8(k0, km, vw, hi, lo) \
+    hi = _mm256_dpbf16_ps(hi, MOE__BF16_LOAD8(xh[r], k0, km), vw); lo = _mm256_dpbf16_ps(lo, MOE__BF16_LOAD8(xl[r], k0, km), vw);
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+static void moe__dot_bf16_avx512(const moe__mat *W, int64_t j, const uint16_t *const *xh, const uint16_t *const *xl, int m, int64_t K, float *out) {
+    const uint16_t *w = W->bf16 + j * W->ld;
+    const __mmask32 all = ~(__mmask32)0;
+    const __mmask16 all8 = (__mmask16)0xFFFF;
+    int64_t k0;
+    int r;
+    for (r = 0; r + 2 <= m; r += 2) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+        for (k0 = 0; k0 < K; k0 += 32) {
+            int64_t n = moe__min64(32, K - k0);
+            __mmask32 km = n == 32 ? all : ((__mmask32)1 << n) - 1;
+            __m512bh vw = MOE__BF16_LOAD(w, k0, km);
+            MOE__BF16_TOKEN(r, k0, km, vw, a0, a1)
+            MOE__BF16_TOKEN(r + 1, k0, km, vw, b0, b1)
+        }
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+        out[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
+    }
+    if (r < m) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        for (k0 = 0; k0 + 32 <= K; k0 += 32) {
+            __m256bh w0 = MOE__BF16_LOAD8(w, k0, all8), w1 = MOE__BF16_LOAD8(w, k0 + 16, all8);
+            MOE__BF16_TOKEN8(k0, all8, w0, a0, a1)
+            MOE__BF16_TOKEN8(k0 + 16, all8, w1, a2, a3)
+        }
+        for (; k0 < K; k0 += 16) {
+            int64_t n = moe__min64(16, K - k0);
+            __mmask16 km = n == 16 ? all8 : (__mmask16)((1u << n) - 1);
+            __m256bh vw = MOE__BF16_LOAD8(w, k0, km);
+            MOE__BF16_TOKEN8(k0, km, vw, a0, a1)
+        }
+        out[r] = moe__hsum8(_mm256_add_ps(_mm256_add_ps(a0, a2), _mm256_add_ps(a1, a3)));
+    }
+}
+#endif
 #endif
 
 static moe__kernel moe__kernel_make(moe__micro_fn micro, int mr, int nr, const char *name) {

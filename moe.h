@@ -2334,7 +2334,7 @@ static void moe__dot_q8_avx2(const moe__mat *W, int64_t j, const int16_t *const 
 /* AVX512_BF16: vdpbf16ps sums pairs of bf16 products (exact in f32) into the lanes, the high and
    low halves of the activations into their own accumulators. Tokens two at a time as
    moe__dot_q8_vnni, 32 weights a step in 16 lanes; an odd last token alone, 16 weights a load in 8
-   lanes (AVX512VL): for one token, 256-bit loads ran 5-9% faster than 512-bit ones on Zen 4 (as
+   lanes (AVX512VL): for one token, 256-bit loads ran 4-11% faster than 512-bit ones on Zen 4 (as
    the f32 dot), while two tokens a weight load keep the wider registers (6% faster at 8 tokens). */
 #define MOE__BF16_LOAD(p, k0, km) ((__m512bh)_mm512_maskz_loadu_epi16((km), (p) + (k0)))
 #define MOE__BF16_TOKEN(t, k0, km, vw, hi, lo) \
@@ -2393,7 +2393,7 @@ static moe__kernel moe__kernel_generic(void) { return moe__kernel_make(moe__micr
 
 #ifdef MOE__HAVE_X86_DISPATCH
 /* The vector functions every x86 family has, named moe__<op>_SFX. Both families take the 8-lane
-   f32 / widening decode dot: memory-bound, it ran 13-15% faster than a 16-lane loop on an AVX-512
+   f32 / widening decode dot: memory-bound, it ran 4-15% faster than a 16-lane loop on an AVX-512
    CPU (Zen 4; with software prefetch too, and at any alignment of the activations). */
 #define MOE__VECTOR_OPS(k, SFX)                                                                           \
     k.pack_t = moe__pack_t_##SFX; k.swiglu = moe__swiglu_##SFX; k.swiglu_grad = moe__swiglu_grad_##SFX;   \
